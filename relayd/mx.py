@@ -1,0 +1,324 @@
+"""MX routing: the next hops for a recipient domain, and the only module importing dnspython.
+
+Owns: turning a recipient domain into an ordered list of next hops when
+delivery runs in MX mode (SEMANTICS.md §5, "Delivery"), a cache of the DNS
+answers used for it, and the mapping of DNS outcomes to temporary or
+permanent routing errors.
+
+What ``MxResolver.resolve(domain)`` returns: a list of ``NextHop`` whose
+``host`` is an IP address (IPv4 or IPv6 text) to connect to on ``port``
+(``smtp_port``, 25 by default), and whose ``mx`` is the MX host name that
+address belongs to (the name to send in TLS SNI, to verify a certificate
+against, and to write in the delivery log). Order:
+
+1. MX hosts by ascending preference; hosts of equal preference in a random
+   order (from the injected ``random.Random``) so load spreads across them;
+2. for each host, its IPv4 addresses then its IPv6 addresses (each family
+   shuffled), an address already listed for a better MX being skipped;
+3. at most ``max_mx_hosts`` hosts are looked up and ``max_addresses``
+   addresses returned, so a hostile zone cannot make one delivery do
+   unbounded work (Postfix: smtp_mx_address_limit).
+
+Rules (RFC 5321 §5.1, RFC 7505):
+
+- no MX records (NOERROR, no data): implicit MX, the domain's own A/AAAA
+  addresses with ``mx`` equal to the domain;
+- null MX (every MX record has exchange ``.``; RFC 7505 says a single one
+  with preference 0): ``PermanentRouteError("domain does not accept mail
+  (null MX)")``; a ``.`` mixed among real exchanges is ignored;
+- NXDOMAIN for the domain, or no address at all with no temporary error:
+  ``PermanentRouteError``;
+- SERVFAIL, REFUSED, timeout or any other resolver trouble, when no usable
+  address was found: ``TemporaryRouteError``. A host whose lookup fails
+  temporarily is skipped when other hosts do have addresses;
+- an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) routes to that
+  address without DNS. Whether such recipients are accepted is policy's call.
+
+Cache: answers (positive and negative, per name and type) are kept for their
+TTL (the smallest TTL of the answer and its CNAME chain; for negative answers
+the SOA minimum), capped by ``max_ttl`` / ``max_negative_ttl``. Temporary
+failures are not cached. The cache is a bounded LRU (``cache_size`` entries);
+its clock is injected (monotonic seconds). Concurrent misses for one name are
+not coalesced: each queries.
+
+Cost: ``resolve`` does network I/O on a miss (A and AAAA lookups of all MX
+hosts run concurrently, bounded by ``timeout`` each); a full cache hit does
+none. Never blocks the loop.
+
+Untrusted input: the recipient domain (from a client, already accepted by
+policy) and every DNS answer (record counts, TTLs, names). Names are parsed
+by dnspython; invalid ones are permanent errors.
+Settings read: none directly; relayd.config passes nameservers, port and
+timeout (``[delivery.dns]``). ``nameservers=None`` uses the system
+configuration (/etc/resolv.conf).
+See also: relayd.delivery (connects to the hops, handles routing errors),
+RFC 5321 §5.1, RFC 7505.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+NULL_MX_MESSAGE = "domain does not accept mail (null MX)"
+
+_A = dns.rdatatype.A
+_AAAA = dns.rdatatype.AAAA
+_MX = dns.rdatatype.MX
+
+
+class RouteError(Exception):
+    """No next hop could be found for a domain; the message says why."""
+
+
+class PermanentRouteError(RouteError):
+    """The domain cannot receive mail: fail the recipients (5.x.x)."""
+
+
+class TemporaryRouteError(RouteError):
+    """DNS trouble that may pass: defer the recipients (4.x.x)."""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """One place to connect to: an address (or host name) and port, and its MX name."""
+
+    host: str
+    port: int
+    mx: str = ""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A cached lookup result: MX pairs or addresses, or NXDOMAIN."""
+
+    mx: tuple[tuple[int, str], ...] = ()
+    addresses: tuple[str, ...] = ()
+    nxdomain: bool = False
+
+
+class _Temporary(Exception):
+    """A lookup failed in a way that may pass (not cached)."""
+
+
+def _address_literal(domain: str) -> str | None:
+    """The IP address inside an RFC 5321 address literal, or None if not one."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+        version = 6
+    else:
+        version = 4
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        raise PermanentRouteError("invalid address literal") from None
+    if address.version != version:
+        raise PermanentRouteError("invalid address literal")
+    return str(address)
+
+
+def _host_text(name: dns.name.Name) -> str:
+    """A name as lower-case text without the final dot; the root is "."."""
+    if name == dns.name.root:
+        return "."
+    return name.to_text(omit_final_dot=True).lower()
+
+
+class MxResolver:
+    """Resolves recipient domains to ordered next hops, caching answers for their TTL."""
+
+    def __init__(
+        self,
+        nameservers: list[str] | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        *,
+        smtp_port: int = 25,
+        ipv6: bool = True,
+        rand: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cache_size: int = 10000,
+        max_ttl: float = 86400.0,
+        max_negative_ttl: float = 900.0,
+        max_mx_hosts: int = 10,
+        max_addresses: int = 10,
+    ) -> None:
+        resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
+        if nameservers is not None:
+            resolver.nameservers = list(nameservers)
+        resolver.port = port
+        resolver.timeout = timeout
+        resolver.lifetime = timeout
+        resolver.cache = None  # ours is below, on the injected clock
+        self._resolver = resolver
+        self._smtp_port = smtp_port
+        self._families = (_A, _AAAA) if ipv6 else (_A,)
+        self._rand = rand if rand is not None else random.Random()
+        self._clock = clock
+        self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, _Answer]] = OrderedDict()
+        self._cache_size = cache_size
+        self._max_ttl = max_ttl
+        self._max_negative_ttl = max_negative_ttl
+        self._max_mx_hosts = max_mx_hosts
+        self._max_addresses = max_addresses
+
+    def clear_cache(self) -> None:
+        """Forget every cached answer."""
+        self._cache.clear()
+
+    async def resolve(self, domain: str) -> list[NextHop]:
+        """The next hops for ``domain``, best first; raises a RouteError when there are none."""
+        domain = domain.strip()
+        literal = _address_literal(domain)
+        if literal is not None:
+            return [NextHop(literal, self._smtp_port, literal)]
+        try:
+            name = dns.name.from_text(domain.rstrip(".") + ".")
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            raise PermanentRouteError("invalid domain name") from None
+        if name == dns.name.root:
+            raise PermanentRouteError("invalid domain name")
+
+        try:
+            answer = await self._lookup(name, _MX)
+        except _Temporary as exc:
+            raise TemporaryRouteError(f"MX lookup failed: {exc}") from None
+        if answer.nxdomain:
+            raise PermanentRouteError("domain not found (NXDOMAIN)")
+
+        if answer.mx:
+            exchanges = [(pref, host) for pref, host in answer.mx if host != "."]
+            if not exchanges:
+                raise PermanentRouteError(NULL_MX_MESSAGE)
+            hosts = self._order(exchanges)[: self._max_mx_hosts]
+        else:
+            hosts = [_host_text(name)]
+        return await self._hops(hosts, implicit=not answer.mx)
+
+    def _order(self, exchanges: list[tuple[int, str]]) -> list[str]:
+        """Host names by preference, equal preferences shuffled, duplicates dropped."""
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in exchanges:
+            by_pref.setdefault(pref, []).append(host)
+        ordered: list[str] = []
+        for pref in sorted(by_pref):
+            group = sorted(set(by_pref[pref]))
+            self._rand.shuffle(group)
+            ordered.extend(h for h in group if h not in ordered)
+        return ordered
+
+    async def _hops(self, hosts: list[str], *, implicit: bool) -> list[NextHop]:
+        """Look up every host's addresses concurrently and build the hop list."""
+        jobs = [
+            self._addresses(dns.name.from_text(host), rdtype)
+            for host in hosts
+            for rdtype in self._families
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        hops: list[NextHop] = []
+        seen: set[str] = set()
+        temporary: list[str] = []
+        per_host = len(self._families)
+        for i, host in enumerate(hosts):
+            for result in results[i * per_host : (i + 1) * per_host]:
+                if isinstance(result, _Temporary):
+                    temporary.append(f"{host}: {result}")
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                addresses = list(result)
+                self._rand.shuffle(addresses)
+                for address in addresses:
+                    if address not in seen and len(hops) < self._max_addresses:
+                        seen.add(address)
+                        hops.append(NextHop(address, self._smtp_port, host))
+        if hops:
+            return hops
+        if temporary:
+            raise TemporaryRouteError("address lookup failed: " + "; ".join(temporary))
+        if implicit:
+            raise PermanentRouteError("no MX and no address records for domain")
+        raise PermanentRouteError("no address records for any MX host")
+
+    async def _addresses(self, name: dns.name.Name, rdtype: int) -> tuple[str, ...]:
+        """The addresses of one type for a host (empty if none or NXDOMAIN)."""
+        answer = await self._lookup(name, rdtype)
+        return answer.addresses
+
+    async def _lookup(self, name: dns.name.Name, rdtype: int) -> _Answer:
+        """One DNS question, from the cache or the network; raises _Temporary."""
+        key = (name, rdtype)
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None:
+            expires, answer = cached
+            if now < expires:
+                self._cache.move_to_end(key)
+                return answer
+            del self._cache[key]
+
+        try:
+            result = await self._resolver.resolve(
+                name, dns.rdatatype.RdataType.make(rdtype), raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            ttl = self._negative_ttl(exc, name)
+            answer = _Answer(nxdomain=True)
+            self._store(key, answer, ttl)
+            return answer
+        except dns.resolver.NoNameservers:
+            raise _Temporary("no name server answered (SERVFAIL or refused)") from None
+        except dns.exception.Timeout:
+            raise _Temporary("timed out") from None
+        except dns.resolver.YXDOMAIN:
+            answer = _Answer(nxdomain=True)
+            self._store(key, answer, self._max_negative_ttl)
+            return answer
+        except dns.exception.DNSException as exc:
+            raise _Temporary(type(exc).__name__) from None
+
+        ttl = float(result.chaining_result.minimum_ttl)
+        rrset = result.rrset
+        if rrset is None:
+            answer = _Answer()
+            self._store(key, answer, min(ttl, self._max_negative_ttl))
+            return answer
+        if rdtype == _MX:
+            mx = tuple((int(rd.preference), _host_text(rd.exchange)) for rd in rrset)
+            answer = _Answer(mx=mx)
+        else:
+            answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset))
+        self._store(key, answer, min(ttl, self._max_ttl))
+        return answer
+
+    def _negative_ttl(self, exc: dns.resolver.NXDOMAIN, name: dns.name.Name) -> float:
+        """The negative-caching TTL of an NXDOMAIN answer (SOA minimum), capped."""
+        try:
+            response = exc.response(name)
+            ttl = float(response.resolve_chaining().minimum_ttl)
+        except (KeyError, dns.exception.DNSException):
+            ttl = 0.0
+        return min(ttl, self._max_negative_ttl)
+
+    def _store(self, key: tuple[dns.name.Name, int], answer: _Answer, ttl: float) -> None:
+        """Cache an answer for ``ttl`` seconds, evicting the least recently used."""
+        if ttl <= 0 or self._cache_size <= 0:
+            return
+        self._cache[key] = (self._clock() + ttl, answer)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
