@@ -1,0 +1,474 @@
+"""Run the benchmark scenarios against relayd and its peers in one go.
+
+    python -m bench.run [--scenarios S1,S2,S3,S4,S5] [--messages N] [--quick]
+                        [--systems relayd,relayd-dkim,postfix,stock-aiosmtpd,smtp-sink]
+
+Every (scenario, system) pair gets a fresh system and a fresh smtp-sink as next
+hop, a short warm-up, then the measured load.  Results: a table on stdout, the
+raw JSON under bench/out/, and (unless --no-record) an entry appended to
+bench/RESULTS.md.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procstat
+from bench.sink import Sink
+from bench.systems import REPO, PostfixRelay, SinkCeiling, StockAiosmtpd, System, make_base
+
+BENCH = Path(__file__).resolve().parent
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+RCPT = "rcpt@dest.example"
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    tool: str                # smtp-source | loadgen | idle
+    messages: int = 0
+    sessions: int = 50
+    size: int = 1024
+    per_conn: int = 1        # loadgen; smtp-source: 1 unless reuse
+    reuse: bool = False      # smtp-source -d
+    auth: bool = False
+    idle: int = 0
+    hold: float = 0.0
+
+    def describe(self) -> str:
+        if self.tool == "smtp-source":
+            return (f"smtp-source -s {self.sessions} -m {self.messages} -l {self.size}"
+                    + (" -d" if self.reuse else ""))
+        if self.tool == "loadgen":
+            return (f"loadgen --sessions {self.sessions} --messages {self.messages} "
+                    f"--per-conn {self.per_conn} --size {self.size}" + (" AUTH PLAIN" if self.auth else ""))
+        return f"loadgen --idle {self.idle} --hold {self.hold:g}"
+
+
+def scenarios(a: argparse.Namespace) -> list[Scenario]:
+    m = a.messages
+    q = a.quick
+    s4_1k = max(m // 4, 50)
+    s4_100k = max(m // 20, 20)
+    s4_10m = 3 if q else a.big_messages
+    out = {
+        "S1": [Scenario("S1", "one connection per message", "smtp-source", m, a.sessions, 1024)],
+        "S2": [Scenario("S2", "connections reused", "smtp-source", m, a.sessions, 1024, reuse=True)],
+        "S3": [Scenario("S3", "AUTH PLAIN on every connection", "loadgen", m, a.sessions, 1024,
+                        per_conn=a.s3_per_conn, auth=True)],
+        "S4": [
+            Scenario("S4-1k", "1 KB messages, reused connections", "loadgen", s4_1k, 10, 1024,
+                     per_conn=50),
+            Scenario("S4-100k", "100 KB messages, reused connections", "loadgen", s4_100k, 10,
+                     100 * 1024, per_conn=50),
+            Scenario("S4-10m", "10 MB messages, reused connections", "loadgen", s4_10m,
+                     min(5, s4_10m), 10 * 1024 * 1024, per_conn=10),
+        ],
+        "S5": [Scenario("S5", "idle connections (memory)", "idle", idle=a.idle, hold=a.hold)],
+    }
+    chosen: list[Scenario] = []
+    for k in a.scenarios.split(","):
+        k = k.strip().upper()
+        if k in out:
+            chosen.extend(out[k])
+        else:
+            matches = [s for group in out.values() for s in group if s.key.upper() == k]
+            if not matches:
+                raise SystemExit(f"unknown scenario {k!r}")
+            chosen.extend(matches)
+    return chosen
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "postfix": PostfixRelay,
+    "stock-aiosmtpd": StockAiosmtpd,
+    "smtp-sink": SinkCeiling,
+}
+try:
+    from bench.relayd_peer import RelaydDkim, RelaydRelay, relayd_available
+
+    if relayd_available():
+        SYSTEMS = {"relayd": RelaydRelay, "relayd-dkim": RelaydDkim, **SYSTEMS}
+except ImportError:  # pragma: no cover - relayd_peer is part of bench/
+    relayd_available = None  # type: ignore[assignment]
+
+
+@dataclass
+class Result:
+    scenario: str
+    system: str
+    load: str
+    messages: int = 0
+    accepted: int = 0
+    failed: int = 0
+    delivered: int | None = None
+    load_s: float | None = None
+    e2e_s: float | None = None
+    accepted_per_s: float | None = None
+    e2e_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    peak_rss: int = 0
+    peak_pss: int = 0
+    base_rss: int = 0
+    peak_procs: int = 0
+    cpu_s: float | None = None
+    cpu_per_1k: float | None = None
+    idle_open: int | None = None
+    idle_alive: int | None = None
+    kib_per_conn: float | None = None
+    kib_per_conn_pss: float | None = None
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+    tool: dict[str, Any] = field(default_factory=dict)
+
+
+# -- load tools -------------------------------------------------------------------
+
+def run_smtp_source(sc: Scenario, system: System, messages: int, timeout: float) -> dict[str, Any]:
+    cmd = [SMTP_SOURCE, "-c", "-s", str(sc.sessions), "-m", str(messages), "-l", str(sc.size),
+           "-f", system.mail_from, "-t", RCPT, "-M", "loadgen.bench.local"]
+    if sc.reuse:
+        cmd.append("-d")
+    cmd.append(system.target)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, timeout=timeout)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = -1, e.stdout or b"", (e.stderr or b"") + b"\n(timeout)"
+    elapsed = time.monotonic() - t0
+    counts = [int(x) for x in re.findall(rb"(\d+)", out.split(b"\r")[-2] if b"\r" in out else b"")]
+    done = counts[-1] if counts else 0
+    # -c counts completed DATA commands; exit 0 means every message got a 2xx
+    accepted = messages if rc == 0 else done
+    return {"accepted": accepted, "failed": messages - accepted, "elapsed_s": elapsed, "rc": rc,
+            "stderr": err.decode("utf-8", "replace").strip()[-500:], "cmd": shlex.join(cmd)}
+
+
+def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", system.target,
+           "--from", system.mail_from, "--to", RCPT, "--timeout", str(timeout)]
+    if sc.tool == "idle":
+        cmd += ["--idle", str(sc.idle), "--hold", str(sc.hold)]
+    else:
+        cmd += ["--sessions", str(min(sc.sessions, max(messages, 1))), "--messages", str(messages),
+                "--per-conn", str(sc.per_conn), "--size", str(sc.size)]
+    if sc.auth and system.auth_user is not None:
+        cmd += ["--auth-user", system.auth_user, "--auth-pass", system.auth_password or ""]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, timeout=timeout + 60, cwd=str(REPO))
+    except subprocess.TimeoutExpired:
+        return {"accepted": 0, "failed": messages, "elapsed_s": time.monotonic() - t0,
+                "error": "loadgen timed out", "cmd": shlex.join(cmd)}
+    try:
+        res: dict[str, Any] = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"accepted": 0, "failed": messages, "elapsed_s": time.monotonic() - t0,
+                "error": f"loadgen rc={p.returncode}: {p.stderr.decode()[-500:]}", "cmd": shlex.join(cmd)}
+    res["cmd"] = shlex.join(cmd)
+    return res
+
+
+def run_tool(sc: Scenario, system: System, messages: int, timeout: float) -> dict[str, Any]:
+    if sc.tool == "smtp-source":
+        return run_smtp_source(sc, system, messages, timeout)
+    return run_loadgen(sc, system, messages, timeout)
+
+
+# -- one measurement ----------------------------------------------------------------
+
+def wait_delivered(system: System, sink: Sink, target: int, a: argparse.Namespace) -> None:
+    sink.wait_for(target, timeout=a.e2e_timeout, stall=a.stall)
+
+
+def measure(sc: Scenario, sysname: str, base: Path, a: argparse.Namespace) -> Result:
+    res = Result(sc.key, sysname, sc.describe(), messages=sc.messages)
+    workdir = base / f"{sc.key}-{sysname}"
+    workdir.mkdir(parents=True)
+    workdir.chmod(0o755)
+    with Sink() as sink:
+        system = SYSTEMS[sysname](workdir, sink)
+        try:
+            system.start()
+        except Exception as e:  # noqa: BLE001
+            res.error = f"start failed: {e}"
+            try:
+                system.stop()
+            except Exception:  # noqa: BLE001
+                pass
+            return res
+        try:
+            _measure_running(sc, system, sink, res, a)
+        except Exception as e:  # noqa: BLE001
+            res.error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        finally:
+            res.problems = system.problems() + system.notes
+            system.stop()
+    return res
+
+
+def _measure_running(sc: Scenario, system: System, sink: Sink, res: Result,
+                     a: argparse.Namespace) -> None:
+    if sc.tool == "idle":
+        with procstat.TreeSampler(system.roots, interval=0.5) as smp:
+            res.base_rss = smp.first_rss
+            out = run_loadgen(sc, system, 0, timeout=a.tool_timeout)
+        res.tool = out
+        base_pss = smp.first_pss
+        res.idle_open = out.get("opened")
+        res.idle_alive = out.get("alive_after_hold")
+        res.peak_rss, res.peak_pss, res.peak_procs = smp.peak_rss, smp.peak_pss, smp.peak_procs
+        if res.idle_open:
+            res.kib_per_conn = round((smp.peak_rss - res.base_rss) / 1024 / res.idle_open, 1)
+            res.kib_per_conn_pss = round((smp.peak_pss - base_pss) / 1024 / res.idle_open, 1)
+        if out.get("error"):
+            res.error = out["error"]
+        return
+
+    # warm-up: same shape, a few messages, and wait until they are relayed
+    warm = min(a.warmup, max(sc.messages // 10, 1))
+    if warm:
+        w = run_tool(sc, system, warm, timeout=a.tool_timeout)
+        if system.relays:
+            wait_delivered(system, sink, w["accepted"], a)
+    s0 = sink.mesg
+    cpu0 = procstat.tree_cpu_seconds(system.roots())
+    with procstat.TreeSampler(system.roots, interval=0.25) as smp:
+        res.base_rss = smp.first_rss
+        t0 = time.monotonic()
+        out = run_tool(sc, system, sc.messages, timeout=a.tool_timeout)
+        t1 = time.monotonic()
+        res.tool = out
+        res.accepted = int(out.get("accepted", 0))
+        res.failed = int(out.get("failed", sc.messages - res.accepted))
+        # the tool's own clock for accept throughput (excludes process start-up)
+        res.load_s = float(out.get("elapsed_s") or (t1 - t0))
+        if res.accepted:
+            res.accepted_per_s = round(res.accepted / res.load_s, 1)
+        lat = out.get("latency_ms") or {}
+        res.p50_ms, res.p99_ms = lat.get("p50"), lat.get("p99")
+        if system.relays:
+            wait_delivered(system, sink, s0 + res.accepted, a)
+            delivered, last_ts = sink.snapshot()
+            res.delivered = delivered - s0
+            if res.delivered and last_ts is not None:
+                # both clocks are CLOCK_MONOTONIC; loadgen reports when its load began
+                t_start = float(out.get("t0_mono") or t0)
+                res.e2e_s = round(max(last_ts - t_start, res.load_s), 3)
+                res.e2e_per_s = round(res.delivered / res.e2e_s, 1)
+            backlog = system.backlog()
+            if res.delivered < res.accepted:
+                system.notes.append(
+                    f"only {res.delivered} of {res.accepted} accepted messages reached the sink"
+                    + (f" ({backlog} still queued)" if backlog is not None else ""))
+        cpu1 = procstat.tree_cpu_seconds(system.roots())
+    res.peak_rss, res.peak_pss, res.peak_procs = smp.peak_rss, smp.peak_pss, smp.peak_procs
+    res.cpu_s = round(cpu1 - cpu0, 2)
+    if res.accepted:
+        res.cpu_per_1k = round(res.cpu_s / res.accepted * 1000, 3)
+    if out.get("rc") not in (None, 0):
+        system.notes.append(f"smtp-source rc={out['rc']}: {out.get('stderr', '')[:300]}")
+    if out.get("error"):
+        res.error = out["error"]
+    if out.get("first_error"):
+        system.notes.append(f"loadgen errors {out.get('errors')}: first: {out['first_error'][:300]}")
+
+
+# -- reporting ------------------------------------------------------------------------
+
+def _mib(b: int) -> str:
+    return f"{b / 1048576:.1f}" if b else "-"
+
+
+def _f(v: float | None, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def table(results: list[Result]) -> str:
+    head = ("| scenario | system | accepted msg/s | end-to-end msg/s | p50 ms | p99 ms "
+            "| peak RSS MiB | peak PSS MiB | procs | CPU s/1k msg | accepted/delivered/failed |")
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+        if r.error and not r.accepted and r.idle_open is None:
+            lines.append(f"| {r.scenario} | {r.system} | ERROR: {r.error[:120]} |" + " |" * 9)
+            continue
+        if r.idle_open is not None:
+            counts = (f"{r.idle_open} open, {r.idle_alive} alive; KiB/conn: "
+                      f"{_f(r.kib_per_conn)} RSS, {_f(r.kib_per_conn_pss)} PSS")
+        else:
+            counts = f"{r.accepted}/{'-' if r.delivered is None else r.delivered}/{r.failed}"
+        lines.append(
+            f"| {r.scenario} | {r.system} | {_f(r.accepted_per_s)} | {_f(r.e2e_per_s)} "
+            f"| {_f(r.p50_ms, 2)} | {_f(r.p99_ms, 2)} | {_mib(r.peak_rss)} | {_mib(r.peak_pss)} "
+            f"| {r.peak_procs} | {_f(r.cpu_per_1k, 2)} | {counts} |")
+    return "\n".join(lines)
+
+
+RATIO_METRICS = [
+    ("accepted msg/s", "accepted_per_s"),
+    ("e2e msg/s", "e2e_per_s"),
+    ("p99 ms", "p99_ms"),
+    ("peak RSS", "peak_rss"),
+    ("CPU s/1k", "cpu_per_1k"),
+]
+
+
+def ratios(results: list[Result], subject: str) -> str:
+    peers = ["postfix", "stock-aiosmtpd", "smtp-sink"]
+    by = {(r.scenario, r.system): r for r in results}
+    scen = list(dict.fromkeys(r.scenario for r in results))
+    cols = [(p, label, attr) for p in peers for (label, attr) in RATIO_METRICS]
+    lines = ["| scenario | " + " | ".join(f"{subject}/{p} {label}" for p, label, _ in cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    any_row = False
+    for s in scen:
+        me = by.get((s, subject))
+        if me is None:
+            continue
+        cells = []
+        for p, _label, attr in cols:
+            other = by.get((s, p))
+            x = getattr(me, attr) if me else None
+            y = getattr(other, attr) if other else None
+            cells.append(f"{x / y:.2f}" if x and y else "-")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        any_row = True
+    return "\n".join(lines) if any_row else ""
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "relayd", "control", "bench",
+                                "config"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def record(results: list[Result], a: argparse.Namespace, argv: list[str], started: dt.datetime,
+           loadavg: str, wall: float) -> str:
+    m = procstat.machine_info()
+    lines = [
+        f"## {started.strftime('%Y-%m-%d %H:%M UTC')} — commit {git_commit()}",
+        "",
+        f"- machine: nproc {m['nproc']}, {m['cpu']}, {m['ram']} RAM, kernel {m['kernel']}",
+        f"- load average before the run: {loadavg}",
+        f"- command: `{shlex.join(['python', '-m', 'bench.run', *argv])}` (wall {wall:.0f} s)",
+        f"- systems: {', '.join(a.systems_list)}",
+        "",
+        table(results),
+        "",
+    ]
+    subj = [s for s in ("relayd", "relayd-dkim") if s in a.systems_list]
+    for s in subj:
+        rt = ratios(results, s)
+        if rt:
+            lines += [f"Ratios {s}/peer (throughput: higher is better; p99, RSS, CPU: lower is better):",
+                      "", rt, ""]
+    notes = [f"- {r.scenario} {r.system}: {p}" for r in results for p in r.problems]
+    notes += [f"- {r.scenario} {r.system}: ERROR {r.error}" for r in results if r.error]
+    if notes:
+        lines += ["Notes:", "", *notes[:60], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    ap.add_argument("--systems", default=None,
+                    help="comma list; default: every available one of " + ",".join(
+                        ["relayd", "relayd-dkim", "postfix", "stock-aiosmtpd", "smtp-sink"]))
+    ap.add_argument("--messages", type=int, default=20000, help="messages in S1-S3 (S4 derives)")
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--s3-per-conn", type=int, default=1, help="S3: messages per AUTH'd connection")
+    ap.add_argument("--big-messages", type=int, default=20, help="S4-10m: number of 10 MB messages")
+    ap.add_argument("--idle", type=int, default=1000, help="S5: idle connections")
+    ap.add_argument("--hold", type=float, default=10.0, help="S5: seconds to hold them")
+    ap.add_argument("--warmup", type=int, default=200, help="warm-up messages (at most 10%%)")
+    ap.add_argument("--tool-timeout", type=float, default=600.0)
+    ap.add_argument("--e2e-timeout", type=float, default=300.0)
+    ap.add_argument("--stall", type=float, default=60.0,
+                    help="give up waiting for the sink after this long without progress")
+    ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--results", default=str(BENCH / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        if "--messages" not in " ".join(argv):
+            a.messages = 300
+        a.idle = min(a.idle, 100)
+        a.hold = min(a.hold, 2.0)
+        a.warmup = 20
+        a.e2e_timeout = min(a.e2e_timeout, 60)
+        a.stall = min(a.stall, 20)
+    names = a.systems.split(",") if a.systems else list(SYSTEMS)
+    if not a.systems and not os.path.exists("/usr/sbin/postfix"):
+        names = [n for n in names if n != "postfix"]
+    for n in names:
+        if n not in SYSTEMS:
+            raise SystemExit(f"unknown or unavailable system {n!r}; available: {', '.join(SYSTEMS)}")
+    a.systems_list = names
+    scs = scenarios(a)
+    base = make_base()
+    started = dt.datetime.now(dt.timezone.utc)
+    with open("/proc/loadavg") as f:
+        loadavg = " ".join(f.read().split()[:3])
+    print(f"bench: {len(scs)} scenario(s) x {len(names)} system(s), work dir {base}", flush=True)
+    results: list[Result] = []
+    t_start = time.monotonic()
+    for sc in scs:
+        for n in names:
+            t = time.monotonic()
+            print(f"bench: {sc.key} {n}: {sc.describe()} ...", end=" ", flush=True)
+            r = measure(sc, n, base, a)
+            results.append(r)
+            print(f"{time.monotonic() - t:.1f}s accepted={r.accepted} delivered={r.delivered} "
+                  f"acc/s={r.accepted_per_s} e2e/s={r.e2e_per_s}"
+                  + (f" ERROR {r.error}" if r.error else ""), flush=True)
+    wall = time.monotonic() - t_start
+    out_dir = BENCH / "out"
+    out_dir.mkdir(exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    (out_dir / f"{stamp}.json").write_text(json.dumps(
+        {"started": started.isoformat(), "argv": argv, "machine": procstat.machine_info(),
+         "commit": git_commit(), "results": [asdict(r) for r in results]}, indent=1))
+    text = record(results, a, argv, started, loadavg, wall)
+    print()
+    print(text)
+    if not a.no_record:
+        path = Path(a.results)
+        if not path.exists():
+            path.write_text("# relayd benchmark results\n\nAppended by `python -m bench.run`; "
+                            "see bench/README.md for what the figures mean.\n\n")
+        with open(path, "a") as f:
+            f.write(text + "\n")
+    shutil.rmtree(base, ignore_errors=True)
+    bad = [r for r in results if r.error or (r.failed and r.idle_open is None)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Smoke test of the bench harness: tiny counts, a few seconds.
+
+Runs the stock-aiosmtpd peer, smtp-sink and the load generators and checks that
+the counts add up.  The Postfix part is skipped when /usr/sbin/postfix is absent.
+
+    pytest bench/test_harness_smoke.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import postfix as pf
+from bench import procstat
+from bench.run import Scenario, measure
+from bench.sink import Sink
+from bench.systems import REPO, StockAiosmtpd, make_base
+from bench.util import free_port, stop_process, wait_smtp_ready
+
+needs_sink = pytest.mark.skipif(shutil.which("smtp-sink") is None and
+                                not Path("/usr/sbin/smtp-sink").exists(),
+                                reason="smtp-sink (Debian package postfix) not installed")
+needs_source = pytest.mark.skipif(shutil.which("smtp-source") is None and
+                                  not Path("/usr/sbin/smtp-source").exists(),
+                                  reason="smtp-source (Debian package postfix) not installed")
+
+
+def harness_args(**kw: object) -> argparse.Namespace:
+    a = argparse.Namespace(warmup=5, tool_timeout=30.0, e2e_timeout=20.0, stall=10.0)
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def loadgen(target: str, *args: str) -> dict:
+    p = subprocess.run([sys.executable, "-m", "bench.loadgen", "--target", target,
+                        "--timeout", "20", *args],
+                       cwd=str(REPO), capture_output=True, timeout=40, check=True)
+    return json.loads(p.stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture
+def base():
+    d = make_base("relayd-bench-smoke-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_loadgen_against_stock_aiosmtpd_counts_add_up() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.stock_aiosmtpd",
+                             "--listen", f"127.0.0.1:{port}"], cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_smtp_ready("127.0.0.1", port, timeout=10, proc=proc)
+        cpu0 = procstat.tree_cpu_seconds([proc.pid])
+        r = loadgen(f"127.0.0.1:{port}", "--sessions", "10", "--messages", "200",
+                    "--per-conn", "7", "--auth-user", "u", "--auth-pass", "p")
+        assert r["accepted"] == 200 and r["failed"] == 0, r
+        assert r["connections"] == 29  # ceil(200 / 7)
+        assert r["latency_ms"]["p50"] is not None and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"]
+        assert procstat.tree_cpu_seconds([proc.pid]) >= cpu0
+        assert procstat.rss_bytes(proc.pid) > 0
+        idle = loadgen(f"127.0.0.1:{port}", "--idle", "30", "--hold", "0.3")
+        assert idle["opened"] == 30 and idle["alive_after_hold"] == 30, idle
+    finally:
+        stop_process(proc, timeout=10)
+    stats = json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
+    assert stats["messages"] == 200
+
+
+@needs_sink
+def test_loadgen_into_sink_is_counted() -> None:
+    with Sink() as sink:
+        r = loadgen(sink.addr, "--sessions", "5", "--messages", "120", "--per-conn", "10",
+                    "--size", "5000")
+        assert r["accepted"] == 120, r
+        assert sink.wait_for(120, timeout=10)
+        assert sink.mesg == 120
+        assert sink.first_ts is not None and sink.last_ts is not None
+        assert sink.last_ts >= sink.first_ts
+
+
+@needs_sink
+@needs_source
+@pytest.mark.parametrize("system", ["stock-aiosmtpd", "smtp-sink"])
+def test_measure_with_smtp_source(base: Path, system: str) -> None:
+    sc = Scenario("S2", "smoke", "smtp-source", messages=150, sessions=5, size=1024, reuse=True)
+    r = measure(sc, system, base, harness_args())
+    assert r.error is None, r
+    assert r.accepted == 150 and r.failed == 0
+    assert r.accepted_per_s and r.accepted_per_s > 0
+    assert r.peak_rss > 0 and r.cpu_per_1k is not None
+    if system == "smtp-sink":
+        assert r.delivered == 150 and r.e2e_per_s
+    else:
+        assert r.delivered is None  # the stock server relays nothing
+
+
+@needs_sink
+def test_measure_idle(base: Path) -> None:
+    sc = Scenario("S5", "smoke", "idle", idle=40, hold=0.5)
+    r = measure(sc, "stock-aiosmtpd", base, harness_args())
+    assert r.error is None, r
+    assert r.idle_open == 40 and r.idle_alive == 40
+    assert r.peak_rss >= r.base_rss > 0
+
+
+def test_stock_system_stops(base: Path) -> None:
+    with Sink() as sink:
+        s = StockAiosmtpd(base, sink)
+        s.start()
+        pid = s.roots()[0]
+        s.stop()
+        assert procstat.tree_pids([pid]) == []
+
+
+@needs_sink
+@needs_source
+@pytest.mark.skipif(not pf.available(), reason="Postfix (/usr/sbin/postfix) not installed")
+def test_postfix_relays_everything_to_the_sink(base: Path) -> None:
+    sc = Scenario("S1", "smoke", "smtp-source", messages=100, sessions=5, size=1024)
+    r = measure(sc, "postfix", base, harness_args(warmup=0))
+    assert r.error is None, (r, r.problems)
+    assert r.accepted == 100 and r.delivered == 100, r
+    assert r.peak_procs > 3  # master, qmgr, smtpd, cleanup, ...
+    assert r.cpu_per_1k is not None and r.cpu_per_1k > 0
