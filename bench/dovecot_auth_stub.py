@@ -114,7 +114,7 @@ async def serve(path: str, user: str, password: str) -> None:
     if os.path.exists(path):
         os.unlink(path)
     server = await asyncio.start_unix_server(stub.handle, path=path)
-    os.chmod(path, 0o666)  # Postfix's smtpd runs as the postfix user
+    os.chmod(path, 0o666)  # noqa: S103 - Postfix's smtpd runs as the postfix user
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +40,12 @@ class SmtpError(Exception):
     def __init__(self, stage: str, code: int, text: str):
         super().__init__(f"{stage}: {code} {text}")
         self.stage, self.code, self.text = stage, code, text
+
+
+def error_key(e: Exception) -> str:
+    if isinstance(e, SmtpError):
+        return f"{e.stage}:{e.code}"
+    return f"connect:{type(e).__name__}"
 
 
 def make_body(size: int) -> bytes:
@@ -75,10 +82,8 @@ class Conn:
         return await self.reply(stage, expect)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.w.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 class LoadGen:
@@ -151,8 +156,7 @@ class LoadGen:
             except (SmtpError, OSError) as e:
                 # the connection failed: the message it would have carried fails
                 self.failed += 1
-                key = f"{e.stage}:{e.code}" if isinstance(e, SmtpError) else f"connect:{type(e).__name__}"
-                self.note_error(key, str(e))
+                self.note_error(error_key(e), str(e))
                 await asyncio.sleep(0.05)
                 continue
             sent_here = 0
@@ -187,7 +191,7 @@ class LoadGen:
         t0_mono = time.monotonic()  # CLOCK_MONOTONIC: comparable with the harness's clock
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(self.worker()) for _ in range(self.a.sessions)]
-        done, pending = await asyncio.wait(tasks, timeout=self.a.timeout)
+        _done, pending = await asyncio.wait(tasks, timeout=self.a.timeout)
         for t in pending:
             t.cancel()
         timed_out = bool(pending)
@@ -235,8 +239,7 @@ class LoadGen:
                 try:
                     conns.append(await self.open())
                 except (SmtpError, OSError) as e:
-                    key = f"{e.stage}:{e.code}" if isinstance(e, SmtpError) else f"connect:{type(e).__name__}"
-                    self.note_error(key, str(e))
+                    self.note_error(error_key(e), str(e))
 
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), self.a.timeout)
         opened = time.perf_counter() - t0
@@ -252,7 +255,7 @@ class LoadGen:
                 await asyncio.wait_for(c.cmd(b"NOOP", "noop", 2), 10)
                 alive += 1
                 await asyncio.wait_for(c.cmd(b"QUIT", "quit", 2), 10)
-            except (SmtpError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, SmtpError, OSError) as e:
                 self.note_error(f"after-hold:{type(e).__name__}", str(e))
             finally:
                 c.close()

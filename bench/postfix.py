@@ -16,6 +16,7 @@ which Postfix prints only to a terminal, are captured.  The system Postfix
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -34,7 +35,8 @@ QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
 def available() -> bool:
-    return os.path.exists(POSTFIX) and os.path.exists(MAIN_CF_DIST) and shutil.which("script") is not None
+    return (os.path.exists(POSTFIX) and os.path.exists(MAIN_CF_DIST)
+            and shutil.which("script") is not None)
 
 
 def _derive_main_cf(dist: str, overrides: dict[str, str]) -> str:
@@ -59,7 +61,7 @@ def _derive_main_cf(dist: str, overrides: dict[str, str]) -> str:
 
 class Postfix:
     def __init__(self, base: Path, sink_port: int, port: int | None = None, maxproc: int = 1100,
-                 sasl_user: str = "bench", sasl_password: str = "bench-secret"):
+                 sasl_user: str = "bench", sasl_password: str = "bench-secret"):  # noqa: S107
         self.base = Path(base)
         self.conf = self.base / "conf"
         self.queue = self.base / "queue"
@@ -77,8 +79,7 @@ class Postfix:
     def write_config(self) -> None:
         for d in (self.conf, self.queue, self.data):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base, 0o755)
-        import pwd
+        os.chmod(self.base, 0o755)  # noqa: S103 - the postfix user must traverse it
         pw = pwd.getpwnam("postfix")
         os.chown(self.data, pw.pw_uid, pw.pw_gid)
         overrides = {
@@ -173,8 +174,8 @@ class Postfix:
         deadline = time.monotonic() + 10
         while not self.auth_sock.exists():
             if self.auth_proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dovecot auth stub did not start: "
-                                   + self.auth_proc.stderr.read().decode() if self.auth_proc.stderr else "")
+                err = self.auth_proc.stderr.read().decode() if self.auth_proc.stderr else ""
+                raise RuntimeError(f"dovecot auth stub did not start: {err}")
             time.sleep(0.05)
         rc, out = self._postfix("start")
         self.start_output = out

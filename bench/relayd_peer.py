@@ -122,11 +122,12 @@ class RelaydRelay(System):
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                     "--smarthost", self.sink.addr]
         self.logpath = self.base / "relayd.log"
-        self.log = open(self.logpath, "wb")  # noqa: SIM115 (closed in stop)
+        self.log = open(self.logpath, "wb")
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(self.cmd, cwd=str(REPO), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(self.cmd, cwd=str(REPO), stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env=env)
         self.env = env
         try:
             wait_smtp_ready("127.0.0.1", self.port, timeout=60, proc=self.proc)
@@ -136,7 +137,8 @@ class RelaydRelay(System):
                     raise RuntimeError(f"no control socket at {self.sock}")
                 time.sleep(0.1)
             self.relayctl("domain", "add", DOMAIN)
-            user = self.relayctl("user", "add", "--domain", DOMAIN, "--allow-network", "127.0.0.0/8")
+            user = self.relayctl("user", "add", "--domain", DOMAIN,
+                                 "--allow-network", "127.0.0.0/8")
             self.auth_user = str(user["username"])
             self.auth_password = str(user["password"])
             self.mail_from = f"sender@{DOMAIN}"

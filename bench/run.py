@@ -12,6 +12,7 @@ bench/RESULTS.md.  See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -55,7 +56,8 @@ class Scenario:
                     + (" -d" if self.reuse else ""))
         if self.tool == "loadgen":
             return (f"loadgen --sessions {self.sessions} --messages {self.messages} "
-                    f"--per-conn {self.per_conn} --size {self.size}" + (" AUTH PLAIN" if self.auth else ""))
+                    f"--per-conn {self.per_conn} --size {self.size}"
+                    + (" AUTH PLAIN" if self.auth else ""))
         return f"loadgen --idle {self.idle} --hold {self.hold:g}"
 
 
@@ -67,7 +69,8 @@ def scenarios(a: argparse.Namespace) -> list[Scenario]:
     s4_10m = 3 if q else a.big_messages
     out = {
         "S1": [Scenario("S1", "one connection per message", "smtp-source", m, a.sessions, 1024)],
-        "S2": [Scenario("S2", "connections reused", "smtp-source", m, a.sessions, 1024, reuse=True)],
+        "S2": [Scenario("S2", "connections reused", "smtp-source", m, a.sessions, 1024,
+                        reuse=True)],
         "S3": [Scenario("S3", "AUTH PLAIN on every connection", "loadgen", m, a.sessions, 1024,
                         per_conn=a.s3_per_conn, auth=True)],
         "S4": [
@@ -147,8 +150,7 @@ def run_smtp_source(sc: Scenario, system: System, messages: int, timeout: float)
     cmd.append(system.target)
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           stdin=subprocess.DEVNULL, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = -1, e.stdout or b"", (e.stderr or b"") + b"\n(timeout)"
@@ -173,8 +175,8 @@ def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> 
         cmd += ["--auth-user", system.auth_user, "--auth-pass", system.auth_password or ""]
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           stdin=subprocess.DEVNULL, timeout=timeout + 60, cwd=str(REPO))
+        p = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL,
+                           timeout=timeout + 60, cwd=str(REPO))
     except subprocess.TimeoutExpired:
         return {"accepted": 0, "failed": messages, "elapsed_s": time.monotonic() - t0,
                 "error": "loadgen timed out", "cmd": shlex.join(cmd)}
@@ -182,7 +184,8 @@ def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> 
         res: dict[str, Any] = json.loads(p.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"accepted": 0, "failed": messages, "elapsed_s": time.monotonic() - t0,
-                "error": f"loadgen rc={p.returncode}: {p.stderr.decode()[-500:]}", "cmd": shlex.join(cmd)}
+                "error": f"loadgen rc={p.returncode}: {p.stderr.decode()[-500:]}",
+                "cmd": shlex.join(cmd)}
     res["cmd"] = shlex.join(cmd)
     return res
 
@@ -208,16 +211,14 @@ def measure(sc: Scenario, sysname: str, base: Path, a: argparse.Namespace) -> Re
         system = SYSTEMS[sysname](workdir, sink)
         try:
             system.start()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res.error = f"start failed: {e}"
-            try:
+            with contextlib.suppress(Exception):
                 system.stop()
-            except Exception:  # noqa: BLE001
-                pass
             return res
         try:
             _measure_running(sc, system, sink, res, a)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         finally:
@@ -290,7 +291,8 @@ def _measure_running(sc: Scenario, system: System, sink: Sink, res: Result,
     if out.get("error"):
         res.error = out["error"]
     if out.get("first_error"):
-        system.notes.append(f"loadgen errors {out.get('errors')}: first: {out['first_error'][:300]}")
+        system.notes.append(
+            f"loadgen errors {out.get('errors')}: first: {out['first_error'][:300]}")
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -357,8 +359,8 @@ def ratios(results: list[Result], subject: str) -> str:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "relayd", "control", "bench",
                                 "config"], cwd=REPO, capture_output=True, text=True,
                                timeout=10).stdout.strip()
@@ -385,8 +387,8 @@ def record(results: list[Result], a: argparse.Namespace, argv: list[str], starte
     for s in subj:
         rt = ratios(results, s)
         if rt:
-            lines += [f"Ratios {s}/peer (throughput: higher is better; p99, RSS, CPU: lower is better):",
-                      "", rt, ""]
+            lines += [f"Ratios {s}/peer (throughput: higher is better; "
+                      "p99, RSS, CPU: lower is better):", "", rt, ""]
     notes = [f"- {r.scenario} {r.system}: {p}" for r in results for p in r.problems]
     notes += [f"- {r.scenario} {r.system}: ERROR {r.error}" for r in results if r.error]
     if notes:
@@ -429,11 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n != "postfix"]
     for n in names:
         if n not in SYSTEMS:
-            raise SystemExit(f"unknown or unavailable system {n!r}; available: {', '.join(SYSTEMS)}")
+            raise SystemExit(f"unknown or unavailable system {n!r}; "
+                             f"available: {', '.join(SYSTEMS)}")
     a.systems_list = names
     scs = scenarios(a)
     base = make_base()
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     with open("/proc/loadavg") as f:
         loadavg = " ".join(f.read().split()[:3])
     print(f"bench: {len(scs)} scenario(s) x {len(names)} system(s), work dir {base}", flush=True)

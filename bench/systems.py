@@ -78,10 +78,11 @@ class StockAiosmtpd(System):
 
     def start(self) -> None:
         self.port = free_port()
-        self.log = open(self.base / "stock.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.log = open(self.base / "stock.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.stock_aiosmtpd", "--listen", self.target],
-            cwd=str(REPO), stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True)
+            cwd=str(REPO), stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
+            start_new_session=True)
         wait_smtp_ready("127.0.0.1", self.port, timeout=15, proc=self.proc)
 
     def stop(self) -> None:

@@ -42,7 +42,8 @@ def wait_smtp_ready(host: str, port: int, timeout: float = 30.0,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {host}:{port} was ready")
+            raise RuntimeError(
+                f"process exited with {proc.returncode} before {host}:{port} was ready")
         if smtp_greets(host, port, timeout=1.0):
             return
         time.sleep(0.1)
@@ -74,11 +75,3 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0,
                 pass
             proc.wait(5)
     return proc.returncode
-
-
-def percentile(sorted_vals: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
-    if not sorted_vals:
-        return None
-    k = max(0, min(len(sorted_vals) - 1, int(round(q / 100.0 * len(sorted_vals) + 0.5)) - 1))
-    return sorted_vals[k]
