@@ -330,31 +330,33 @@ RATIO_METRICS = [
     ("e2e msg/s", "e2e_per_s"),
     ("p99 ms", "p99_ms"),
     ("peak RSS", "peak_rss"),
+    ("peak PSS", "peak_pss"),
     ("CPU s/1k", "cpu_per_1k"),
 ]
+PEERS = ["postfix", "stock-aiosmtpd", "smtp-sink"]
 
 
 def ratios(results: list[Result], subject: str) -> str:
-    peers = ["postfix", "stock-aiosmtpd", "smtp-sink"]
+    """subject/peer for every scenario where both were measured."""
     by = {(r.scenario, r.system): r for r in results}
-    scen = list(dict.fromkeys(r.scenario for r in results))
-    cols = [(p, label, attr) for p in peers for (label, attr) in RATIO_METRICS]
-    lines = ["| scenario | " + " | ".join(f"{subject}/{p} {label}" for p, label, _ in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    any_row = False
-    for s in scen:
+    lines = ["| scenario | ratio | " + " | ".join(label for label, _ in RATIO_METRICS) + " |",
+             "|" + "---|" * (len(RATIO_METRICS) + 2)]
+    rows = 0
+    for s in dict.fromkeys(r.scenario for r in results):
         me = by.get((s, subject))
-        if me is None:
+        if me is None or me.error:
             continue
-        cells = []
-        for p, _label, attr in cols:
+        for p in PEERS:
             other = by.get((s, p))
-            x = getattr(me, attr) if me else None
-            y = getattr(other, attr) if other else None
-            cells.append(f"{x / y:.2f}" if x and y else "-")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-        any_row = True
-    return "\n".join(lines) if any_row else ""
+            if other is None or other.error:
+                continue
+            cells = []
+            for _label, attr in RATIO_METRICS:
+                x, y = getattr(me, attr), getattr(other, attr)
+                cells.append(f"{x / y:.2f}" if x and y else "-")
+            lines.append(f"| {s} | {subject}/{p} | " + " | ".join(cells) + " |")
+            rows += 1
+    return "\n".join(lines) if rows else ""
 
 
 def git_commit() -> str:
