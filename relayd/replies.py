@@ -68,7 +68,9 @@ AUTH_RATE_LIMITED = Reply(
     "auth_rate_limited",
 )
 AUTH_ALREADY = Reply("503 5.5.1 Already authenticated", "bad_sequence")
-AUTH_IN_TRANSACTION = Reply("503 5.5.1 AUTH not permitted during a mail transaction", "bad_sequence")
+AUTH_IN_TRANSACTION = Reply(
+    "503 5.5.1 AUTH not permitted during a mail transaction", "bad_sequence"
+)
 AUTH_UNKNOWN_MECHANISM = Reply("504 5.5.4 Unrecognized authentication type", "syntax")
 AUTH_BAD_BASE64 = Reply("501 5.5.2 Cannot decode base64", "syntax")
 AUTH_ABORTED = Reply("501 5.7.0 Authentication aborted", "syntax")
@@ -109,7 +111,9 @@ NOT_IMPLEMENTED = Reply("502 5.5.1 Command not implemented", "unknown_command")
 TLS_NOT_AVAILABLE = Reply("454 4.7.0 TLS not available", "tls")
 TLS_ALREADY = Reply("503 5.5.1 TLS already active", "bad_sequence")
 TOO_MANY_ERRORS = Reply("421 4.7.0 Too many errors, closing connection", "too_many_errors")
-TOO_MANY_CONNECTIONS = Reply("421 4.7.0 Too many connections from your address", "too_many_connections")
+TOO_MANY_CONNECTIONS = Reply(
+    "421 4.7.0 Too many connections from your address", "too_many_connections"
+)
 IDLE_TIMEOUT = Reply("421 4.4.2 Idle timeout, closing connection", "timeout")
 SHUTTING_DOWN = Reply("421 4.3.2 Service shutting down, closing connection", "shutdown")
 UTF8_NOT_DECLARED = Reply("500 5.6.7 Non-ASCII command requires SMTPUTF8", "non_ascii_address")

@@ -1,0 +1,48 @@
+# relayd: the two commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CONFIG ?= config/relayd.toml
+
+.PHONY: run test test-fast lint bench bench-quick debs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+## run: set up and run the daemon in the foreground on the embedded default (./var)
+run: $(STAMP)
+	mkdir -p var
+	$(BIN)/relayd --config $(CONFIG)
+
+## debs: Debian packages the tests and benchmarks use (swaks, postfix's smtp-sink/smtp-source)
+debs:
+	sh scripts/install-debs.sh
+
+## test: set up, then ruff, mypy and the whole pytest suite (slow tests included)
+test: $(STAMP) debs lint
+	$(BIN)/pytest -q -p no:cacheprovider tests bench/test_harness_smoke.py
+
+## test-fast: the suite without the slow end-to-end and crash tests
+test-fast: $(STAMP) lint
+	$(BIN)/pytest -q -p no:cacheprovider -m 'not slow' tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check relayd control tests bench
+	$(BIN)/mypy
+
+## bench: the standard benchmark set against Postfix, stock aiosmtpd and smtp-sink
+bench: $(STAMP) debs
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP) debs
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,364 @@
+"""relayctl: the operator's command line for a running relayd.
+
+Owns: argument parsing, the confirmation dialogue of irreversible operations
+(SEMANTICS.md §4.2: the name typed again, the last connection shown, a warning
+when it is recent), and the two output forms: readable tables, or ``--json``
+(the response Struct as JSON, for scripts). Every failure is one line on
+stderr and a non-zero exit: 1 for a refused operation, 2 for bad usage,
+3 when relayd cannot be reached. Never a traceback.
+
+Socket: ``--socket PATH``, else ``$RELAYD_SOCKET``, else ``./var/control.sock``.
+See also: control.client, control.schemas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from control import schemas
+from control.client import Client, ControlError
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+RECENT_SECONDS = 24 * 3600
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    delta = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{int(delta // size)}{unit} ago"
+    return f"{int(delta)}s ago"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)))
+    return "\n".join(lines)
+
+
+class Cli:
+    """One relayctl invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        path = args.socket or os.environ.get("RELAYD_SOCKET") or "./var/control.sock"
+        self.client = Client(path)
+
+    def out(self, obj: msgspec.Struct, human: str) -> None:
+        """Print the result, as JSON or as text."""
+        if self.args.json:
+            sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj).decode()) + "\n")
+        else:
+            print(human)
+
+    # -- status ---------------------------------------------------------------------
+    def status(self) -> None:
+        """relayctl status."""
+        st = self.client.call("GET", "/v1/status", schemas.Status)
+        lines = [f"relayd {st.version}, up {int(st.uptime_seconds)}s"]
+        lines += [f"  listening ({x.kind}): {x.address}" for x in st.listeners]
+        lines.append("  queue: " + ", ".join(f"{k}={v}" for k, v in st.queue.items()))
+        lines.append(f"  in flight: {st.in_flight}; sessions: {st.sessions}")
+        lines.append(f"  domains: {st.domains}; accounts: {st.accounts}")
+        lines.append(f"  spool: {st.spool_bytes} bytes; free disk: {st.free_disk_bytes} bytes")
+        self.out(st, "\n".join(lines))
+
+    # -- domains --------------------------------------------------------------------
+    def _domain_text(self, d: schemas.DomainInfo) -> str:
+        lines = [f"domain {d.name} (selector {d.selector}, {d.accounts} account(s))"]
+        if d.dns_records:
+            lines.append("publish these DNS records:")
+            for r in d.dns_records:
+                lines.append(f"  {r.name}. IN {r.type} \"{r.value}\"" if r.type == "TXT"
+                             else f"  {r.name}. IN {r.type} {r.value}.")
+                lines.append(f"      ({r.purpose})")
+        return "\n".join(lines)
+
+    def domain(self) -> None:
+        """relayctl domain ..."""
+        a = self.args
+        if a.action == "add":
+            d = self.client.call("POST", "/v1/domains", schemas.DomainInfo,
+                                 schemas.DomainAdd(name=a.name))
+            self.out(d, self._domain_text(d))
+        elif a.action == "list":
+            lst = self.client.call("GET", "/v1/domains", schemas.DomainList)
+            rows = [[d.name, d.selector, str(d.accounts), _when(d.created_at)]
+                    for d in lst.domains]
+            self.out(lst, _table(rows, ["DOMAIN", "SELECTOR", "ACCOUNTS", "CREATED"]))
+        elif a.action == "show":
+            d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
+            self.out(d, self._domain_text(d))
+        elif a.action == "delete":
+            confirm = a.confirm or self._prompt(
+                f"Deleting domain {a.name} is irreversible: its accounts are disabled for"
+                " good and its DKIM key is destroyed.\nType the domain name to confirm: ")
+            r = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/delete",
+                                 schemas.DomainDeleted, schemas.Confirm(confirm=confirm))
+            self.out(r, f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
+                        f" {r.messages_held} message(s) held")
+
+    def _prompt(self, text: str) -> str:
+        if not sys.stdin.isatty():
+            raise UsageError("--confirm NAME is required when not on a terminal")
+        try:
+            return input(text).strip()
+        except EOFError:
+            raise UsageError("no confirmation given") from None
+
+    # -- users ----------------------------------------------------------------------
+    def _user_text(self, u: schemas.UserInfo) -> str:
+        status = u.status + (f" ({u.disabled_reason})" if u.disabled_reason else "")
+        lim = u.limits
+        limits = ", ".join(f"{k}={v}" for k, v in (("per_minute", lim.per_minute),
+                                                    ("per_hour", lim.per_hour),
+                                                    ("per_day", lim.per_day))
+                           if v is not None) or "workspace default"
+        return "\n".join([
+            f"user {u.username}",
+            f"  domain:          {u.domain}",
+            f"  status:          {status}",
+            f"  created:         {_when(u.created_at)}",
+            f"  last connection: {_when(u.last_connection)} ({_ago(u.last_connection)})",
+            f"  total sent:      {u.total_sent}",
+            f"  queued:          {u.queued}",
+            f"  networks:        {', '.join(u.networks) or '-'}",
+            f"  limits:          {limits}",
+        ])
+
+    def _users_table(self, lst: schemas.UserList) -> str:
+        rows = [[u.username, u.domain,
+                 u.status + (f"({u.disabled_reason})" if u.disabled_reason else ""),
+                 _ago(u.last_connection), str(u.total_sent), str(u.queued)] for u in lst.users]
+        return _table(rows, ["USER", "DOMAIN", "STATUS", "LAST CONNECTION", "SENT", "QUEUED"])
+
+    def user(self) -> None:
+        """relayctl user ..."""
+        a = self.args
+        c = self.client
+        if a.action == "add":
+            cred = c.call("POST", "/v1/users", schemas.Credentials,
+                          schemas.UserAdd(domain=a.domain, allow_networks=a.allow_network or []))
+            self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
+                           "(the password is shown only this once)")
+        elif a.action == "list":
+            lst = c.call("GET", "/v1/users", schemas.UserList,
+                         query={"domain": a.domain, "status": a.status, "sort": a.sort})
+            self.out(lst, self._users_table(lst))
+        elif a.action == "show":
+            u = c.call("GET", f"/v1/users/{Client.seg(a.name)}", schemas.UserInfo)
+            self.out(u, self._user_text(u))
+        elif a.action in ("disable", "enable"):
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/{a.action}", schemas.UserInfo)
+            self.out(u, f"{u.username}: {u.status}")
+        elif a.action == "reset-password":
+            cred = c.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
+                          schemas.Credentials)
+            self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
+                           "(the old password no longer works; this one is shown only once)")
+        elif a.action == "delete":
+            self._user_delete()
+        elif a.action == "limits":
+            body = schemas.UserLimits(per_minute=a.per_minute, per_hour=a.per_hour,
+                                      per_day=a.per_day)
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/limits", schemas.UserInfo, body)
+            self.out(u, self._user_text(u))
+        elif a.action == "networks":
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/networks", schemas.UserInfo,
+                       schemas.NetworkChange(action=a.net_action, cidr=a.cidr))
+            self.out(u, f"{u.username}: networks {', '.join(u.networks) or '-'}")
+        elif a.action == "dormant":
+            lst = c.call("GET", "/v1/dormant", schemas.UserList,
+                         query={"days": a.days, "max_sent": a.max_sent})
+            self.out(lst, self._users_table(lst))
+
+    def _user_delete(self) -> None:
+        a = self.args
+        u = self.client.call("GET", f"/v1/users/{Client.seg(a.name)}", schemas.UserInfo)
+        info = (f"user {u.username} ({u.domain}): last connection {_when(u.last_connection)}"
+                f" ({_ago(u.last_connection)}), {u.queued} queued message(s)")
+        print(info, file=sys.stderr)
+        if u.last_connection is not None and time.time() - u.last_connection < RECENT_SECONDS:
+            print("warning: this account connected within the last 24 hours; an application"
+                  " may still use these credentials", file=sys.stderr)
+        confirm = a.confirm or self._prompt(
+            "Deleting is irreversible. Type the username to confirm: ")
+        r = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/delete",
+                             schemas.UserDeleted,
+                             schemas.UserDelete(confirm=confirm, purge_queue=a.purge_queue))
+        self.out(r, f"deleted {r.username}" + (f"; purged {r.purged} queued message(s)"
+                                                if r.purged else ""))
+
+    # -- queues and log -------------------------------------------------------------
+    def queue(self) -> None:
+        """relayctl queue ..."""
+        a = self.args
+        c = self.client
+        if a.action == "list":
+            lst = c.call("GET", "/v1/queue", schemas.QueueList,
+                         query={"user": a.user, "state": a.state})
+            rows = [[i.id, i.username, i.state, f"{int(i.age_seconds)}s", str(i.attempts),
+                     _when(i.next_attempt or i.reset_at), (i.last_error or "")[:60]]
+                    for i in lst.items]
+            self.out(lst, _table(rows, ["ID", "USER", "STATE", "AGE", "ATTEMPTS",
+                                        "NEXT/RESET", "LAST ERROR"]))
+        elif a.action == "show":
+            item = c.call("GET", f"/v1/queue/{Client.seg(a.id)}", schemas.QueueItem)
+            self.out(item, "\n".join(f"{k}: {v}" for k, v in msgspec.structs.asdict(item)
+                                     .items()))
+        elif a.action == "purge":
+            r = c.call("POST", "/v1/queue/purge", schemas.QueueChanged,
+                       schemas.QueuePurge(user=a.user, state=a.state))
+            self.out(r, f"purged {r.count} message(s)")
+        elif a.action == "retry":
+            r = c.call("POST", "/v1/queue/retry", schemas.QueueChanged,
+                       schemas.QueueRetry(user=a.user))
+            self.out(r, f"{r.count} deferred recipient(s) due now")
+
+    def log(self) -> None:
+        """relayctl log."""
+        a = self.args
+        since = None
+        if a.since:
+            since = _parse_since(a.since)
+        lst = self.client.call("GET", "/v1/log", schemas.LogList,
+                               query={"user": a.user, "status": a.status, "since": since,
+                                      "limit": a.limit})
+        rows = [[_when(e.ts), e.message_id, e.username, e.recipient, e.outcome,
+                 str(e.code or ""), e.next_hop, e.text[:50]] for e in lst.entries]
+        self.out(lst, _table(rows, ["TIME", "MESSAGE", "USER", "RECIPIENT", "OUTCOME",
+                                    "CODE", "NEXT HOP", "REPLY"]))
+
+
+class UsageError(Exception):
+    """Bad command-line usage."""
+
+
+def _parse_since(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise UsageError("--since takes 30m, 2h, 7d, a date YYYY-MM-DD or epoch seconds") \
+            from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The relayctl command line."""
+    p = _Parser(prog="relayctl", description="control a running relayd")
+    p.add_argument("--socket", help="control socket path (default: $RELAYD_SOCKET)")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub.add_parser("status", help="version, uptime, listeners, queue depths")
+
+    d = sub.add_parser("domain", help="sending domains").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    d.add_parser("add").add_argument("name")
+    d.add_parser("list")
+    d.add_parser("show").add_argument("name")
+    dd = d.add_parser("delete")
+    dd.add_argument("name")
+    dd.add_argument("--confirm", help="the domain name again (irreversible operation)")
+
+    u = sub.add_parser("user", help="SMTP accounts").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    ua = u.add_parser("add")
+    ua.add_argument("--domain", required=True)
+    ua.add_argument("--allow-network", action="append", metavar="CIDR",
+                    help="attribute unauthenticated sessions from this network (repeatable)")
+    ul = u.add_parser("list")
+    ul.add_argument("--domain")
+    ul.add_argument("--status", choices=["active", "disabled"])
+    ul.add_argument("--sort", choices=["name", "last-used", "sent"], default="name")
+    for action in ("show", "disable", "enable", "reset-password"):
+        u.add_parser(action).add_argument("name")
+    ud = u.add_parser("delete")
+    ud.add_argument("name")
+    ud.add_argument("--confirm", help="the username again (irreversible operation)")
+    ud.add_argument("--purge-queue", action="store_true",
+                    help="also delete the account's queued mail")
+    lim = u.add_parser("limits")
+    lim.add_argument("name")
+    lim.add_argument("--per-minute", type=int)
+    lim.add_argument("--per-hour", type=int)
+    lim.add_argument("--per-day", type=int)
+    net = u.add_parser("networks")
+    net.add_argument("net_action", choices=["add", "remove"])
+    net.add_argument("name")
+    net.add_argument("cidr")
+    dor = u.add_parser("dormant")
+    dor.add_argument("--days", type=float, default=90.0)
+    dor.add_argument("--max-sent", type=int)
+
+    q = sub.add_parser("queue", help="queued mail").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    ql = q.add_parser("list")
+    ql.add_argument("--user")
+    ql.add_argument("--state", choices=["queued", "waiting_limit", "held", "deferred"])
+    q.add_parser("show").add_argument("id")
+    qp = q.add_parser("purge")
+    qp.add_argument("--user", required=True)
+    qp.add_argument("--state", choices=["queued", "waiting_limit", "held", "deferred"])
+    q.add_parser("retry").add_argument("--user")
+
+    lg = sub.add_parser("log", help="delivery log")
+    lg.add_argument("--user")
+    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed"])
+    lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")
+    lg.add_argument("--limit", type=int, default=100)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``relayctl``."""
+    try:
+        args = build_parser().parse_args(argv)
+        cli = Cli(args)
+        getattr(cli, args.cmd)()
+        return 0
+    except UsageError as exc:
+        print(f"relayctl: {exc}" if not str(exc).startswith("relayctl") else str(exc),
+              file=sys.stderr)
+        return EXIT_USAGE
+    except ControlError as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("relayctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

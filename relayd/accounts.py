@@ -1,0 +1,146 @@
+"""The in-memory directory of sending domains and SMTP accounts.
+
+Owns: the live view of every domain and account that the SMTP hot path reads
+(status, epoch, sender domain, bound networks, counters) — loaded from the
+spool at start and changed only by relayd.lifecycle, which writes the database
+first and then this directory, in the same call.
+
+Interface cost: every lookup here is a dict access or a short list scan, with
+no I/O; it is safe to call on the event loop for every command.
+
+The *epoch* of an account is how sessions notice invalidation: a session keeps
+the epoch it authenticated under, and any disable, delete or password reset
+bumps it, so every session of that account stops being authenticated at that
+instant, without the directory knowing the sessions.
+
+Untrusted input: peer addresses (from the socket, already parsed by the OS).
+Settings read: none. See also: relayd.credentials, relayd.lifecycle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ACTIVE = "active"
+DISABLED = "disabled"
+DELETED = "deleted"
+
+
+@dataclass(eq=False)
+class Domain:
+    """A sending domain and its current DKIM signer(s)."""
+
+    id: int
+    name: str
+    selector: str
+    deleted: bool = False
+    signers: list[Any] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Account:
+    """One SMTP account as the hot path sees it."""
+
+    id: int
+    username: str
+    domain: Domain
+    password_hash: str
+    status: str = ACTIVE
+    disabled_reason: str = ""
+    epoch: int = 0
+    created_at: float = 0.0
+    last_connection: float | None = None
+    total_sent: int = 0
+    networks: list[str] = field(default_factory=list)
+    per_minute: int | None = None
+    per_hour: int | None = None
+    per_day: int | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True when the account may authenticate and submit mail."""
+        return self.status == ACTIVE
+
+    def invalidate(self) -> None:
+        """End the authentication of every session of this account, now."""
+        self.epoch += 1
+
+
+class Directory:
+    """Accounts by name and id, domains by name, and network bindings."""
+
+    def __init__(self) -> None:
+        self.accounts_by_name: dict[str, Account] = {}
+        self.accounts_by_id: dict[int, Account] = {}
+        self.domains_by_name: dict[str, Domain] = {}
+        self.domains_by_id: dict[int, Domain] = {}
+        self._networks: list[tuple[IPNetwork, Account]] = []
+        self._ip_cache: dict[str, Account | None] = {}
+
+    # -- lookups (hot path) ---------------------------------------------------
+    def account(self, username: str) -> Account | None:
+        """The account with this username (including deleted ones), or None."""
+        return self.accounts_by_name.get(username)
+
+    def account_for_ip(self, ip: str) -> Account | None:
+        """The account bound to the most specific network containing ``ip``."""
+        try:
+            return self._ip_cache[ip]
+        except KeyError:
+            pass
+        found: Account | None = None
+        if self._networks:
+            try:
+                addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                addr = None
+            if addr is not None:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                for net, acct in self._networks:
+                    if addr.version == net.version and addr in net:
+                        found = acct
+                        break
+        if len(self._ip_cache) > 65536:
+            self._ip_cache.clear()
+        self._ip_cache[ip] = found
+        return found
+
+    def active_domain(self, name: str) -> Domain | None:
+        """The live (not deleted) domain with this name."""
+        return self.domains_by_name.get(name.lower())
+
+    # -- changes (lifecycle only) ---------------------------------------------
+    def put_domain(self, domain: Domain) -> None:
+        """Add or replace a domain."""
+        self.domains_by_id[domain.id] = domain
+        if not domain.deleted:
+            self.domains_by_name[domain.name] = domain
+        elif self.domains_by_name.get(domain.name) is domain:
+            del self.domains_by_name[domain.name]
+
+    def put_account(self, account: Account) -> None:
+        """Add or replace an account (and its network bindings)."""
+        self.accounts_by_name[account.username] = account
+        self.accounts_by_id[account.id] = account
+        self.rebuild_networks()
+
+    def rebuild_networks(self) -> None:
+        """Recompute the network table, most specific first."""
+        table: list[tuple[IPNetwork, Account]] = []
+        for acct in self.accounts_by_id.values():
+            if acct.status == DELETED:
+                continue
+            for cidr in acct.networks:
+                table.append((ipaddress.ip_network(cidr, strict=False), acct))
+        table.sort(key=lambda item: (-item[0].prefixlen, item[1].id))
+        self._networks = table
+        self._ip_cache = {}
+
+    def count_slots(self) -> int:
+        """Accounts that occupy a plan slot (active and disabled, not deleted)."""
+        return sum(1 for a in self.accounts_by_id.values() if a.status != DELETED)

@@ -1,0 +1,482 @@
+"""The composition root: build everything from the configuration, run, stop in order.
+
+Owns: command-line parsing (the stable flag contract: ``--config``,
+``--listen``, ``--data-dir``, ``--control-socket``, ``--metrics-listen``,
+``--smarthost``, ``--check-config``), building every component from the frozen
+Config, the uvloop event loop, signals (SIGTERM/SIGINT: graceful stop, a
+second one forces a fast exit; SIGHUP: reload), systemd readiness, and the
+ordered shutdown: stop listening -> let open SMTP transactions finish (bounded)
+-> stop starting deliveries and let running ones finish (bounded) -> flush
+last-connection times -> close the spool.
+
+Exit codes: 0 clean stop, 2 configuration error, 3 spool cannot be opened,
+4 cannot listen.
+See also: relayd.config, DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from control import schemas
+from relayd import config as config_mod
+from relayd import logging as rlog
+from relayd import policy, sdnotify
+from relayd.accounts import Directory
+from relayd.backoff import BackoffPolicy
+from relayd.config import Config, ConfigError, parse_hostport
+from relayd.control_server import ControlServer
+from relayd.credentials import CredentialCache, Hasher
+from relayd.delivery import Deliverer
+from relayd.lifecycle import Lifecycle
+from relayd.metrics import Metrics
+from relayd.observe import Observer
+from relayd.ratelimit import Limits
+from relayd.scheduler import QMsg, RouteError, Scheduler
+from relayd.signing import DkimSigning
+from relayd.smtp import RelaySMTP, SmtpContext
+from relayd.spool import AttemptResult, Spool, SpoolError
+
+VERSION = "0.1.0"
+EXIT_CONFIG = 2
+EXIT_SPOOL = 3
+EXIT_LISTEN = 4
+
+
+class _MxAdapter:
+    """relayd.mx behind the scheduler's route-error contract."""
+
+    def __init__(self, cfg: Config) -> None:
+        from relayd import mx
+
+        self._mx = mx
+        ns = list(cfg.delivery.dns_nameservers) or None
+        port = 53
+        if ns:
+            hosts = []
+            for entry in ns:
+                host, port = parse_hostport(entry, default_port=53)
+                hosts.append(host)
+            ns = hosts
+        self.resolver = mx.MxResolver(nameservers=ns, port=port)
+
+    async def hops(self, domain: str) -> list[tuple[str, int]]:
+        try:
+            hops = await self.resolver.resolve(domain)
+        except self._mx.PermanentRouteError as exc:
+            raise RouteError(str(exc), permanent=True) from None
+        except self._mx.RouteError as exc:
+            raise RouteError(str(exc), permanent=False) from None
+        return [(h.host, h.port) for h in hops]
+
+
+class _Router:
+    """Deliverer.route with scheduler RouteErrors."""
+
+    def __init__(self, deliverer: Deliverer) -> None:
+        self.d = deliverer
+
+    async def route(self, domain: str) -> Any:
+        return await self.d.route(domain)
+
+    async def send(self, hop: Any, sender: str, rcpts: list[str], data: bytes) -> Any:
+        return await self.d.send(hop, sender, rcpts, data)
+
+
+def _tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if not cfg.smtp.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.smtp.tls_cert_file, cfg.smtp.tls_key_file)
+    return ctx
+
+
+class Relay:
+    """One running relayd."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.log = rlog.get_logger("relayd")
+        self.started = time.monotonic()
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, version=VERSION)
+        self.observer = Observer(self.metrics, self.log)
+        self.directory = Directory()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.listeners: list[schemas.Listener] = []
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._free_disk = 1 << 62
+        self._free_disk_at = 0.0
+
+    def free_disk(self) -> int:
+        """Free bytes on the spool's disk (cached for a second)."""
+        now = time.monotonic()
+        if now - self._free_disk_at > 1.0:
+            try:
+                self._free_disk = shutil.disk_usage(self.cfg.server.data_dir).free
+            except OSError:
+                self._free_disk = 0
+            self._free_disk_at = now
+        return self._free_disk
+
+    async def start(self) -> None:
+        """Open the spool, load state, start delivery, bind the listeners."""
+        cfg = self.cfg
+        _prepare_data_dir(cfg.server.data_dir)
+        self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
+                           on_batch=self.observer.batch)
+        await self.spool.open()
+        self.hasher = Hasher(cfg.credentials)
+        self.cache = CredentialCache(self.hasher, on_miss=self.observer.cache_miss)
+        helo = cfg.delivery.helo_name or cfg.server.hostname
+        mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
+        self.deliverer = Deliverer(cfg.delivery, helo, mx=mx)
+        d = cfg.delivery
+        self.scheduler = Scheduler(
+            self.spool, self.directory, _Router(self.deliverer),
+            policy=BackoffPolicy(first=d.retry_first_seconds, maximum=d.retry_max_seconds,
+                                 jitter=min(d.retry_jitter, 0.99),
+                                 lifetime=d.max_queue_lifetime_seconds),
+            default_limits=_limits(cfg),
+            workers=d.connections_per_host, events=self.observer,
+            on_failed=self._bounce if d.bounces else None,
+        )
+        self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
+                                   self.scheduler, log=self.log.info)
+        await self.lifecycle.load()
+        await self.scheduler.start()
+        self.signer = DkimSigning() if cfg.dkim.enabled else None
+        tls = _tls_context(cfg)
+        self.ctx = SmtpContext(
+            hostname=cfg.server.hostname, directory=self.directory, credentials=self.cache,
+            spool=self.spool, scheduler=self.scheduler, signer=self.signer,
+            events=self.observer,
+            plaintext_auth=policy.PlaintextAuthPolicy(cfg.smtp.plaintext_auth_networks),
+            throttle=policy.AuthThrottle(
+                free_failures=cfg.smtp.auth_failures_before_delay,
+                max_failures=cfg.smtp.auth_failures_before_disconnect),
+            max_message_size=cfg.smtp.max_message_size_bytes,
+            max_recipients=cfg.smtp.max_recipients,
+            max_queued_per_account=cfg.limits.max_queued_per_account,
+            min_free_disk=cfg.limits.min_free_disk_bytes, free_disk=self.free_disk,
+            idle_timeout=cfg.smtp.idle_timeout_seconds,
+            min_data_rate=cfg.smtp.min_data_rate_bytes_per_second,
+            max_commands=cfg.smtp.max_commands_per_session,
+            max_connections=cfg.smtp.max_connections,
+            max_connections_per_ip=cfg.smtp.max_connections_per_ip,
+            smtputf8=cfg.smtp.smtputf8,
+        )
+        self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log)
+        mhost: str | None = None
+        mport: int | None = None
+        if cfg.metrics.listen:
+            mhost, mport = parse_hostport(cfg.metrics.listen)
+        await self.control.start(cfg.control_socket, cfg.control.socket_mode, mhost, mport)
+        loop = asyncio.get_running_loop()
+        host, port = parse_hostport(cfg.smtp.listen)
+        await self._listen(loop, "smtp", host, port, tls, implicit=False)
+        if cfg.smtp.tls_listen:
+            thost, tport = parse_hostport(cfg.smtp.tls_listen)
+            await self._listen(loop, "smtps", thost, tport, tls, implicit=True)
+        if self.control.metrics_address:
+            self.listeners.append(schemas.Listener(kind="metrics",
+                                                   address=self.control.metrics_address))
+        self.listeners.append(schemas.Listener(kind="control", address=cfg.control_socket))
+        self._tasks.append(loop.create_task(self._housekeeping()))
+        self.log.info("relayd_started", version=VERSION,
+                      listeners=[f"{x.kind}={x.address}" for x in self.listeners])
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, kind: str, host: str, port: int,
+                      tls: ssl.SSLContext | None, *, implicit: bool) -> None:
+        ctx = self.ctx
+
+        def factory() -> RelaySMTP:
+            return RelaySMTP(ctx, tls, implicit_tls=implicit)
+
+        server = await loop.create_server(
+            factory, host=host, port=port, ssl=tls if implicit else None, backlog=1024,
+            reuse_address=True)
+        self.servers.append(server)
+        for sock in server.sockets:
+            addr = sock.getsockname()
+            shown = f"[{addr[0]}]:{addr[1]}" if sock.family == socket.AF_INET6 else \
+                f"{addr[0]}:{addr[1]}"
+            self.listeners.append(schemas.Listener(kind=kind, address=shown))
+
+    async def _bounce(self, msg: QMsg, failed: list[AttemptResult]) -> None:
+        """Queue a delivery status notification to the sender of a failed message."""
+        from relayd import dsn
+
+        if not dsn.should_bounce(msg.sender, msg.is_bounce):
+            return
+        data = await self.spool.load_data(msg.id) or b""
+        head, _, _ = data.partition(b"\r\n\r\n")
+        now = time.time()
+        new_id = self.spool.ids.next()
+        body = dsn.build_dsn(
+            reporting_mta=self.cfg.server.hostname,
+            postmaster=f"postmaster@{self.cfg.server.hostname}",
+            original_sender=msg.sender, original_message_id=f"{new_id:016X}",
+            original_headers=head + b"\r\n",
+            failures=[dsn.Failure(r.recipient, _status_of(r), f"{r.code or ''} {r.text}".strip(),
+                                  r.next_hop if r.next_hop != "-" else None) for r in failed],
+            now=now, dsn_message_id=f"{new_id:016X}@{self.cfg.server.hostname}",
+            received_at=msg.received_at,
+        )
+        from relayd.spool import NewMessage
+
+        bounce = NewMessage(id=new_id, account_id=msg.account_id, username=msg.username,
+                            domain=msg.domain, sender="", recipients=[msg.sender], data=body,
+                            received_at=now, is_bounce=True)
+        await self.spool.accept(bounce)
+        self.scheduler.enqueue_new(bounce)
+
+    async def status(self) -> schemas.Status:
+        """The answer of ``relayctl status``."""
+        counts = {"queued": 0, "waiting_limit": 0, "held": 0, "deferred": 0}
+        for _m, st, _u in self.scheduler.send_queue_view():
+            counts[st] = counts.get(st, 0) + 1
+        row = await self.spool.fetchone(
+            "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")
+        counts["deferred"] = int(row[0]) if row else 0
+        size = _spool_size(self.cfg.database_path)
+        return schemas.Status(
+            version=VERSION, uptime_seconds=time.monotonic() - self.started,
+            listeners=self.listeners, queue=counts,
+            in_flight=int(self.metrics.messages_in_flight._value.get()),
+            spool_bytes=size, free_disk_bytes=self.free_disk(),
+            domains=len(self.directory.domains_by_name),
+            accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions))
+
+    async def _housekeeping(self) -> None:
+        """Periodic work: last-connection flush, gauges, log pruning."""
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(self.cfg.spool.last_connection_flush_seconds)
+            try:
+                await self.lifecycle.flush_last_connections()
+                st = await self.status()
+                for state, n in st.queue.items():
+                    self.metrics.queue[state].set(n)
+                self.metrics.spool_free_bytes.set(st.free_disk_bytes)
+                self.metrics.spool_size_bytes.set(st.spool_bytes)
+                if time.monotonic() - last_prune > 3600:
+                    last_prune = time.monotonic()
+                    await self.lifecycle.prune_delivery_log()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- signals -----------------------------------------------------------------
+    def on_stop_signal(self) -> None:
+        """First signal: graceful stop; second: fast stop (accepted mail is on disk)."""
+        self._signals += 1
+        if self._signals == 1:
+            self.log.info("stopping", mode="graceful")
+            self._stop.set()
+        else:
+            self.log.warning("stopping", mode="fast")
+            os._exit(0)
+
+    def on_reload_signal(self) -> None:
+        """SIGHUP: re-read limits, routes and TLS where possible; keep the old on error."""
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> None:
+        """Re-read the configuration file (limits and routes take effect)."""
+        sdnotify.reloading(os.environ.get("NOTIFY_SOCKET"))
+        try:
+            path = os.environ.get("RELAYD_CONFIG_PATH", "")
+            if not path:
+                raise ConfigError("no configuration file to reload")
+            new = config_mod.load(path)
+            new = config_mod.with_overrides(new, **_OVERRIDES)
+        except ConfigError as exc:
+            self.log.error("reload_failed", error=str(exc))
+            sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+            return
+        self.cfg = new
+        self.scheduler.default_limits = _limits(new)
+        for acct in self.directory.accounts_by_id.values():
+            self.scheduler.set_limits(acct)
+        from relayd.delivery import Router
+
+        self.deliverer.router = Router(new.delivery)
+        self.ctx.max_queued_per_account = new.limits.max_queued_per_account
+        self.ctx.max_recipients = new.smtp.max_recipients
+        self.ctx.max_message_size = new.smtp.max_message_size_bytes
+        self.lifecycle.cfg = new
+        if new.smtp.tls_cert_file:
+            try:
+                tls = _tls_context(new)
+                for s in self.ctx.sessions:
+                    if s.tls_context is not None:
+                        s.tls_context = tls
+                self._tls = tls
+            except (OSError, ssl.SSLError) as exc:
+                self.log.error("reload_tls_failed", error=str(exc))
+        self.log.info("reloaded")
+        sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+
+    async def wait(self) -> None:
+        """Until a stop signal."""
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop (tests, signals)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Ordered shutdown."""
+        sdnotify.stopping(os.environ.get("NOTIFY_SOCKET"))
+        grace = self.cfg.server.shutdown_grace_seconds
+        for server in self.servers:
+            server.close()
+        self.ctx.shutting_down = True
+        for s in list(self.ctx.sessions):
+            s.close_if_idle()
+        deadline = time.monotonic() + grace
+        while self.ctx.sessions and time.monotonic() < deadline:
+            for s in list(self.ctx.sessions):
+                s.close_if_idle()
+            await asyncio.sleep(0.05)
+        for s in list(self.ctx.sessions):
+            if s.transport is not None:
+                s.transport.abort()
+        await self.control.stop()
+        await self.scheduler.stop(grace)
+        await self.deliverer.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.lifecycle.flush_last_connections()
+        await self.spool.close()
+        self.hasher.close()
+        if self.signer is not None:
+            self.signer.close()
+        self.log.info("stopped")
+
+
+def _prepare_data_dir(path: str) -> None:
+    """Create the data directory (owner-only: it holds keys and mail)."""
+    Path(path).mkdir(parents=True, exist_ok=True, mode=0o750)
+
+
+def _spool_size(db_path: str) -> int:
+    """Bytes used by the database and its WAL (a few stat calls)."""
+    size = 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            size += os.path.getsize(db_path + suffix)
+    return size
+
+
+def _limits(cfg: Config) -> Limits:
+    lim = cfg.limits
+    return Limits(per_minute=lim.per_minute or None, per_hour=lim.per_hour or None,
+                  per_day=lim.per_day or None)
+
+
+def _status_of(r: AttemptResult) -> str:
+    import re
+
+    m = re.match(r"\s*([245]\.\d{1,3}\.\d{1,3})", r.text)
+    if m:
+        return m.group(1)
+    return "5.0.0"
+
+
+_OVERRIDES: dict[str, Any] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The relayd command line."""
+    p = argparse.ArgumentParser(prog="relayd", description="SMTP relay daemon")
+    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.add_argument("--listen", help="SMTP listen address HOST:PORT")
+    p.add_argument("--data-dir", help="directory of the spool database")
+    p.add_argument("--control-socket", help="path of the control socket")
+    p.add_argument("--metrics-listen", help="Prometheus endpoint HOST:PORT ('' to disable)")
+    p.add_argument("--smarthost", help="deliver everything to HOST:PORT")
+    p.add_argument("--check-config", action="store_true", help="validate and exit")
+    p.add_argument("--version", action="version", version=f"relayd {VERSION}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The configuration from the file (if any) and the command-line overrides."""
+    cfg = config_mod.load(args.config) if args.config else Config()
+    _OVERRIDES.clear()
+    for key in ("listen", "data_dir", "control_socket", "metrics_listen", "smarthost"):
+        value = getattr(args, key)
+        if value is not None:
+            _OVERRIDES[key] = value
+    return config_mod.with_overrides(cfg, **_OVERRIDES)
+
+
+async def run(cfg: Config) -> int:
+    """Run until stopped; return the exit code."""
+    relay = Relay(cfg)
+    try:
+        await relay.start()
+    except SpoolError as exc:
+        relay.log.error("spool_error", error=str(exc))
+        print(f"relayd: {exc}", file=sys.stderr)
+        return EXIT_SPOOL
+    except OSError as exc:
+        relay.log.error("listen_error", error=str(exc))
+        print(f"relayd: cannot start: {exc}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await relay.spool.close()
+        return EXIT_LISTEN
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, relay.on_stop_signal)
+    loop.add_signal_handler(signal.SIGINT, relay.on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, relay.on_reload_signal)
+    sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+    await relay.wait()
+    await relay.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relayd`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print("configuration ok")
+        return 0
+    if args.config:
+        os.environ["RELAYD_CONFIG_PATH"] = str(Path(args.config).resolve())
+    rlog.configure(cfg.server.log_level)
+    import logging
+
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return uvloop.run(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Configuration: every setting of relayd as frozen msgspec Structs.
+
+Owns: the shape, defaults (with their units in the names) and validation of
+``relayd.toml``, and the command-line overrides that the daemon accepts.
+Unknown keys are errors that name the key (``forbid_unknown_fields``); a bad
+value is an error that names the key and says what is wrong.
+
+Untrusted input: the TOML file (operator-written, but typos must be caught).
+Settings read: all of them. No other module reads files or the environment:
+the composition root (relayd.app) loads a ``Config`` here and passes parts of
+it down.
+
+See also: config/relayd.toml (the documented default file), relayd.app.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration file or override that cannot be used; the text names the key."""
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (or ``[v6]:PORT``) into its parts; raise ValueError if malformed."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {value!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {value!r}")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            host, port_text = value, ""
+    if not host:
+        raise ValueError(f"bad address {value!r}: missing host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"bad address {value!r}: expected HOST:PORT")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad address {value!r}: port must be 0-65535")
+    return host, int(port_text)
+
+
+def _check_hostport(key: str, value: str, default_port: int | None = None) -> None:
+    try:
+        parse_hostport(value, default_port=default_port)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _check_networks(values: tuple[str, ...]) -> None:
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"plaintext_auth_networks: bad network {v!r}: {exc}") from None
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Process-wide settings."""
+
+    hostname: str = "localhost"
+    data_dir: str = "./var"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_seconds: Seconds = 30.0
+
+
+class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The SMTP submission listeners and session limits."""
+
+    listen: str = "127.0.0.1:2525"
+    tls_listen: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    plaintext_auth_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size_bytes: PositiveInt = 26_214_400
+    max_recipients: PositiveInt = 1000
+    idle_timeout_seconds: Seconds = 300.0
+    max_connections: PositiveInt = 2000
+    max_connections_per_ip: PositiveInt = 200
+    max_commands_per_session: PositiveInt = 100_000
+    min_data_rate_bytes_per_second: NonNegativeInt = 1024
+    auth_failures_before_delay: NonNegativeInt = 3
+    auth_failures_before_disconnect: PositiveInt = 10
+    smtputf8: bool = True
+
+    def __post_init__(self) -> None:
+        _check_hostport("listen", self.listen)
+        if self.tls_listen:
+            _check_hostport("tls_listen", self.tls_listen)
+            if not (self.tls_cert_file and self.tls_key_file):
+                raise ValueError("tls_listen needs tls_cert_file and tls_key_file")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        _check_networks(self.plaintext_auth_networks)
+
+
+class CredentialsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """argon2id parameters for new hashes (verification reads them from the hash)."""
+
+    argon2_time_cost: PositiveInt = 3
+    argon2_memory_cost_kib: Annotated[int, msgspec.Meta(ge=8)] = 65536
+    argon2_parallelism: PositiveInt = 4
+    hash_threads: PositiveInt = 2
+
+
+class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where and how accepted mail goes next."""
+
+    mode: Literal["smarthost", "mx"] = "smarthost"
+    smarthost: str = "127.0.0.1:2526"
+    smarthost_tls: Literal["none", "starttls", "tls"] = "none"
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    tls_verify: bool = True
+    connections_per_host: PositiveInt = 20
+    messages_per_connection: PositiveInt = 1000
+    idle_connection_seconds: Seconds = 30.0
+    connect_timeout_seconds: Seconds = 15.0
+    command_timeout_seconds: Seconds = 60.0
+    retry_first_seconds: Seconds = 300.0
+    retry_max_seconds: Seconds = 4000.0
+    retry_jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    max_queue_lifetime_seconds: Seconds = 432_000.0
+    bounces: bool = True
+    helo_name: str = ""
+    dns_nameservers: tuple[str, ...] = ()
+    routes: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_hostport("smarthost", self.smarthost, 25)
+        for domain, target in self.routes.items():
+            try:
+                parse_hostport(target, default_port=25)
+            except ValueError as exc:
+                raise ValueError(f"routes.{domain}: {exc}") from None
+
+
+class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Workspace limits: plan slots, default sending limits, queue caps."""
+
+    max_accounts: PositiveInt = 100
+    per_minute: NonNegativeInt = 0
+    per_hour: NonNegativeInt = 0
+    per_day: NonNegativeInt = 0
+    max_queued_per_account: PositiveInt = 100_000
+    min_free_disk_bytes: NonNegativeInt = 100 * 1024 * 1024
+
+
+class DkimConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """DKIM signing at acceptance."""
+
+    enabled: bool = True
+    algorithm: Literal["rsa", "ed25519"] = "rsa"
+    dual_ed25519: bool = False
+
+
+class DnsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What the DNS records shown to the operator look like."""
+
+    cname_target: str = ""
+
+
+class MetricsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The Prometheus endpoint."""
+
+    listen: str = "127.0.0.1:9101"
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _check_hostport("listen", self.listen)
+
+
+class ControlConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The control socket."""
+
+    socket: str = ""
+    socket_mode: int = 0o660
+
+
+class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Durable storage."""
+
+    delivery_log_retention_days: PositiveInt = 30
+    last_connection_flush_seconds: Seconds = 5.0
+    commit_batch_max: PositiveInt = 256
+
+
+class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration of one relayd process."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+    credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    dkim: DkimConfig = msgspec.field(default_factory=DkimConfig)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+
+    @property
+    def control_socket(self) -> str:
+        """Path of the control socket (defaults to DATA_DIR/control.sock)."""
+        return self.control.socket or str(Path(self.server.data_dir) / "control.sock")
+
+    @property
+    def database_path(self) -> str:
+        """Path of the SQLite spool."""
+        return str(Path(self.server.data_dir) / "relayd.sqlite3")
+
+
+def _wrap(exc: msgspec.ValidationError | msgspec.DecodeError, origin: str) -> ConfigError:
+    text = str(exc)
+    # msgspec says "... - at `$.smtp.listen`"; turn the path into a TOML key.
+    text = text.replace("`$.", "`").replace("at `$`", "at top level")
+    return ConfigError(f"{origin}: {text}")
+
+
+def loads(text: str | bytes, origin: str = "<config>") -> Config:
+    """Decode TOML text into a Config; raise ConfigError naming the bad key."""
+    try:
+        return msgspec.toml.decode(text, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _wrap(exc, origin) from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and decode a TOML configuration file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return loads(data, str(path))
+
+
+def with_overrides(
+    cfg: Config,
+    *,
+    listen: str | None = None,
+    data_dir: str | None = None,
+    control_socket: str | None = None,
+    metrics_listen: str | None = None,
+    smarthost: str | None = None,
+) -> Config:
+    """Apply command-line overrides (the stable flag contract) and re-validate."""
+    raw = msgspec.to_builtins(cfg)
+    if listen is not None:
+        raw["smtp"]["listen"] = listen
+    if data_dir is not None:
+        raw["server"]["data_dir"] = data_dir
+    if control_socket is not None:
+        raw["control"]["socket"] = control_socket
+    if metrics_listen is not None:
+        raw["metrics"]["listen"] = metrics_listen
+    if smarthost is not None:
+        raw["delivery"]["smarthost"] = smarthost
+        raw["delivery"]["mode"] = "smarthost"
+    try:
+        return msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise _wrap(exc, "command line") from None

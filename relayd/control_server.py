@@ -1,0 +1,328 @@
+"""The control API (HTTP/1.1 + JSON on a Unix socket) and the /metrics endpoint.
+
+Owns: the one adapter to aiohttp — routing each ``/v1/`` path to a
+relayd.lifecycle operation, decoding request bodies strictly into
+control.schemas Structs, encoding responses, mapping errors to HTTP status
+codes with an ``Error`` body, and recording the uid of the socket peer
+(SO_PEERCRED) with every operation it logs. The control socket is created
+with mode 0660 (umask set around the bind), so it is never world-accessible.
+The Prometheus endpoint is a second, TCP site of the same library.
+
+Untrusted input: request paths, query strings and bodies (from local users
+allowed on the socket; still validated: malformed JSON, unknown fields,
+wrong types and unknown paths get a clear 4xx answer).
+Settings read: [control], [metrics].
+See also: control.schemas (the contract), control.cli (the client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from control import schemas
+from relayd.lifecycle import Lifecycle, LifecycleError
+from relayd.metrics import render
+
+S = TypeVar("S", bound=msgspec.Struct)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status,
+                        content_type="application/json")
+
+
+def _error(message: str, code: str, status: int) -> web.Response:
+    return _json(schemas.Error(error=message, code=code), status)
+
+
+async def _body(request: web.Request, kind: type[S]) -> S:
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise LifecycleError(f"invalid request: {exc}", "invalid_request") from None
+    except msgspec.DecodeError as exc:
+        raise LifecycleError(f"malformed JSON: {exc}", "malformed_json") from None
+
+
+def _peer_uid(request: web.Request) -> int | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _q_int(request: web.Request, name: str, default: int | None = None) -> int | None:
+    v = request.query.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise LifecycleError(f"query parameter {name} must be an integer",
+                             "bad_request") from None
+
+
+def _q_float(request: web.Request, name: str, default: float | None = None) -> float | None:
+    v = request.query.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise LifecycleError(f"query parameter {name} must be a number", "bad_request") from None
+
+
+class ControlServer:
+    """The control socket and the metrics endpoint."""
+
+    def __init__(self, lifecycle: Lifecycle, status: Callable[[], Awaitable[schemas.Status]],
+                 registry: CollectorRegistry, log: Any) -> None:
+        self.lc = lifecycle
+        self.status = status
+        self.registry = registry
+        self.log = log
+        self._runners: list[web.AppRunner] = []
+        self.metrics_address = ""
+
+    # -- app -------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        """The control API application."""
+        app = web.Application(middlewares=[self._errors], client_max_size=1024 * 1024)
+        r = app.router
+        r.add_get("/v1/health", self.health)
+        r.add_get("/v1/status", self.get_status)
+        r.add_post("/v1/domains", self.domain_add)
+        r.add_get("/v1/domains", self.domain_list)
+        r.add_get("/v1/domains/{name}", self.domain_show)
+        r.add_post("/v1/domains/{name}/delete", self.domain_delete)
+        r.add_post("/v1/users", self.user_add)
+        r.add_get("/v1/users", self.user_list)
+        r.add_get("/v1/users/{name}", self.user_show)
+        r.add_post("/v1/users/{name}/disable", self.user_disable)
+        r.add_post("/v1/users/{name}/enable", self.user_enable)
+        r.add_post("/v1/users/{name}/reset-password", self.user_reset)
+        r.add_post("/v1/users/{name}/delete", self.user_delete)
+        r.add_post("/v1/users/{name}/limits", self.user_limits)
+        r.add_post("/v1/users/{name}/networks", self.user_networks)
+        r.add_get("/v1/dormant", self.dormant)
+        r.add_get("/v1/queue", self.queue_list)
+        r.add_get("/v1/queue/{id}", self.queue_show)
+        r.add_post("/v1/queue/purge", self.queue_purge)
+        r.add_post("/v1/queue/retry", self.queue_retry)
+        r.add_get("/v1/log", self.delivery_log)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        uid = _peer_uid(request)
+        structlog.contextvars.bind_contextvars(peer_uid=uid)
+        try:
+            return await handler(request)
+        except LifecycleError as exc:
+            return _error(str(exc), exc.code, exc.status)
+        except web.HTTPNotFound:
+            return _error(f"unknown endpoint: {request.method} {request.path}",
+                          "unknown_endpoint", 404)
+        except web.HTTPMethodNotAllowed:
+            return _error(f"method not allowed: {request.method} {request.path}",
+                          "method_not_allowed", 405)
+        except web.HTTPRequestEntityTooLarge:
+            return _error("request too large", "too_large", 413)
+        except Exception as exc:
+            self.log.error("control_error", path=request.path,
+                           error=f"{type(exc).__name__}: {exc}")
+            return _error("internal error (see the relayd log)", "internal", 500)
+        finally:
+            structlog.contextvars.unbind_contextvars("peer_uid")
+
+    # -- handlers --------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        """Cheap liveness check."""
+        return _json(schemas.Health(ok=True))
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        """Version, uptime, listeners, queue depths..."""
+        return _json(await self.status())
+
+    async def domain_add(self, request: web.Request) -> web.Response:
+        """Create a sending domain."""
+        body = await _body(request, schemas.DomainAdd)
+        return _json(await self.lc.domain_add(body.name), 201)
+
+    async def domain_list(self, request: web.Request) -> web.Response:
+        """All live domains."""
+        return _json(await self.lc.domain_list())
+
+    async def domain_show(self, request: web.Request) -> web.Response:
+        """One domain."""
+        return _json(await self.lc.domain_info(request.match_info["name"]))
+
+    async def domain_delete(self, request: web.Request) -> web.Response:
+        """Delete a domain (irreversible)."""
+        body = await _body(request, schemas.Confirm)
+        return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm))
+
+    async def user_add(self, request: web.Request) -> web.Response:
+        """Create an account."""
+        body = await _body(request, schemas.UserAdd)
+        return _json(await self.lc.user_add(body.domain, body.allow_networks), 201)
+
+    async def user_list(self, request: web.Request) -> web.Response:
+        """List accounts."""
+        q = request.query
+        return _json(await self.lc.user_list(q.get("domain"), q.get("status"),
+                                             q.get("sort", "name")))
+
+    async def user_show(self, request: web.Request) -> web.Response:
+        """One account."""
+        return _json(await self.lc.user_show(request.match_info["name"]))
+
+    async def user_disable(self, request: web.Request) -> web.Response:
+        """Disable an account, effective before this returns."""
+        return _json(await self.lc.user_disable(request.match_info["name"]))
+
+    async def user_enable(self, request: web.Request) -> web.Response:
+        """Enable an account."""
+        return _json(await self.lc.user_enable(request.match_info["name"]))
+
+    async def user_reset(self, request: web.Request) -> web.Response:
+        """Reset an account's password."""
+        return _json(await self.lc.user_reset_password(request.match_info["name"]))
+
+    async def user_delete(self, request: web.Request) -> web.Response:
+        """Delete an account (irreversible)."""
+        body = await _body(request, schemas.UserDelete)
+        return _json(await self.lc.user_delete(request.match_info["name"], body.confirm,
+                                               body.purge_queue))
+
+    async def user_limits(self, request: web.Request) -> web.Response:
+        """Set sending limits."""
+        body = await _body(request, schemas.UserLimits)
+        return _json(await self.lc.user_limits(request.match_info["name"], body))
+
+    async def user_networks(self, request: web.Request) -> web.Response:
+        """Bind or unbind a network."""
+        body = await _body(request, schemas.NetworkChange)
+        return _json(await self.lc.user_networks(request.match_info["name"], body))
+
+    async def dormant(self, request: web.Request) -> web.Response:
+        """Accounts not used for a while."""
+        days = _q_float(request, "days", 90.0)
+        assert days is not None
+        return _json(await self.lc.user_dormant(days, _q_int(request, "max_sent")))
+
+    async def queue_list(self, request: web.Request) -> web.Response:
+        """Queued messages."""
+        return _json(await self.lc.queue_list(request.query.get("user"),
+                                              request.query.get("state")))
+
+    async def queue_show(self, request: web.Request) -> web.Response:
+        """One queued message."""
+        return _json(await self.lc.queue_show(request.match_info["id"]))
+
+    async def queue_purge(self, request: web.Request) -> web.Response:
+        """Purge an account's queue."""
+        body = await _body(request, schemas.QueuePurge)
+        return _json(await self.lc.queue_purge(body.user, body.state))
+
+    async def queue_retry(self, request: web.Request) -> web.Response:
+        """Make deferred mail due now."""
+        body = await _body(request, schemas.QueueRetry)
+        return _json(await self.lc.queue_retry(body.user))
+
+    async def delivery_log(self, request: web.Request) -> web.Response:
+        """Delivery attempts."""
+        limit = _q_int(request, "limit", 100)
+        assert limit is not None
+        return _json(await self.lc.delivery_log(
+            request.query.get("user"), request.query.get("status"),
+            _q_float(request, "since"), limit))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus exposition."""
+        body, ctype = render(self.registry, request.headers.get("Accept", ""))
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    # -- start and stop -------------------------------------------------------------
+    async def start(self, socket_path: str, mode: int, metrics_host: str | None,
+                    metrics_port: int | None) -> None:
+        """Bind the control socket (mode ``mode``) and the metrics endpoint."""
+        path = Path(socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_socket(path)
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        old = os.umask(0o777 & ~mode)
+        try:
+            site = web.UnixSite(runner, str(path))
+            await site.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        if metrics_host is not None and metrics_port is not None:
+            mapp = web.Application()
+            mapp.router.add_get("/metrics", self.metrics)
+            mrunner = web.AppRunner(mapp, access_log=None, handle_signals=False)
+            await mrunner.setup()
+            self._runners.append(mrunner)
+            msite = web.TCPSite(mrunner, metrics_host, metrics_port)
+            await msite.start()
+            sockets = getattr(msite._server, "sockets", None)
+            if sockets:
+                addr = sockets[0].getsockname()
+                self.metrics_address = f"{addr[0]}:{addr[1]}"
+
+    async def stop(self) -> None:
+        """Close both sites."""
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a leftover socket file, refusing if a live server answers on it."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another relayd is already listening on {path}")
+
+
+def uptime_since(started: float) -> float:
+    """Seconds since ``started`` (monotonic)."""
+    return time.monotonic() - started

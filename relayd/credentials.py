@@ -1,0 +1,148 @@
+"""Password hashing and the in-memory credential cache.
+
+Owns: argon2id hashing (argon2-cffi), run in a dedicated thread pool so the
+event loop never computes a hash; and the credential cache, which makes a
+repeated successful login cost a keyed BLAKE2b digest and a constant-time
+compare instead of an argon2 verification.
+
+The cache holds, per account id, a keyed digest of the last password that
+verified against the account's argon2 hash. The key is random per process, so
+the cache is worthless outside this process. An entry is written only if the
+account's epoch did not change while argon2 ran, and ``invalidate`` drops it:
+relayd.lifecycle calls it (and bumps the account's epoch) before a disable,
+delete or password reset returns, so no entry outlives the credentials it was
+made from.
+
+Timing: every failure costs one argon2 verification, whether the user is
+unknown (a dummy hash is verified), the password is wrong (even when a cached
+digest exists), or the account is disabled: the reply and the time are the
+same for all of them.
+
+Untrusted input: usernames and passwords from AUTH (never logged).
+Settings read: [credentials]. See also: relayd.accounts, relayd.lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import argon2
+
+from relayd.accounts import DELETED, Account
+from relayd.config import CredentialsConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """What a credential check decided; ``reason`` is for logs and metrics only."""
+
+    ok: bool
+    reason: str  # success, unknown_user, bad_password, account_disabled, ...
+    cache_hit: bool
+
+
+class Hasher:
+    """argon2id hashing and verification in a thread pool."""
+
+    def __init__(self, cfg: CredentialsConfig) -> None:
+        self._ph = argon2.PasswordHasher(
+            time_cost=cfg.argon2_time_cost,
+            memory_cost=cfg.argon2_memory_cost_kib,
+            parallelism=cfg.argon2_parallelism,
+            type=argon2.Type.ID,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.hash_threads, thread_name_prefix="argon2")
+        self._dummy = self._ph.hash(secrets.token_urlsafe(16))
+        self.verifications = 0
+
+    def hash_sync(self, password: str) -> str:
+        """Hash a password (blocking; call through ``hash``)."""
+        return self._ph.hash(password)
+
+    async def hash(self, password: str) -> str:
+        """Hash a password off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._ph.hash, password)
+
+    def _verify(self, encoded: str, password: bytes) -> bool:
+        self.verifications += 1
+        try:
+            return bool(self._ph.verify(encoded, password))
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            return False
+
+    async def verify(self, encoded: str | None, password: bytes) -> bool:
+        """Verify a password against an argon2 hash (or a dummy one) off the loop."""
+        target = encoded or self._dummy
+        ok = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._verify, target, password
+        )
+        return ok and encoded is not None
+
+    def close(self) -> None:
+        """Stop the hashing threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CredentialCache:
+    """Checks AUTH credentials, with a cache of recent successful verifications."""
+
+    def __init__(self, hasher: Hasher, on_hit: Callable[[], None] | None = None,
+                 on_miss: Callable[[], None] | None = None) -> None:
+        self.hasher = hasher
+        self._key = secrets.token_bytes(32)
+        self._entries: dict[int, bytes] = {}
+        self._on_hit = on_hit
+        self._on_miss = on_miss
+
+    def _digest(self, account: Account, password: bytes) -> bytes:
+        return hashlib.blake2b(
+            password, key=self._key, person=account.id.to_bytes(8, "little"), digest_size=32
+        ).digest()
+
+    async def check(self, account: Account | None, password: bytes) -> AuthOutcome:
+        """Decide whether ``password`` authenticates ``account`` (None = unknown user)."""
+        if account is None:
+            await self.hasher.verify(None, password)
+            return AuthOutcome(False, "unknown_user", False)
+        if account.status == DELETED:
+            await self.hasher.verify(None, password)
+            return AuthOutcome(False, "account_deleted", False)
+        digest = self._digest(account, password)
+        cached = self._entries.get(account.id)
+        if cached is not None and account.usable and hmac.compare_digest(cached, digest):
+            if self._on_hit is not None:
+                self._on_hit()
+            return AuthOutcome(True, "success", True)
+        if self._on_miss is not None:
+            self._on_miss()
+        epoch = account.epoch
+        encoded = account.password_hash
+        ok = await self.hasher.verify(encoded, password)
+        if not ok:
+            return AuthOutcome(False, "bad_password", False)
+        if not account.usable:
+            reason = (
+                "domain_deleted" if account.disabled_reason == "domain_deleted"
+                else "account_disabled"
+            )
+            return AuthOutcome(False, reason, False)
+        if account.epoch != epoch or account.password_hash != encoded:
+            # Invalidated while argon2 ran: the password it checked is stale.
+            return AuthOutcome(False, "bad_password", False)
+        self._entries[account.id] = digest
+        return AuthOutcome(True, "success", False)
+
+    def invalidate(self, account_id: int) -> None:
+        """Forget the cached verification of one account (cheap, no I/O)."""
+        self._entries.pop(account_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,740 @@
+"""Domain and account operations, each keeping database, cache and queues in agreement.
+
+Owns: add/list/show/delete of sending domains (with their DKIM keys) and
+add/list/show/disable/enable/reset-password/delete/limits/networks/dormant of
+SMTP accounts (SEMANTICS.md §2-§4), the queue operations that must agree
+with the scheduler's memory (purge, retry), and the batched write of
+last-connection times.
+
+Ordering rule (DESIGN.md §3.6): an operation that *takes away* the right to
+send (disable, delete, reset-password, domain delete) changes memory first —
+account status, epoch (which ends every session's authentication) and the
+credential cache — and only then writes the database; if the write fails, the
+memory change is rolled back and the error returned. An operation that
+*gives* the right to send (enable, add) writes the database first. Either
+way, the call returns only when all three agree, so "immediately" is exact:
+when the control call returns, no AUTH with old credentials succeeds and no
+session of the account can start or finish a message.
+
+Untrusted input: operator requests from the control socket (names, CIDRs,
+numbers), already decoded by control.schemas. Settings read: [limits],
+[dkim], [dns], [server].hostname.
+See also: relayd.accounts, relayd.credentials, relayd.scheduler, relayd.spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiosqlite
+
+from control import schemas
+from relayd import dkim
+from relayd.accounts import ACTIVE, DELETED, DISABLED, Account, Directory, Domain
+from relayd.config import Config
+from relayd.credentials import CredentialCache, Hasher
+from relayd.scheduler import Scheduler
+from relayd.spool import Spool, format_id, parse_id
+
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+class LifecycleError(Exception):
+    """An operation refused: ``status`` is the HTTP status, ``code`` a stable token."""
+
+    def __init__(self, message: str, code: str = "bad_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def _not_found(kind: str, name: str) -> LifecycleError:
+    return LifecycleError(f"no such {kind}: {name}", "not_found", 404)
+
+
+def new_password() -> str:
+    """A strong random password (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def new_username(domain: str) -> str:
+    """A fresh username: a short label from the domain and 12 random base32 characters."""
+    label = re.sub(r"[^a-z0-9]", "", domain.split(".")[0])[:12] or "smtp"
+    token = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()[:12]
+    return f"{label}-{token}"
+
+
+class Lifecycle:
+    """Every operator operation on domains, accounts and queues."""
+
+    def __init__(self, cfg: Config, spool: Spool, directory: Directory, hasher: Hasher,
+                 cache: CredentialCache, scheduler: Scheduler, *,
+                 clock: Callable[[], float] = time.time,
+                 log: Callable[..., None] | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.directory = directory
+        self.hasher = hasher
+        self.cache = cache
+        self.scheduler = scheduler
+        self.clock = clock
+        self._log = log or (lambda event, **kw: None)
+        self._flushed: dict[int, float | None] = {}
+        self._lock = asyncio.Lock()
+
+    # -- loading -----------------------------------------------------------------
+    async def load(self) -> None:
+        """Fill the directory from the database (at start)."""
+        d = self.directory
+        for row in await self.spool.fetchall(
+            "SELECT id, name, selector, private_key, ed25519_selector, ed25519_key, deleted_at"
+            " FROM domains"
+        ):
+            dom = Domain(row[0], row[1], row[2], deleted=row[6] is not None)
+            dom.signers = self._signers(dom.name, row[2], row[3], row[4], row[5])
+            d.put_domain(dom)
+        nets: dict[int, list[str]] = {}
+        for row in await self.spool.fetchall("SELECT account_id, cidr FROM account_networks"):
+            nets.setdefault(row[0], []).append(row[1])
+        for row in await self.spool.fetchall(
+            "SELECT id, username, domain_id, password_hash, status, disabled_reason, created_at,"
+            " last_connection, total_sent, per_minute, per_hour, per_day FROM accounts"
+        ):
+            acct = Account(
+                id=row[0], username=row[1], domain=d.domains_by_id[row[2]],
+                password_hash=row[3] or "", status=row[4], disabled_reason=row[5],
+                created_at=row[6], last_connection=row[7], total_sent=row[8],
+                networks=nets.get(row[0], []), per_minute=row[9], per_hour=row[10],
+                per_day=row[11],
+            )
+            d.accounts_by_name[acct.username] = acct
+            d.accounts_by_id[acct.id] = acct
+            self._flushed[acct.id] = acct.last_connection
+        d.rebuild_networks()
+
+    def _signers(self, domain: str, selector: str, key: bytes | None, ed_selector: str | None,
+                 ed_key: bytes | None) -> list[dkim.Signer]:
+        if not self.cfg.dkim.enabled:
+            return []
+        out = []
+        if key:
+            out.append(dkim.Signer(domain, selector, bytes(key)))
+        if ed_key and ed_selector:
+            out.append(dkim.Signer(domain, ed_selector, bytes(ed_key)))
+        return out
+
+    # -- domains -------------------------------------------------------------------
+    def _dns_records(self, name: str, selector: str, pem: bytes | None,
+                     ed_selector: str | None, ed_pem: bytes | None) -> list[schemas.DnsRecord]:
+        recs: list[schemas.DnsRecord] = []
+        cname = self.cfg.dns.cname_target.strip(".")
+        for sel, key in ((selector, pem), (ed_selector, ed_pem)):
+            if not sel or not key:
+                continue
+            owner = dkim.dns_name(sel, name)
+            alg = "rsa" if b"RSA" in key or len(key) > 400 else "ed25519"
+            txt = dkim.dns_txt_value(alg, dkim.public_key_b64(bytes(key)))
+            if cname:
+                target = f"{sel}._domainkey.{name}.{cname}"
+                recs.append(schemas.DnsRecord(type="CNAME", name=owner, value=target,
+                                              purpose="dkim"))
+                recs.append(schemas.DnsRecord(type="TXT", name=target, value=txt,
+                                              purpose="dkim (published in your zone)"))
+            else:
+                recs.append(schemas.DnsRecord(type="TXT", name=owner, value=txt, purpose="dkim"))
+        recs.append(schemas.DnsRecord(
+            type="TXT", name=name,
+            value=f"v=spf1 a:{self.cfg.server.hostname} ~all",
+            purpose="spf (hint: merge with an existing SPF record; include every relay host)",
+        ))
+        return recs
+
+    async def domain_add(self, name: str) -> schemas.DomainInfo:
+        """Create a sending domain with a new DKIM key and a never-used selector."""
+        name = name.strip().lower().rstrip(".")
+        if not _DOMAIN_RE.match(name):
+            raise LifecycleError(f"not a valid domain name: {name!r}", "invalid_domain")
+        if self.directory.active_domain(name) is not None:
+            raise LifecycleError(f"domain already exists: {name}", "exists", 409)
+        loop = asyncio.get_running_loop()
+        pem = await loop.run_in_executor(None, dkim.generate_private_key, self.cfg.dkim.algorithm)
+        ed_pem: bytes | None = None
+        if self.cfg.dkim.dual_ed25519 and self.cfg.dkim.algorithm != "ed25519":
+            ed_pem = dkim.generate_private_key("ed25519")
+        now = self.clock()
+        selector = dkim.new_selector(int(now), dkim.selector_token())
+        ed_selector = dkim.new_selector(int(now), dkim.selector_token()) if ed_pem else None
+
+        async def op(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "INSERT INTO domains(name, selector, algorithm, private_key, ed25519_selector,"
+                " ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
+                (name, selector, self.cfg.dkim.algorithm, pem, ed_selector, ed_pem, now))
+            return int(cur.lastrowid or 0)
+
+        async with self._lock:
+            if self.directory.active_domain(name) is not None:
+                raise LifecycleError(f"domain already exists: {name}", "exists", 409)
+            try:
+                dom_id = await self.spool.write(op)
+            except Exception as exc:
+                if "UNIQUE" in str(exc):
+                    raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
+                        from None
+                raise
+            dom = Domain(dom_id, name, selector)
+            dom.signers = self._signers(name, selector, pem, ed_selector, ed_pem)
+            self.directory.put_domain(dom)
+        self._log("domain_added", domain=name, selector=selector)
+        return schemas.DomainInfo(
+            name=name, selector=selector, created_at=now,
+            dns_records=self._dns_records(name, selector, pem, ed_selector, ed_pem))
+
+    async def domain_info(self, name: str) -> schemas.DomainInfo:
+        """One live domain with its DNS records."""
+        dom = self.directory.active_domain(name)
+        if dom is None:
+            raise _not_found("domain", name)
+        row = await self.spool.fetchone(
+            "SELECT private_key, ed25519_selector, ed25519_key, created_at FROM domains"
+            " WHERE id=?", (dom.id,))
+        accounts = sum(1 for a in self.directory.accounts_by_id.values()
+                       if a.domain is dom and a.status != DELETED)
+        return schemas.DomainInfo(
+            name=dom.name, selector=dom.selector, created_at=row[3], accounts=accounts,
+            dns_records=self._dns_records(dom.name, dom.selector, row[0], row[1], row[2]))
+
+    async def domain_list(self) -> schemas.DomainList:
+        """All live domains."""
+        rows = await self.spool.fetchall(
+            "SELECT name, selector, created_at, id FROM domains WHERE deleted_at IS NULL"
+            " ORDER BY name")
+        out = []
+        for r in rows:
+            n = sum(1 for a in self.directory.accounts_by_id.values()
+                    if a.domain.id == r[3] and a.status != DELETED)
+            out.append(schemas.DomainInfo(name=r[0], selector=r[1], created_at=r[2], accounts=n))
+        return schemas.DomainList(domains=out)
+
+    async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
+        """Delete a domain: irreversible; disables its accounts for good and destroys its key."""
+        name = name.strip().lower().rstrip(".")
+        if confirm.strip().lower().rstrip(".") != name:
+            raise LifecycleError(
+                f"confirmation does not match: type the domain name {name!r} again",
+                "confirm_mismatch")
+        async with self._lock:
+            dom = self.directory.active_domain(name)
+            if dom is None:
+                raise _not_found("domain", name)
+            accts = [a for a in self.directory.accounts_by_id.values()
+                     if a.domain is dom and a.status != DELETED]
+            saved = [(a, a.status, a.disabled_reason) for a in accts]
+            signers = dom.signers
+            # Memory first: from here on no session of these accounts can send.
+            dom.deleted = True
+            dom.signers = []
+            for a in accts:
+                a.status = DISABLED
+                a.disabled_reason = "domain_deleted"
+                a.invalidate()
+                self.cache.invalidate(a.id)
+            now = self.clock()
+
+            async def op(db: aiosqlite.Connection) -> None:
+                await db.execute(
+                    "UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
+                    " WHERE id=?", (now, dom.id))
+                await db.execute(
+                    "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                    " WHERE domain_id=? AND status != 'deleted'", (dom.id,))
+
+            try:
+                await self.spool.write(op)
+            except Exception:
+                dom.deleted = False
+                dom.signers = signers
+                for a, status, reason in saved:
+                    a.status, a.disabled_reason = status, reason
+                raise
+            self.directory.put_domain(dom)
+            self.directory.rebuild_networks()
+        held = sum(self.scheduler.queued_count(a.id) for a in accts)
+        self._log("domain_deleted", domain=name, accounts_disabled=len(accts))
+        return schemas.DomainDeleted(name=name, accounts_disabled=len(accts), messages_held=held)
+
+    # -- accounts --------------------------------------------------------------------
+    def _account(self, username: str, *, allow_deleted: bool = False) -> Account:
+        acct = self.directory.account(username)
+        if acct is None or (acct.status == DELETED and not allow_deleted):
+            raise _not_found("user", username)
+        return acct
+
+    def info(self, acct: Account) -> schemas.UserInfo:
+        """The operator's view of an account."""
+        return schemas.UserInfo(
+            username=acct.username, domain=acct.domain.name, status=acct.status,
+            disabled_reason=acct.disabled_reason, created_at=acct.created_at,
+            last_connection=acct.last_connection, total_sent=acct.total_sent,
+            queued=self.scheduler.queued_count(acct.id), networks=list(acct.networks),
+            limits=schemas.Limits(per_minute=acct.per_minute, per_hour=acct.per_hour,
+                                  per_day=acct.per_day))
+
+    @staticmethod
+    def _check_cidrs(cidrs: list[str]) -> list[str]:
+        out = []
+        for c in cidrs:
+            try:
+                out.append(str(ipaddress.ip_network(c.strip(), strict=False)))
+            except ValueError:
+                raise LifecycleError(f"not a valid network: {c!r}", "invalid_network") from None
+        return out
+
+    async def user_add(self, domain: str, networks: list[str]) -> schemas.Credentials:
+        """Create an account with a generated username and password (shown once)."""
+        dom = self.directory.active_domain(domain.strip().lower().rstrip("."))
+        if dom is None:
+            raise _not_found("domain", domain)
+        nets = self._check_cidrs(networks)
+        password = new_password()
+        hashed = await self.hasher.hash(password)
+        now = self.clock()
+        async with self._lock:
+            used = self.directory.count_slots()
+            cap = self.cfg.limits.max_accounts
+            if used >= cap:
+                raise LifecycleError(
+                    f"plan limit reached: {used} of {cap} account slots in use (active and"
+                    " disabled accounts occupy a slot; delete an account to free one)",
+                    "plan_limit", 409)
+            for _ in range(5):
+                username = new_username(dom.name)
+                if self.directory.account(username) is None:
+                    break
+
+            async def op(db: aiosqlite.Connection) -> int:
+                cur = await db.execute(
+                    "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
+                    " VALUES (?,?,?,'active',?)", (username, dom.id, hashed, now))
+                acct_id = int(cur.lastrowid or 0)
+                await db.executemany(
+                    "INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
+                    [(acct_id, n) for n in nets])
+                return acct_id
+
+            acct_id = await self.spool.write(op)
+            acct = Account(id=acct_id, username=username, domain=dom, password_hash=hashed,
+                           created_at=now, networks=nets)
+            self._flushed[acct_id] = None
+            self.directory.put_account(acct)
+        self._log("user_added", username=username, domain=dom.name, networks=nets)
+        return schemas.Credentials(username=username, password=password)
+
+    async def user_show(self, username: str) -> schemas.UserInfo:
+        """One account."""
+        return self.info(self._account(username))
+
+    async def user_list(self, domain: str | None = None, status: str | None = None,
+                        sort: str = "name") -> schemas.UserList:
+        """Accounts (not deleted), filtered and sorted."""
+        accts = [a for a in self.directory.accounts_by_id.values() if a.status != DELETED]
+        if domain:
+            accts = [a for a in accts if a.domain.name == domain.lower()]
+        if status:
+            if status not in (ACTIVE, DISABLED):
+                raise LifecycleError("status must be active or disabled", "bad_request")
+            accts = [a for a in accts if a.status == status]
+        if sort == "name":
+            accts.sort(key=lambda a: a.username)
+        elif sort == "last-used":
+            accts.sort(key=lambda a: -(a.last_connection or 0.0))
+        elif sort == "sent":
+            accts.sort(key=lambda a: -a.total_sent)
+        else:
+            raise LifecycleError("sort must be name, last-used or sent", "bad_request")
+        return schemas.UserList(users=[self.info(a) for a in accts])
+
+    async def user_dormant(self, days: float, max_sent: int | None) -> schemas.UserList:
+        """Accounts whose last connection is older than ``days`` (or never), oldest first."""
+        if days < 0:
+            raise LifecycleError("days must be >= 0", "bad_request")
+        cutoff = self.clock() - days * 86400
+        accts = [a for a in self.directory.accounts_by_id.values() if a.status != DELETED
+                 and (a.last_connection is None or a.last_connection < cutoff)
+                 and (max_sent is None or a.total_sent <= max_sent)]
+        accts.sort(key=lambda a: (a.last_connection is not None, a.last_connection or 0.0,
+                                  a.created_at))
+        return schemas.UserList(users=[self.info(a) for a in accts])
+
+    async def user_disable(self, username: str) -> schemas.UserInfo:
+        """Disable: every AUTH fails and no session can send, at once; mail is held."""
+        async with self._lock:
+            acct = self._account(username)
+            if acct.status == DISABLED:
+                return self.info(acct)
+            acct.status, acct.disabled_reason = DISABLED, "manual"
+            acct.invalidate()
+            self.cache.invalidate(acct.id)
+
+            async def op(db: aiosqlite.Connection) -> None:
+                await db.execute("UPDATE accounts SET status='disabled', disabled_reason='manual'"
+                                 " WHERE id=?", (acct.id,))
+
+            try:
+                await self.spool.write(op)
+            except Exception:
+                acct.status, acct.disabled_reason = ACTIVE, ""
+                raise
+        self._log("user_disabled", username=username)
+        return self.info(acct)
+
+    async def user_enable(self, username: str) -> schemas.UserInfo:
+        """Enable: the same password works again at once; held mail is dispatched."""
+        async with self._lock:
+            acct = self._account(username)
+            if acct.disabled_reason == "domain_deleted":
+                raise LifecycleError(
+                    f"{username} belongs to a deleted domain and can never be enabled again",
+                    "domain_deleted", 409)
+            if acct.status == ACTIVE:
+                return self.info(acct)
+
+            async def op(db: aiosqlite.Connection) -> None:
+                await db.execute("UPDATE accounts SET status='active', disabled_reason=''"
+                                 " WHERE id=?", (acct.id,))
+
+            await self.spool.write(op)
+            acct.status, acct.disabled_reason = ACTIVE, ""
+        self.scheduler.wake()
+        self._log("user_enabled", username=username)
+        return self.info(acct)
+
+    async def user_reset_password(self, username: str) -> schemas.Credentials:
+        """A new password (shown once); the old one fails at once."""
+        acct = self._account(username)
+        password = new_password()
+        hashed = await self.hasher.hash(password)
+        async with self._lock:
+            acct = self._account(username)
+            old = acct.password_hash
+            acct.password_hash = hashed
+            acct.invalidate()
+            self.cache.invalidate(acct.id)
+
+            async def op(db: aiosqlite.Connection) -> None:
+                await db.execute("UPDATE accounts SET password_hash=? WHERE id=?",
+                                 (hashed, acct.id))
+
+            try:
+                await self.spool.write(op)
+            except Exception:
+                acct.password_hash = old
+                raise
+        self._log("user_password_reset", username=username)
+        return schemas.Credentials(username=username, password=password)
+
+    async def user_delete(self, username: str, confirm: str,
+                          purge_queue: bool) -> schemas.UserDeleted:
+        """Delete: credentials destroyed for good, slot freed, stats removed, log kept."""
+        if confirm != username:
+            raise LifecycleError(
+                f"confirmation does not match: type the username {username!r} again",
+                "confirm_mismatch")
+        async with self._lock:
+            acct = self._account(username)
+            queued = await self._queued_in_db(acct.id)
+            if queued and not purge_queue:
+                raise LifecycleError(
+                    f"{username} still has {queued} queued message(s) (send, held or retry"
+                    " queue); wait for delivery or delete with --purge-queue",
+                    "queue_not_empty", 409)
+            saved = (acct.status, acct.disabled_reason, acct.password_hash)
+            acct.status = DELETED
+            acct.password_hash = ""
+            acct.invalidate()
+            self.cache.invalidate(acct.id)
+            self.directory.rebuild_networks()
+            now = self.clock()
+            dropped = self.scheduler.drop_account(acct.id)
+
+            async def op(db: aiosqlite.Connection) -> int:
+                n = await _purge(db, acct.id, None)
+                await db.execute(
+                    "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
+                    " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
+                    " per_day=NULL WHERE id=?", (now, acct.id))
+                await db.execute("DELETE FROM account_networks WHERE account_id=?", (acct.id,))
+                return n
+
+            try:
+                purged = await self.spool.write(op)
+            except Exception:
+                acct.status, acct.disabled_reason, acct.password_hash = saved
+                self.directory.rebuild_networks()
+                raise
+            self.scheduler.forget(acct.id, dropped)
+            self.scheduler.forget(acct.id, list(self.scheduler._live.get(acct.id, ())))
+            acct.total_sent = 0
+            acct.last_connection = None
+            acct.networks = []
+        self._log("user_deleted", username=username, purged=purged)
+        return schemas.UserDeleted(username=username, purged=purged)
+
+    async def _queued_in_db(self, account_id: int) -> int:
+        row = await self.spool.fetchone(
+            "SELECT COUNT(*) FROM messages WHERE account_id=?", (account_id,))
+        return int(row[0]) if row else 0
+
+    async def user_limits(self, username: str, limits: schemas.UserLimits) -> schemas.UserInfo:
+        """Set sending limits (0 = unlimited, omitted = workspace default)."""
+        for v in (limits.per_minute, limits.per_hour, limits.per_day):
+            if v is not None and v < 0:
+                raise LifecycleError("limits must be >= 0", "bad_request")
+        async with self._lock:
+            acct = self._account(username)
+
+            async def op(db: aiosqlite.Connection) -> None:
+                await db.execute("UPDATE accounts SET per_minute=?, per_hour=?, per_day=?"
+                                 " WHERE id=?", (limits.per_minute, limits.per_hour,
+                                                 limits.per_day, acct.id))
+
+            await self.spool.write(op)
+            acct.per_minute, acct.per_hour, acct.per_day = (
+                limits.per_minute, limits.per_hour, limits.per_day)
+        self.scheduler.set_limits(acct)
+        self._log("user_limits", username=username, per_minute=limits.per_minute,
+                  per_hour=limits.per_hour, per_day=limits.per_day)
+        return self.info(acct)
+
+    async def user_networks(self, username: str, change: schemas.NetworkChange) -> \
+            schemas.UserInfo:
+        """Bind or unbind a source network; effective at once."""
+        (cidr,) = self._check_cidrs([change.cidr])
+        async with self._lock:
+            acct = self._account(username)
+            if change.action == "add":
+                if cidr in acct.networks:
+                    return self.info(acct)
+
+                async def add(db: aiosqlite.Connection) -> None:
+                    await db.execute("INSERT INTO account_networks(account_id, cidr)"
+                                     " VALUES (?,?)", (acct.id, cidr))
+
+                await self.spool.write(add)
+                acct.networks = [*acct.networks, cidr]
+            else:
+                if cidr not in acct.networks:
+                    raise _not_found("network binding", cidr)
+                acct.networks = [n for n in acct.networks if n != cidr]
+                acct.invalidate()  # sessions attributed through it lose it now
+
+                async def remove(db: aiosqlite.Connection) -> None:
+                    await db.execute("DELETE FROM account_networks WHERE account_id=? AND"
+                                     " cidr=?", (acct.id, cidr))
+
+                try:
+                    await self.spool.write(remove)
+                except Exception:
+                    acct.networks = [*acct.networks, cidr]
+                    raise
+            self.directory.rebuild_networks()
+        self._log("user_networks", username=username, action=change.action, cidr=cidr)
+        return self.info(acct)
+
+    # -- queues ------------------------------------------------------------------------
+    async def queue_list(self, user: str | None, state: str | None) -> schemas.QueueList:
+        """Messages waiting: send queue (queued, waiting_limit, held) and retry queue."""
+        now = self.clock()
+        acct_filter = self._account(user, allow_deleted=True).id if user else None
+        items: list[schemas.QueueItem] = []
+        if state in (None, "queued", "waiting_limit", "held"):
+            for m, st, until in self.scheduler.send_queue_view():
+                if acct_filter is not None and m.account_id != acct_filter:
+                    continue
+                if state is not None and st != state:
+                    continue
+                items.append(schemas.QueueItem(
+                    id=format_id(m.id), username=m.username, sender=m.sender, state=st,
+                    age_seconds=now - m.received_at, attempts=0,
+                    recipients=[r for r, _ in m.rcpts.values()], reset_at=until))
+        if state in (None, "deferred"):
+            sql = ("SELECT m.id, m.username, m.sender, m.received_at, MAX(r.attempts),"
+                   " MIN(r.next_attempt), group_concat(r.rcpt, char(10)),"
+                   " MAX(r.last_error), m.size FROM recipients r JOIN messages m"
+                   " ON m.id = r.message_id WHERE r.status='deferred'")
+            params: list[Any] = []
+            if acct_filter is not None:
+                sql += " AND m.account_id=?"
+                params.append(acct_filter)
+            sql += " GROUP BY m.id ORDER BY m.id LIMIT 10000"
+            for r in await self.spool.fetchall(sql, params):
+                items.append(schemas.QueueItem(
+                    id=format_id(r[0]), username=r[1], sender=r[2], state="deferred",
+                    age_seconds=now - r[3], attempts=r[4], next_attempt=r[5],
+                    recipients=(r[6] or "").split("\n"), last_error=r[7], size=r[8]))
+        elif state not in ("queued", "waiting_limit", "held"):
+            raise LifecycleError("state must be queued, waiting_limit, held or deferred",
+                                 "bad_request")
+        return schemas.QueueList(items=items)
+
+    async def queue_show(self, ext_id: str) -> schemas.QueueItem:
+        """One queued message."""
+        try:
+            mid = parse_id(ext_id.upper())
+        except ValueError:
+            raise LifecycleError("message id must be 16 hex digits", "bad_request") from None
+        for item in (await self.queue_list(None, None)).items:
+            if item.id == format_id(mid):
+                return item
+        raise _not_found("queued message", ext_id)
+
+    async def queue_purge(self, user: str, state: str | None) -> schemas.QueueChanged:
+        """Remove an account's queued messages (all, or one state)."""
+        acct = self._account(user, allow_deleted=True)
+        if state not in (None, "queued", "waiting_limit", "held", "deferred"):
+            raise LifecycleError("state must be queued, waiting_limit, held or deferred",
+                                 "bad_request")
+        dropped: list[int] = []
+        if state != "deferred":
+            dropped = self.scheduler.drop_account(acct.id)
+        ids = dropped
+
+        async def op(db: aiosqlite.Connection) -> int:
+            if state is None:
+                return await _purge(db, acct.id, None)
+            if state == "deferred":
+                return await _purge(db, acct.id, "deferred")
+            return await _purge_ids(db, ids)
+
+        n = await self.spool.write(op)
+        self.scheduler.forget(acct.id, dropped)
+        if state is None:
+            self.scheduler.forget(acct.id, list(self.scheduler._live.get(acct.id, ())))
+        self._log("queue_purged", username=user, state=state, count=n)
+        return schemas.QueueChanged(count=n)
+
+    async def queue_retry(self, user: str | None) -> schemas.QueueChanged:
+        """Make deferred mail due now."""
+        now = self.clock()
+        acct_id = self._account(user, allow_deleted=True).id if user else None
+
+        async def op(db: aiosqlite.Connection) -> int:
+            if acct_id is None:
+                cur = await db.execute(
+                    "UPDATE recipients SET next_attempt=? WHERE status='deferred'", (now,))
+            else:
+                cur = await db.execute(
+                    "UPDATE recipients SET next_attempt=? WHERE status='deferred' AND"
+                    " message_id IN (SELECT id FROM messages WHERE account_id=?)",
+                    (now, acct_id))
+            return int(cur.rowcount)
+
+        n = await self.spool.write(op)
+        self.scheduler.wake_retry()
+        self._log("queue_retry", username=user, count=n)
+        return schemas.QueueChanged(count=n)
+
+    async def delivery_log(self, user: str | None, status: str | None, since: float | None,
+                           limit: int) -> schemas.LogList:
+        """Delivery attempts, newest first; ``queued`` lists recipients not yet attempted."""
+        limit = max(1, min(limit, 10000))
+        if status not in (None, "queued", "deferred", "delivered", "failed"):
+            raise LifecycleError("status must be queued, deferred, delivered or failed",
+                                 "bad_request")
+        entries: list[schemas.LogEntry] = []
+        if status == "queued":
+            sql = ("SELECT m.received_at, m.id, m.username, m.domain, r.rcpt FROM recipients r"
+                   " JOIN messages m ON m.id=r.message_id WHERE r.status='queued'")
+            params: list[Any] = []
+            if user:
+                sql += " AND m.username=?"
+                params.append(user)
+            if since is not None:
+                sql += " AND m.received_at>=?"
+                params.append(since)
+            sql += " ORDER BY m.received_at DESC LIMIT ?"
+            params.append(limit)
+            for r in await self.spool.fetchall(sql, params):
+                entries.append(schemas.LogEntry(ts=r[0], message_id=format_id(r[1]),
+                                                username=r[2], domain=r[3], recipient=r[4],
+                                                next_hop="", code=None, text="",
+                                                outcome="queued"))
+            return schemas.LogList(entries=entries)
+        sql = ("SELECT ts, message_id, username, domain, recipient, next_hop, code, text,"
+               " outcome FROM delivery_log WHERE 1=1")
+        params = []
+        if user:
+            sql += " AND username=?"
+            params.append(user)
+        if status:
+            sql += " AND outcome=?"
+            params.append(status)
+        if since is not None:
+            sql += " AND ts>=?"
+            params.append(since)
+        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
+        params.append(limit)
+        for r in await self.spool.fetchall(sql, params):
+            entries.append(schemas.LogEntry(ts=r[0], message_id=format_id(r[1]), username=r[2],
+                                            domain=r[3], recipient=r[4], next_hop=r[5],
+                                            code=r[6], text=r[7], outcome=r[8]))
+        return schemas.LogList(entries=entries)
+
+    # -- batched last-connection updates ---------------------------------------------------
+    async def flush_last_connections(self) -> int:
+        """Write changed last-connection times in one statement batch; return how many."""
+        changed = [(a.last_connection, a.id) for a in self.directory.accounts_by_id.values()
+                   if a.status != DELETED and a.last_connection != self._flushed.get(a.id)]
+        if not changed:
+            return 0
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.executemany("UPDATE accounts SET last_connection=? WHERE id=?", changed)
+
+        await self.spool.write(op)
+        for ts, acct_id in changed:
+            self._flushed[acct_id] = ts
+        return len(changed)
+
+    async def prune_delivery_log(self) -> int:
+        """Delete delivery-log entries older than the retention period."""
+        cutoff = self.clock() - self.cfg.spool.delivery_log_retention_days * 86400
+
+        async def op(db: aiosqlite.Connection) -> int:
+            cur = await db.execute("DELETE FROM delivery_log WHERE ts < ?", (cutoff,))
+            return int(cur.rowcount)
+
+        return await self.spool.write(op)
+
+    async def sync_totals(self) -> None:
+        """Refresh in-memory total-sent counters from the database."""
+        for r in await self.spool.fetchall("SELECT id, total_sent FROM accounts"):
+            acct = self.directory.accounts_by_id.get(r[0])
+            if acct is not None:
+                acct.total_sent = r[1]
+
+
+async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) -> int:
+    if status is None:
+        rows = await (await db.execute("SELECT id FROM messages WHERE account_id=?",
+                                       (account_id,))).fetchall()
+    else:
+        rows = await (await db.execute(
+            "SELECT DISTINCT m.id FROM messages m JOIN recipients r ON r.message_id=m.id"
+            " WHERE m.account_id=? AND r.status=?", (account_id, status))).fetchall()
+    return await _purge_ids(db, [r[0] for r in rows])
+
+
+async def _purge_ids(db: aiosqlite.Connection, ids: list[int]) -> int:
+    if not ids:
+        return 0
+    await db.executemany("DELETE FROM recipients WHERE message_id=?", [(i,) for i in ids])
+    await db.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in ids])
+    return len(ids)

@@ -1,0 +1,110 @@
+"""Observability hooks: the SMTP server's and the scheduler's events as metrics and logs.
+
+Owns: turning hot-path events (connection, rejection, AUTH result, acceptance,
+delivery attempt) into Prometheus updates through pre-bound children, and
+into one structured log event per transaction outcome. The reason of a 535 is
+visible here (metric label and log field), never on the wire. Passwords and
+AUTH payloads are never passed here.
+
+Interface cost: each hook is a few counter increments and at most one log
+call; no I/O beyond the log stream.
+See also: relayd.metrics, relayd.logging, relayd.smtp, relayd.scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relayd.metrics import Metrics
+from relayd.replies import Reply
+from relayd.smtp import SessionState
+from relayd.spool import AttemptResult, format_id
+
+_AUTH_REASON = {
+    "unknown_user": "auth_failed",
+    "bad_password": "auth_failed",
+    "account_disabled": "account_disabled",
+    "account_deleted": "account_deleted",
+    "domain_deleted": "domain_deleted",
+}
+
+
+class Observer:
+    """Implements relayd.smtp.Events and relayd.scheduler.SchedulerEvents."""
+
+    def __init__(self, metrics: Metrics, log: Any) -> None:
+        self.m = metrics
+        self.log = log
+        self._rej = metrics.rejections
+        self._rej_total = metrics.smtp_rejections_total
+
+    # -- SMTP --------------------------------------------------------------------
+    def connection_opened(self) -> None:
+        """A client connected."""
+        self.m.smtp_connections_total.inc()
+        self.m.smtp_sessions_active.inc()
+
+    def connection_closed(self) -> None:
+        """A client went away."""
+        self.m.smtp_sessions_active.dec()
+
+    def rejected(self, reply: Reply, session: SessionState, detail: str = "") -> None:
+        """A command was refused."""
+        reason = reply.reason or "other"
+        child = self._rej.get(reason)
+        if child is None:
+            child = self._rej[reason] = self._rej_total.labels(reason=reason)
+        child.inc()
+        if reply.code >= 500 or reason in ("queue_full", "low_disk", "internal_error",
+                                           "auth_rate_limited"):
+            self.log.info("smtp_rejected", reason=reason, reply=reply.text[:3],
+                          client=session.peer_ip,
+                          user=session.account.username if session.account else None,
+                          detail=detail or None)
+
+    def auth_result(self, session: SessionState, username: str, reason: str,
+                    cache_hit: bool) -> None:
+        """An AUTH was decided (the 535 reason is counted by ``rejected``)."""
+        if reason == "success":
+            self.m.auth_success.inc()
+            self.m.credential_cache_hits_total.inc() if cache_hit else None
+        else:
+            self.m.auth_failure.inc()
+            self.log.info("auth_failed", client=session.peer_ip, user=username[:64],
+                          reason=_AUTH_REASON.get(reason, reason))
+
+    def cache_miss(self) -> None:
+        """A successful-looking login had to run argon2."""
+        self.m.credential_cache_misses_total.inc()
+
+    def accepted(self, session: SessionState, message_id: str, size: int, rcpts: int,
+                 seconds: float) -> None:
+        """A message was committed and acknowledged with 250."""
+        self.m.messages_accepted_total.inc()
+        self.m.accept_duration_seconds.observe(seconds)
+        self.log.info("smtp_accepted", id=message_id, client=session.peer_ip,
+                      user=session.account.username if session.account else None,
+                      size=size, rcpts=rcpts)
+
+    def error(self, session: SessionState, where: str, exc: BaseException) -> None:
+        """A handler failed: logged with detail, the client got 451."""
+        self.log.error("smtp_internal_error", where=where, client=session.peer_ip,
+                       error=f"{type(exc).__name__}: {exc}")
+
+    # -- spool ---------------------------------------------------------------------
+    def batch(self, size: int) -> None:
+        """A group commit wrote ``size`` messages."""
+        self.m.spool_commit_batch_size.observe(size)
+
+    # -- delivery ------------------------------------------------------------------
+    def in_flight(self, delta: int) -> None:
+        """A transmission started (+1) or ended (-1)."""
+        self.m.messages_in_flight.inc(delta)
+
+    def attempt(self, result: AttemptResult, seconds: float) -> None:
+        """One recipient's attempt finished."""
+        self.m.delivery[result.outcome].inc()
+        self.m.delivery_duration_seconds.observe(seconds)
+        self.log.info("delivery_attempt", id=format_id(result.message_id),
+                      user=result.username, rcpt=result.recipient, hop=result.next_hop,
+                      code=result.code, reply=result.text[:200], outcome=result.outcome)

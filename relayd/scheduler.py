@@ -1,0 +1,467 @@
+"""The send queue, sending limits, the retry queue, and dispatch to delivery.
+
+Owns: which message is attempted next. New messages wait in a per-account
+FIFO (the send queue); accounts take turns one message at a time (round
+robin), so one account's backlog never starves another. An account over its
+sending limit keeps its mail here until the window resets (state
+``waiting_limit``); a disabled account's mail is *held* here, untouched, until
+``enable``. Recipients that failed temporarily live only in the database (the
+retry queue), found by the ``recipients_due`` index: the retry loop sleeps
+until the earliest ``next_attempt`` and costs nothing while nothing is due.
+
+Delivery results are written through the spool's group commit; a message is
+removed only when its last recipient reached a final state (at-least-once).
+
+Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
+(they run on the SMTP hot path).
+
+Untrusted input: none directly (messages were checked at acceptance).
+Settings read: [delivery] retry settings, [limits] defaults (passed in).
+See also: relayd.delivery, relayd.backoff, relayd.ratelimit, relayd.spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relayd import backoff
+from relayd.accounts import Account, Directory
+from relayd.delivery import Hop, RcptReply
+from relayd.ratelimit import Limits, RateWindow
+from relayd.spool import AttemptResult, NewMessage, Spool, format_id
+
+DATA_CACHE_MAX_MESSAGE = 256 * 1024
+RETRY_LEASE_SECONDS = 900.0
+
+
+class Sender(Protocol):
+    """What the scheduler needs from delivery."""
+
+    async def route(self, domain: str) -> list[Hop]:
+        """Next hops for a recipient domain, best first (may raise RouteError)."""
+
+    async def send(self, hop: Hop, sender: str, rcpts: list[str],
+                   data: bytes) -> list[RcptReply]:
+        """One transaction at one hop; a reply per recipient."""
+
+
+class RouteError(Exception):
+    """No next hop: ``permanent`` says whether to fail or defer."""
+
+    def __init__(self, text: str, permanent: bool) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+
+
+class SchedulerEvents(Protocol):
+    """Observability hooks (cheap)."""
+
+    def attempt(self, result: AttemptResult, seconds: float) -> None: ...
+    def in_flight(self, delta: int) -> None: ...
+
+
+@dataclass(slots=True)
+class QMsg:
+    """A message (or the part of it due now) in memory."""
+
+    id: int
+    account_id: int
+    username: str
+    domain: str
+    sender: str
+    received_at: float
+    rcpts: dict[int, tuple[str, int]]  # idx -> (address, attempts so far)
+    is_bounce: bool = False
+    data: bytes | None = None
+    retry: bool = False
+
+
+@dataclass(slots=True)
+class _AccountQueue:
+    pending: deque[QMsg] = field(default_factory=deque)
+    window: RateWindow | None = None
+    blocked_until: float | None = None
+
+
+class Scheduler:
+    """Send queue with limits and fairness, retry loop, and delivery workers."""
+
+    def __init__(self, spool: Spool, directory: Directory, sender: Sender, *,
+                 policy: backoff.BackoffPolicy, default_limits: Limits, workers: int,
+                 events: SchedulerEvents | None = None,
+                 clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None,
+                 data_cache_bytes: int = 64 * 1024 * 1024,
+                 on_failed: Callable[[QMsg, list[AttemptResult]], Any] | None = None) -> None:
+        self.spool = spool
+        self.directory = directory
+        self.sender = sender
+        self.policy = policy
+        self.default_limits = default_limits
+        self.workers = workers
+        self.events = events
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_failed = on_failed
+        self._queues: dict[int, _AccountQueue] = {}
+        self._rr: deque[int] = deque()
+        self._live: dict[int, set[int]] = {}
+        self._inflight: set[int] = set()
+        self._jobs: asyncio.Queue[QMsg] = asyncio.Queue(maxsize=workers * 2)
+        self._wake = asyncio.Event()
+        self._wake_retry = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cache_budget = data_cache_bytes
+        self._cache_used = 0
+        self._stopping = False
+        self._running_attempts = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- hot path ------------------------------------------------------------------
+    def queued_count(self, account_id: int) -> int:
+        """Messages of this account not yet in a final state."""
+        live = self._live.get(account_id)
+        return len(live) if live else 0
+
+    def enqueue_new(self, msg: NewMessage) -> None:
+        """Put a freshly committed message at the end of its account's send queue."""
+        data: bytes | None = None
+        if len(msg.data) <= DATA_CACHE_MAX_MESSAGE and self._cache_used < self._cache_budget:
+            data = msg.data
+            self._cache_used += len(data)
+        q = QMsg(msg.id, msg.account_id, msg.username, msg.domain, msg.sender,
+                 msg.received_at, {i: (r, 0) for i, r in enumerate(msg.recipients)},
+                 msg.is_bounce, data)
+        self._live.setdefault(msg.account_id, set()).add(msg.id)
+        self._push(q)
+
+    def _push(self, q: QMsg) -> None:
+        aq = self._queues.get(q.account_id)
+        if aq is None:
+            aq = self._queues[q.account_id] = _AccountQueue()
+        if not aq.pending:
+            self._rr.append(q.account_id)
+        aq.pending.append(q)
+        self._wake.set()
+
+    # -- control ------------------------------------------------------------------
+    def wake(self) -> None:
+        """Re-examine the send queue now (after enable, limit change...)."""
+        self._wake.set()
+
+    def wake_retry(self) -> None:
+        """Re-examine the retry queue now (after ``queue retry``)."""
+        self._wake_retry.set()
+
+    def set_limits(self, account: Account) -> None:
+        """Apply an account's (new) sending limits."""
+        aq = self._queues.get(account.id)
+        if aq is not None and aq.window is not None:
+            aq.window.set_limits(self.limits_of(account))
+            aq.blocked_until = None
+        self._wake.set()
+
+    def limits_of(self, account: Account) -> Limits:
+        """The account's limits, falling back to the workspace default per window."""
+        d = self.default_limits
+        return Limits(
+            per_minute=account.per_minute if account.per_minute is not None else d.per_minute,
+            per_hour=account.per_hour if account.per_hour is not None else d.per_hour,
+            per_day=account.per_day if account.per_day is not None else d.per_day,
+        )
+
+    def send_queue_view(self) -> list[tuple[QMsg, str, float | None]]:
+        """Messages in the send queue with their state (queued, held, waiting_limit)."""
+        now = self.clock()
+        out: list[tuple[QMsg, str, float | None]] = []
+        for acct_id, aq in self._queues.items():
+            acct = self.directory.accounts_by_id.get(acct_id)
+            held = acct is None or not acct.usable
+            until = None
+            if not held and aq.window is not None:
+                until = aq.window.blocked_until(now)
+            for m in aq.pending:
+                if held:
+                    out.append((m, "held", None))
+                elif until is not None:
+                    out.append((m, "waiting_limit", until))
+                else:
+                    out.append((m, "queued", None))
+        return out
+
+    def drop_account(self, account_id: int) -> list[int]:
+        """Forget the send queue of an account (purge); return the message ids dropped."""
+        aq = self._queues.pop(account_id, None)
+        dropped = [m.id for m in aq.pending] if aq else []
+        for m in aq.pending if aq else ():
+            if m.data is not None:
+                self._cache_used -= len(m.data)
+        live = self._live.get(account_id)
+        if live is not None:
+            for mid in dropped:
+                live.discard(mid)
+        return dropped
+
+    def forget(self, account_id: int, message_ids: list[int]) -> None:
+        """Remove message ids from the live count (after a purge in the database)."""
+        live = self._live.get(account_id)
+        if live is not None:
+            for mid in message_ids:
+                live.discard(mid)
+
+    # -- start and stop ------------------------------------------------------------
+    async def start(self) -> None:
+        """Load pending mail from the spool and start the loops."""
+        stored = await self.spool.pending_messages()
+        now = self.clock()
+        requeue_as_retry: list[int] = []
+        for sm in stored:
+            self._live.setdefault(sm.account_id, set()).add(sm.id)
+            queued = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients if r.status == "queued"}
+            deferred = [r for r in sm.recipients if r.status == "deferred"]
+            if queued and not deferred:
+                self._push(QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
+                                sm.received_at, queued, sm.is_bounce))
+            elif queued:
+                requeue_as_retry.append(sm.id)
+        if requeue_as_retry:
+            async def _defer(db: Any) -> None:
+                await db.executemany(
+                    "UPDATE recipients SET status='deferred', next_attempt=? WHERE message_id=?"
+                    " AND status='queued'", [(now, m) for m in requeue_as_retry])
+            await self.spool.write(_defer)
+        orphans = await self.spool.orphan_messages()
+        if orphans:
+            await self.spool.record([], orphans)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._dispatch_loop()))
+        self._tasks.append(loop.create_task(self._retry_loop()))
+        for _ in range(self.workers):
+            self._tasks.append(loop.create_task(self._worker()))
+
+    async def stop(self, grace: float) -> None:
+        """Stop starting attempts; let running ones finish within ``grace`` seconds."""
+        self._stopping = True
+        for t in self._tasks[:2]:
+            t.cancel()
+        if self._running_attempts:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- loops -----------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            progressed = False
+            now = self.clock()
+            earliest: float | None = None
+            for _ in range(len(self._rr)):
+                acct_id = self._rr[0]
+                aq = self._queues.get(acct_id)
+                if aq is None or not aq.pending:
+                    self._rr.popleft()
+                    continue
+                self._rr.rotate(-1)
+                acct = self.directory.accounts_by_id.get(acct_id)
+                if acct is None or not acct.usable:
+                    continue  # held until enable (or purge)
+                if aq.window is None:
+                    aq.window = RateWindow(self.limits_of(acct))
+                until = aq.window.try_consume(now)
+                if until is not None:
+                    aq.blocked_until = until
+                    earliest = until if earliest is None else min(earliest, until)
+                    continue
+                aq.blocked_until = None
+                msg = aq.pending.popleft()
+                if not aq.pending:
+                    try:
+                        self._rr.remove(acct_id)
+                    except ValueError:
+                        pass
+                await self._jobs.put(msg)
+                progressed = True
+            if progressed:
+                continue
+            self._wake.clear()
+            timeout = None if earliest is None else max(0.05, earliest - self.clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _retry_loop(self) -> None:
+        while True:
+            self._wake_retry.clear()
+            row = await self.spool.fetchone(
+                "SELECT MIN(next_attempt) FROM recipients WHERE status='deferred'")
+            nxt = row[0] if row else None
+            now = self.clock()
+            if nxt is None or nxt > now:
+                timeout = None if nxt is None else min(nxt - now, 60.0)
+                try:
+                    await asyncio.wait_for(self._wake_retry.wait(), timeout)
+                except TimeoutError:
+                    pass
+                continue
+            await self._dispatch_due(now)
+
+    async def _dispatch_due(self, now: float) -> None:
+        rows = await self.spool.fetchall(
+            "SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id, m.username,"
+            " m.domain, m.sender, m.received_at, m.is_bounce FROM recipients r"
+            " JOIN messages m ON m.id = r.message_id"
+            " WHERE r.status='deferred' AND r.next_attempt <= ? ORDER BY r.next_attempt"
+            " LIMIT 500", (now,))
+        msgs: dict[int, QMsg] = {}
+        for r in rows:
+            q = msgs.get(r[0])
+            if q is None:
+                q = msgs[r[0]] = QMsg(r[0], r[4], r[5], r[6], r[7], r[8], {}, bool(r[9]),
+                                      retry=True)
+            q.rcpts[r[1]] = (r[2], r[3])
+        lease = now + RETRY_LEASE_SECONDS
+        if rows:
+            async def _lease(db: Any) -> None:
+                await db.executemany(
+                    "UPDATE recipients SET next_attempt=? WHERE message_id=? AND idx=?"
+                    " AND status='deferred'", [(lease, r[0], r[1]) for r in rows])
+            await self.spool.write(_lease)
+        for q in msgs.values():
+            self._live.setdefault(q.account_id, set()).add(q.id)
+            await self._jobs.put(q)
+
+    async def _worker(self) -> None:
+        while True:
+            msg = await self._jobs.get()
+            self._running_attempts += 1
+            self._idle.clear()
+            try:
+                await self._attempt(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: S110 - a failed attempt is retried from the spool
+                pass
+            finally:
+                self._running_attempts -= 1
+                if not self._running_attempts:
+                    self._idle.set()
+
+    # -- one attempt -------------------------------------------------------------------
+    async def _attempt(self, msg: QMsg) -> None:
+        data = msg.data
+        if data is not None:
+            self._cache_used -= len(data)
+            msg.data = None
+        else:
+            data = await self.spool.load_data(msg.id)
+            if data is None:
+                return  # purged meanwhile
+        if self.events is not None:
+            self.events.in_flight(1)
+        started = time.perf_counter()
+        results: list[AttemptResult] = []
+        try:
+            by_domain: dict[str, list[int]] = {}
+            for idx, (rcpt, _att) in msg.rcpts.items():
+                by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
+            groups: dict[Hop | None, list[int]] = {}
+            route_errors: dict[int, RouteError] = {}
+            hops_of: dict[Hop, list[Hop]] = {}
+            for domain, idxs in by_domain.items():
+                try:
+                    hops = await self.sender.route(domain)
+                except RouteError as exc:
+                    for i in idxs:
+                        route_errors[i] = exc
+                    continue
+                first = hops[0]
+                hops_of[first] = hops
+                groups.setdefault(first, []).extend(idxs)
+            now = self.clock()
+            for idx, err in route_errors.items():
+                results.append(self._result(msg, idx, "-", 550 if err.permanent else None,
+                                            str(err), now))
+            for hop, idxs in groups.items():
+                assert hop is not None
+                pending = idxs
+                for h in hops_of[hop]:
+                    rcpts = [msg.rcpts[i][0] for i in pending]
+                    replies = await self.sender.send(h, msg.sender, rcpts, data)
+                    now = self.clock()
+                    retry_next: list[int] = []
+                    for i, rep in zip(pending, replies, strict=True):
+                        if rep.code is None and h is not hops_of[hop][-1]:
+                            retry_next.append(i)  # connection trouble: try the next MX
+                        else:
+                            results.append(self._result(msg, i, h.name, rep.code, rep.text, now))
+                    pending = retry_next
+                    if not pending:
+                        break
+        finally:
+            if self.events is not None:
+                self.events.in_flight(-1)
+        elapsed = time.perf_counter() - started
+        for r in results:
+            if self.events is not None:
+                self.events.attempt(r, elapsed)
+        delivered = 0
+        for r in results:
+            if r.outcome != "deferred":
+                msg.rcpts.pop(r.idx, None)
+            if r.outcome == "delivered":
+                delivered += 1
+        if delivered:
+            acct = self.directory.accounts_by_id.get(msg.account_id)
+            if acct is not None:
+                acct.total_sent += delivered
+        fut = self.spool.record(results, [msg.id] if not any(
+            r.outcome == "deferred" for r in results) else [])
+        try:
+            removed = await fut
+        except Exception:
+            removed = []
+        if removed:
+            self.forget(msg.account_id, removed)
+        failed = [r for r in results if r.outcome == "failed"]
+        if failed and self.on_failed is not None:
+            try:
+                await self.on_failed(msg, failed)
+            except Exception:  # noqa: S110 - a bounce that cannot be queued is logged there
+                pass
+        if any(r.outcome == "deferred" for r in results):
+            self._wake_retry.set()
+
+    def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
+                now: float) -> AttemptResult:
+        rcpt, attempts = msg.rcpts[idx]
+        outcome = "deferred" if code is None else backoff.classify(code)
+        next_at: float | None = None
+        if outcome == "deferred":
+            if backoff.expired(self.policy, msg.received_at, now):
+                outcome = "failed"
+                text = f"{text} (gave up: queue lifetime exceeded)"
+            else:
+                next_at = backoff.next_attempt(self.policy, attempts + 1, now, self.rng)
+        return AttemptResult(
+            message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
+            domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
+            next_attempt=next_at, account_id=msg.account_id,
+        )
+
+
+def describe(msg: QMsg) -> str:
+    """A short text for logs."""
+    return f"{format_id(msg.id)} from {msg.username} ({len(msg.rcpts)} rcpt)"

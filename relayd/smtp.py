@@ -1,0 +1,760 @@
+"""The SMTP submission server: the only module that imports aiosmtpd.
+
+Owns: the per-connection protocol state machine on top of aiosmtpd's
+``SMTP`` class — greeting, EHLO, AUTH PLAIN/LOGIN, MAIL, RCPT, DATA, RSET,
+NOOP, QUIT, VRFY, HELP and STARTTLS (aiosmtpd's TLS upgrade machinery) — and
+the translation of each command into calls to relayd.policy, the credential
+cache, and the spool. Replies come from relayd.replies only.
+
+Why the command loop is our own: aiosmtpd 1.4.6 builds its command tables
+with ``inspect`` on every connection, replies to every command with its own
+``write``+``drain``, parses addresses with ``email._header_value_parser``,
+reads DATA line by line, passes bare LF/CR and NUL through (SMTP smuggling),
+and runs authenticators synchronously on the loop. Here: tables are built
+once per class, input is read in large chunks into one buffer, replies to
+pipelined commands are coalesced into one write, addresses are parsed by
+relayd.address, DATA is framed only on CRLF.CRLF and refused if it has bare
+CR/LF/NUL, and argon2 runs in a thread pool (relayd.credentials).
+
+Untrusted input: everything the client sends. A client never sees an
+exception text: any handler error becomes ``451 4.3.0`` and a log entry.
+Settings read: [smtp], [limits], [server].hostname (through SmtpContext).
+See also: relayd.policy, relayd.replies, relayd.address, relayd.credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP as _AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from relayd import policy, replies
+from relayd.accounts import Account, Directory
+from relayd.address import PathError, parse_mail_from, parse_rcpt_to
+from relayd.credentials import CredentialCache
+from relayd.replies import Reply
+from relayd.spool import NewMessage, Spool, format_id
+
+COMMAND_LINE_MAX = 2048  # RFC 5321 says 512; extensions (SIZE, SMTPUTF8, AUTH) need more
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
+_READ_CHUNK = 65536
+
+
+class Accepting(Protocol):
+    """What the server needs from the scheduler (kept as a protocol: no import cycle)."""
+
+    def queued_count(self, account_id: int) -> int:
+        """Messages of this account not yet in a final state (cheap, no I/O)."""
+
+    def enqueue_new(self, msg: NewMessage) -> None:
+        """Hand a committed message to delivery (cheap, no I/O)."""
+
+
+class Signing(Protocol):
+    """DKIM signing at acceptance (runs off the loop)."""
+
+    async def sign(self, account: Account, data: bytes) -> bytes:
+        """Return ``data`` with the domain's DKIM-Signature header(s) prepended."""
+
+
+class Events(Protocol):
+    """Observability hooks (metrics and logs), called on the hot path: must be cheap."""
+
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def rejected(self, reply: Reply, session: SessionState, detail: str = "") -> None: ...
+    def auth_result(self, session: SessionState, username: str, reason: str,
+                    cache_hit: bool) -> None: ...
+    def accepted(self, session: SessionState, message_id: str, size: int, rcpts: int,
+                 seconds: float) -> None: ...
+    def error(self, session: SessionState, where: str, exc: BaseException) -> None: ...
+
+
+@dataclass
+class SmtpContext:
+    """Everything a session needs, built once by relayd.app."""
+
+    hostname: str
+    directory: Directory
+    credentials: CredentialCache
+    spool: Spool
+    scheduler: Accepting
+    signer: Signing | None
+    events: Events
+    plaintext_auth: policy.PlaintextAuthPolicy
+    throttle: policy.AuthThrottle
+    max_message_size: int
+    max_recipients: int
+    max_queued_per_account: int
+    min_free_disk: int
+    free_disk: Callable[[], int]
+    idle_timeout: float
+    min_data_rate: int
+    max_commands: int
+    max_connections: int
+    max_connections_per_ip: int
+    smtputf8: bool
+    clock: Callable[[], float] = time.time
+    sessions: set[RelaySMTP] = field(default_factory=set)
+    per_ip: dict[str, int] = field(default_factory=dict)
+    shutting_down: bool = False
+
+
+@dataclass(slots=True)
+class SessionState:
+    """Per-connection facts, as logs and metrics see them."""
+
+    peer_ip: str
+    tls: bool = False
+    helo: str = ""
+    esmtp: bool = False
+    account: Account | None = None
+    epoch: int = -1
+    via_network: bool = False
+    commands: int = 0
+    errors: int = 0
+
+
+class _ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class RelaySMTP(_AioSMTP):
+    """One SMTP connection to relayd."""
+
+    _COMMANDS: dict[str, str] = {}  # filled below: verb -> method name
+
+    def __init__(self, ctx: SmtpContext, tls_context: ssl.SSLContext | None = None,
+                 implicit_tls: bool = False) -> None:
+        # Deliberately not calling aiosmtpd's __init__: it introspects the class
+        # and the handler on every connection. We set what its base methods use.
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(limit=_READ_CHUNK, loop=loop),
+            client_connected_cb=self._cb_client_connected, loop=loop,
+        )
+        self.ctx = ctx
+        self.event_handler = None
+        self.hostname = ctx.hostname
+        self.data_size_limit = ctx.max_message_size
+        self.enable_SMTPUTF8 = ctx.smtputf8
+        self._decode_data = False
+        self.tls_context = None if implicit_tls else tls_context
+        self.require_starttls = False
+        self._timeout_duration = ctx.idle_timeout
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self.transport: Any = None
+        self._handler_coroutine: asyncio.Task[None] | None = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._handle_hooks: dict[str, Callable[..., Any]] = {}
+        self._implicit_tls = implicit_tls
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self.state = SessionState(peer_ip="")
+        self._mail_from: str | None = None
+        self._rcpts: list[str] = []
+        self._smtputf8 = False
+        self._idle = True  # waiting for a command outside a transaction
+        self._closing = False
+
+    # -- connection ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start a session (or finish a STARTTLS upgrade)."""
+        if self.transport is not None and self._original_transport is not None:
+            super().connection_made(transport)  # STARTTLS: aiosmtpd swaps the transports
+            self._inbuf.clear()  # RFC 3207 §4.2: discard anything pipelined in plaintext
+            self.state.tls = True
+            return
+        peer = transport.get_extra_info("peername")
+        self.state.peer_ip = str(peer[0]) if peer else ""
+        if self._implicit_tls:
+            self.state.tls = True
+        ctx = self.ctx
+        ctx.events.connection_opened()
+        ctx.sessions.add(self)
+        ip = self.state.peer_ip
+        ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Forget the session."""
+        ctx = self.ctx
+        if self in ctx.sessions:
+            ctx.sessions.discard(self)
+            ctx.events.connection_closed()
+            ip = self.state.peer_ip
+            n = ctx.per_ip.get(ip, 1) - 1
+            if n <= 0:
+                ctx.per_ip.pop(ip, None)
+            else:
+                ctx.per_ip[ip] = n
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None:
+            self._emit(replies.IDLE_TIMEOUT)
+            self._flush()
+            self.transport.close()
+
+    def close_if_idle(self, reply: Reply = replies.SHUTTING_DOWN) -> bool:
+        """Say 421 and close if no transaction is open (graceful shutdown); True if closed."""
+        if self._idle and self.transport is not None:
+            self._emit(reply)
+            self._flush()
+            self.transport.close()
+            return True
+        return False
+
+    # -- output ------------------------------------------------------------------
+    def _emit(self, reply: Reply) -> None:
+        self._out.append(reply.text.encode("utf-8") + b"\r\n")
+
+    def _emit_raw(self, line: str) -> None:
+        self._out.append(line.encode("utf-8") + b"\r\n")
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _reject(self, reply: Reply, detail: str = "") -> None:
+        self.state.errors += 1
+        self.ctx.events.rejected(reply, self.state, detail)
+        self._emit(reply)
+
+    # -- input -------------------------------------------------------------------
+    async def _fill(self) -> None:
+        """Flush pending replies, then read more input into the buffer."""
+        self._flush()
+        if self.transport is not None and self.transport.get_write_buffer_size() > 65536:
+            await self._writer.drain()
+        chunk = await self._reader.read(_READ_CHUNK)
+        if not chunk:
+            raise _ClientGone
+        self._inbuf += chunk
+
+    async def _readline(self, limit: int) -> bytes | None:
+        """Next line without its line ending; None if it was longer than ``limit``."""
+        buf = self._inbuf
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl >= 0:
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                return line if len(line) <= limit else None
+            if len(buf) > limit:
+                # Discard an over-long line up to its end, without holding it.
+                while True:
+                    del buf[:]
+                    await self._fill()
+                    nl = buf.find(b"\n")
+                    if nl >= 0:
+                        del buf[: nl + 1]
+                        return None
+            start = len(buf)
+            await self._fill()
+
+    # -- the command loop ----------------------------------------------------------
+    async def _handle_client(self) -> None:
+        ctx = self.ctx
+        st = self.state
+        try:
+            if ctx.shutting_down:
+                self._emit(replies.SHUTTING_DOWN)
+                self._flush()
+                self.transport.close()
+                return
+            if len(ctx.sessions) > ctx.max_connections or (
+                ctx.per_ip.get(st.peer_ip, 0) > ctx.max_connections_per_ip
+            ):
+                self._reject(replies.TOO_MANY_CONNECTIONS)
+                self._flush()
+                self.transport.close()
+                return
+            self._emit_raw(f"220 {ctx.hostname} ESMTP relayd")
+            while self.transport is not None and not self._closing:
+                self._idle = self._mail_from is None
+                line = await self._readline(COMMAND_LINE_MAX)
+                self._idle = False
+                if line is None:
+                    self._reject(replies.COMMAND_TOO_LONG)
+                    continue
+                st.commands += 1
+                if st.commands > ctx.max_commands:
+                    self._reject(replies.TOO_MANY_ERRORS, "command limit")
+                    break
+                self._reset_timeout()
+                verb, _, rest = line.partition(b" ")
+                name = self._COMMANDS.get(verb.upper().decode("ascii", "replace"))
+                if name is None:
+                    self._reject(replies.UNKNOWN_COMMAND)
+                    if st.errors > 20:
+                        self._reject(replies.TOO_MANY_ERRORS)
+                        break
+                    continue
+                try:
+                    arg = rest.decode("utf-8") if rest else ""
+                except UnicodeDecodeError:
+                    self._reject(replies.SYNTAX_ERROR, "undecodable argument")
+                    continue
+                try:
+                    await getattr(self, name)(arg.strip(" "))
+                except (_ClientGone, asyncio.CancelledError, ConnectionError):
+                    raise
+                except Exception as exc:
+                    ctx.events.error(st, name, exc)
+                    self._reject(replies.LOCAL_ERROR, "handler error")
+                if ctx.shutting_down and self._mail_from is None and not self._closing:
+                    self._emit(replies.SHUTTING_DOWN)
+                    break
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+        except (_ClientGone, ConnectionError):
+            if self.transport is not None:
+                self.transport.close()
+        except asyncio.CancelledError:
+            if self.transport is not None:
+                self.transport.close()
+            raise
+
+    # -- session commands ----------------------------------------------------------
+    def _reset_transaction(self) -> None:
+        self._mail_from = None
+        self._rcpts = []
+        self._smtputf8 = False
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        """EHLO: advertise extensions."""
+        if not arg:
+            self._reject(replies.HELO_SYNTAX)
+            return
+        st = self.state
+        st.helo = arg
+        st.esmtp = True
+        self._reset_transaction()
+        lines = [f"250-{self.ctx.hostname}", "250-PIPELINING",
+                 f"250-SIZE {self.ctx.max_message_size}", "250-8BITMIME",
+                 "250-ENHANCEDSTATUSCODES"]
+        if self.ctx.smtputf8:
+            lines.append("250-SMTPUTF8")
+        if self.tls_context is not None and not st.tls:
+            lines.append("250-STARTTLS")
+        if policy.may_advertise_auth(tls_active=st.tls,
+                                     plaintext_ok=self.ctx.plaintext_auth.allows(st.peer_ip)):
+            lines.append("250-AUTH PLAIN LOGIN")
+        lines.append("250 HELP")
+        self._out.append(("\r\n".join(lines) + "\r\n").encode("ascii"))
+
+    async def smtp_HELO(self, arg: str) -> None:
+        """HELO: plain SMTP greeting."""
+        if not arg:
+            self._reject(replies.Reply("501 5.5.4 Syntax: HELO hostname", "syntax"))
+            return
+        self.state.helo = arg
+        self.state.esmtp = False
+        self._reset_transaction()
+        self._emit_raw(f"250 {self.ctx.hostname}")
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        """NOOP."""
+        self._emit(replies.NOOP_OK)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        """RSET: abort the transaction."""
+        self._reset_transaction()
+        self._emit(replies.RSET_OK)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        """QUIT."""
+        self._emit(replies.BYE)
+        self._closing = True
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        """VRFY: never confirms addresses."""
+        self._emit(replies.VRFY_CANNOT)
+
+    async def smtp_HELP(self, arg: str) -> None:
+        """HELP."""
+        self._emit_raw("214 2.0.0 See RFC 5321")
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        """EXPN: not offered."""
+        self._reject(replies.NOT_IMPLEMENTED)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS: upgrade the connection (aiosmtpd's TLS machinery)."""
+        if self.state.tls:
+            self._reject(replies.TLS_ALREADY)
+            return
+        if self.tls_context is None:
+            self._reject(replies.TLS_NOT_AVAILABLE)
+            return
+        if arg:
+            self._reject(replies.SYNTAX_ERROR)
+            return
+        self._inbuf.clear()  # anything pipelined after STARTTLS is discarded
+        self._emit(replies.STARTTLS_GO)
+        self._flush()
+        self.state.helo = ""
+        self.state.esmtp = False
+        self._reset_transaction()
+        await self._starttls_upgrade()
+
+    async def _starttls_upgrade(self) -> None:
+        push = self.push
+
+        async def _silent(_status: Any) -> None:  # aiosmtpd pushes its own 220: ours went out
+            return None
+
+        self.push = _silent  # type: ignore[method-assign,assignment]
+        try:
+            await _AioSMTP.smtp_STARTTLS(self, "")
+        except Exception:
+            if self.transport is not None:
+                self.transport.close()
+            raise _ClientGone from None
+        finally:
+            self.push = push  # type: ignore[method-assign]
+
+    # -- authentication -------------------------------------------------------------
+    async def smtp_AUTH(self, arg: str) -> None:
+        """AUTH PLAIN / LOGIN, verified through the credential cache."""
+        st = self.state
+        ctx = self.ctx
+        if not st.esmtp:
+            self._reject(replies.NEED_EHLO)
+            return
+        if policy.session_account_valid(st.account, st.epoch) and not st.via_network:
+            self._reject(replies.AUTH_ALREADY)
+            return
+        if self._mail_from is not None:
+            self._reject(replies.AUTH_IN_TRANSACTION)
+            return
+        refusal = policy.may_auth(tls_active=st.tls,
+                                  plaintext_ok=ctx.plaintext_auth.allows(st.peer_ip))
+        if refusal is not None:
+            self._reject(refusal)
+            return
+        now = ctx.clock()
+        if ctx.throttle.blocked(st.peer_ip, now):
+            self._reject(replies.AUTH_RATE_LIMITED)
+            self._closing = True
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self._reject(replies.AUTH_SYNTAX)
+            return
+        mech = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        creds: tuple[bytes, bytes] | None
+        if mech == "PLAIN":
+            creds = await self._auth_plain(initial)
+        elif mech == "LOGIN":
+            creds = await self._auth_login(initial)
+        else:
+            self._reject(replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        if creds is None:
+            return
+        user_b, password = creds
+        try:
+            username = user_b.decode("utf-8")
+        except UnicodeDecodeError:
+            username = ""
+        account = ctx.directory.account(username) if username else None
+        outcome = await ctx.credentials.check(account, password)
+        ctx.events.auth_result(st, username, outcome.reason, outcome.cache_hit)
+        if outcome.ok and account is not None:
+            st.account = account
+            st.epoch = account.epoch
+            st.via_network = False
+            account.last_connection = ctx.clock()
+            self._emit(replies.AUTH_OK)
+            return
+        reply = {
+            "account_disabled": replies.AUTH_DISABLED,
+            "account_deleted": replies.AUTH_DELETED,
+            "domain_deleted": replies.AUTH_DOMAIN_DELETED,
+        }.get(outcome.reason, replies.AUTH_FAILED)
+        delay = ctx.throttle.failure(st.peer_ip, ctx.clock())
+        if delay:
+            self._flush()
+            await asyncio.sleep(delay)
+        self._reject(reply, outcome.reason)
+        if ctx.throttle.blocked(st.peer_ip, ctx.clock()):
+            self._reject(replies.AUTH_RATE_LIMITED)
+            self._closing = True
+
+    async def _auth_response(self, challenge: bytes) -> bytes | None:
+        """Send a 334 challenge and decode the client's base64 answer (None: aborted/bad)."""
+        self._out.append(b"334 " + challenge + b"\r\n")
+        line = await self._readline(COMMAND_LINE_MAX)
+        if line is None:
+            self._reject(replies.COMMAND_TOO_LONG)
+            return None
+        if line.strip() == b"*":
+            self._reject(replies.AUTH_ABORTED)
+            return None
+        return self._b64(line.strip())
+
+    def _b64(self, text: bytes | str) -> bytes | None:
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self._reject(replies.AUTH_BAD_BASE64)
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        if initial is None:
+            blob = await self._auth_response(b"")
+        elif initial == "=":
+            blob = b""
+        else:
+            blob = self._b64(initial)
+        if blob is None:
+            return None
+        fields = blob.split(b"\0")
+        if len(fields) != 3:
+            self._reject(replies.AUTH_BAD_BASE64, "bad PLAIN layout")
+            return None
+        authzid, user, password = fields
+        if authzid and authzid != user:
+            self._reject(replies.AUTH_FAILED, "authzid differs")
+            return None
+        return user, password
+
+    async def _auth_login(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        if initial is None:
+            user = await self._auth_response(b"VXNlcm5hbWU6")  # "Username:"
+        else:
+            user = self._b64(initial)
+        if user is None:
+            return None
+        password = await self._auth_response(b"UGFzc3dvcmQ6")  # "Password:"
+        if password is None:
+            return None
+        return user, password
+
+    def _current_account(self) -> Account | None:
+        """The account this session may send as now, or None (re-resolving network binds)."""
+        st = self.state
+        if policy.session_account_valid(st.account, st.epoch):
+            return st.account
+        if st.account is not None and not st.via_network:
+            return None  # authenticated once, then invalidated: 530 until a new AUTH
+        acct = self.ctx.directory.account_for_ip(st.peer_ip)
+        if acct is None or not acct.usable:
+            st.account = None
+            return None
+        if st.account is not acct or st.epoch != acct.epoch:
+            acct.last_connection = self.ctx.clock()
+        st.account, st.epoch, st.via_network = acct, acct.epoch, True
+        return acct
+
+    # -- the mail transaction ------------------------------------------------------
+    async def smtp_MAIL(self, arg: str) -> None:
+        """MAIL FROM: sender checks, queue room, size."""
+        st = self.state
+        ctx = self.ctx
+        if not st.helo:
+            self._reject(replies.NEED_EHLO)
+            return
+        account = self._current_account()
+        if account is None:
+            self._reject(replies.AUTH_REQUIRED)
+            return
+        if self._mail_from is not None:
+            self._reject(replies.NESTED_MAIL)
+            return
+        try:
+            path = parse_mail_from(arg, smtputf8_offered=ctx.smtputf8 and st.esmtp)
+        except PathError as exc:
+            self._reject(exc.reply)
+            return
+        params = path.params
+        if params and not st.esmtp:
+            self._reject(replies.MAIL_SYNTAX)
+            return
+        size: int | None = None
+        for key, value in params.items():
+            if key == "SIZE":
+                size = int(value or 0)
+            elif key in ("BODY", "SMTPUTF8"):
+                continue
+            elif key == "AUTH":
+                continue
+            else:
+                self._reject(replies.PARAM_UNKNOWN)
+                return
+        refusal = policy.declared_size_ok(size, ctx.max_message_size)
+        if refusal is None:
+            refusal = policy.sender_allowed(account, path.domain)
+        if refusal is None:
+            refusal = policy.queue_room(ctx.scheduler.queued_count(account.id),
+                                        ctx.max_queued_per_account, ctx.free_disk(),
+                                        ctx.min_free_disk)
+        if refusal is not None:
+            self._reject(refusal, path.address)
+            return
+        self._mail_from = path.address
+        self._smtputf8 = "SMTPUTF8" in params
+        self._rcpts = []
+        self._emit(replies.MAIL_OK)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        """RCPT TO: add a recipient."""
+        if self._mail_from is None:
+            self._reject(replies.NEED_MAIL)
+            return
+        try:
+            path = parse_rcpt_to(arg, smtputf8=self._smtputf8)
+        except PathError as exc:
+            self._reject(exc.reply)
+            return
+        if path.params:
+            self._reject(replies.PARAM_UNKNOWN)
+            return
+        refusal = policy.recipient_allowed(len(self._rcpts), self.ctx.max_recipients)
+        if refusal is not None:
+            self._reject(refusal)
+            return
+        self._rcpts.append(path.address)
+        self._emit(replies.RCPT_OK)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA: receive, check, sign, commit durably, then 250."""
+        ctx = self.ctx
+        st = self.state
+        if self._mail_from is None:
+            self._reject(replies.NEED_MAIL)
+            return
+        if not self._rcpts:
+            self._reject(replies.NEED_RCPT)
+            return
+        if arg:
+            self._reject(replies.SYNTAX_ERROR)
+            return
+        self._emit(replies.DATA_GO)
+        data, problem = await self._read_data()
+        sender, rcpts = self._mail_from, self._rcpts
+        self._reset_transaction()
+        if problem is not None:
+            self._reject(problem)
+            return
+        assert data is not None
+        started = time.perf_counter()
+        account = self._current_account()
+        if account is None:
+            self._reject(replies.AUTH_REQUIRED, "invalidated during transaction")
+            return
+        msg_id = ctx.spool.ids.next()
+        ext_id = format_id(msg_id)
+        now = ctx.clock()
+        received = (
+            f"Received: from {_clean(st.helo)} ([{st.peer_ip}])\r\n"
+            f"\tby {ctx.hostname} (relayd) with {'ESMTPSA' if st.tls else 'ESMTPA'}"
+            f" id {ext_id};\r\n\t{formatdate(now)}\r\n"
+        ).encode("utf-8", "replace")
+        body = received + data
+        if ctx.signer is not None:
+            body = await ctx.signer.sign(account, body)
+        new = NewMessage(
+            id=msg_id, account_id=account.id, username=account.username,
+            domain=account.domain.name, sender=sender, recipients=rcpts, data=body,
+            received_at=now,
+        )
+        try:
+            await ctx.spool.accept(new)
+        except Exception as exc:
+            ctx.events.error(st, "spool commit", exc)
+            self._reject(replies.LOCAL_ERROR, "commit failed")
+            return
+        ctx.scheduler.enqueue_new(new)
+        self._emit_raw(f"250 2.0.0 Ok: queued as {ext_id}")
+        ctx.events.accepted(st, ext_id, len(body), len(rcpts), time.perf_counter() - started)
+
+    async def _read_data(self) -> tuple[bytes | None, Reply | None]:
+        """Read message data up to CRLF.CRLF; enforce size and line rules while reading."""
+        ctx = self.ctx
+        buf = self._inbuf
+        limit = ctx.max_message_size
+        too_big = False
+        discarded = 0
+        started = time.monotonic()
+        received = 0
+        if buf[:3] == b".\r\n":
+            del buf[:3]
+            return b"", None
+        scan = 0
+        while True:
+            end = buf.find(b"\r\n.\r\n", scan)
+            if end >= 0:
+                break
+            if len(buf) > limit + 2:
+                too_big = True
+                keep = bytes(buf[-4:])
+                discarded += len(buf) - 4
+                buf[:] = keep
+            scan = max(0, len(buf) - 4)
+            before = len(buf)
+            await self._fill()
+            received += len(buf) - before
+            self._reset_timeout()
+            elapsed = time.monotonic() - started
+            if ctx.min_data_rate and elapsed > 30 and received / elapsed < ctx.min_data_rate:
+                self._reject(replies.Reply("421 4.4.2 Data rate too low, closing connection",
+                                           "timeout"))
+                self._closing = True
+                raise _ClientGone
+        raw = bytes(buf[: end + 2])
+        del buf[: end + 5]
+        if too_big or len(raw) > limit + 2:
+            return None, replies.SIZE_EXCEEDED
+        bad = policy.data_violation(raw)
+        if bad is not None:
+            return None, bad
+        if _LONG_LINE.search(raw) is not None:
+            # A dot-stuffed line may be one octet longer; check again after unstuffing.
+            if _LONG_LINE.search(_unstuff(raw)) is not None:
+                return None, replies.LINE_TOO_LONG
+        return _unstuff(raw), None
+
+
+def _unstuff(raw: bytes) -> bytes:
+    """Remove the transparency dot from lines that start with one (RFC 5321 §4.5.2)."""
+    if b"\r\n." in raw:
+        raw = raw.replace(b"\r\n.", b"\r\n")
+    if raw[:1] == b".":
+        raw = raw[1:]
+    return raw
+
+
+def _clean(text: str) -> str:
+    """Make client-supplied text safe for a header comment."""
+    return "".join(c if 32 < ord(c) < 127 and c not in "()\\" else "_" for c in text)[:128]
+
+
+RelaySMTP._COMMANDS = {
+    name[5:]: name for name in dir(RelaySMTP) if name.startswith("smtp_")
+}

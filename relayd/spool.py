@@ -1,0 +1,484 @@
+"""Durable storage: messages, recipients, domains, accounts and the delivery log.
+
+Owns: the SQLite database (WAL, ``synchronous=FULL``), its schema and
+migrations, and *group commit*: every write — accepted messages, delivery
+results, lifecycle changes — goes through one writer task that takes all the
+operations waiting at that moment, applies them in one transaction and commits
+once. A session's ``accept`` returns only after the commit that contains its
+message, so a ``250`` is never sent for mail that is not on disk.
+
+Two aiosqlite connections: the writer (one transaction at a time) and a
+reader for queries (WAL lets it read while the writer commits).
+
+Message ids are 64-bit integers made from the clock in microseconds and a
+counter (unique across restarts while the clock does not go back by more than
+the restart takes); on the wire and in the CLI they are 16 hex digits.
+
+Untrusted input: message data and addresses (stored as given, always through
+bound parameters). Settings read: [spool], the database path.
+See also: relayd.scheduler (reads and updates the queues), relayd.lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiosqlite
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE domains (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        selector TEXT NOT NULL UNIQUE,
+        algorithm TEXT NOT NULL,
+        private_key BLOB,
+        ed25519_selector TEXT,
+        ed25519_key BLOB,
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE UNIQUE INDEX domains_live_name ON domains(name) WHERE deleted_at IS NULL;
+    CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        password_hash TEXT,
+        status TEXT NOT NULL,
+        disabled_reason TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        last_connection REAL,
+        total_sent INTEGER NOT NULL DEFAULT 0,
+        per_minute INTEGER,
+        per_hour INTEGER,
+        per_day INTEGER,
+        deleted_at REAL
+    );
+    CREATE TABLE account_networks (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        cidr TEXT NOT NULL,
+        PRIMARY KEY (account_id, cidr)
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL,
+        username TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        size INTEGER NOT NULL,
+        is_bounce INTEGER NOT NULL DEFAULT 0,
+        data BLOB NOT NULL
+    );
+    CREATE INDEX messages_account ON messages(account_id);
+    CREATE TABLE recipients (
+        message_id INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        rcpt TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL,
+        last_code INTEGER,
+        last_error TEXT,
+        PRIMARY KEY (message_id, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX recipients_due ON recipients(next_attempt) WHERE status = 'deferred';
+    CREATE TABLE delivery_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        message_id INTEGER NOT NULL,
+        username TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        next_hop TEXT NOT NULL,
+        code INTEGER,
+        text TEXT NOT NULL,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX delivery_log_user_ts ON delivery_log(username, ts);
+    CREATE INDEX delivery_log_ts ON delivery_log(ts);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+}
+
+
+class SpoolError(Exception):
+    """The spool could not be opened or written."""
+
+
+def format_id(message_id: int) -> str:
+    """The external form of a message id: 16 upper-case hex digits."""
+    return f"{message_id:016X}"
+
+
+def parse_id(text: str) -> int:
+    """Parse an external message id; raise ValueError if malformed."""
+    if len(text) != 16:
+        raise ValueError("message id must be 16 hex digits")
+    return int(text, 16)
+
+
+class IdAllocator:
+    """Monotonic 64-bit message ids from the clock and a counter."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._last = 0
+
+    def seed(self, floor: int) -> None:
+        """Never hand out an id at or below ``floor`` (the largest one stored)."""
+        self._last = max(self._last, floor)
+
+    def next(self) -> int:
+        """A new id, larger than every id handed out before."""
+        candidate = int(self._clock() * 1_000_000) << 8
+        self._last = candidate if candidate > self._last else self._last + 1
+        return self._last
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """A message ready to be committed at acceptance."""
+
+    id: int
+    account_id: int
+    username: str
+    domain: str
+    sender: str
+    recipients: list[str]
+    data: bytes
+    received_at: float
+    is_bounce: bool = False
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """The outcome of one delivery attempt for one recipient."""
+
+    message_id: int
+    idx: int
+    recipient: str
+    username: str
+    domain: str
+    next_hop: str
+    code: int | None
+    text: str
+    outcome: str  # delivered | deferred | failed
+    ts: float
+    next_attempt: float | None = None
+    account_id: int | None = None
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: str
+    payload: Any
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class PendingRecipient:
+    """A recipient not yet in a final state, as stored."""
+
+    idx: int
+    rcpt: str
+    status: str
+    attempts: int
+    next_attempt: float | None
+    last_code: int | None
+    last_error: str | None
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A message with its not-yet-final recipients (data loaded separately)."""
+
+    id: int
+    account_id: int
+    username: str
+    domain: str
+    sender: str
+    received_at: float
+    size: int
+    is_bounce: bool
+    recipients: list[PendingRecipient] = field(default_factory=list)
+
+
+class Spool:
+    """The SQLite spool with a group-committing writer."""
+
+    def __init__(self, path: str, *, batch_max: int = 256,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.path = path
+        self._batch_max = batch_max
+        self._on_batch = on_batch
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self.ids = IdAllocator()
+
+    # -- lifecycle --------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (creating or migrating) the database and start the writer."""
+        try:
+            self._w = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
+            await self._w.execute("PRAGMA journal_mode=WAL")
+            await self._w.execute("PRAGMA synchronous=FULL")
+            await self._w.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+            self._r = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
+            await self._r.execute("PRAGMA query_only=ON")
+            async with self._w.execute("SELECT COALESCE(MAX(id), 0) FROM messages") as cur:
+                row = await cur.fetchone()
+            self.ids.seed(int(row[0]) if row else 0)
+            async with self._w.execute("SELECT value FROM meta WHERE key='max_message_id'") as cur:
+                row = await cur.fetchone()
+            if row:
+                self.ids.seed(int(row[0]))
+        except sqlite3.DatabaseError as exc:
+            await self._close_connections()
+            raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
+        self._writer_task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def _migrate(self) -> None:
+        assert self._w is not None
+        async with self._w.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"spool schema version {version} is newer than this relayd ({SCHEMA_VERSION})"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _split_sql(MIGRATIONS[target]):
+                    await self._w.execute(stmt)
+                await self._w.execute(f"PRAGMA user_version={target}")
+                await self._w.execute("COMMIT")
+            except Exception:
+                await self._w.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Finish pending writes, stop the writer and close the database."""
+        if self._writer_task is not None:
+            await self._queue.put(None)
+            try:
+                await self._writer_task
+            finally:
+                self._writer_task = None
+        if self._w is not None:
+            try:
+                await self._w.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('max_message_id', ?)",
+                    (str(self.ids.next()),),
+                )
+                await self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._r, self._w):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except Exception:  # noqa: S110 - closing after a failure; nothing to save
+                    pass
+        self._r = self._w = None
+
+    # -- the writer ---------------------------------------------------------------
+    def _submit(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(kind, payload, fut))
+        return fut
+
+    async def accept(self, msg: NewMessage) -> None:
+        """Commit one accepted message with its recipients; return after the commit."""
+        await self._submit("accept", msg)
+
+    def record(self, results: Sequence[AttemptResult], finished: Sequence[int] = ()) -> \
+            asyncio.Future[Any]:
+        """Queue delivery results for the next commit; resolves to the message ids removed.
+
+        ``finished`` are candidates: a message is removed only if none of its
+        recipients is still queued or deferred.
+        """
+        return self._submit("record", (list(results), list(finished)))
+
+    async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` inside the next group transaction (own savepoint); return its value."""
+        result: T = await self._submit("call", fn)
+        return result
+
+    async def _writer(self) -> None:
+        assert self._w is not None
+        db = self._w
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._batch_max:
+                try:
+                    op = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            await self._apply(db, batch)
+
+    async def _apply(self, db: aiosqlite.Connection, batch: list[_Op]) -> None:
+        accepts = [op for op in batch if op.kind == "accept"]
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            if accepts:
+                msgs: list[NewMessage] = [op.payload for op in accepts]
+                await db.executemany(
+                    "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
+                    " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
+                        (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
+                         len(m.data), int(m.is_bounce), m.data)
+                        for m in msgs
+                    ],
+                )
+                await db.executemany(
+                    "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
+                    [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
+                )
+            for n, op in enumerate(batch):
+                if op.kind == "accept":
+                    continue
+                await db.execute("SAVEPOINT op")
+                try:
+                    if op.kind == "record":
+                        results[n] = await self._apply_record(db, *op.payload)
+                    else:
+                        results[n] = await op.payload(db)
+                    await db.execute("RELEASE op")
+                except Exception as exc:
+                    await db.execute("ROLLBACK TO op")
+                    await db.execute("RELEASE op")
+                    errors[n] = exc
+            await db.execute("COMMIT")
+        except Exception as exc:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(SpoolError(f"commit failed: {exc}"))
+            return
+        if self._on_batch is not None and accepts:
+            self._on_batch(len(accepts))
+        for n, op in enumerate(batch):
+            if op.future.done():
+                continue
+            if n in errors:
+                op.future.set_exception(errors[n])
+            else:
+                op.future.set_result(results.get(n))
+
+    @staticmethod
+    async def _apply_record(db: aiosqlite.Connection, results: list[AttemptResult],
+                            finished: list[int]) -> list[int]:
+        """Store attempts; delete the candidate messages that have no pending recipient."""
+        if results:
+            await db.executemany(
+                "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
+                " last_code=?, last_error=? WHERE message_id=? AND idx=?",
+                [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
+                 for r in results],
+            )
+            await db.executemany(
+                "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
+                " code, text, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
+                [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
+                  r.text, r.outcome) for r in results],
+            )
+            sent: dict[int, int] = {}
+            for r in results:
+                if r.outcome == "delivered" and r.account_id is not None:
+                    sent[r.account_id] = sent.get(r.account_id, 0) + 1
+            if sent:
+                await db.executemany(
+                    "UPDATE accounts SET total_sent = total_sent + ? WHERE id=?",
+                    [(n, a) for a, n in sent.items()],
+                )
+        done: list[int] = []
+        for m in finished:
+            cur = await db.execute(
+                "DELETE FROM messages WHERE id=? AND NOT EXISTS (SELECT 1 FROM recipients"
+                " WHERE message_id=? AND status IN ('queued','deferred'))", (m, m))
+            if cur.rowcount:
+                done.append(m)
+        if done:
+            await db.executemany("DELETE FROM recipients WHERE message_id=?",
+                                 [(m,) for m in done])
+        return done
+
+    # -- reads --------------------------------------------------------------------
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query on the reader connection."""
+        assert self._r is not None
+        async with self._r.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        """Run a read-only query and return its first row (or None)."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def load_data(self, message_id: int) -> bytes | None:
+        """The stored data of a message, or None if it is gone."""
+        row = await self.fetchone("SELECT data FROM messages WHERE id=?", (message_id,))
+        return bytes(row[0]) if row else None
+
+    async def pending_messages(self) -> list[StoredMessage]:
+        """Every stored message with its recipients that are not final (for start-up)."""
+        msgs: dict[int, StoredMessage] = {}
+        for row in await self.fetchall(
+            "SELECT id, account_id, username, domain, sender, received_at, size, is_bounce"
+            " FROM messages ORDER BY id"
+        ):
+            msgs[row[0]] = StoredMessage(row[0], row[1], row[2], row[3], row[4], row[5],
+                                         row[6], bool(row[7]))
+        for row in await self.fetchall(
+            "SELECT message_id, idx, rcpt, status, attempts, next_attempt, last_code, last_error"
+            " FROM recipients WHERE status IN ('queued','deferred') ORDER BY message_id, idx"
+        ):
+            m = msgs.get(row[0])
+            if m is not None:
+                m.recipients.append(PendingRecipient(row[1], row[2], row[3], row[4], row[5],
+                                                     row[6], row[7]))
+        return list(msgs.values())
+
+    async def orphan_messages(self) -> list[int]:
+        """Messages whose recipients are all final (left by a crash before cleanup)."""
+        rows = await self.fetchall(
+            "SELECT m.id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
+            " WHERE r.message_id = m.id AND r.status IN ('queued','deferred'))"
+        )
+        return [r[0] for r in rows]
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Install the Debian packages the tests and benchmarks need, if missing:
+# swaks (a real SMTP client) and postfix (for smtp-sink and smtp-source; the
+# system Postfix is left unconfigured and is never started by this).
+set -e
+need=""
+command -v swaks >/dev/null 2>&1 || need="$need swaks"
+[ -x /usr/sbin/smtp-sink ] || need="$need postfix"
+[ -z "$need" ] && exit 0
+SUDO=""
+if [ "$(id -u)" != "0" ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "install-debs: need root to install:$need" >&2; exit 1; fi
+fi
+echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null
