@@ -57,7 +57,7 @@ class RelayProcess:
 
     async def start(self) -> None:
         """Start and wait until the SMTP port answers."""
-        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
+        logf = open(self.log, "ab")  # handed to the child process, closed after spawn
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relayd.app", "--config", str(self.config),
             "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
