@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import os
 import re
 import ssl
 import time
@@ -115,6 +116,7 @@ class SessionState:
     """Per-connection facts, as logs and metrics see them."""
 
     peer_ip: str
+    sid: str = ""  # session id for logs: 12 hex digits, set at connection
     tls: bool = False
     helo: str = ""
     esmtp: bool = False
@@ -184,6 +186,7 @@ class RelaySMTP(_AioSMTP):
             return
         peer = transport.get_extra_info("peername")
         self.state.peer_ip = str(peer[0]) if peer else ""
+        self.state.sid = os.urandom(6).hex()
         if self._implicit_tls:
             self.state.tls = True
         ctx = self.ctx

@@ -44,7 +44,8 @@ def free_port() -> int:
 class RelayProcess:
     """relayd in a subprocess with its own data dir and ports."""
 
-    def __init__(self, tmp: Path, smarthost: str, extra_toml: str = "") -> None:
+    def __init__(self, tmp: Path, smarthost: str, extra_toml: str = "",
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.data = tmp / "var"
         self.sock = str(self.data / "control.sock")
@@ -54,6 +55,7 @@ class RelayProcess:
         self.config.write_text(BASE_TOML + extra_toml)
         self.proc: asyncio.subprocess.Process | None = None
         self.log = tmp / "relayd.log"
+        self.env = env or {}  # extra environment for the child (e.g. NOTIFY_SOCKET)
 
     async def start(self) -> None:
         """Start and wait until the SMTP port answers."""
@@ -63,7 +65,7 @@ class RelayProcess:
             "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
             "--control-socket", self.sock, "--smarthost", self.smarthost,
             cwd=REPO, stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         logf.close()
         for _ in range(300):
             if self.proc.returncode is not None:
