@@ -96,9 +96,11 @@ class ControlServer:
     """The control socket and the metrics endpoint."""
 
     def __init__(self, lifecycle: Lifecycle, status: Callable[[], Awaitable[schemas.Status]],
-                 registry: CollectorRegistry, log: Any) -> None:
+                 registry: CollectorRegistry, log: Any,
+                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
         self.lc = lifecycle
         self.status = status
+        self.before_scrape = before_scrape  # refreshes gauges (queue depths) before /metrics
         self.registry = registry
         self.log = log
         self._runners: list[web.AppRunner] = []
@@ -260,6 +262,11 @@ class ControlServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus exposition."""
+        if self.before_scrape is not None:
+            try:
+                await self.before_scrape()
+            except Exception as exc:  # a stale gauge is better than a failed scrape
+                self.log.error("scrape_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         body, ctype = render(self.registry, request.headers.get("Accept", ""))
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = ctype
