@@ -27,7 +27,7 @@ debs:
 
 ## test: set up, then ruff, mypy and the whole pytest suite (slow tests included)
 test: $(STAMP) debs lint
-	$(BIN)/pytest -q -p no:cacheprovider tests bench/test_harness_smoke.py
+	PROMTOOL=$(CURDIR)/.cache/prometheus/usr/bin/promtool $(BIN)/pytest -q -p no:cacheprovider tests bench
 
 ## test-fast: the suite without the slow end-to-end and crash tests
 test-fast: $(STAMP) lint
@@ -45,4 +45,4 @@ bench-quick: $(STAMP) debs
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .cache .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,17 @@
 # swaks (a real SMTP client) and postfix (for smtp-sink and smtp-source; the
 # system Postfix is left unconfigured and is never started by this).
 set -e
+# promtool (checks the alert rules) comes from Debian's prometheus package, unpacked
+# into .cache without installing it, so no Prometheus service is ever set up.
+PROMTOOL_DIR=.cache/prometheus
+if [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    mkdir -p .cache
+    ( cd .cache && rm -f prometheus_*.deb && \
+      { apt-get download prometheus >/dev/null 2>&1 || \
+        { ${SUDO_CMD:-} apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+      dpkg -x prometheus_*.deb prometheus && rm -f prometheus_*.deb ) || \
+      echo "install-debs: could not fetch promtool; the alert-rule checks will not run" >&2
+fi
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
 [ -x /usr/sbin/smtp-sink ] || need="$need postfix"
