@@ -225,14 +225,14 @@ class Relay:
 
         if not dsn.should_bounce(msg.sender, msg.is_bounce):
             return
-        data = await self.spool.load_data(msg.id) or b""
+        data = msg.data if msg.data is not None else await self.spool.load_data(msg.id) or b""
         head, _, _ = data.partition(b"\r\n\r\n")
         now = time.time()
         new_id = self.spool.ids.next()
         body = dsn.build_dsn(
             reporting_mta=self.cfg.server.hostname,
             postmaster=f"postmaster@{self.cfg.server.hostname}",
-            original_sender=msg.sender, original_message_id=f"{new_id:016X}",
+            original_sender=msg.sender, original_message_id=f"{msg.id:016X}",
             original_headers=head + b"\r\n",
             failures=[dsn.Failure(r.recipient, _status_of(r), f"{r.code or ''} {r.text}".strip(),
                                   r.next_hop if r.next_hop != "-" else None) for r in failed],

@@ -169,36 +169,55 @@ class Scheduler:
         self._wake.set()
 
     def limits_of(self, account: Account) -> Limits:
-        """The account's limits, falling back to the workspace default per window."""
+        """The account's limits, falling back to the workspace default per window.
+
+        An account value of 0 means unlimited (as in ``[limits]``), overriding
+        the workspace default; None means "use the default".
+        """
         d = self.default_limits
+
+        def pick(own: int | None, default: int | None) -> int | None:
+            if own is None:
+                return default
+            return own or None
+
         return Limits(
-            per_minute=account.per_minute if account.per_minute is not None else d.per_minute,
-            per_hour=account.per_hour if account.per_hour is not None else d.per_hour,
-            per_day=account.per_day if account.per_day is not None else d.per_day,
+            per_minute=pick(account.per_minute, d.per_minute),
+            per_hour=pick(account.per_hour, d.per_hour),
+            per_day=pick(account.per_day, d.per_day),
         )
+
+    def account_state(self, account_id: int) -> tuple[str, float | None]:
+        """The send-queue state of an account's pending mail, with the reset time if any."""
+        acct = self.directory.accounts_by_id.get(account_id)
+        if acct is None or not acct.usable:
+            return "held", None
+        aq = self._queues.get(account_id)
+        if aq is not None and aq.window is not None:
+            until = aq.window.blocked_until(self.clock())
+            if until is not None:
+                return "waiting_limit", until
+        return "queued", None
 
     def send_queue_view(self) -> list[tuple[QMsg, str, float | None]]:
         """Messages in the send queue with their state (queued, held, waiting_limit)."""
-        now = self.clock()
         out: list[tuple[QMsg, str, float | None]] = []
         for acct_id, aq in self._queues.items():
-            acct = self.directory.accounts_by_id.get(acct_id)
-            held = acct is None or not acct.usable
-            until = None
-            if not held and aq.window is not None:
-                until = aq.window.blocked_until(now)
-            for m in aq.pending:
-                if held:
-                    out.append((m, "held", None))
-                elif until is not None:
-                    out.append((m, "waiting_limit", until))
-                else:
-                    out.append((m, "queued", None))
+            state, until = self.account_state(acct_id)
+            out.extend((m, state, until) for m in aq.pending)
         return out
 
-    def drop_account(self, account_id: int) -> list[int]:
-        """Forget the send queue of an account (purge); return the message ids dropped."""
+    def drop_account(self, account_id: int, state: str | None = None) -> list[int]:
+        """Forget the send queue of an account (purge); return the message ids dropped.
+
+        With ``state`` (queued, waiting_limit or held), only if the account's
+        pending mail is in that state.
+        """
+        if state is not None and self.account_state(account_id)[0] != state:
+            return []
         aq = self._queues.pop(account_id, None)
+        while account_id in self._rr:
+            self._rr.remove(account_id)
         dropped = [m.id for m in aq.pending] if aq else []
         for m in aq.pending if aq else ():
             if m.data is not None:
@@ -365,7 +384,9 @@ class Scheduler:
         if data is not None:
             self._cache_used -= len(data)
             msg.data = None
-        else:
+        if msg.id not in self._live.get(msg.account_id, ()):
+            return  # purged after it was dispatched
+        if data is None:
             data = await self.spool.load_data(msg.id)
             if data is None:
                 return  # purged meanwhile
@@ -374,75 +395,78 @@ class Scheduler:
         started = time.perf_counter()
         results: list[AttemptResult] = []
         try:
-            by_domain: dict[str, list[int]] = {}
-            for idx, (rcpt, _att) in msg.rcpts.items():
-                by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
-            groups: dict[Hop | None, list[int]] = {}
-            route_errors: dict[int, RouteError] = {}
-            hops_of: dict[Hop, list[Hop]] = {}
-            for domain, idxs in by_domain.items():
-                try:
-                    hops = await self.sender.route(domain)
-                except RouteError as exc:
-                    for i in idxs:
-                        route_errors[i] = exc
-                    continue
-                first = hops[0]
-                hops_of[first] = hops
-                groups.setdefault(first, []).extend(idxs)
+            await self._transmit(msg, data, results)
+        except Exception as exc:  # a bug must not strand the message: defer what is left
+            answered = {r.idx for r in results}
             now = self.clock()
-            for idx, err in route_errors.items():
-                results.append(self._result(msg, idx, "-", 550 if err.permanent else None,
-                                            str(err), now))
-            for hop, idxs in groups.items():
-                assert hop is not None
-                pending = idxs
-                for h in hops_of[hop]:
-                    rcpts = [msg.rcpts[i][0] for i in pending]
-                    replies = await self.sender.send(h, msg.sender, rcpts, data)
-                    now = self.clock()
-                    retry_next: list[int] = []
-                    for i, rep in zip(pending, replies, strict=True):
-                        if rep.code is None and h is not hops_of[hop][-1]:
-                            retry_next.append(i)  # connection trouble: try the next MX
-                        else:
-                            results.append(self._result(msg, i, h.name, rep.code, rep.text, now))
-                    pending = retry_next
-                    if not pending:
-                        break
+            results.extend(self._result(msg, i, "-", None, f"internal error: {type(exc).__name__}",
+                                        now) for i in msg.rcpts if i not in answered)
         finally:
             if self.events is not None:
                 self.events.in_flight(-1)
         elapsed = time.perf_counter() - started
-        for r in results:
-            if self.events is not None:
+        if self.events is not None:
+            for r in results:
                 self.events.attempt(r, elapsed)
-        delivered = 0
-        for r in results:
-            if r.outcome != "deferred":
-                msg.rcpts.pop(r.idx, None)
-            if r.outcome == "delivered":
-                delivered += 1
-        if delivered:
-            acct = self.directory.accounts_by_id.get(msg.account_id)
-            if acct is not None:
-                acct.total_sent += delivered
-        fut = self.spool.record(results, [msg.id] if not any(
-            r.outcome == "deferred" for r in results) else [])
-        try:
-            removed = await fut
-        except Exception:
-            removed = []
-        if removed:
-            self.forget(msg.account_id, removed)
         failed = [r for r in results if r.outcome == "failed"]
         if failed and self.on_failed is not None:
+            # Before the results are committed: a crash in between repeats the
+            # attempt (and may send a second DSN) but never loses the bounce.
+            msg.data = data
             try:
                 await self.on_failed(msg, failed)
             except Exception:  # noqa: S110 - a bounce that cannot be queued is logged there
                 pass
-        if any(r.outcome == "deferred" for r in results):
+            finally:
+                msg.data = None
+        deferred = any(r.outcome == "deferred" for r in results)
+        delivered = sum(1 for r in results if r.outcome == "delivered")
+        for r in results:
+            if r.outcome != "deferred":
+                msg.rcpts.pop(r.idx, None)
+        if delivered:
+            acct = self.directory.accounts_by_id.get(msg.account_id)
+            if acct is not None:
+                acct.total_sent += delivered
+        try:
+            removed = await self.spool.record(results, [] if deferred else [msg.id])
+        except Exception:
+            removed = []
+        if removed:
+            self.forget(msg.account_id, removed)
+        if deferred:
             self._wake_retry.set()
+
+    async def _transmit(self, msg: QMsg, data: bytes, results: list[AttemptResult]) -> None:
+        """Route the recipients, group them by next hop, send; append one result each."""
+        by_domain: dict[str, list[int]] = {}
+        for idx, (rcpt, _att) in msg.rcpts.items():
+            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
+        groups: dict[tuple[Hop, ...], list[int]] = {}
+        for domain, idxs in by_domain.items():
+            try:
+                hops = await self.sender.route(domain)
+            except RouteError as exc:
+                now = self.clock()
+                results.extend(self._result(msg, i, "-", 550 if exc.permanent else None,
+                                            str(exc), now) for i in idxs)
+                continue
+            groups.setdefault(tuple(hops), []).extend(idxs)
+        for chain, idxs in groups.items():
+            pending = idxs
+            for n, h in enumerate(chain):
+                rcpts = [msg.rcpts[i][0] for i in pending]
+                replies = await self.sender.send(h, msg.sender, rcpts, data)
+                now = self.clock()
+                retry_next: list[int] = []
+                for i, rep in zip(pending, replies, strict=True):
+                    if rep.code is None and n < len(chain) - 1:
+                        retry_next.append(i)  # connection trouble: try the next MX
+                    else:
+                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now))
+                pending = retry_next
+                if not pending:
+                    break
 
     def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
                 now: float) -> AttemptResult:
