@@ -72,7 +72,8 @@ class _MxAdapter:
                 host, port = parse_hostport(entry, default_port=53)
                 hosts.append(host)
             ns = hosts
-        self.resolver = mx.MxResolver(nameservers=ns, port=port)
+        self.resolver = mx.MxResolver(nameservers=ns, port=port,
+                                      smtp_port=cfg.delivery.mx_port)
 
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         try:
@@ -123,6 +124,9 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._free_disk = 1 << 62
         self._free_disk_at = 0.0
+        self._tls: ssl.SSLContext | None = None
+        self._gauges_at = 0.0
+        self._gauges_lock = asyncio.Lock()
 
     def free_disk(self) -> int:
         """Free bytes on the spool's disk (cached for a second)."""
@@ -143,7 +147,8 @@ class Relay:
                            on_batch=self.observer.batch)
         await self.spool.open()
         self.hasher = Hasher(cfg.credentials)
-        self.cache = CredentialCache(self.hasher, on_miss=self.observer.cache_miss)
+        self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
+                                     on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
         mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
         self.deliverer = Deliverer(cfg.delivery, helo, mx=mx)
@@ -162,7 +167,7 @@ class Relay:
         await self.lifecycle.load()
         await self.scheduler.start()
         self.signer = DkimSigning() if cfg.dkim.enabled else None
-        tls = _tls_context(cfg)
+        tls = self._tls = _tls_context(cfg)
         self.ctx = SmtpContext(
             hostname=cfg.server.hostname, directory=self.directory, credentials=self.cache,
             spool=self.spool, scheduler=self.scheduler, signer=self.signer,
@@ -170,19 +175,23 @@ class Relay:
             plaintext_auth=policy.PlaintextAuthPolicy(cfg.smtp.plaintext_auth_networks),
             throttle=policy.AuthThrottle(
                 free_failures=cfg.smtp.auth_failures_before_delay,
-                max_failures=cfg.smtp.auth_failures_before_disconnect),
+                max_failures=cfg.smtp.auth_failures_before_disconnect,
+                base_delay=cfg.smtp.auth_failure_delay_seconds,
+                max_delay=cfg.smtp.auth_failure_max_delay_seconds),
             max_message_size=cfg.smtp.max_message_size_bytes,
             max_recipients=cfg.smtp.max_recipients,
             max_queued_per_account=cfg.limits.max_queued_per_account,
             min_free_disk=cfg.limits.min_free_disk_bytes, free_disk=self.free_disk,
             idle_timeout=cfg.smtp.idle_timeout_seconds,
             min_data_rate=cfg.smtp.min_data_rate_bytes_per_second,
+            data_rate_grace=cfg.smtp.min_data_rate_grace_seconds,
             max_commands=cfg.smtp.max_commands_per_session,
             max_connections=cfg.smtp.max_connections,
             max_connections_per_ip=cfg.smtp.max_connections_per_ip,
             smtputf8=cfg.smtp.smtputf8,
         )
-        self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log)
+        self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log,
+                                     before_scrape=self.refresh_gauges)
         mhost: str | None = None
         mport: int | None = None
         if cfg.metrics.listen:
@@ -207,10 +216,26 @@ class Relay:
         ctx = self.ctx
 
         def factory() -> RelaySMTP:
-            return RelaySMTP(ctx, tls, implicit_tls=implicit)
+            # self._tls, not the argument: a reload swaps it for new connections.
+            return RelaySMTP(ctx, self._tls, implicit_tls=implicit)
 
+        listen_tls: ssl.SSLContext | None = None
+        if implicit and tls is not None:
+            # The server's context is fixed when it is created; a fresh one
+            # whose ClientHello callback hands each new connection the current
+            # context (OpenSSL calls it with or without SNI). Open connections
+            # keep the certificate they were made with.
+            listen_tls = _tls_context(self.cfg)
+
+            def current(obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+                        _ctx: ssl.SSLContext) -> None:
+                if self._tls is not None:
+                    obj.context = self._tls
+
+            assert listen_tls is not None
+            listen_tls.sni_callback = current
         server = await loop.create_server(
-            factory, host=host, port=port, ssl=tls if implicit else None, backlog=1024,
+            factory, host=host, port=port, ssl=listen_tls, backlog=1024,
             reuse_address=True)
         self.servers.append(server)
         for sock in server.sockets:
@@ -264,6 +289,26 @@ class Relay:
             domains=len(self.directory.domains_by_name),
             accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions))
 
+    async def refresh_gauges(self, max_age: float = 1.0) -> None:
+        """Set the queue and spool gauges from the current counts.
+
+        Called by the housekeeping loop and before each ``/metrics`` scrape, so
+        a scrape never shows counts older than ``max_age`` seconds. Cost: one
+        pass over the in-memory send queue and one indexed COUNT over the
+        deferred recipients; concurrent callers share one refresh.
+        """
+        async with self._gauges_lock:
+            if time.monotonic() - self._gauges_at < max_age:
+                return
+            st = await self.status()
+            for state, n in st.queue.items():
+                gauge = self.metrics.queue.get(state)
+                if gauge is not None:
+                    gauge.set(n)
+            self.metrics.spool_free_bytes.set(st.free_disk_bytes)
+            self.metrics.spool_size_bytes.set(st.spool_bytes)
+            self._gauges_at = time.monotonic()
+
     async def _housekeeping(self) -> None:
         """Periodic work: last-connection flush, gauges, log pruning."""
         last_prune = 0.0
@@ -271,11 +316,7 @@ class Relay:
             await asyncio.sleep(self.cfg.spool.last_connection_flush_seconds)
             try:
                 await self.lifecycle.flush_last_connections()
-                st = await self.status()
-                for state, n in st.queue.items():
-                    self.metrics.queue[state].set(n)
-                self.metrics.spool_free_bytes.set(st.free_disk_bytes)
-                self.metrics.spool_size_bytes.set(st.spool_bytes)
+                await self.refresh_gauges(max_age=0.0)
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     await self.lifecycle.prune_delivery_log()
@@ -300,40 +341,69 @@ class Relay:
         asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self) -> None:
-        """Re-read the configuration file (limits and routes take effect)."""
-        sdnotify.reloading(os.environ.get("NOTIFY_SOCKET"))
+        """Re-read the configuration file; apply what can change without a restart.
+
+        All or nothing: the new file is parsed and everything built from it
+        (TLS context, routes) before anything is swapped in; on any error the
+        running configuration stays and ``reload_failed`` is logged. Open SMTP
+        connections stay open; the limits apply to their next command, a new
+        certificate to new connections (and to a STARTTLS not yet issued).
+        Settings in :data:`RELOADABLE` take effect; a change to any other one
+        is logged as ``reload_needs_restart`` and ignored until a restart.
+        """
+        notify = os.environ.get("NOTIFY_SOCKET")
+        sdnotify.reloading(notify)
         try:
             path = os.environ.get("RELAYD_CONFIG_PATH", "")
             if not path:
                 raise ConfigError("no configuration file to reload")
-            new = config_mod.load(path)
-            new = config_mod.with_overrides(new, **_OVERRIDES)
-        except ConfigError as exc:
-            self.log.error("reload_failed", error=str(exc))
-            sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+            new = config_mod.with_overrides(config_mod.load(path), **_OVERRIDES)
+            tls = _tls_context(new) if new.smtp.tls_cert_file else self._tls
+            from relayd.delivery import Router
+
+            router = Router(new.delivery)
+            d = new.delivery
+            backoff = BackoffPolicy(first=d.retry_first_seconds, maximum=d.retry_max_seconds,
+                                    jitter=min(d.retry_jitter, 0.99),
+                                    lifetime=d.max_queue_lifetime_seconds)
+            plaintext = policy.PlaintextAuthPolicy(new.smtp.plaintext_auth_networks)
+        except (ConfigError, OSError, ValueError) as exc:
+            # ssl.SSLError is an OSError: an unreadable or mismatched key pair.
+            self.log.error("reload_failed", error=str(exc) or type(exc).__name__)
+            sdnotify.ready(notify)
             return
+        changed, ignored = _config_changes(self.cfg, new)
+        # Keep the running values of what a reload cannot change, so that
+        # self.cfg always describes what is in effect.
+        new = _keep_unreloadable(self.cfg, new)
         self.cfg = new
+        self.lifecycle.cfg = new
         self.scheduler.default_limits = _limits(new)
         for acct in self.directory.accounts_by_id.values():
             self.scheduler.set_limits(acct)
-        from relayd.delivery import Router
-
-        self.deliverer.router = Router(new.delivery)
-        self.ctx.max_queued_per_account = new.limits.max_queued_per_account
-        self.ctx.max_recipients = new.smtp.max_recipients
-        self.ctx.max_message_size = new.smtp.max_message_size_bytes
-        self.lifecycle.cfg = new
-        if new.smtp.tls_cert_file:
-            try:
-                tls = _tls_context(new)
-                for s in self.ctx.sessions:
-                    if s.tls_context is not None:
-                        s.tls_context = tls
-                self._tls = tls
-            except (OSError, ssl.SSLError) as exc:
-                self.log.error("reload_tls_failed", error=str(exc))
-        self.log.info("reloaded")
-        sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+        self.scheduler.policy = backoff
+        self.deliverer.router = router
+        self.deliverer.cfg = new.delivery
+        c, sm = self.ctx, new.smtp
+        c.max_queued_per_account = new.limits.max_queued_per_account
+        c.min_free_disk = new.limits.min_free_disk_bytes
+        c.max_recipients = sm.max_recipients
+        c.max_message_size = sm.max_message_size_bytes
+        c.idle_timeout = sm.idle_timeout_seconds
+        c.min_data_rate = sm.min_data_rate_bytes_per_second
+        c.max_commands = sm.max_commands_per_session
+        c.max_connections = sm.max_connections
+        c.max_connections_per_ip = sm.max_connections_per_ip
+        c.plaintext_auth = plaintext
+        if tls is not self._tls:
+            for s in c.sessions:
+                if s.tls_context is not None:
+                    s.tls_context = tls
+            self._tls = tls
+        if ignored:
+            self.log.warning("reload_needs_restart", settings=ignored)
+        self.log.info("reloaded", changed=changed)
+        sdnotify.ready(notify)
 
     async def wait(self) -> None:
         """Until a stop signal."""
@@ -373,6 +443,62 @@ class Relay:
         if self.signer is not None:
             self.signer.close()
         self.log.info("stopped")
+
+
+#: Settings a reload applies ("section.key", or "section" for all its keys).
+#: TLS files are re-read on every reload, changed or not (renewed certificates).
+RELOADABLE: frozenset[str] = frozenset({
+    "limits",
+    "server.shutdown_grace_seconds",
+    "smtp.max_recipients", "smtp.max_message_size_bytes", "smtp.idle_timeout_seconds",
+    "smtp.min_data_rate_bytes_per_second", "smtp.max_commands_per_session",
+    "smtp.max_connections", "smtp.max_connections_per_ip", "smtp.plaintext_auth_networks",
+    "smtp.tls_cert_file", "smtp.tls_key_file",
+    "delivery.routes", "delivery.smarthost", "delivery.smarthost_tls",
+    "delivery.smarthost_username", "delivery.smarthost_password",
+    "delivery.retry_first_seconds", "delivery.retry_max_seconds", "delivery.retry_jitter",
+    "delivery.max_queue_lifetime_seconds", "delivery.connect_timeout_seconds",
+    "delivery.command_timeout_seconds", "delivery.idle_connection_seconds",
+    "delivery.messages_per_connection", "delivery.tls_verify", "delivery.bounces",
+    "spool.last_connection_flush_seconds", "spool.delivery_log_retention_days",
+})
+
+
+def _is_reloadable(section: str, key: str) -> bool:
+    return section in RELOADABLE or f"{section}.{key}" in RELOADABLE
+
+
+def _config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """("section.key" changed and applied, changed but needing a restart)."""
+    import msgspec
+
+    applied: list[str] = []
+    ignored: list[str] = []
+    for section in old.__struct_fields__:
+        a, b = getattr(old, section), getattr(new, section)
+        if a == b or not isinstance(a, msgspec.Struct):
+            continue
+        for key in a.__struct_fields__:
+            if getattr(a, key) != getattr(b, key):
+                name = f"{section}.{key}"
+                (applied if _is_reloadable(section, key) else ignored).append(name)
+    return applied, ignored
+
+
+def _keep_unreloadable(old: Config, new: Config) -> Config:
+    """``new`` with every setting a reload cannot change taken from ``old``."""
+    import msgspec
+
+    sections: dict[str, Any] = {}
+    for section in old.__struct_fields__:
+        a, b = getattr(old, section), getattr(new, section)
+        if not isinstance(a, msgspec.Struct):
+            continue
+        keep = {key: getattr(a, key) for key in a.__struct_fields__
+                if not _is_reloadable(section, key) and getattr(a, key) != getattr(b, key)}
+        if keep:
+            sections[section] = msgspec.structs.replace(b, **keep)
+    return msgspec.structs.replace(new, **sections) if sections else new
 
 
 def _prepare_data_dir(path: str) -> None:

@@ -6,6 +6,29 @@ into one structured log event per transaction outcome. The reason of a 535 is
 visible here (metric label and log field), never on the wire. Passwords and
 AUTH payloads are never passed here.
 
+Log events (JSON lines, relayd.logging), each SMTP one with the session id
+``sid`` (relayd.smtp.SessionState.sid) and the client address:
+
+- ``smtp_accepted`` (info): a message got 250; ``id`` is the queue id.
+- ``smtp_rejected`` (info): a refusal with a 5xx code, or a 4xx that means
+  trouble on our side (queue full, low disk, internal error, AUTH rate limit);
+  ``reason`` is the metric label, ``detail`` the why. Routine 4xx (too many
+  recipients, timeouts) are counted, not logged.
+- ``auth_failed`` (info): a failed credential check, with the username tried
+  and ``detail`` (``unknown_user``, ``bad_password``, ``account_disabled``,
+  ...); the 535 it caused is not logged a second time. ``auth_ok`` is debug.
+- ``smtp_internal_error`` (error): a handler failed; the client got 451.
+- ``delivery_attempt`` (info): one per recipient per attempt, with ``id``.
+
+The credential cache counters: a *hit* is a successful AUTH answered from the
+cache without argon2; a *miss* is a password check of an existing, live
+account that the cache could not answer, so argon2 ran: the first login, the
+first after an invalidation, and every wrong password, even for an account
+with a cached entry (failures always cost one argon2 verification, so that
+all 535s take the same time). Unknown and deleted users touch neither
+counter. So ``hits + misses`` is the number of password checks of known
+accounts, and ``hits / (hits + misses)`` is the share argon2 was saved.
+
 Interface cost: each hook is a few counter increments and at most one log
 call; no I/O beyond the log stream.
 See also: relayd.metrics, relayd.logging, relayd.smtp, relayd.scheduler.
@@ -20,6 +43,7 @@ from relayd.replies import Reply
 from relayd.smtp import SessionState
 from relayd.spool import AttemptResult, format_id
 
+#: Credential-check outcomes (relayd.credentials.AuthOutcome.reason) -> metric reason.
 _AUTH_REASON = {
     "unknown_user": "auth_failed",
     "bad_password": "auth_failed",
@@ -55,10 +79,12 @@ class Observer:
         if child is None:
             child = self._rej[reason] = self._rej_total.labels(reason=reason)
         child.inc()
+        if detail in _AUTH_REASON:
+            return  # a failed credential check: already logged by auth_result
         if reply.code >= 500 or reason in ("queue_full", "low_disk", "internal_error",
                                            "auth_rate_limited"):
-            self.log.info("smtp_rejected", reason=reason, reply=reply.text[:3],
-                          client=session.peer_ip,
+            self.log.info("smtp_rejected", sid=session.sid, reason=reason,
+                          reply=reply.text[:3], client=session.peer_ip,
                           user=session.account.username if session.account else None,
                           detail=detail or None)
 
@@ -67,14 +93,20 @@ class Observer:
         """An AUTH was decided (the 535 reason is counted by ``rejected``)."""
         if reason == "success":
             self.m.auth_success.inc()
-            self.m.credential_cache_hits_total.inc() if cache_hit else None
+            self.log.debug("auth_ok", sid=session.sid, client=session.peer_ip,
+                           user=username[:64], cache_hit=cache_hit)
         else:
             self.m.auth_failure.inc()
-            self.log.info("auth_failed", client=session.peer_ip, user=username[:64],
-                          reason=_AUTH_REASON.get(reason, reason))
+            self.log.info("auth_failed", sid=session.sid, client=session.peer_ip,
+                          user=username[:64], reason=_AUTH_REASON.get(reason, reason),
+                          detail=reason)
+
+    def cache_hit(self) -> None:
+        """A login was answered from the credential cache (no argon2)."""
+        self.m.credential_cache_hits_total.inc()
 
     def cache_miss(self) -> None:
-        """A successful-looking login had to run argon2."""
+        """A known account's password needed argon2 (see the module doc)."""
         self.m.credential_cache_misses_total.inc()
 
     def accepted(self, session: SessionState, message_id: str, size: int, rcpts: int,
@@ -82,13 +114,14 @@ class Observer:
         """A message was committed and acknowledged with 250."""
         self.m.messages_accepted_total.inc()
         self.m.accept_duration_seconds.observe(seconds)
-        self.log.info("smtp_accepted", id=message_id, client=session.peer_ip,
+        self.log.info("smtp_accepted", sid=session.sid, id=message_id, client=session.peer_ip,
                       user=session.account.username if session.account else None,
                       size=size, rcpts=rcpts)
 
     def error(self, session: SessionState, where: str, exc: BaseException) -> None:
         """A handler failed: logged with detail, the client got 451."""
-        self.log.error("smtp_internal_error", where=where, client=session.peer_ip,
+        self.log.error("smtp_internal_error", sid=session.sid, where=where,
+                       client=session.peer_ip,
                        error=f"{type(exc).__name__}: {exc}")
 
     # -- spool ---------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""End to end: a scripted mix of SMTP sessions, then exact values on /metrics.
+
+A real relay (in the test's loop), real sockets, a real receiving server;
+every counter is read back from the Prometheus endpoint as a scraper sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relayd.replies import REJECTION_REASONS
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
+from tests.procs import free_port
+from tests.test_ops_support import Raw, Samples, scrape, value
+
+MIX_CONFIG = {"smtp": {"max_recipients": 2, "max_message_size_bytes": 2000}}
+
+#: Rejections the mix causes, by reason; every other reason stays at zero.
+EXPECTED_REJECTIONS = {
+    "auth_failed": 2,          # wrong password, unknown user (535, same wire text)
+    "auth_required": 1,        # MAIL without AUTH
+    "sender_not_allowed": 1,   # MAIL FROM outside the account's domain
+    "too_many_recipients": 1,  # third RCPT with max_recipients = 2
+    "size": 2,                 # SIZE= too large at MAIL, and an oversize body
+}
+
+
+async def _session_mix(h: RelayHandle, user: str, password: str) -> None:
+    """The scripted sessions (one behaviour each); asserts the wire replies."""
+    c = await Raw.open(h.host, h.port)  # 1: AUTH (first: argon2) and send
+    assert (await c.login(user, password))[0] == 235
+    assert (await c.send("app@example.com", ["a@dest.test"], message()))[0] == 250
+    await c.close()
+
+    c = await Raw.open(h.host, h.port)  # 2: AUTH again (answered from the cache)
+    assert (await c.login(user, password))[0] == 235
+    # 3: too many recipients, the message still goes to the first two
+    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<c@dest.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<d@dest.test>"))[0] == 452
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.write(message() + b"\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    # 4: foreign sender
+    assert (await c.cmd("MAIL FROM:<app@other.test>"))[0] == 553
+    # 5: declared size too large
+    assert (await c.cmd("MAIL FROM:<app@example.com> SIZE=999999"))[0] == 552
+    # 6: actual body too large
+    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<e@dest.test>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.write(message(body="x" * 70 + "\r\n") * 40 + b"\r\n.\r\n")
+    assert (await c.reply())[0] == 552
+    await c.close()
+
+    c = await Raw.open(h.host, h.port)  # 7: wrong password for a known (cached) account
+    assert (await c.login(user, password + "x"))[0] == 535
+    await c.close()
+    c = await Raw.open(h.host, h.port)  # 8: unknown user
+    assert (await c.login("nobody-here", password))[0] == 535
+    await c.close()
+    c = await Raw.open(h.host, h.port)  # 9: MAIL without AUTH
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 530
+    await c.close()
+
+
+async def _settled(h: RelayHandle, predicate: str, timeout: float = 10.0) -> Samples:
+    """Scrape until ``predicate`` (a Python expression over ``m``) holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        m = await scrape(h.metrics_url)
+        if eval(predicate, {"value": value, "m": m}):  # noqa: S307 (test-local expressions)
+            return m
+        if asyncio.get_running_loop().time() > deadline:
+            return m
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def mixed(relay_factory: RelayFactory, sink: Sink) -> Samples:
+    """A relay after the scripted session mix, all deliveries done."""
+    h = await relay_factory(MIX_CONFIG)
+    await h.ctl.add_domain("example.com")
+    user, password = await h.ctl.add_user("example.com")
+    await _session_mix(h, user, password)
+    await sink.wait_for(2)
+    return await _settled(
+        h, "value(m, 'relayd_delivery_attempts_total', outcome='delivered') == 3"
+        " and value(m, 'relayd_smtp_sessions_active') == 0"
+        " and value(m, 'relayd_messages_in_flight') == 0")
+
+
+@pytest.mark.slow
+async def test_rejections_are_counted_exactly_by_reason(mixed: Samples) -> None:
+    """Each refusal of the mix adds one to its reason's row and to no other row."""
+    got = {r: value(mixed, "relayd_smtp_rejections_total", reason=r) for r in REJECTION_REASONS}
+    assert got == {r: float(EXPECTED_REJECTIONS.get(r, 0)) for r in REJECTION_REASONS}
+
+
+@pytest.mark.slow
+async def test_auth_results_are_counted(mixed: Samples) -> None:
+    """Two successful and two failed AUTH give success=2 and failure=2."""
+    assert value(mixed, "relayd_auth_total", result="success") == 2
+    assert value(mixed, "relayd_auth_total", result="failure") == 2
+
+
+@pytest.mark.slow
+async def test_credential_cache_hits_and_misses(mixed: Samples) -> None:
+    """A repeated login is a hit; the first login and a wrong password are misses."""
+    assert value(mixed, "relayd_credential_cache_hits_total") == 1
+    assert value(mixed, "relayd_credential_cache_misses_total") == 2
+
+
+@pytest.mark.slow
+async def test_connections_and_active_sessions(mixed: Samples) -> None:
+    """Five connections were made and none is open once the clients quit."""
+    assert value(mixed, "relayd_smtp_connections_total") == 5
+    assert value(mixed, "relayd_smtp_sessions_active") == 0
+
+
+@pytest.mark.slow
+async def test_accepted_messages_and_their_durations(mixed: Samples) -> None:
+    """Two 250s: the accepted counter and the accept histogram both count two."""
+    assert value(mixed, "relayd_messages_accepted_total") == 2
+    assert value(mixed, "relayd_accept_duration_seconds_count") == 2
+    assert value(mixed, "relayd_accept_duration_seconds_sum") > 0
+
+
+@pytest.mark.slow
+async def test_group_commit_batches_hold_every_accepted_message(mixed: Samples) -> None:
+    """The batch-size histogram sums to at least the two accepted messages."""
+    assert value(mixed, "relayd_spool_commit_batch_size_count") >= 1
+    assert value(mixed, "relayd_spool_commit_batch_size_sum") >= 2
+
+
+@pytest.mark.slow
+async def test_delivery_attempts_and_durations(mixed: Samples) -> None:
+    """Three recipients delivered: three attempts, three durations, none in flight."""
+    assert value(mixed, "relayd_delivery_attempts_total", outcome="delivered") == 3
+    assert value(mixed, "relayd_delivery_attempts_total", outcome="deferred") == 0
+    assert value(mixed, "relayd_delivery_attempts_total", outcome="failed") == 0
+    assert value(mixed, "relayd_delivery_duration_seconds_count") == 3
+    assert value(mixed, "relayd_messages_in_flight") == 0
+
+
+@pytest.mark.slow
+async def test_queue_gauge_is_fresh_at_scrape_time(relay_factory: RelayFactory) -> None:
+    """A deferred message shows in relayd_queue_messages at the next scrape, not minutes later."""
+    h = await relay_factory({"spool": {"last_connection_flush_seconds": 3600.0}},
+                            smarthost=f"127.0.0.1:{free_port()}")  # nothing listens there
+    await h.ctl.add_domain("example.com")
+    user, password = await h.ctl.add_user("example.com")
+    c = await Raw.open(h.host, h.port)
+    assert (await c.login(user, password))[0] == 235
+    assert (await c.send("app@example.com", ["a@dest.test"], message()))[0] == 250
+    await c.close()
+    for _ in range(200):
+        status = await h.ctl.ok("GET", "/v1/status")
+        if status["queue"]["deferred"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    m = await scrape(h.metrics_url)
+    assert value(m, "relayd_queue_messages", state="deferred") == 1
+    assert value(m, "relayd_queue_messages", state="queued") == 0
+    assert value(m, "relayd_delivery_attempts_total", outcome="deferred") == 1
