@@ -144,6 +144,7 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     bounces: bool = True
     helo_name: str = ""
     dns_nameservers: tuple[str, ...] = ()
+    mx_port: Port = 25  # the SMTP port of MX hosts (tests point it at a sink)
     routes: dict[str, str] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:

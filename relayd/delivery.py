@@ -89,7 +89,9 @@ class Pool:
             use_tls=hop.tls == "tls",
             start_tls=True if hop.tls == "starttls" else (None if hop.tls == "opportunistic"
                                                          else False),
-            validate_certs=self.cfg.tls_verify,
+            # Opportunistic TLS (MX hosts, static routes) encrypts without
+            # authenticating, as Postfix's "may" level: we connect to an address.
+            validate_certs=self.cfg.tls_verify and hop.tls != "opportunistic",
             tls_context=self.tls_context,
             username=hop.username or None, password=hop.password or None,
         )

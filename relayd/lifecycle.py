@@ -603,7 +603,7 @@ class Lifecycle:
                                  "bad_request")
         dropped: list[int] = []
         if state != "deferred":
-            dropped = self.scheduler.drop_account(acct.id)
+            dropped = self.scheduler.drop_account(acct.id, state)
         ids = dropped
 
         async def op(db: aiosqlite.Connection) -> int:
