@@ -99,8 +99,11 @@ class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_connections_per_ip: PositiveInt = 200
     max_commands_per_session: PositiveInt = 100_000
     min_data_rate_bytes_per_second: NonNegativeInt = 1024
+    min_data_rate_grace_seconds: Seconds = 30.0  # DATA may be slower than that this long
     auth_failures_before_delay: NonNegativeInt = 3
     auth_failures_before_disconnect: PositiveInt = 10
+    auth_failure_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # doubles each time
+    auth_failure_max_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 8.0
     smtputf8: bool = True
 
     def __post_init__(self) -> None:

@@ -111,15 +111,23 @@ NOT_IMPLEMENTED = Reply("502 5.5.1 Command not implemented", "unknown_command")
 TLS_NOT_AVAILABLE = Reply("454 4.7.0 TLS not available", "tls")
 TLS_ALREADY = Reply("503 5.5.1 TLS already active", "bad_sequence")
 TOO_MANY_ERRORS = Reply("421 4.7.0 Too many errors, closing connection", "too_many_errors")
+TOO_MANY_COMMANDS = Reply(
+    "421 4.7.0 Too many commands, closing connection", "too_many_commands"
+)
 TOO_MANY_CONNECTIONS = Reply(
     "421 4.7.0 Too many connections from your address", "too_many_connections"
 )
 IDLE_TIMEOUT = Reply("421 4.4.2 Idle timeout, closing connection", "timeout")
+DATA_TOO_SLOW = Reply("421 4.4.2 Data rate too low, closing connection", "timeout")
+HELO_SYNTAX_PLAIN = Reply("501 5.5.4 Syntax: HELO hostname", "syntax")
 SHUTTING_DOWN = Reply("421 4.3.2 Service shutting down, closing connection", "shutdown")
 UTF8_NOT_DECLARED = Reply("500 5.6.7 Non-ASCII command requires SMTPUTF8", "non_ascii_address")
 
 # --- local trouble -------------------------------------------------------------
 LOCAL_ERROR = Reply("451 4.3.0 Local error in processing", "internal_error")
+LOCAL_ERROR_CLOSING = Reply(
+    "421 4.3.0 Local error in processing, closing connection", "internal_error"
+)
 
 
 def greeting(hostname: str) -> Reply:

@@ -16,6 +16,17 @@ pipelined commands are coalesced into one write, addresses are parsed by
 relayd.address, DATA is framed only on CRLF.CRLF and refused if it has bare
 CR/LF/NUL, and argon2 runs in a thread pool (relayd.credentials).
 
+Line limits (``500 5.5.2`` past them, the rest of the line discarded
+without being buffered): a command line is at most 512 octets with its CRLF
+(RFC 5321 §4.5.3.1.4), except MAIL and RCPT, whose limit that section lets
+extensions raise (SIZE +26 octets, AUTH= +500, SMTPUTF8 addresses are longer
+in octets): 2048, rounded up as Postfix's ``line_length_limit``; and AUTH with
+its initial response and the answers to its challenges: 12288 (RFC 4954 §4).
+A line of message data is at most 1000 octets with its CRLF (§4.5.3.1.6).
+The message size is enforced while reading: past ``max_message_size_bytes``
+the data is discarded as it arrives (never buffered whole) and the end of
+DATA gets ``552 5.3.4``.
+
 Untrusted input: everything the client sends. A client never sees an
 exception text: any handler error becomes ``451 4.3.0`` and a log entry.
 Settings read: [smtp], [limits], [server].hostname (through SmtpContext).
@@ -46,7 +57,11 @@ from relayd.credentials import CredentialCache
 from relayd.replies import Reply
 from relayd.spool import NewMessage, Spool, format_id
 
-COMMAND_LINE_MAX = 2048  # RFC 5321 says 512; extensions (SIZE, SMTPUTF8, AUTH) need more
+# Command line limits in octets, CRLF included (see the module docstring).
+COMMAND_LINE_MAX = 512
+MAIL_LINE_MAX = 2048
+AUTH_LINE_MAX = 12288
+_LINE_MAX = {"MAIL": MAIL_LINE_MAX, "RCPT": MAIL_LINE_MAX, "AUTH": AUTH_LINE_MAX}
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")
 _READ_CHUNK = 65536
 
@@ -105,6 +120,7 @@ class SmtpContext:
     max_connections: int
     max_connections_per_ip: int
     smtputf8: bool
+    data_rate_grace: float = 30.0
     clock: Callable[[], float] = time.time
     sessions: set[RelaySMTP] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
@@ -212,7 +228,7 @@ class RelaySMTP(_AioSMTP):
 
     def _timeout_cb(self) -> None:
         if self.transport is not None:
-            self._emit(replies.IDLE_TIMEOUT)
+            self._reject(replies.IDLE_TIMEOUT)
             self._flush()
             self.transport.close()
 
@@ -297,20 +313,25 @@ class RelaySMTP(_AioSMTP):
             self._emit_raw(f"220 {ctx.hostname} ESMTP relayd")
             while self.transport is not None and not self._closing:
                 self._idle = self._mail_from is None
-                line = await self._readline(COMMAND_LINE_MAX)
+                line = await self._readline(AUTH_LINE_MAX - 2)
                 self._idle = False
-                if line is None:
-                    self._reject(replies.COMMAND_TOO_LONG)
-                    continue
                 st.commands += 1
                 if st.commands > ctx.max_commands:
-                    self._reject(replies.TOO_MANY_ERRORS, "command limit")
+                    self._reject(replies.TOO_MANY_COMMANDS)
                     break
                 self._reset_timeout()
-                verb, _, rest = line.partition(b" ")
-                name = self._COMMANDS.get(verb.upper().decode("ascii", "replace"))
+                verb_text = ""
+                if line is not None:
+                    verb, _, rest = line.partition(b" ")
+                    verb_text = verb.upper().decode("ascii", "replace")
+                if line is None or len(line) + 2 > _LINE_MAX.get(verb_text, COMMAND_LINE_MAX):
+                    self._reject(replies.COMMAND_TOO_LONG)
+                    name = None
+                else:
+                    name = self._COMMANDS.get(verb_text)
+                    if name is None:
+                        self._reject(replies.UNKNOWN_COMMAND)
                 if name is None:
-                    self._reject(replies.UNKNOWN_COMMAND)
                     if st.errors > 20:
                         self._reject(replies.TOO_MANY_ERRORS)
                         break
@@ -340,6 +361,13 @@ class RelaySMTP(_AioSMTP):
             if self.transport is not None:
                 self.transport.close()
             raise
+        except Exception as exc:  # a bug outside a command handler: say 421, never a trace
+            ctx.events.error(st, "session", exc)
+            self._out.clear()
+            self._emit(replies.LOCAL_ERROR_CLOSING)
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
 
     # -- session commands ----------------------------------------------------------
     def _reset_transaction(self) -> None:
@@ -372,7 +400,7 @@ class RelaySMTP(_AioSMTP):
     async def smtp_HELO(self, arg: str) -> None:
         """HELO: plain SMTP greeting."""
         if not arg:
-            self._reject(replies.Reply("501 5.5.4 Syntax: HELO hostname", "syntax"))
+            self._reject(replies.HELO_SYNTAX_PLAIN)
             return
         self.state.helo = arg
         self.state.esmtp = False
@@ -512,7 +540,7 @@ class RelaySMTP(_AioSMTP):
     async def _auth_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge and decode the client's base64 answer (None: aborted/bad)."""
         self._out.append(b"334 " + challenge + b"\r\n")
-        line = await self._readline(COMMAND_LINE_MAX)
+        line = await self._readline(AUTH_LINE_MAX - 2)
         if line is None:
             self._reject(replies.COMMAND_TOO_LONG)
             return None
@@ -703,34 +731,31 @@ class RelaySMTP(_AioSMTP):
         buf = self._inbuf
         limit = ctx.max_message_size
         too_big = False
-        discarded = 0
         started = time.monotonic()
         received = 0
-        if buf[:3] == b".\r\n":
-            del buf[:3]
-            return b"", None
+        # The CRLF that ended the DATA line, so that a first line "." ends the data too.
+        buf[:0] = b"\r\n"
         scan = 0
         while True:
             end = buf.find(b"\r\n.\r\n", scan)
             if end >= 0:
                 break
-            if len(buf) > limit + 2:
-                too_big = True
-                keep = bytes(buf[-4:])
-                discarded += len(buf) - 4
-                buf[:] = keep
+            if len(buf) > limit + 8:
+                too_big = True  # over the limit: drop what came, keep a possible terminator's start
+                del buf[:-4]
             scan = max(0, len(buf) - 4)
             before = len(buf)
             await self._fill()
             received += len(buf) - before
             self._reset_timeout()
             elapsed = time.monotonic() - started
-            if ctx.min_data_rate and elapsed > 30 and received / elapsed < ctx.min_data_rate:
-                self._reject(replies.Reply("421 4.4.2 Data rate too low, closing connection",
-                                           "timeout"))
+            if (ctx.min_data_rate and elapsed > ctx.data_rate_grace
+                    and received / elapsed < ctx.min_data_rate):
+                self._reject(replies.DATA_TOO_SLOW)
+                self._flush()
                 self._closing = True
                 raise _ClientGone
-        raw = bytes(buf[: end + 2])
+        raw = bytes(buf[2: end + 2])
         del buf[: end + 5]
         if too_big or len(raw) > limit + 2:
             return None, replies.SIZE_EXCEEDED
