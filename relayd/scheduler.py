@@ -113,6 +113,7 @@ class Scheduler:
         self._rr: deque[int] = deque()
         self._live: dict[int, set[int]] = {}
         self._inflight: set[int] = set()
+        self._handed: dict[int, QMsg] = {}  # left the send queue, attempt not started yet
         self._jobs: asyncio.Queue[QMsg] = asyncio.Queue(maxsize=workers * 2)
         self._wake = asyncio.Event()
         self._wake_retry = asyncio.Event()
@@ -205,6 +206,7 @@ class Scheduler:
         for acct_id, aq in self._queues.items():
             state, until = self.account_state(acct_id)
             out.extend((m, state, until) for m in aq.pending)
+        out.extend((m, *self.account_state(m.account_id)) for m in self._handed.values())
         return out
 
     def drop_account(self, account_id: int, state: str | None = None) -> list[int]:
@@ -218,10 +220,14 @@ class Scheduler:
         aq = self._queues.pop(account_id, None)
         while account_id in self._rr:
             self._rr.remove(account_id)
-        dropped = [m.id for m in aq.pending] if aq else []
-        for m in aq.pending if aq else ():
+        handed = [m for m in self._handed.values() if m.account_id == account_id]
+        for m in handed:
+            del self._handed[m.id]
+        dropped = [m.id for m in (*(aq.pending if aq else ()), *handed)]
+        for m in (*(aq.pending if aq else ()), *handed):
             if m.data is not None:
                 self._cache_used -= len(m.data)
+                m.data = None
         live = self._live.get(account_id)
         if live is not None:
             for mid in dropped:
@@ -310,6 +316,7 @@ class Scheduler:
                         self._rr.remove(acct_id)
                     except ValueError:
                         pass
+                self._handed[msg.id] = msg
                 await self._jobs.put(msg)
                 progressed = True
             if progressed:
@@ -380,6 +387,15 @@ class Scheduler:
 
     # -- one attempt -------------------------------------------------------------------
     async def _attempt(self, msg: QMsg) -> None:
+        if self._handed.pop(msg.id, None) is not None:
+            acct = self.directory.accounts_by_id.get(msg.account_id)
+            if acct is None or not acct.usable:
+                # Disabled after dispatch, before the attempt: held (SEMANTICS §4.1).
+                aq = self._queues.setdefault(msg.account_id, _AccountQueue())
+                if not aq.pending:
+                    self._rr.append(msg.account_id)
+                aq.pending.appendleft(msg)
+                return
         data = msg.data
         if data is not None:
             self._cache_used -= len(data)

@@ -1,0 +1,230 @@
+"""Mail already accepted when an account is disabled or deleted (SEMANTICS §4.1, §4.2):
+not-yet-attempted mail is held until enable, retries go on, delete needs an empty queue
+or --purge-queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
+
+
+async def until(probe: Callable[[], Awaitable[Any]], want: Any, tries: int = 250) -> None:
+    """Poll ``await probe()`` until it equals ``want`` (queue states have no event)."""
+    got = None
+    for _ in range(tries):
+        got = await probe()
+        if got == want:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still {got!r}, wanted {want!r}")
+
+
+async def send(relay: RelayHandle, user: str, pw: str, n: int, tag: str = "m",
+               sender: str = "app@example.com") -> list[str]:
+    """Submit ``n`` messages on one connection; return their queue ids."""
+    c = await relay.client(user, pw)
+    ids = []
+    for i in range(n):
+        _, reply = await c.sendmail(sender, [f"{tag}{i}@dest.test"], message(f"{tag}{i}"))
+        ids.append(reply.rsplit(" ", 1)[1])
+    await c.quit()
+    return ids
+
+
+def states(relay: RelayHandle, user: str) -> Callable[[], Awaitable[list[str]]]:
+    """A probe: the sorted queue states of an account's messages."""
+    async def probe() -> list[str]:
+        q = await relay.ctl.ok("GET", "/v1/queue", user=user)
+        return sorted(i["state"] for i in q["items"])
+    return probe
+
+
+async def limited_account(relay: RelayHandle, sink: Sink) -> tuple[str, str, list[str]]:
+    """An account limited to 1 message a minute with 3 accepted: 1 delivered, 2 waiting."""
+    user, pw = await relay.ctl.add_user()
+    info = await relay.ctl.ok("POST", f"/v1/users/{user}/limits", {"per_minute": 1})
+    assert info["limits"]["per_minute"] == 1
+    ids = await send(relay, user, pw, 3)
+    await sink.wait_for(1)
+    await until(states(relay, user), ["waiting_limit", "waiting_limit"])
+    return user, pw, ids
+
+
+async def test_held_mail_waits_for_enable(relay: RelayHandle, sink: Sink,
+                                          account: tuple[str, str]) -> None:
+    """Not-yet-attempted mail of a disabled account is held, even once its limit is lifted,
+    and is delivered after enable."""
+    user, _, ids = await limited_account(relay, sink)
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    held = await relay.ctl.ok("GET", "/v1/queue", state="held")
+    assert sorted(i["id"] for i in held["items"]) == sorted(ids[1:])
+    # lift the limit (0 = unlimited): the mail stays held while the account is disabled
+    await relay.ctl.ok("POST", f"/v1/users/{user}/limits", {"per_minute": 0})
+    assert await states(relay, user)() == ["held", "held"]
+    # another account's mail goes through meanwhile: the dispatcher did run
+    other_user, other_pw = account
+    await send(relay, other_user, other_pw, 1, tag="other")
+    got = await sink.wait_for(2)
+    assert [m.rcpt_tos[0] for m in got] == ["m0@dest.test", "other0@dest.test"]
+    assert await states(relay, user)() == ["held", "held"]
+    await relay.ctl.ok("POST", f"/v1/users/{user}/enable")
+    got = await sink.wait_for(4)
+    assert sorted(m.rcpt_tos[0] for m in got[2:]) == ["m1@dest.test", "m2@dest.test"]
+    await until(states(relay, user), [])
+
+
+async def test_held_mail_shows_in_user_views(relay: RelayHandle, sink: Sink) -> None:
+    """user show and domain delete report the held messages of a disabled account."""
+    await relay.ctl.add_domain("example.com")
+    user, _, _ = await limited_account(relay, sink)
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    info = await relay.ctl.ok("GET", f"/v1/users/{user}")
+    assert (info["status"], info["queued"]) == ("disabled", 2)
+    r = await relay.ctl.ok("POST", "/v1/domains/example.com/delete",
+                           {"confirm": "example.com"})
+    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 2}
+
+
+async def test_deferred_mail_of_disabled_account_keeps_retrying(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """Mail in the retry queue of a disabled account is retried and delivered."""
+    user, pw = account
+    sink.script.append("451 4.3.0 try later")
+    [msg_id] = await send(relay, user, pw, 1)
+    await until(states(relay, user), ["deferred"])
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    r = await relay.ctl.ok("POST", "/v1/queue/retry", {})
+    assert r == {"count": 1}
+    [got] = await sink.wait_for(1)
+    assert got.rcpt_tos == ["m0@dest.test"]
+    await until(states(relay, user), [])
+    log = await relay.ctl.ok("GET", "/v1/log", user=user)
+    assert [(e["message_id"], e["outcome"]) for e in reversed(log["entries"])] == [
+        (msg_id, "deferred"), (msg_id, "delivered")]
+
+
+async def test_delete_with_queued_mail_is_refused_with_the_count(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """Delete of an account with 2 queued messages is refused, naming the count."""
+    user, _, _ = await limited_account(relay, sink)
+    status, body = await relay.ctl.call("POST", f"/v1/users/{user}/delete", {"confirm": user})
+    assert status == 409 and body["code"] == "queue_not_empty"
+    assert "2 queued message(s)" in body["error"] and "--purge-queue" in body["error"]
+    assert (await relay.ctl.ok("GET", f"/v1/users/{user}"))["status"] == "active"
+
+
+async def test_delete_with_purge_queue_removes_the_mail(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """Delete with purge_queue removes the queued messages; they are never delivered."""
+    user, _, ids = await limited_account(relay, sink)
+    r = await relay.ctl.ok("POST", f"/v1/users/{user}/delete",
+                           {"confirm": user, "purge_queue": True})
+    assert r == {"username": user, "purged": 2}
+    assert (await relay.ctl.ok("GET", "/v1/queue"))["items"] == []
+    assert relay.relay.scheduler.queued_count(
+        relay.relay.directory.accounts_by_name[user].id) == 0
+    row = await relay.relay.spool.fetchone(
+        "SELECT COUNT(*) FROM messages WHERE id IN (?,?)",
+        [int(i, 16) for i in ids[1:]])
+    assert row[0] == 0
+    # the relay keeps working for others, and the purged mail never shows up
+    other_user, other_pw = account
+    await send(relay, other_user, other_pw, 1, tag="other")
+    got = await sink.wait_for(2)
+    assert [m.rcpt_tos[0] for m in got] == ["m0@dest.test", "other0@dest.test"]
+
+
+async def test_delete_with_deferred_mail_is_refused(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """Mail in the retry queue counts as queued: delete is refused until purged."""
+    user, pw = account
+    sink.script.append("451 4.3.0 try later")
+    await send(relay, user, pw, 1)
+    await until(states(relay, user), ["deferred"])
+    status, body = await relay.ctl.call("POST", f"/v1/users/{user}/delete", {"confirm": user})
+    assert status == 409 and "1 queued message(s)" in body["error"]
+    r = await relay.ctl.ok("POST", f"/v1/users/{user}/delete",
+                           {"confirm": user, "purge_queue": True})
+    assert r["purged"] == 1
+    assert await relay.ctl.ok("GET", "/v1/queue", state="deferred") == {"items": []}
+
+
+async def test_queue_purge_of_held_mail(relay: RelayHandle, sink: Sink,
+                                        account: tuple[str, str]) -> None:
+    """queue purge removes a disabled account's held mail; enable then sends nothing more."""
+    user, _, _ = await limited_account(relay, sink)
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "held"})
+    assert r == {"count": 2}
+    assert (await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"] == 0
+    await relay.ctl.ok("POST", f"/v1/users/{user}/enable")
+    other_user, other_pw = account
+    await send(relay, other_user, other_pw, 1, tag="other")
+    got = await sink.wait_for(2)
+    assert [m.rcpt_tos[0] for m in got] == ["m0@dest.test", "other0@dest.test"]
+
+
+class GatedSink:
+    """A receiving server that holds every message at end of DATA until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.more = asyncio.Event()
+        self.delivered: list[str] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.address = ""
+
+    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
+        self.waiting += 1
+        self.more.set()
+        await self.gate.wait()
+        self.delivered.extend(envelope.rcpt_tos)
+        self.more.set()
+        return "250 2.0.0 OK"
+
+    async def wait(self, probe: Callable[[], bool]) -> None:
+        """Wait until ``probe()`` holds (checked at every arrival or delivery)."""
+        async def _wait() -> None:
+            while not probe():
+                self.more.clear()
+                await self.more.wait()
+        await asyncio.wait_for(_wait(), 10)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: AioSMTP(self, hostname="gated.test"), "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+async def test_dispatched_but_unattempted_mail_is_held_on_disable(
+        relay_factory: RelayFactory) -> None:
+    """On disable, transmissions in progress complete and every message not yet attempted
+    (even one already handed to a delivery worker) is held."""
+    gated = GatedSink()
+    await gated.start()
+    relay = await relay_factory({"delivery": {"connections_per_host": 2}},
+                                smarthost=gated.address)
+    await relay.ctl.add_domain("example.com")
+    user, pw = await relay.ctl.add_user()
+    await send(relay, user, pw, 12)
+    await gated.wait(lambda: gated.waiting == 2)  # both workers are transmitting
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    held = await relay.ctl.ok("GET", "/v1/queue", user=user, state="held")
+    assert len(held["items"]) == 10
+    gated.gate.set()
+    await gated.wait(lambda: len(gated.delivered) >= 2)
+    await until(states(relay, user), ["held"] * 10)
+    assert len(gated.delivered) == 2, gated.delivered
+    await relay.ctl.ok("POST", f"/v1/users/{user}/enable")
+    await gated.wait(lambda: len(gated.delivered) == 12)
+    assert sorted(gated.delivered) == sorted(f"m{i}@dest.test" for i in range(12))
+    assert gated.server is not None
+    gated.server.close()
