@@ -79,6 +79,8 @@ class Pool:
         self.tls_context = tls_context
         self._sem = asyncio.Semaphore(cfg.connections_per_host)
         self._idle: list[_Conn] = []
+        self._reaper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.connections_opened = 0
 
     async def _open(self) -> _Conn:
@@ -134,10 +136,35 @@ class Pool:
             conn.sent += 1
             conn.last_used = time.monotonic()
             if clean and conn.sent < self.cfg.messages_per_connection:
-                self._idle.append(conn)
+                self._park(conn)
             else:
                 await _quit(conn.client)
             return replies
+
+    def _park(self, conn: _Conn) -> None:
+        """Keep a connection for reuse; it is closed if nobody takes it in time."""
+        self._idle.append(conn)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(
+                self.cfg.idle_connection_seconds, self._reap)
+
+    def _reap(self) -> None:
+        """Say QUIT on connections idle for ``idle_connection_seconds``; look again later."""
+        self._reaper = None
+        now = time.monotonic()
+        limit = self.cfg.idle_connection_seconds
+        keep: list[_Conn] = []
+        for conn in self._idle:
+            if now - conn.last_used < limit and conn.client.is_connected:
+                keep.append(conn)
+                continue
+            task = asyncio.get_running_loop().create_task(_quit(conn.client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self._idle = keep
+        if keep:
+            due = min(c.last_used for c in keep) + limit - now
+            self._reaper = asyncio.get_running_loop().call_later(max(due, 0.01), self._reap)
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str],
                            data: bytes) -> tuple[list[RcptReply], bool]:
@@ -180,8 +207,12 @@ class Pool:
 
     async def close(self) -> None:
         """Close every idle connection politely."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(_quit(c.client) for c in idle), return_exceptions=True)
+        await asyncio.gather(*(_quit(c.client) for c in idle), *self._closing,
+                             return_exceptions=True)
 
 
 async def _rset(client: aiosmtplib.SMTP) -> None:

@@ -1,0 +1,45 @@
+"""Connection pools: many messages share a few connections to a next hop, a
+connection carries at most ``messages_per_connection``, idle ones are closed."""
+
+from __future__ import annotations
+
+from tests.conftest import RelayFactory, RelayHandle, Sink
+from tests.test_queue_support import eventually, submit
+
+
+async def test_hundred_messages_use_few_connections(relay: RelayHandle, sink: Sink,
+                                                    account: tuple[str, str]) -> None:
+    """100 messages to one next hop arrive over far fewer than 100 connections."""
+    await submit(relay, account, ["r@dest.test"], count=100)
+    await sink.wait_for(100)
+    assert sink.connections <= 20  # connections_per_host
+    assert relay.relay.deliverer.connections_opened == sink.connections
+
+
+async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Sink) -> None:
+    """After ``messages_per_connection`` messages a connection is closed and a new one opened."""
+    relay = await relay_factory({"delivery": {"connections_per_host": 1,
+                                              "messages_per_connection": 10}})
+    await relay.ctl.add_domain("example.com")
+    account = await relay.ctl.add_user("example.com")
+    await submit(relay, account, ["r@dest.test"], count=30)
+    await sink.wait_for(30)
+    assert sink.connections == 3
+
+
+async def test_idle_connections_are_closed(relay_factory: RelayFactory, sink: Sink) -> None:
+    """A pooled connection unused for ``idle_connection_seconds`` is closed with QUIT."""
+    relay = await relay_factory({"delivery": {"idle_connection_seconds": 0.2}})
+    await relay.ctl.add_domain("example.com")
+    account = await relay.ctl.add_user("example.com")
+    await submit(relay, account, ["r@dest.test"])
+    await sink.wait_for(1)
+    [pool] = relay.relay.deliverer._pools.values()
+
+    async def closed() -> bool:
+        return not pool._idle and not pool._closing
+
+    await eventually(closed, timeout=3)
+    await submit(relay, account, ["s@dest.test"])
+    await sink.wait_for(2)
+    assert sink.connections == 2
