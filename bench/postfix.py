@@ -31,6 +31,7 @@ from bench.util import free_port, stop_process, wait_smtp_ready
 
 POSTFIX = "/usr/sbin/postfix"
 MAIN_CF_DIST = "/usr/share/postfix/main.cf.dist"
+_PROBLEM = re.compile(r"postfix-bench/([a-z-]+)\[\d+\]: ((?:fatal|panic|error|warning): .*)")
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
@@ -220,13 +221,25 @@ class Postfix:
         except OSError:
             return "(no maillog)"
 
-    def log_problems(self) -> list[str]:
+    def log_problems(self, limit: int = 4) -> list[str]:
+        """Distinct warning/error lines of the maillog (timestamps and pids dropped);
+        qmgr's multi-line congestion advice is reduced to its first line."""
         try:
             text = self.maillog.read_text(errors="replace")
         except OSError:
             return []
-        return [ln for ln in text.splitlines()
-                if re.search(r"\b(fatal|panic|error|warning):", ln)][:20]
+        seen: dict[str, int] = {}
+        for ln in text.splitlines():
+            m = _PROBLEM.search(ln)
+            if m is None:
+                continue
+            msg = re.sub(r"\[127\.0\.0\.1\]:\d+", "[127.0.0.1]:SINK", m.group(2))
+            if re.match(r"warning: (you may need|so that|please avoid|lots of|to turn off)", msg):
+                continue
+            key = f"{m.group(1)}: {msg}"
+            seen[key] = seen.get(key, 0) + 1
+        out = [k + (f" (x{n})" if n > 1 else "") for k, n in seen.items()]
+        return out[:limit] + ([f"... {len(out) - limit} more kinds"] if len(out) > limit else [])
 
     def stop(self) -> None:
         if self.master_pid is not None:

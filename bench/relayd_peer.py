@@ -174,6 +174,7 @@ class RelaydRelay(System):
         if note not in self.notes:
             self.notes.append(note)
         c = Client(str(self.sock))
+        info: msgspec.Struct
         if args[:2] == ("domain", "add"):
             info = c.call("POST", "/v1/domains", schemas.DomainInfo,
                           schemas.DomainAdd(name=args[2]))

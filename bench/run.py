@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="give up waiting for the sink after this long without progress")
     ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work dir (configs, logs, Postfix maillog) for inspection")
     ap.add_argument("--results", default=str(BENCH / "RESULTS.md"))
     a = ap.parse_args(argv)
     if a.quick:
@@ -470,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                             "see bench/README.md for what the figures mean.\n\n")
         with open(path, "a") as f:
             f.write(text + "\n")
-    shutil.rmtree(base, ignore_errors=True)
+    if a.keep:
+        print(f"bench: work dir kept: {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
     bad = [r for r in results if r.error or (r.failed and r.idle_open is None)]
     return 1 if bad else 0
 

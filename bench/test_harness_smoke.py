@@ -137,3 +137,17 @@ def test_postfix_relays_everything_to_the_sink(base: Path) -> None:
     assert r.accepted == 100 and r.delivered == 100, r
     assert r.peak_procs > 3  # master, qmgr, smtpd, cleanup, ...
     assert r.cpu_per_1k is not None and r.cpu_per_1k > 0
+
+
+@needs_sink
+@needs_source
+def test_relayd_relays_everything_to_the_sink(base: Path) -> None:
+    from bench.relayd_peer import relayd_available
+
+    if not relayd_available():
+        pytest.skip("relayd/app.py does not exist yet")
+    sc = Scenario("S3", "smoke", "loadgen", messages=60, sessions=5, size=1024, per_conn=3,
+                  auth=True)
+    r = measure(sc, "relayd", base, harness_args(warmup=0))
+    assert r.error is None, (r, r.problems)
+    assert r.accepted == 60 and r.delivered == 60, r
