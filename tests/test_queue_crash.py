@@ -1,0 +1,49 @@
+"""At-least-once: a message being transmitted when relayd is killed is attempted
+again after the restart (a duplicate is acceptable, a loss never)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from tests.conftest import message, start_sink
+from tests.procs import RelayProcess
+from tests.test_queue_support import StallServer
+
+pytestmark = pytest.mark.slow
+
+
+async def test_message_in_transmission_is_sent_again_after_a_crash(tmp_path: Path) -> None:
+    """kill -9 while the next hop holds the end of DATA; after restart the message arrives."""
+    stall = await StallServer(at_data=True).start()
+    port = stall.port
+    relay = RelayProcess(tmp_path, stall.address,
+                         "[limits]\nmax_queued_per_account = 10\n")
+    await relay.start()
+    await relay.ctl("domain", "add", "example.com")
+    cred = await relay.ctl("user", "add", "--domain", "example.com")
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
+    await client.connect()
+    await client.ehlo()
+    await client.auth_plain(cred["username"], cred["password"])
+    await client.sendmail("app@example.com", ["r@dest.test"], message("in flight"))
+    await client.quit()
+    await asyncio.wait_for(stall.data_started.wait(), 10)
+    await relay.kill()
+    await stall.stop()
+
+    sink = await start_sink(port=port)
+    try:
+        await relay.start()
+        [got] = await sink.wait_for(1, timeout=20)
+        assert got.rcpt_tos == ["r@dest.test"] and b"Subject: in flight" in got.data
+        log = await relay.ctl("log")
+        assert [e["outcome"] for e in log["entries"]] == ["delivered"]
+        assert (await relay.ctl("queue", "list"))["items"] == []
+        assert await relay.terminate() == 0
+    finally:
+        assert sink.server is not None
+        sink.server.close()
