@@ -214,6 +214,11 @@ class RelaySMTP(_AioSMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         """Forget the session."""
+        self._forget()
+        super().connection_lost(error)
+
+    def _forget(self) -> None:
+        """Release the session's connection slots (idempotent)."""
         ctx = self.ctx
         if self in ctx.sessions:
             ctx.sessions.discard(self)
@@ -224,7 +229,6 @@ class RelaySMTP(_AioSMTP):
                 ctx.per_ip.pop(ip, None)
             else:
                 ctx.per_ip[ip] = n
-        super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
         if self.transport is not None:
@@ -462,8 +466,14 @@ class RelaySMTP(_AioSMTP):
         try:
             await _AioSMTP.smtp_STARTTLS(self, "")
         except Exception:
-            if self.transport is not None:
-                self.transport.close()
+            # A failed handshake never reaches connection_lost (asyncio's SSL layer only
+            # reports a loss after a completed handshake): release the slot here.
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            if self._original_transport is not None:
+                self._original_transport.abort()
+            self.transport = None
+            self._forget()
             raise _ClientGone from None
         finally:
             self.push = push  # type: ignore[method-assign]
