@@ -29,6 +29,7 @@ import base64
 import ipaddress
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ from relayd.credentials import CredentialCache, Hasher
 from relayd.scheduler import Scheduler
 from relayd.spool import Spool, format_id, parse_id
 
+_SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
@@ -77,6 +79,7 @@ class Lifecycle:
     def __init__(self, cfg: Config, spool: Spool, directory: Directory, hasher: Hasher,
                  cache: CredentialCache, scheduler: Scheduler, *,
                  clock: Callable[[], float] = time.time,
+                 selector_token: Callable[[], str] = dkim.selector_token,
                  log: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -85,6 +88,7 @@ class Lifecycle:
         self.cache = cache
         self.scheduler = scheduler
         self.clock = clock
+        self.selector_token = selector_token
         self._log = log or (lambda event, **kw: None)
         self._flushed: dict[int, float | None] = {}
         self._lock = asyncio.Lock()
@@ -167,25 +171,36 @@ class Lifecycle:
         pem = await loop.run_in_executor(None, dkim.generate_private_key, self.cfg.dkim.algorithm)
         ed_pem: bytes | None = None
         if self.cfg.dkim.dual_ed25519 and self.cfg.dkim.algorithm != "ed25519":
-            ed_pem = dkim.generate_private_key("ed25519")
+            ed_pem = await loop.run_in_executor(None, dkim.generate_private_key, "ed25519")
         now = self.clock()
-        selector = dkim.new_selector(int(now), dkim.selector_token())
-        ed_selector = dkim.new_selector(int(now), dkim.selector_token()) if ed_pem else None
-
-        async def op(db: aiosqlite.Connection) -> int:
-            cur = await db.execute(
-                "INSERT INTO domains(name, selector, algorithm, private_key, ed25519_selector,"
-                " ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
-                (name, selector, self.cfg.dkim.algorithm, pem, ed_selector, ed_pem, now))
-            return int(cur.lastrowid or 0)
+        algorithm = self.cfg.dkim.algorithm
 
         async with self._lock:
             if self.directory.active_domain(name) is not None:
                 raise LifecycleError(f"domain already exists: {name}", "exists", 409)
+            # A selector is never reused, even one of a deleted domain (its record may
+            # still be published): draw again on the rare collision with any stored one.
+            for _ in range(_SELECTOR_TRIES):
+                selector = dkim.new_selector(int(now), self.selector_token())
+                ed_selector = dkim.new_selector(int(now), self.selector_token()) \
+                    if ed_pem else None
+                wanted = [x for x in (selector, ed_selector) if x]
+                if len(set(wanted)) == len(wanted) and not await self._selector_used(wanted):
+                    break
+            else:
+                raise LifecycleError("could not draw an unused DKIM selector", "internal", 500)
+
+            async def op(db: aiosqlite.Connection) -> int:
+                cur = await db.execute(
+                    "INSERT INTO domains(name, selector, algorithm, private_key,"
+                    " ed25519_selector, ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
+                    (name, selector, algorithm, pem, ed_selector, ed_pem, now))
+                return int(cur.lastrowid or 0)
+
             try:
                 dom_id = await self.spool.write(op)
-            except Exception as exc:
-                if "UNIQUE" in str(exc):
+            except sqlite3.IntegrityError as exc:
+                if "domains.name" in str(exc) or "domains_live_name" in str(exc):
                     raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
                         from None
                 raise
@@ -196,6 +211,14 @@ class Lifecycle:
         return schemas.DomainInfo(
             name=name, selector=selector, created_at=now,
             dns_records=self._dns_records(name, selector, pem, ed_selector, ed_pem))
+
+    async def _selector_used(self, selectors: list[str]) -> bool:
+        """True if any of ``selectors`` was ever given to a domain (deleted ones included)."""
+        marks = ",".join("?" * len(selectors))
+        row = await self.spool.fetchone(
+            f"SELECT COUNT(*) FROM domains WHERE selector IN ({marks})"  # noqa: S608 - marks only
+            f" OR ed25519_selector IN ({marks})", [*selectors, *selectors])
+        return bool(row and row[0])
 
     async def domain_info(self, name: str) -> schemas.DomainInfo:
         """One live domain with its DNS records."""
@@ -464,23 +487,25 @@ class Lifecycle:
             now = self.clock()
             dropped = self.scheduler.drop_account(acct.id)
 
-            async def op(db: aiosqlite.Connection) -> int:
-                n = await _purge(db, acct.id, None)
+            async def op(db: aiosqlite.Connection) -> list[int]:
+                ids = await _purge(db, acct.id, None)
                 await db.execute(
                     "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
                     " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
                     " per_day=NULL WHERE id=?", (now, acct.id))
                 await db.execute("DELETE FROM account_networks WHERE account_id=?", (acct.id,))
-                return n
+                return ids
 
             try:
-                purged = await self.spool.write(op)
+                purged_ids = await self.spool.write(op)
             except Exception:
                 acct.status, acct.disabled_reason, acct.password_hash = saved
                 self.directory.rebuild_networks()
                 raise
-            self.scheduler.forget(acct.id, dropped)
-            self.scheduler.forget(acct.id, list(self.scheduler._live.get(acct.id, ())))
+            # Everything the account had queued is gone from the database: forget it
+            # (a retry already handed to a worker finds its message purged and stops).
+            self.scheduler.forget(acct.id, dropped + purged_ids)
+            purged = len(purged_ids)
             acct.total_sent = 0
             acct.last_connection = None
             acct.networks = []
@@ -604,19 +629,19 @@ class Lifecycle:
         dropped: list[int] = []
         if state != "deferred":
             dropped = self.scheduler.drop_account(acct.id, state)
-        ids = dropped
 
-        async def op(db: aiosqlite.Connection) -> int:
+        async def op(db: aiosqlite.Connection) -> list[int]:
             if state is None:
                 return await _purge(db, acct.id, None)
             if state == "deferred":
                 return await _purge(db, acct.id, "deferred")
-            return await _purge_ids(db, ids)
+            await _purge_ids(db, dropped)
+            return dropped
 
-        n = await self.spool.write(op)
-        self.scheduler.forget(acct.id, dropped)
-        if state is None:
-            self.scheduler.forget(acct.id, list(self.scheduler._live.get(acct.id, ())))
+        ids = await self.spool.write(op)
+        # forget exactly what left the database (deferred mail included)
+        self.scheduler.forget(acct.id, dropped + ids)
+        n = len(ids)
         self._log("queue_purged", username=user, state=state, count=n)
         return schemas.QueueChanged(count=n)
 
@@ -721,7 +746,8 @@ class Lifecycle:
                 acct.total_sent = r[1]
 
 
-async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) -> int:
+async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) -> list[int]:
+    """Delete an account's messages (all, or those with a recipient in ``status``)."""
     if status is None:
         rows = await (await db.execute("SELECT id FROM messages WHERE account_id=?",
                                        (account_id,))).fetchall()
@@ -729,7 +755,9 @@ async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) 
         rows = await (await db.execute(
             "SELECT DISTINCT m.id FROM messages m JOIN recipients r ON r.message_id=m.id"
             " WHERE m.account_id=? AND r.status=?", (account_id, status))).fetchall()
-    return await _purge_ids(db, [r[0] for r in rows])
+    ids = [int(r[0]) for r in rows]
+    await _purge_ids(db, ids)
+    return ids
 
 
 async def _purge_ids(db: aiosqlite.Connection, ids: list[int]) -> int:

@@ -228,3 +228,29 @@ async def test_dispatched_but_unattempted_mail_is_held_on_disable(
     assert sorted(gated.delivered) == sorted(f"m{i}@dest.test" for i in range(12))
     assert gated.server is not None
     gated.server.close()
+
+
+async def test_purging_deferred_mail_frees_the_account_queue(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """After queue purge --state deferred the account's queued count is back to zero."""
+    user, pw = account
+    sink.script.append("451 4.3.0 try later")
+    await send(relay, user, pw, 1)
+    await until(states(relay, user), ["deferred"])
+    assert (await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"] == 1
+    r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "deferred"})
+    assert r == {"count": 1}
+    assert await states(relay, user)() == []
+    assert (await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"] == 0
+
+
+async def test_purge_by_state_leaves_other_states(relay: RelayHandle, sink: Sink,
+                                                  account: tuple[str, str]) -> None:
+    """queue purge --state queued leaves mail that is waiting for its sending limit."""
+    user, _, _ = await limited_account(relay, sink)
+    r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "queued"})
+    assert r == {"count": 0}
+    assert await states(relay, user)() == ["waiting_limit", "waiting_limit"]
+    r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "waiting_limit"})
+    assert r == {"count": 2}
+    assert await states(relay, user)() == []
