@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP as _AioSMTP
 from aiosmtpd.smtp import Envelope, Session
@@ -471,7 +471,7 @@ class RelaySMTP(_AioSMTP):
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             if self._original_transport is not None:
-                self._original_transport.abort()
+                cast(asyncio.Transport, self._original_transport).abort()
             self.transport = None
             self._forget()
             raise _ClientGone from None
