@@ -167,3 +167,90 @@ async def test_queue_gauge_is_fresh_at_scrape_time(relay_factory: RelayFactory) 
     assert value(m, "relayd_queue_messages", state="deferred") == 1
     assert value(m, "relayd_queue_messages", state="queued") == 0
     assert value(m, "relayd_delivery_attempts_total", outcome="deferred") == 1
+
+
+async def _rejections(h: RelayHandle) -> dict[str, float]:
+    """The non-zero rows of relayd_smtp_rejections_total."""
+    m = await scrape(h.metrics_url)
+    rows = {r: value(m, "relayd_smtp_rejections_total", reason=r) for r in REJECTION_REASONS}
+    return {r: v for r, v in rows.items() if v}
+
+
+async def _relay_with_account(relay_factory: RelayFactory,
+                              extra: dict[str, object] | None = None,
+                              ) -> tuple[RelayHandle, str, str]:
+    h = await relay_factory(extra or {})
+    await h.ctl.add_domain("example.com")
+    user, password = await h.ctl.add_user("example.com")
+    return h, user, password
+
+
+@pytest.mark.slow
+async def test_disabled_and_deleted_accounts_have_their_own_535_rows(
+        relay_factory: RelayFactory) -> None:
+    """The same 535 on the wire is counted as account_disabled, then account_deleted."""
+    h, user, password = await _relay_with_account(relay_factory)
+    await h.ctl.ok("POST", f"/v1/users/{user}/disable")
+    c = await Raw.open(h.host, h.port)
+    code, text = await c.login(user, password)
+    assert (code, text) == (535, "535 5.7.8 Authentication credentials invalid")
+    await c.close()
+    await h.ctl.ok("POST", f"/v1/users/{user}/delete", {"confirm": user})
+    c = await Raw.open(h.host, h.port)
+    assert await c.login(user, password) == (code, text)
+    await c.close()
+    assert await _rejections(h) == {"account_disabled": 1, "account_deleted": 1}
+
+
+@pytest.mark.slow
+async def test_plaintext_auth_refusal_is_counted(relay_factory: RelayFactory) -> None:
+    """AUTH without TLS from a network not allowed plaintext AUTH: 538, auth_needs_tls."""
+    h, user, password = await _relay_with_account(
+        relay_factory, {"smtp": {"plaintext_auth_networks": []}})
+    c = await Raw.open(h.host, h.port)
+    assert (await c.login(user, password))[0] == 538
+    await c.close()
+    assert await _rejections(h) == {"auth_needs_tls": 1}
+
+
+@pytest.mark.slow
+async def test_bare_lf_in_data_is_counted(relay_factory: RelayFactory) -> None:
+    """A body with a bare LF gets 550 5.5.2 and counts as bad_line_ending."""
+    h, user, password = await _relay_with_account(relay_factory)
+    c = await Raw.open(h.host, h.port)
+    assert (await c.login(user, password))[0] == 235
+    _, text = await c.send("app@example.com", ["a@dest.test"],
+                           b"Subject: x\r\n\r\nbare\nline\r\n")
+    assert text.startswith("550 5.5.2")
+    await c.close()
+    assert await _rejections(h) == {"bad_line_ending": 1}
+
+
+@pytest.mark.slow
+async def test_full_account_queue_is_counted(relay_factory: RelayFactory) -> None:
+    """Past max_queued_per_account MAIL gets 452 4.3.1, counted as queue_full."""
+    h = await relay_factory({"limits": {"max_queued_per_account": 1}},
+                            smarthost=f"127.0.0.1:{free_port()}")
+    await h.ctl.add_domain("example.com")
+    user, password = await h.ctl.add_user("example.com")
+    c = await Raw.open(h.host, h.port)
+    assert (await c.login(user, password))[0] == 235
+    assert (await c.send("app@example.com", ["a@dest.test"], message()))[0] == 250
+    _, text = await c.cmd("MAIL FROM:<app@example.com>")
+    assert text.startswith("452 4.3.1")
+    await c.close()
+    assert await _rejections(h) == {"queue_full": 1}
+
+
+@pytest.mark.slow
+async def test_too_many_failed_auth_is_counted(relay_factory: RelayFactory) -> None:
+    """After the allowed failures the client gets 421 4.7.0, counted as auth_rate_limited."""
+    h, user, _ = await _relay_with_account(
+        relay_factory, {"smtp": {"auth_failures_before_delay": 5,
+                                 "auth_failures_before_disconnect": 2}})
+    c = await Raw.open(h.host, h.port)
+    assert (await c.login(user, "wrong"))[0] == 535
+    assert (await c.cmd("AUTH PLAIN AHVzZXIAd3Jvbmc="))[0] == 535
+    assert (await c.reply())[0] == 421
+    c.w.close()
+    assert await _rejections(h) == {"auth_failed": 2, "auth_rate_limited": 1}
