@@ -4,8 +4,12 @@ Owns: command-line parsing (the stable flag contract: ``--config``,
 ``--listen``, ``--data-dir``, ``--control-socket``, ``--metrics-listen``,
 ``--smarthost``, ``--check-config``), building every component from the frozen
 Config, the uvloop event loop, signals (SIGTERM/SIGINT: graceful stop, a
-second one forces a fast exit; SIGHUP: reload), systemd readiness, and the
-ordered shutdown: stop listening -> let open SMTP transactions finish (bounded)
+second one forces a fast exit, still code 0: every 250 is already on disk;
+SIGHUP: all-or-nothing reload of the settings in ``RELOADABLE``, a bad file
+logs ``reload_failed`` and keeps the running one), systemd readiness
+(READY=1 only once every listener accepts), the queue gauges (refreshed by
+the housekeeping loop and before each scrape), and the ordered shutdown:
+STOPPING=1 -> stop listening -> let open SMTP transactions finish (bounded)
 -> stop starting deliveries and let running ones finish (bounded) -> flush
 last-connection times -> close the spool.
 
@@ -125,6 +129,7 @@ class Relay:
         self._free_disk = 1 << 62
         self._free_disk_at = 0.0
         self._tls: ssl.SSLContext | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
         self._gauges_at = 0.0
         self._gauges_lock = asyncio.Lock()
 
@@ -338,7 +343,9 @@ class Relay:
 
     def on_reload_signal(self) -> None:
         """SIGHUP: re-read limits, routes and TLS where possible; keep the old on error."""
-        asyncio.get_running_loop().create_task(self.reload())
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._reloads.discard)
 
     async def reload(self) -> None:
         """Re-read the configuration file; apply what can change without a restart.
