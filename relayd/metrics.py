@@ -124,7 +124,8 @@ class Metrics:
 
         # --- authentication and the credential cache (relayd.credentials) ----
         self.auth_total = Counter(
-            "auth", "SMTP AUTH attempts, by result.", ["result"], namespace=ns, registry=r
+            "auth", "SMTP AUTH attempts decided by a credential check, by result.",
+            ["result"], namespace=ns, registry=r,
         )
         self.auth_success = self.auth_total.labels(result="success")
         self.auth_failure = self.auth_total.labels(result="failure")
@@ -136,7 +137,8 @@ class Metrics:
         )
         self.credential_cache_misses_total = Counter(
             "credential_cache_misses",
-            "AUTH attempts that needed a password hash verification.",
+            "Password checks of known accounts that needed argon2: first login, first"
+            " after an invalidation, and every wrong password (relayd.observe).",
             namespace=ns,
             registry=r,
         )
