@@ -1,0 +1,86 @@
+"""Disk full: MAIL gets 452 4.3.1 below the free-space threshold, a failed commit at the
+end of DATA gets 451 4.3.0 (never 250), and the relay recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
+from tests.rawsmtp import Raw
+
+pytestmark = pytest.mark.timeout(60)
+
+STORAGE = "452 4.3.1 Insufficient system storage"
+
+
+async def _session(relay: RelayHandle) -> Raw:
+    await relay.ctl.add_domain("example.com")
+    account = await relay.ctl.add_user("example.com")
+    raw = await Raw.open(relay.host, relay.port)
+    assert (await raw.login(*account)).startswith("235 ")
+    return raw
+
+
+async def _send(raw: Raw, rcpt: str, body: bytes) -> str:
+    assert await raw.cmd("MAIL FROM:<app@example.com>") == "250 2.1.0 Ok"
+    assert await raw.cmd(f"RCPT TO:<{rcpt}>") == "250 2.1.5 Ok"
+    assert (await raw.cmd("DATA")).startswith("354 ")
+    return await raw.cmd(body + b".", timeout=20)
+
+
+async def test_low_disk_refuses_mail_with_452(relay_factory: RelayFactory) -> None:
+    """Free space below limits.min_free_disk_bytes: MAIL gets 452 4.3.1."""
+    relay = await relay_factory({"limits": {"min_free_disk_bytes": 1 << 60}})
+    raw = await _session(relay)
+    assert await raw.cmd("MAIL FROM:<app@example.com>") == STORAGE
+    raw.close()
+
+
+async def test_mail_is_accepted_again_when_space_returns(relay: RelayHandle,
+                                                        sink: Sink) -> None:
+    """After low disk, MAIL is accepted again as soon as space is back, without a restart."""
+    free = [0]
+    relay.relay.ctx.free_disk = lambda: free[0]  # fault injection: the disk the relay sees
+    raw = await _session(relay)
+    assert await raw.cmd("MAIL FROM:<app@example.com>") == STORAGE
+    free[0] = 1 << 40
+    assert (await _send(raw, "back@dest.test", message("back"))).startswith("250 2.0.0 Ok: ")
+    [got] = await sink.wait_for(1)
+    assert got.rcpt_tos == ["back@dest.test"]
+    raw.close()
+
+
+async def _cap_database(relay: RelayHandle, extra_pages: int | None) -> None:
+    """Limit the spool to its current size (disk full), or lift the limit (None)."""
+    async def cap(db: aiosqlite.Connection) -> Any:
+        if extra_pages is None:
+            await db.execute("PRAGMA max_page_count=4294967294")
+            return None
+        async with db.execute("PRAGMA page_count") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        await db.execute(f"PRAGMA max_page_count={int(row[0]) + extra_pages}")
+        return None
+
+    await relay.relay.spool.write(cap)
+
+
+async def test_failed_commit_gets_451_and_the_relay_recovers(relay: RelayHandle,
+                                                            sink: Sink) -> None:
+    """When the spool cannot grow, end of DATA gets 451 4.3.0, never 250; once it can, the
+    next message is accepted and delivered, and the refused one never is."""
+    raw = await _session(relay)
+    await _cap_database(relay, 0)
+    big = message("lost", body="z" * 70 + "\r\n") * 4000  # ~400 kB: needs new pages
+    for _ in range(3):
+        assert await _send(raw, "full@dest.test", big) == "451 4.3.0 Local error in processing"
+    await _cap_database(relay, None)
+    assert (await _send(raw, "after@dest.test", message("after"))).startswith("250 2.0.0 Ok: ")
+    got = await sink.wait_for(1)
+    await asyncio.sleep(0.5)
+    assert [m.rcpt_tos for m in got] == [["after@dest.test"]]
+    raw.close()
