@@ -720,6 +720,12 @@ class RelaySMTP(_AioSMTP):
         body = received + data
         if ctx.signer is not None:
             body = await ctx.signer.sign(account, body)
+            if self._current_account() is not account:
+                # Disabled while signing. Checked again here, with no await before the
+                # commit is queued: a disable either wins now or its own database write
+                # is queued after this commit, so its control call returns after the 250.
+                self._reject(replies.AUTH_REQUIRED, "invalidated during transaction")
+                return
         new = NewMessage(
             id=msg_id, account_id=account.id, username=account.username,
             domain=account.domain.name, sender=sender, recipients=rcpts, data=body,
