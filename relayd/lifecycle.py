@@ -57,6 +57,12 @@ class LifecycleError(Exception):
         self.status = status
 
 
+def _queue_not_empty(username: str, queued: int) -> LifecycleError:
+    return LifecycleError(
+        f"{username} still has {queued} queued message(s) (send, held or retry queue);"
+        " wait for delivery or delete with --purge-queue", "queue_not_empty", 409)
+
+
 def _not_found(kind: str, name: str) -> LifecycleError:
     return LifecycleError(f"no such {kind}: {name}", "not_found", 404)
 
@@ -474,10 +480,7 @@ class Lifecycle:
             acct = self._account(username)
             queued = await self._queued_in_db(acct.id)
             if queued and not purge_queue:
-                raise LifecycleError(
-                    f"{username} still has {queued} queued message(s) (send, held or retry"
-                    " queue); wait for delivery or delete with --purge-queue",
-                    "queue_not_empty", 409)
+                raise _queue_not_empty(username, queued)
             saved = (acct.status, acct.disabled_reason, acct.password_hash)
             acct.status = DELETED
             acct.password_hash = ""
@@ -485,9 +488,15 @@ class Lifecycle:
             self.cache.invalidate(acct.id)
             self.directory.rebuild_networks()
             now = self.clock()
-            dropped = self.scheduler.drop_account(acct.id)
 
             async def op(db: aiosqlite.Connection) -> list[int]:
+                if not purge_queue:
+                    # a message committed after the check above: still refused
+                    row = await (await db.execute(
+                        "SELECT COUNT(*) FROM messages WHERE account_id=?", (acct.id,)
+                    )).fetchone()
+                    if row and row[0]:
+                        raise _queue_not_empty(username, int(row[0]))
                 ids = await _purge(db, acct.id, None)
                 await db.execute(
                     "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
@@ -503,7 +512,9 @@ class Lifecycle:
                 self.directory.rebuild_networks()
                 raise
             # Everything the account had queued is gone from the database: forget it
-            # (a retry already handed to a worker finds its message purged and stops).
+            # (until now the scheduler held it, as for any account that is not usable;
+            # a retry already handed to a worker finds its message purged and stops).
+            dropped = self.scheduler.drop_account(acct.id)
             self.scheduler.forget(acct.id, dropped + purged_ids)
             purged = len(purged_ids)
             acct.total_sent = 0
