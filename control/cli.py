@@ -111,6 +111,9 @@ class Cli:
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
             self.out(d, self._domain_text(d))
         elif a.action == "delete":
+            d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
+            print(f"domain {d.name} (selector {d.selector}): {d.accounts} account(s) will be"
+                  " disabled for good", file=sys.stderr)
             confirm = a.confirm or self._prompt(
                 f"Deleting domain {a.name} is irreversible: its accounts are disabled for"
                 " good and its DKIM key is destroyed.\nType the domain name to confirm: ")

@@ -195,8 +195,19 @@ async def test_domain_delete_prompts_on_a_terminal(relay: RelayHandle,
     """On a terminal, domain delete asks for the domain name and then reports the effect."""
     term = Terminal()
     await term.start(relay.ctl.path, "domain", "delete", "example.com")
-    await term.expect(b"Type the domain name to confirm: ")
+    shown = await term.expect(b"Type the domain name to confirm: ")
+    assert "1 account(s) will be disabled for good" in shown
     term.type("example.com")
     rc, out = await term.finish()
     assert rc == 0, out
     assert "deleted domain example.com: 1 account(s) disabled, 0 message(s) held" in out
+
+
+async def test_domain_delete_of_unknown_domain_fails_before_asking(relay: RelayHandle) -> None:
+    """domain delete of a name that is not a live domain fails at once (exit 1), no prompt."""
+    term = Terminal()
+    await term.start(relay.ctl.path, "domain", "delete", "nowhere.example")
+    rc, out = await term.finish()
+    assert rc == 1
+    assert "no such domain: nowhere.example" in out
+    assert "confirm" not in out
