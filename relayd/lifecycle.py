@@ -343,10 +343,12 @@ class Lifecycle:
                     f"plan limit reached: {used} of {cap} account slots in use (active and"
                     " disabled accounts occupy a slot; delete an account to free one)",
                     "plan_limit", 409)
-            for _ in range(5):
+            for _ in range(5):  # deleted accounts stay in the directory: never reused
                 username = new_username(dom.name)
                 if self.directory.account(username) is None:
                     break
+            else:
+                raise LifecycleError("could not draw an unused username", "internal", 500)
 
             async def op(db: aiosqlite.Connection) -> int:
                 cur = await db.execute(
