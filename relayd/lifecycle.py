@@ -295,7 +295,8 @@ class Lifecycle:
                 raise
             self.directory.put_domain(dom)
             self.directory.rebuild_networks()
-        held = sum(self.scheduler.queued_count(a.id) for a in accts)
+        ids = {a.id for a in accts}  # held = not yet attempted (retries go on, §4.1)
+        held = sum(1 for m, _, _ in self.scheduler.send_queue_view() if m.account_id in ids)
         self._log("domain_deleted", domain=name, accounts_disabled=len(accts))
         return schemas.DomainDeleted(name=name, accounts_disabled=len(accts), messages_held=held)
 

@@ -254,3 +254,18 @@ async def test_purge_by_state_leaves_other_states(relay: RelayHandle, sink: Sink
     r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "waiting_limit"})
     assert r == {"count": 2}
     assert await states(relay, user)() == []
+
+
+async def test_domain_delete_counts_only_held_mail(relay: RelayHandle, sink: Sink,
+                                                   account: tuple[str, str]) -> None:
+    """domain delete reports held mail only: a deferred message keeps retrying, not held."""
+    user, pw = account
+    sink.script.append("451 4.3.0 try later")
+    await send(relay, user, pw, 1)
+    await until(states(relay, user), ["deferred"])
+    r = await relay.ctl.ok("POST", "/v1/domains/example.com/delete",
+                           {"confirm": "example.com"})
+    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 0}
+    await relay.ctl.ok("POST", "/v1/queue/retry", {})
+    [got] = await sink.wait_for(1)
+    assert got.rcpt_tos == ["m0@dest.test"]
