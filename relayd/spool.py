@@ -248,6 +248,9 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             await self._close_connections()
             raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
+        except SpoolError:
+            await self._close_connections()  # else aiosqlite's threads outlive the loop
+            raise
         self._writer_task = asyncio.get_running_loop().create_task(self._writer())
 
     async def _migrate(self) -> None:
