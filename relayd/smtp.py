@@ -367,7 +367,6 @@ class RelaySMTP(_AioSMTP):
             raise
         except Exception as exc:  # a bug outside a command handler: say 421, never a trace
             ctx.events.error(st, "session", exc)
-            self._out.clear()
             self._emit(replies.LOCAL_ERROR_CLOSING)
             self._flush()
             if self.transport is not None:

@@ -281,3 +281,17 @@ async def test_spool_fault_at_end_of_data_gets_451_never_250(
     raw.close()
     await asyncio.sleep(0.3)
     assert sink.messages == []
+
+
+async def test_session_fault_outside_a_handler_gets_421(
+        relay: RelayHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault in the command loop itself gets 421 4.3.0 and a close, never a trace or a
+    silent hang."""
+    async def broken(self: RelaySMTP, limit: int) -> bytes | None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(RelaySMTP, "_readline", broken)
+    raw = await Raw.open(relay.host, relay.port)
+    assert raw.greeting == "220 relay.test ESMTP relayd"
+    assert await raw.reply() == "421 4.3.0 Local error in processing, closing connection"
+    assert await raw.closed_by_server()
