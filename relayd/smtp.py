@@ -39,7 +39,6 @@ import asyncio
 import base64
 import binascii
 import os
-import re
 import ssl
 import time
 from collections.abc import Callable
@@ -62,7 +61,6 @@ COMMAND_LINE_MAX = 512
 MAIL_LINE_MAX = 2048
 AUTH_LINE_MAX = 12288
 _LINE_MAX = {"MAIL": MAIL_LINE_MAX, "RCPT": MAIL_LINE_MAX, "AUTH": AUTH_LINE_MAX}
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 _READ_CHUNK = 65536
 
 
@@ -771,16 +769,16 @@ class RelaySMTP(_AioSMTP):
                 self._closing = True
                 raise _ClientGone
         raw = bytes(buf[2: end + 2])
-        del buf[: end + 5]
+        # Keep only what follows the terminator, in a fresh buffer: a large message's
+        # buffer is released now instead of lingering for the rest of the session.
+        self._inbuf = bytearray(buf[end + 5:])
         if too_big or len(raw) > limit + 2:
             return None, replies.SIZE_EXCEEDED
         bad = policy.data_violation(raw)
         if bad is not None:
             return None, bad
-        if _LONG_LINE.search(raw) is not None:
-            # A dot-stuffed line may be one octet longer; check again after unstuffing.
-            if _LONG_LINE.search(_unstuff(raw)) is not None:
-                return None, replies.LINE_TOO_LONG
+        if policy.has_long_line(raw):
+            return None, replies.LINE_TOO_LONG
         return _unstuff(raw), None
 
 

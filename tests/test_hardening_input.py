@@ -295,3 +295,22 @@ async def test_session_fault_outside_a_handler_gets_421(
     assert raw.greeting == "220 relay.test ESMTP relayd"
     assert await raw.reply() == "421 4.3.0 Local error in processing, closing connection"
     assert await raw.closed_by_server()
+
+
+def test_long_line_check_matches_a_line_split() -> None:
+    """policy.has_long_line agrees with a plain split on lines around the 998-octet limit."""
+    import random
+
+    from relayd.policy import has_long_line
+
+    def reference(d: bytes) -> bool:
+        return any(len(x) > 998 and not (len(x) == 999 and x[:1] == b".")
+                   for x in d.split(b"\r\n"))
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        lines = [(b"." if rng.random() < 0.3 else b"") +
+                 b"x" * rng.choice([0, 1, 997, 998, 999, 1000, 2000, 50])
+                 for _ in range(rng.randint(0, 6))]
+        data = b"\r\n".join(lines) + (b"\r\n" if rng.random() < 0.8 else b"")
+        assert has_long_line(data) == reference(data), [len(x) for x in lines]
