@@ -20,6 +20,7 @@ See also: relayd.scheduler (calls ``Deliverer.deliver``), relayd.mx.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,113 @@ def _clean(text: str, limit: int = 400) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_MAX_REPLY = 64 * 1024
+
+
+class _PipeError(Exception):
+    """The connection failed during a pipelined transaction."""
+
+
+class _Replies(asyncio.Protocol):
+    """Reads SMTP replies while a pipelined transaction owns the transport.
+
+    aiosmtplib reads exactly one reply per command it sent and drops what
+    arrives in between, so it cannot pipeline (RFC 2920). For one transaction
+    this protocol takes the transport's place, queues every complete reply,
+    and hands the transport back to aiosmtplib afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._replies: list[tuple[int, str]] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # -- asyncio.Protocol --------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self._buf.extend(data)
+        while True:
+            reply = self._parse()
+            if reply is None:
+                break
+            self._replies.append(reply)
+        if len(self._buf) > _MAX_REPLY:
+            self._fail(_PipeError("reply too long"))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(_PipeError("connection closed by the next hop"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(_PipeError(f"connection lost: {exc}" if exc else "connection lost"))
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- reading -----------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            self._lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _parse(self) -> tuple[int, str] | None:
+        """One complete (possibly multi-line) reply from the buffer, or None."""
+        lines: list[str] = []
+        offset = 0
+        while True:
+            end = self._buf.find(b"\n", offset)
+            if end < 0:
+                return None
+            line = bytes(self._buf[offset:end + 1])
+            offset = end + 1
+            lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                break
+        try:
+            code = int(line[:3])
+        except ValueError:
+            code = 0  # not a reply: treated as a temporary failure by the caller
+        del self._buf[:offset]
+        return code, "\n".join(lines)
+
+    async def reply(self, seconds: float) -> tuple[int, str]:
+        """The next reply, in order; raise _PipeError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self._replies:
+            if self._lost is not None:
+                raise self._lost
+            self._waiter = loop.create_future()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError("timed out waiting for the next hop's reply")
+            try:
+                await asyncio.wait_for(self._waiter, remaining)
+            finally:
+                self._waiter = None
+        return self._replies.pop(0)
+
+    async def drain(self, seconds: float) -> None:
+        """Wait until the transport's write buffer has room again."""
+        if not self._writable.is_set():
+            await asyncio.wait_for(self._writable.wait(), seconds)
+        if self._lost is not None:
+            raise self._lost
+
+
 class Pool:
     """Open connections to one next hop, at most ``size`` at a time."""
 
@@ -99,6 +207,12 @@ class Pool:
         )
         await client.connect(timeout=self.cfg.connect_timeout_seconds)
         self.connections_opened += 1
+        if client.is_ehlo_or_helo_needed:
+            # Know the extensions (SIZE, 8BITMIME, PIPELINING) before the first MAIL.
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # a server without ESMTP
         return _Conn(client)
 
     def _take_idle(self) -> _Conn | None:
@@ -179,6 +293,8 @@ class Pool:
         if client.supports_extension("size"):
             opts.append(f"SIZE={len(data)}")
         enc = "utf-8" if utf8 else "ascii"
+        if client.supports_extension("pipelining") and client.transport is not None:
+            return await self._pipelined(client, sender, rcpts, data, opts, enc)
         try:
             await client.mail(sender, options=opts, encoding=enc)
         except aiosmtplib.SMTPResponseException as exc:
@@ -204,6 +320,84 @@ class Pool:
                 out[i] = RcptReply(exc.code, _clean(exc.message))
             await _rset(client)
         return [r or RcptReply(None, "no reply") for r in out], client.is_connected
+
+    async def _pipelined(self, client: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str],
+                         data: bytes, opts: list[str], enc: str) -> tuple[list[RcptReply], bool]:
+        """MAIL, every RCPT and DATA in one write; the replies read after (RFC 2920).
+
+        Raises aiosmtplib.SMTPServerDisconnected when the connection is gone
+        before any reply (a stale pooled connection: the caller retries once),
+        TimeoutError or OSError on other connection trouble.
+        """
+        transport = client.transport
+        assert transport is not None
+        timeout = self.cfg.command_timeout_seconds
+        head = [b"MAIL FROM:<" + sender.encode(enc) + b">" +
+                b"".join(b" " + o.encode("ascii") for o in opts)]
+        head += [b"RCPT TO:<" + r.encode(enc) + b">" for r in rcpts]
+        if any(_CONTROL.search(c) for c in head):
+            raise aiosmtplib.SMTPException("control character in an address")
+        head.append(b"DATA")
+        out: list[RcptReply | None] = [None] * len(rcpts)
+        pipe = _Replies()
+        original = transport.get_protocol()
+        transport.set_protocol(pipe)
+        try:
+            if transport.is_closing():
+                raise aiosmtplib.SMTPServerDisconnected("connection closed")
+            transport.write(b"\r\n".join(head) + b"\r\n")  # type: ignore[attr-defined]
+            try:
+                mail = await pipe.reply(timeout)
+            except _PipeError as exc:  # nothing answered: maybe a stale pooled connection
+                raise aiosmtplib.SMTPServerDisconnected(str(exc)) from None
+            try:
+                await self._pipelined_replies(pipe, transport, mail, out, data, timeout)
+            except (_PipeError, TimeoutError) as exc:
+                text = _clean(f"{type(exc).__name__}: {exc}")
+                transport.set_protocol(original)
+                client.close()
+                return [r or RcptReply(None, text) for r in out], False
+        except BaseException:
+            transport.set_protocol(original)
+            client.close()
+            raise
+        transport.set_protocol(original)
+        return [r or RcptReply(None, "no reply") for r in out], True
+
+    @staticmethod
+    async def _pipelined_replies(pipe: _Replies, transport: asyncio.BaseTransport,
+                                 mail: tuple[int, str], out: list[RcptReply | None],
+                                 data: bytes, seconds: float) -> None:
+        """Read the RCPT and DATA replies, send the body if DATA was accepted."""
+        write = transport.write  # type: ignore[attr-defined]
+        accepted: list[int] = []
+        for i in range(len(out)):
+            code, text = await pipe.reply(seconds)
+            if mail[0] != 250:
+                code, text = mail
+            elif code in (250, 251):
+                accepted.append(i)
+            out[i] = RcptReply(code, _clean(text))
+        go = await pipe.reply(seconds)
+        if go[0] == 354 and not accepted:
+            write(b".\r\n")  # DATA taken though no recipient was: end it empty
+            await pipe.reply(seconds)
+        elif go[0] == 354:
+            body = _LEADING_DOT.sub(b"..", data)
+            if not body.endswith(b"\r\n"):
+                body += b"\r\n"
+            write(body + b".\r\n")
+            await pipe.drain(seconds + len(body) / 10_000)
+            code, text = await pipe.reply(seconds)
+            for i in accepted:
+                out[i] = RcptReply(code, _clean(text))
+            if 200 <= code < 300:
+                return
+        else:
+            for i in accepted:
+                out[i] = RcptReply(go[0], _clean(go[1]))
+        write(b"RSET\r\n")
+        await pipe.reply(seconds)
 
     async def close(self) -> None:
         """Close every idle connection politely."""

@@ -13,7 +13,7 @@ import pytest
 from relayd.app import Relay
 from tests.conftest import Ctl, RelayFactory, RelayHandle, Sink, make_config, start_sink
 from tests.dnsserver import DnsServer
-from tests.test_queue_support import eventually, log_entries, submit
+from tests.test_queue_support import eventually, log_entries, message_log, submit
 
 ZONE = {
     "example.com": {"MX": ["10 mx.example.com."]},  # where bounces to the sender go
@@ -105,7 +105,7 @@ async def test_null_mx_fails_permanently_and_bounces(mx_relay: MxRelay, sink: Si
     [dsn] = await sink.wait_for(1)
     assert dsn.rcpt_tos == ["app@example.com"] and b"r@null.test" in dsn.data
     assert b"null MX" in dsn.data
-    entries = [e for e in await log_entries(relay) if e["message_id"] == mid]
+    entries = await message_log(relay, mid, 1)
     assert [(e["outcome"], e["next_hop"]) for e in entries] == [("failed", "-")]
     assert "null MX" in entries[0]["text"]
 

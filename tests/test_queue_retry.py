@@ -12,6 +12,7 @@ from tests.test_queue_support import (
     eventually,
     install_clock,
     log_entries,
+    message_log,
     queue_items,
     submit,
 )
@@ -70,8 +71,7 @@ async def test_5xx_fails_at_once_with_one_dsn(relay: RelayHandle, sink: Sink,
     assert b"554" in dsn.data and b"Status: 5.7.1" in dsn.data
     assert b"Subject: m0" in dsn.data  # the original headers are enclosed
     await eventually(lambda: _spool_empty(relay))
-    entries = await log_entries(relay)
-    failed = [e for e in entries if e["message_id"] == mid]
+    failed = await message_log(relay, mid, 1)
     assert [(e["outcome"], e["code"]) for e in failed] == [("failed", 554)]
     assert len(sink.messages) == 1
     assert await queue_items(relay) == []
@@ -89,7 +89,7 @@ async def test_mixed_recipients_keep_their_own_status(
     assert set(by_rcpt) == {("ok@dest.test",), ("app@example.com",)}
     dsn = by_rcpt[("app@example.com",)].data
     assert b"bad@dest.test" in dsn and b"later@dest.test" not in dsn
-    entries = {e["recipient"]: e for e in await log_entries(relay) if e["message_id"] == mid}
+    entries = {e["recipient"]: e for e in await message_log(relay, mid, 3)}
     assert {r: (e["outcome"], e["code"]) for r, e in entries.items()} == {
         "ok@dest.test": ("delivered", 250), "later@dest.test": ("deferred", 450),
         "bad@dest.test": ("failed", 550)}
@@ -119,7 +119,7 @@ async def test_queue_lifetime_exceeded_fails_and_bounces(
     relay.relay.scheduler.wake_retry()
     [dsn] = await sink.wait_for(1)
     assert dsn.rcpt_tos == ["app@example.com"]
-    [last, _first] = [e for e in await log_entries(relay) if e["message_id"] == mid]
+    [last, _first] = await message_log(relay, mid, 2)
     assert last["outcome"] == "failed" and "queue lifetime" in last["text"]
     await eventually(lambda: _spool_empty(relay))
 

@@ -79,6 +79,15 @@ async def log_entries(relay: RelayHandle, **query: Any) -> list[dict[str, Any]]:
     return entries
 
 
+async def message_log(relay: RelayHandle, message_id: str, n: int) -> list[dict[str, Any]]:
+    """The log entries of one message, once there are ``n`` of them (newest first)."""
+    async def enough() -> list[dict[str, Any]] | None:
+        entries = [e for e in await log_entries(relay) if e["message_id"] == message_id]
+        return entries if len(entries) >= n else None
+    result: list[dict[str, Any]] = await eventually(enough)
+    return result
+
+
 async def queue_items(relay: RelayHandle, **query: Any) -> list[dict[str, Any]]:
     """``queue list`` through the control socket."""
     data = await relay.ctl.ok("GET", "/v1/queue", **query)
