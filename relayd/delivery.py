@@ -8,6 +8,12 @@ per-recipient reply code and text. Choosing the next hop (smarthost, static
 route, MX) is ``Router``'s job; classifying a code as delivered, deferred or
 failed is relayd.backoff's.
 
+When the next hop advertises PIPELINING (RFC 2920), MAIL, every RCPT and
+DATA go out in one write and the replies are read after (aiosmtplib cannot
+do this: ``_Replies`` owns the transport for the transaction); otherwise one
+command per round trip. An accepted recipient's result is always the reply
+to the end of DATA, never its RCPT reply.
+
 A failure of the connection itself (refused, timeout, TLS failure, dropped)
 gives every recipient not yet answered ``code=None``: a temporary failure.
 
@@ -374,10 +380,11 @@ class Pool:
         for i in range(len(out)):
             code, text = await pipe.reply(seconds)
             if mail[0] != 250:
-                code, text = mail
+                out[i] = RcptReply(mail[0], _clean(mail[1]))
             elif code in (250, 251):
-                accepted.append(i)
-            out[i] = RcptReply(code, _clean(text))
+                accepted.append(i)  # its result is the reply to the end of DATA
+            else:
+                out[i] = RcptReply(code, _clean(text))
         go = await pipe.reply(seconds)
         if go[0] == 354 and not accepted:
             write(b".\r\n")  # DATA taken though no recipient was: end it empty

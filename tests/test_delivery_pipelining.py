@@ -4,6 +4,7 @@ DATA go in one write, and every recipient still gets its own result."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd import delivery
 from tests.conftest import RelayFactory, RelayHandle, Sink, _SinkHandler
+from tests.procs import free_port
 from tests.test_queue_support import eventually, log_entries, queue_items, submit
 
 
@@ -156,3 +158,70 @@ async def test_stale_pooled_connection_is_replaced(relay_factory: RelayFactory,
     finally:
         assert sink.server is not None
         sink.server.close()
+
+
+async def _postfix_sink(*flags: str) -> tuple[asyncio.subprocess.Process, int]:
+    """Postfix's smtp-sink (advertises PIPELINING) on a free loopback port."""
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it will not run as root
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/sbin/smtp-sink", *user, *flags, f"127.0.0.1:{port}", "50",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def up() -> bool:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        w.close()
+        return True
+
+    await eventually(up, timeout=5)
+    return proc, port
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="needs Postfix smtp-sink")
+async def test_pipelining_against_postfix_smtp_sink(relay_factory: RelayFactory,
+                                                    pipelined: list[int]) -> None:
+    """Postfix's smtp-sink takes 30 pipelined two-recipient messages on few connections."""
+    proc, port = await _postfix_sink()
+    try:
+        relay = await relay_factory(smarthost=f"127.0.0.1:{port}")
+        await relay.ctl.add_domain("example.com")
+        account = await relay.ctl.add_user("example.com")
+        await submit(relay, account, ["a@dest.test", "b@dest.test"], count=30)
+
+        async def all_done() -> list[dict[str, Any]] | None:
+            entries = await log_entries(relay, limit=1000)
+            return entries if len(entries) == 60 else None
+
+        entries = await eventually(all_done)
+        assert {(e["outcome"], e["code"]) for e in entries} == {("delivered", 250)}
+        assert len(pipelined) == 30
+        assert relay.relay.deliverer.connections_opened <= 20
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="needs Postfix smtp-sink")
+async def test_pipelined_drop_after_data_defers(relay_factory: RelayFactory,
+                                                pipelined: list[int]) -> None:
+    """A hop that hangs up after the body, with RCPTs accepted, leaves them deferred."""
+    proc, port = await _postfix_sink("-q", ".")
+    try:
+        relay = await relay_factory(smarthost=f"127.0.0.1:{port}")
+        await relay.ctl.add_domain("example.com")
+        account = await relay.ctl.add_user("example.com")
+        await submit(relay, account, ["a@dest.test", "b@dest.test"])
+
+        async def two() -> list[dict[str, Any]] | None:
+            entries = await log_entries(relay)
+            return entries if len(entries) == 2 else None
+
+        entries = await eventually(two)
+        assert {(e["outcome"], e["code"]) for e in entries} == {("deferred", None)}
+        assert pipelined
+    finally:
+        proc.kill()
+        await proc.wait()
