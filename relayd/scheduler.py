@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from relayd import backoff
 from relayd.accounts import Account, Directory
 from relayd.delivery import Hop, RcptReply
-from relayd.ratelimit import Limits, RateWindow
+from relayd.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
 from relayd.spool import AttemptResult, NewMessage, Spool, format_id
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
@@ -293,6 +293,8 @@ class Scheduler:
             now = self.clock()
             earliest: float | None = None
             for _ in range(len(self._rr)):
+                if not self._rr:
+                    break  # emptied by a purge while this loop was waiting
                 acct_id = self._rr[0]
                 aq = self._queues.get(acct_id)
                 if aq is None or not aq.pending:
@@ -303,7 +305,10 @@ class Scheduler:
                 if acct is None or not acct.usable:
                     continue  # held until enable (or purge)
                 if aq.window is None:
-                    aq.window = RateWindow(self.limits_of(acct))
+                    window = await self._new_window(acct, now)
+                    if self._queues.get(acct_id) is not aq or not aq.pending:
+                        continue  # purged meanwhile
+                    aq.window = aq.window or window
                 until = aq.window.try_consume(now)
                 if until is not None:
                     aq.blocked_until = until
@@ -327,6 +332,27 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _new_window(self, acct: Account, now: float) -> RateWindow:
+        """An account's sending-limit window, seeded from the delivery log.
+
+        Once per account and process: messages first attempted earlier in the
+        current minute, hour and day (before a restart) still count.
+        """
+        window = RateWindow(self.limits_of(acct))
+        if window.limits.unlimited:
+            return window
+        starts = [window_start(now, p) for p in (MINUTE, HOUR, DAY)]
+        try:
+            row = await self.spool.fetchone(
+                "SELECT COALESCE(SUM(t >= ?), 0), COALESCE(SUM(t >= ?), 0), COUNT(*) FROM"
+                " (SELECT MIN(ts) AS t FROM delivery_log WHERE username=? AND ts >= ?"
+                " GROUP BY message_id)", (starts[0], starts[1], acct.username, starts[2]))
+        except Exception:  # no history to count: start from zero
+            row = None
+        if row:
+            window.restore(now, WindowCounts(int(row[0]), int(row[1]), int(row[2])))
+        return window
 
     async def _retry_loop(self) -> None:
         while True:

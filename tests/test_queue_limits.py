@@ -131,3 +131,23 @@ async def test_accounts_take_turns(relay_factory: RelayFactory, sink: Sink) -> N
     # from then on the two alternate. FIFO would put small last (index 12-14).
     last_small = max(i for i, r in enumerate(gate.order) if r == "small@dest.test")
     assert last_small <= 10, gate.order
+
+
+async def test_limit_counts_survive_a_restart(relay_factory: RelayFactory, sink: Sink) -> None:
+    """Messages sent before a restart still count against the current window."""
+    first = await relay_factory()
+    clock = install_clock(first)
+    account = await _user(first, per_minute=2)
+    await submit(first, account, ["r@dest.test"], count=2)
+    await sink.wait_for(2)
+    await eventually(lambda: _no_live(first))
+    await first.stop()
+
+    second = await relay_factory()  # same spool
+    install_clock(second, clock)  # still the same minute
+    [mid] = await submit(second, account, ["r@dest.test"])
+    [item] = await eventually(lambda: _waiting(second, 1))
+    assert item["id"] == mid and len(sink.messages) == 2
+    clock.advance(60)
+    second.relay.scheduler.wake()
+    await sink.wait_for(3)
