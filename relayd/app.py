@@ -156,7 +156,9 @@ class Relay:
                                      on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
         mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
-        self.deliverer = Deliverer(cfg.delivery, helo, mx=mx)
+        self.deliverer = Deliverer(cfg.delivery, helo, mx=mx,
+                                   agent_processes=cfg.delivery.agent_processes)
+        await self.deliverer.start()
         d = cfg.delivery
         self.scheduler = Scheduler(
             self.spool, self.directory, _Router(self.deliverer),

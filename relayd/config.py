@@ -136,6 +136,7 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     smarthost_password: str = ""
     tls_verify: bool = True
     connections_per_host: PositiveInt = 20
+    agent_processes: NonNegativeInt = 1  # outbound SMTP in child processes (0 = in-process)
     messages_per_connection: PositiveInt = 1000
     idle_connection_seconds: Seconds = 30.0
     connect_timeout_seconds: Seconds = 15.0

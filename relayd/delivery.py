@@ -20,7 +20,11 @@ gives every recipient not yet answered ``code=None``: a temporary failure.
 Untrusted input: replies from remote servers (only code and text are kept;
 the text is truncated and stripped of control characters before it is logged
 or stored). Settings read: [delivery].
-See also: relayd.scheduler (calls ``Deliverer.deliver``), relayd.mx.
+With ``agent_processes > 0`` the transactions run in child processes
+(relayd.delivery_agent); routing stays here, in the main process.
+
+See also: relayd.scheduler (calls ``Deliverer.send``), relayd.mx,
+relayd.delivery_agent.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiosmtplib
 
 from relayd.config import DeliveryConfig, parse_hostport
+
+if TYPE_CHECKING:
+    from relayd.delivery_agent import AgentPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,13 +476,35 @@ class Deliverer:
 
     def __init__(self, cfg: DeliveryConfig, helo: str,
                  tls_context: ssl.SSLContext | None = None,
-                 mx: MxLookup | None = None) -> None:
-        self.cfg = cfg
+                 mx: MxLookup | None = None, agent_processes: int = 0) -> None:
+        self._cfg = cfg
         self.helo = helo
         self.tls_context = tls_context
         self.router = Router(cfg)
         self.mx = mx
         self._pools: dict[Hop, Pool] = {}
+        self.agents: AgentPool | None = None
+        if agent_processes > 0:
+            from relayd.delivery_agent import AgentPool
+
+            self.agents = AgentPool(cfg, helo, agent_processes)
+
+    @property
+    def cfg(self) -> DeliveryConfig:
+        """The delivery settings in effect."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: DeliveryConfig) -> None:
+        # A reload: new pools and the agent processes use the new settings.
+        self._cfg = cfg
+        if self.agents is not None:
+            self.agents.reconfigure(cfg)
+
+    async def start(self) -> None:
+        """Start the delivery agent processes, if configured (returns once they run)."""
+        if self.agents is not None:
+            await self.agents.start()
 
     async def route(self, domain: str) -> list[Hop]:
         """Next hops for a recipient domain: static route, else smarthost, else MX."""
@@ -495,14 +524,19 @@ class Deliverer:
 
     async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
                    data: bytes) -> list[RcptReply]:
-        """Deliver one message to the given recipients at one hop."""
+        """Deliver one message to the given recipients at one hop (in an agent, if any)."""
+        if self.agents is not None:
+            return await self.agents.send(hop, sender, rcpts, data)
         return await self.pool(hop).send(sender, rcpts, data)
 
     @property
     def connections_opened(self) -> int:
-        """Connections opened since start (all hops)."""
-        return sum(p.connections_opened for p in self._pools.values())
+        """Connections opened since start (all hops, agent processes included)."""
+        own = sum(p.connections_opened for p in self._pools.values())
+        return own + (self.agents.connections_opened if self.agents is not None else 0)
 
     async def close(self) -> None:
-        """Close all pooled connections."""
+        """Close all pooled connections; stop the agent processes (they close theirs)."""
+        if self.agents is not None:
+            await self.agents.close()
         await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)

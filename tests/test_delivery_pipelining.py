@@ -64,6 +64,9 @@ def pipelined(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 async def _relay(relay_factory: RelayFactory, sink: Sink,
                  extra: dict[str, Any] | None = None) -> tuple[RelayHandle, tuple[str, str]]:
+    # In-process delivery: the ``pipelined`` fixture counts calls in this process.
+    extra = dict(extra or {})
+    extra["delivery"] = {"agent_processes": 0, **extra.get("delivery", {})}
     relay = await relay_factory(extra, smarthost=sink.address)
     await relay.ctl.add_domain("example.com")
     return relay, await relay.ctl.add_user("example.com")
@@ -186,7 +189,8 @@ async def test_pipelining_against_postfix_smtp_sink(relay_factory: RelayFactory,
     """Postfix's smtp-sink takes 30 pipelined two-recipient messages on few connections."""
     proc, port = await _postfix_sink()
     try:
-        relay = await relay_factory(smarthost=f"127.0.0.1:{port}")
+        relay = await relay_factory({"delivery": {"agent_processes": 0}},
+                                    smarthost=f"127.0.0.1:{port}")
         await relay.ctl.add_domain("example.com")
         account = await relay.ctl.add_user("example.com")
         await submit(relay, account, ["a@dest.test", "b@dest.test"], count=30)
@@ -210,7 +214,8 @@ async def test_pipelined_drop_after_data_defers(relay_factory: RelayFactory,
     """A hop that hangs up after the body, with RCPTs accepted, leaves them deferred."""
     proc, port = await _postfix_sink("-q", ".")
     try:
-        relay = await relay_factory(smarthost=f"127.0.0.1:{port}")
+        relay = await relay_factory({"delivery": {"agent_processes": 0}},
+                                    smarthost=f"127.0.0.1:{port}")
         await relay.ctl.add_domain("example.com")
         account = await relay.ctl.add_user("example.com")
         await submit(relay, account, ["a@dest.test", "b@dest.test"])

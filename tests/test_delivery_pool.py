@@ -3,22 +3,33 @@ connection carries at most ``messages_per_connection``, idle ones are closed."""
 
 from __future__ import annotations
 
-from tests.conftest import RelayFactory, RelayHandle, Sink
+import pytest
+
+from tests.conftest import RelayFactory, Sink
 from tests.test_queue_support import eventually, submit
 
+# Both delivery paths: in the main process (0) and in a delivery agent process (1).
+AGENTS = pytest.mark.parametrize("agents", [0, 1], ids=["in-process", "agent"])
 
-async def test_hundred_messages_use_few_connections(relay: RelayHandle, sink: Sink,
-                                                    account: tuple[str, str]) -> None:
+
+@AGENTS
+async def test_hundred_messages_use_few_connections(relay_factory: RelayFactory, sink: Sink,
+                                                    agents: int) -> None:
     """100 messages to one next hop arrive over far fewer than 100 connections."""
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    await relay.ctl.add_domain("example.com")
+    account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@dest.test"], count=100)
     await sink.wait_for(100)
     assert sink.connections <= 20  # connections_per_host
     assert relay.relay.deliverer.connections_opened == sink.connections
 
 
-async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Sink) -> None:
+@AGENTS
+async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Sink,
+                                           agents: int) -> None:
     """After ``messages_per_connection`` messages a connection is closed and a new one opened."""
-    relay = await relay_factory({"delivery": {"connections_per_host": 1,
+    relay = await relay_factory({"delivery": {"connections_per_host": 1, "agent_processes": agents,
                                               "messages_per_connection": 10}})
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
@@ -29,7 +40,8 @@ async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Si
 
 async def test_idle_connections_are_closed(relay_factory: RelayFactory, sink: Sink) -> None:
     """A pooled connection unused for ``idle_connection_seconds`` is closed with QUIT."""
-    relay = await relay_factory({"delivery": {"idle_connection_seconds": 0.2}})
+    relay = await relay_factory({"delivery": {"idle_connection_seconds": 0.2,
+                                              "agent_processes": 0}})  # reads the pool
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@dest.test"])

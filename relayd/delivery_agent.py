@@ -1,0 +1,400 @@
+"""The delivery agent: outbound SMTP transactions in a child process.
+
+Owns: running ``Deliverer.send`` (pools, pipelining, TLS, AUTH at the next
+hop) in one or more child processes, so that the outbound SMTP work uses a
+core other than the main event loop's. Everything that decides *whether* and
+*when* a message goes (send queue, sending limits, held mail, retries, spool
+writes, credential invalidation) stays in the main process: a child only
+runs the transaction it is given and answers one reply per recipient.
+
+Wire: a Unix socketpair per child, frames of a 4-byte big-endian length and a
+msgpack body (msgspec, tagged array-like structs). Parent to child:
+``Configure`` (first, and after a reload), ``Job``, ``Close``. Child to
+parent: ``Result`` (one per job, with the child's count of connections
+opened). Frames written in one loop iteration go out in one write.
+
+Failure: when a child exits (crash, kill), every job it had not answered
+gets ``code=None`` for each recipient — a temporary failure, so the
+scheduler defers and retries it (nothing is lost; a message that did reach
+the next hop may be delivered twice, as after any crash: at-least-once).
+The child is started again after a short pause. A child whose parent is
+gone sees end-of-file on its socket and exits; it ignores SIGTERM and SIGINT
+(systemd and a terminal signal the whole group), the parent stops it in
+order: ``Close`` after the scheduler's running attempts finished, then the
+child says QUIT on its pooled connections and exits.
+
+Untrusted input: none new (replies of remote servers are handled by
+relayd.delivery inside the child; frames come only from our own process).
+Settings read: [delivery] agent_processes, and everything relayd.delivery
+reads (sent to the child in ``Configure``).
+See also: relayd.delivery (``Deliverer`` uses ``AgentPool`` when
+``agent_processes > 0``), relayd.scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from relayd.config import DeliveryConfig
+
+if TYPE_CHECKING:
+    from relayd.delivery import Hop, RcptReply
+
+_LEN = 4
+RESTART_DELAY_FIRST = 0.1
+RESTART_DELAY_MAX = 5.0
+STOP_TIMEOUT_SECONDS = 10.0
+# Where ``relayd`` is imported from, so the child finds the same code.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Configure(msgspec.Struct, array_like=True, tag=1):
+    """Settings for the child's deliverer (sent first and after a reload)."""
+
+    cfg: DeliveryConfig
+    helo: str
+
+
+class Job(msgspec.Struct, array_like=True, tag=2):
+    """One transaction at one hop."""
+
+    id: int
+    host: str
+    port: int
+    tls: str
+    username: str
+    password: str
+    sender: str
+    rcpts: list[str]
+    data: bytes
+
+
+class Close(msgspec.Struct, array_like=True, tag=3):
+    """Stop: drop what is still running, QUIT pooled connections, exit."""
+
+
+class Result(msgspec.Struct, array_like=True, tag=4):
+    """The replies to one job, one (code, text) per recipient, in order."""
+
+    id: int
+    replies: list[tuple[int | None, str]]
+    opened: int  # connections the child opened since it started
+
+
+ToAgent = Configure | Job | Close
+
+
+class _Framed(asyncio.Protocol):
+    """Length-prefixed msgpack frames over a stream, writes coalesced per loop turn."""
+
+    def __init__(self, decode_type: object) -> None:
+        self._decoder = msgspec.msgpack.Decoder(decode_type)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf.extend(data)
+        start = 0
+        end = len(buf)
+        frames = []
+        with memoryview(buf) as view:
+            while end - start >= _LEN:
+                n = int.from_bytes(view[start:start + _LEN], "big")
+                if end - start - _LEN < n:
+                    break
+                frames.append(self._decoder.decode(view[start + _LEN:start + _LEN + n]))
+                start += _LEN + n
+        if start:
+            del buf[:start]
+        for frame in frames:
+            self.frame_received(frame)
+
+    def frame_received(self, frame: object) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def send(self, frame: msgspec.Struct) -> None:
+        """Queue a frame; everything queued in this loop iteration goes in one write."""
+        body = self._encoder.encode(frame)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(len(body).to_bytes(_LEN, "big"))
+        self._out.append(body)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
+# -- the parent side ----------------------------------------------------------------
+
+class _ParentSide(_Framed):
+    def __init__(self, agent: _Agent) -> None:
+        super().__init__(Result)
+        self.agent = agent
+
+    def frame_received(self, frame: object) -> None:
+        assert isinstance(frame, Result)
+        self.agent.answered(frame)
+
+
+class _Agent:
+    """One child process and the jobs it has not answered yet."""
+
+    def __init__(self, pool: AgentPool, n: int) -> None:
+        self.pool = pool
+        self.n = n
+        self.proc: asyncio.subprocess.Process | None = None
+        self.side: _ParentSide | None = None
+        self.pending: dict[int, tuple[asyncio.Future[list[RcptReply]], int]] = {}
+        self.ready = asyncio.Event()
+        self.opened_before = 0  # connections opened by earlier lives of this agent
+        self.opened = 0
+        self.restarts = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def spawn(self) -> None:
+        """Start the child and connect to it."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relayd.delivery_agent", "--fd", str(child.fileno()),
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=env)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        loop = asyncio.get_running_loop()
+        _t, side = await loop.create_unix_connection(lambda: _ParentSide(self), sock=parent)
+        self.side = side
+        side.send(Configure(self.pool.child_cfg(), self.pool.helo))
+        self.opened_before += self.opened
+        self.opened = 0
+        self.ready.set()
+
+    async def supervise(self) -> None:
+        """Keep a child running: restart it when it exits, until the pool closes."""
+        delay = RESTART_DELAY_FIRST
+        while True:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                await self.spawn()
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
+                continue
+            assert self.proc is not None and self.side is not None
+            await asyncio.wait([asyncio.ensure_future(self.proc.wait()), self.side.lost],
+                               return_when=asyncio.FIRST_COMPLETED)
+            self.ready.clear()
+            if self.side.transport is not None:
+                self.side.transport.close()
+            if self.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 1.0)
+                except TimeoutError:
+                    self.proc.kill()
+                    await self.proc.wait()
+            self.fail_pending(f"delivery agent exited ({self.proc.returncode})")
+            if self.pool.closing:
+                return
+            self.restarts += 1
+            if loop.time() - started > 10 * RESTART_DELAY_MAX:
+                delay = RESTART_DELAY_FIRST
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    def fail_pending(self, text: str) -> None:
+        """Every unanswered job: a temporary failure for each recipient."""
+        from relayd.delivery import RcptReply
+
+        pending, self.pending = self.pending, {}
+        for fut, nrcpts in pending.values():
+            if not fut.done():
+                fut.set_result([RcptReply(None, text) for _ in range(nrcpts)])
+
+    def answered(self, res: Result) -> None:
+        from relayd.delivery import RcptReply
+
+        self.opened = res.opened
+        entry = self.pending.pop(res.id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result([RcptReply(c, t) for c, t in res.replies])
+
+
+class AgentPool:
+    """Delivery agent processes seen as one ``send``; the least busy one takes a job."""
+
+    def __init__(self, cfg: DeliveryConfig, helo: str, processes: int) -> None:
+        self.cfg = cfg
+        self.helo = helo
+        self.closing = False
+        self._agents = [_Agent(self, n) for n in range(processes)]
+        self._ids = 0
+
+    def child_cfg(self) -> DeliveryConfig:
+        """The settings of one child: the per-hop connection bound is shared out."""
+        n = len(self._agents)
+        return msgspec.structs.replace(
+            self.cfg, connections_per_host=max(1, self.cfg.connections_per_host // n))
+
+    async def start(self) -> None:
+        """Start every child (returns once each is connected)."""
+        loop = asyncio.get_running_loop()
+        for a in self._agents:
+            a.task = loop.create_task(a.supervise())
+        await asyncio.wait_for(asyncio.gather(*(a.ready.wait() for a in self._agents)), 30)
+
+    def reconfigure(self, cfg: DeliveryConfig) -> None:
+        """New settings (reload) for every running child and every future one."""
+        self.cfg = cfg
+        for a in self._agents:
+            if a.side is not None and a.ready.is_set():
+                a.side.send(Configure(self.child_cfg(), self.helo))
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running children (for tests and status)."""
+        return [a.proc.pid for a in self._agents
+                if a.proc is not None and a.proc.returncode is None]
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections opened by every child since start."""
+        return sum(a.opened_before + a.opened for a in self._agents)
+
+    async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
+                   data: bytes) -> list[RcptReply]:
+        """One transaction at one hop, run by a child; one reply per recipient."""
+        from relayd.delivery import RcptReply
+
+        agent = min(self._agents, key=lambda a: len(a.pending))
+        if not agent.ready.is_set():
+            try:
+                await asyncio.wait_for(agent.ready.wait(), self.cfg.connect_timeout_seconds)
+            except TimeoutError:
+                return [RcptReply(None, "delivery agent not running") for _ in rcpts]
+        side = agent.side
+        assert side is not None
+        self._ids += 1
+        job_id = self._ids
+        fut: asyncio.Future[list[RcptReply]] = asyncio.get_running_loop().create_future()
+        agent.pending[job_id] = (fut, len(rcpts))
+        side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
+                      sender, list(rcpts), data))
+        try:
+            return await fut
+        finally:
+            agent.pending.pop(job_id, None)
+
+    async def close(self) -> None:
+        """Ask every child to stop (QUIT its connections) and wait; kill one that hangs."""
+        self.closing = True
+        for a in self._agents:
+            if a.side is not None and a.side.transport is not None:
+                a.side.send(Close())
+        tasks = [a.task for a in self._agents if a.task is not None]
+        if not tasks:
+            return
+        _done, hanging = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
+        for a in self._agents:
+            if a.task in hanging and a.proc is not None and a.proc.returncode is None:
+                a.proc.kill()
+        if hanging:
+            await asyncio.gather(*hanging, return_exceptions=True)
+
+
+# -- the child side -----------------------------------------------------------------
+
+class _ChildSide(_Framed):
+    def __init__(self) -> None:
+        super().__init__(ToAgent)
+        from relayd.delivery import Deliverer
+
+        self._deliverer_type = Deliverer
+        self.deliverer: Deliverer | None = None
+        self.jobs: set[asyncio.Task[None]] = set()
+        self.closing = asyncio.get_running_loop().create_future()
+
+    def frame_received(self, frame: object) -> None:
+        if isinstance(frame, Job):
+            task = asyncio.get_running_loop().create_task(self._run(frame))
+            self.jobs.add(task)
+            task.add_done_callback(self.jobs.discard)
+        elif isinstance(frame, Configure):
+            if self.deliverer is None:
+                self.deliverer = self._deliverer_type(frame.cfg, frame.helo)
+            else:
+                self.deliverer.cfg = frame.cfg
+        elif isinstance(frame, Close) and not self.closing.done():
+            self.closing.set_result(None)
+
+    async def _run(self, job: Job) -> None:
+        from relayd.delivery import Hop
+
+        assert self.deliverer is not None
+        hop = Hop(job.host, job.port, job.tls, job.username, job.password)
+        try:
+            replies = [(r.code, r.text) for r in
+                       await self.deliverer.send(hop, job.sender, job.rcpts, job.data)]
+        except Exception as exc:  # a bug must not leave the job unanswered
+            replies = [(None, f"delivery agent error: {type(exc).__name__}")] * len(job.rcpts)
+        self.send(Result(job.id, replies, self.deliverer.connections_opened))
+
+
+async def _serve(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    _t, side = await loop.create_unix_connection(_ChildSide, sock=sock)
+    await asyncio.wait([side.lost, side.closing], return_when=asyncio.FIRST_COMPLETED)
+    for task in list(side.jobs):
+        task.cancel()
+    await asyncio.gather(*side.jobs, return_exceptions=True)
+    if side.deliverer is not None:
+        await side.deliverer.close()
+    if side.transport is not None:
+        side.transport.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child: ``python -m relayd.delivery_agent --fd N``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--fd":
+        print("usage: python -m relayd.delivery_agent --fd N", file=sys.stderr)
+        return 2
+    # The parent decides when we stop (Close, or end-of-file when it is gone).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import uvloop
+
+    uvloop.run(_serve(int(args[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
