@@ -18,7 +18,6 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 ## run: set up and run the daemon in the foreground on the embedded default (./var)
 run: $(STAMP)
-	mkdir -p var
 	$(BIN)/relayd --config $(CONFIG)
 
 ## debs: Debian packages the tests and benchmarks use (swaks, postfix's smtp-sink/smtp-source)

@@ -511,8 +511,18 @@ def _keep_unreloadable(old: Config, new: Config) -> Config:
 
 
 def _prepare_data_dir(path: str) -> None:
-    """Create the data directory (owner-only: it holds keys and mail)."""
-    Path(path).mkdir(parents=True, exist_ok=True, mode=0o750)
+    """Create the data directory, and keep it and the spool closed to other users.
+
+    The spool holds DKIM private keys, password hashes and mail: the directory
+    is 0750 at most and the database files 0640 at most, whatever created them.
+    """
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    for p in (d, *d.glob("relayd.sqlite3*")):
+        with contextlib.suppress(OSError):
+            mode = p.stat().st_mode & 0o7777
+            if mode & 0o027:
+                p.chmod(mode & ~0o027)
 
 
 def _spool_size(db_path: str) -> int:
@@ -605,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config:
         os.environ["RELAYD_CONFIG_PATH"] = str(Path(args.config).resolve())
+    os.umask(0o027)  # files relayd creates (spool, WAL) are never world-readable
     rlog.configure(cfg.server.log_level)
     import logging
 
