@@ -111,7 +111,7 @@ def data_violation(data: bytes | bytearray) -> Reply | None:
     return None
 
 
-def has_long_line(data: bytes, limit: int = 998) -> bool:
+def has_long_line(data: bytes | bytearray, limit: int = 998) -> bool:
     """True if a line of ``data`` (CRLF-separated) is longer than ``limit`` octets.
 
     A line that starts with a transparency dot may be one octet longer (the

@@ -38,16 +38,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import os
+import functools
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from random import getrandbits as _randbits
 from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP as _AioSMTP
-from aiosmtpd.smtp import Envelope, Session
 
 from relayd import policy, replies
 from relayd.accounts import Account, Directory
@@ -62,6 +62,7 @@ MAIL_LINE_MAX = 2048
 AUTH_LINE_MAX = 12288
 _LINE_MAX = {"MAIL": MAIL_LINE_MAX, "RCPT": MAIL_LINE_MAX, "AUTH": AUTH_LINE_MAX}
 _READ_CHUNK = 65536
+_get_running_loop = asyncio.get_running_loop
 
 
 class Accepting(Protocol):
@@ -152,36 +153,27 @@ class RelaySMTP(_AioSMTP):
 
     def __init__(self, ctx: SmtpContext, tls_context: ssl.SSLContext | None = None,
                  implicit_tls: bool = False) -> None:
-        # Deliberately not calling aiosmtpd's __init__: it introspects the class
-        # and the handler on every connection. We set what its base methods use.
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=_READ_CHUNK, loop=loop),
-            client_connected_cb=self._cb_client_connected, loop=loop,
-        )
+        # Deliberately not calling aiosmtpd's (nor StreamReaderProtocol's) __init__:
+        # aiosmtpd introspects the class and the handler on every connection, and a
+        # StreamReader/StreamWriter pair per connection costs more than the few
+        # attributes below. Input arrives through ``data_received`` into ``_rx``;
+        # aiosmtpd's STARTTLS machinery uses only ``loop``, ``transport``,
+        # ``tls_context``, ``_tls_protocol``, ``_original_transport`` and ``push``.
+        self.loop = _get_running_loop()
         self.ctx = ctx
-        self.event_handler = None
-        self.hostname = ctx.hostname
-        self.data_size_limit = ctx.max_message_size
-        self.enable_SMTPUTF8 = ctx.smtputf8
-        self._decode_data = False
         self.tls_context = None if implicit_tls else tls_context
-        self.require_starttls = False
-        self._timeout_duration = ctx.idle_timeout
-        self._timeout_handle: asyncio.TimerHandle | None = None
-        self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
-        self.session: Session | None = None
-        self.envelope: Envelope | None = None
+        self._tls_handshake_okay = True
         self.transport: Any = None
         self._handler_coroutine: asyncio.Task[None] | None = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._handle_hooks: dict[str, Callable[..., Any]] = {}
         self._implicit_tls = implicit_tls
         self._inbuf = bytearray()
+        self._rx = bytearray()  # received, not yet taken by _fill
+        self._rx_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         self._out: list[bytes] = []
         self.state = SessionState(peer_ip="")
         self._mail_from: str | None = None
@@ -189,31 +181,83 @@ class RelaySMTP(_AioSMTP):
         self._smtputf8 = False
         self._idle = True  # waiting for a command outside a transaction
         self._closing = False
+        self._active = 0.0  # loop time of the last input: the idle timer checks it lazily
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- connection ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start a session (or finish a STARTTLS upgrade)."""
         if self.transport is not None and self._original_transport is not None:
-            super().connection_made(transport)  # STARTTLS: aiosmtpd swaps the transports
+            # STARTTLS: the SSL layer hands us its application transport.
+            self.transport = transport
             self._inbuf.clear()  # RFC 3207 §4.2: discard anything pipelined in plaintext
+            self._rx.clear()
+            self._tls_handshake_okay = True
             self.state.tls = True
+            self._touch()
             return
+        self.transport = transport
+        st = self.state
         peer = transport.get_extra_info("peername")
-        self.state.peer_ip = str(peer[0]) if peer else ""
-        self.state.sid = os.urandom(6).hex()
+        st.peer_ip = ip = str(peer[0]) if peer else ""
+        st.sid = f"{_randbits(48):012x}"
         if self._implicit_tls:
-            self.state.tls = True
+            st.tls = True
         ctx = self.ctx
         ctx.events.connection_opened()
         ctx.sessions.add(self)
-        ip = self.state.peer_ip
         ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
-        super().connection_made(transport)
+        loop = self.loop
+        self._active = now = loop.time()
+        self._timer = loop.call_at(now + self.ctx.idle_timeout, self._idle_check)
+        self._handler_coroutine = loop.create_task(self._handle_client())
+
+    def data_received(self, data: bytes) -> None:
+        """Queue input for the command loop; stop reading while it is far behind."""
+        rx = self._rx
+        rx += data
+        if len(rx) > 2 * _READ_CHUNK and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        waiter = self._rx_waiter
+        if waiter is not None:
+            self._rx_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: end the session (as aiosmtpd does)."""
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        return not self.state.tls  # keep a plain transport open until the handler closes it
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def connection_lost(self, error: Exception | None) -> None:
         """Forget the session."""
         self._forget()
-        super().connection_lost(error)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._original_transport is not None:
+            self._original_transport.close()  # STARTTLS: close the socket under the SSL layer
+        for waiter in (self._rx_waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_ClientGone())
+                waiter.exception()  # retrieved: the task is cancelled below anyway
+        self._rx_waiter = self._drain_waiter = None
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self.transport = None
 
     def _forget(self) -> None:
         """Release the session's connection slots (idempotent)."""
@@ -227,6 +271,25 @@ class RelaySMTP(_AioSMTP):
                 ctx.per_ip.pop(ip, None)
             else:
                 ctx.per_ip[ip] = n
+
+    def _touch(self) -> None:
+        """Input arrived: push the idle deadline back (no timer work: see _idle_check)."""
+        self._active = self.loop.time()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._active = self.loop.time()
+
+    def _idle_check(self) -> None:
+        """The idle timer: re-armed for the remaining time unless idle long enough."""
+        self._timer = None
+        if self.transport is None:
+            return
+        deadline = self._active + self.ctx.idle_timeout
+        now = self.loop.time()
+        if now < deadline:
+            self._timer = self.loop.call_at(deadline, self._idle_check)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.transport is not None:
@@ -262,14 +325,26 @@ class RelaySMTP(_AioSMTP):
 
     # -- input -------------------------------------------------------------------
     async def _fill(self) -> None:
-        """Flush pending replies, then read more input into the buffer."""
+        """Flush pending replies, then take more input (at most 64 KiB) into the buffer."""
         self._flush()
-        if self.transport is not None and self.transport.get_write_buffer_size() > 65536:
-            await self._writer.drain()
-        chunk = await self._reader.read(_READ_CHUNK)
-        if not chunk:
-            raise _ClientGone
-        self._inbuf += chunk
+        if self._writing_paused and self.transport is not None:
+            waiter = self._drain_waiter = self.loop.create_future()
+            await waiter
+        rx = self._rx
+        if not rx:
+            if self.transport is None:
+                raise _ClientGone
+            waiter = self._rx_waiter = self.loop.create_future()
+            await waiter
+        if len(rx) <= _READ_CHUNK:
+            self._inbuf += rx
+            rx.clear()
+        else:
+            self._inbuf += memoryview(rx)[:_READ_CHUNK]
+            del rx[:_READ_CHUNK]
+        if self._reading_paused and len(rx) <= _READ_CHUNK and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     async def _readline(self, limit: int) -> bytes | None:
         """Next line without its line ending; None if it was longer than ``limit``."""
@@ -312,7 +387,7 @@ class RelaySMTP(_AioSMTP):
                 self._flush()
                 self.transport.close()
                 return
-            self._emit_raw(f"220 {ctx.hostname} ESMTP relayd")
+            self._out.append(_greeting(ctx.hostname))
             while self.transport is not None and not self._closing:
                 self._idle = self._mail_from is None
                 line = await self._readline(AUTH_LINE_MAX - 2)
@@ -385,18 +460,13 @@ class RelaySMTP(_AioSMTP):
         st.helo = arg
         st.esmtp = True
         self._reset_transaction()
-        lines = [f"250-{self.ctx.hostname}", "250-PIPELINING",
-                 f"250-SIZE {self.ctx.max_message_size}", "250-8BITMIME",
-                 "250-ENHANCEDSTATUSCODES"]
-        if self.ctx.smtputf8:
-            lines.append("250-SMTPUTF8")
-        if self.tls_context is not None and not st.tls:
-            lines.append("250-STARTTLS")
-        if policy.may_advertise_auth(tls_active=st.tls,
-                                     plaintext_ok=self.ctx.plaintext_auth.allows(st.peer_ip)):
-            lines.append("250-AUTH PLAIN LOGIN")
-        lines.append("250 HELP")
-        self._out.append(("\r\n".join(lines) + "\r\n").encode("ascii"))
+        ctx = self.ctx
+        self._out.append(_ehlo_reply(
+            ctx.hostname, ctx.max_message_size, ctx.smtputf8,
+            self.tls_context is not None and not st.tls,
+            policy.may_advertise_auth(tls_active=st.tls,
+                                      plaintext_ok=ctx.plaintext_auth.allows(st.peer_ip)),
+        ))
 
     async def smtp_HELO(self, arg: str) -> None:
         """HELO: plain SMTP greeting."""
@@ -446,6 +516,7 @@ class RelaySMTP(_AioSMTP):
             self._reject(replies.SYNTAX_ERROR)
             return
         self._inbuf.clear()  # anything pipelined after STARTTLS is discarded
+        self._rx.clear()
         self._emit(replies.STARTTLS_GO)
         self._flush()
         self.state.helo = ""
@@ -465,8 +536,9 @@ class RelaySMTP(_AioSMTP):
         except Exception:
             # A failed handshake never reaches connection_lost (asyncio's SSL layer only
             # reports a loss after a completed handshake): release the slot here.
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if self._original_transport is not None:
                 cast(asyncio.Transport, self._original_transport).abort()
             self.transport = None
@@ -712,9 +784,12 @@ class RelaySMTP(_AioSMTP):
         received = (
             f"Received: from {_clean(st.helo)} ([{st.peer_ip}])\r\n"
             f"\tby {ctx.hostname} (relayd) with {'ESMTPSA' if st.tls else 'ESMTPA'}"
-            f" id {ext_id};\r\n\t{formatdate(now)}\r\n"
+            f" id {ext_id};\r\n\t{_date(now)}\r\n"
         ).encode("utf-8", "replace")
-        body = received + data
+        # One copy of the data: the Received header and the data after the CRLF
+        # that _read_data put in front. Then drop the input buffer.
+        body = b"".join((received, memoryview(data)[2:]))
+        del data
         if ctx.signer is not None:
             body = await ctx.signer.sign(account, body)
             if self._current_account() is not account:
@@ -738,8 +813,11 @@ class RelaySMTP(_AioSMTP):
         self._emit_raw(f"250 2.0.0 Ok: queued as {ext_id}")
         ctx.events.accepted(st, ext_id, len(body), len(rcpts), time.perf_counter() - started)
 
-    async def _read_data(self) -> tuple[bytes | None, Reply | None]:
-        """Read message data up to CRLF.CRLF; enforce size and line rules while reading."""
+    async def _read_data(self) -> tuple[bytearray | None, Reply | None]:
+        """Read message data up to CRLF.CRLF; enforce size and line rules while reading.
+
+        Returns the unstuffed data *preceded by CRLF* (see the end), or a refusal.
+        """
         ctx = self.ctx
         buf = self._inbuf
         limit = ctx.max_message_size
@@ -768,27 +846,57 @@ class RelaySMTP(_AioSMTP):
                 self._flush()
                 self._closing = True
                 raise _ClientGone
-        raw = bytes(buf[2: end + 2])
-        # Keep only what follows the terminator, in a fresh buffer: a large message's
-        # buffer is released now instead of lingering for the rest of the session.
-        self._inbuf = bytearray(buf[end + 5:])
-        if too_big or len(raw) > limit + 2:
+        # The data stays in the input buffer (no copy): the rest goes to a fresh buffer,
+        # the data's buffer is cut after its final CRLF and handed back as it is,
+        # still starting with the CRLF put in front above (which makes a stuffed dot
+        # on the first line look like any other). smtp_DATA copies it once, into
+        # the stored message; a large buffer is released when it returns.
+        self._inbuf = bytearray(memoryview(buf)[end + 5:])
+        del buf[end + 2:]
+        if too_big or len(buf) > limit + 4:
             return None, replies.SIZE_EXCEEDED
-        bad = policy.data_violation(raw)
+        bad = policy.data_violation(buf)
         if bad is not None:
             return None, bad
-        if policy.has_long_line(raw):
+        if policy.has_long_line(buf):
             return None, replies.LINE_TOO_LONG
-        return _unstuff(raw), None
+        if b"\r\n." in buf:
+            buf = buf.replace(b"\r\n.", b"\r\n")
+        return buf, None
 
 
-def _unstuff(raw: bytes) -> bytes:
-    """Remove the transparency dot from lines that start with one (RFC 5321 §4.5.2)."""
-    if b"\r\n." in raw:
-        raw = raw.replace(b"\r\n.", b"\r\n")
-    if raw[:1] == b".":
-        raw = raw[1:]
-    return raw
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, max_size: int, smtputf8: bool, starttls: bool,
+                auth: bool) -> bytes:
+    """The EHLO reply for one combination of settings (built once, then cached)."""
+    lines = [f"250-{hostname}", "250-PIPELINING", f"250-SIZE {max_size}", "250-8BITMIME",
+             "250-ENHANCEDSTATUSCODES"]
+    if smtputf8:
+        lines.append("250-SMTPUTF8")
+    if starttls:
+        lines.append("250-STARTTLS")
+    if auth:
+        lines.append("250-AUTH PLAIN LOGIN")
+    lines.append("250 HELP")
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=8)
+def _greeting(hostname: str) -> bytes:
+    """The 220 greeting for ``hostname``."""
+    return f"220 {hostname} ESMTP relayd\r\n".encode()
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date(now: float) -> str:
+    """``formatdate(now)``, computed once per second (the Received header of every message)."""
+    global _date_cache
+    sec = int(now)
+    if _date_cache[0] != sec:
+        _date_cache = (sec, formatdate(sec))
+    return _date_cache[1]
 
 
 def _clean(text: str) -> str:
