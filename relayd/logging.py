@@ -64,11 +64,20 @@ _HANDLER_MARK = "_relayd_json_handler"
 
 
 def _is_secret_key(key: object) -> bool:
-    """True when a value stored under ``key`` must be masked."""
-    if not isinstance(key, str):
-        return False
-    k = key.lower()
-    return k in SECRET_KEYS or any(k.endswith("_" + s) for s in SECRET_KEYS)
+    """True when a value stored under ``key`` must be masked (memoised: keys repeat)."""
+    known = _SECRET_KEY_MEMO.get(key)  # type: ignore[call-overload]
+    if known is not None:
+        return known
+    secret = False
+    if isinstance(key, str):
+        k = key.lower()
+        secret = k in SECRET_KEYS or any(k.endswith("_" + s) for s in SECRET_KEYS)
+    if len(_SECRET_KEY_MEMO) < 4096 and isinstance(key, str):
+        _SECRET_KEY_MEMO[key] = secret
+    return secret
+
+
+_SECRET_KEY_MEMO: dict[str, bool] = {}
 
 
 def _mask_value(value: Any) -> Any:
@@ -115,8 +124,15 @@ def _add_logger_name(logger: WrappedLogger, _method: str, event_dict: EventDict)
 def mask_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: mask secret keys and AUTH payloads (see module doc)."""
     for key, value in event_dict.items():
-        event_dict[key] = MASK if _is_secret_key(key) else _mask_value(value)
+        if _is_secret_key(key):
+            event_dict[key] = MASK
+        elif type(value) not in _NOTHING_TO_MASK:
+            event_dict[key] = _mask_value(value)
     return event_dict
+
+
+#: Value types that cannot hold a secret (skipped by mask_secrets: most fields).
+_NOTHING_TO_MASK = frozenset({int, float, bool, type(None)})
 
 
 def _shared_processors() -> list[Processor]:
