@@ -38,6 +38,7 @@ from relayd.spool import AttemptResult, NewMessage, Spool, format_id
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
 RETRY_LEASE_SECONDS = 900.0
+RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
 
 
 class Sender(Protocol):
@@ -121,9 +122,11 @@ class Scheduler:
         self._cache_budget = data_cache_bytes
         self._cache_used = 0
         self._stopping = False
-        self._running_attempts = 0
+        self._running_attempts = 0  # attempts running, and results not committed yet
         self._idle = asyncio.Event()
         self._idle.set()
+        self._recording: set[asyncio.Task[None]] = set()
+        self._record_room = asyncio.Semaphore(max(64, workers * RECORDS_PER_WORKER))
 
     # -- hot path ------------------------------------------------------------------
     def queued_count(self, account_id: int) -> int:
@@ -281,9 +284,10 @@ class Scheduler:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except TimeoutError:
                 pass
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._recording]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
     # -- loops -----------------------------------------------------------------------
@@ -395,11 +399,17 @@ class Scheduler:
             self._live.setdefault(q.account_id, set()).add(q.id)
             await self._jobs.put(q)
 
+    def _busy(self, delta: int) -> None:
+        self._running_attempts += delta
+        if self._running_attempts:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
     async def _worker(self) -> None:
         while True:
             msg = await self._jobs.get()
-            self._running_attempts += 1
-            self._idle.clear()
+            self._busy(1)
             try:
                 await self._attempt(msg)
             except asyncio.CancelledError:
@@ -407,9 +417,7 @@ class Scheduler:
             except Exception:  # noqa: S110 - a failed attempt is retried from the spool
                 pass
             finally:
-                self._running_attempts -= 1
-                if not self._running_attempts:
-                    self._idle.set()
+                self._busy(-1)
 
     # -- one attempt -------------------------------------------------------------------
     async def _attempt(self, msg: QMsg) -> None:
@@ -470,12 +478,30 @@ class Scheduler:
             acct = self.directory.accounts_by_id.get(msg.account_id)
             if acct is not None:
                 acct.total_sent += delivered
+        # The worker goes on to its next message while the results wait for
+        # their group commit: a worker's pace is the next hop's, not fsync's.
+        # Until the commit the message still counts (queued_count, stop waits).
+        await self._record_room.acquire()
+        self._busy(1)
+        task = asyncio.get_running_loop().create_task(
+            self._record(msg.account_id, results, [] if deferred else [msg.id], deferred))
+        self._recording.add(task)
+        task.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        self._record_room.release()
+        self._busy(-1)
+
+    async def _record(self, account_id: int, results: list[AttemptResult],
+                      finished: list[int], deferred: bool) -> None:
+        """Commit an attempt's results; forget the message once it is final."""
         try:
-            removed = await self.spool.record(results, [] if deferred else [msg.id])
-        except Exception:
+            removed = await self.spool.record(results, finished)
+        except Exception:  # not committed: the attempt is repeated after a restart
             removed = []
         if removed:
-            self.forget(msg.account_id, removed)
+            self.forget(account_id, removed)
         if deferred:
             self._wake_retry.set()
 
