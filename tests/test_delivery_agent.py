@@ -1,0 +1,208 @@
+"""The delivery agent process: outbound SMTP runs in a child, fed over a
+socketpair; a killed child loses nothing, a stopped relay stops it, and
+``agent_processes = 0`` keeps delivery in the main process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from tests.conftest import RelayFactory, Sink, _SinkHandler
+from tests.procs import RelayProcess, free_port
+from tests.test_queue_support import eventually, log_entries, queue_items, submit
+
+AGENTS = pytest.mark.parametrize("agents", [0, 1], ids=["in-process", "agent"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+class _SlowHandler(_SinkHandler):
+    """A sink that takes a while to answer the end of DATA."""
+
+    async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(0.05)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def _slow_sink() -> Sink:
+    sink = Sink()
+    handler = _SlowHandler(sink)
+
+    def factory() -> AioSMTP:
+        sink.connections += 1
+        return AioSMTP(handler, hostname="sink.test")
+
+    sink.server = await asyncio.get_running_loop().create_server(factory, sink.host, 0)
+    sink.port = sink.server.sockets[0].getsockname()[1]
+    return sink
+
+
+async def _account(relay: Any) -> tuple[str, str]:
+    await relay.ctl.add_domain("example.com")
+    result: tuple[str, str] = await relay.ctl.add_user("example.com")
+    return result
+
+
+@AGENTS
+async def test_delivery_reaches_the_sink(relay_factory: RelayFactory, sink: Sink,
+                                         agents: int) -> None:
+    """Messages with several recipients arrive intact, each recipient logged delivered."""
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    pool = relay.relay.deliverer.agents
+    if agents:
+        assert pool is not None and len(pool.pids) == 1 and os.getpid() not in pool.pids
+    else:
+        assert pool is None
+    account = await _account(relay)
+    await submit(relay, account, ["a@dest.test", "b@dest.test"], count=5)
+    got = await sink.wait_for(5)
+    assert all(sorted(m.rcpt_tos) == ["a@dest.test", "b@dest.test"] for m in got)
+    assert all(b"Subject: m" in m.data for m in got)
+
+    async def ten() -> list[dict[str, Any]] | None:
+        entries = await log_entries(relay)
+        return entries if len(entries) == 10 else None
+
+    entries = await eventually(ten)
+    assert {(e["outcome"], e["code"]) for e in entries} == {("delivered", 250)}
+    assert 1 <= relay.relay.deliverer.connections_opened == sink.connections
+
+
+@AGENTS
+async def test_per_recipient_replies_cross_the_agent(relay_factory: RelayFactory, sink: Sink,
+                                                     agents: int) -> None:
+    """A refused recipient fails (and bounces) while the other one is delivered."""
+    sink.rcpt_script["bad@dest.test"] = "550 5.1.1 no such user"
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    account = await _account(relay)
+    [mid] = await submit(relay, account, ["ok@dest.test", "bad@dest.test"])
+
+    async def both() -> dict[str, Any] | None:
+        got = {e["recipient"]: (e["outcome"], e["code"], e["text"])
+               for e in await log_entries(relay) if e["message_id"] == mid}
+        return got if len(got) == 2 else None
+
+    got = await eventually(both)
+    assert got["ok@dest.test"][:2] == ("delivered", 250)
+    assert got["bad@dest.test"] == ("failed", 550, "5.1.1 no such user")
+    await sink.wait_for(2)  # the message and the DSN
+
+
+@AGENTS
+async def test_unreachable_hop_defers(relay_factory: RelayFactory, agents: int) -> None:
+    """A next hop that refuses connections leaves the recipient deferred (no code)."""
+    relay = await relay_factory({"delivery": {"agent_processes": agents}},
+                                smarthost=f"127.0.0.1:{free_port()}")
+    account = await _account(relay)
+    [mid] = await submit(relay, account, ["a@dest.test"])
+
+    async def one() -> list[dict[str, Any]] | None:
+        return [e for e in await log_entries(relay) if e["message_id"] == mid]
+
+    [entry] = await eventually(one)
+    assert (entry["outcome"], entry["code"]) == ("deferred", None)
+    [item] = await queue_items(relay, state="deferred")
+    assert item["recipients"] == ["a@dest.test"]
+
+
+async def test_killed_agent_loses_nothing(relay_factory: RelayFactory) -> None:
+    """SIGKILL of the agent mid-stream defers its jobs; after the restart and a
+    ``queue retry`` every message is delivered."""
+    sink = await _slow_sink()
+    try:
+        relay = await relay_factory({"delivery": {"agent_processes": 1}},
+                                    smarthost=sink.address)
+        pool = relay.relay.deliverer.agents
+        assert pool is not None
+        account = await _account(relay)
+        sending = asyncio.ensure_future(submit(relay, account, ["r@dest.test"], count=60))
+        await sink.wait_for(5)
+        [pid] = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        ids = await sending
+
+        async def restarted() -> bool:
+            return bool(pool.pids) and pool.pids != [pid]
+
+        await eventually(restarted)
+        assert not _alive(pid)
+
+        async def settled() -> bool:
+            entries = await log_entries(relay, limit=1000)
+            done = {e["message_id"] for e in entries if e["outcome"] != "deferred"}
+            deferred = {e["message_id"] for e in entries if e["outcome"] == "deferred"}
+            return len(done | deferred) == len(ids)
+
+        await eventually(settled, timeout=20)
+        entries = await log_entries(relay, limit=1000)
+        lost = [e for e in entries if e["outcome"] == "deferred"]
+        assert lost and all("delivery agent exited" in e["text"] for e in lost)
+        await relay.ctl.ok("POST", "/v1/queue/retry", {})
+
+        async def all_delivered() -> bool:
+            subjects = {m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
+                        for m in sink.messages}
+            return len(subjects) == 60 and not await queue_items(relay)
+
+        await eventually(all_delivered, timeout=20)
+    finally:
+        assert sink.server is not None
+        sink.server.close()
+
+
+async def test_relay_stop_stops_the_agent(relay_factory: RelayFactory, sink: Sink) -> None:
+    """A graceful stop waits for the agent to close its connections and exit."""
+    relay = await relay_factory({"delivery": {"agent_processes": 1}})
+    pool = relay.relay.deliverer.agents
+    assert pool is not None
+    [pid] = pool.pids
+    account = await _account(relay)
+    await submit(relay, account, ["a@dest.test"])
+    await sink.wait_for(1)
+    await relay.stop()
+    assert not pool.pids and not _alive(pid)
+
+
+async def test_agent_follows_the_daemon(tmp_path: Path, sink: Sink) -> None:
+    """relayd's SIGTERM stops its agent in order; a SIGKILLed relayd's agent exits too."""
+    (tmp_path / "a").mkdir()
+    rp = RelayProcess(tmp_path / "a", sink.address)
+    await rp.start()
+    assert rp.proc is not None
+    [child] = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    assert await rp.terminate() == 0
+    assert not _alive(child)
+
+    (tmp_path / "b").mkdir()
+    rp = RelayProcess(tmp_path / "b", sink.address)
+    await rp.start()
+    assert rp.proc is not None
+    [child] = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    await rp.kill()
+
+    async def gone() -> bool:
+        return not _alive(child)
+
+    await eventually(gone, timeout=5)
+
+
+async def _async(value: Any) -> Any:
+    return value
