@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -346,41 +346,38 @@ class Spool:
             await self._apply(db, batch)
 
     async def _apply(self, db: aiosqlite.Connection, batch: list[_Op]) -> None:
-        accepts = [op for op in batch if op.kind == "accept"]
+        """Apply one batch in one transaction, in queue order; resolve each op's future.
+
+        Accepted messages and delivery results are plain SQL: they run as one
+        synchronous function on the database thread (one thread round trip for
+        BEGIN, every insert and update, and COMMIT), each delivery result in its
+        own savepoint. Only ``write`` callbacks, which are coroutines using the
+        aiosqlite connection, are awaited one statement at a time; a run of
+        plain ops before one is sent to the thread first, so the order holds.
+        """
+        accepts = [op.payload for op in batch if op.kind == "accept"]
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
+        records: list[tuple[int, Any]] = []
+        begun = False
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            if accepts:
-                msgs: list[NewMessage] = [op.payload for op in accepts]
-                await db.executemany(
-                    "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
-                    " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,?)",
-                    [
-                        (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
-                         len(m.data), int(m.is_bounce), m.data)
-                        for m in msgs
-                    ],
-                )
-                await db.executemany(
-                    "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
-                    [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
-                )
             for n, op in enumerate(batch):
-                if op.kind == "accept":
-                    continue
-                await db.execute("SAVEPOINT op")
-                try:
-                    if op.kind == "record":
-                        results[n] = await self._apply_record(db, *op.payload)
-                    else:
+                if op.kind == "record":
+                    records.append((n, op.payload))
+                elif op.kind == "call":
+                    await _in_thread(db, _apply_plain, _raw(db), accepts, records, results,
+                                     errors, not begun, False)
+                    begun, accepts, records = True, [], []
+                    await db.execute("SAVEPOINT op")
+                    try:
                         results[n] = await op.payload(db)
-                    await db.execute("RELEASE op")
-                except Exception as exc:
-                    await db.execute("ROLLBACK TO op")
-                    await db.execute("RELEASE op")
-                    errors[n] = exc
-            await db.execute("COMMIT")
+                        await db.execute("RELEASE op")
+                    except Exception as exc:
+                        await db.execute("ROLLBACK TO op")
+                        await db.execute("RELEASE op")
+                        errors[n] = exc
+            await _in_thread(db, _apply_plain, _raw(db), accepts, records, results, errors,
+                             not begun, True)
         except Exception as exc:
             try:
                 await db.execute("ROLLBACK")
@@ -390,8 +387,9 @@ class Spool:
                 if not op.future.done():
                     op.future.set_exception(SpoolError(f"commit failed: {exc}"))
             return
-        if self._on_batch is not None and accepts:
-            self._on_batch(len(accepts))
+        n_accepts = sum(1 for op in batch if op.kind == "accept")
+        if self._on_batch is not None and n_accepts:
+            self._on_batch(n_accepts)
         for n, op in enumerate(batch):
             if op.future.done():
                 continue
@@ -399,44 +397,6 @@ class Spool:
                 op.future.set_exception(errors[n])
             else:
                 op.future.set_result(results.get(n))
-
-    @staticmethod
-    async def _apply_record(db: aiosqlite.Connection, results: list[AttemptResult],
-                            finished: list[int]) -> list[int]:
-        """Store attempts; delete the candidate messages that have no pending recipient."""
-        if results:
-            await db.executemany(
-                "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
-                " last_code=?, last_error=? WHERE message_id=? AND idx=?",
-                [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
-                 for r in results],
-            )
-            await db.executemany(
-                "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
-                " code, text, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
-                  r.text, r.outcome) for r in results],
-            )
-            sent: dict[int, int] = {}
-            for r in results:
-                if r.outcome == "delivered" and r.account_id is not None:
-                    sent[r.account_id] = sent.get(r.account_id, 0) + 1
-            if sent:
-                await db.executemany(
-                    "UPDATE accounts SET total_sent = total_sent + ? WHERE id=?",
-                    [(n, a) for a, n in sent.items()],
-                )
-        done: list[int] = []
-        for m in finished:
-            cur = await db.execute(
-                "DELETE FROM messages WHERE id=? AND NOT EXISTS (SELECT 1 FROM recipients"
-                " WHERE message_id=? AND status IN ('queued','deferred'))", (m, m))
-            if cur.rowcount:
-                done.append(m)
-        if done:
-            await db.executemany("DELETE FROM recipients WHERE message_id=?",
-                                 [(m,) for m in done])
-        return done
 
     # -- reads --------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
@@ -481,6 +441,87 @@ class Spool:
             " WHERE r.message_id = m.id AND r.status IN ('queued','deferred'))"
         )
         return [r[0] for r in rows]
+
+
+def _raw(db: aiosqlite.Connection) -> Callable[[], sqlite3.Connection]:
+    """The sqlite3 connection under an aiosqlite one (for use on its own thread only)."""
+    return lambda: db._conn  # private: aiosqlite has no public accessor (>= 0.20)
+
+
+async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on the aiosqlite connection's thread (one round trip)."""
+    return cast(T, await db._execute(fn, *args))  # private, see _raw
+
+
+def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessage],
+                 records: list[tuple[int, Any]], results: dict[int, Any],
+                 errors: dict[int, BaseException], begin: bool, commit: bool) -> None:
+    """On the database thread: BEGIN, insert accepted messages, store delivery results, COMMIT."""
+    conn = conn_of()
+    if begin:
+        conn.execute("BEGIN IMMEDIATE")
+    if msgs:
+        conn.executemany(
+            "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
+            " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
+                 len(m.data), int(m.is_bounce), m.data)
+                for m in msgs
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
+            [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
+        )
+    for n, (results_of_op, finished) in records:
+        conn.execute("SAVEPOINT op")
+        try:
+            results[n] = _apply_record(conn, results_of_op, finished)
+            conn.execute("RELEASE op")
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            errors[n] = exc
+    if commit:
+        conn.execute("COMMIT")
+
+
+def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
+                  finished: list[int]) -> list[int]:
+    """Store attempts; delete the candidate messages that have no pending recipient."""
+    if results:
+        conn.executemany(
+            "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
+            " last_code=?, last_error=? WHERE message_id=? AND idx=?",
+            [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
+             for r in results],
+        )
+        conn.executemany(
+            "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
+            " code, text, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
+            [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
+              r.text, r.outcome) for r in results],
+        )
+        sent: dict[int, int] = {}
+        for r in results:
+            if r.outcome == "delivered" and r.account_id is not None:
+                sent[r.account_id] = sent.get(r.account_id, 0) + 1
+        if sent:
+            conn.executemany(
+                "UPDATE accounts SET total_sent = total_sent + ? WHERE id=?",
+                [(k, a) for a, k in sent.items()],
+            )
+    done: list[int] = []
+    for m in finished:
+        cur = conn.execute(
+            "DELETE FROM messages WHERE id=? AND NOT EXISTS (SELECT 1 FROM recipients"
+            " WHERE message_id=? AND status IN ('queued','deferred'))", (m, m))
+        if cur.rowcount:
+            done.append(m)
+    if done:
+        conn.executemany("DELETE FROM recipients WHERE message_id=?", [(m,) for m in done])
+    return done
 
 
 def _split_sql(script: str) -> list[str]:
