@@ -11,6 +11,9 @@ until the earliest ``next_attempt`` and costs nothing while nothing is due.
 
 Delivery results are written through the spool's group commit; a message is
 removed only when its last recipient reached a final state (at-least-once).
+A delivery worker does not wait for that commit (its pace is the next hop's,
+not fsync's): at most ``RECORDS_PER_WORKER`` results per worker wait for it,
+the message still counts as queued until then, and ``stop`` waits for them.
 
 Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 (they run on the SMTP hot path).
@@ -125,7 +128,7 @@ class Scheduler:
         self._running_attempts = 0  # attempts running, and results not committed yet
         self._idle = asyncio.Event()
         self._idle.set()
-        self._recording: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Future[Any]] = set()
         self._record_room = asyncio.Semaphore(max(64, workers * RECORDS_PER_WORKER))
 
     # -- hot path ------------------------------------------------------------------
@@ -284,10 +287,9 @@ class Scheduler:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except TimeoutError:
                 pass
-        tasks = [*self._tasks, *self._recording]
-        for t in tasks:
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
     # -- loops -----------------------------------------------------------------------
@@ -483,23 +485,24 @@ class Scheduler:
         # Until the commit the message still counts (queued_count, stop waits).
         await self._record_room.acquire()
         self._busy(1)
-        task = asyncio.get_running_loop().create_task(
-            self._record(msg.account_id, results, [] if deferred else [msg.id], deferred))
-        self._recording.add(task)
-        task.add_done_callback(self._recorded)
+        try:
+            fut = self.spool.record(results, [] if deferred else [msg.id])
+        except Exception:  # not queued (spool closed): repeated after a restart
+            self._record_room.release()
+            self._busy(-1)
+            return
+        self._recording.add(fut)
+        account_id = msg.account_id
+        fut.add_done_callback(lambda f: self._recorded(f, account_id, deferred))
 
-    def _recorded(self, task: asyncio.Task[None]) -> None:
-        self._recording.discard(task)
+    def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool) -> None:
+        """An attempt's results are committed (or not): forget the message once it is final."""
+        self._recording.discard(fut)
         self._record_room.release()
         self._busy(-1)
-
-    async def _record(self, account_id: int, results: list[AttemptResult],
-                      finished: list[int], deferred: bool) -> None:
-        """Commit an attempt's results; forget the message once it is final."""
-        try:
-            removed = await self.spool.record(results, finished)
-        except Exception:  # not committed: the attempt is repeated after a restart
-            removed = []
+        if fut.cancelled() or fut.exception() is not None:
+            return  # not committed: the attempt is repeated after a restart
+        removed = fut.result()
         if removed:
             self.forget(account_id, removed)
         if deferred:
