@@ -34,6 +34,10 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
+#: Messages larger than this are written and read with blob I/O (see _insert_large).
+BLOB_STREAM_MIN = 256 * 1024
+BLOB_CHUNK = 1024 * 1024
+
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE domains (
@@ -411,9 +415,9 @@ class Spool:
         return rows[0] if rows else None
 
     async def load_data(self, message_id: int) -> bytes | None:
-        """The stored data of a message, or None if it is gone."""
-        row = await self.fetchone("SELECT data FROM messages WHERE id=?", (message_id,))
-        return bytes(row[0]) if row else None
+        """The stored data of a message, or None if it is gone (one copy: blob I/O)."""
+        assert self._r is not None
+        return await _in_thread(self._r, _read_data_of, _raw(self._r), message_id)
 
     async def pending_messages(self) -> list[StoredMessage]:
         """Every stored message with its recipients that are not final (for start-up)."""
@@ -467,9 +471,12 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
             [
                 (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
                  len(m.data), int(m.is_bounce), m.data)
-                for m in msgs
+                for m in msgs if len(m.data) <= BLOB_STREAM_MIN
             ],
         )
+        for m in msgs:
+            if len(m.data) > BLOB_STREAM_MIN:
+                _insert_large(conn, m)
         conn.executemany(
             "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
             [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
@@ -485,6 +492,40 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
             errors[n] = exc
     if commit:
         conn.execute("COMMIT")
+
+
+def _insert_large(conn: sqlite3.Connection, m: NewMessage) -> None:
+    """Insert a large message: a zeroblob row, then the data written into it in pieces.
+
+    Binding the data as a parameter would make SQLite copy it twice (the bound
+    value and the record built from it): +2x the message size in memory. Blob
+    I/O writes straight into the pages.
+    """
+    size = len(m.data)
+    conn.execute(
+        "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
+        " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,zeroblob(?))",
+        (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at, size,
+         int(m.is_bounce), size),
+    )
+    view = memoryview(m.data)
+    with conn.blobopen("messages", "data", m.id) as blob:
+        for start in range(0, size, BLOB_CHUNK):
+            blob.write(view[start:start + BLOB_CHUNK])
+
+
+def _read_data_of(conn_of: Callable[[], sqlite3.Connection], message_id: int) -> bytes | None:
+    """On the reader's thread: see _read_large."""
+    return _read_large(conn_of(), message_id)
+
+
+def _read_large(conn: sqlite3.Connection, message_id: int) -> bytes | None:
+    """A message's data through blob I/O (one copy, into the result), or None if gone."""
+    try:
+        with conn.blobopen("messages", "data", message_id, readonly=True) as blob:
+            return blob.read()
+    except sqlite3.OperationalError:
+        return None  # no such row: purged or delivered meanwhile
 
 
 def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
