@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
             else v
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_leftover_relays() -> Iterator[None]:
+    """relayd processes started by tests never outlive the test session."""
+    from tests.procs import kill_leftovers
+
+    yield
+    kill_leftovers()
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -34,6 +34,21 @@ last_connection_flush_seconds = 0.2
 """
 
 
+#: Every relayd process a test started; the session fixture in conftest kills leftovers.
+LIVE: set[asyncio.subprocess.Process] = set()
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every relayd a test started and did not stop (a failed test's)."""
+    for proc in list(LIVE):
+        if proc.returncode is None:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        LIVE.discard(proc)
+
+
 def free_port() -> int:
     """An ephemeral loopback port that is free right now."""
     with socket.socket() as s:
@@ -66,6 +81,7 @@ class RelayProcess:
             "--control-socket", self.sock, "--smarthost", self.smarthost,
             cwd=REPO, stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        LIVE.add(self.proc)
         logf.close()
         for _ in range(300):
             if self.proc.returncode is not None:
