@@ -83,6 +83,8 @@ class _MxAdapter:
         try:
             hops = await self.resolver.resolve(domain)
         except self._mx.PermanentRouteError as exc:
+            if str(exc) == self._mx.NULL_MX_MESSAGE:
+                raise RouteError(str(exc), permanent=True, code=556, status="5.1.10") from None
             raise RouteError(str(exc), permanent=True) from None
         except self._mx.RouteError as exc:
             raise RouteError(str(exc), permanent=False) from None
@@ -546,6 +548,8 @@ def _status_of(r: AttemptResult) -> str:
     m = re.match(r"\s*([245]\.\d{1,3}\.\d{1,3})", r.text)
     if m:
         return m.group(1)
+    if r.code is not None and 400 <= r.code < 600:
+        return f"{r.code // 100}.0.0"
     return "5.0.0"
 
 

@@ -56,11 +56,18 @@ class Sender(Protocol):
 
 
 class RouteError(Exception):
-    """No next hop: ``permanent`` says whether to fail or defer."""
+    """No next hop: ``permanent`` says whether to fail or defer.
 
-    def __init__(self, text: str, permanent: bool) -> None:
+    A permanent one carries the reply code and enhanced status that go into
+    the delivery log and the DSN (RFC 7505: a null MX is ``556 5.1.10``).
+    """
+
+    def __init__(self, text: str, permanent: bool, code: int = 550,
+                 status: str = "5.1.2") -> None:
         super().__init__(text)
         self.permanent = permanent
+        self.code = code
+        self.status = status
 
 
 class SchedulerEvents(Protocol):
@@ -519,8 +526,12 @@ class Scheduler:
                 hops = await self.sender.route(domain)
             except RouteError as exc:
                 now = self.clock()
-                results.extend(self._result(msg, i, "-", 550 if exc.permanent else None,
-                                            str(exc), now) for i in idxs)
+                if exc.permanent:
+                    code: int | None = exc.code
+                    text = f"{exc.status} {exc}"
+                else:
+                    code, text = None, str(exc)
+                results.extend(self._result(msg, i, "-", code, text, now) for i in idxs)
                 continue
             groups.setdefault(tuple(hops), []).extend(idxs)
         for chain, idxs in groups.items():
@@ -547,7 +558,7 @@ class Scheduler:
         if outcome == "deferred":
             if backoff.expired(self.policy, msg.received_at, now):
                 outcome = "failed"
-                text = f"{text} (gave up: queue lifetime exceeded)"
+                text = f"4.4.7 {text} (gave up: queue lifetime exceeded)"
             else:
                 next_at = backoff.next_attempt(self.policy, attempts + 1, now, self.rng)
         return AttemptResult(

@@ -105,8 +105,9 @@ async def test_null_mx_fails_permanently_and_bounces(mx_relay: MxRelay, sink: Si
     [dsn] = await sink.wait_for(1)
     assert dsn.rcpt_tos == ["app@example.com"] and b"r@null.test" in dsn.data
     assert b"null MX" in dsn.data
+    assert b"Status: 5.1.10" in dsn.data  # RFC 7505
     entries = await message_log(relay, mid, 1)
-    assert [(e["outcome"], e["next_hop"]) for e in entries] == [("failed", "-")]
+    assert [(e["outcome"], e["next_hop"], e["code"]) for e in entries] == [("failed", "-", 556)]
     assert "null MX" in entries[0]["text"]
 
 

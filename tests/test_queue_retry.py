@@ -119,6 +119,7 @@ async def test_queue_lifetime_exceeded_fails_and_bounces(
     relay.relay.scheduler.wake_retry()
     [dsn] = await sink.wait_for(1)
     assert dsn.rcpt_tos == ["app@example.com"]
+    assert b"Status: 4.4.7" in dsn.data  # RFC 3463: delivery time expired
     [last, _first] = await message_log(relay, mid, 2)
     assert last["outcome"] == "failed" and "queue lifetime" in last["text"]
     await eventually(lambda: _spool_empty(relay))
