@@ -34,6 +34,7 @@ See also: SEMANTICS.md §1 (ops teams read structured JSON logs).
 
 from __future__ import annotations
 
+import json
 import logging as stdlib_logging
 import re
 import sys
@@ -144,12 +145,26 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+class _Dumps:
+    """``json.dumps`` with its encoder built once: given ``default=`` (as structlog
+    passes it), ``json.dumps`` builds a new encoder on every call (~2 us a line)."""
+
+    def __init__(self) -> None:
+        self._encoder: json.JSONEncoder | None = None
+
+    def __call__(self, obj: Any, **kw: Any) -> str:
+        encoder = self._encoder
+        if encoder is None:
+            encoder = self._encoder = json.JSONEncoder(**kw)
+        return encoder.encode(obj)
+
+
 def _final_processors() -> list[Processor]:
     """Processors that turn an event dict into its masked JSON line."""
     return [
         structlog.processors.format_exc_info,
         mask_secrets,
-        structlog.processors.JSONRenderer(),
+        structlog.processors.JSONRenderer(serializer=_Dumps()),
     ]
 
 
