@@ -8,7 +8,7 @@ queued is exactly what is delivered.
 Interface cost: a job queued for the signing threads and, per batch of jobs a
 thread took at once, one wake-up of the loop (``call_soon_threadsafe``) that
 resolves all their futures. The RSA operation releases the GIL inside
-OpenSSL, so both cores are used; the Python around it (canonicalization,
+OpenSSL, so signing runs beside the loop; the Python around it (canonicalization,
 header folding) holds it. Measured (bench/RESULTS.md): the signature itself
 is ≈ 1.17x the bare RSA operation; every return of a worker to Python waits
 for the busy loop thread to yield the GIL.
