@@ -517,6 +517,9 @@ class RelaySMTP(_AioSMTP):
             return
         self._inbuf.clear()  # anything pipelined after STARTTLS is discarded
         self._rx.clear()
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False  # the handshake must be able to read
+            self.transport.resume_reading()
         self._emit(replies.STARTTLS_GO)
         self._flush()
         self.state.helo = ""
