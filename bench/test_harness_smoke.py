@@ -142,10 +142,6 @@ def test_postfix_relays_everything_to_the_sink(base: Path) -> None:
 @needs_sink
 @needs_source
 def test_relayd_relays_everything_to_the_sink(base: Path) -> None:
-    from bench.relayd_peer import relayd_available
-
-    if not relayd_available():
-        pytest.skip("relayd/app.py does not exist yet")
     sc = Scenario("S3", "smoke", "loadgen", messages=60, sessions=5, size=1024, per_conn=3,
                   auth=True)
     r = measure(sc, "relayd", base, harness_args(warmup=0))
