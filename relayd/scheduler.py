@@ -257,8 +257,9 @@ class Scheduler:
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:
         """Load pending mail from the spool and start the loops."""
-        stored = await self.spool.pending_messages()
         now = self.clock()
+        await self.spool.write(lambda db: self._release_leases(db, now))
+        stored = await self.spool.pending_messages()
         requeue_as_retry: list[int] = []
         for sm in stored:
             self._live.setdefault(sm.account_id, set()).add(sm.id)
@@ -283,6 +284,12 @@ class Scheduler:
         self._tasks.append(loop.create_task(self._retry_loop()))
         for _ in range(self.workers):
             self._tasks.append(loop.create_task(self._worker()))
+
+    @staticmethod
+    async def _release_leases(db: Any, now: float) -> None:
+        """Recipients leased by a retry that a crash interrupted: due now, not at lease end."""
+        await db.execute("UPDATE recipients SET next_attempt=?, leased=0"
+                         " WHERE leased=1 AND status='deferred'", (now,))
 
     async def stop(self, grace: float) -> None:
         """Stop starting attempts; let running ones finish within ``grace`` seconds."""
@@ -401,8 +408,8 @@ class Scheduler:
         if rows:
             async def _lease(db: Any) -> None:
                 await db.executemany(
-                    "UPDATE recipients SET next_attempt=? WHERE message_id=? AND idx=?"
-                    " AND status='deferred'", [(lease, r[0], r[1]) for r in rows])
+                    "UPDATE recipients SET next_attempt=?, leased=1 WHERE message_id=? AND"
+                    " idx=? AND status='deferred'", [(lease, r[0], r[1]) for r in rows])
             await self.spool.write(_lease)
         for q in msgs.values():
             self._live.setdefault(q.account_id, set()).add(q.id)

@@ -32,7 +32,7 @@ import aiosqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Messages larger than this are written and read with blob I/O (see _insert_large).
 BLOB_STREAM_MIN = 256 * 1024
@@ -111,6 +111,13 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX delivery_log_user_ts ON delivery_log(username, ts);
     CREATE INDEX delivery_log_ts ON delivery_log(ts);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+    # A deferred recipient handed to a delivery worker by the retry loop is
+    # *leased*: its next_attempt is pushed ahead so it is not fetched twice.
+    # The marker tells a lease from real backoff, so a restart after a crash
+    # makes leased recipients due at once (Scheduler.start).
+    2: """
+    ALTER TABLE recipients ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;
     """,
 }
 
@@ -534,7 +541,7 @@ def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
     if results:
         conn.executemany(
             "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
-            " last_code=?, last_error=? WHERE message_id=? AND idx=?",
+            " last_code=?, last_error=?, leased=0 WHERE message_id=? AND idx=?",
             [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
              for r in results],
         )

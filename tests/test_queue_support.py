@@ -111,9 +111,9 @@ class StallServer:
         """HOST:PORT."""
         return f"127.0.0.1:{self.port}"
 
-    async def start(self) -> StallServer:
-        """Listen on an ephemeral port."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> StallServer:
+        """Listen on ``port`` (an ephemeral one by default)."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
