@@ -82,7 +82,30 @@ def _clean(text: str, limit: int = 400) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
 
 
-_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _write_data(write: Callable[[bytes], object], data: bytes) -> int:
+    """Write a message's data dot-stuffed, then the end-of-data mark; return the body size.
+
+    The stored data has CRLF line endings only (bare CR and LF are refused at
+    acceptance; DSNs are built with CRLF), so a line starting with a dot is
+    ``CRLF .`` or the very first byte. ``bytes.replace`` returns the data
+    itself when no line starts with a dot, and the pieces are written one by
+    one: no regex pass and no concatenated copy of a large body.
+    """
+    size = len(data)
+    if data.startswith(b"."):
+        write(b".")
+        size += 1
+    body = data.replace(b"\r\n.", b"\r\n..")
+    size += len(body) - len(data)
+    write(body)
+    if not body.endswith(b"\r\n"):
+        write(b"\r\n")
+    write(b".\r\n")
+    return size
+
+
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _MAX_REPLY = 64 * 1024
 
@@ -324,15 +347,50 @@ class Pool:
         if not accepted:
             await _rset(client)
             return [r or RcptReply(None, "no reply") for r in out], client.is_connected
-        try:
-            resp = await client.data(data)
+        go = await client.execute_command(b"DATA")
+        if go.code != 354:
             for i in accepted:
-                out[i] = RcptReply(resp.code, _clean(resp.message))
-        except aiosmtplib.SMTPResponseException as exc:
-            for i in accepted:
-                out[i] = RcptReply(exc.code, _clean(exc.message))
+                out[i] = RcptReply(go.code, _clean(go.message))
             await _rset(client)
-        return [r or RcptReply(None, "no reply") for r in out], client.is_connected
+            return [r or RcptReply(None, "no reply") for r in out], client.is_connected
+        code, text, clean = await self._body(client, data)
+        for i in accepted:
+            out[i] = RcptReply(code, text)
+        if clean and code is not None and not 200 <= code < 300:
+            await _rset(client)
+        return [r or RcptReply(None, "no reply") for r in out], clean and client.is_connected
+
+    async def _body(self, client: aiosmtplib.SMTP,
+                    data: bytes) -> tuple[int | None, str, bool]:
+        """After a 354: the data and its end mark, written as they are; the reply to it.
+
+        aiosmtplib's ``data()`` would normalise line endings and dot-stuff
+        with regexes and concatenate the end mark (three passes and copies of
+        the body); the transport is borrowed as in the pipelined path.
+        Returns the code (None on connection trouble), the text and whether
+        the session can be used again.
+        """
+        transport = client.transport
+        if transport is None:
+            return None, "connection lost", False
+        seconds = self.cfg.command_timeout_seconds
+        pipe = _Replies()
+        original = transport.get_protocol()
+        transport.set_protocol(pipe)
+        try:
+            size = _write_data(transport.write, data)  # type: ignore[attr-defined]
+            await pipe.drain(seconds + size / 10_000)
+            code, text = await pipe.reply(seconds)
+        except (_PipeError, TimeoutError) as exc:
+            transport.set_protocol(original)
+            client.close()
+            return None, _clean(f"{type(exc).__name__}: {exc}"), False
+        except BaseException:
+            transport.set_protocol(original)
+            client.close()
+            raise
+        transport.set_protocol(original)
+        return code, _clean(text), True
 
     async def _pipelined(self, client: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str],
                          data: bytes, opts: list[str], enc: str) -> tuple[list[RcptReply], bool]:
@@ -397,11 +455,8 @@ class Pool:
             write(b".\r\n")  # DATA taken though no recipient was: end it empty
             await pipe.reply(seconds)
         elif go[0] == 354:
-            body = _LEADING_DOT.sub(b"..", data)
-            if not body.endswith(b"\r\n"):
-                body += b"\r\n"
-            write(body + b".\r\n")
-            await pipe.drain(seconds + len(body) / 10_000)
+            size = _write_data(write, data)
+            await pipe.drain(seconds + size / 10_000)
             code, text = await pipe.reply(seconds)
             for i in accepted:
                 out[i] = RcptReply(code, _clean(text))

@@ -11,7 +11,10 @@ Wire: a Unix socketpair per child, frames of a 4-byte big-endian length and a
 msgpack body (msgspec, tagged array-like structs). Parent to child:
 ``Configure`` (first, and after a reload), ``Job``, ``Close``. Child to
 parent: ``Result`` (one per job, with the child's count of connections
-opened). Frames written in one loop iteration go out in one write.
+opened). A ``Job`` frame is followed by the message data as raw bytes
+(``size`` of them): packing the data into the frame would copy it twice in
+the parent and twice more in the child. Small frames written in one loop
+iteration go out in one write; large tails are written as they are.
 
 Failure: when a child exits (crash, kill), every job it had not answered
 gets ``code=None`` for each recipient — a temporary failure, so the
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from relayd.delivery import Hop, RcptReply
 
 _LEN = 4
+_DIRECT = 64 * 1024  # pieces this large are written alone, not joined into a frame
 RESTART_DELAY_FIRST = 0.1
 RESTART_DELAY_MAX = 5.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -74,7 +78,7 @@ class Job(msgspec.Struct, array_like=True, tag=2):
     password: str
     sender: str
     rcpts: list[str]
-    data: bytes
+    size: int  # the message data follows the frame: this many raw bytes
 
 
 class Close(msgspec.Struct, array_like=True, tag=3):
@@ -93,13 +97,20 @@ ToAgent = Configure | Job | Close
 
 
 class _Framed(asyncio.Protocol):
-    """Length-prefixed msgpack frames over a stream, writes coalesced per loop turn."""
+    """Length-prefixed msgpack frames over a stream, writes coalesced per loop turn.
+
+    A frame may be followed by a raw tail (``tail_size`` says how long): the
+    tail's chunks are kept as they arrive and joined once.
+    """
 
     def __init__(self, decode_type: object) -> None:
         self._decoder = msgspec.msgpack.Decoder(decode_type)
         self._encoder = msgspec.msgpack.Encoder()
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._tail_of: object = None  # the frame whose tail is being received
+        self._tail: list[bytes] = []
+        self._need = 0  # bytes of that tail still to come
         self.transport: asyncio.Transport | None = None
         self.lost = asyncio.get_running_loop().create_future()
 
@@ -107,24 +118,55 @@ class _Framed(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        while data:
+            if self._need:
+                piece = data if len(data) <= self._need else data[:self._need]
+                data = data[len(piece):]
+                self._tail.append(piece)
+                self._need -= len(piece)
+                if not self._need:
+                    frame, self._tail_of = self._tail_of, None
+                    tail, self._tail = b"".join(self._tail), []
+                    self.frame_received(frame, tail)
+                continue
+            data = self._frames(data)
+
+    def _frames(self, data: bytes) -> bytes:
+        """Decode the complete frames; return what follows a frame with a tail."""
         buf = self._buf
         buf.extend(data)
         start = 0
         end = len(buf)
-        frames = []
+        frames: list[tuple[object, bytes]] = []
+        rest = b""
         with memoryview(buf) as view:
             while end - start >= _LEN:
                 n = int.from_bytes(view[start:start + _LEN], "big")
                 if end - start - _LEN < n:
                     break
-                frames.append(self._decoder.decode(view[start + _LEN:start + _LEN + n]))
+                frame = self._decoder.decode(view[start + _LEN:start + _LEN + n])
                 start += _LEN + n
+                need = self.tail_size(frame)
+                if need <= end - start:  # small tails come with their frame
+                    frames.append((frame, bytes(view[start:start + need]) if need else b""))
+                    start += need
+                    continue
+                # A large tail: the rest of the buffer is its beginning.
+                self._tail_of, self._need = frame, need
+                rest = bytes(view[start:])
+                start = end
+                break
         if start:
             del buf[:start]
-        for frame in frames:
-            self.frame_received(frame)
+        for frame, tail in frames:
+            self.frame_received(frame, tail)
+        return rest
 
-    def frame_received(self, frame: object) -> None:
+    def tail_size(self, frame: object) -> int:
+        """How many raw bytes follow this frame."""
+        return 0
+
+    def frame_received(self, frame: object, tail: bytes) -> None:
         raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -132,18 +174,32 @@ class _Framed(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
 
-    def send(self, frame: msgspec.Struct) -> None:
-        """Queue a frame; everything queued in this loop iteration goes in one write."""
+    def send(self, frame: msgspec.Struct, tail: bytes = b"") -> None:
+        """Queue a frame (and its raw tail); written together at the end of this loop turn."""
         body = self._encoder.encode(frame)
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(len(body).to_bytes(_LEN, "big"))
         self._out.append(body)
+        if tail:
+            self._out.append(tail)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        small: list[bytes] = []
+        for piece in out:
+            if len(piece) < _DIRECT:
+                small.append(piece)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(piece)  # a large message: not copied into a joined buffer
+        if small:
+            transport.write(b"".join(small))
 
 
 # -- the parent side ----------------------------------------------------------------
@@ -153,7 +209,7 @@ class _ParentSide(_Framed):
         super().__init__(Result)
         self.agent = agent
 
-    def frame_received(self, frame: object) -> None:
+    def frame_received(self, frame: object, tail: bytes) -> None:
         assert isinstance(frame, Result)
         self.agent.answered(frame)
 
@@ -306,7 +362,7 @@ class AgentPool:
         fut: asyncio.Future[list[RcptReply]] = asyncio.get_running_loop().create_future()
         agent.pending[job_id] = (fut, len(rcpts))
         side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                      sender, list(rcpts), data))
+                      sender, list(rcpts), len(data)), data)
         try:
             return await fut
         finally:
@@ -341,9 +397,12 @@ class _ChildSide(_Framed):
         self.jobs: set[asyncio.Task[None]] = set()
         self.closing = asyncio.get_running_loop().create_future()
 
-    def frame_received(self, frame: object) -> None:
+    def tail_size(self, frame: object) -> int:
+        return frame.size if isinstance(frame, Job) else 0
+
+    def frame_received(self, frame: object, tail: bytes) -> None:
         if isinstance(frame, Job):
-            task = asyncio.get_running_loop().create_task(self._run(frame))
+            task = asyncio.get_running_loop().create_task(self._run(frame, tail))
             self.jobs.add(task)
             task.add_done_callback(self.jobs.discard)
         elif isinstance(frame, Configure):
@@ -354,14 +413,14 @@ class _ChildSide(_Framed):
         elif isinstance(frame, Close) and not self.closing.done():
             self.closing.set_result(None)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, data: bytes) -> None:
         from relayd.delivery import Hop
 
         assert self.deliverer is not None
         hop = Hop(job.host, job.port, job.tls, job.username, job.password)
         try:
             replies = [(r.code, r.text) for r in
-                       await self.deliverer.send(hop, job.sender, job.rcpts, job.data)]
+                       await self.deliverer.send(hop, job.sender, job.rcpts, data)]
         except Exception as exc:  # a bug must not leave the job unanswered
             replies = [(None, f"delivery agent error: {type(exc).__name__}")] * len(job.rcpts)
         self.send(Result(job.id, replies, self.deliverer.connections_opened))

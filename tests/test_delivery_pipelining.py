@@ -13,6 +13,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
 from relayd import delivery
+from relayd.config import DeliveryConfig
 from tests.conftest import RelayFactory, RelayHandle, Sink, _SinkHandler
 from tests.procs import free_port
 from tests.test_queue_support import eventually, log_entries, queue_items, submit
@@ -230,3 +231,41 @@ async def test_pipelined_drop_after_data_defers(relay_factory: RelayFactory,
     finally:
         proc.kill()
         await proc.wait()
+
+
+def _dotted_body(size: int) -> bytes:
+    """A message of about ``size`` bytes whose body lines often start with one or two dots."""
+    head = b"From: app@example.com\r\nSubject: big dots\r\n\r\n"
+    lines = [b".%d leading dot" % i if i % 3 == 0 else
+             b"..%d two dots" % i if i % 3 == 1 else b"plain %d ." % i
+             for i in range(size // 16)]
+    return head + b"\r\n".join(lines) + b"\r\n.\r\n..\r\nend\r\n"
+
+
+async def test_large_dotted_body_arrives_byte_exact(relay_factory: RelayFactory,
+                                                    pipe_sink: Sink) -> None:
+    """A 10 MB body full of dot-led lines crosses the delivery agent and arrives byte-exact."""
+    relay, account = await _relay(relay_factory, pipe_sink,
+                                  {"delivery": {"agent_processes": 1}})
+    body = _dotted_body(10 * 1024 * 1024)
+    assert len(body) > 10_000_000
+    client = await relay.client(*account)
+    await client.sendmail("app@example.com", ["a@dest.test"], body)
+    await client.quit()
+    [got] = await pipe_sink.wait_for(1, timeout=30)
+    assert got.data.endswith(body)
+    assert b"Received: " in got.data[:len(got.data) - len(body)]  # only headers were added
+
+
+async def test_unpipelined_body_with_leading_dot_arrives_exact(sink: Sink) -> None:
+    """Without PIPELINING, data that starts with a dot and has dot lines arrives unchanged."""
+    cfg = DeliveryConfig(smarthost=sink.address)
+    pool = delivery.Pool(delivery.Hop("127.0.0.1", sink.port), cfg, "relay.test", None)
+    data = b".first\r\n..second\r\nx\r\n.\r\n"
+    try:
+        [reply] = await pool.send("app@example.com", ["r@dest.test"], data)
+    finally:
+        await pool.close()
+    assert reply.code == 250
+    [got] = await sink.wait_for(1)
+    assert got.data == data
