@@ -200,6 +200,8 @@ class _Installed(NamedTuple):
     """What :func:`configure` installed, for :class:`Event`'s direct path."""
 
     processors: list[Processor]
+    size: int  # len(processors) and its last one: capture_logs() edits the list in place
+    last: Processor
     stream: TextIO
     level: int
 
@@ -250,8 +252,9 @@ class Event:
 
     def __call__(self, fields: dict[str, Any]) -> None:
         inst = _installed
-        if (inst is None or self._name is None
-                or structlog._config._CONFIG.default_processors is not inst.processors):
+        procs = structlog._config._CONFIG.default_processors
+        if (inst is None or self._name is None or procs is not inst.processors
+                or len(procs) != inst.size or procs[-1] is not inst.last):
             self._log.info(self._event, **fields)
             return
         if inst.level > 20:
@@ -298,7 +301,8 @@ def configure(level: str = "info", stream: TextIO = sys.stdout) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(name.upper())
-    _installed = _Installed(processors, stream, _LEVEL_NO[name])
+    _installed = _Installed(processors, len(processors), processors[-1], stream,
+                            _LEVEL_NO[name])
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

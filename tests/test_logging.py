@@ -187,3 +187,36 @@ def test_logger_made_before_configure_uses_the_configuration() -> None:
         assert lines(stream)[0]["logger"] == "relayd.early"
     finally:
         structlog.reset_defaults()
+
+
+def test_event_writes_the_line_logger_info_writes(out: io.StringIO) -> None:
+    """rlog.Event (the hot-path lines): same keys, order, values and masking as log.info."""
+    log = rlog.get_logger("relayd")
+    fields = {"id": "0000000000AB", "rcpt": "a@example.com", "code": None, "size": 10,
+              "reply": f"said AUTH PLAIN {PLAIN_B64}", "password": PASSWORD}
+    structlog.contextvars.bind_contextvars(peer_uid=7)
+    try:
+        log.info("delivery_attempt", **dict(fields))
+        rlog.Event(log, "delivery_attempt")(dict(fields))
+    finally:
+        structlog.contextvars.unbind_contextvars("peer_uid")
+    a, b = out.getvalue().splitlines()
+    assert PASSWORD not in b and PLAIN_B64 not in b
+    da, db = json.loads(a), json.loads(b)
+    assert list(da) == list(db)
+    assert db["timestamp"].endswith("Z") and "T" in db["timestamp"]
+    da.pop("timestamp"), db.pop("timestamp")
+    assert da == db
+
+
+def test_event_follows_the_level_and_other_configurations(out: io.StringIO) -> None:
+    """Below the configured level nothing is written; under another structlog
+    configuration (as a test may install) it is the plain log.info call."""
+    rlog.configure("warning", out)
+    rlog.Event(rlog.get_logger("relayd"), "smtp_accepted")({"id": "x"})
+    assert out.getvalue() == ""
+    rlog.configure("info", out)
+    with structlog.testing.capture_logs() as captured:
+        rlog.Event(rlog.get_logger("relayd"), "smtp_accepted")({"id": "x"})
+    assert out.getvalue() == ""
+    assert captured == [{"id": "x", "event": "smtp_accepted", "log_level": "info"}]
