@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+import aiosmtplib
+
 REPO = Path(__file__).resolve().parent.parent
 
 BASE_TOML = """
@@ -108,6 +110,16 @@ class RelayProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def sender(self, domain: str = "example.com") -> aiosmtplib.SMTP:
+        """Create ``domain`` and an account on it; return a client authenticated as it."""
+        await self.ctl("domain", "add", domain)
+        cred = await self.ctl("user", "add", "--domain", domain)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        await client.auth_plain(cred["username"], cred["password"])
+        return client
 
     async def ctl(self, *args: str) -> dict:
         """relayctl --json ... against this relay."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from tests.conftest import message, start_sink
@@ -18,12 +17,7 @@ async def test_kill_between_acceptance_and_delivery(tmp_path: Path) -> None:
     sink_port = free_port()
     relay = RelayProcess(tmp_path, f"127.0.0.1:{sink_port}")
     await relay.start()
-    await relay.ctl("domain", "add", "example.com")
-    cred = await relay.ctl("user", "add", "--domain", "example.com")
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
-    await client.connect()
-    await client.ehlo()
-    await client.auth_plain(cred["username"], cred["password"])
+    client = await relay.sender()
     ids = []
     for i in range(3):
         _, reply = await client.sendmail("app@example.com", [f"r{i}@dest.test"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from tests.conftest import message, start_sink
@@ -23,12 +22,7 @@ async def test_message_in_transmission_is_sent_again_after_a_crash(tmp_path: Pat
     relay = RelayProcess(tmp_path, stall.address,
                          "[limits]\nmax_queued_per_account = 10\n")
     await relay.start()
-    await relay.ctl("domain", "add", "example.com")
-    cred = await relay.ctl("user", "add", "--domain", "example.com")
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
-    await client.connect()
-    await client.ehlo()
-    await client.auth_plain(cred["username"], cred["password"])
+    client = await relay.sender()
     await client.sendmail("app@example.com", ["r@dest.test"], message("in flight"))
     await client.quit()
     await asyncio.wait_for(stall.data_started.wait(), 10)

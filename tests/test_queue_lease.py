@@ -8,7 +8,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from relayd.scheduler import RETRY_LEASE_SECONDS
@@ -66,12 +65,7 @@ async def test_retry_interrupted_by_a_crash_goes_again_at_start(tmp_path: Path) 
     stall: StallServer | None = None
     sink = None
     try:
-        await relay.ctl("domain", "add", "example.com")
-        cred = await relay.ctl("user", "add", "--domain", "example.com")
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
-        await client.connect()
-        await client.ehlo()
-        await client.auth_plain(cred["username"], cred["password"])
+        client = await relay.sender()
         await client.sendmail("app@example.com", ["r@dest.test"], message("retried"))
         await client.quit()
         db = relay.data / "relayd.sqlite3"
