@@ -31,7 +31,7 @@ class Reply(NamedTuple):
 
     def line(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated."""
-        return self.text.encode("ascii") + b"\r\n"
+        return self.text.encode("utf-8") + b"\r\n"
 
 
 # --- success -----------------------------------------------------------------
@@ -45,11 +45,17 @@ DATA_GO = Reply("354 End data with <CR><LF>.<CR><LF>")
 BYE = Reply("221 2.0.0 Bye")
 VRFY_CANNOT = Reply("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
 STARTTLS_GO = Reply("220 2.0.0 Ready to start TLS")
+HELP = Reply("214 2.0.0 See RFC 5321")
 
 
 def queued(message_id: str) -> Reply:
     """The 250 sent after a message is committed to disk."""
     return Reply(f"250 2.0.0 Ok: queued as {message_id}")
+
+
+def helo_ok(hostname: str) -> Reply:
+    """The 250 answer to HELO."""
+    return Reply(f"250 {hostname}")
 
 
 # --- authentication ----------------------------------------------------------

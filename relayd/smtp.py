@@ -308,10 +308,7 @@ class RelaySMTP(_AioSMTP):
 
     # -- output ------------------------------------------------------------------
     def _emit(self, reply: Reply) -> None:
-        self._out.append(reply.text.encode("utf-8") + b"\r\n")
-
-    def _emit_raw(self, line: str) -> None:
-        self._out.append(line.encode("utf-8") + b"\r\n")
+        self._out.append(reply.line())
 
     def _flush(self) -> None:
         if self._out and self.transport is not None:
@@ -476,7 +473,7 @@ class RelaySMTP(_AioSMTP):
         self.state.helo = arg
         self.state.esmtp = False
         self._reset_transaction()
-        self._emit_raw(f"250 {self.ctx.hostname}")
+        self._emit(replies.helo_ok(self.ctx.hostname))
 
     async def smtp_NOOP(self, arg: str) -> None:
         """NOOP."""
@@ -498,7 +495,7 @@ class RelaySMTP(_AioSMTP):
 
     async def smtp_HELP(self, arg: str) -> None:
         """HELP."""
-        self._emit_raw("214 2.0.0 See RFC 5321")
+        self._emit(replies.HELP)
 
     async def smtp_EXPN(self, arg: str) -> None:
         """EXPN: not offered."""
@@ -813,7 +810,7 @@ class RelaySMTP(_AioSMTP):
             self._reject(replies.LOCAL_ERROR, "commit failed")
             return
         ctx.scheduler.enqueue_new(new)
-        self._emit_raw(f"250 2.0.0 Ok: queued as {ext_id}")
+        self._emit(replies.queued(ext_id))
         ctx.events.accepted(st, ext_id, len(body), len(rcpts), time.perf_counter() - started)
 
     async def _read_data(self) -> tuple[bytearray | None, Reply | None]:
@@ -886,8 +883,8 @@ def _ehlo_reply(hostname: str, max_size: int, smtputf8: bool, starttls: bool,
 
 @functools.lru_cache(maxsize=8)
 def _greeting(hostname: str) -> bytes:
-    """The 220 greeting for ``hostname``."""
-    return f"220 {hostname} ESMTP relayd\r\n".encode()
+    """The 220 greeting for ``hostname``, as bytes (built once per name)."""
+    return replies.greeting(hostname).line()
 
 
 _date_cache: tuple[int, str] = (-1, "")
