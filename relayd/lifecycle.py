@@ -687,44 +687,23 @@ class Lifecycle:
         if status not in (None, "queued", "deferred", "delivered", "failed"):
             raise LifecycleError("status must be queued, deferred, delivered or failed",
                                  "bad_request")
-        entries: list[schemas.LogEntry] = []
         if status == "queued":
-            sql = ("SELECT m.received_at, m.id, m.username, m.domain, r.rcpt FROM recipients r"
-                   " JOIN messages m ON m.id=r.message_id WHERE r.status='queued'")
-            params: list[Any] = []
-            if user:
-                sql += " AND m.username=?"
-                params.append(user)
-            if since is not None:
-                sql += " AND m.received_at>=?"
-                params.append(since)
-            sql += " ORDER BY m.received_at DESC LIMIT ?"
-            params.append(limit)
-            for r in await self.spool.fetchall(sql, params):
-                entries.append(schemas.LogEntry(ts=r[0], message_id=format_id(r[1]),
-                                                username=r[2], domain=r[3], recipient=r[4],
-                                                next_hop="", code=None, text="",
-                                                outcome="queued"))
-            return schemas.LogList(entries=entries)
-        sql = ("SELECT ts, message_id, username, domain, recipient, next_hop, code, text,"
-               " outcome FROM delivery_log WHERE 1=1")
-        params = []
-        if user:
-            sql += " AND username=?"
-            params.append(user)
-        if status:
-            sql += " AND outcome=?"
-            params.append(status)
-        if since is not None:
-            sql += " AND ts>=?"
-            params.append(since)
-        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
-        params.append(limit)
-        for r in await self.spool.fetchall(sql, params):
-            entries.append(schemas.LogEntry(ts=r[0], message_id=format_id(r[1]), username=r[2],
-                                            domain=r[3], recipient=r[4], next_hop=r[5],
-                                            code=r[6], text=r[7], outcome=r[8]))
-        return schemas.LogList(entries=entries)
+            where, params = _filters(("m.username", user), ("m.received_at>", since))
+            rows = await self.spool.fetchall(  # where: column literals only; values bound
+                "SELECT m.received_at, m.id, m.username, m.domain, r.rcpt, '', NULL, '',"  # noqa: S608
+                " 'queued' FROM recipients r JOIN messages m ON m.id=r.message_id"
+                f" WHERE r.status='queued'{where} ORDER BY m.received_at DESC LIMIT ?",
+                [*params, limit])
+        else:
+            where, params = _filters(("username", user), ("outcome", status), ("ts>", since))
+            rows = await self.spool.fetchall(
+                "SELECT ts, message_id, username, domain, recipient, next_hop, code, text,"  # noqa: S608
+                f" outcome FROM delivery_log WHERE 1=1{where} ORDER BY ts DESC, id DESC"
+                " LIMIT ?", [*params, limit])
+        return schemas.LogList(entries=[
+            schemas.LogEntry(ts=r[0], message_id=format_id(r[1]), username=r[2], domain=r[3],
+                             recipient=r[4], next_hop=r[5], code=r[6], text=r[7],
+                             outcome=r[8]) for r in rows])
 
     # -- batched last-connection updates ---------------------------------------------------
     async def flush_last_connections(self) -> int:
@@ -758,6 +737,18 @@ class Lifecycle:
             acct = self.directory.accounts_by_id.get(r[0])
             if acct is not None:
                 acct.total_sent = r[1]
+
+
+def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """``AND col=?`` (or ``AND col>=?`` for a name ending in ``>``) for each value given."""
+    where = ""
+    params: list[Any] = []
+    for column, value in pairs:
+        if value is None or value == "":
+            continue
+        where += f" AND {column}=?"  # columns are literals of this module, never input
+        params.append(value)
+    return where, params
 
 
 async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) -> list[int]:
