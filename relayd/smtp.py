@@ -300,7 +300,7 @@ class RelaySMTP(_AioSMTP):
     def close_if_idle(self, reply: Reply = replies.SHUTTING_DOWN) -> bool:
         """Say 421 and close if no transaction is open (graceful shutdown); True if closed."""
         if self._idle and self.transport is not None:
-            self._emit(reply)
+            self._reject(reply)
             self._flush()
             self.transport.close()
             return True
@@ -373,7 +373,7 @@ class RelaySMTP(_AioSMTP):
         st = self.state
         try:
             if ctx.shutting_down:
-                self._emit(replies.SHUTTING_DOWN)
+                self._reject(replies.SHUTTING_DOWN)
                 self._flush()
                 self.transport.close()
                 return
@@ -423,7 +423,7 @@ class RelaySMTP(_AioSMTP):
                     ctx.events.error(st, name, exc)
                     self._reject(replies.LOCAL_ERROR, "handler error")
                 if ctx.shutting_down and self._mail_from is None and not self._closing:
-                    self._emit(replies.SHUTTING_DOWN)
+                    self._reject(replies.SHUTTING_DOWN)
                     break
             self._flush()
             if self.transport is not None:
@@ -437,7 +437,7 @@ class RelaySMTP(_AioSMTP):
             raise
         except Exception as exc:  # a bug outside a command handler: say 421, never a trace
             ctx.events.error(st, "session", exc)
-            self._emit(replies.LOCAL_ERROR_CLOSING)
+            self._reject(replies.LOCAL_ERROR_CLOSING)
             self._flush()
             if self.transport is not None:
                 self.transport.close()
