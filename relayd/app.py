@@ -91,19 +91,6 @@ class _MxAdapter:
         return [(h.host, h.port) for h in hops]
 
 
-class _Router:
-    """Deliverer.route with scheduler RouteErrors."""
-
-    def __init__(self, deliverer: Deliverer) -> None:
-        self.d = deliverer
-
-    async def route(self, domain: str) -> Any:
-        return await self.d.route(domain)
-
-    async def send(self, hop: Any, sender: str, rcpts: list[str], data: bytes) -> Any:
-        return await self.d.send(hop, sender, rcpts, data)
-
-
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
     if not cfg.smtp.tls_cert_file:
         return None
@@ -163,7 +150,7 @@ class Relay:
         await self.deliverer.start()
         d = cfg.delivery
         self.scheduler = Scheduler(
-            self.spool, self.directory, _Router(self.deliverer),
+            self.spool, self.directory, self.deliverer,
             policy=BackoffPolicy(first=d.retry_first_seconds, maximum=d.retry_max_seconds,
                                  jitter=min(d.retry_jitter, 0.99),
                                  lifetime=d.max_queue_lifetime_seconds),

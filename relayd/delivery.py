@@ -563,12 +563,30 @@ class Deliverer:
 
     async def route(self, domain: str) -> list[Hop]:
         """Next hops for a recipient domain: static route, else smarthost, else MX."""
+        hops = self.route_now(domain)
+        if hops is not None:
+            return hops
+        assert self.mx is not None
+        return [Hop(h, p, "opportunistic") for h, p in await self.mx.hops(domain)]
+
+    def route_now(self, domain: str) -> list[Hop] | None:
+        """The route when it needs no lookup (static route or smarthost), else None."""
         hop = self.router.static(domain)
         if hop is not None:
             return [hop]
         if self.cfg.mode == "smarthost" or self.mx is None:
             return [self.router.smarthost]
-        return [Hop(h, p, "opportunistic") for h, p in await self.mx.hops(domain)]
+        return None
+
+    def submit(self, hop: Hop, sender: str, rcpts: Sequence[str], data: bytes,
+               done: Callable[[list[RcptReply]], None]) -> bool:
+        """Hand a transaction to a running delivery agent; ``done`` gets the replies.
+
+        No task and no future per message (the scheduler's fast path). False,
+        with nothing sent, when there is no agent process or none is running:
+        the caller uses ``send`` instead.
+        """
+        return self.agents is not None and self.agents.submit(hop, sender, rcpts, data, done)
 
     def pool(self, hop: Hop) -> Pool:
         """The pool for a hop (created on first use)."""

@@ -41,7 +41,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -222,7 +222,8 @@ class _Agent:
         self.n = n
         self.proc: asyncio.subprocess.Process | None = None
         self.side: _ParentSide | None = None
-        self.pending: dict[int, tuple[asyncio.Future[list[RcptReply]], int]] = {}
+        # job id -> (who gets the replies, number of recipients)
+        self.pending: dict[int, tuple[Callable[[list[RcptReply]], None], int]] = {}
         self.ready = asyncio.Event()
         self.opened_before = 0  # connections opened by earlier lives of this agent
         self.opened = 0
@@ -290,17 +291,16 @@ class _Agent:
         from relayd.delivery import RcptReply
 
         pending, self.pending = self.pending, {}
-        for fut, nrcpts in pending.values():
-            if not fut.done():
-                fut.set_result([RcptReply(None, text) for _ in range(nrcpts)])
+        for done, nrcpts in pending.values():
+            done([RcptReply(None, text) for _ in range(nrcpts)])
 
     def answered(self, res: Result) -> None:
         from relayd.delivery import RcptReply
 
         self.opened = res.opened
         entry = self.pending.pop(res.id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result([RcptReply(c, t) for c, t in res.replies])
+        if entry is not None:
+            entry[0]([RcptReply(c, t) for c, t in res.replies])
 
 
 class AgentPool:
@@ -355,18 +355,42 @@ class AgentPool:
                 await asyncio.wait_for(agent.ready.wait(), self.cfg.connect_timeout_seconds)
             except TimeoutError:
                 return [RcptReply(None, "delivery agent not running") for _ in rcpts]
-        side = agent.side
-        assert side is not None
-        self._ids += 1
-        job_id = self._ids
         fut: asyncio.Future[list[RcptReply]] = asyncio.get_running_loop().create_future()
-        agent.pending[job_id] = (fut, len(rcpts))
-        side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                      sender, list(rcpts), len(data)), data)
+
+        def done(replies: list[RcptReply]) -> None:
+            if not fut.done():
+                fut.set_result(replies)
+
+        job_id = self._submit(agent, hop, sender, rcpts, data, done)
         try:
             return await fut
         finally:
             agent.pending.pop(job_id, None)
+
+    def submit(self, hop: Hop, sender: str, rcpts: Sequence[str], data: bytes,
+               done: Callable[[list[RcptReply]], None]) -> bool:
+        """``send`` without a future: ``done`` gets the replies (exactly once).
+
+        False, with nothing sent, when the least busy child is not running
+        (starting or restarting): the caller waits in ``send`` instead. If the
+        child dies after this, ``done`` gets a temporary failure per recipient.
+        """
+        agent = min(self._agents, key=lambda a: len(a.pending))
+        if not agent.ready.is_set() or agent.side is None:
+            return False
+        self._submit(agent, hop, sender, rcpts, data, done)
+        return True
+
+    def _submit(self, agent: _Agent, hop: Hop, sender: str, rcpts: Sequence[str],
+                data: bytes, done: Callable[[list[RcptReply]], None]) -> int:
+        side = agent.side
+        assert side is not None
+        self._ids += 1
+        job_id = self._ids
+        agent.pending[job_id] = (done, len(rcpts))
+        side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
+                      sender, list(rcpts), len(data)), data)
+        return job_id
 
     async def close(self) -> None:
         """Ask every child to stop (QUIT its connections) and wait; kill one that hangs."""

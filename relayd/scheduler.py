@@ -136,7 +136,17 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._recording: set[asyncio.Future[Any]] = set()
-        self._record_room = asyncio.Semaphore(max(64, workers * RECORDS_PER_WORKER))
+        self._record_room_size = max(64, workers * RECORDS_PER_WORKER)
+        self._record_room = asyncio.Semaphore(self._record_room_size)
+        # The fast path (see _start_fast): attempts handed to a delivery agent
+        # with a callback, counted from hand-over to the commit of their results.
+        # No more at the agent than there are connections (a job handed over is
+        # a transmission in progress: SEMANTICS §4.1), and a bounded number of
+        # answered ones waiting for the commit of their results.
+        self._fast_jobs = 0
+        self._fast_recording = 0
+        self._fast_capped = False  # the dispatcher waits for one of the above to fall
+        self._fast_tails: set[asyncio.Task[None]] = set()
 
     # -- hot path ------------------------------------------------------------------
     def queued_count(self, account_id: int) -> int:
@@ -301,20 +311,27 @@ class Scheduler:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except TimeoutError:
                 pass
-        for t in self._tasks:
+        for t in (*self._tasks, *self._fast_tails):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._fast_tails, return_exceptions=True)
         self._tasks.clear()
 
     # -- loops -----------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
         while True:
+            # Cleared before the pass, not after: a wake-up that comes while the
+            # pass awaits (a new window, a full job queue) is not lost.
+            self._wake.clear()
             progressed = False
             now = self.clock()
             earliest: float | None = None
             for _ in range(len(self._rr)):
                 if not self._rr:
                     break  # emptied by a purge while this loop was waiting
+                if (self._fast_jobs >= self.workers
+                        or self._fast_recording >= self._record_room_size):
+                    self._fast_capped = True  # an answer or a commit wakes us
+                    break
                 acct_id = self._rr[0]
                 aq = self._queues.get(acct_id)
                 if aq is None or not aq.pending:
@@ -341,12 +358,13 @@ class Scheduler:
                         self._rr.remove(acct_id)
                     except ValueError:
                         pass
+                progressed = True
+                if self._start_fast(msg):
+                    continue
                 self._handed[msg.id] = msg
                 await self._jobs.put(msg)
-                progressed = True
             if progressed:
                 continue
-            self._wake.clear()
             timeout = None if earliest is None else max(0.05, earliest - self.clock())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -474,6 +492,16 @@ class Scheduler:
         if self.events is not None:
             for r in results:
                 self.events.attempt(r, elapsed)
+        await self._bounce(msg, data, results)
+        # The worker goes on to its next message while the results wait for
+        # their group commit: a worker's pace is the next hop's, not fsync's.
+        # Until the commit the message still counts (queued_count, stop waits).
+        await self._record_room.acquire()
+        self._busy(1)
+        self._record(msg, results, self._record_room.release)
+
+    async def _bounce(self, msg: QMsg, data: bytes, results: list[AttemptResult]) -> None:
+        """Queue the DSN for the recipients that failed (if any, and if bounces are on)."""
         failed = [r for r in results if r.outcome == "failed"]
         if failed and self.on_failed is not None:
             # Before the results are committed: a crash in between repeats the
@@ -485,6 +513,13 @@ class Scheduler:
                 pass
             finally:
                 msg.data = None
+
+    def _record(self, msg: QMsg, results: list[AttemptResult],
+                release: Callable[[], None]) -> None:
+        """Hand an attempt's results to the group commit; ``release`` runs after it.
+
+        The caller counted the attempt busy (``_busy(1)``); that ends with the commit.
+        """
         deferred = any(r.outcome == "deferred" for r in results)
         delivered = sum(1 for r in results if r.outcome == "delivered")
         for r in results:
@@ -494,25 +529,105 @@ class Scheduler:
             acct = self.directory.accounts_by_id.get(msg.account_id)
             if acct is not None:
                 acct.total_sent += delivered
-        # The worker goes on to its next message while the results wait for
-        # their group commit: a worker's pace is the next hop's, not fsync's.
-        # Until the commit the message still counts (queued_count, stop waits).
-        await self._record_room.acquire()
-        self._busy(1)
         try:
             fut = self.spool.record(results, [] if deferred else [msg.id])
         except Exception:  # not queued (spool closed): repeated after a restart
-            self._record_room.release()
+            release()
             self._busy(-1)
             return
         self._recording.add(fut)
         account_id = msg.account_id
-        fut.add_done_callback(lambda f: self._recorded(f, account_id, deferred))
+        fut.add_done_callback(lambda f: self._recorded(f, account_id, deferred, release))
 
-    def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool) -> None:
+    # -- the fast path ---------------------------------------------------------------
+    def _start_fast(self, msg: QMsg) -> bool:
+        """Start an attempt without a worker, a task or a future, if it can be one.
+
+        It can when the data is in memory, every recipient routes to one hop
+        without a lookup (static route or smarthost) and a delivery agent runs:
+        the job goes to the agent with a callback (``_fast_done``). Anything
+        else (MX lookups, data to load, no agent) goes to the workers. The
+        account was checked usable just before, in the same loop turn, so
+        there is no window for a disable in between (unlike a queued job).
+        """
+        route_now = getattr(self.sender, "route_now", None)
+        submit = getattr(self.sender, "submit", None)
+        data = msg.data
+        if route_now is None or submit is None or data is None or not msg.rcpts:
+            return False
+        hop: Hop | None = None
+        for rcpt, _att in msg.rcpts.values():
+            hops = route_now(rcpt.rpartition("@")[2].lower())
+            if hops is None or len(hops) != 1 or (hop is not None and hops[0] != hop):
+                return False
+            hop = hops[0]
+        assert hop is not None
+        idxs = list(msg.rcpts)
+        if msg.id not in self._live.get(msg.account_id, ()):
+            return False  # purged: the worker path drops it
+        started = time.perf_counter()
+        chosen = hop
+
+        def done(replies: list[RcptReply]) -> None:
+            self._fast_done(msg, data, chosen, idxs, replies, started)
+
+        if not submit(hop, msg.sender, [msg.rcpts[i][0] for i in idxs], data, done):
+            return False
+        self._cache_used -= len(data)
+        msg.data = None
+        self._fast_jobs += 1
+        self._busy(1)
+        if self.events is not None:
+            self.events.in_flight(1)
+        return True
+
+    def _fast_done(self, msg: QMsg, data: bytes, hop: Hop, idxs: list[int],
+                   replies: list[RcptReply], started: float) -> None:
+        """The agent answered a fast-path job: results, metrics, DSN, then the commit."""
+        self._fast_jobs -= 1
+        self._fast_recording += 1
+        self._fast_room()
+        now = self.clock()
+        try:
+            results = [self._result(msg, i, hop.name, rep.code, rep.text, now)
+                       for i, rep in zip(idxs, replies, strict=True)]
+        except Exception as exc:  # a bug must not strand the message: defer it
+            results = [self._result(msg, i, "-", None, f"internal error: {type(exc).__name__}",
+                                    now) for i in idxs]
+        if self.events is not None:
+            self.events.in_flight(-1)
+            elapsed = time.perf_counter() - started
+            for r in results:
+                self.events.attempt(r, elapsed)
+        if self.on_failed is not None and any(r.outcome == "failed" for r in results):
+            task = asyncio.get_running_loop().create_task(self._fast_bounce(msg, data, results))
+            self._fast_tails.add(task)
+            task.add_done_callback(self._fast_tails.discard)
+            return
+        self._record(msg, results, self._fast_released)
+
+    async def _fast_bounce(self, msg: QMsg, data: bytes, results: list[AttemptResult]) -> None:
+        try:
+            await self._bounce(msg, data, results)
+        finally:
+            self._record(msg, results, self._fast_released)
+
+    def _fast_released(self) -> None:
+        """A fast-path attempt's results are committed (or given up)."""
+        self._fast_recording -= 1
+        self._fast_room()
+
+    def _fast_room(self) -> None:
+        """Wake the dispatcher if it stopped for want of room (only then: it is cheap)."""
+        if self._fast_capped:
+            self._fast_capped = False
+            self._wake.set()
+
+    def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool,
+                  release: Callable[[], None]) -> None:
         """An attempt's results are committed (or not): forget the message once it is final."""
         self._recording.discard(fut)
-        self._record_room.release()
+        release()
         self._busy(-1)
         if fut.cancelled() or fut.exception() is not None:
             return  # not committed: the attempt is repeated after a restart
