@@ -27,13 +27,15 @@ secret key (``auth_data``), never as the event text.
 Settings read: the level and the stream are passed to :func:`configure` by the
 composition root. Cost: a filtered-out call is a no-op method
 (``make_filtering_bound_logger``); an emitted line costs the processors and
-one JSON dump, a few microseconds, written and flushed synchronously.
+one JSON dump, a few microseconds, written and flushed synchronously; the
+per-message lines of :class:`Event` are flushed once per event-loop turn.
 
 See also: SEMANTICS.md §1 (ops teams read structured JSON logs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging as stdlib_logging
 import re
@@ -232,10 +234,11 @@ class Event:
     ``Event(log, "smtp_accepted")(fields)`` writes the line that
     ``log.info("smtp_accepted", **fields)`` writes under :func:`configure`:
     the fields, ``event``, the context variables, ``level``, ``timestamp``,
-    ``logger``, in that order, masked, the same JSON, written and flushed
-    (``fields`` is used up). While another structlog configuration is active
-    (before :func:`configure`, or one a test installed), or for a logger that
-    is not a plain :func:`get_logger` one, it is that call. Saves ~4 us a line.
+    ``logger``, in that order, masked, the same JSON, written at once and
+    flushed at the end of the loop turn (``fields`` is used up). While
+    another structlog configuration is active (before :func:`configure`, or
+    one a test installed), or for a logger that is not a plain
+    :func:`get_logger` one, it is that call. Saves ~4 us a line.
     """
 
     __slots__ = ("_event", "_log", "_name")
@@ -268,7 +271,39 @@ class Event:
         mask_secrets(None, "info", fields)
         stream = inst.stream
         stream.write(_event_dumps(fields, default=_FALLBACK) + "\n")
+        _flush_soon(stream)
+
+
+_flush_due = False
+
+
+def _flush_soon(stream: TextIO) -> None:
+    """Flush ``stream`` once at the end of this loop turn (now, outside a loop).
+
+    The hot-path lines of one loop turn (many sessions' ``smtp_accepted``,
+    ``delivery_attempt``) share one write syscall instead of one each. Any
+    other line (structlog's logger flushes per line) flushes them too, in
+    order. What SIGKILL can lose: the lines of the last loop turn.
+    """
+    global _flush_due
+    if _flush_due:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
         stream.flush()
+        return
+    _flush_due = True
+    loop.call_soon(_flush_now, stream)
+
+
+def _flush_now(stream: TextIO) -> None:
+    global _flush_due
+    _flush_due = False
+    try:
+        stream.flush()
+    except (OSError, ValueError):  # closed or broken: nothing to log to
+        pass
 
 
 def configure(level: str = "info", stream: TextIO = sys.stdout) -> None:

@@ -220,3 +220,42 @@ def test_event_follows_the_level_and_other_configurations(out: io.StringIO) -> N
         rlog.Event(rlog.get_logger("relayd"), "smtp_accepted")({"id": "x"})
     assert out.getvalue() == ""
     assert captured == [{"id": "x", "event": "smtp_accepted", "log_level": "info"}]
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_event_lines_of_one_loop_turn_share_one_flush(out: io.StringIO) -> None:
+    """Inside the event loop, hot-path lines are flushed once per loop turn, in order;
+    a structlog line in between flushes them at once (so order is kept)."""
+    import asyncio
+
+    stream = _CountingStream()
+    rlog.configure("info", stream)  # the fixture's teardown undoes this too
+    ev = rlog.Event(rlog.get_logger("relayd"), "smtp_accepted")
+
+    async def scenario() -> tuple[int, int, int]:
+        for n in range(3):
+            ev({"id": str(n)})
+        before = stream.flushes
+        await asyncio.sleep(0)
+        after_turn = stream.flushes
+        ev({"id": "3"})
+        rlog.get_logger("relayd").info("user_disabled")  # flushes per line
+        await asyncio.sleep(0)
+        return before, after_turn, stream.flushes
+
+    before, after_turn, end = asyncio.run(scenario())
+    assert before == 0 and after_turn == 1
+    assert end >= 2
+    assert [r["event"] for r in lines(stream)] == ["smtp_accepted"] * 4 + ["user_disabled"]
+    assert [r.get("id") for r in lines(stream)][:4] == ["0", "1", "2", "3"]
+    ev({"id": "outside"})  # no running loop: flushed at once
+    assert stream.flushes == end + 1
