@@ -529,8 +529,11 @@ class Scheduler:
             acct = self.directory.accounts_by_id.get(msg.account_id)
             if acct is not None:
                 acct.total_sent += delivered
+        # A first attempt that ended every recipient: the spool may delete the
+        # message without updating and re-checking its recipients' rows.
+        complete = not deferred and not msg.retry
         try:
-            fut = self.spool.record(results, [] if deferred else [msg.id])
+            fut = self.spool.record(results, [] if deferred else [msg.id], complete)
         except Exception:  # not queued (spool closed): repeated after a restart
             release()
             self._busy(-1)

@@ -322,14 +322,17 @@ class Spool:
         """Commit one accepted message with its recipients; return after the commit."""
         await self._submit("accept", msg)
 
-    def record(self, results: Sequence[AttemptResult], finished: Sequence[int] = ()) -> \
-            asyncio.Future[Any]:
+    def record(self, results: Sequence[AttemptResult], finished: Sequence[int] = (),
+               complete: bool = False) -> asyncio.Future[Any]:
         """Queue delivery results for the next commit; resolves to the message ids removed.
 
         ``finished`` are candidates: a message is removed only if none of its
-        recipients is still queued or deferred.
+        recipients is still queued or deferred. ``complete`` is the caller's
+        word that ``results`` answer every pending recipient of the finished
+        messages, all finally (a first attempt that ended them all): their
+        rows are then deleted without being updated and checked first.
         """
-        return self._submit("record", (list(results), list(finished)))
+        return self._submit("record", (list(results), list(finished), complete))
 
     async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run ``fn`` inside the next group transaction (own savepoint); return its value."""
@@ -488,17 +491,35 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
             "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
             [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
         )
-    for n, (results_of_op, finished) in records:
+    if records:
+        # One savepoint for all of them; only if one fails, again one by one,
+        # so that a failing record does not take the others down with it.
+        conn.execute("SAVEPOINT ops")
+        try:
+            done = [_apply_record(conn, *payload) for _n, payload in records]
+        except Exception:
+            conn.execute("ROLLBACK TO ops")
+            conn.execute("RELEASE ops")
+            _apply_one_by_one(conn, records, results, errors)
+        else:
+            conn.execute("RELEASE ops")
+            for (n, _payload), removed in zip(records, done, strict=True):
+                results[n] = removed
+    if commit:
+        conn.execute("COMMIT")
+
+
+def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
+                      results: dict[int, Any], errors: dict[int, BaseException]) -> None:
+    for n, payload in records:
         conn.execute("SAVEPOINT op")
         try:
-            results[n] = _apply_record(conn, results_of_op, finished)
+            results[n] = _apply_record(conn, *payload)
             conn.execute("RELEASE op")
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             errors[n] = exc
-    if commit:
-        conn.execute("COMMIT")
 
 
 def _insert_large(conn: sqlite3.Connection, m: NewMessage) -> None:
@@ -536,15 +557,16 @@ def _read_large(conn: sqlite3.Connection, message_id: int) -> bytes | None:
 
 
 def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
-                  finished: list[int]) -> list[int]:
+                  finished: list[int], complete: bool = False) -> list[int]:
     """Store attempts; delete the candidate messages that have no pending recipient."""
-    if results:
+    if results and not complete:
         conn.executemany(
             "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
             " last_code=?, last_error=?, leased=0 WHERE message_id=? AND idx=?",
             [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
              for r in results],
         )
+    if results:
         conn.executemany(
             "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
             " code, text, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -561,6 +583,12 @@ def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
                 [(k, a) for a, k in sent.items()],
             )
     done: list[int] = []
+    if complete:  # every pending recipient was answered finally: no check needed
+        for m in finished:
+            conn.execute("DELETE FROM recipients WHERE message_id=?", (m,))
+            if conn.execute("DELETE FROM messages WHERE id=?", (m,)).rowcount:
+                done.append(m)
+        return done
     for m in finished:
         cur = conn.execute(
             "DELETE FROM messages WHERE id=? AND NOT EXISTS (SELECT 1 FROM recipients"

@@ -58,3 +58,59 @@ async def test_one_batch_applies_accepts_results_and_callbacks_in_order(tmp_path
         assert await spool.load_data(m2.id) == b"y\r\n"
     finally:
         await spool.close()
+
+
+def _result(m: NewMessage, idx: int, outcome: str = "delivered", **kw: object) -> AttemptResult:
+    fields: dict[str, object] = dict(
+        message_id=m.id, idx=idx, recipient=f"r{idx}@dest.test", username="u",
+        domain="example.com", next_hop="h", code=250, text="ok", outcome=outcome, ts=2.0)
+    fields.update(kw)
+    return AttemptResult(**fields)  # type: ignore[arg-type]
+
+
+async def test_complete_record_deletes_the_message_and_logs_every_recipient(
+        tmp_path: Path) -> None:
+    """complete=True (every pending recipient answered finally): message and recipient rows
+    go, the delivery log keeps one row per recipient."""
+    spool = Spool(str(tmp_path / "spool.db"))
+    await spool.open()
+    try:
+        m = _msg(spool, b"x\r\n", rcpts=2)
+        await spool.accept(m)
+        out = await spool.record([_result(m, 0), _result(m, 1, "failed", code=550)], [m.id],
+                                 complete=True)
+        assert out == [m.id]
+        assert await spool.fetchall("SELECT * FROM recipients WHERE message_id=?",
+                                    (m.id,)) == []
+        assert await spool.load_data(m.id) is None
+        rows = await spool.fetchall("SELECT recipient, outcome FROM delivery_log"
+                                    " WHERE message_id=? ORDER BY recipient", (m.id,))
+        assert [tuple(r) for r in rows] == [("r0@dest.test", "delivered"),
+                                            ("r1@dest.test", "failed")]
+    finally:
+        await spool.close()
+
+
+async def test_a_failing_record_does_not_take_the_others_of_its_batch_down(
+        tmp_path: Path) -> None:
+    """Records of one commit share a savepoint; when one fails, the others still commit
+    (applied again one by one) and only the failing one's future fails."""
+    spool = Spool(str(tmp_path / "spool.db"))
+    await spool.open()
+    try:
+        a, b, c = (_msg(spool, b"x\r\n") for _ in range(3))
+        for m in (a, b, c):
+            await spool.accept(m)
+        bad = _result(b, 0, text=None)  # delivery_log.text is NOT NULL
+        out = await asyncio.gather(spool.record([_result(a, 0)], [a.id]),
+                                   spool.record([bad], [b.id]),
+                                   spool.record([_result(c, 0)], [c.id], complete=True),
+                                   return_exceptions=True)
+        assert out[0] == [a.id] and out[2] == [c.id]
+        assert isinstance(out[1], Exception)
+        assert await spool.load_data(b.id) == b"x\r\n"  # untouched, still pending
+        assert await spool.load_data(a.id) is None and await spool.load_data(c.id) is None
+        logged = await spool.fetchall("SELECT message_id FROM delivery_log ORDER BY message_id")
+        assert sorted(r[0] for r in logged) == sorted([a.id, c.id])
+    finally:
+        await spool.close()
