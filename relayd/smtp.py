@@ -39,6 +39,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import inspect
 import ssl
 import time
 from collections.abc import Callable
@@ -416,7 +417,10 @@ class RelaySMTP(_AioSMTP):
                     self._reject(replies.SYNTAX_ERROR, "undecodable argument")
                     continue
                 try:
-                    await getattr(self, name)(arg.strip(" "))
+                    if name in _ASYNC_COMMANDS:
+                        await getattr(self, name)(arg.strip(" "))
+                    else:  # most commands never wait: no coroutine for them
+                        getattr(self, name)(arg.strip(" "))
                 except (_ClientGone, asyncio.CancelledError, ConnectionError):
                     raise
                 except Exception as exc:
@@ -448,7 +452,7 @@ class RelaySMTP(_AioSMTP):
         self._rcpts = []
         self._smtputf8 = False
 
-    async def smtp_EHLO(self, arg: str) -> None:
+    def smtp_EHLO(self, arg: str) -> None:
         """EHLO: advertise extensions."""
         if not arg:
             self._reject(replies.HELO_SYNTAX)
@@ -465,7 +469,7 @@ class RelaySMTP(_AioSMTP):
                                       plaintext_ok=ctx.plaintext_auth.allows(st.peer_ip)),
         ))
 
-    async def smtp_HELO(self, arg: str) -> None:
+    def smtp_HELO(self, arg: str) -> None:
         """HELO: plain SMTP greeting."""
         if not arg:
             self._reject(replies.HELO_SYNTAX_PLAIN)
@@ -475,25 +479,25 @@ class RelaySMTP(_AioSMTP):
         self._reset_transaction()
         self._emit(replies.helo_ok(self.ctx.hostname))
 
-    async def smtp_NOOP(self, arg: str) -> None:
+    def smtp_NOOP(self, arg: str) -> None:
         """NOOP."""
         self._emit(replies.NOOP_OK)
 
-    async def smtp_RSET(self, arg: str) -> None:
+    def smtp_RSET(self, arg: str) -> None:
         """RSET: abort the transaction."""
         self._reset_transaction()
         self._emit(replies.RSET_OK)
 
-    async def smtp_QUIT(self, arg: str) -> None:
+    def smtp_QUIT(self, arg: str) -> None:
         """QUIT."""
         self._emit(replies.BYE)
         self._closing = True
 
-    async def smtp_VRFY(self, arg: str) -> None:
+    def smtp_VRFY(self, arg: str) -> None:
         """VRFY: never confirms addresses."""
         self._emit(replies.VRFY_CANNOT)
 
-    async def smtp_HELP(self, arg: str) -> None:
+    def smtp_HELP(self, arg: str) -> None:
         """HELP."""
         self._emit(replies.HELP)
 
@@ -683,7 +687,7 @@ class RelaySMTP(_AioSMTP):
         return acct
 
     # -- the mail transaction ------------------------------------------------------
-    async def smtp_MAIL(self, arg: str) -> None:
+    def smtp_MAIL(self, arg: str) -> None:
         """MAIL FROM: sender checks, queue room, size."""
         st = self.state
         ctx = self.ctx
@@ -732,7 +736,7 @@ class RelaySMTP(_AioSMTP):
         self._rcpts = []
         self._emit(replies.MAIL_OK)
 
-    async def smtp_RCPT(self, arg: str) -> None:
+    def smtp_RCPT(self, arg: str) -> None:
         """RCPT TO: add a recipient."""
         if self._mail_from is None:
             self._reject(replies.NEED_MAIL)
@@ -908,3 +912,6 @@ def _clean(text: str) -> str:
 RelaySMTP._COMMANDS = {
     name[5:]: name for name in dir(RelaySMTP) if name.startswith("smtp_")
 }
+_ASYNC_COMMANDS = frozenset(
+    name for name in RelaySMTP._COMMANDS.values()
+    if inspect.iscoroutinefunction(getattr(RelaySMTP, name)))
