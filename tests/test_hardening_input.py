@@ -314,3 +314,12 @@ def test_long_line_check_matches_a_line_split() -> None:
                  for _ in range(rng.randint(0, 6))]
         data = b"\r\n".join(lines) + (b"\r\n" if rng.random() < 0.8 else b"")
         assert has_long_line(data) == reference(data), [len(x) for x in lines]
+    # Long mail of short lines with one line near the limit somewhere (the strided scan).
+    for _ in range(3000):
+        lines = [b"y" * rng.randint(0, 120) for _ in range(rng.randint(0, 60))]
+        if lines and rng.random() < 0.7:
+            at = rng.randrange(len(lines))
+            lines[at] = (b"." if rng.random() < 0.5 else b"") + b"z" * rng.choice(
+                [996, 997, 998, 999, 1000, 1001, 1500])
+        data = b"\r\n".join(lines) + (b"\r\n" if rng.random() < 0.8 else b"")
+        assert has_long_line(data) == reference(data), [len(x) for x in lines]
