@@ -276,7 +276,7 @@ class Relay:
         row = await self.spool.fetchone(
             "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")
         counts["deferred"] = int(row[0]) if row else 0
-        size = _spool_size(self.cfg.database_path)
+        size = _spool_size(self.cfg.database_path, self.spool.bodies.dir)
         return schemas.Status(
             version=VERSION, uptime_seconds=time.monotonic() - self.started,
             listeners=self.listeners, queue=counts,
@@ -514,12 +514,16 @@ def _prepare_data_dir(path: str) -> None:
                 p.chmod(mode & ~0o027)
 
 
-def _spool_size(db_path: str) -> int:
-    """Bytes used by the database and its WAL (a few stat calls)."""
+def _spool_size(db_path: str, bodies_dir: str) -> int:
+    """Bytes used by the database, its WAL and the files of large messages."""
     size = 0
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(OSError):
             size += os.path.getsize(db_path + suffix)
+    with contextlib.suppress(OSError), os.scandir(bodies_dir) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                size += entry.stat().st_size
     return size
 
 

@@ -10,6 +10,14 @@ message, so a ``250`` is never sent for mail that is not on disk.
 Two aiosqlite connections: the writer (one transaction at a time) and a
 reader for queries (WAL lets it read while the writer commits).
 
+Large message data (over ``EXTERNAL_MIN``) lives in files beside the database
+(``<name>.bodies/<id>``, see :class:`_Bodies`), the way an MTA keeps queue
+files: SQLite would write it twice (WAL, then checkpoint), walk its overflow
+pages again to free them, and fsync it twice. The file is written and fsynced
+(and its directory) before the commit of its row, so a committed message
+always has its data; a file whose row never committed or is gone is removed
+after the commit that deleted the row, or at the next start.
+
 Message ids are 64-bit integers made from the clock in microseconds and a
 counter (unique across restarts while the clock does not go back by more than
 the restart takes); on the wire and in the CLI they are 16 hex digits.
@@ -22,6 +30,7 @@ See also: relayd.scheduler (reads and updates the queues), relayd.lifecycle.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -32,11 +41,14 @@ import aiosqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-#: Messages larger than this are written and read with blob I/O (see _insert_large).
+#: Messages larger than this were written and read with blob I/O (see _insert_large);
+#: rows stored that way by an earlier version are still read so.
 BLOB_STREAM_MIN = 256 * 1024
 BLOB_CHUNK = 1024 * 1024
+#: Messages larger than this are stored in a file of their own (see _Bodies).
+EXTERNAL_MIN = BLOB_STREAM_MIN
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -118,6 +130,10 @@ MIGRATIONS: dict[int, str] = {
     # makes leased recipients due at once (Scheduler.start).
     2: """
     ALTER TABLE recipients ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;
+    """,
+    # Data in a file of its own (``data`` is empty): see _Bodies.
+    3: """
+    ALTER TABLE messages ADD COLUMN external INTEGER NOT NULL DEFAULT 0;
     """,
 }
 
@@ -237,6 +253,7 @@ class Spool:
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self.ids = IdAllocator()
+        self.bodies = _Bodies(os.path.splitext(path)[0] + ".bodies")
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -247,6 +264,7 @@ class Spool:
             await self._w.execute("PRAGMA synchronous=FULL")
             await self._w.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
+            await _in_thread(self._w, self.bodies.open, _raw(self._w))
             self._r = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
             await self._r.execute("PRAGMA query_only=ON")
             async with self._w.execute("SELECT COALESCE(MAX(id), 0) FROM messages") as cur:
@@ -380,7 +398,7 @@ class Spool:
                     records.append((n, op.payload))
                 elif op.kind == "call":
                     await _in_thread(db, _apply_plain, _raw(db), accepts, records, results,
-                                     errors, not begun, False)
+                                     errors, not begun, False, self.bodies)
                     begun, accepts, records = True, [], []
                     await db.execute("SAVEPOINT op")
                     try:
@@ -391,12 +409,15 @@ class Spool:
                         await db.execute("RELEASE op")
                         errors[n] = exc
             await _in_thread(db, _apply_plain, _raw(db), accepts, records, results, errors,
-                             not begun, True)
+                             not begun, True, self.bodies)
+            if begun and self.bodies.ids:  # a lifecycle call may have purged messages
+                await _in_thread(db, self.bodies.reconcile, _raw(db))
         except Exception as exc:
             try:
                 await db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            await _in_thread(db, self.bodies.rolled_back)
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(SpoolError(f"commit failed: {exc}"))
@@ -427,7 +448,8 @@ class Spool:
     async def load_data(self, message_id: int) -> bytes | None:
         """The stored data of a message, or None if it is gone (one copy: blob I/O)."""
         assert self._r is not None
-        return await _in_thread(self._r, _read_data_of, _raw(self._r), message_id)
+        return await _in_thread(self._r, _read_data_of, _raw(self._r), message_id,
+                                self.bodies.dir)
 
     async def pending_messages(self) -> list[StoredMessage]:
         """Every stored message with its recipients that are not final (for start-up)."""
@@ -469,24 +491,26 @@ async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any)
 
 def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessage],
                  records: list[tuple[int, Any]], results: dict[int, Any],
-                 errors: dict[int, BaseException], begin: bool, commit: bool) -> None:
+                 errors: dict[int, BaseException], begin: bool, commit: bool,
+                 bodies: _Bodies) -> None:
     """On the database thread: BEGIN, insert accepted messages, store delivery results, COMMIT."""
     conn = conn_of()
     if begin:
         conn.execute("BEGIN IMMEDIATE")
     if msgs:
+        large = [m for m in msgs if len(m.data) > EXTERNAL_MIN]
+        if large:
+            bodies.write(large)  # files and directory on disk before the rows commit
         conn.executemany(
             "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
-            " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,?)",
+            " size, is_bounce, data, external) VALUES (?,?,?,?,?,?,?,?,?,?)",
             [
                 (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
-                 len(m.data), int(m.is_bounce), m.data)
-                for m in msgs if len(m.data) <= BLOB_STREAM_MIN
+                 len(m.data), int(m.is_bounce), m.data if len(m.data) <= EXTERNAL_MIN else b"",
+                 int(len(m.data) > EXTERNAL_MIN))
+                for m in msgs
             ],
         )
-        for m in msgs:
-            if len(m.data) > BLOB_STREAM_MIN:
-                _insert_large(conn, m)
         conn.executemany(
             "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
             [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
@@ -505,8 +529,11 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
             conn.execute("RELEASE ops")
             for (n, _payload), removed in zip(records, done, strict=True):
                 results[n] = removed
+        if bodies.ids:
+            bodies.deleted([m for n, _p in records for m in results.get(n) or ()])
     if commit:
         conn.execute("COMMIT")
+        bodies.committed()
 
 
 def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
@@ -522,29 +549,106 @@ def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
             errors[n] = exc
 
 
-def _insert_large(conn: sqlite3.Connection, m: NewMessage) -> None:
-    """Insert a large message: a zeroblob row, then the data written into it in pieces.
+def _read_data_of(conn_of: Callable[[], sqlite3.Connection], message_id: int,
+                  bodies_dir: str) -> bytes | None:
+    """On the reader's thread: the data from its file, or with blob I/O (_read_large)."""
+    conn = conn_of()
+    row = conn.execute("SELECT external FROM messages WHERE id=?", (message_id,)).fetchone()
+    if row is None:
+        return None
+    if row[0]:
+        try:
+            with open(os.path.join(bodies_dir, str(message_id)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None  # deleted after our read of the row: purged or delivered meanwhile
+    return _read_large(conn, message_id)
 
-    Binding the data as a parameter would make SQLite copy it twice (the bound
-    value and the record built from it): +2x the message size in memory. Blob
-    I/O writes straight into the pages.
+
+class _Bodies:
+    """The files of large messages: ``<dir>/<message id>``, used only on the writer's thread.
+
+    ``ids`` are the committed messages that have a file. Written files join
+    them at the commit of their rows; a rollback removes them. A file is
+    removed after the commit that deleted its row: delivery results say which
+    rows they deleted; after a lifecycle call (a purge), ``reconcile`` checks.
     """
-    size = len(m.data)
-    conn.execute(
-        "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
-        " size, is_bounce, data) VALUES (?,?,?,?,?,?,?,?,zeroblob(?))",
-        (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at, size,
-         int(m.is_bounce), size),
-    )
-    view = memoryview(m.data)
-    with conn.blobopen("messages", "data", m.id) as blob:
-        for start in range(0, size, BLOB_CHUNK):
-            blob.write(view[start:start + BLOB_CHUNK])
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.ids: set[int] = set()
+        self._written: list[int] = []  # files of rows not committed yet
+        self._gone: list[int] = []  # files of rows deleted, not committed yet
+
+    def path(self, message_id: int) -> str:
+        return os.path.join(self.dir, str(message_id))
+
+    def open(self, conn_of: Callable[[], sqlite3.Connection]) -> None:
+        """At start: the directory (0750), the ids with a file, and no file left over."""
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        rows = conn_of().execute("SELECT id FROM messages WHERE external=1").fetchall()
+        self.ids = {int(r[0]) for r in rows}
+        for name in os.listdir(self.dir):
+            if not (name.isdigit() and int(name) in self.ids):
+                _unlink(os.path.join(self.dir, name))  # a crash before its row committed
+
+    def write(self, msgs: list[NewMessage]) -> None:
+        """Write, fsync and close each file, then fsync the directory (new entries)."""
+        for m in msgs:
+            fd = os.open(self.path(m.id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o640)
+            self._written.append(m.id)
+            try:
+                view = memoryview(m.data)
+                while view:
+                    view = view[os.write(fd, view[:BLOB_CHUNK]):]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def deleted(self, message_ids: Iterable[int]) -> None:
+        """Rows deleted in the open transaction (files go after its commit)."""
+        self._gone.extend(m for m in message_ids if m in self.ids)
+
+    def committed(self) -> None:
+        self.ids.update(self._written)
+        self._written.clear()
+        for m in self._gone:
+            self.ids.discard(m)
+            _unlink(self.path(m))
+        self._gone.clear()
+
+    def rolled_back(self) -> None:
+        for m in self._written:
+            _unlink(self.path(m))
+        self._written.clear()
+        self._gone.clear()
+
+    def reconcile(self, conn_of: Callable[[], sqlite3.Connection]) -> None:
+        """After a commit with lifecycle calls: remove the files whose rows are gone."""
+        known = sorted(self.ids)
+        kept: set[int] = set()
+        conn = conn_of()
+        for start in range(0, len(known), 500):
+            part = known[start:start + 500]
+            marks = ",".join("?" * len(part))
+            kept.update(int(r[0]) for r in conn.execute(
+                f"SELECT id FROM messages WHERE id IN ({marks})", part))  # noqa: S608
+        for m in self.ids - kept:
+            _unlink(self.path(m))
+        self.ids = kept
 
 
-def _read_data_of(conn_of: Callable[[], sqlite3.Connection], message_id: int) -> bytes | None:
-    """On the reader's thread: see _read_large."""
-    return _read_large(conn_of(), message_id)
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _read_large(conn: sqlite3.Connection, message_id: int) -> bytes | None:

@@ -4,11 +4,13 @@ end of DATA gets 451 4.3.0 (never 250), and the relay recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import pytest
 
+from relayd.spool import EXTERNAL_MIN
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 
@@ -75,7 +77,9 @@ async def test_failed_commit_gets_451_and_the_relay_recovers(relay: RelayHandle,
     next message is accepted and delivered, and the refused one never is."""
     raw = await _session(relay)
     await _cap_database(relay, 0)
-    big = message("lost", body="z" * 70 + "\r\n") * 4000  # ~400 kB: needs new pages
+    # ~200 kB: stored in the database (below EXTERNAL_MIN), so it needs new pages
+    big = message("lost", body="z" * 70 + "\r\n") * 1200
+    assert len(big) < EXTERNAL_MIN
     for _ in range(3):
         assert await _send(raw, "full@dest.test", big) == "451 4.3.0 Local error in processing"
     await _cap_database(relay, None)
@@ -83,4 +87,35 @@ async def test_failed_commit_gets_451_and_the_relay_recovers(relay: RelayHandle,
     got = await sink.wait_for(1)
     await asyncio.sleep(0.5)
     assert [m.rcpt_tos for m in got] == [["after@dest.test"]]
+    raw.close()
+
+
+async def test_failed_body_file_write_gets_451_and_leaves_no_file(relay: RelayHandle,
+                                                                  sink: Sink) -> None:
+    """A large message whose file cannot be written (here: the bodies directory is not
+    one) gets 451 4.3.0, never 250, and leaves nothing behind; once the directory is
+    back, the next large message is accepted, stored as a file, delivered, and its file
+    removed after delivery."""
+    raw = await _session(relay)
+    bodies = Path(relay.relay.spool.bodies.dir)
+    big = message("big", body="b" * 70 + "\r\n") * 5000  # ~800 kB: a file of its own
+    assert len(big) > EXTERNAL_MIN
+    moved = bodies.with_name("moved-away")
+    bodies.rename(moved)
+    bodies.write_bytes(b"")  # in the way: os.open(bodies/<id>) fails with ENOTDIR
+    try:
+        assert await _send(raw, "lost@dest.test", big) == "451 4.3.0 Local error in processing"
+    finally:
+        bodies.unlink()
+        moved.rename(bodies)
+    assert list(bodies.iterdir()) == []
+    assert (await _send(raw, "kept@dest.test", big)).startswith("250 2.0.0 Ok: ")
+    [got] = await sink.wait_for(1)
+    assert got.rcpt_tos == ["kept@dest.test"]
+    assert got.data.rstrip(b"\r\n").endswith(big.rstrip(b"\r\n")[-1000:])
+    for _ in range(100):  # removed after the commit of the delivery result
+        if not list(bodies.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert list(bodies.iterdir()) == []
     raw.close()

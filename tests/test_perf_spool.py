@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
-from relayd.spool import BLOB_STREAM_MIN, AttemptResult, NewMessage, Spool
+from relayd.spool import BLOB_STREAM_MIN, EXTERNAL_MIN, AttemptResult, NewMessage, Spool
 
 
 def _msg(spool: Spool, data: bytes, rcpts: int = 1) -> NewMessage:
@@ -112,5 +113,48 @@ async def test_a_failing_record_does_not_take_the_others_of_its_batch_down(
         assert await spool.load_data(a.id) is None and await spool.load_data(c.id) is None
         logged = await spool.fetchall("SELECT message_id FROM delivery_log ORDER BY message_id")
         assert sorted(r[0] for r in logged) == sorted([a.id, c.id])
+    finally:
+        await spool.close()
+
+
+async def test_large_data_lives_in_a_file_until_its_row_is_gone(tmp_path: Path) -> None:
+    """Over EXTERNAL_MIN the data is a file beside the database (the row keeps no data);
+    the file goes after the commit that deletes the row: by a delivery result, or by a
+    lifecycle purge; a file whose row never committed is removed at the next open."""
+    path = str(tmp_path / "spool.db")
+    spool = Spool(path)
+    await spool.open()
+    bodies = tmp_path / "spool.bodies"
+    try:
+        data = os.urandom(EXTERNAL_MIN + 1)
+        delivered, purged, kept = (_msg(spool, data) for _ in range(3))
+        for m in (delivered, purged, kept):
+            await spool.accept(m)
+        assert sorted(p.name for p in bodies.iterdir()) == sorted(
+            str(m.id) for m in (delivered, purged, kept))
+        assert oct(bodies.stat().st_mode & 0o777) == "0o750"
+        row = await spool.fetchone("SELECT external, length(data), size FROM messages"
+                                   " WHERE id=?", (kept.id,))
+        assert tuple(row) == (1, 0, len(data))
+        assert await spool.load_data(kept.id) == data
+
+        assert await spool.record([_result(delivered, 0)], [delivered.id],
+                                  complete=True) == [delivered.id]
+        assert not (bodies / str(delivered.id)).exists()
+
+        async def purge(db: Any) -> None:
+            await db.execute("DELETE FROM recipients WHERE message_id=?", (purged.id,))
+            await db.execute("DELETE FROM messages WHERE id=?", (purged.id,))
+
+        await spool.write(purge)
+        assert sorted(p.name for p in bodies.iterdir()) == [str(kept.id)]
+    finally:
+        await spool.close()
+    (bodies / "12345").write_bytes(b"left by a crash before its row committed")
+    spool = Spool(path)
+    await spool.open()
+    try:
+        assert sorted(p.name for p in bodies.iterdir()) == [str(kept.id)]
+        assert await spool.load_data(kept.id) == data
     finally:
         await spool.close()

@@ -26,7 +26,8 @@ def _rows(db: Path, sql: str) -> list[tuple]:
 
 
 async def test_schema_1_spool_migrates_and_keeps_its_mail(tmp_path: Path) -> None:
-    """A version-1 spool opens as version 2 with the lease column and its message intact."""
+    """A version-1 spool opens at the current version (lease column, external-data column)
+    with its message intact and read from the database."""
     path = tmp_path / "spool.db"
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[1] + "PRAGMA user_version=1;")
@@ -45,10 +46,12 @@ async def test_schema_1_spool_migrates_and_keeps_its_mail(tmp_path: Path) -> Non
         [stored] = await spool.pending_messages()
         [rcpt] = stored.recipients
         leased = await spool.fetchone("SELECT leased FROM recipients WHERE message_id=7")
+        external = await spool.fetchone("SELECT external FROM messages WHERE id=7")
         data = await spool.load_data(7)
     finally:
         await spool.close()
-    assert SCHEMA_VERSION == 2 and version[0] == 2
+    assert SCHEMA_VERSION == 3 and version[0] == 3
+    assert external[0] == 0
     assert (rcpt.rcpt, rcpt.status, rcpt.attempts, rcpt.next_attempt) == \
         ("r@dest.test", "deferred", 2, 123.0)
     assert leased[0] == 0
