@@ -91,6 +91,7 @@ class QMsg:
     is_bounce: bool = False
     data: bytes | None = None
     retry: bool = False
+    size: int = 0  # of the data: what loading it for an attempt costs in memory
 
 
 @dataclass(slots=True)
@@ -131,6 +132,8 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._cache_budget = data_cache_bytes
         self._cache_used = 0
+        self._loaded_bytes = 0  # data loaded from the spool for running attempts
+        self._load_waiters: list[asyncio.Future[None]] = []
         self._stopping = False
         self._running_attempts = 0  # attempts running, and results not committed yet
         self._idle = asyncio.Event()
@@ -162,7 +165,7 @@ class Scheduler:
             self._cache_used += len(data)
         q = QMsg(msg.id, msg.account_id, msg.username, msg.domain, msg.sender,
                  msg.received_at, {i: (r, 0) for i, r in enumerate(msg.recipients)},
-                 msg.is_bounce, data)
+                 msg.is_bounce, data, size=len(msg.data))
         self._live.setdefault(msg.account_id, set()).add(msg.id)
         self._push(q)
 
@@ -277,7 +280,7 @@ class Scheduler:
             deferred = [r for r in sm.recipients if r.status == "deferred"]
             if queued and not deferred:
                 self._push(QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
-                                sm.received_at, queued, sm.is_bounce))
+                                sm.received_at, queued, sm.is_bounce, size=sm.size))
             elif queued:
                 requeue_as_retry.append(sm.id)
         if requeue_as_retry:
@@ -411,7 +414,7 @@ class Scheduler:
     async def _dispatch_due(self, now: float) -> None:
         rows = await self.spool.fetchall(
             "SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id, m.username,"
-            " m.domain, m.sender, m.received_at, m.is_bounce FROM recipients r"
+            " m.domain, m.sender, m.received_at, m.is_bounce, m.size FROM recipients r"
             " JOIN messages m ON m.id = r.message_id"
             " WHERE r.status='deferred' AND r.next_attempt <= ? ORDER BY r.next_attempt"
             " LIMIT 500", (now,))
@@ -420,7 +423,7 @@ class Scheduler:
             q = msgs.get(r[0])
             if q is None:
                 q = msgs[r[0]] = QMsg(r[0], r[4], r[5], r[6], r[7], r[8], {}, bool(r[9]),
-                                      retry=True)
+                                      retry=True, size=r[10])
             q.rcpts[r[1]] = (r[2], r[3])
         lease = now + RETRY_LEASE_SECONDS
         if rows:
@@ -470,10 +473,40 @@ class Scheduler:
             msg.data = None
         if msg.id not in self._live.get(msg.account_id, ()):
             return  # purged after it was dispatched
+        loaded = 0
         if data is None:
-            data = await self.spool.load_data(msg.id)
+            # Data loaded for attempts stays within a byte budget (one message always
+            # fits): a backlog of large mail does not load 20 of them at once.
+            loaded = msg.size
+            await self._take_load_room(loaded)
+            try:
+                data = await self.spool.load_data(msg.id)
+            finally:
+                if data is None:
+                    self._give_load_room(loaded)
             if data is None:
                 return  # purged meanwhile
+        try:
+            await self._attempt_with(msg, data)
+        finally:
+            if loaded:
+                self._give_load_room(loaded)
+
+    async def _take_load_room(self, size: int) -> None:
+        while self._loaded_bytes and self._loaded_bytes + size > self._cache_budget:
+            waiter = asyncio.get_running_loop().create_future()
+            self._load_waiters.append(waiter)
+            await waiter
+        self._loaded_bytes += size
+
+    def _give_load_room(self, size: int) -> None:
+        self._loaded_bytes -= size
+        waiters, self._load_waiters = self._load_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _attempt_with(self, msg: QMsg, data: bytes) -> None:
         if self.events is not None:
             self.events.in_flight(1)
         started = time.perf_counter()

@@ -11,6 +11,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from relayd.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 
 
@@ -269,3 +270,38 @@ async def test_domain_delete_counts_only_held_mail(relay: RelayHandle, sink: Sin
     await relay.ctl.ok("POST", "/v1/queue/retry", {})
     [got] = await sink.wait_for(1)
     assert got.rcpt_tos == ["m0@dest.test"]
+
+
+async def test_data_loaded_for_attempts_stays_within_its_byte_budget(
+        relay_factory: RelayFactory) -> None:
+    """Messages too large for the in-memory cache are loaded from the spool for their
+    attempt; with a budget for one such message, only one is out at a time however many
+    workers there are, and all of them are delivered in the end."""
+    gated = GatedSink()
+    await gated.start()
+    relay = await relay_factory({"delivery": {"connections_per_host": 4}},
+                                smarthost=gated.address)
+    sched = relay.relay.scheduler
+    await relay.ctl.add_domain("example.com")
+    user, pw = await relay.ctl.add_user()
+    c = await relay.client(user, pw)
+    body = "L" * 70 + "\r\n"
+    big = message("big", body=body * 4000)  # ~290 kB: above DATA_CACHE_MAX_MESSAGE
+    assert len(big) > DATA_CACHE_MAX_MESSAGE
+    sched._cache_budget = len(big) + len(big) // 2  # room for one loaded message only
+    for i in range(3):
+        await c.sendmail("app@example.com", [f"b{i}@dest.test"], big)
+    await c.quit()
+    await gated.wait(lambda: gated.waiting == 1)
+    await asyncio.sleep(0.3)  # three workers are free: only the budget holds them back
+    assert gated.waiting == 1 and 0 < sched._loaded_bytes <= sched._cache_budget
+    gated.gate.set()
+    await gated.wait(lambda: len(gated.delivered) == 3)
+    assert sorted(gated.delivered) == ["b0@dest.test", "b1@dest.test", "b2@dest.test"]
+    await until(lambda: _async(sched._loaded_bytes), 0)
+    assert gated.server is not None
+    gated.server.close()
+
+
+async def _async(value: int) -> int:
+    return value
