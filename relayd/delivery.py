@@ -46,6 +46,26 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class BodyFile:
+    """A message's data in its spool file (relayd.spool keeps large messages so)."""
+
+    path: str
+    size: int
+
+    def read(self) -> bytes:
+        """The data (blocking: call from a thread)."""
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def body_file_error(exc: OSError) -> str:
+    """The deferral text when a spool file cannot be read (purged meanwhile, or I/O)."""
+    if isinstance(exc, FileNotFoundError):
+        return "message data is gone (purged or delivered meanwhile)"
+    return _clean(f"cannot read the message data: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True, slots=True)
 class Hop:
     """A next hop and how to talk to it."""
 
@@ -612,10 +632,19 @@ class Deliverer:
         return p
 
     async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
-                   data: bytes) -> list[RcptReply]:
-        """Deliver one message to the given recipients at one hop (in an agent, if any)."""
+                   data: bytes | BodyFile) -> list[RcptReply]:
+        """Deliver one message to the given recipients at one hop (in an agent, if any).
+
+        ``data`` may be a :class:`BodyFile`: the agent reads it itself (the main
+        process never holds a large message it only forwards).
+        """
         if self.agents is not None:
             return await self.agents.send(hop, sender, rcpts, data)
+        if isinstance(data, BodyFile):
+            try:
+                data = await asyncio.to_thread(data.read)
+            except OSError as exc:
+                return [RcptReply(None, body_file_error(exc)) for _ in rcpts]
         return await self.pool(hop).send(sender, rcpts, data)
 
     @property

@@ -49,7 +49,7 @@ import msgspec
 from relayd.config import DeliveryConfig
 
 if TYPE_CHECKING:
-    from relayd.delivery import Hop, RcptReply
+    from relayd.delivery import BodyFile, Hop, RcptReply
 
 _LEN = 4
 _DIRECT = 64 * 1024  # pieces this large are written alone, not joined into a frame
@@ -78,7 +78,8 @@ class Job(msgspec.Struct, array_like=True, tag=2):
     password: str
     sender: str
     rcpts: list[str]
-    size: int  # the message data follows the frame: this many raw bytes
+    size: int  # the message data follows the frame: this many raw bytes...
+    path: str = ""  # ...unless it is in this spool file, which the child reads itself
 
 
 class Close(msgspec.Struct, array_like=True, tag=3):
@@ -345,7 +346,7 @@ class AgentPool:
         return sum(a.opened_before + a.opened for a in self._agents)
 
     async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
-                   data: bytes) -> list[RcptReply]:
+                   data: bytes | BodyFile) -> list[RcptReply]:
         """One transaction at one hop, run by a child; one reply per recipient."""
         from relayd.delivery import RcptReply
 
@@ -382,14 +383,18 @@ class AgentPool:
         return True
 
     def _submit(self, agent: _Agent, hop: Hop, sender: str, rcpts: Sequence[str],
-                data: bytes, done: Callable[[list[RcptReply]], None]) -> int:
+                data: bytes | BodyFile, done: Callable[[list[RcptReply]], None]) -> int:
         side = agent.side
         assert side is not None
         self._ids += 1
         job_id = self._ids
         agent.pending[job_id] = (done, len(rcpts))
-        side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                      sender, list(rcpts), len(data)), data)
+        if isinstance(data, bytes):
+            side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
+                          sender, list(rcpts), len(data)), data)
+        else:  # a BodyFile: the child reads it
+            side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
+                          sender, list(rcpts), data.size, data.path))
         return job_id
 
     async def close(self) -> None:
@@ -422,7 +427,7 @@ class _ChildSide(_Framed):
         self.closing = asyncio.get_running_loop().create_future()
 
     def tail_size(self, frame: object) -> int:
-        return frame.size if isinstance(frame, Job) else 0
+        return frame.size if isinstance(frame, Job) and not frame.path else 0
 
     def frame_received(self, frame: object, tail: bytes) -> None:
         if isinstance(frame, Job):
@@ -438,13 +443,14 @@ class _ChildSide(_Framed):
             self.closing.set_result(None)
 
     async def _run(self, job: Job, data: bytes) -> None:
-        from relayd.delivery import Hop
+        from relayd.delivery import BodyFile, Hop
 
         assert self.deliverer is not None
         hop = Hop(job.host, job.port, job.tls, job.username, job.password)
         try:
+            body: bytes | BodyFile = BodyFile(job.path, job.size) if job.path else data
             replies = [(r.code, r.text) for r in
-                       await self.deliverer.send(hop, job.sender, job.rcpts, data)]
+                       await self.deliverer.send(hop, job.sender, job.rcpts, body)]
         except Exception as exc:  # a bug must not leave the job unanswered
             replies = [(None, f"delivery agent error: {type(exc).__name__}")] * len(job.rcpts)
         self.send(Result(job.id, replies, self.deliverer.connections_opened))

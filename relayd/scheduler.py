@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from relayd import backoff
 from relayd.accounts import Account, Directory
-from relayd.delivery import Hop, RcptReply
+from relayd.delivery import BodyFile, Hop, RcptReply
 from relayd.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
 from relayd.spool import AttemptResult, NewMessage, Spool, format_id
 
@@ -51,8 +51,8 @@ class Sender(Protocol):
         """Next hops for a recipient domain, best first (may raise RouteError)."""
 
     async def send(self, hop: Hop, sender: str, rcpts: list[str],
-                   data: bytes) -> list[RcptReply]:
-        """One transaction at one hop; a reply per recipient."""
+                   data: bytes | BodyFile) -> list[RcptReply]:
+        """One transaction at one hop; a reply per recipient (a BodyFile: read there)."""
 
 
 class RouteError(Exception):
@@ -474,20 +474,27 @@ class Scheduler:
         if msg.id not in self._live.get(msg.account_id, ()):
             return  # purged after it was dispatched
         loaded = 0
-        if data is None:
+        body: bytes | BodyFile | None = data
+        if body is None:
             # Data loaded for attempts stays within a byte budget (one message always
-            # fits): a backlog of large mail does not load 20 of them at once.
+            # fits): a backlog of large mail does not load 20 of them at once. A
+            # message in a spool file of its own is read by whoever sends it (the
+            # delivery agent), not here; it counts against the same budget.
             loaded = msg.size
             await self._take_load_room(loaded)
             try:
-                data = await self.spool.load_data(msg.id)
+                path = self.spool.body_path(msg.id)
+                if path is not None:
+                    body = BodyFile(path, msg.size)
+                else:
+                    body = await self.spool.load_data(msg.id)
             finally:
-                if data is None:
+                if body is None:
                     self._give_load_room(loaded)
-            if data is None:
+            if body is None:
                 return  # purged meanwhile
         try:
-            await self._attempt_with(msg, data)
+            await self._attempt_with(msg, body)
         finally:
             if loaded:
                 self._give_load_room(loaded)
@@ -506,7 +513,7 @@ class Scheduler:
             if not w.done():
                 w.set_result(None)
 
-    async def _attempt_with(self, msg: QMsg, data: bytes) -> None:
+    async def _attempt_with(self, msg: QMsg, data: bytes | BodyFile) -> None:
         if self.events is not None:
             self.events.in_flight(1)
         started = time.perf_counter()
@@ -533,13 +540,15 @@ class Scheduler:
         self._busy(1)
         self._record(msg, results, self._record_room.release)
 
-    async def _bounce(self, msg: QMsg, data: bytes, results: list[AttemptResult]) -> None:
+    async def _bounce(self, msg: QMsg, data: bytes | BodyFile,
+                      results: list[AttemptResult]) -> None:
         """Queue the DSN for the recipients that failed (if any, and if bounces are on)."""
         failed = [r for r in results if r.outcome == "failed"]
         if failed and self.on_failed is not None:
             # Before the results are committed: a crash in between repeats the
             # attempt (and may send a second DSN) but never loses the bounce.
-            msg.data = data
+            # (a BodyFile is not loaded here: on_failed loads the data from the spool)
+            msg.data = data if isinstance(data, bytes) else None
             try:
                 await self.on_failed(msg, failed)
             except Exception:  # noqa: S110 - a bounce that cannot be queued is logged there
@@ -673,7 +682,8 @@ class Scheduler:
         if deferred:
             self._wake_retry.set()
 
-    async def _transmit(self, msg: QMsg, data: bytes, results: list[AttemptResult]) -> None:
+    async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
+                        results: list[AttemptResult]) -> None:
         """Route the recipients, group them by next hop, send; append one result each."""
         by_domain: dict[str, list[int]] = {}
         for idx, (rcpt, _att) in msg.rcpts.items():

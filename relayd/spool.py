@@ -445,6 +445,10 @@ class Spool:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
+    def body_path(self, message_id: int) -> str | None:
+        """The file holding a committed message's data, if it has one (see _Bodies)."""
+        return self.bodies.path(message_id) if message_id in self.bodies.ids else None
+
     async def load_data(self, message_id: int) -> bytes | None:
         """The stored data of a message, or None if it is gone (one copy: blob I/O)."""
         assert self._r is not None

@@ -206,3 +206,45 @@ async def test_agent_follows_the_daemon(tmp_path: Path, sink: Sink) -> None:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+@AGENTS
+async def test_large_message_goes_from_its_spool_file(relay_factory: RelayFactory, sink: Sink,
+                                                      agents: int) -> None:
+    """A message stored in a file of its own is read from that file by whoever sends it
+    (the agent, or the main process without one): it arrives byte for byte, and the file
+    is gone once the delivery is recorded."""
+    from relayd.spool import EXTERNAL_MIN
+    from tests.conftest import message
+
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    account = await _account(relay)
+    body = "".join(f"line {i:06d} " + "q" * 60 + "\r\n" for i in range(6000))
+    big = message("big", body=body)
+    assert len(big) > EXTERNAL_MIN
+    client = await relay.client(*account)
+    await client.sendmail("app@example.com", ["big@dest.test"], big)
+    await client.quit()
+    [got] = await sink.wait_for(1)
+    assert got.data.endswith(big.split(b"\r\n\r\n", 1)[1])
+    bodies = Path(relay.relay.spool.bodies.dir)
+
+    async def no_files() -> bool | None:
+        return True if not list(bodies.iterdir()) else None
+
+    assert await eventually(no_files)
+
+
+@AGENTS
+async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: RelayFactory,
+                                                             agents: int) -> None:
+    """A spool file that is gone when its transaction starts (purged meanwhile) is a
+    temporary failure with a text saying so, in the agent and in the main process."""
+    from relayd.delivery import BodyFile
+
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    d = relay.relay.deliverer
+    replies = await d.send(d.router.smarthost, "app@example.com", ["a@dest.test", "b@dest.test"],
+                           BodyFile("/nonexistent/relayd-body", 1000))
+    assert [(r.code, r.text) for r in replies] == [
+        (None, "message data is gone (purged or delivered meanwhile)")] * 2
