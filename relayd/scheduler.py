@@ -15,6 +15,11 @@ A delivery worker does not wait for that commit (its pace is the next hop's,
 not fsync's): at most ``RECORDS_PER_WORKER`` results per worker wait for it,
 the message still counts as queued until then, and ``stop`` waits for them.
 
+Fast path: a message whose data is in memory and whose recipients all route
+to one hop without a lookup goes from the dispatcher straight to a delivery
+agent with a callback (``_start_fast``); everything else goes to the workers.
+Data loaded from the spool for attempts stays within a byte budget.
+
 Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 (they run on the SMTP hot path).
 
