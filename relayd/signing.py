@@ -51,7 +51,10 @@ class DkimSigning:
         self._closed = False
 
     async def sign(self, account: Account, data: bytes) -> bytes:
-        """``data`` with the domain's signature header(s) prepended (unchanged if no key)."""
+        """``data`` with the domain's signature header(s) prepended (unchanged if no key).
+
+        ``data`` is a message as relayd.smtp accepts it: CRLF line endings only.
+        """
         signers = account.domain.signers
         if not signers:
             return data
@@ -91,7 +94,7 @@ class DkimSigning:
             done: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
             for loop, fut, signers, data, now in batch:
                 try:
-                    out: Any = dkim.signature_headers(signers, data, now)
+                    out: Any = dkim.signature_headers(signers, data, now, crlf_only=True)
                     ok = True
                 except Exception as exc:  # handed to the session: logged there, 451
                     out, ok = exc, False
