@@ -162,7 +162,9 @@ class Relay:
                                    self.scheduler, log=self.log.info)
         await self.lifecycle.load()
         await self.scheduler.start()
-        self.signer = DkimSigning() if cfg.dkim.enabled else None
+        # With delivery agents, DKIM is signed in them (no GIL shared with this
+        # loop); the local signing thread covers the time no agent runs.
+        self.signer = DkimSigning(remote=self.deliverer.agents) if cfg.dkim.enabled else None
         tls = self._tls = _tls_context(cfg)
         self.ctx = SmtpContext(
             hostname=cfg.server.hostname, directory=self.directory, credentials=self.cache,

@@ -1,4 +1,4 @@
-"""The delivery agent: outbound SMTP transactions in a child process.
+"""The delivery agent: outbound SMTP transactions (and DKIM signing) in a child process.
 
 Owns: running ``Deliverer.send`` (pools, pipelining, TLS, AUTH at the next
 hop) in one or more child processes, so that the outbound SMTP work uses a
@@ -6,6 +6,12 @@ core other than the main event loop's. Everything that decides *whether* and
 *when* a message goes (send queue, sending limits, held mail, retries, spool
 writes, credential invalidation) stays in the main process: a child only
 runs the transaction it is given and answers one reply per recipient.
+
+It also signs: ``Sign`` frames (the message follows as raw bytes) get DKIM
+headers back in ``Signed`` (relayd.signing sends them), with the keys sent
+once per child in ``SignKey`` frames; the child holds no other account or
+domain state, and a key is never used after the main process stops asking
+for it (a deleted domain's mail is refused before it is signed).
 
 Wire: a Unix socketpair per child, frames of a 4-byte big-endian length and a
 msgpack body (msgspec, tagged array-like structs). Parent to child:
@@ -42,7 +48,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -50,6 +56,7 @@ from relayd.config import DeliveryConfig
 
 if TYPE_CHECKING:
     from relayd.delivery import BodyFile, Hop, RcptReply
+    from relayd.dkim import Signer
 
 _LEN = 4
 _DIRECT = 64 * 1024  # pieces this large are written alone, not joined into a frame
@@ -94,7 +101,37 @@ class Result(msgspec.Struct, array_like=True, tag=4):
     opened: int  # connections the child opened since it started
 
 
-ToAgent = Configure | Job | Close
+class SignKey(msgspec.Struct, array_like=True, tag=5):
+    """A DKIM key the child keeps for ``Sign`` jobs (sent once, before its first use)."""
+
+    key_id: int
+    domain: str
+    selector: str
+    pem: bytes
+
+
+class Sign(msgspec.Struct, array_like=True, tag=6):
+    """DKIM signature headers for a message, by these keys, in this order."""
+
+    id: int
+    keys: list[int]
+    now: int
+    size: int  # the message follows the frame: this many raw bytes
+
+
+class Signed(msgspec.Struct, array_like=True, tag=7):
+    """The headers for one ``Sign``, or the error that prevented them."""
+
+    id: int
+    headers: bytes
+    error: str = ""
+
+
+class SigningUnavailable(Exception):
+    """The child died before answering a ``Sign``: sign elsewhere."""
+
+
+ToAgent = Configure | Job | Close | SignKey | Sign
 
 
 class _Framed(asyncio.Protocol):
@@ -207,12 +244,15 @@ class _Framed(asyncio.Protocol):
 
 class _ParentSide(_Framed):
     def __init__(self, agent: _Agent) -> None:
-        super().__init__(Result)
+        super().__init__(Result | Signed)
         self.agent = agent
 
     def frame_received(self, frame: object, tail: bytes) -> None:
-        assert isinstance(frame, Result)
-        self.agent.answered(frame)
+        if isinstance(frame, Result):
+            self.agent.answered(frame)
+        else:
+            assert isinstance(frame, Signed)
+            self.agent.signed(frame)
 
 
 class _Agent:
@@ -225,6 +265,8 @@ class _Agent:
         self.side: _ParentSide | None = None
         # job id -> (who gets the replies, number of recipients)
         self.pending: dict[int, tuple[Callable[[list[RcptReply]], None], int]] = {}
+        self.signing: dict[int, asyncio.Future[bytes]] = {}
+        self.sent_keys: set[int] = set()  # DKIM keys this life of the child has
         self.ready = asyncio.Event()
         self.opened_before = 0  # connections opened by earlier lives of this agent
         self.opened = 0
@@ -249,6 +291,7 @@ class _Agent:
         loop = asyncio.get_running_loop()
         _t, side = await loop.create_unix_connection(lambda: _ParentSide(self), sock=parent)
         self.side = side
+        self.sent_keys = set()
         side.send(Configure(self.pool.child_cfg(), self.pool.helo))
         self.opened_before += self.opened
         self.opened = 0
@@ -294,6 +337,19 @@ class _Agent:
         pending, self.pending = self.pending, {}
         for done, nrcpts in pending.values():
             done([RcptReply(None, text) for _ in range(nrcpts)])
+        signing, self.signing = self.signing, {}
+        for fut in signing.values():
+            if not fut.done():
+                fut.set_exception(SigningUnavailable(text))
+
+    def signed(self, res: Signed) -> None:
+        fut = self.signing.pop(res.id, None)
+        if fut is None or fut.done():
+            return
+        if res.error:
+            fut.set_exception(RuntimeError(f"DKIM signing failed: {res.error}"))
+        else:
+            fut.set_result(res.headers)
 
     def answered(self, res: Result) -> None:
         from relayd.delivery import RcptReply
@@ -397,6 +453,30 @@ class AgentPool:
                           sender, list(rcpts), data.size, data.path))
         return job_id
 
+    def sign(self, signers: Sequence[Signer], data: bytes,
+             now: int) -> asyncio.Future[bytes] | None:
+        """DKIM headers for ``data``, made by a child; None if no child runs now.
+
+        The RSA work then runs in the child's interpreter, not beside the event
+        loop fighting it for the GIL. A key goes to a child once (``SignKey``)
+        before its first use; keys are identified by ``Signer.key_id``, which
+        is never reused, so a rotated key is a new one. The future fails with
+        SigningUnavailable if the child dies first.
+        """
+        agent = min(self._agents, key=lambda a: len(a.pending) + len(a.signing))
+        side = agent.side
+        if not agent.ready.is_set() or side is None:
+            return None
+        for signer in signers:
+            if signer.key_id not in agent.sent_keys:
+                side.send(SignKey(signer.key_id, signer.domain, signer.selector, signer.pem))
+                agent.sent_keys.add(signer.key_id)
+        self._ids += 1
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        agent.signing[self._ids] = fut
+        side.send(Sign(self._ids, [s.key_id for s in signers], now, len(data)), data)
+        return fut
+
     async def close(self) -> None:
         """Ask every child to stop (QUIT its connections) and wait; kill one that hangs."""
         self.closing = True
@@ -425,9 +505,13 @@ class _ChildSide(_Framed):
         self.deliverer: Deliverer | None = None
         self.jobs: set[asyncio.Task[None]] = set()
         self.closing = asyncio.get_running_loop().create_future()
+        self.keys: dict[int, tuple[str, str, bytes]] = {}  # sent, not loaded yet
+        self.signers: dict[int, Any] = {}  # key id -> dkim.Signer, loaded on first use
 
     def tail_size(self, frame: object) -> int:
-        return frame.size if isinstance(frame, Job) and not frame.path else 0
+        if isinstance(frame, Job):
+            return 0 if frame.path else frame.size
+        return frame.size if isinstance(frame, Sign) else 0
 
     def frame_received(self, frame: object, tail: bytes) -> None:
         if isinstance(frame, Job):
@@ -439,8 +523,29 @@ class _ChildSide(_Framed):
                 self.deliverer = self._deliverer_type(frame.cfg, frame.helo)
             else:
                 self.deliverer.cfg = frame.cfg
+        elif isinstance(frame, Sign):
+            self._sign(frame, tail)
+        elif isinstance(frame, SignKey):
+            self.keys[frame.key_id] = (frame.domain, frame.selector, frame.pem)
         elif isinstance(frame, Close) and not self.closing.done():
             self.closing.set_result(None)
+
+    def _sign(self, job: Sign, data: bytes) -> None:
+        """Sign at once, on this loop (one RSA operation, well under a millisecond)."""
+        from relayd import dkim
+
+        try:
+            signers = []
+            for key_id in job.keys:
+                signer = self.signers.get(key_id)
+                if signer is None:
+                    signer = self.signers[key_id] = dkim.Signer(*self.keys.pop(key_id))
+                signers.append(signer)
+            headers = dkim.signature_headers(signers, data, job.now, crlf_only=True)
+        except Exception as exc:  # answered, never left hanging: the session says 451
+            self.send(Signed(job.id, b"", f"{type(exc).__name__}: {exc}"))
+            return
+        self.send(Signed(job.id, headers))
 
     async def _run(self, job: Job, data: bytes) -> None:
         from relayd.delivery import BodyFile, Hop

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -312,6 +313,9 @@ def _fold(parts: list[str], width: int, pieces: Iterable[tuple[str, str]]) -> in
     return width
 
 
+_KEY_IDS = itertools.count(1)
+
+
 class Signer:
     """Signs messages for one domain with one key; build once per key, share across threads."""
 
@@ -323,6 +327,8 @@ class Signer:
         "_prefix_width",
         "algorithm",
         "domain",
+        "key_id",
+        "pem",
         "selector",
     )
 
@@ -331,6 +337,8 @@ class Signer:
         self.domain = _check_domain(domain)
         self.selector = _check_selector(selector)
         self.algorithm, self._key = _load(private_pem)
+        self.pem = private_pem  # to hand the key to a signing process (relayd.signing)
+        self.key_id = next(_KEY_IDS)  # unique in this process, never reused
         self._pad = padding.PKCS1v15()
         self._hash = hashes.SHA256()
         self._prefix = ["DKIM-Signature:"]

@@ -1,17 +1,21 @@
 """DKIM signing at acceptance, off the event loop.
 
-Owns: the threads in which relayd.dkim signs accepted messages, and the
-choice of which domain's signers apply (the account's domain; none once the
-domain is deleted). Signing happens before the spool commit, so what is
-queued is exactly what is delivered.
+Owns: where accepted messages are signed, and the choice of which domain's
+signers apply (the account's domain; none once the domain is deleted).
+Signing happens before the spool commit, so what is queued is exactly what
+is delivered.
 
-Interface cost: a job queued for the signing threads and, per batch of jobs a
-thread took at once, one wake-up of the loop (``call_soon_threadsafe``) that
-resolves all their futures. The RSA operation releases the GIL inside
-OpenSSL, so signing runs beside the loop; the Python around it (canonicalization,
-header folding) holds it. Measured (bench/RESULTS.md): the signature itself
-is ≈ 1.17x the bare RSA operation; every return of a worker to Python waits
-for the busy loop thread to yield the GIL.
+Where: in a delivery agent process when one runs (``remote``, see
+relayd.delivery_agent ``Sign``): its own interpreter, so the RSA work and the
+Python around it never wait for this process's GIL. Measured before that
+(bench/RESULTS.md): with a signing thread here, every return of the thread to
+Python waited for the busy loop thread to yield the GIL, and DKIM cost
+1.2-1.7x the bare RSA operation end to end (S1, S2). When no agent runs
+(``agent_processes = 0``, an agent starting or just died: a ``Sign`` it never
+answered fails with SigningUnavailable) the local signing threads sign: a job
+queued for them and, per batch of jobs a thread took at once, one wake-up of
+the loop (``call_soon_threadsafe``) that resolves all their futures.
+
 Settings read: [dkim] (through the signers built by relayd.lifecycle).
 See also: relayd.dkim (the pure signer), relayd.smtp (calls ``sign``).
 """
@@ -23,14 +27,22 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from relayd import dkim
 from relayd.accounts import Account
+from relayd.delivery_agent import SigningUnavailable
 
 #: Jobs one thread takes at once (each is one RSA operation: ~0.4 ms).
 _BATCH_MAX = 16
+
+class RemoteSigner(Protocol):
+    """Signs in another process (relayd.delivery_agent.AgentPool)."""
+
+    def sign(self, signers: Sequence[dkim.Signer], data: bytes,
+             now: int) -> asyncio.Future[bytes] | None: ...
+
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[bytes]", list[Any], bytes, int]
 _Result = tuple["asyncio.Future[bytes]", Any, bool]
@@ -40,8 +52,10 @@ class DkimSigning:
     """Prepends DKIM-Signature header(s) for the account's domain."""
 
     def __init__(self, threads: int | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 remote: RemoteSigner | None = None) -> None:
         self._clock = clock
+        self._remote = remote
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # One core is the event loop's. On the 2-core bench machine one signing
         # thread beat two in S1 with DKIM (2038/1735 vs 1678/1476 msg/s, less
@@ -60,6 +74,13 @@ class DkimSigning:
             return data
         if self._closed:
             raise RuntimeError("DKIM signing is stopped")
+        if self._remote is not None:
+            remote = self._remote.sign(signers, data, int(self._clock()))
+            if remote is not None:
+                try:
+                    return await remote + data
+                except SigningUnavailable:
+                    pass  # the process died before answering: sign here instead
         if not self._threads:
             self._start()
         loop = asyncio.get_running_loop()

@@ -121,3 +121,51 @@ async def test_deleted_domain_key_no_longer_signs(relay: RelayHandle, sink: Sink
     new_selector = next(r["name"] for r in recs if r["purpose"] == "dkim").split(".")[0]
     assert sig["s"] == new_selector
     assert verifies(data, published(recs), 0)
+
+
+@pytest.mark.parametrize("agents", [0, 1], ids=["local-thread", "agent"])
+async def test_signed_in_the_delivery_agent_when_one_runs(relay_factory: RelayFactory,
+                                                          sink: Sink, agents: int) -> None:
+    """With a delivery agent the RSA work runs in it (the main process starts no signing
+    thread); without one, in the local signing thread; both verify."""
+    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    data, recs = await deliver_one(relay, sink)
+    assert verifies(data, published(recs), 0)
+    signer = relay.relay.signer
+    assert signer is not None
+    assert bool(signer._threads) is (agents == 0)
+
+
+async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
+                                                       sink: Sink) -> None:
+    """A Sign the agent never answers (it was killed) is signed by the local thread: the
+    message is accepted, signed and verifies; later ones go to the restarted agent."""
+    import asyncio
+    import os
+    import signal
+
+    from relayd.delivery_agent import SigningUnavailable
+
+    pool = relay.relay.deliverer.agents
+    assert pool is not None
+    dom = await relay.ctl.add_domain("example.com")
+    user, pw = await relay.ctl.add_user()
+    [agent] = pool._agents
+    assert agent.proc is not None
+    os.kill(agent.proc.pid, signal.SIGSTOP)  # it cannot answer...
+    c = await relay.client(user, pw)
+    send = asyncio.ensure_future(
+        c.sendmail("app@example.com", ["r@dest.test"], message("while dying")))
+    for _ in range(200):  # ...the Sign is out
+        if agent.signing:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.signing
+    waiting = list(agent.signing.values())
+    os.kill(agent.proc.pid, signal.SIGKILL)  # ...and it dies
+    await send
+    await c.quit()
+    assert all(isinstance(f.exception(), SigningUnavailable) for f in waiting)
+    [got] = await sink.wait_for(1)
+    assert verifies(got.data, published(dom["dns_records"]), 0)
+    assert relay.relay.signer is not None and relay.relay.signer._threads
