@@ -41,3 +41,40 @@ async def test_message_in_transmission_is_sent_again_after_a_crash(tmp_path: Pat
     finally:
         assert sink.server is not None
         sink.server.close()
+
+
+async def test_large_message_in_transmission_survives_a_crash(tmp_path: Path) -> None:
+    """kill -9 while a message kept in a spool file of its own (over 256 KiB) is being
+    transmitted: after the restart it arrives byte for byte, and its file is removed once
+    the delivery is recorded."""
+    stall = await StallServer(at_data=True).start()
+    port = stall.port
+    relay = RelayProcess(tmp_path, stall.address,
+                         "[limits]\nmax_queued_per_account = 10\n")
+    await relay.start()
+    body = "".join(f"{i:07d} " + "w" * 70 + "\r\n" for i in range(6000))
+    big = message("large in flight", body)
+    client = await relay.sender()
+    await client.sendmail("app@example.com", ["r@dest.test"], big)
+    await client.quit()
+    await asyncio.wait_for(stall.data_started.wait(), 10)
+    bodies = relay.data / "relayd.bodies"
+    assert len(list(bodies.iterdir())) == 1
+    await relay.kill()
+    await stall.stop()
+
+    sink = await start_sink(port=port)
+    try:
+        await relay.start()
+        [got] = await sink.wait_for(1, timeout=20)
+        assert got.data.endswith(big.split(b"\r\n\r\n", 1)[1])
+        for _ in range(100):
+            if not list(bodies.iterdir()):
+                break
+            await asyncio.sleep(0.05)
+        assert list(bodies.iterdir()) == []
+        assert (await relay.ctl("queue", "list"))["items"] == []
+        assert await relay.terminate() == 0
+    finally:
+        assert sink.server is not None
+        sink.server.close()
