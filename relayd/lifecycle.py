@@ -509,7 +509,7 @@ class Lifecycle:
                 return ids
 
             try:
-                purged_ids = await self.spool.write(op)
+                purged_ids = await self.spool.write(op, deletes_messages=True)
             except Exception:
                 acct.status, acct.disabled_reason, acct.password_hash = saved
                 self.directory.rebuild_networks()
@@ -652,7 +652,7 @@ class Lifecycle:
             await _purge_ids(db, dropped)
             return dropped
 
-        ids = await self.spool.write(op)
+        ids = await self.spool.write(op, deletes_messages=True)
         # forget exactly what left the database (deferred mail included)
         self.scheduler.forget(acct.id, dropped + ids)
         n = len(ids)

@@ -352,9 +352,14 @@ class Spool:
         """
         return self._submit("record", (list(results), list(finished), complete))
 
-    async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` inside the next group transaction (own savepoint); return its value."""
-        result: T = await self._submit("call", fn)
+    async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]], *,
+                    deletes_messages: bool = False) -> T:
+        """Run ``fn`` inside the next group transaction (own savepoint); return its value.
+
+        ``deletes_messages``: ``fn`` may delete message rows (a purge); after
+        the commit, the files of large messages whose rows are gone are removed.
+        """
+        result: T = await self._submit("purge" if deletes_messages else "call", fn)
         return result
 
     async def _writer(self) -> None:
@@ -392,11 +397,13 @@ class Spool:
         errors: dict[int, BaseException] = {}
         records: list[tuple[int, Any]] = []
         begun = False
+        purged = False
         try:
             for n, op in enumerate(batch):
                 if op.kind == "record":
                     records.append((n, op.payload))
-                elif op.kind == "call":
+                elif op.kind in ("call", "purge"):
+                    purged = purged or op.kind == "purge"
                     await _in_thread(db, _apply_plain, _raw(db), accepts, records, results,
                                      errors, not begun, False, self.bodies)
                     begun, accepts, records = True, [], []
@@ -410,7 +417,7 @@ class Spool:
                         errors[n] = exc
             await _in_thread(db, _apply_plain, _raw(db), accepts, records, results, errors,
                              not begun, True, self.bodies)
-            if begun and self.bodies.ids:  # a lifecycle call may have purged messages
+            if purged and self.bodies.ids:  # a purge deleted rows: their files go too
                 await _in_thread(db, self.bodies.reconcile, _raw(db))
         except Exception as exc:
             try:
@@ -575,7 +582,8 @@ class _Bodies:
     ``ids`` are the committed messages that have a file. Written files join
     them at the commit of their rows; a rollback removes them. A file is
     removed after the commit that deleted its row: delivery results say which
-    rows they deleted; after a lifecycle call (a purge), ``reconcile`` checks.
+    rows they deleted; after a purge (``write(..., deletes_messages=True)``),
+    ``reconcile`` checks the known files against the table.
     """
 
     def __init__(self, directory: str) -> None:

@@ -245,6 +245,25 @@ async def test_purging_deferred_mail_frees_the_account_queue(
     assert (await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"] == 0
 
 
+async def test_purging_a_large_message_removes_its_spool_file(
+        relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
+    """A deferred message kept in a file of its own: queue purge removes the file too."""
+    from pathlib import Path
+
+    user, pw = account
+    sink.script.append("451 4.3.0 try later")
+    c = await relay.client(user, pw)
+    await c.sendmail("app@example.com", ["big@dest.test"],
+                     message("big", body=("P" * 70 + "\r\n") * 5000))
+    await c.quit()
+    await until(states(relay, user), ["deferred"])
+    bodies = Path(relay.relay.spool.bodies.dir)
+    assert len(list(bodies.iterdir())) == 1
+    r = await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user, "state": "deferred"})
+    assert r == {"count": 1}
+    assert list(bodies.iterdir()) == []
+
+
 async def test_purge_by_state_leaves_other_states(relay: RelayHandle, sink: Sink,
                                                   account: tuple[str, str]) -> None:
     """queue purge --state queued leaves mail that is waiting for its sending limit."""

@@ -146,7 +146,7 @@ async def test_large_data_lives_in_a_file_until_its_row_is_gone(tmp_path: Path) 
             await db.execute("DELETE FROM recipients WHERE message_id=?", (purged.id,))
             await db.execute("DELETE FROM messages WHERE id=?", (purged.id,))
 
-        await spool.write(purge)
+        await spool.write(purge, deletes_messages=True)
         assert sorted(p.name for p in bodies.iterdir()) == [str(kept.id)]
     finally:
         await spool.close()
