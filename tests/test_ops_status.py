@@ -18,7 +18,7 @@ import pytest
 from relayd.app import VERSION
 from tests.conftest import RelayFactory, RelayHandle, message
 from tests.procs import free_port
-from tests.test_ops_support import Raw
+from tests.rawsmtp import Raw
 from tests.test_relayctl import relayctl
 
 
@@ -31,10 +31,11 @@ async def _status(h: RelayHandle) -> dict[str, Any]:
 
 async def _send(h: RelayHandle, user: str, password: str, n: int) -> None:
     c = await Raw.open(h.host, h.port)
-    assert (await c.login(user, password))[0] == 235
+    assert (await c.login(user, password)).startswith("235 ")
     for i in range(n):
-        assert (await c.send("app@example.com", [f"r{i}@dest.test"], message(f"m{i}")))[0] == 250
-    await c.close()
+        reply = await c.transaction("app@example.com", [f"r{i}@dest.test"], message(f"m{i}"))
+        assert reply.startswith("250 "), reply
+    await c.quit()
 
 
 async def _until(h: RelayHandle, key: str, want: Any, timeout: float = 10.0) -> dict[str, Any]:
@@ -85,7 +86,7 @@ async def test_status_counts_domains_accounts_and_sessions(relay: RelayHandle) -
     await relay.ctl.add_user("example.com")
     c = await Raw.open(relay.host, relay.port)
     st = await _status(relay)
-    await c.close()
+    await c.quit()
     assert (st["domains"], st["accounts"], st["sessions"]) == (1, 2, 1)
 
 

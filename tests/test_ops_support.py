@@ -1,13 +1,12 @@
-"""Helpers for the operations tests: a raw SMTP client and a /metrics scraper.
+"""Helpers for the operations tests: a /metrics scraper, the JSON lines of a relayd log
+and a stand-in for systemd's notify socket.
 
-No tests here. The raw client speaks the protocol line by line, so a test
-controls exactly what is sent when (half a DATA body, then a signal).
+No tests here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -16,71 +15,6 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-
-
-class Raw:
-    """A line-level SMTP client over a real socket."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r = reader
-        self.w = writer
-        self.banner = ""
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Raw:
-        """Connect and read the greeting."""
-        r, w = await asyncio.open_connection(host, port)
-        c = cls(r, w)
-        code, c.banner = await c.reply()
-        assert code == 220, c.banner
-        return c
-
-    async def reply(self, timeout: float = 10.0) -> tuple[int, str]:
-        """One (possibly multi-line) reply: (code, text of the last line)."""
-        while True:
-            line = (await asyncio.wait_for(self.r.readline(), timeout)).decode()
-            if not line:
-                raise ConnectionError("connection closed")
-            if line[3:4] != "-":
-                return int(line[:3]), line.rstrip("\r\n")
-
-    async def cmd(self, line: str) -> tuple[int, str]:
-        """Send one command line and read its reply."""
-        self.w.write(line.encode() + b"\r\n")
-        await self.w.drain()
-        return await self.reply()
-
-    async def write(self, data: bytes) -> None:
-        """Send raw bytes (part of a DATA body)."""
-        self.w.write(data)
-        await self.w.drain()
-
-    async def login(self, username: str, password: str) -> tuple[int, str]:
-        """EHLO and AUTH PLAIN with an initial response."""
-        assert (await self.cmd("EHLO client.test"))[0] == 250
-        blob = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
-        return await self.cmd(f"AUTH PLAIN {blob}")
-
-    async def send(self, sender: str, rcpts: list[str], data: bytes) -> tuple[int, str]:
-        """One transaction after login; returns the reply to the end of DATA."""
-        code, text = await self.cmd(f"MAIL FROM:<{sender}>")
-        assert code == 250, text
-        for rcpt in rcpts:
-            code, text = await self.cmd(f"RCPT TO:<{rcpt}>")
-            assert code == 250, text
-        code, text = await self.cmd("DATA")
-        assert code == 354, text
-        await self.write(data + b"\r\n.\r\n")
-        return await self.reply()
-
-    async def close(self) -> None:
-        """QUIT (if still possible) and close."""
-        try:
-            await self.cmd("QUIT")
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        self.w.close()
-
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -19,7 +19,8 @@ import trustme
 
 from tests.conftest import message, start_sink
 from tests.procs import BASE_TOML, RelayProcess, free_port
-from tests.test_ops_support import NotifySocket, Raw, log_lines
+from tests.rawsmtp import Raw
+from tests.test_ops_support import NotifySocket, log_lines
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ async def test_ready_is_sent_when_the_listeners_accept(
     starting = asyncio.create_task(rp.start())
     await notify.wait_for("READY=1")
     c = await Raw.open("127.0.0.1", rp.port)  # no retry: it must be up already
-    await c.close()
+    await c.quit()
     assert (await rp.ctl("status"))["version"]
     await starting
     assert notify.messages[0] == "READY=1"
@@ -110,12 +111,11 @@ async def test_reload_is_bracketed_by_reloading_and_ready(
 
 async def _rcpts_accepted(c: Raw, n: int) -> int:
     """Start a transaction with ``n`` recipients; how many got 250 (then RSET)."""
-    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
     ok = 0
     for i in range(n):
-        code, _ = await c.cmd(f"RCPT TO:<r{i}@dest.test>")
-        ok += code == 250
-    assert (await c.cmd("RSET"))[0] == 250
+        ok += (await c.cmd(f"RCPT TO:<r{i}@dest.test>")).startswith("250 ")
+    assert (await c.cmd("RSET")).startswith("250 ")
     return ok
 
 
@@ -127,7 +127,7 @@ async def test_reload_applies_new_limits_and_keeps_open_connections(
     await rp.start()
     user, password = await _account(rp)
     old = await Raw.open("127.0.0.1", rp.port)
-    assert (await old.login(user, password))[0] == 235
+    assert (await old.login(user, password)).startswith("235 ")
     assert await _rcpts_accepted(old, 3) == 3
 
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipients = 1\n")
@@ -137,12 +137,13 @@ async def test_reload_applies_new_limits_and_keeps_open_connections(
     assert line["changed"] == ["smtp.max_recipients"]
 
     assert await _rcpts_accepted(old, 3) == 1  # same connection, new limit
-    assert (await old.send("app@example.com", ["x@dest.test"], message()))[0] == 250
+    reply = await old.transaction("app@example.com", ["x@dest.test"], message())
+    assert reply.startswith("250 "), reply
     new = await Raw.open("127.0.0.1", rp.port)
-    assert (await new.login(user, password))[0] == 235
+    assert (await new.login(user, password)).startswith("235 ")
     assert await _rcpts_accepted(new, 3) == 1
-    await old.close()
-    await new.close()
+    await old.quit()
+    await new.quit()
 
 
 async def test_reload_applies_the_per_account_queue_cap(
@@ -153,16 +154,15 @@ async def test_reload_applies_the_per_account_queue_cap(
     await rp.start()
     user, password = await _account(rp)
     c = await Raw.open("127.0.0.1", rp.port)
-    assert (await c.login(user, password))[0] == 235
-    assert (await c.send("app@example.com", ["a@dest.test"], message()))[0] == 250
+    assert (await c.login(user, password)).startswith("235 ")
+    assert (await c.transaction("app@example.com", ["a@dest.test"], message())).startswith("250 ")
 
     rp.config.write_text(BASE_TOML + "[limits]\nmax_queued_per_account = 1\n")
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
     await _wait_log(rp, "reloaded")
-    code, text = await c.cmd("MAIL FROM:<app@example.com>")
-    assert (code, text[4:9]) == (452, "4.3.1")
-    await c.close()
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).startswith("452 4.3.1")
+    await c.quit()
 
 
 async def test_bad_config_on_reload_keeps_the_old_one(
@@ -178,9 +178,9 @@ async def test_bad_config_on_reload_keeps_the_old_one(
     (line,) = await _wait_log(rp, "reload_failed")
     assert "max_recipient" in line["error"]
     c = await Raw.open("127.0.0.1", rp.port)
-    assert (await c.login(user, password))[0] == 235
+    assert (await c.login(user, password)).startswith("235 ")
     assert await _rcpts_accepted(c, 2) == 1
-    await c.close()
+    await c.quit()
     assert not [x for x in log_lines(rp.log) if x.get("event") == "reloaded"]
 
 
@@ -197,8 +197,8 @@ async def test_reload_names_settings_that_need_a_restart(
     (line,) = await _wait_log(rp, "reload_needs_restart")
     assert line["settings"] == ["server.hostname"]
     c = await Raw.open("127.0.0.1", rp.port)
-    assert c.banner.startswith("220 relay.test ")
-    await c.close()
+    assert c.greeting.startswith("220 relay.test ")
+    await c.quit()
 
 
 def _cert_files(ca: trustme.CA, tmp: Path, name: str) -> None:
@@ -215,21 +215,18 @@ def _dns_names(cert: dict[str, Any]) -> list[str]:
 
 
 async def _implicit_tls_name(port: int, ctx: ssl.SSLContext) -> tuple[str, Raw]:
-    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="a.test")
-    c = Raw(r, w)
-    code, _ = await c.reply()
-    assert code == 220
-    return _dns_names(w.get_extra_info("peercert"))[0], c
+    c = await Raw.open("127.0.0.1", port, tls=ctx)
+    return _dns_names(c.writer.get_extra_info("peercert"))[0], c
 
 
 async def _starttls_name(port: int, ctx: ssl.SSLContext) -> str:
     c = await Raw.open("127.0.0.1", port)
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("STARTTLS"))[0] == 220
-    await c.w.start_tls(ctx, server_hostname="a.test")
-    name = _dns_names(c.w.get_extra_info("peercert"))[0]
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    await c.close()
+    assert (await c.cmd("EHLO client.test")).startswith("250")
+    assert (await c.cmd("STARTTLS")).startswith("220 ")
+    await c.writer.start_tls(ctx, server_hostname="a.test")
+    name = _dns_names(c.writer.get_extra_info("peercert"))[0]
+    assert (await c.cmd("EHLO client.test")).startswith("250")
+    await c.quit()
     return name
 
 
@@ -261,9 +258,9 @@ async def test_reload_serves_a_renewed_certificate_to_new_connections(
     name, after = await _implicit_tls_name(tls_port, client)
     assert name == "b.test"
     assert await _starttls_name(rp.port, client) == "b.test"
-    assert (await before.cmd("NOOP"))[0] == 250
-    await before.close()
-    await after.close()
+    assert (await before.cmd("NOOP")).startswith("250 ")
+    await before.quit()
+    await after.quit()
 
 
 # --- graceful and fast stop -------------------------------------------------------
@@ -279,23 +276,23 @@ async def test_sigterm_lets_an_open_data_transfer_finish(
     await rp.start()
     user, password = await _account(rp)
     c = await Raw.open("127.0.0.1", rp.port)
-    assert (await c.login(user, password))[0] == 235
-    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<late@dest.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
+    assert (await c.login(user, password)).startswith("235 ")
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
+    assert (await c.cmd("RCPT TO:<late@dest.test>")).startswith("250 ")
+    assert (await c.cmd("DATA")).startswith("354 ")
     body = message("half and half", body="first half\r\n" * 50 + "second half\r\n" * 50)
-    await c.write(body[: len(body) // 2])
+    await c.send(body[: len(body) // 2])
 
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGTERM)
     await notify.wait_for("STOPPING=1")
     with pytest.raises(OSError):  # no longer listening
         await Raw.open("127.0.0.1", rp.port)
-    await c.write(body[len(body) // 2:] + b"\r\n.\r\n")
-    code, text = await c.reply()
-    assert code == 250, text
-    queue_id = text.rsplit(" ", 1)[1]
-    assert (await c.reply())[0] == 421  # then the server says goodbye
+    await c.send(body[len(body) // 2:] + b"\r\n.\r\n")
+    reply = await c.reply()
+    assert reply.startswith("250 "), reply
+    queue_id = reply.rsplit(" ", 1)[1]
+    assert (await c.reply()).startswith("421 ")  # then the server says goodbye
     assert await asyncio.wait_for(rp.proc.wait(), 20) == 0
 
     sink = await start_sink(port=hop)
@@ -320,12 +317,13 @@ async def test_second_signal_exits_fast_without_losing_accepted_mail(
     await rp.start()
     user, password = await _account(rp)
     c = await Raw.open("127.0.0.1", rp.port)
-    assert (await c.login(user, password))[0] == 235
-    assert (await c.send("app@example.com", ["kept@dest.test"], message()))[0] == 250
-    assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<unfinished@dest.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
-    await c.write(b"Subject: never finished\r\n\r\nhalf")
+    assert (await c.login(user, password)).startswith("235 ")
+    reply = await c.transaction("app@example.com", ["kept@dest.test"], message())
+    assert reply.startswith("250 "), reply
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
+    assert (await c.cmd("RCPT TO:<unfinished@dest.test>")).startswith("250 ")
+    assert (await c.cmd("DATA")).startswith("354 ")
+    await c.send(b"Subject: never finished\r\n\r\nhalf")
 
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGTERM)
@@ -338,7 +336,7 @@ async def test_second_signal_exits_fast_without_losing_accepted_mail(
     assert time.monotonic() - started < 2.0
     assert [x["mode"] for x in log_lines(rp.log) if x.get("event") == "stopping"] == [
         "graceful", "fast"]
-    c.w.close()
+    c.close()
 
     sink = await start_sink(port=hop)
     try:
