@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiosmtplib
 import pytest
 
-from tests.conftest import RelayHandle, Sink, message
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
 
 
 async def _auth_error(relay: RelayHandle, user: str,
@@ -63,7 +63,8 @@ async def test_foreign_sender_gets_553(relay: RelayHandle, account: tuple[str, s
     assert sink.messages == []
 
 
-async def test_auth_refused_on_plaintext_outside_allowed_networks(relay_factory) -> None:
+async def test_auth_refused_on_plaintext_outside_allowed_networks(
+        relay_factory: RelayFactory) -> None:
     """Where plaintext AUTH is not allowed, AUTH is not advertised and gets 538 5.7.11."""
     relay = await relay_factory({"smtp": {"plaintext_auth_networks": []}})
     client = await relay.client()

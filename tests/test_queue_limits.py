@@ -109,7 +109,7 @@ class _Gate:
     async def route(self, domain: str) -> Any:
         return await self.inner.route(domain)
 
-    async def send(self, hop: Any, sender: str, rcpts: list[str], data: bytes) -> Any:
+    async def send(self, hop: Any, sender: str, rcpts: list[str], data: Any) -> Any:
         await self.open.wait()
         self.order.append(rcpts[0])
         return await self.inner.send(hop, sender, rcpts, data)
