@@ -34,7 +34,7 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         coro.send(None)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     coro.close()
     raise AssertionError("the coroutine suspended: not a cache hit")
 
