@@ -264,7 +264,10 @@ class Spool:
             await self._w.execute("PRAGMA synchronous=FULL")
             await self._w.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
-            await _in_thread(self._w, self.bodies.open, _raw(self._w))
+            try:
+                await _in_thread(self._w, self.bodies.open, _raw(self._w))
+            except OSError as exc:
+                raise SpoolError(f"cannot use {self.bodies.dir}: {exc.strerror or exc}") from None
             self._r = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
             await self._r.execute("PRAGMA query_only=ON")
             async with self._w.execute("SELECT COALESCE(MAX(id), 0) FROM messages") as cur:

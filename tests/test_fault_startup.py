@@ -100,3 +100,13 @@ async def test_newer_schema_exits_3(tmp_path: Path) -> None:
     rc, err = await _run_relayd(tmp_path)
     assert rc == 3
     assert "newer" in _one_clear_line(err)
+
+
+async def test_unusable_bodies_directory_exits_3(tmp_path: Path) -> None:
+    """The directory for large messages' files cannot be made (a file is in its place):
+    exit 3, one clear line naming it."""
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "relayd.bodies").write_bytes(b"not a directory")
+    rc, err = await _run_relayd(tmp_path)
+    assert rc == 3
+    assert "relayd.bodies" in _one_clear_line(err)
