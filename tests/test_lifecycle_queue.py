@@ -54,6 +54,12 @@ async def limited_account(relay: RelayHandle, sink: Sink) -> tuple[str, str, lis
     ids = await send(relay, user, pw, 3)
     await sink.wait_for(1)
     await until(states(relay, user), ["waiting_limit", "waiting_limit"])
+
+    async def queued() -> int:
+        return int((await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"])
+
+    # the delivered one stops counting once its result is committed
+    await until(queued, 2)
     return user, pw, ids
 
 
