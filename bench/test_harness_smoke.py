@@ -169,3 +169,16 @@ def test_relayd_relays_everything_to_the_sink(base: Path) -> None:
     r = measure(sc, "relayd", base, harness_args(warmup=0))
     assert r.error is None, (r, r.problems)
     assert r.accepted == 60 and r.delivered == 60, r
+
+
+def test_dkim_cost_is_the_cpu_difference_over_the_bare_rsa_operation() -> None:
+    """The DKIM cost row: (CPU/msg with DKIM - without) / bare RSA, per scenario."""
+    from bench.run import Result, bare_rsa_us, dkim_cost
+
+    rsa_us = bare_rsa_us(n=20)
+    assert 10 < rsa_us < 100_000
+    plain = Result("S1", "relayd", "x", accepted=1000, cpu_s=0.3, bare_rsa_us=250.0)
+    signed = Result("S1", "relayd-dkim", "x", accepted=1000, cpu_s=0.6, bare_rsa_us=250.0)
+    table = dkim_cost([plain, signed])
+    assert table.splitlines()[-1] == "| S1 | 300 | 600 | 250 | 1.20 |"
+    assert dkim_cost([plain]) == ""
