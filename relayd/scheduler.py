@@ -151,7 +151,8 @@ class Scheduler:
         # No more at the agent than there are connections (a job handed over is
         # a transmission in progress: SEMANTICS §4.1), and a bounded number of
         # answered ones waiting for the commit of their results.
-        self._fast_jobs = 0
+        self._at_agent = 0  # transmissions handed to the sender, either path, unanswered
+        self._agent_waiters: list[asyncio.Future[None]] = []  # workers waiting for room
         self._fast_recording = 0
         self._fast_capped = False  # the dispatcher waits for one of the above to fall
         self._fast_tails: set[asyncio.Task[None]] = set()
@@ -336,7 +337,7 @@ class Scheduler:
             for _ in range(len(self._rr)):
                 if not self._rr:
                     break  # emptied by a purge while this loop was waiting
-                if (self._fast_jobs >= self.workers
+                if (self._at_agent >= self.workers
                         or self._fast_recording >= self._record_room_size):
                     self._fast_capped = True  # an answer or a commit wakes us
                     break
@@ -462,16 +463,22 @@ class Scheduler:
                 self._busy(-1)
 
     # -- one attempt -------------------------------------------------------------------
+    def _hold(self, msg: QMsg) -> bool:
+        """Put a send-queue message back in front if its account is disabled (SEMANTICS §4.1:
+        mail not yet attempted is held); True if it was."""
+        acct = self.directory.accounts_by_id.get(msg.account_id)
+        if acct is not None and acct.usable:
+            return False
+        aq = self._queues.setdefault(msg.account_id, _AccountQueue())
+        if not aq.pending:
+            self._rr.append(msg.account_id)
+        aq.pending.appendleft(msg)
+        return True
+
     async def _attempt(self, msg: QMsg) -> None:
-        if self._handed.pop(msg.id, None) is not None:
-            acct = self.directory.accounts_by_id.get(msg.account_id)
-            if acct is None or not acct.usable:
-                # Disabled after dispatch, before the attempt: held (SEMANTICS §4.1).
-                aq = self._queues.setdefault(msg.account_id, _AccountQueue())
-                if not aq.pending:
-                    self._rr.append(msg.account_id)
-                aq.pending.appendleft(msg)
-                return
+        handed = self._handed.pop(msg.id, None) is not None
+        if handed and self._hold(msg):
+            return  # disabled after dispatch, before the attempt
         data = msg.data
         if data is not None:
             self._cache_used -= len(data)
@@ -499,7 +506,7 @@ class Scheduler:
             if body is None:
                 return  # purged meanwhile
         try:
-            await self._attempt_with(msg, body)
+            await self._attempt_with(msg, body, handed)
         finally:
             if loaded:
                 self._give_load_room(loaded)
@@ -518,7 +525,17 @@ class Scheduler:
             if not w.done():
                 w.set_result(None)
 
-    async def _attempt_with(self, msg: QMsg, data: bytes | BodyFile) -> None:
+    async def _attempt_with(self, msg: QMsg, data: bytes | BodyFile, handed: bool) -> None:
+        # Room at the agent first, shared with the fast path: a job handed over is a
+        # transmission in progress, never one waiting there for a connection, so a
+        # disable while this waited still holds the message.
+        while self._at_agent >= self.workers:
+            waiter = asyncio.get_running_loop().create_future()
+            self._agent_waiters.append(waiter)
+            await waiter
+        if handed and self._hold(msg):
+            return
+        self._at_agent += 1
         if self.events is not None:
             self.events.in_flight(1)
         started = time.perf_counter()
@@ -533,6 +550,8 @@ class Scheduler:
         finally:
             if self.events is not None:
                 self.events.in_flight(-1)
+            self._at_agent -= 1
+            self._fast_room()
         elapsed = time.perf_counter() - started
         if self.events is not None:
             for r in results:
@@ -625,7 +644,7 @@ class Scheduler:
             return False
         self._cache_used -= len(data)
         msg.data = None
-        self._fast_jobs += 1
+        self._at_agent += 1
         self._busy(1)
         if self.events is not None:
             self.events.in_flight(1)
@@ -634,7 +653,7 @@ class Scheduler:
     def _fast_done(self, msg: QMsg, data: bytes, hop: Hop, idxs: list[int],
                    replies: list[RcptReply], started: float) -> None:
         """The agent answered a fast-path job: results, metrics, DSN, then the commit."""
-        self._fast_jobs -= 1
+        self._at_agent -= 1
         self._fast_recording += 1
         self._fast_room()
         now = self.clock()
@@ -668,10 +687,15 @@ class Scheduler:
         self._fast_room()
 
     def _fast_room(self) -> None:
-        """Wake the dispatcher if it stopped for want of room (only then: it is cheap)."""
+        """Room at the agent or for results: wake whoever waits for it (cheap when nobody)."""
         if self._fast_capped:
             self._fast_capped = False
             self._wake.set()
+        if self._agent_waiters:
+            waiters, self._agent_waiters = self._agent_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
     def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool,
                   release: Callable[[], None]) -> None:

@@ -330,3 +330,37 @@ async def test_data_loaded_for_attempts_stays_within_its_byte_budget(
 
 async def _async(value: int) -> int:
     return value
+
+
+async def test_jobs_of_both_paths_share_the_agent_connections_so_disable_holds_the_rest(
+        relay_factory: RelayFactory) -> None:
+    """Large messages go through the workers, small ones through the fast path: both count
+    against the agent's connections, so nothing waits inside the agent for a connection.
+    With both connections held by large messages, the small ones are still in the send
+    queue when the account is disabled: they are held, and enable sends them."""
+    gated = GatedSink()
+    await gated.start()
+    relay = await relay_factory({"delivery": {"connections_per_host": 2}},
+                                smarthost=gated.address)
+    await relay.ctl.add_domain("example.com")
+    user, pw = await relay.ctl.add_user()
+    c = await relay.client(user, pw)
+    big = message("big", body=("B" * 70 + "\r\n") * 5000)  # above the in-memory cache limit
+    for i in range(2):
+        await c.sendmail("app@example.com", [f"big{i}@dest.test"], big)
+    await c.quit()
+    await gated.wait(lambda: gated.waiting == 2)  # both connections, held at end of DATA
+    await send(relay, user, pw, 2, tag="small")
+    await asyncio.sleep(0.3)
+    agent = relay.relay.deliverer.agents
+    assert agent is not None and sum(len(a.pending) for a in agent._agents) == 2
+    await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
+    gated.gate.set()
+    await gated.wait(lambda: len(gated.delivered) >= 2)
+    await until(states(relay, user), ["held", "held"])
+    assert sorted(gated.delivered) == ["big0@dest.test", "big1@dest.test"]
+    await relay.ctl.ok("POST", f"/v1/users/{user}/enable")
+    await gated.wait(lambda: len(gated.delivered) == 4)
+    assert sorted(gated.delivered)[2:] == ["small0@dest.test", "small1@dest.test"]
+    assert gated.server is not None
+    gated.server.close()
