@@ -210,17 +210,23 @@ class GatedSink:
             lambda: AioSMTP(self, hostname="gated.test"), "127.0.0.1", 0)
         self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
+async def gated_relay(relay_factory: RelayFactory,
+                      connections: int) -> tuple[GatedSink, RelayHandle, str, str]:
+    """A relay with ``connections`` per host to a GatedSink, example.com and one account."""
+    gated = GatedSink()
+    await gated.start()
+    relay = await relay_factory({"delivery": {"connections_per_host": connections}},
+                                smarthost=gated.address)
+    await relay.ctl.add_domain("example.com")
+    user, pw = await relay.ctl.add_user()
+    return gated, relay, user, pw
+
 
 async def test_dispatched_but_unattempted_mail_is_held_on_disable(
         relay_factory: RelayFactory) -> None:
     """On disable, transmissions in progress complete and every message not yet attempted
     (even one already handed to a delivery worker) is held."""
-    gated = GatedSink()
-    await gated.start()
-    relay = await relay_factory({"delivery": {"connections_per_host": 2}},
-                                smarthost=gated.address)
-    await relay.ctl.add_domain("example.com")
-    user, pw = await relay.ctl.add_user()
+    gated, relay, user, pw = await gated_relay(relay_factory, 2)
     await send(relay, user, pw, 12)
     await gated.wait(lambda: gated.waiting == 2)  # both workers are transmitting
     await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
@@ -302,13 +308,8 @@ async def test_data_loaded_for_attempts_stays_within_its_byte_budget(
     """Messages too large for the in-memory cache are loaded from the spool for their
     attempt; with a budget for one such message, only one is out at a time however many
     workers there are, and all of them are delivered in the end."""
-    gated = GatedSink()
-    await gated.start()
-    relay = await relay_factory({"delivery": {"connections_per_host": 4}},
-                                smarthost=gated.address)
+    gated, relay, user, pw = await gated_relay(relay_factory, 4)
     sched = relay.relay.scheduler
-    await relay.ctl.add_domain("example.com")
-    user, pw = await relay.ctl.add_user()
     c = await relay.client(user, pw)
     body = "L" * 70 + "\r\n"
     big = message("big", body=body * 4000)  # ~290 kB: above DATA_CACHE_MAX_MESSAGE
@@ -338,12 +339,7 @@ async def test_jobs_of_both_paths_share_the_agent_connections_so_disable_holds_t
     against the agent's connections, so nothing waits inside the agent for a connection.
     With both connections held by large messages, the small ones are still in the send
     queue when the account is disabled: they are held, and enable sends them."""
-    gated = GatedSink()
-    await gated.start()
-    relay = await relay_factory({"delivery": {"connections_per_host": 2}},
-                                smarthost=gated.address)
-    await relay.ctl.add_domain("example.com")
-    user, pw = await relay.ctl.add_user()
+    gated, relay, user, pw = await gated_relay(relay_factory, 2)
     c = await relay.client(user, pw)
     big = message("big", body=("B" * 70 + "\r\n") * 5000)  # above the in-memory cache limit
     for i in range(2):
