@@ -4,13 +4,13 @@ accounts; plan slots count active and disabled accounts, not deleted ones."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiosmtplib
 import pytest
 
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
+from tests.test_queue_support import queued, until
 
 # Several failed AUTHs per test from 127.0.0.1 are expected: no throttling delays here.
 NO_THROTTLE: dict[str, Any] = {"smtp": {"auth_failures_before_delay": 1000,
@@ -137,7 +137,7 @@ async def test_delete_keeps_delivery_log_and_removes_stats(lrelay: RelayHandle,
     await sink.wait_for(1)
     msg_id = reply.rsplit(" ", 1)[1]
     # the account's queued count drops to zero once the delivery is recorded
-    await _until(lambda: _queued(lrelay, user), 0)
+    await until(lambda: queued(lrelay, user), 0)
     await lrelay.ctl.ok("POST", f"/v1/users/{user}/delete", {"confirm": user})
     log = await lrelay.ctl.ok("GET", "/v1/log", user=user)
     assert [(e["message_id"], e["outcome"]) for e in log["entries"]] == [(msg_id, "delivered")]
@@ -146,21 +146,6 @@ async def test_delete_keeps_delivery_log_and_removes_stats(lrelay: RelayHandle,
         " WHERE username=?", (user,))
     assert tuple(row) == ("deleted", 0, None, None)
 
-
-async def _queued(relay: RelayHandle, user: str) -> int:
-    info = await relay.ctl.ok("GET", f"/v1/users/{user}")
-    return int(info["queued"])
-
-
-async def _until(probe: Any, want: Any, tries: int = 200) -> None:
-    """Poll ``await probe()`` until it equals ``want`` (the relay exposes no event)."""
-    got = None
-    for _ in range(tries):
-        got = await probe()
-        if got == want:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still {got!r}, wanted {want!r}")
 
 
 async def test_network_bound_account_disable_enable_delete(lrelay: RelayHandle) -> None:

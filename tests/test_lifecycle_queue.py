@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
 from relayd.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
-
-
-async def until(probe: Callable[[], Awaitable[Any]], want: Any, tries: int = 250) -> None:
-    """Poll ``await probe()`` until it equals ``want`` (queue states have no event)."""
-    got = None
-    for _ in range(tries):
-        got = await probe()
-        if got == want:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still {got!r}, wanted {want!r}")
+from tests.test_queue_support import queued, until
 
 
 async def send(relay: RelayHandle, user: str, pw: str, n: int, tag: str = "m",
@@ -54,12 +43,8 @@ async def limited_account(relay: RelayHandle, sink: Sink) -> tuple[str, str, lis
     ids = await send(relay, user, pw, 3)
     await sink.wait_for(1)
     await until(states(relay, user), ["waiting_limit", "waiting_limit"])
-
-    async def queued() -> int:
-        return int((await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"])
-
     # the delivered one stops counting once its result is committed
-    await until(queued, 2)
+    await until(lambda: queued(relay, user), 2)
     return user, pw, ids
 
 

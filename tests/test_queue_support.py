@@ -72,6 +72,25 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0)
         await asyncio.sleep(0.02)
 
 
+async def until(probe: Callable[[], Awaitable[Any]], want: Any, timeout: float = 10.0) -> None:
+    """Poll ``await probe()`` until it equals ``want`` (queue states have no event)."""
+    seen: list[Any] = []
+
+    async def equal() -> bool:
+        seen.append(await probe())
+        return bool(seen[-1] == want)
+
+    try:
+        await eventually(equal, timeout)
+    except AssertionError:
+        raise AssertionError(f"still {seen[-1]!r}, wanted {want!r}") from None
+
+
+async def queued(relay: RelayHandle, user: str) -> int:
+    """The account's count of messages not yet final, as ``user show`` says."""
+    return int((await relay.ctl.ok("GET", f"/v1/users/{user}"))["queued"])
+
+
 async def log_entries(relay: RelayHandle, **query: Any) -> list[dict[str, Any]]:
     """The delivery log through the control socket (newest first)."""
     data = await relay.ctl.ok("GET", "/v1/log", **query)
