@@ -162,36 +162,32 @@ _MAX_LABEL = 63
 _MAX_PATH = 256
 
 
+def _fast(m: re.Match[str] | None, syntax: Reply) -> Path | None:
+    """The path of a common-case match (short ASCII dot-atom and LDH domain), else None."""
+    if m is None:
+        return None
+    local, domain, rest = m.group(1, 2, 3)
+    if len(local) > _MAX_LOCAL or len(domain) > _MAX_LABEL or not (rest is None or rest.isascii()):
+        return None
+    return Path(f"{local}@{domain}", local, domain, _parse_params(rest, syntax) if rest else {})
+
+
 # --- public API ----------------------------------------------------------------
 def parse_mail_from(arg: str, *, smtputf8_offered: bool) -> Path:
     """Parse the argument of MAIL (``FROM:<path> [params]``), or raise PathError."""
-    m = _FAST_MAIL.fullmatch(arg)
-    if m is not None:
-        local, domain, rest = m.group(1, 2, 3)
-        if (
-            len(local) <= _MAX_LOCAL
-            and len(domain) <= _MAX_LABEL
-            and (rest is None or rest.isascii())
-        ):
-            params = _parse_params(rest, replies.MAIL_SYNTAX) if rest else {}
-            if params:
-                _check_mail_params(params)
-            return Path(f"{local}@{domain}", local, domain, params)
+    path = _fast(_FAST_MAIL.fullmatch(arg), replies.MAIL_SYNTAX)
+    if path is not None:
+        if path.params:
+            _check_mail_params(path.params)
+        return path
     return _parse(arg, "FROM:", mail=True, utf8=smtputf8_offered)
 
 
 def parse_rcpt_to(arg: str, *, smtputf8: bool) -> Path:
     """Parse the argument of RCPT (``TO:<path> [params]``), or raise PathError."""
-    m = _FAST_RCPT.fullmatch(arg)
-    if m is not None:
-        local, domain, rest = m.group(1, 2, 3)
-        if (
-            len(local) <= _MAX_LOCAL
-            and len(domain) <= _MAX_LABEL
-            and (rest is None or rest.isascii())
-        ):
-            params = _parse_params(rest, replies.RCPT_SYNTAX) if rest else {}
-            return Path(f"{local}@{domain}", local, domain, params)
+    path = _fast(_FAST_RCPT.fullmatch(arg), replies.RCPT_SYNTAX)
+    if path is not None:
+        return path
     return _parse(arg, "TO:", mail=False, utf8=smtputf8)
 
 
