@@ -505,8 +505,7 @@ class _ChildSide(_Framed):
         self.deliverer: Deliverer | None = None
         self.jobs: set[asyncio.Task[None]] = set()
         self.closing = asyncio.get_running_loop().create_future()
-        self.keys: dict[int, tuple[str, str, bytes]] = {}  # sent, not loaded yet
-        self.signers: dict[int, Any] = {}  # key id -> dkim.Signer, loaded on first use
+        self.signers: dict[int, Any] = {}  # key id -> dkim.Signer (SignKey frames)
 
     def tail_size(self, frame: object) -> int:
         if isinstance(frame, Job):
@@ -526,21 +525,25 @@ class _ChildSide(_Framed):
         elif isinstance(frame, Sign):
             self._sign(frame, tail)
         elif isinstance(frame, SignKey):
-            self.keys[frame.key_id] = (frame.domain, frame.selector, frame.pem)
+            self._add_key(frame)
         elif isinstance(frame, Close) and not self.closing.done():
             self.closing.set_result(None)
+
+    def _add_key(self, key: SignKey) -> None:
+        """Load a key (it comes just before its first use); a bad one fails its Sign jobs."""
+        from relayd import dkim
+
+        try:
+            self.signers[key.key_id] = dkim.Signer(key.domain, key.selector, key.pem)
+        except Exception:  # noqa: S110 - its Sign jobs then fail (KeyError): the session says 451
+            pass
 
     def _sign(self, job: Sign, data: bytes) -> None:
         """Sign at once, on this loop (one RSA operation, well under a millisecond)."""
         from relayd import dkim
 
         try:
-            signers = []
-            for key_id in job.keys:
-                signer = self.signers.get(key_id)
-                if signer is None:
-                    signer = self.signers[key_id] = dkim.Signer(*self.keys.pop(key_id))
-                signers.append(signer)
+            signers = [self.signers[key_id] for key_id in job.keys]
             headers = dkim.signature_headers(signers, data, job.now, crlf_only=True)
         except Exception as exc:  # answered, never left hanging: the session says 451
             self.send(Signed(job.id, b"", f"{type(exc).__name__}: {exc}"))
