@@ -99,6 +99,32 @@ class QMsg:
     size: int = 0  # of the data: what loading it for an attempt costs in memory
 
 
+class _Room:
+    """Tasks waiting until a condition holds that plain (non-async) code makes true.
+
+    ``wake`` wakes them all and each checks its condition again (asyncio.Condition
+    would need its lock, which a callback cannot take). Cheap when nobody waits.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait_until(self, ok: Callable[[], bool]) -> None:
+        while not ok():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def wake(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
 @dataclass(slots=True)
 class _AccountQueue:
     pending: deque[QMsg] = field(default_factory=deque)
@@ -138,7 +164,7 @@ class Scheduler:
         self._cache_budget = data_cache_bytes
         self._cache_used = 0
         self._loaded_bytes = 0  # data loaded from the spool for running attempts
-        self._load_waiters: list[asyncio.Future[None]] = []
+        self._load_room = _Room()
         self._stopping = False
         self._running_attempts = 0  # attempts running, and results not committed yet
         self._idle = asyncio.Event()
@@ -152,7 +178,7 @@ class Scheduler:
         # a transmission in progress: SEMANTICS §4.1), and a bounded number of
         # answered ones waiting for the commit of their results.
         self._at_agent = 0  # transmissions handed to the sender, either path, unanswered
-        self._agent_waiters: list[asyncio.Future[None]] = []  # workers waiting for room
+        self._agent_room = _Room()  # workers waiting for room at the agent
         self._fast_recording = 0
         self._fast_capped = False  # the dispatcher waits for one of the above to fall
         self._fast_tails: set[asyncio.Task[None]] = set()
@@ -512,27 +538,19 @@ class Scheduler:
                 self._give_load_room(loaded)
 
     async def _take_load_room(self, size: int) -> None:
-        while self._loaded_bytes and self._loaded_bytes + size > self._cache_budget:
-            waiter = asyncio.get_running_loop().create_future()
-            self._load_waiters.append(waiter)
-            await waiter
+        await self._load_room.wait_until(
+            lambda: not self._loaded_bytes or self._loaded_bytes + size <= self._cache_budget)
         self._loaded_bytes += size
 
     def _give_load_room(self, size: int) -> None:
         self._loaded_bytes -= size
-        waiters, self._load_waiters = self._load_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+        self._load_room.wake()
 
     async def _attempt_with(self, msg: QMsg, data: bytes | BodyFile, handed: bool) -> None:
         # Room at the agent first, shared with the fast path: a job handed over is a
         # transmission in progress, never one waiting there for a connection, so a
         # disable while this waited still holds the message.
-        while self._at_agent >= self.workers:
-            waiter = asyncio.get_running_loop().create_future()
-            self._agent_waiters.append(waiter)
-            await waiter
+        await self._agent_room.wait_until(lambda: self._at_agent < self.workers)
         if handed and self._hold(msg):
             return
         self._at_agent += 1
@@ -691,11 +709,7 @@ class Scheduler:
         if self._fast_capped:
             self._fast_capped = False
             self._wake.set()
-        if self._agent_waiters:
-            waiters, self._agent_waiters = self._agent_waiters, []
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+        self._agent_room.wake()
 
     def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool,
                   release: Callable[[], None]) -> None:
