@@ -248,3 +248,30 @@ async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: Rela
                            BodyFile("/nonexistent/relayd-body", 1000))
     assert [(r.code, r.text) for r in replies] == [
         (None, "message data is gone (purged or delivered meanwhile)")] * 2
+
+
+async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> None:
+    """The Sign frames of one batch are answered one by one: a key that does not load
+    in the child fails its own message (the session then says 451), the rest are signed."""
+    from relayd import dkim
+    from relayd.config import DeliveryConfig
+    from relayd.delivery_agent import AgentPool
+
+    now = 1_700_000_000
+    pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
+    await pool.start()
+    try:
+        good = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
+        bad = dkim.Signer("example.org", "s2", dkim.generate_private_key("ed25519"))
+        bad.pem = b"not a key"  # what the child gets: it cannot load it
+        msg = b"From: a@example.com\r\n\r\nbody\r\n"
+        futs = [pool.sign([good], msg, now), pool.sign([bad], msg, now),
+                pool.sign([good], msg + b"2\r\n", now)]
+        started = [f for f in futs if f is not None]
+        assert len(started) == 3
+        first, failed, last = await asyncio.gather(*started, return_exceptions=True)
+        assert isinstance(failed, RuntimeError) and "unknown DKIM key" in str(failed)
+        assert first == dkim.signature_headers([good], msg, now)
+        assert last == dkim.signature_headers([good], msg + b"2\r\n", now)
+    finally:
+        await pool.close()

@@ -431,6 +431,28 @@ def test_signature_headers_signs_once_for_all(
     assert verifies(headers + BASE, dns, idx=0) and verifies(headers + BASE, dns, idx=1)
 
 
+def test_sign_many_answers_each_job_in_order(
+    rsa_signer: rd.Signer, ed_signer: rd.Signer, dns: Callable[..., bytes | None]
+) -> None:
+    """sign_many gives every job its own headers, in job order; a failing job fails alone."""
+
+    class Broken:
+        def _unsigned(self, prepared: object, now: int) -> tuple[str, bytes, int]:
+            raise ValueError("bad key")
+
+    messages = [BASE + b"n=%d\r\n" % i for i in range(3)]
+    jobs: list[rd.SignJob] = [([ed_signer, rsa_signer], messages[0], NOW),
+                              ([Broken()], messages[1], NOW),  # type: ignore[list-item]
+                              ([ed_signer], messages[2], NOW)]
+    first, broken, last = rd.sign_many(jobs)
+    assert isinstance(broken, ValueError)
+    assert isinstance(first, bytes) and isinstance(last, bytes)
+    assert first.startswith(rd.signature_headers([ed_signer], messages[0], NOW))
+    assert verifies(first + messages[0], dns, idx=0) and verifies(first + messages[0], dns, idx=1)
+    assert last == rd.signature_headers([ed_signer], messages[2], NOW)
+    assert rd.sign_many([]) == []
+
+
 def test_tampered_body_fails(rsa_signer: rd.Signer, dns: Callable[..., bytes | None]) -> None:
     """Changing one word of the body makes verification fail."""
     header = rsa_signer.sign(BASE, NOW)
