@@ -42,6 +42,7 @@ See also: relayd.lifecycle (domain add/delete: key and selector), relayd.smtp
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import itertools
 import re
@@ -96,6 +97,8 @@ _RSA_BITS = 2048
 _RSA_MIN_BITS = 1024  # RFC 8301 §3.2: verifiers need not accept smaller keys
 _MAX_LINE = 78  # folded header lines stay within this many characters
 _FOLD = "\r\n "
+_FOLD_B = b"\r\n "
+_LAYOUTS_MAX = 64  # h= lists whose folded layout a signer keeps (relayd.dkim.Signer._layout)
 
 # Line endings as the wire carries them: CRLF, or a lone LF or CR (made CRLF).
 _LINE_END = re.compile(rb"\r\n|\n|\r")
@@ -316,6 +319,10 @@ def _fold(parts: list[str], width: int, pieces: Iterable[tuple[str, str]]) -> in
 
 _KEY_IDS = itertools.count(1)
 
+#: A signature field around its t= and bh= values: the field's three pieces, the
+#: relaxed form's three pieces, and the width of the field's last line.
+_Layout = tuple[bytes, bytes, bytes, bytes, bytes, bytes, int]
+
 
 class Signer:
     """Signs messages for one domain with one key; build once per key, share across threads."""
@@ -323,6 +330,7 @@ class Signer:
     __slots__ = (
         "_hash",
         "_key",
+        "_layouts",
         "_pad",
         "_prefix",
         "_prefix_width",
@@ -341,6 +349,7 @@ class Signer:
         self.pem = private_pem  # to hand the key to a signing process (relayd.signing)
         self.key_id = next(_KEY_IDS)  # unique in this process, never reused
         self._pad = padding.PKCS1v15()
+        self._layouts: dict[tuple[tuple[str, ...], int, int], _Layout] = {}
         self._hash = hashes.SHA256()
         self._prefix = ["DKIM-Signature:"]
         self._prefix_width = _fold(
@@ -364,20 +373,44 @@ class Signer:
         unsigned, data, width = self._unsigned(prepared, now)
         return self._finish(unsigned, self._private_op(data), width)
 
-    def _unsigned(self, prepared: Prepared, now: int) -> tuple[str, bytes, int]:
+    def _unsigned(self, prepared: Prepared, now: int) -> tuple[bytes, bytes, int]:
         """The header field without its b= value, the data to sign, and its last line's width."""
-        names = prepared.h_names  # never empty: "from" is always listed
-        pieces = [(" ", f"t={int(now)};"), (" ", "h=" + names[0])]
+        t = b"%d" % now
+        bh = prepared.body_hash.encode("ascii")
+        layout = self._layouts.get((prepared.h_names, len(t), len(bh)))
+        if layout is None:
+            layout = self._layout(prepared.h_names, len(t), len(bh))
+        pre, mid, post, own_pre, own_mid, own_post, width = layout
+        return (b"".join((pre, t, mid, bh, post)),
+                b"".join((prepared.header_data, own_pre, t, own_mid, bh, own_post)), width)
+
+    def _layout(self, names: tuple[str, ...], t_size: int, bh_size: int) -> _Layout:
+        """The folded field around its t= and bh= values, which only these sizes move.
+
+        Made once per h= list (a handful per sender) and kept: building the
+        field for every message cost 4-5 us of a 1 KB message's signature.
+        """
+        t_mark, bh_mark = "\x00" * t_size, "\x01" * bh_size  # never in a field
+        pieces = [(" ", f"t={t_mark};"), (" ", "h=" + names[0])]
         pieces.extend([("", ":" + name) for name in names[1:]])
         pieces[-1] = (pieces[-1][0], pieces[-1][1] + ";")
-        pieces.append((" ", f"bh={prepared.body_hash};"))
+        pieces.append((" ", f"bh={bh_mark};"))
         pieces.append((" ", "b="))
         parts = self._prefix.copy()
-        width = _fold(parts, self._prefix_width, pieces)
-        unsigned = "".join(parts)
+        width = _fold(parts, self._prefix_width, pieces)  # a fold never splits a piece
+        unsigned = "".join(parts).encode("ascii")
         # The signature field itself, b= empty, relaxed canonical, no final CRLF.
-        own = b"dkim-signature:" + _relaxed_value(unsigned[15:].encode("ascii"))
-        return unsigned, prepared.header_data + own, width
+        own = b"dkim-signature:" + _relaxed_value(unsigned[15:])
+        t_b, bh_b = t_mark.encode("ascii"), bh_mark.encode("ascii")
+        pre, _, rest = unsigned.partition(t_b)
+        mid, _, post = rest.partition(bh_b)
+        own_pre, _, own_rest = own.partition(t_b)
+        own_mid, _, own_post = own_rest.partition(bh_b)
+        layout = (pre, mid, post, own_pre, own_mid, own_post, width)
+        if len(self._layouts) >= _LAYOUTS_MAX:
+            self._layouts.clear()
+        self._layouts[(names, t_size, bh_size)] = layout
+        return layout
 
     def _private_op(self, data: bytes) -> bytes:
         """The signature of ``data`` (the only step that needs the private key)."""
@@ -387,16 +420,16 @@ class Signer:
         return key.sign(hashlib.sha256(data).digest())  # RFC 8463 §3: Ed25519 signs the hash
 
     @staticmethod
-    def _finish(unsigned: str, raw: bytes, width: int) -> bytes:
+    def _finish(unsigned: bytes, raw: bytes, width: int) -> bytes:
         """The complete header field: ``unsigned`` and the signature, folded, with CRLF."""
-        b64 = base64.b64encode(raw).decode("ascii")
+        b64 = binascii.b2a_base64(raw, newline=False)
         room = _MAX_LINE - width
         if room < 8:
-            unsigned += _FOLD
+            unsigned += _FOLD_B
             room = _MAX_LINE - 1
         step = _MAX_LINE - 1
         chunks = [b64[:room], *(b64[i : i + step] for i in range(room, len(b64), step))]
-        return (unsigned + _FOLD.join(chunks) + "\r\n").encode("ascii")
+        return b"".join((unsigned, _FOLD_B.join(chunks), b"\r\n"))
 
 
 def signature_headers(signers: Iterable[Signer], message: bytes, now: int,
@@ -423,7 +456,7 @@ def sign_many(jobs: Sequence[SignJob], crlf_only: bool = False) -> list[bytes | 
     and the key out of the CPU caches).
     """
     out: list[bytes | Exception] = []
-    ready: list[tuple[int, Sequence[Signer], list[tuple[str, bytes, int]]]] = []
+    ready: list[tuple[int, Sequence[Signer], list[tuple[bytes, bytes, int]]]] = []
     for signers, message, now in jobs:
         try:
             prepared = prepare(message, crlf_only)
