@@ -264,14 +264,16 @@ async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> Non
         good = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
         bad = dkim.Signer("example.org", "s2", dkim.generate_private_key("ed25519"))
         bad.pem = b"not a key"  # what the child gets: it cannot load it
-        msg = b"From: a@example.com\r\n\r\nbody\r\n"
-        futs = [pool.sign([good], msg, now), pool.sign([bad], msg, now),
-                pool.sign([good], msg + b"2\r\n", now)]
+        msgs = [b"From: a@example.com\r\n\r\nbody %d\r\n" % i for i in range(20)]
+        # More than one slice of the child's signing (SIGN_SLICE), the bad key in the middle.
+        keys = [[bad] if i == 9 else [good] for i in range(20)]
+        futs = [pool.sign(k, m, now) for k, m in zip(keys, msgs, strict=True)]
         started = [f for f in futs if f is not None]
-        assert len(started) == 3
-        first, failed, last = await asyncio.gather(*started, return_exceptions=True)
+        assert len(started) == 20
+        answers = await asyncio.gather(*started, return_exceptions=True)
+        failed = answers.pop(9)
         assert isinstance(failed, RuntimeError) and "unknown DKIM key" in str(failed)
-        assert first == dkim.signature_headers([good], msg, now)
-        assert last == dkim.signature_headers([good], msg + b"2\r\n", now)
+        del msgs[9]
+        assert answers == [dkim.signature_headers([good], m, now) for m in msgs]
     finally:
         await pool.close()
