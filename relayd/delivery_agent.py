@@ -11,7 +11,10 @@ It also signs: ``Sign`` frames (the message follows as raw bytes) get DKIM
 headers back in ``Signed`` (relayd.signing sends them), with the keys sent
 once per child in ``SignKey`` frames; the child holds no other account or
 domain state, and a key is never used after the main process stops asking
-for it (a deleted domain's mail is refused before it is signed).
+for it (a deleted domain's mail is refused before it is signed). The child
+signs on its loop, the waiting ``Sign`` frames in slices of ``SIGN_SLICE``
+with the RSA operations back to back (``dkim.sign_many``), reading its
+deliveries' replies between slices.
 
 Wire: a Unix socketpair per child, frames of a 4-byte big-endian length and a
 msgpack body (msgspec, tagged array-like structs). Parent to child:
@@ -506,7 +509,7 @@ class _ChildSide(_Framed):
         self.jobs: set[asyncio.Task[None]] = set()
         self.closing = asyncio.get_running_loop().create_future()
         self.signers: dict[int, Any] = {}  # key id -> dkim.Signer (SignKey frames)
-        self._to_sign: list[tuple[Sign, bytes]] = []  # this loop turn's Sign frames
+        self._to_sign: list[tuple[Sign, bytes]] = []  # Sign frames not signed yet
 
     def tail_size(self, frame: object) -> int:
         if isinstance(frame, Job):
