@@ -30,10 +30,11 @@ See also: relayd.scheduler (reads and updates the queues), relayd.lifecycle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -515,9 +516,10 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
         large = [m for m in msgs if len(m.data) > EXTERNAL_MIN]
         if large:
             bodies.write(large)  # files and directory on disk before the rows commit
-        conn.executemany(
+        _insert_rows(
+            conn,
             "INSERT INTO messages(id, account_id, username, domain, sender, received_at,"
-            " size, is_bounce, data, external) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " size, is_bounce, data, external)", "(?,?,?,?,?,?,?,?,?,?)",
             [
                 (m.id, m.account_id, m.username, m.domain, m.sender, m.received_at,
                  len(m.data), int(m.is_bounce), m.data if len(m.data) <= EXTERNAL_MIN else b"",
@@ -525,8 +527,8 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
                 for m in msgs
             ],
         )
-        conn.executemany(
-            "INSERT INTO recipients(message_id, idx, rcpt, status) VALUES (?,?,?,'queued')",
+        _insert_rows(
+            conn, "INSERT INTO recipients(message_id, idx, rcpt, status)", "(?,?,?,'queued')",
             [(m.id, i, r) for m in msgs for i, r in enumerate(m.recipients)],
         )
     if records:
@@ -534,7 +536,7 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
         # so that a failing record does not take the others down with it.
         conn.execute("SAVEPOINT ops")
         try:
-            done = [_apply_record(conn, *payload) for _n, payload in records]
+            done = _apply_records(conn, [payload for _n, payload in records])
         except Exception:
             conn.execute("ROLLBACK TO ops")
             conn.execute("RELEASE ops")
@@ -675,6 +677,113 @@ def _read_large(conn: sqlite3.Connection, message_id: int) -> bytes | None:
         return None  # no such row: purged or delivered meanwhile
 
 
+#: Rows per multi-row statement, at most: 64 rows of 10 columns stay within the
+#: 999 parameters of older SQLite builds.
+_CHUNK_MAX = 64
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` pieces of ``range(n)``, each size a power of two (<= _CHUNK_MAX).
+
+    So a handful of statement texts serve any batch, each prepared once and
+    kept in sqlite3's statement cache.
+    """
+    start = 0
+    while start < n:
+        size = min(_CHUNK_MAX, 1 << ((n - start).bit_length() - 1))
+        yield start, size
+        start += size
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_sql(head: str, row: str, n: int) -> str:
+    return f"{head} VALUES {','.join([row] * n)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _in_sql(head: str, n: int) -> str:
+    return f"{head} IN ({','.join('?' * n)})"
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, row: str,
+                 rows: Sequence[tuple[Any, ...]]) -> None:
+    """``head VALUES row, row, ...``: one statement per chunk instead of one step per row.
+
+    Why: the sqlite3 module releases the GIL around every step and must take
+    it back after. While the event loop is busy, taking it back waits, so
+    a commit of 9 messages and 9 results measured 1.7 ms on its thread for
+    0.45 ms of CPU (S1): fewer steps, fewer waits.
+    """
+    for start, size in _chunks(len(rows)):
+        conn.execute(_rows_sql(head, row, size),
+                     [value for r in rows[start:start + size] for value in r])
+
+
+def _delete_in(conn: sqlite3.Connection, head: str, ids: Sequence[int]) -> int:
+    """``head IN (ids)`` in chunks (see _insert_rows); the number of rows deleted."""
+    return sum(conn.execute(_in_sql(head, size), ids[start:start + size]).rowcount
+               for start, size in _chunks(len(ids)))
+
+
+def _apply_records(conn: sqlite3.Connection,
+                   payloads: Sequence[tuple[list[AttemptResult], list[int], bool]]
+                   ) -> list[list[int]]:
+    """What ``_apply_record`` does for each payload, with the complete ones in bulk.
+
+    A complete payload (a first attempt that ended every recipient of its
+    messages) only adds log rows, sent counts and deletions, so all of them
+    go together: one multi-row insert, one delete per table. Its messages are
+    its own (no other payload names them), so applying them after the others
+    changes no outcome. The others are applied one by one, in order.
+    """
+    out: list[list[int] | None] = []
+    bulk: list[int] = []
+    logs: list[AttemptResult] = []
+    for results, finished, complete in payloads:
+        if complete:
+            out.append(None)
+            bulk.extend(finished)
+            logs.extend(results)
+        else:
+            out.append(_apply_record(conn, results, finished))
+    if logs:
+        _log_results(conn, logs)
+    removed: set[int] = set()
+    if bulk:
+        _delete_in(conn, "DELETE FROM recipients WHERE message_id", bulk)
+        conn.execute("SAVEPOINT bulk")
+        if len(set(bulk)) == len(bulk) and \
+                _delete_in(conn, "DELETE FROM messages WHERE id", bulk) == len(bulk):
+            removed = set(bulk)
+        else:  # a row already gone (purged meanwhile): find out which, one by one
+            conn.execute("ROLLBACK TO bulk")
+            removed = {m for m in bulk
+                       if conn.execute("DELETE FROM messages WHERE id=?", (m,)).rowcount}
+        conn.execute("RELEASE bulk")
+    return [done if done is not None else [m for m in payload[1] if m in removed]
+            for done, payload in zip(out, payloads, strict=True)]
+
+
+def _log_results(conn: sqlite3.Connection, results: Sequence[AttemptResult]) -> None:
+    """The delivery log rows of ``results``, and the delivered ones counted per account."""
+    _insert_rows(
+        conn,
+        "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
+        " code, text, outcome)", "(?,?,?,?,?,?,?,?,?)",
+        [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
+          r.text, r.outcome) for r in results],
+    )
+    sent: dict[int, int] = {}
+    for r in results:
+        if r.outcome == "delivered" and r.account_id is not None:
+            sent[r.account_id] = sent.get(r.account_id, 0) + 1
+    if sent:
+        conn.executemany(
+            "UPDATE accounts SET total_sent = total_sent + ? WHERE id=?",
+            [(k, a) for a, k in sent.items()],
+        )
+
+
 def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
                   finished: list[int], complete: bool = False) -> list[int]:
     """Store attempts; delete the candidate messages that have no pending recipient."""
@@ -686,21 +795,7 @@ def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
              for r in results],
         )
     if results:
-        conn.executemany(
-            "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
-            " code, text, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
-            [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
-              r.text, r.outcome) for r in results],
-        )
-        sent: dict[int, int] = {}
-        for r in results:
-            if r.outcome == "delivered" and r.account_id is not None:
-                sent[r.account_id] = sent.get(r.account_id, 0) + 1
-        if sent:
-            conn.executemany(
-                "UPDATE accounts SET total_sent = total_sent + ? WHERE id=?",
-                [(k, a) for a, k in sent.items()],
-            )
+        _log_results(conn, results)
     done: list[int] = []
     if complete:  # every pending recipient was answered finally: no check needed
         for m in finished:

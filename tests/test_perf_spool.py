@@ -158,3 +158,48 @@ async def test_large_data_lives_in_a_file_until_its_row_is_gone(tmp_path: Path) 
         assert await spool.load_data(kept.id) == data
     finally:
         await spool.close()
+
+
+async def test_many_accepts_of_one_commit_are_stored_row_for_row(tmp_path: Path) -> None:
+    """Accepts committed together (multi-row inserts, more rows than one statement takes)
+    keep every message and every recipient."""
+    spool = Spool(str(tmp_path / "spool.db"))
+    await spool.open()
+    try:
+        msgs = [_msg(spool, b"n=%d\r\n" % i, rcpts=1 + i % 3) for i in range(150)]
+        await asyncio.gather(*(spool.accept(m) for m in msgs))
+        assert await spool.fetchone("SELECT COUNT(*) FROM messages") == (150,)
+        rows = await spool.fetchall("SELECT message_id, idx, rcpt, status FROM recipients"
+                                    " ORDER BY message_id, idx")
+        assert rows == [(m.id, i, r, "queued") for m in msgs for i, r in enumerate(m.recipients)]
+        for m in (msgs[0], msgs[77], msgs[-1]):
+            assert await spool.load_data(m.id) == m.data
+    finally:
+        await spool.close()
+
+
+async def test_complete_records_of_one_commit_report_only_the_rows_they_removed(
+        tmp_path: Path) -> None:
+    """Complete records committed together are deleted in bulk; a message purged before its
+    result arrived is not reported as removed by it, and every result is still logged."""
+    spool = Spool(str(tmp_path / "spool.db"))
+    await spool.open()
+    try:
+        msgs = [_msg(spool, b"n=%d\r\n" % i, rcpts=2) for i in range(70)]
+        await asyncio.gather(*(spool.accept(m) for m in msgs))
+        gone = msgs[33]
+
+        async def purge(db: Any) -> None:
+            await db.execute("DELETE FROM recipients WHERE message_id=?", (gone.id,))
+            await db.execute("DELETE FROM messages WHERE id=?", (gone.id,))
+
+        await spool.write(purge, deletes_messages=True)
+        removed = await asyncio.gather(*(
+            spool.record([_result(m, 0), _result(m, 1)], [m.id], complete=True)
+            for m in msgs))
+        assert removed == [[] if m is gone else [m.id] for m in msgs]
+        assert await spool.fetchone("SELECT COUNT(*) FROM messages") == (0,)
+        assert await spool.fetchone("SELECT COUNT(*) FROM recipients") == (0,)
+        assert await spool.fetchone("SELECT COUNT(*) FROM delivery_log") == (140,)
+    finally:
+        await spool.close()
