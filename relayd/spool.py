@@ -419,9 +419,17 @@ class Spool:
                         await db.execute("ROLLBACK TO op")
                         await db.execute("RELEASE op")
                         errors[n] = exc
+            if not purged:
+                # The sessions get their answers from the database thread's own wake-up
+                # of the loop: one loop turn before this task would hand them out.
+                await _in_thread(db, _apply_then, asyncio.get_running_loop(),
+                                 functools.partial(self._settle, batch, results, errors),
+                                 _raw(db), accepts, records, results, errors, not begun, True,
+                                 self.bodies)
+                return
             await _in_thread(db, _apply_plain, _raw(db), accepts, records, results, errors,
                              not begun, True, self.bodies)
-            if purged and self.bodies.ids:  # a purge deleted rows: their files go too
+            if self.bodies.ids:  # a purge deleted rows: their files go too
                 await _in_thread(db, self.bodies.reconcile, _raw(db))
         except Exception as exc:
             try:
@@ -433,6 +441,11 @@ class Spool:
                 if not op.future.done():
                     op.future.set_exception(SpoolError(f"commit failed: {exc}"))
             return
+        self._settle(batch, results, errors)
+
+    def _settle(self, batch: list[_Op], results: dict[int, Any],
+                errors: dict[int, BaseException]) -> None:
+        """After the commit of ``batch``: each op's result (or error) to whoever waits."""
         n_accepts = sum(1 for op in batch if op.kind == "accept")
         if self._on_batch is not None and n_accepts:
             self._on_batch(n_accepts)
@@ -550,6 +563,13 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
     if commit:
         conn.execute("COMMIT")
         bodies.committed()
+
+
+def _apply_then(loop: asyncio.AbstractEventLoop, then: Callable[[], None],
+                *args: Any) -> None:
+    """On the database thread: ``_apply_plain(*args)``; once it committed, ``then`` on the loop."""
+    _apply_plain(*args)
+    loop.call_soon_threadsafe(then)
 
 
 def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
