@@ -180,5 +180,26 @@ def test_dkim_cost_is_the_cpu_difference_over_the_bare_rsa_operation() -> None:
     plain = Result("S1", "relayd", "x", accepted=1000, cpu_s=0.3, bare_rsa_us=250.0)
     signed = Result("S1", "relayd-dkim", "x", accepted=1000, cpu_s=0.6, bare_rsa_us=250.0)
     table = dkim_cost([plain, signed])
-    assert table.splitlines()[-1] == "| S1 | 300 | 600 | 250 | 1.20 |"
+    assert table.splitlines()[-1] == "| S1 | 300 | 600 | 250 | 1.20 | - |"
     assert dkim_cost([plain]) == ""
+
+
+def test_rounds_give_paired_ratios_and_dkim_costs() -> None:
+    """With repeated rounds each round's relayd/Postfix ratio and DKIM cost are noted,
+    with their medians: two runs of one round are a minute apart, medians are not."""
+    from bench.run import Result, dkim_cost, note_round_ratios, pick_median
+
+    def run(system: str, e2e: float, cpu_s: float) -> Result:
+        return Result("S1", system, "x", accepted=1000, accepted_per_s=e2e, e2e_per_s=e2e,
+                      cpu_s=cpu_s, bare_rsa_us=250.0)
+
+    by = {"relayd": [run("relayd", x, 0.3) for x in (3000.0, 3300.0, 3600.0)],
+          "relayd-dkim": [run("relayd-dkim", 2000.0, c) for c in (0.6, 0.55, 0.65)],
+          "postfix": [run("postfix", x, 1.0) for x in (1000.0, 1500.0, 1000.0)]}
+    medians = {n: pick_median(runs) for n, runs in by.items()}
+    note_round_ratios(by, medians)
+    assert ("end to end relayd/postfix round by round: 2.20, 3.00, 3.60 (median 3.00)"
+            in medians["relayd"].problems)
+    assert medians["relayd-dkim"].dkim_costs == pytest.approx([1.0, 1.2, 1.4])
+    row = dkim_cost(list(medians.values())).splitlines()[-1]
+    assert row.endswith("| 1.00, 1.20, 1.40 (1.20) |"), row
