@@ -11,7 +11,10 @@ It also signs: ``Sign`` frames (the message follows as raw bytes) get DKIM
 headers back in ``Signed`` (relayd.signing sends them), with the keys sent
 once per child in ``SignKey`` frames; the child holds no other account or
 domain state, and a key is never used after the main process stops asking
-for it (a deleted domain's mail is refused before it is signed). The child
+for it (a deleted domain's mail is refused before it is signed). When a
+key's ``Signer`` is collected (domain deleted, key replaced), the children
+drop the key too (``ForgetKey``), so a long-running child does not keep
+every key it ever had. The child
 signs on its loop, the waiting ``Sign`` frames in slices of ``SIGN_SLICE``
 with the RSA operations back to back (``dkim.sign_many``), reading its
 deliveries' replies between slices.
@@ -50,6 +53,7 @@ import os
 import signal
 import socket
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -130,11 +134,17 @@ class Signed(msgspec.Struct, array_like=True, tag=7):
     error: str = ""
 
 
+class ForgetKey(msgspec.Struct, array_like=True, tag=8):
+    """A key no longer used (its ``Signer`` is gone: domain deleted, key replaced)."""
+
+    key_id: int
+
+
 class SigningUnavailable(Exception):
     """The child died before answering a ``Sign``: sign elsewhere."""
 
 
-ToAgent = Configure | Job | Close | SignKey | Sign
+ToAgent = Configure | Job | Close | SignKey | Sign | ForgetKey
 
 
 class _Framed(asyncio.Protocol):
@@ -372,6 +382,7 @@ class AgentPool:
         self.closing = False
         self._agents = [_Agent(self, n) for n in range(processes)]
         self._ids = 0
+        self._watched: set[int] = set()  # key ids whose Signer is watched (see _forget)
 
     def child_cfg(self) -> DeliveryConfig:
         """The settings of one child: the per-hop connection bound is shared out."""
@@ -474,11 +485,25 @@ class AgentPool:
             if signer.key_id not in agent.sent_keys:
                 side.send(SignKey(signer.key_id, signer.domain, signer.selector, signer.pem))
                 agent.sent_keys.add(signer.key_id)
+                if signer.key_id not in self._watched:
+                    self._watched.add(signer.key_id)
+                    watch = weakref.finalize(signer, _forget_key, weakref.ref(self),
+                                             asyncio.get_running_loop(), signer.key_id)
+                    watch.atexit = False
         self._ids += 1
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         agent.signing[self._ids] = fut
         side.send(Sign(self._ids, [s.key_id for s in signers], now, len(data)), data)
         return fut
+
+    def _forget(self, key_id: int) -> None:
+        """A key's Signer is gone: every child that has the key drops it (``ForgetKey``)."""
+        self._watched.discard(key_id)
+        for a in self._agents:
+            if key_id in a.sent_keys:
+                a.sent_keys.discard(key_id)
+                if a.side is not None and a.side.transport is not None:
+                    a.side.send(ForgetKey(key_id))
 
     async def close(self) -> None:
         """Ask every child to stop (QUIT its connections) and wait; kill one that hangs."""
@@ -495,6 +520,18 @@ class AgentPool:
                 a.proc.kill()
         if hanging:
             await asyncio.gather(*hanging, return_exceptions=True)
+
+
+def _forget_key(pool: weakref.ref[AgentPool], loop: asyncio.AbstractEventLoop,
+                key_id: int) -> None:
+    """A watched Signer was collected (in any thread): tell the pool on its loop."""
+    live = pool()
+    if live is None:
+        return
+    try:
+        loop.call_soon_threadsafe(live._forget, key_id)
+    except RuntimeError:
+        pass  # the loop is closed: so are the children
 
 
 # -- the child side -----------------------------------------------------------------
@@ -530,6 +567,8 @@ class _ChildSide(_Framed):
             self._sign(frame, tail)
         elif isinstance(frame, SignKey):
             self._add_key(frame)
+        elif isinstance(frame, ForgetKey):
+            self.signers.pop(frame.key_id, None)
         elif isinstance(frame, Close) and not self.closing.done():
             self.closing.set_result(None)
 

@@ -277,3 +277,43 @@ async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> Non
         assert answers == [dkim.signature_headers([good], m, now) for m in msgs]
     finally:
         await pool.close()
+
+
+async def test_a_key_whose_signer_is_gone_is_dropped_by_the_agent() -> None:
+    """When a key's Signer is collected (domain deleted, key replaced), the child drops the
+    key: a Sign naming it afterwards is refused, so no child keeps every key it ever had."""
+    import gc
+
+    from relayd import dkim
+    from relayd.config import DeliveryConfig
+    from relayd.delivery_agent import AgentPool, Sign
+
+    now = 1_700_000_000
+    msg = b"From: a@example.com\r\n\r\nbody\r\n"
+    pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
+    await pool.start()
+    try:
+        signer = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
+        first = pool.sign([signer], msg, now)
+        assert first is not None
+        assert await first == dkim.signature_headers([signer], msg, now)
+        key_id = signer.key_id
+        agent = pool._agents[0]
+        assert key_id in agent.sent_keys
+        del signer, first
+        gc.collect()
+        for _ in range(100):
+            if key_id not in agent.sent_keys:
+                break
+            await asyncio.sleep(0.01)
+        assert key_id not in agent.sent_keys
+        # Ask the child for that key anyway, as the pool never would: it no longer has it.
+        assert agent.side is not None
+        pool._ids += 1
+        probe: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        agent.signing[pool._ids] = probe
+        agent.side.send(Sign(pool._ids, [key_id], now, len(msg)), msg)
+        with pytest.raises(RuntimeError, match="unknown DKIM key"):
+            await asyncio.wait_for(probe, 10)
+    finally:
+        await pool.close()
