@@ -270,7 +270,7 @@ async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> Non
         futs = [pool.sign(k, m, now) for k, m in zip(keys, msgs, strict=True)]
         started = [f for f in futs if f is not None]
         assert len(started) == 20
-        answers = await asyncio.gather(*started, return_exceptions=True)
+        answers = await asyncio.wait_for(asyncio.gather(*started, return_exceptions=True), 30)
         failed = answers.pop(9)
         assert isinstance(failed, RuntimeError) and "unknown DKIM key" in str(failed)
         del msgs[9]
