@@ -255,7 +255,7 @@ async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> Non
     in the child fails its own message (the session then says 451), the rest are signed."""
     from relayd import dkim
     from relayd.config import DeliveryConfig
-    from relayd.delivery_agent import AgentPool
+    from relayd.delivery_agent import SIGN_SLICE, AgentPool
 
     now = 1_700_000_000
     pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
@@ -264,16 +264,18 @@ async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> Non
         good = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
         bad = dkim.Signer("example.org", "s2", dkim.generate_private_key("ed25519"))
         bad.pem = b"not a key"  # what the child gets: it cannot load it
-        msgs = [b"From: a@example.com\r\n\r\nbody %d\r\n" % i for i in range(20)]
         # More than one slice of the child's signing (SIGN_SLICE), the bad key in the middle.
-        keys = [[bad] if i == 9 else [good] for i in range(20)]
+        n = SIGN_SLICE + 12
+        middle = n // 2
+        msgs = [b"From: a@example.com\r\n\r\nbody %d\r\n" % i for i in range(n)]
+        keys = [[bad] if i == middle else [good] for i in range(n)]
         futs = [pool.sign(k, m, now) for k, m in zip(keys, msgs, strict=True)]
         started = [f for f in futs if f is not None]
-        assert len(started) == 20
+        assert len(started) == n
         answers = await asyncio.wait_for(asyncio.gather(*started, return_exceptions=True), 30)
-        failed = answers.pop(9)
+        failed = answers.pop(middle)
         assert isinstance(failed, RuntimeError) and "unknown DKIM key" in str(failed)
-        del msgs[9]
+        del msgs[middle]
         assert answers == [dkim.signature_headers([good], m, now) for m in msgs]
     finally:
         await pool.close()
