@@ -419,16 +419,13 @@ class Spool:
                         await db.execute("ROLLBACK TO op")
                         await db.execute("RELEASE op")
                         errors[n] = exc
-            if not purged:
-                # The sessions get their answers from the database thread's own wake-up
-                # of the loop: one loop turn before this task would hand them out.
-                await _in_thread(db, _apply_then, asyncio.get_running_loop(),
-                                 functools.partial(self._settle, batch, results, errors),
-                                 _raw(db), accepts, records, results, errors, not begun, True,
-                                 self.bodies)
+            # Without a purge, the sessions get their answers from the database thread's
+            # own wake-up of the loop: one loop turn before this task would hand them out.
+            settle = None if purged else functools.partial(self._settle, batch, results, errors)
+            await _in_thread(db, _apply_then, asyncio.get_running_loop(), settle, _raw(db),
+                             accepts, records, results, errors, not begun, True, self.bodies)
+            if settle is not None:
                 return
-            await _in_thread(db, _apply_plain, _raw(db), accepts, records, results, errors,
-                             not begun, True, self.bodies)
             if self.bodies.ids:  # a purge deleted rows: their files go too
                 await _in_thread(db, self.bodies.reconcile, _raw(db))
         except Exception as exc:
@@ -565,11 +562,12 @@ def _apply_plain(conn_of: Callable[[], sqlite3.Connection], msgs: list[NewMessag
         bodies.committed()
 
 
-def _apply_then(loop: asyncio.AbstractEventLoop, then: Callable[[], None],
+def _apply_then(loop: asyncio.AbstractEventLoop, then: Callable[[], None] | None,
                 *args: Any) -> None:
     """On the database thread: ``_apply_plain(*args)``; once it committed, ``then`` on the loop."""
     _apply_plain(*args)
-    loop.call_soon_threadsafe(then)
+    if then is not None:
+        loop.call_soon_threadsafe(then)
 
 
 def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
@@ -577,7 +575,7 @@ def _apply_one_by_one(conn: sqlite3.Connection, records: list[tuple[int, Any]],
     for n, payload in records:
         conn.execute("SAVEPOINT op")
         try:
-            results[n] = _apply_record(conn, *payload)
+            results[n] = _apply_records(conn, [payload])[0]
             conn.execute("RELEASE op")
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
@@ -805,24 +803,20 @@ def _log_results(conn: sqlite3.Connection, results: Sequence[AttemptResult]) -> 
 
 
 def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
-                  finished: list[int], complete: bool = False) -> list[int]:
-    """Store attempts; delete the candidate messages that have no pending recipient."""
-    if results and not complete:
+                  finished: list[int]) -> list[int]:
+    """Store attempts; delete the candidate messages that have no pending recipient.
+
+    For results that are not ``complete`` (see ``_apply_records``, which does those).
+    """
+    if results:
         conn.executemany(
             "UPDATE recipients SET status=?, attempts=attempts+1, next_attempt=?,"
             " last_code=?, last_error=?, leased=0 WHERE message_id=? AND idx=?",
             [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
              for r in results],
         )
-    if results:
         _log_results(conn, results)
     done: list[int] = []
-    if complete:  # every pending recipient was answered finally: no check needed
-        for m in finished:
-            conn.execute("DELETE FROM recipients WHERE message_id=?", (m,))
-            if conn.execute("DELETE FROM messages WHERE id=?", (m,)).rowcount:
-                done.append(m)
-        return done
     for m in finished:
         cur = conn.execute(
             "DELETE FROM messages WHERE id=? AND NOT EXISTS (SELECT 1 FROM recipients"
