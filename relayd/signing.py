@@ -45,7 +45,7 @@ class RemoteSigner(Protocol):
 
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[bytes]", list[Any], bytes, int]
-_Result = tuple["asyncio.Future[bytes]", Any, bool]
+_Result = tuple["asyncio.Future[bytes]", bytes | Exception]
 
 
 class DkimSigning:
@@ -112,14 +112,12 @@ class DkimSigning:
                     jobs.put(None)  # for this thread's next turn: finish the batch first
                     break
                 batch.append(more)
+            # An exception is handed to its session (logged there, 451).
+            outs = dkim.sign_many([(signers, data, now) for _l, _f, signers, data, now in batch],
+                                  crlf_only=True)
             done: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
-            for loop, fut, signers, data, now in batch:
-                try:
-                    out: Any = dkim.signature_headers(signers, data, now, crlf_only=True)
-                    ok = True
-                except Exception as exc:  # handed to the session: logged there, 451
-                    out, ok = exc, False
-                done.setdefault(loop, []).append((fut, out, ok))
+            for (loop, fut, *_), out in zip(batch, outs, strict=True):
+                done.setdefault(loop, []).append((fut, out))
             for loop, results in done.items():
                 try:
                     loop.call_soon_threadsafe(_resolve, results)
@@ -142,10 +140,10 @@ class DkimSigning:
 
 def _resolve(results: list[_Result]) -> None:
     """On the loop: hand each signing result to its session."""
-    for fut, out, ok in results:
+    for fut, out in results:
         if fut.done():
             continue  # the session went away (cancelled)
-        if ok:
-            fut.set_result(out)
-        else:
+        if isinstance(out, Exception):
             fut.set_exception(out)
+        else:
+            fut.set_result(out)

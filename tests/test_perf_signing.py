@@ -43,7 +43,7 @@ async def test_no_signer_returns_data_unchanged() -> None:
 async def test_a_signing_error_reaches_the_session() -> None:
     """An exception in a signing thread is raised from ``sign``; the threads keep working."""
     class Broken:
-        def sign_prepared(self, prepared: object, now: int) -> bytes:
+        def _unsigned(self, prepared: object, now: int) -> tuple[bytes, bytes, int]:
             raise ValueError("bad key")
 
     good = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
