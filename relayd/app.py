@@ -146,7 +146,8 @@ class Relay:
         helo = cfg.delivery.helo_name or cfg.server.hostname
         mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
         self.deliverer = Deliverer(cfg.delivery, helo, mx=mx,
-                                   agent_processes=cfg.delivery.agent_processes)
+                                   agent_processes=cfg.delivery.agent_processes,
+                                   signing_process=cfg.dkim.enabled and cfg.dkim.signing_process)
         await self.deliverer.start()
         d = cfg.delivery
         self.scheduler = Scheduler(
@@ -162,8 +163,9 @@ class Relay:
                                    self.scheduler, log=self.log.info)
         await self.lifecycle.load()
         await self.scheduler.start()
-        # With delivery agents, DKIM is signed in them (no GIL shared with this
-        # loop); the local signing thread covers the time no agent runs.
+        # With delivery agents, DKIM is signed in a child (no GIL shared with this
+        # loop): the signing child, or the agents; the local signing thread
+        # covers the time no such child runs.
         self.signer = DkimSigning(remote=self.deliverer.agents) if cfg.dkim.enabled else None
         tls = self._tls = _tls_context(cfg)
         self.ctx = SmtpContext(

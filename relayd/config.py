@@ -177,6 +177,9 @@ class DkimConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     algorithm: Literal["rsa", "ed25519"] = "rsa"
     dual_ed25519: bool = False
+    # With delivery agents: sign in one more child process that only signs, so
+    # signing never delays the agents' deliveries (false: the agents sign).
+    signing_process: bool = True
 
 
 class DnsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -567,7 +567,8 @@ class Deliverer:
 
     def __init__(self, cfg: DeliveryConfig, helo: str,
                  tls_context: ssl.SSLContext | None = None,
-                 mx: MxLookup | None = None, agent_processes: int = 0) -> None:
+                 mx: MxLookup | None = None, agent_processes: int = 0,
+                 signing_process: bool = False) -> None:
         self._cfg = cfg
         self.helo = helo
         self.tls_context = tls_context
@@ -578,7 +579,7 @@ class Deliverer:
         if agent_processes > 0:
             from relayd.delivery_agent import AgentPool
 
-            self.agents = AgentPool(cfg, helo, agent_processes)
+            self.agents = AgentPool(cfg, helo, agent_processes, signer=signing_process)
 
     @property
     def cfg(self) -> DeliveryConfig:

@@ -19,6 +19,16 @@ frames in slices of ``SIGN_SLICE``
 with the RSA operations back to back (``dkim.sign_many``), reading its
 deliveries' replies between slices.
 
+With ``signer=True`` (``[dkim] signing_process``, the default) one more child
+runs, the same program, that only signs: it is never given a ``Job``. Measured
+(bench/RESULTS.md, S2 with DKIM): when the agents also sign, a loop busy with
+RSA reads its deliveries' replies late, delivery falls behind acceptance and
+the send queue grows (1,800-2,120 delivered vs 2,350-2,750 accepted msg/s);
+with the signing child delivery keeps pace with acceptance (2,190-2,440 msg/s
+end to end, +13 % median) for the same CPU per message. A signing child that
+is not running (starting, restarting) makes ``sign`` return None: the caller
+signs locally meanwhile.
+
 Wire: a Unix socketpair per child, frames of a 4-byte big-endian length and a
 msgpack body (msgspec, tagged array-like structs). Parent to child:
 ``Configure`` (first, and after a reload), ``Job``, ``Close``. Child to
@@ -40,8 +50,9 @@ child says QUIT on its pooled connections and exits.
 
 Untrusted input: none new (replies of remote servers are handled by
 relayd.delivery inside the child; frames come only from our own process).
-Settings read: [delivery] agent_processes, and everything relayd.delivery
-reads (sent to the child in ``Configure``).
+Settings read: [delivery] agent_processes, [dkim] signing_process (through
+relayd.app), and everything relayd.delivery reads (sent to the child in
+``Configure``).
 See also: relayd.delivery (``Deliverer`` uses ``AgentPool`` when
 ``agent_processes > 0``), relayd.scheduler.
 """
@@ -381,11 +392,14 @@ class _Agent:
 class AgentPool:
     """Delivery agent processes seen as one ``send``; the least busy one takes a job."""
 
-    def __init__(self, cfg: DeliveryConfig, helo: str, processes: int) -> None:
+    def __init__(self, cfg: DeliveryConfig, helo: str, processes: int,
+                 signer: bool = False) -> None:
         self.cfg = cfg
         self.helo = helo
         self.closing = False
-        self._agents = [_Agent(self, n) for n in range(processes)]
+        self._agents = [_Agent(self, n) for n in range(processes)]  # deliver (and sign)
+        self._signer = _Agent(self, processes) if signer else None  # only signs
+        self._children = self._agents + ([self._signer] if self._signer else [])
         self._ids = 0
         self._watched: set[int] = set()  # key ids whose Signer is watched (see _forget)
 
@@ -398,22 +412,34 @@ class AgentPool:
     async def start(self) -> None:
         """Start every child (returns once each is connected)."""
         loop = asyncio.get_running_loop()
-        for a in self._agents:
+        for a in self._children:
             a.task = loop.create_task(a.supervise())
-        await asyncio.wait_for(asyncio.gather(*(a.ready.wait() for a in self._agents)), 30)
+        await asyncio.wait_for(asyncio.gather(*(a.ready.wait() for a in self._children)), 30)
 
     def reconfigure(self, cfg: DeliveryConfig) -> None:
         """New settings (reload) for every running child and every future one."""
         self.cfg = cfg
-        for a in self._agents:
+        for a in self._children:
             if a.side is not None and a.ready.is_set():
                 a.side.send(Configure(self.child_cfg(), self.helo))
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the running children (for tests and status)."""
+        return [a.proc.pid for a in self._children
+                if a.proc is not None and a.proc.returncode is None]
+
+    @property
+    def delivery_pids(self) -> list[int]:
+        """Process ids of the running children that deliver (all but the signing one)."""
         return [a.proc.pid for a in self._agents
                 if a.proc is not None and a.proc.returncode is None]
+
+    @property
+    def signer_pid(self) -> int | None:
+        """Process id of the signing child, if one runs (for tests and status)."""
+        a = self._signer
+        return a.proc.pid if a and a.proc is not None and a.proc.returncode is None else None
 
     @property
     def connections_opened(self) -> int:
@@ -482,7 +508,8 @@ class AgentPool:
         is never reused, so a rotated key is a new one. The future fails with
         SigningUnavailable if the child dies first.
         """
-        agent = min(self._agents, key=lambda a: len(a.pending) + len(a.signing))
+        agent = self._signer or min(self._agents,
+                                    key=lambda a: len(a.pending) + len(a.signing))
         side = agent.side
         if not agent.ready.is_set() or side is None:
             return None
@@ -504,7 +531,7 @@ class AgentPool:
     def _forget(self, key_id: int) -> None:
         """A key's Signer is gone: every child that has the key drops it (``ForgetKey``)."""
         self._watched.discard(key_id)
-        for a in self._agents:
+        for a in self._children:
             if key_id in a.sent_keys:
                 a.sent_keys.discard(key_id)
                 if a.side is not None and a.side.transport is not None:
@@ -513,14 +540,14 @@ class AgentPool:
     async def close(self) -> None:
         """Ask every child to stop (QUIT its connections) and wait; kill one that hangs."""
         self.closing = True
-        for a in self._agents:
+        for a in self._children:
             if a.side is not None and a.side.transport is not None:
                 a.side.send(Close())
-        tasks = [a.task for a in self._agents if a.task is not None]
+        tasks = [a.task for a in self._children if a.task is not None]
         if not tasks:
             return
         _done, hanging = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
-        for a in self._agents:
+        for a in self._children:
             if a.task in hanging and a.proc is not None and a.proc.returncode is None:
                 a.proc.kill()
         if hanging:

@@ -68,7 +68,9 @@ async def test_delivery_reaches_the_sink(relay_factory: RelayFactory, sink: Sink
     relay = await relay_factory({"delivery": {"agent_processes": agents}})
     pool = relay.relay.deliverer.agents
     if agents:
-        assert pool is not None and len(pool.pids) == 1 and os.getpid() not in pool.pids
+        assert pool is not None and len(pool.delivery_pids) == 1
+        assert pool.signer_pid is not None  # DKIM is on: a signing child runs too
+        assert os.getpid() not in pool.pids
     else:
         assert pool is None
     account = await _account(relay)
@@ -135,12 +137,12 @@ async def test_killed_agent_loses_nothing(relay_factory: RelayFactory) -> None:
         account = await _account(relay)
         sending = asyncio.ensure_future(submit(relay, account, ["r@dest.test"], count=60))
         await sink.wait_for(5)
-        [pid] = pool.pids
+        [pid] = pool.delivery_pids
         os.kill(pid, signal.SIGKILL)
         ids = await sending
 
         async def restarted() -> bool:
-            return bool(pool.pids) and pool.pids != [pid]
+            return bool(pool.delivery_pids) and pool.delivery_pids != [pid]
 
         await eventually(restarted)
         assert not _alive(pid)
@@ -173,12 +175,13 @@ async def test_relay_stop_stops_the_agent(relay_factory: RelayFactory, sink: Sin
     relay = await relay_factory({"delivery": {"agent_processes": 1}})
     pool = relay.relay.deliverer.agents
     assert pool is not None
-    [pid] = pool.pids
+    pids = pool.pids
+    assert len(pids) == 2  # the delivering child and the signing one
     account = await _account(relay)
     await submit(relay, account, ["a@dest.test"])
     await sink.wait_for(1)
     await relay.stop()
-    assert not pool.pids and not _alive(pid)
+    assert not pool.pids and not any(_alive(pid) for pid in pids)
 
 
 async def test_agent_follows_the_daemon(tmp_path: Path, sink: Sink) -> None:
@@ -187,19 +190,22 @@ async def test_agent_follows_the_daemon(tmp_path: Path, sink: Sink) -> None:
     rp = RelayProcess(tmp_path / "a", sink.address)
     await rp.start()
     assert rp.proc is not None
-    [child] = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    # The delivering child and the signing one (DKIM is on by default).
+    children = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    assert len(children) == 2
     assert await rp.terminate() == 0
-    assert not _alive(child)
+    assert not any(_alive(child) for child in children)
 
     (tmp_path / "b").mkdir()
     rp = RelayProcess(tmp_path / "b", sink.address)
     await rp.start()
     assert rp.proc is not None
-    [child] = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    children = await eventually(lambda: _async(_children(rp.proc.pid)))  # type: ignore[union-attr]
+    assert len(children) == 2
     await rp.kill()
 
     async def gone() -> bool:
-        return not _alive(child)
+        return not any(_alive(child) for child in children)
 
     await eventually(gone, timeout=5)
 
@@ -319,3 +325,55 @@ async def test_a_key_whose_signer_is_gone_is_dropped_by_the_agent() -> None:
             await asyncio.wait_for(probe, 10)
     finally:
         await pool.close()
+
+
+async def test_the_signing_child_only_signs_and_comes_back_after_a_kill(sink: Sink) -> None:
+    """With ``signer=True`` one more child signs every message and delivers none; the
+    delivering child never sees a key. Killed, the signing child fails what it had not
+    answered (SigningUnavailable: the session signs locally), deliveries go on, and a
+    new signing child takes over, with the keys sent to it afresh."""
+    from relayd import dkim
+    from relayd.config import DeliveryConfig
+    from relayd.delivery import Hop
+    from relayd.delivery_agent import AgentPool, SigningUnavailable
+
+    now = 1_700_000_000
+    msg = b"From: a@example.com\r\nTo: b@example.net\r\n\r\nbody\r\n"
+    pool = AgentPool(DeliveryConfig(), "test.invalid", 1, signer=True)
+    await pool.start()
+    try:
+        first_signer = pool.signer_pid
+        assert first_signer is not None and len(pool.pids) == 2 and first_signer in pool.pids
+        signer = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
+        fut = pool.sign([signer], msg, now)
+        assert fut is not None
+        assert await asyncio.wait_for(fut, 10) == dkim.signature_headers([signer], msg, now)
+        assert not pool._agents[0].sent_keys  # the delivering child has no key
+
+        hop = Hop(sink.host, sink.port)
+        replies = await pool.send(hop, "a@example.com", ["b@example.net"], msg)
+        assert [r.code for r in replies] == [250]
+
+        # A Sign the signing child will never answer: it is killed first.
+        os.kill(first_signer, signal.SIGSTOP)
+        pending = pool.sign([signer], msg, now)
+        assert pending is not None
+        os.kill(first_signer, signal.SIGKILL)
+        with pytest.raises(SigningUnavailable):
+            await asyncio.wait_for(pending, 10)
+        replies = await pool.send(hop, "a@example.com", ["c@example.net"], msg)
+        assert [r.code for r in replies] == [250]  # delivery did not wait for the signer
+        await sink.wait_for(2)
+
+        async def replaced() -> bool:
+            return pool.signer_pid not in (None, first_signer)
+
+        await eventually(replaced)
+        again = pool.sign([signer], msg, now + 1)
+        assert again is not None
+        assert await asyncio.wait_for(again, 10) == dkim.signature_headers([signer], msg,
+                                                                           now + 1)
+        assert len(pool.pids) == 2
+    finally:
+        await pool.close()
+    assert not _alive(first_signer)

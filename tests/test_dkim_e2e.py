@@ -123,23 +123,35 @@ async def test_deleted_domain_key_no_longer_signs(relay: RelayHandle, sink: Sink
     assert verifies(data, published(recs), 0)
 
 
-@pytest.mark.parametrize("agents", [0, 1], ids=["local-thread", "agent"])
-async def test_signed_in_the_delivery_agent_when_one_runs(relay_factory: RelayFactory,
-                                                          sink: Sink, agents: int) -> None:
-    """With a delivery agent the RSA work runs in it (the main process starts no signing
-    thread); without one, in the local signing thread; both verify."""
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+@pytest.mark.parametrize(("agents", "signing_process"), [(0, True), (1, True), (1, False)],
+                         ids=["local-thread", "signing-child", "agent"])
+async def test_signed_in_a_child_when_one_runs(relay_factory: RelayFactory, sink: Sink,
+                                               agents: int, signing_process: bool) -> None:
+    """With delivery agents the RSA work runs in a child (the main process starts no
+    signing thread): the signing child by default, else the delivering agent; without
+    agents, in the local signing thread. All verify."""
+    relay = await relay_factory({"delivery": {"agent_processes": agents},
+                                 "dkim": {"signing_process": signing_process}})
     data, recs = await deliver_one(relay, sink)
     assert verifies(data, published(recs), 0)
     signer = relay.relay.signer
     assert signer is not None
     assert bool(signer._threads) is (agents == 0)
+    pool = relay.relay.deliverer.agents
+    if agents:
+        assert pool is not None
+        [delivering] = pool._agents
+        assert (pool._signer is not None) is signing_process
+        # The key went to the child that signed, and only to it.
+        assert bool(delivering.sent_keys) is not signing_process
+        if pool._signer is not None:
+            assert pool._signer.sent_keys
 
 
 async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
                                                        sink: Sink) -> None:
-    """A Sign the agent never answers (it was killed) is signed by the local thread: the
-    message is accepted, signed and verifies; later ones go to the restarted agent."""
+    """A Sign the signing child never answers (it was killed) is signed by the local
+    thread: the message is accepted, signed and verifies."""
     import asyncio
     import os
     import signal
@@ -150,8 +162,8 @@ async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
     assert pool is not None
     dom = await relay.ctl.add_domain("example.com")
     user, pw = await relay.ctl.add_user()
-    [agent] = pool._agents
-    assert agent.proc is not None
+    agent = pool._signer  # the child that signs (and only signs)
+    assert agent is not None and agent.proc is not None
     os.kill(agent.proc.pid, signal.SIGSTOP)  # it cannot answer...
     c = await relay.client(user, pw)
     send = asyncio.ensure_future(
