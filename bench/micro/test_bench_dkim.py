@@ -3,7 +3,7 @@
 Target: ``Signer.sign`` of a 1 KB message costs at most 1.2x the bare RSA-2048
 private-key operation on a 32-byte digest.
 
-Run: /tmp/probe/bin/pytest bench/micro/test_bench_dkim.py --benchmark-enable -p no:cacheprovider
+Run: .venv/bin/pytest bench/micro/test_bench_dkim.py --benchmark-enable -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ verification with the default parameters (the cache must make AUTH >= 200x
 cheaper); the policy decisions of one transaction; a spool group commit of 1
 and of 64 messages (``synchronous=FULL``: one fsync per commit, shared).
 
-Run: /tmp/probe/bin/pytest bench/micro/test_bench_hotpath.py --benchmark-enable -p no:cacheprovider
+Run: .venv/bin/pytest bench/micro/test_bench_hotpath.py --benchmark-enable -p no:cacheprovider
 """
 
 from __future__ import annotations

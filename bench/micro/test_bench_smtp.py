@@ -6,7 +6,7 @@ that commits instantly and no-op events: what the SMTP layer itself costs on the
 loop thread, without sockets, SQLite or logging. An S2-shaped variant sends 20
 messages on one connection.
 
-Run: /tmp/probe/bin/pytest bench/micro/test_bench_smtp.py --benchmark-enable -p no:cacheprovider
+Run: .venv/bin/pytest bench/micro/test_bench_smtp.py --benchmark-enable -p no:cacheprovider
 """
 
 from __future__ import annotations
