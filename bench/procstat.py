@@ -75,6 +75,21 @@ def tree_cpu_seconds(roots: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in tree_pids(roots))
 
 
+def tree_pids_running(roots: Iterable[int], args: Iterable[str]) -> list[int]:
+    """The processes of the tree whose command line holds ``args`` in a row."""
+    want = b"\0" + b"\0".join(a.encode() for a in args) + b"\0"
+    found = []
+    for pid in tree_pids(roots):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = b"\0" + f.read()
+        except OSError:
+            continue
+        if want in cmdline:
+            found.append(pid)
+    return found
+
+
 def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:

@@ -180,8 +180,32 @@ def test_dkim_cost_is_the_cpu_difference_over_the_bare_rsa_operation() -> None:
     plain = Result("S1", "relayd", "x", accepted=1000, cpu_s=0.3, bare_rsa_us=250.0)
     signed = Result("S1", "relayd-dkim", "x", accepted=1000, cpu_s=0.6, bare_rsa_us=250.0)
     table = dkim_cost([plain, signed])
-    assert table.splitlines()[-1] == "| S1 | 300 | 600 | 250 | 1.20 | - |"
+    assert table.splitlines()[-1] == "| S1 | 300 | 600 | 250 | 1.20 | - | - |"
     assert dkim_cost([plain]) == ""
+    # With the signing child's own CPU: its share per message, and that over the bare op.
+    signed.signer_cpu_s = 0.275
+    assert dkim_cost([plain, signed]).splitlines()[-1].endswith("| 1.20 | - | 275 (1.10) |")
+
+
+def test_the_signing_child_is_found_by_its_command_line() -> None:
+    """procstat finds a process of the tree by arguments in a row (relayd's signing child
+    says ``--role sign``), and not by the same words apart or in another order."""
+    import os
+    import subprocess
+    import sys
+
+    from bench import procstat
+
+    code = "import time; time.sleep(30)"
+    signing = subprocess.Popen([sys.executable, "-c", code, "--role", "sign"])
+    other = subprocess.Popen([sys.executable, "-c", code, "sign", "--role", "deliver"])
+    try:
+        found = procstat.tree_pids_running([os.getpid()], ("--role", "sign"))
+        assert found == [signing.pid]
+    finally:
+        for p in (signing, other):
+            p.kill()
+            p.wait()
 
 
 def test_rounds_give_paired_ratios_and_dkim_costs() -> None:
@@ -202,4 +226,4 @@ def test_rounds_give_paired_ratios_and_dkim_costs() -> None:
             in medians["relayd"].problems)
     assert medians["relayd-dkim"].dkim_costs == pytest.approx([1.0, 1.2, 1.4])
     row = dkim_cost(list(medians.values())).splitlines()[-1]
-    assert row.endswith("| 1.00, 1.20, 1.40 (1.20) |"), row
+    assert row.endswith("| 1.00, 1.20, 1.40 (1.20) | - |"), row

@@ -287,9 +287,10 @@ class _ParentSide(_Framed):
 class _Agent:
     """One child process and the jobs it has not answered yet."""
 
-    def __init__(self, pool: AgentPool, n: int) -> None:
+    def __init__(self, pool: AgentPool, n: int, role: str = "deliver") -> None:
         self.pool = pool
         self.n = n
+        self.role = role  # "deliver" or "sign": in the child's command line (ps, bench)
         self.proc: asyncio.subprocess.Process | None = None
         self.side: _ParentSide | None = None
         # job id -> (who gets the replies, number of recipients)
@@ -311,7 +312,8 @@ class _Agent:
                 p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relayd.delivery_agent", "--fd", str(child.fileno()),
-                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=env)
+                "--role", self.role, pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, env=env)
         except BaseException:
             parent.close()
             raise
@@ -398,7 +400,7 @@ class AgentPool:
         self.helo = helo
         self.closing = False
         self._agents = [_Agent(self, n) for n in range(processes)]  # deliver (and sign)
-        self._signer = _Agent(self, processes) if signer else None  # only signs
+        self._signer = _Agent(self, processes, "sign") if signer else None  # only signs
         self._children = self._agents + ([self._signer] if self._signer else [])
         self._ids = 0
         self._watched: set[int] = set()  # key ids whose Signer is watched (see _forget)
@@ -678,10 +680,17 @@ async def _serve(fd: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child: ``python -m relayd.delivery_agent --fd N``."""
+    """Entry point of the child: ``python -m relayd.delivery_agent --fd N [--role R]``.
+
+    The role (``deliver`` or ``sign``) only names the child in its command line:
+    what it does is what the parent sends it.
+    """
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 4 and args[2] == "--role" and args[3] in ("deliver", "sign"):
+        args = args[:2]
     if len(args) != 2 or args[0] != "--fd":
-        print("usage: python -m relayd.delivery_agent --fd N", file=sys.stderr)
+        print("usage: python -m relayd.delivery_agent --fd N [--role deliver|sign]",
+              file=sys.stderr)
         return 2
     # The parent decides when we stop (Close, or end-of-file when it is gone).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
