@@ -6,7 +6,11 @@ message it measures the accept latency: from writing the final "." of DATA to
 reading the reply.  Prints one JSON object with the results.
 
     python -m bench.loadgen --target 127.0.0.1:2525 --sessions 50 --messages 20000 \
-        --per-conn 1 --size 1024 [--auth-user U --auth-pass P]
+        --per-conn 1 --size 1024 [--auth-user U --auth-pass P | --auth-file F]
+
+``--auth-file`` gives each connection a credential of its own (USER<TAB>PASSWORD
+lines, taken in turn): with as many fresh accounts as connections, no login
+finds relayd's credential cache warm (argon2 on every login).
 
 Idle mode (memory per connection): open N sessions, EHLO (and AUTH), hold them
 open for --hold seconds, then QUIT:
@@ -35,6 +39,10 @@ try:
 except ImportError:  # plain asyncio still works, only slower
     uvloop = None  # type: ignore[assignment]
 
+
+
+def _auth_plain(user: str, password: str) -> bytes:
+    return b"AUTH PLAIN " + base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
 
 class SmtpError(Exception):
     def __init__(self, stage: str, code: int, text: str):
@@ -103,8 +111,13 @@ class LoadGen:
         self.pid = os.getpid()
         self.auth = None
         if a.auth_user is not None:
-            cred = b"\0" + a.auth_user.encode() + b"\0" + (a.auth_pass or "").encode()
-            self.auth = b"AUTH PLAIN " + base64.b64encode(cred)
+            self.auth = _auth_plain(a.auth_user, a.auth_pass or "")
+        # --auth-file: a credential of its own for each connection, in turn
+        self.auths: list[bytes] = []
+        if a.auth_file:
+            with open(a.auth_file) as f:
+                self.auths = [_auth_plain(*line.rstrip("\n").split("\t", 1))
+                              for line in f if line.strip()]
 
     def note_error(self, key: str, msg: str) -> None:
         self.errors[key] += 1
@@ -118,7 +131,9 @@ class LoadGen:
         try:
             await c.reply("greeting", 2)
             await c.cmd(b"EHLO " + self.a.helo.encode(), "ehlo", 2)
-            if self.auth is not None:
+            if self.auths:
+                await c.cmd(self.auths[(self.connections - 1) % len(self.auths)], "auth", 2)
+            elif self.auth is not None:
                 await c.cmd(self.auth, "auth", 2)
         except BaseException:
             c.close()
@@ -211,7 +226,7 @@ class LoadGen:
             "messages": self.a.messages,
             "per_conn": self.a.per_conn,
             "size": self.a.size,
-            "auth": self.auth is not None,
+            "auth": self.auth is not None or bool(self.auths),
             "accepted": self.accepted,
             "failed": self.failed,
             "connections": self.connections,
@@ -269,7 +284,7 @@ class LoadGen:
             "alive_after_hold": alive,
             "open_s": round(opened, 3),
             "hold_s": self.a.hold,
-            "auth": self.auth is not None,
+            "auth": self.auth is not None or bool(self.auths),
             "errors": dict(self.errors),
             "first_error": self.first_error,
         }
@@ -287,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--helo", default="loadgen.bench.local")
     ap.add_argument("--auth-user")
     ap.add_argument("--auth-pass")
+    ap.add_argument("--auth-file", help="USER<TAB>PASSWORD lines: one per connection, in turn")
     ap.add_argument("--idle", type=int, default=0, help="idle mode: open this many sessions")
     ap.add_argument("--hold", type=float, default=10.0, help="idle mode: seconds to hold")
     ap.add_argument("--open-concurrency", type=int, default=50)

@@ -112,6 +112,7 @@ def bench_overrides(workdir: Path, dkim: bool) -> dict[str, dict[str, Any]]:
 class RelaydRelay(System):
     name = "relayd"
     dkim = False
+    cold_auth = True
 
     def start(self) -> None:
         self.port = free_port()
@@ -185,6 +186,22 @@ class RelaydRelay(System):
         else:
             raise RuntimeError(f"no fallback for relayctl {args}")
         return msgspec.to_builtins(info)
+
+    def fresh_accounts(self, n: int) -> list[tuple[str, str]]:
+        """``n`` SMTP accounts made through the control socket, a few calls at a time
+        (each hashes its password with argon2 in relayd's hashing threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from control import schemas
+        from control.client import Client
+
+        def one(_: int) -> tuple[str, str]:
+            info = Client(str(self.sock)).call("POST", "/v1/users", schemas.Credentials,
+                                               schemas.UserAdd(domain=DOMAIN))
+            return info.username, info.password
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(one, range(n)))
 
     def log_tail(self, n: int = 25) -> str:
         try:

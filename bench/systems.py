@@ -22,10 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 class System:
     name = "?"
     relays = True          # messages travel on to the sink (end-to-end measurable)
+    cold_auth = False      # can make fresh accounts (S3-cold: argon2 on every login)
     auth_user: str | None = None
     auth_password: str | None = None
+    auth_file: Path | None = None  # S3-cold: one fresh account per connection
     mail_from = "sender@bench.example"
     notes: list[str]
+
+    def fresh_accounts(self, n: int) -> list[tuple[str, str]]:
+        """``n`` new accounts (username, password) nobody has logged in with (S3-cold)."""
+        raise NotImplementedError(f"{self.name} has no accounts of its own")
 
     def __init__(self, base: Path, sink: Sink):
         self.base = base

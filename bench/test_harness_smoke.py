@@ -171,6 +171,25 @@ def test_relayd_relays_everything_to_the_sink(base: Path) -> None:
     assert r.accepted == 60 and r.delivered == 60, r
 
 
+@needs_sink
+def test_cold_auth_logs_in_with_a_fresh_account_per_connection(base: Path) -> None:
+    """S3-cold: as many fresh relayd accounts as connections, each used once (so every
+    login misses the credential cache), all accepted; the ratio line compares it to S3."""
+    from bench.run import Result, auth_cache_ratio
+
+    sc = Scenario("S3-cold", "smoke", "loadgen", messages=4, sessions=2, size=1024,
+                  per_conn=1, auth=True, cold=True)
+    r = measure(sc, "relayd", base, harness_args(warmup=5))
+    assert r.error is None, (r, r.problems)
+    assert r.accepted == 4 and r.delivered == 4, r
+    accounts = (base / "S3-cold-relayd" / "accounts.tsv").read_text().splitlines()
+    assert len({line.split("\t")[0] for line in accounts}) == 4
+    assert r.tool["connections"] == 4
+    warm = Result("S3", "relayd", "x", accepted_per_s=2000.0)
+    line = auth_cache_ratio([warm, Result("S3-cold", "relayd", "x", accepted_per_s=10.0)])
+    assert line.endswith("= **200x**"), line
+
+
 def test_dkim_cost_is_the_cpu_difference_over_the_bare_rsa_operation() -> None:
     """The DKIM cost row: (CPU/msg with DKIM - without) / bare RSA, per scenario."""
     from bench.run import Result, bare_rsa_us, dkim_cost
