@@ -106,6 +106,8 @@ def bench_overrides(workdir: Path, dkim: bool) -> dict[str, dict[str, Any]]:
         "smtp": {"max_connections": 5000, "max_connections_per_ip": 5000,
                  "max_message_size_bytes": 64 * 1024 * 1024},
         "dkim": {"enabled": dkim},
+        # S3-cold makes a fresh account per connection (--cold-logins, 200 by default)
+        "limits": {"max_accounts": 100_000},
     }
 
 
