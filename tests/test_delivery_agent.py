@@ -377,3 +377,15 @@ async def test_the_signing_child_only_signs_and_comes_back_after_a_kill(sink: Si
     finally:
         await pool.close()
     assert not _alive(first_signer)
+
+
+def test_the_child_refuses_a_command_line_it_does_not_know(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--fd N`` with an optional ``--role deliver|sign``; anything else is a usage error
+    (exit 2), never a child running on a bad socket."""
+    from relayd.delivery_agent import main
+
+    for argv in (["--fd"], ["--fd", "3", "--role"], ["--fd", "3", "--role", "boss"],
+                 ["--role", "sign", "--fd", "3"]):
+        assert main(argv) == 2, argv
+        assert "usage: python -m relayd.delivery_agent --fd N" in capsys.readouterr().err
