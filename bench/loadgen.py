@@ -40,9 +40,9 @@ except ImportError:  # plain asyncio still works, only slower
     uvloop = None  # type: ignore[assignment]
 
 
-
 def _auth_plain(user: str, password: str) -> bytes:
     return b"AUTH PLAIN " + base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+
 
 class SmtpError(Exception):
     def __init__(self, stage: str, code: int, text: str):

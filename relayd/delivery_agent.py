@@ -303,6 +303,12 @@ class _Agent:
         self.restarts = 0
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        proc = self.proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
     async def spawn(self) -> None:
         """Start the child and connect to it."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -428,20 +434,17 @@ class AgentPool:
     @property
     def pids(self) -> list[int]:
         """Process ids of the running children (for tests and status)."""
-        return [a.proc.pid for a in self._children
-                if a.proc is not None and a.proc.returncode is None]
+        return [pid for a in self._children if (pid := a.pid) is not None]
 
     @property
     def delivery_pids(self) -> list[int]:
         """Process ids of the running children that deliver (all but the signing one)."""
-        return [a.proc.pid for a in self._agents
-                if a.proc is not None and a.proc.returncode is None]
+        return [pid for a in self._agents if (pid := a.pid) is not None]
 
     @property
     def signer_pid(self) -> int | None:
         """Process id of the signing child, if one runs (for tests and status)."""
-        a = self._signer
-        return a.proc.pid if a and a.proc is not None and a.proc.returncode is None else None
+        return self._signer.pid if self._signer is not None else None
 
     @property
     def connections_opened(self) -> int:
