@@ -7,6 +7,7 @@ SYNOPSIS
     path = parse_mail_from("FROM:<user@example.com> SIZE=100", smtputf8_offered=True)
     path = parse_rcpt_to("TO:<user@example.com>", smtputf8=False)
     domain_of(path.address); in_domain(domain, account_domain)
+    is_address_literal(path.domain); literal_ip("[IPv6:2001:db8::1]")
 
 DESCRIPTION
     Owns the SMTP path grammar of RFC 5321 section 4.1.2, with the UTF-8
@@ -71,8 +72,10 @@ SETTINGS
 
 SEE ALSO
     relayd.replies (the replies), relayd.smtp (calls this), relayd.policy
-    (uses domain_of and in_domain for the sender check); RFC 5321, RFC 6531,
-    RFC 1870 (SIZE), RFC 6152 (8BITMIME).
+    (uses domain_of and in_domain for the sender check, is_address_literal
+    and literal_ip for recipients and next hops), relayd.mx (routes a
+    literal with literal_ip); RFC 5321, RFC 6531, RFC 1870 (SIZE),
+    RFC 6152 (8BITMIME).
 """
 
 from __future__ import annotations
@@ -86,13 +89,19 @@ from relayd import replies
 from relayd.replies import Reply
 
 __all__ = [
+    "IPAddress",
     "Path",
     "PathError",
     "domain_of",
     "in_domain",
+    "is_address_literal",
+    "literal_ip",
     "parse_mail_from",
     "parse_rcpt_to",
 ]
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PathError(Exception):
@@ -204,6 +213,28 @@ def in_domain(address_domain: str, account_domain: str) -> bool:
     a = address_domain.lower()
     b = account_domain.lower()
     return a == b or a.endswith("." + b)
+
+
+def is_address_literal(domain: str) -> bool:
+    """Whether a parsed domain is an address literal (``[192.0.2.1]``, ``[IPv6:...]``)."""
+    return domain.startswith("[")
+
+
+def literal_ip(domain: str) -> IPAddress | None:
+    """The IP address inside an address literal, or None for a domain name.
+
+    Raises ValueError for a malformed literal (a tag other than ``IPv6:``, an
+    IPv4 address under that tag, or not an address at all). Paths from
+    ``parse_rcpt_to`` never hold one.
+    """
+    if not is_address_literal(domain):
+        return None
+    if not domain.endswith("]"):
+        raise ValueError("address literal not closed by ]")
+    body = domain[1:-1]
+    if body[:5].upper() == "IPV6:":
+        return ipaddress.IPv6Address(body[5:])
+    return ipaddress.IPv4Address(body)
 
 
 # --- the full parser -----------------------------------------------------------

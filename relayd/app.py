@@ -62,7 +62,12 @@ EXIT_LISTEN = 4
 
 
 class _MxAdapter:
-    """relayd.mx behind the scheduler's route-error contract."""
+    """relayd.mx behind the scheduler's route-error contract.
+
+    Only addresses the destination policy allows come back ([delivery]
+    ``mx_allow_private``, ``mx_allowed_networks``); a domain whose every address
+    is refused fails with ``550 5.4.4`` (unable to route) and the reason.
+    """
 
     def __init__(self, cfg: Config) -> None:
         from relayd import mx
@@ -76,8 +81,12 @@ class _MxAdapter:
                 host, port = parse_hostport(entry, default_port=53)
                 hosts.append(host)
             ns = hosts
+        destinations = policy.DestinationPolicy(
+            allow_private=cfg.delivery.mx_allow_private,
+            allowed_networks=cfg.delivery.mx_allowed_networks)
         self.resolver = mx.MxResolver(nameservers=ns, port=port,
-                                      smtp_port=cfg.delivery.mx_port)
+                                      smtp_port=cfg.delivery.mx_port,
+                                      destinations=destinations)
 
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         try:
@@ -85,6 +94,8 @@ class _MxAdapter:
         except self._mx.PermanentRouteError as exc:
             if str(exc) == self._mx.NULL_MX_MESSAGE:
                 raise RouteError(str(exc), permanent=True, code=556, status="5.1.10") from None
+            if isinstance(exc, self._mx.RefusedRouteError):
+                raise RouteError(str(exc), permanent=True, code=550, status="5.4.4") from None
             raise RouteError(str(exc), permanent=True) from None
         except self._mx.RouteError as exc:
             raise RouteError(str(exc), permanent=False) from None
@@ -189,6 +200,7 @@ class Relay:
             max_connections=cfg.smtp.max_connections,
             max_connections_per_ip=cfg.smtp.max_connections_per_ip,
             smtputf8=cfg.smtp.smtputf8,
+            allow_address_literals=cfg.smtp.allow_address_literals,
         )
         self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log,
                                      before_scrape=self.refresh_gauges)

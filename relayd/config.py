@@ -105,6 +105,7 @@ class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     auth_failure_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # doubles each time
     auth_failure_max_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 8.0
     smtputf8: bool = True
+    allow_address_literals: bool = False  # RCPT TO:<user@[192.0.2.1]> (else 550 5.7.1)
 
     def __post_init__(self) -> None:
         _check_hostport("listen", self.listen)
@@ -149,10 +150,19 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     helo_name: str = ""
     dns_nameservers: tuple[str, ...] = ()
     mx_port: Port = 25  # the SMTP port of MX hosts (tests point it at a sink)
+    # MX mode connects to global addresses only; these open private ones (RFC 1918,
+    # 100.64/10, fc00::/7) or listed networks (loopback, link-local, private, reserved).
+    mx_allow_private: bool = False
+    mx_allowed_networks: tuple[str, ...] = ()
     routes: dict[str, str] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_hostport("smarthost", self.smarthost, 25)
+        for net in self.mx_allowed_networks:
+            try:
+                ipaddress.ip_network(net)
+            except ValueError as exc:
+                raise ValueError(f"mx_allowed_networks: bad network {net!r}: {exc}") from None
         for domain, target in self.routes.items():
             try:
                 parse_hostport(target, default_port=25)

@@ -32,7 +32,20 @@ Rules (RFC 5321 §5.1, RFC 7505):
   address was found: ``TemporaryRouteError``. A host whose lookup fails
   temporarily is skipped when other hosts do have addresses;
 - an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) routes to that
-  address without DNS. Whether such recipients are accepted is policy's call.
+  address without DNS. Whether such recipients are accepted is policy's call
+  (``[smtp] allow_address_literals``).
+
+Refused destinations: every address, from DNS or from a literal, is judged by
+the injected ``relayd.policy.DestinationPolicy`` (by default: only global
+addresses; loopback, link-local, unspecified, multicast, reserved and private
+ones are dropped unless ``[delivery] mx_allowed_networks`` / ``mx_allow_private``
+say otherwise), so neither a hostile zone nor a literal can aim mail at the
+relay itself, the cloud metadata service or an internal network. When every
+address found is refused, ``RefusedRouteError`` (a ``PermanentRouteError``)
+names them and why, as Postfix bounces "mail for X loops back to myself":
+the zone points at a place mail must not go, and retrying for days would not
+change it. When, besides, a host's lookup failed temporarily, the error is
+temporary (that host may yet have a usable address).
 
 Cache: answers (positive and negative, per name and type) are kept for their
 TTL (the smallest TTL of the answer and its CNAME chain; for negative answers
@@ -49,16 +62,16 @@ Untrusted input: the recipient domain (from a client, already accepted by
 policy) and every DNS answer (record counts, TTLs, names). Names are parsed
 by dnspython; invalid ones are permanent errors.
 Settings read: none directly; relayd.config passes nameservers, port and
-timeout (``[delivery.dns]``). ``nameservers=None`` uses the system
-configuration (/etc/resolv.conf).
+timeout (``[delivery.dns]``), and the ``DestinationPolicy`` built from
+``[delivery] mx_allow_private`` / ``mx_allowed_networks``. ``nameservers=None``
+uses the system configuration (/etc/resolv.conf).
 See also: relayd.delivery (connects to the hops, handles routing errors),
-RFC 5321 §5.1, RFC 7505.
+relayd.policy (DestinationPolicy), RFC 5321 §5.1, RFC 7505.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 from collections import OrderedDict
@@ -70,6 +83,9 @@ import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
+
+from relayd.address import literal_ip
+from relayd.policy import DestinationPolicy
 
 NULL_MX_MESSAGE = "domain does not accept mail (null MX)"
 
@@ -84,6 +100,10 @@ class RouteError(Exception):
 
 class PermanentRouteError(RouteError):
     """The domain cannot receive mail: fail the recipients (5.x.x)."""
+
+
+class RefusedRouteError(PermanentRouteError):
+    """Every address found is one mail must not go to (loopback, private...): fail."""
 
 
 class TemporaryRouteError(RouteError):
@@ -114,21 +134,22 @@ class _Temporary(Exception):
 
 def _address_literal(domain: str) -> str | None:
     """The IP address inside an RFC 5321 address literal, or None if not one."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-        version = 6
-    else:
-        version = 4
     try:
-        address = ipaddress.ip_address(inner)
+        address = literal_ip(domain)
     except ValueError:
         raise PermanentRouteError("invalid address literal") from None
-    if address.version != version:
-        raise PermanentRouteError("invalid address literal")
-    return str(address)
+    return None if address is None else str(address)
+
+
+_MAX_REFUSED_SHOWN = 5  # refused addresses named in an error text (then a count)
+
+
+def _refused_text(refused: list[str]) -> str:
+    """``"a (loopback) of mx, ..."``, the first few, and how many more."""
+    text = ", ".join(refused[:_MAX_REFUSED_SHOWN])
+    if len(refused) > _MAX_REFUSED_SHOWN:
+        text += f" and {len(refused) - _MAX_REFUSED_SHOWN} more"
+    return text
 
 
 def _host_text(name: dns.name.Name) -> str:
@@ -156,6 +177,7 @@ class MxResolver:
         max_negative_ttl: float = 900.0,
         max_mx_hosts: int = 10,
         max_addresses: int = 10,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
         resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
         if nameservers is not None:
@@ -175,6 +197,7 @@ class MxResolver:
         self._max_negative_ttl = max_negative_ttl
         self._max_mx_hosts = max_mx_hosts
         self._max_addresses = max_addresses
+        self._destinations = destinations if destinations is not None else DestinationPolicy()
 
     def clear_cache(self) -> None:
         """Forget every cached answer."""
@@ -185,6 +208,10 @@ class MxResolver:
         domain = domain.strip()
         literal = _address_literal(domain)
         if literal is not None:
+            reason = self._destinations.refusal(literal)
+            if reason is not None:
+                raise RefusedRouteError(
+                    f"address literal {domain} is a {reason} address: not delivered to")
             return [NextHop(literal, self._smtp_port, literal)]
         try:
             name = dns.name.from_text(domain.rstrip(".") + ".")
@@ -207,7 +234,7 @@ class MxResolver:
             hosts = self._order(exchanges)[: self._max_mx_hosts]
         else:
             hosts = [_host_text(name)]
-        return await self._hops(hosts, implicit=not answer.mx)
+        return await self._hops(_host_text(name), hosts, implicit=not answer.mx)
 
     def _order(self, exchanges: list[tuple[int, str]]) -> list[str]:
         """Host names by preference, equal preferences shuffled, duplicates dropped."""
@@ -221,7 +248,7 @@ class MxResolver:
             ordered.extend(h for h in group if h not in ordered)
         return ordered
 
-    async def _hops(self, hosts: list[str], *, implicit: bool) -> list[NextHop]:
+    async def _hops(self, domain: str, hosts: list[str], *, implicit: bool) -> list[NextHop]:
         """Look up every host's addresses concurrently and build the hop list."""
         jobs = [
             self._addresses(dns.name.from_text(host), rdtype)
@@ -232,6 +259,7 @@ class MxResolver:
         hops: list[NextHop] = []
         seen: set[str] = set()
         temporary: list[str] = []
+        refused: list[str] = []
         per_host = len(self._families)
         for i, host in enumerate(hosts):
             for result in results[i * per_host : (i + 1) * per_host]:
@@ -243,13 +271,25 @@ class MxResolver:
                 addresses = list(result)
                 self._rand.shuffle(addresses)
                 for address in addresses:
-                    if address not in seen and len(hops) < self._max_addresses:
-                        seen.add(address)
+                    if address in seen:
+                        continue
+                    seen.add(address)
+                    reason = self._destinations.refusal(address)
+                    if reason is not None:
+                        refused.append(f"{address} ({reason}) of {host}")
+                    elif len(hops) < self._max_addresses:
                         hops.append(NextHop(address, self._smtp_port, host))
         if hops:
             return hops
         if temporary:
-            raise TemporaryRouteError("address lookup failed: " + "; ".join(temporary))
+            text = "address lookup failed: " + "; ".join(temporary)
+            if refused:
+                text += "; refused addresses: " + _refused_text(refused)
+            raise TemporaryRouteError(text)
+        if refused:
+            raise RefusedRouteError(
+                f"no usable address for {domain}: every address of its mail hosts is one "
+                f"relayd does not deliver to: {_refused_text(refused)}")
         if implicit:
             raise PermanentRouteError("no MX and no address records for domain")
         raise PermanentRouteError("no address records for any MX host")

@@ -2,14 +2,19 @@
 
 Owns: the rules of SEMANTICS.md §3 and §6 that do not need I/O — may this
 session AUTH on this transport, may this account use this sender, may it add
-another recipient, is this size acceptable, is this client address throttled
-after failed AUTH attempts. Every function takes values (and a clock reading)
-and returns a Reply to send, or None to go on.
+another recipient (an address literal only when allowed), is this size
+acceptable, is this client address throttled after failed AUTH attempts.
+Every function takes values (and a clock reading) and returns a Reply to
+send, or None to go on. Also the one outbound decision of the same kind:
+which IP addresses MX delivery may connect to (``DestinationPolicy``: never
+loopback, link-local, unspecified, multicast or reserved addresses, private
+ones only when configured), used by relayd.mx.
 
 Interface cost: microseconds; these run on the event loop for every command.
 
 Untrusted input: values parsed from client commands (already validated for
-syntax by relayd.address). Settings read: [smtp], [limits] values passed in.
+syntax by relayd.address), addresses from DNS answers. Settings read: [smtp],
+[limits], [delivery] mx_allow_private and mx_allowed_networks, passed in.
 See also: relayd.replies, relayd.smtp (the adapter that calls these).
 """
 
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 from relayd import replies
 from relayd.accounts import Account
-from relayd.address import in_domain
+from relayd.address import in_domain, is_address_literal
 from relayd.replies import Reply
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,6 +93,18 @@ def recipient_allowed(current: int, maximum: int) -> Reply | None:
     """Refuse a RCPT past the per-message recipient limit."""
     if current >= maximum:
         return replies.TOO_MANY_RECIPIENTS
+    return None
+
+
+def recipient_domain_allowed(domain: str, *, allow_literals: bool) -> Reply | None:
+    """Refuse an address-literal recipient (``user@[192.0.2.1]``) unless literals are allowed.
+
+    In every delivery mode: a literal names a host rather than a mail domain, and
+    is the way to aim mail at an internal address (the relay's own, the cloud
+    metadata service, a private network), whoever does the delivery.
+    """
+    if not allow_literals and is_address_literal(domain):
+        return replies.ADDRESS_LITERAL
     return None
 
 
@@ -206,3 +223,99 @@ class AuthThrottle:
     def _prune(self, now: float) -> None:
         for ip in [ip for ip, f in self._by_ip.items() if now - f.last > self.forget_after]:
             del self._by_ip[ip]
+
+
+# --- outbound destinations ----------------------------------------------------
+#: What "private" means for ``mx_allow_private``: RFC 1918, shared address space
+#: (RFC 6598, carrier-grade NAT), unique local IPv6 (RFC 4193), and the
+#: deprecated IPv6 site-local block.
+_PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+              "fc00::/7", "fec0::/10")
+)
+#: Classes never connected to, whatever is configured: 0.0.0.0 and :: reach the
+#: local host, and a multicast address is no host at all.
+_NEVER = frozenset({"unspecified", "multicast", "invalid"})
+#: The NAT64 well-known prefix (RFC 6052): its addresses reach the IPv4 address
+#: in their last 32 bits.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+             ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a connection to ``ip`` reaches: the IPv4 address inside an
+    IPv4-mapped, NAT64 (64:ff9b::/96) or 6to4 IPv6 address, else ``ip``."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+    return ip
+
+
+def destination_class(address: str) -> str:
+    """The kind of an IP address for outbound delivery: "global" when it may be
+    connected to, else "loopback", "link-local", "unspecified", "multicast",
+    "private", "reserved" (every other special-purpose block: documentation,
+    benchmarking, 240/4, broadcast, ...) or "invalid" (not an IP address).
+
+    An IPv4-mapped, NAT64 or 6to4 IPv6 address (``::ffff:127.0.0.1``) is judged
+    as the IPv4 address it reaches. Uses the stdlib ``ipaddress`` properties; "reserved"
+    takes what ``is_global`` refuses beyond the named classes.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "invalid"
+    ip = _reached(ip)
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if any(ip.version == n.version and ip in n for n in _PRIVATE_NETWORKS):
+        return "private"
+    if ip.is_reserved or not ip.is_global:
+        return "reserved"
+    return "global"
+
+
+class DestinationPolicy:
+    """Which IP addresses MX delivery may connect to (SEMANTICS.md §6, address literals).
+
+    Global addresses always; loopback, link-local, reserved and private ones
+    only when inside ``allowed_networks`` (an internal MX on 10.x, a test
+    network on 127.0.0.0/8), private ones also with ``allow_private``;
+    unspecified and multicast addresses never. Static routes and the
+    smarthost are the operator's choice and are not judged here.
+    """
+
+    def __init__(self, *, allow_private: bool = False,
+                 allowed_networks: Iterable[str] = ()) -> None:
+        self.allow_private = allow_private
+        self._nets: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n) for n in allowed_networks)
+
+    def refusal(self, address: str) -> str | None:
+        """None when mail may go to ``address``; else its class, the reason it may not."""
+        kind = destination_class(address)
+        if kind == "global":
+            return None
+        if kind in _NEVER:
+            return kind
+        if kind == "private" and self.allow_private:
+            return None
+        if self._nets:
+            ip = ipaddress.ip_address(address)
+            reached = _reached(ip)
+            for net in self._nets:
+                if (ip.version == net.version and ip in net) or (
+                        reached.version == net.version and reached in net):
+                    return None
+        return kind

@@ -86,6 +86,9 @@ AUTH_SYNTAX = Reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]", "synt
 SENDER_NOT_ALLOWED = Reply(
     "553 5.7.1 Sender address not allowed for this account", "sender_not_allowed"
 )
+ADDRESS_LITERAL = Reply(
+    "550 5.7.1 Address literal recipients not accepted", "address_literal"
+)
 SIZE_EXCEEDED = Reply("552 5.3.4 Message size exceeds fixed maximum", "size")
 TOO_MANY_RECIPIENTS = Reply("452 4.5.3 Too many recipients", "too_many_recipients")
 QUEUE_FULL = Reply("452 4.3.1 Insufficient system storage", "queue_full")

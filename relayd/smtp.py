@@ -121,6 +121,7 @@ class SmtpContext:
     max_connections_per_ip: int
     smtputf8: bool
     data_rate_grace: float = 30.0
+    allow_address_literals: bool = False
     clock: Callable[[], float] = time.time
     sessions: set[RelaySMTP] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
@@ -749,7 +750,9 @@ class RelaySMTP(_AioSMTP):
         if path.params:
             self._reject(replies.PARAM_UNKNOWN)
             return
-        refusal = policy.recipient_allowed(len(self._rcpts), self.ctx.max_recipients)
+        refusal = policy.recipient_domain_allowed(
+            path.domain, allow_literals=self.ctx.allow_address_literals
+        ) or policy.recipient_allowed(len(self._rcpts), self.ctx.max_recipients)
         if refusal is not None:
             self._reject(refusal)
             return

@@ -47,7 +47,7 @@ async def mx_relay(tmp_path: Path, sink: Sink, dns: DnsServer) -> AsyncIterator[
         cfg = make_config(tmp_path, sink.address, extra)
         delivery = msgspec.structs.replace(
             cfg.delivery, mode="mx", dns_nameservers=(f"{dns.host}:{dns.port}",),
-            mx_port=sink.port)
+            mx_port=sink.port, mx_allowed_networks=("127.0.0.0/8",))  # the zone's MX hosts
         cfg = msgspec.structs.replace(cfg, delivery=delivery)
         relay = Relay(cfg)
         await relay.start()

@@ -1,9 +1,14 @@
-"""MX routing against a real DNS server on loopback (tests/dnsserver.py)."""
+"""MX routing against a real DNS server on loopback (tests/dnsserver.py).
+
+The zones use documentation addresses (192.0.2.0/24, 2001:db8::/32), which the
+resolver refuses by default: every resolver here allows them explicitly (the
+refusals themselves are tested in tests/test_holes_literals.py)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -14,7 +19,17 @@ from relayd.mx import (
     PermanentRouteError,
     TemporaryRouteError,
 )
+from relayd.policy import DestinationPolicy
 from tests.dnsserver import DnsServer
+
+#: The documentation networks the zones below use, allowed for these tests.
+DOCUMENTATION = DestinationPolicy(allowed_networks=("192.0.2.0/24", "2001:db8::/32"))
+
+
+def make_resolver(dns_server: DnsServer, clock: FakeClock, **kw: Any) -> MxResolver:
+    """A resolver asking ``dns_server``, on ``clock``, allowed the documentation networks."""
+    return MxResolver(["127.0.0.1"], port=dns_server.port, clock=clock,
+                      destinations=DOCUMENTATION, **kw)
 
 
 class FakeClock:
@@ -40,9 +55,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def resolver(dns_server: DnsServer, clock: FakeClock) -> MxResolver:
-    return MxResolver(
-        ["127.0.0.1"], port=dns_server.port, timeout=0.5, rand=random.Random(7), clock=clock
-    )
+    return make_resolver(dns_server, clock, timeout=0.5, rand=random.Random(7))
 
 
 def hosts(hops: list[NextHop]) -> list[str]:
@@ -81,7 +94,7 @@ async def test_equal_preference_hosts_are_shuffled_by_the_injected_random(
     }
     orders = set()
     for seed in range(12):
-        r = MxResolver(["127.0.0.1"], port=dns_server.port, rand=random.Random(seed), clock=clock)
+        r = make_resolver(dns_server, clock, rand=random.Random(seed))
         hops = hosts(await r.resolve("example.test"))
         assert hops[0] == "192.0.2.9"
         orders.add(tuple(hops[1:]))
@@ -108,7 +121,7 @@ async def test_ipv6_can_be_turned_off(dns_server: DnsServer, clock: FakeClock) -
         "example.test": {"MX": ["10 mx.example.test."]},
         "mx.example.test": {"A": ["192.0.2.1"], "AAAA": ["2001:db8::1"]},
     }
-    r = MxResolver(["127.0.0.1"], port=dns_server.port, ipv6=False, clock=clock)
+    r = make_resolver(dns_server, clock, ipv6=False)
     assert hosts(await r.resolve("example.test")) == ["192.0.2.1"]
     assert dns_server.count(rdtype="AAAA") == 0
 
@@ -155,7 +168,7 @@ async def test_servfail_is_temporary(dns_server: DnsServer, resolver: MxResolver
 async def test_silence_is_temporary(dns_server: DnsServer, clock: FakeClock) -> None:
     """A server that never answers makes the lookup time out as a temporary error."""
     dns_server.silent.add("example.test")
-    r = MxResolver(["127.0.0.1"], port=dns_server.port, timeout=0.2, clock=clock)
+    r = make_resolver(dns_server, clock, timeout=0.2)
     with pytest.raises(TemporaryRouteError, match="timed out"):
         await r.resolve("example.test")
 
@@ -240,7 +253,7 @@ async def test_temporary_failures_are_not_cached(
 async def test_cache_is_bounded(dns_server: DnsServer, clock: FakeClock) -> None:
     """The cache keeps at most cache_size answers, evicting the least recently used."""
     dns_server.zone = {f"d{i}.test": {"A": [f"192.0.2.{i}"]} for i in range(1, 4)}
-    r = MxResolver(["127.0.0.1"], port=dns_server.port, clock=clock, cache_size=2, ipv6=False)
+    r = make_resolver(dns_server, clock, cache_size=2, ipv6=False)
     for i in (1, 2, 3):
         await r.resolve(f"d{i}.test")
     before = dns_server.count("d1.test")
@@ -277,7 +290,7 @@ async def test_addresses_are_capped(dns_server: DnsServer, clock: FakeClock) -> 
         "example.test": {"MX": [f"{i} mx{i}.example.test." for i in range(20)]},
         **{f"mx{i}.example.test": {"A": [f"192.0.2.{i + 1}"]} for i in range(20)},
     }
-    r = MxResolver(["127.0.0.1"], port=dns_server.port, clock=clock, max_addresses=3)
+    r = make_resolver(dns_server, clock, max_addresses=3)
     assert hosts(await r.resolve("example.test")) == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
 
 
