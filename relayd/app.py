@@ -188,7 +188,10 @@ class Relay:
                 free_failures=cfg.smtp.auth_failures_before_delay,
                 max_failures=cfg.smtp.auth_failures_before_disconnect,
                 base_delay=cfg.smtp.auth_failure_delay_seconds,
-                max_delay=cfg.smtp.auth_failure_max_delay_seconds),
+                max_delay=cfg.smtp.auth_failure_max_delay_seconds,
+                lockout=cfg.smtp.auth_lockout_seconds,
+                max_usernames=cfg.smtp.auth_max_usernames_per_address,
+                exempt_networks=cfg.smtp.auth_throttle_exempt_networks),
             max_message_size=cfg.smtp.max_message_size_bytes,
             max_recipients=cfg.smtp.max_recipients,
             max_queued_per_account=cfg.limits.max_queued_per_account,
@@ -203,7 +206,8 @@ class Relay:
             allow_address_literals=cfg.smtp.allow_address_literals,
         )
         self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log,
-                                     before_scrape=self.refresh_gauges)
+                                     before_scrape=self.refresh_gauges,
+                                     throttle=self.ctx.throttle)
         mhost: str | None = None
         mport: int | None = None
         if cfg.metrics.listen:

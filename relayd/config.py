@@ -63,12 +63,12 @@ def _check_hostport(key: str, value: str, default_port: int | None = None) -> No
         raise ValueError(f"{key}: {exc}") from None
 
 
-def _check_networks(values: tuple[str, ...]) -> None:
+def _check_networks(values: tuple[str, ...], key: str = "plaintext_auth_networks") -> None:
     for v in values:
         try:
             ipaddress.ip_network(v, strict=False)
         except ValueError as exc:
-            raise ValueError(f"plaintext_auth_networks: bad network {v!r}: {exc}") from None
+            raise ValueError(f"{key}: bad network {v!r}: {exc}") from None
 
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -104,6 +104,9 @@ class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     auth_failures_before_disconnect: PositiveInt = 10
     auth_failure_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # doubles each time
     auth_failure_max_delay_seconds: Annotated[float, msgspec.Meta(ge=0)] = 8.0
+    auth_lockout_seconds: Seconds = 900.0  # a locked username/address, and failure memory
+    auth_max_usernames_per_address: PositiveInt = 50  # distinct failing usernames: address locked
+    auth_throttle_exempt_networks: tuple[str, ...] = ()  # never locked as a whole address
     smtputf8: bool = True
     allow_address_literals: bool = False  # RCPT TO:<user@[192.0.2.1]> (else 550 5.7.1)
 
@@ -116,6 +119,7 @@ class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
         _check_networks(self.plaintext_auth_networks)
+        _check_networks(self.auth_throttle_exempt_networks, "auth_throttle_exempt_networks")
 
 
 class CredentialsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -18,6 +18,10 @@ unknown (a dummy hash is verified), the password is wrong (even when a cached
 digest exists), or the account is disabled: the reply and the time are the
 same for all of them.
 
+``attempt_digest`` names one attempt (username, password, account state) for
+relayd.policy.AuthThrottle, so the same password tried through a second SASL
+mechanism is recognised without keeping it.
+
 Untrusted input: usernames and passwords from AUTH (never logged).
 Settings read: [credentials]. See also: relayd.accounts, relayd.lifecycle.
 """
@@ -106,6 +110,24 @@ class CredentialCache:
         return hashlib.blake2b(
             password, key=self._key, person=account.id.to_bytes(8, "little"), digest_size=32
         ).digest()
+
+    def attempt_digest(self, username: str, password: bytes, account: Account | None) -> bytes:
+        """A keyed digest naming one credential attempt, for the failed-AUTH throttle.
+
+        Equal for the same username, password and state of the account (id,
+        epoch, status), whatever SASL mechanism carried them; so a password
+        tried again after a disable, enable or reset is a new attempt. Keyed
+        with this process's random key: worthless outside it, and the password
+        is never kept or logged.
+        """
+        state = b"-" if account is None else (
+            f"{account.id}:{account.epoch}:{account.status}:{account.disabled_reason}".encode())
+        user = username.encode("utf-8", "surrogatepass")
+        h = hashlib.blake2b(key=self._key, person=b"relayd-attempt", digest_size=16)
+        for part in (user, state, password):
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(part)
+        return h.digest()
 
     async def check(self, account: Account | None, password: bytes) -> AuthOutcome:
         """Decide whether ``password`` authenticates ``account`` (None = unknown user)."""

@@ -90,7 +90,7 @@ class Observer:
         if detail in _AUTH_REASON:
             return  # a failed credential check: already logged by auth_result
         if reply.code >= 500 or reason in ("queue_full", "low_disk", "internal_error",
-                                           "auth_rate_limited"):
+                                           "auth_rate_limited", "auth_rate_limited_address"):
             self.log.info("smtp_rejected", sid=session.sid, reason=reason,
                           reply=reply.text[:3], client=session.peer_ip,
                           user=session.account.username if session.account else None,

@@ -3,12 +3,13 @@
 Owns: the rules of SEMANTICS.md §3 and §6 that do not need I/O — may this
 session AUTH on this transport, may this account use this sender, may it add
 another recipient (an address literal only when allowed), is this size
-acceptable, is this client address throttled after failed AUTH attempts.
-Every function takes values (and a clock reading) and returns a Reply to
-send, or None to go on. Also the one outbound decision of the same kind:
-which IP addresses MX delivery may connect to (``DestinationPolicy``: never
-loopback, link-local, unspecified, multicast or reserved addresses, private
-ones only when configured), used by relayd.mx.
+acceptable, may this AUTH be checked now after failed attempts (per client
+address and username, then per address: ``AuthThrottle``). Every function
+takes values (and a clock reading) and returns a Reply to send, or None to go
+on. Also the one outbound decision of the same kind: which IP addresses MX
+delivery may connect to (``DestinationPolicy``: never loopback, link-local,
+unspecified, multicast or reserved addresses, private ones only when
+configured), used by relayd.mx.
 
 Interface cost: microseconds; these run on the event loop for every command.
 
@@ -20,9 +21,12 @@ See also: relayd.replies, relayd.smtp (the adapter that calls these).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from relayd import replies
 from relayd.accounts import Account
@@ -32,15 +36,15 @@ from relayd.replies import Reply
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class PlaintextAuthPolicy:
-    """Where AUTH without TLS is allowed (by client network)."""
+class NetworkSet:
+    """A list of client networks, and whether an address is in one of them (cached)."""
 
     def __init__(self, networks: Iterable[str]) -> None:
         self._nets: list[IPNetwork] = [ipaddress.ip_network(n, strict=False) for n in networks]
         self._cache: dict[str, bool] = {}
 
-    def allows(self, peer_ip: str) -> bool:
-        """True when a client at ``peer_ip`` may AUTH over plaintext."""
+    def contains(self, peer_ip: str) -> bool:
+        """True when ``peer_ip`` (IPv4-mapped IPv6 as IPv4) is in one of the networks."""
         hit = self._cache.get(peer_ip)
         if hit is not None:
             return hit
@@ -56,6 +60,14 @@ class PlaintextAuthPolicy:
             self._cache.clear()
         self._cache[peer_ip] = ok
         return ok
+
+
+class PlaintextAuthPolicy(NetworkSet):
+    """Where AUTH without TLS is allowed (by client network)."""
+
+    def allows(self, peer_ip: str) -> bool:
+        """True when a client at ``peer_ip`` may AUTH over plaintext."""
+        return self.contains(peer_ip)
 
 
 def may_auth(*, tls_active: bool, plaintext_ok: bool) -> Reply | None:
@@ -170,59 +182,364 @@ def has_long_line(data: bytes | bytearray, limit: int = 998) -> bool:
     return False
 
 
-@dataclass
-class _Failures:
-    count: int
-    last: float
+# --- the failed-AUTH throttle ---------------------------------------------------------
+
+#: How long a failed (address, username, secret) is remembered, so that the same
+#: secret tried again through another SASL mechanism (smtplib's ``login()`` tries
+#: PLAIN, then LOGIN) is answered without a second verification and not counted.
+AUTH_REPEAT_WINDOW = 60.0
+_RECENT_PER_USER = 8  # remembered failed secrets per (address, username)
+_KEY_MAX = 128  # longer usernames are kept as a prefix and a digest (bounded memory)
+_MAX_DOUBLINGS = 32
+
+
+def _address_key(peer_ip: str) -> str:
+    """The canonical text of a client address (IPv4-mapped IPv6 as IPv4, no zone)."""
+    if ":" not in peer_ip:
+        return peer_ip  # dotted IPv4, as the kernel reports it: already canonical
+    try:
+        addr = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return peer_ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def _user_key(username: str) -> str:
+    if len(username) <= _KEY_MAX:
+        return username
+    tail = hashlib.blake2b(username.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{username[:64]}...{tail}"
+
+
+@dataclass(slots=True)
+class _User:
+    """Failed and running credential checks of one username from one address."""
+
+    failures: int = 0
+    in_flight: int = 0
+    last: float = 0.0  # time of the last failure (or start)
+    locked_until: float = 0.0
+    pending: list[bytes] = field(default_factory=list)  # fingerprints of checks running
+    recent: dict[bytes, tuple[float, str]] = field(default_factory=dict)  # failed: when, why
+
+    def counts(self) -> bool:
+        return self.failures > 0 or self.in_flight > 0
+
+
+@dataclass(slots=True)
+class _Address:
+    users: dict[str, _User] = field(default_factory=dict)
+    locked_until: float = 0.0
+    locked_usernames: int = 0  # distinct failing usernames when the lock tripped
+
+
+@dataclass(slots=True)
+class AuthAttempt:
+    """One admitted credential check: give it back to ``finish`` (or ``abandon``) once."""
+
+    address: str
+    username: str
+    fingerprint: bytes
+    exempt: bool
+    _addr: _Address
+    _user: _User
+    done: bool = False
+
+
+class Admission(NamedTuple):
+    """What ``AuthThrottle.begin`` decided for one AUTH; exactly one case holds.
+
+    - ``attempt``: verify the credentials, then ``finish(attempt, ...)``;
+    - ``refusal``: send it (``421 4.7.0``) and close, without verifying;
+    - ``repeat``: the same secret failed for this username from this address a
+      moment ago: answer the 535 of that reason (after ``delay``) without
+      verifying again and without counting it again;
+    - ``wait``: checks already running decide this one: wait until one of
+      them ends, then ask again (so parallel connections never get more
+      verifications than the cap).
+    """
+
+    attempt: AuthAttempt | None = None
+    refusal: Reply | None = None
+    repeat: str = ""
+    delay: float = 0.0
+    wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleEntry:
+    """One row of ``AuthThrottle.entries``; ``username`` is ``*`` for an address lock."""
+
+    address: str
+    username: str
+    failures: int
+    until: float | None  # locked until (epoch seconds), None while only counted
+
+
+_WAIT = Admission(wait=True)
+_REFUSE_USER = Admission(refusal=replies.AUTH_RATE_LIMITED)
+_REFUSE_ADDRESS = Admission(refusal=replies.AUTH_RATE_LIMITED_ADDRESS)
 
 
 class AuthThrottle:
-    """Failed AUTH attempts per client address: growing delay, then disconnect.
+    """Failed AUTH attempts per (client address, username), then per client address.
 
-    Keyed by client address only, so an attacker's failures never lock out a
-    real user connecting from elsewhere. Counts decay: an address with no
-    failure for ``forget_after`` seconds starts again from zero.
+    Per (address, username): after ``free_failures`` failures the 535 comes
+    ever later (``base_delay`` doubling up to ``max_delay``); at
+    ``max_failures`` that username is refused from that address (``421 4.7.0``
+    and close, before any verification) for ``lockout`` seconds. Another
+    account logging in from the same address is not affected, so one
+    misconfigured application behind a shared MTA or NAT locks out only
+    itself; and the attacker's address, not the account, is locked.
+
+    Per address (credential stuffing): once ``max_usernames`` distinct
+    usernames have failed from one address within ``lockout`` seconds, every
+    AUTH from it is refused for ``lockout`` seconds (from half that number on,
+    the 535s slow down too). Addresses in ``exempt_networks`` (a local MTA
+    relaying for many tenants) are never locked as a whole; their
+    (address, username) pairs still are.
+
+    Attempts count when they start: a check running counts like a failure
+    until it ends, and an attempt that would pass a cap while checks run is
+    told to wait for them, so N parallel connections get at most
+    ``max_failures`` verifications per username (``max_usernames`` new
+    usernames per address) before the 421s. A correct password waits at most
+    the time of the checks before it, and is never refused for them.
+
+    The same secret failing again for the same username from the same
+    address within ``AUTH_REPEAT_WINDOW`` (a ``fingerprint``: a keyed digest
+    made by relayd.credentials, never the secret) is answered from memory and
+    counted once. A success forgets that username's failures from that address.
+
+    Memory: counts are forgotten ``lockout`` seconds after the last failure
+    (a lock when it ends); at most ``max_entries`` (address, username) pairs
+    are kept, the least recently active addresses dropped first.
+    Pure: every method takes the clock reading ``now``; no I/O, no awaiting.
     """
 
     def __init__(self, *, free_failures: int, max_failures: int,
                  base_delay: float = 0.5, max_delay: float = 8.0,
-                 forget_after: float = 900.0) -> None:
+                 lockout: float = 900.0, max_usernames: int = 50,
+                 exempt_networks: Iterable[str] = (), max_entries: int = 100_000,
+                 repeat_window: float = AUTH_REPEAT_WINDOW) -> None:
         self.free_failures = free_failures
         self.max_failures = max_failures
         self.base_delay = base_delay
         self.max_delay = max_delay
-        self.forget_after = forget_after
-        self._by_ip: dict[str, _Failures] = {}
+        self.lockout = lockout
+        self.max_usernames = max_usernames
+        self.max_entries = max_entries
+        self.repeat_window = repeat_window
+        self._exempt = NetworkSet(exempt_networks)
+        self._addrs: OrderedDict[str, _Address] = OrderedDict()  # least recently active first
+        self._users = 0  # (address, username) entries kept
 
-    def _get(self, ip: str, now: float) -> _Failures | None:
-        f = self._by_ip.get(ip)
-        if f is not None and now - f.last > self.forget_after:
-            del self._by_ip[ip]
+    # -- the decisions --------------------------------------------------------------
+    def address_refusal(self, peer_ip: str, now: float) -> Reply | None:
+        """The 421 for an address locked as a whole (checked before reading credentials)."""
+        key = _address_key(peer_ip)
+        a = self._addrs.get(key)
+        if a is None or a.locked_until <= now or self._exempt.contains(key):
             return None
-        return f
+        return replies.AUTH_RATE_LIMITED_ADDRESS
 
-    def blocked(self, ip: str, now: float) -> bool:
-        """True when this address has used up its failures: answer 421 and close."""
-        f = self._get(ip, now)
-        return f is not None and f.count >= self.max_failures
+    def begin(self, peer_ip: str, username: str, fingerprint: bytes, now: float) -> Admission:
+        """Decide whether a credential check may start; if so it counts from now."""
+        key = _address_key(peer_ip)
+        ukey = _user_key(username)
+        exempt = self._exempt.contains(key)
+        a = self._addrs.get(key)
+        u: _User | None = None
+        if a is not None:
+            self._addrs.move_to_end(key)
+            if not exempt and a.locked_until > now:
+                return _REFUSE_ADDRESS
+            u = a.users.get(ukey)
+            if u is not None and self._expired(u, now):
+                self._drop_user(a, ukey)
+                u = None
+        if u is not None:
+            if u.locked_until > now:
+                return _REFUSE_USER
+            seen = u.recent.get(fingerprint)
+            if seen is not None and now - seen[0] <= self.repeat_window:
+                assert a is not None
+                return Admission(repeat=seen[1], delay=self._delay(a, u, exempt, now))
+            if u.failures >= self.max_failures:
+                u.locked_until = now + self.lockout
+                return _REFUSE_USER
+            if fingerprint in u.pending or u.failures + u.in_flight >= self.max_failures:
+                return _WAIT
+        if a is not None and not exempt and (u is None or not u.counts()):
+            failed, running = self._distinct(a, now)
+            if failed >= self.max_usernames:
+                self._lock_address(a, failed, now)
+                return _REFUSE_ADDRESS
+            if failed + running >= self.max_usernames:
+                return _WAIT
+        if a is None:
+            a = self._addrs[key] = _Address()
+        if u is None:
+            u = a.users[ukey] = _User(last=now)
+            self._users += 1
+            if self._users > self.max_entries:
+                self._shrink(now, keep=key)
+        u.in_flight += 1
+        u.pending.append(fingerprint)
+        return Admission(attempt=AuthAttempt(key, ukey, fingerprint, exempt, a, u))
 
-    def failure(self, ip: str, now: float) -> float:
-        """Record a failure; return the delay (seconds) to wait before replying."""
-        f = self._get(ip, now)
-        if f is None:
-            f = self._by_ip[ip] = _Failures(0, now)
-            if len(self._by_ip) > 100_000:
-                self._prune(now)
-        f.count += 1
-        f.last = now
-        over = f.count - self.free_failures
+    def finish(self, attempt: AuthAttempt, now: float, *, ok: bool,
+               reason: str) -> tuple[float, Reply | None]:
+        """Record the end of a check: (delay before the 535, the 421 to send after it or None).
+
+        ``reason`` is the credential check's outcome (``bad_password``, ...),
+        remembered with the fingerprint for a repeat of the same secret.
+        """
+        if attempt.done:
+            return 0.0, None
+        attempt.done = True
+        a, u = attempt._addr, attempt._user
+        u.in_flight -= 1
+        if attempt.fingerprint in u.pending:
+            u.pending.remove(attempt.fingerprint)
+        if ok:
+            u.failures = 0
+            u.recent.clear()
+            self._drop_if_idle(attempt)
+            return 0.0, None
+        u.failures += 1
+        u.last = now
+        u.recent[attempt.fingerprint] = (now, reason)
+        while len(u.recent) > _RECENT_PER_USER:
+            del u.recent[next(iter(u.recent))]
+        refusal: Reply | None = None
+        if u.failures >= self.max_failures:
+            u.locked_until = now + self.lockout
+            refusal = replies.AUTH_RATE_LIMITED
+        if not attempt.exempt and a.locked_until <= now:
+            failed, _ = self._distinct(a, now)
+            if failed >= self.max_usernames:
+                self._lock_address(a, failed, now)
+                refusal = replies.AUTH_RATE_LIMITED_ADDRESS
+        return self._delay(a, u, attempt.exempt, now), refusal
+
+    def abandon(self, attempt: AuthAttempt) -> None:
+        """A check that could not be made (an internal error): release it, count nothing."""
+        if attempt.done:
+            return
+        attempt.done = True
+        u = attempt._user
+        u.in_flight -= 1
+        if attempt.fingerprint in u.pending:
+            u.pending.remove(attempt.fingerprint)
+        self._drop_if_idle(attempt)
+
+    # -- the operator's view -------------------------------------------------------
+    def entries(self, now: float) -> list[ThrottleEntry]:
+        """What is counted or locked now: per (address, username), and ``*`` per address."""
+        out: list[ThrottleEntry] = []
+        for key, a in list(self._addrs.items()):
+            self._expire_address(key, a, now)
+            if a.locked_until > now:
+                out.append(ThrottleEntry(key, "*", a.locked_usernames, a.locked_until))
+            for ukey, u in a.users.items():
+                if u.failures > 0 or u.locked_until > now:
+                    out.append(ThrottleEntry(key, ukey, u.failures,
+                                             u.locked_until if u.locked_until > now else None))
+        out.sort(key=lambda e: (e.address, e.username != "*", e.username))
+        return out
+
+    def clear(self, now: float, peer_ip: str | None = None) -> int:
+        """Forget every count and lock (of one address): return the entries removed."""
+        if peer_ip is None:
+            n = len(self.entries(now))
+            for a in self._addrs.values():
+                self._detach(a)
+            self._addrs.clear()
+            return n
+        key = _address_key(peer_ip)
+        n = sum(1 for e in self.entries(now) if e.address == key)
+        if key in self._addrs:
+            self._detach(self._addrs.pop(key))
+        return n
+
+    def __len__(self) -> int:
+        return self._users
+
+    # -- internals ---------------------------------------------------------------------
+    def _expired(self, u: _User, now: float) -> bool:
+        if u.in_flight:
+            return False
+        if u.locked_until:
+            return u.locked_until <= now
+        return now - u.last > self.lockout
+
+    def _distinct(self, a: _Address, now: float) -> tuple[int, int]:
+        """(usernames failed, usernames only running) from one address, expired ones dropped."""
+        failed = running = 0
+        for ukey, u in list(a.users.items()):
+            if self._expired(u, now):
+                self._drop_user(a, ukey)
+            elif u.failures > 0:
+                failed += 1
+            elif u.in_flight > 0:
+                running += 1
+        return failed, running
+
+    def _lock_address(self, a: _Address, failed: int, now: float) -> None:
+        a.locked_until = now + self.lockout
+        a.locked_usernames = failed
+
+    def _delay(self, a: _Address, u: _User, exempt: bool, now: float) -> float:
+        over = u.failures - self.free_failures
+        if not exempt and self.max_usernames > 1:
+            failed, _ = self._distinct(a, now)
+            over = max(over, failed - self.max_usernames // 2)
         if over <= 0:
             return 0.0
-        return min(self.max_delay, self.base_delay * (2 ** (over - 1)))
+        return min(self.max_delay, self.base_delay * (2 ** (min(over, _MAX_DOUBLINGS) - 1)))
 
-    def _prune(self, now: float) -> None:
-        for ip in [ip for ip, f in self._by_ip.items() if now - f.last > self.forget_after]:
-            del self._by_ip[ip]
+    def _drop_user(self, a: _Address, ukey: str) -> None:
+        if a.users.pop(ukey, None) is not None:
+            self._users -= 1
+
+    def _drop_if_idle(self, attempt: AuthAttempt) -> None:
+        a, u = attempt._addr, attempt._user
+        if u.counts() or u.locked_until:
+            return
+        if a.users.get(attempt.username) is u:
+            self._drop_user(a, attempt.username)
+        if not a.users and not a.locked_until and self._addrs.get(attempt.address) is a:
+            del self._addrs[attempt.address]
+
+    def _expire_address(self, key: str, a: _Address, now: float) -> None:
+        if a.locked_until and a.locked_until <= now:
+            a.locked_until = 0.0
+            a.locked_usernames = 0
+        for ukey, u in list(a.users.items()):
+            if self._expired(u, now):
+                self._drop_user(a, ukey)
+        if not a.users and not a.locked_until and self._addrs.get(key) is a:
+            del self._addrs[key]
+
+    def _shrink(self, now: float, keep: str) -> None:
+        """Over ``max_entries``: drop what expired, then the least recently active addresses."""
+        for key, a in list(self._addrs.items()):
+            self._expire_address(key, a, now)
+        target = self.max_entries * 9 // 10
+        while self._users > target and len(self._addrs) > 1:
+            key = next(iter(self._addrs))
+            if key == keep:
+                self._addrs.move_to_end(key)
+                continue
+            self._detach(self._addrs.pop(key))
+
+    def _detach(self, a: _Address) -> None:
+        """Forget an address (checks still running on it finish on the detached copy)."""
+        self._users -= len(a.users)
+        a.users.clear()
 
 
 # --- outbound destinations ----------------------------------------------------

@@ -73,6 +73,8 @@ AUTH_RATE_LIMITED = Reply(
     "421 4.7.0 Too many failed authentication attempts, closing connection",
     "auth_rate_limited",
 )
+# The same text when one address failed with too many distinct usernames (stuffing).
+AUTH_RATE_LIMITED_ADDRESS = Reply(AUTH_RATE_LIMITED.text, "auth_rate_limited_address")
 AUTH_ALREADY = Reply("503 5.5.1 Already authenticated", "bad_sequence")
 AUTH_IN_TRANSACTION = Reply(
     "503 5.5.1 AUTH not permitted during a mail transaction", "bad_sequence"

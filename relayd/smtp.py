@@ -14,7 +14,8 @@ and runs authenticators synchronously on the loop. Here: tables are built
 once per class, input is read in large chunks into one buffer, replies to
 pipelined commands are coalesced into one write, addresses are parsed by
 relayd.address, DATA is framed only on CRLF.CRLF and refused if it has bare
-CR/LF/NUL, and argon2 runs in a thread pool (relayd.credentials).
+CR/LF/NUL, and argon2 runs in a thread pool (relayd.credentials), each check
+admitted (and counted from its start) by relayd.policy.AuthThrottle.
 
 Line limits (``500 5.5.2`` past them, the rest of the line discarded
 without being buffered): a command line is at most 512 octets with its CRLF
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import inspect
 import ssl
@@ -53,7 +55,7 @@ from aiosmtpd.smtp import SMTP as _AioSMTP
 from relayd import policy, replies
 from relayd.accounts import Account, Directory
 from relayd.address import PathError, parse_mail_from, parse_rcpt_to
-from relayd.credentials import CredentialCache
+from relayd.credentials import AuthOutcome, CredentialCache
 from relayd.replies import Reply
 from relayd.spool import NewMessage, Spool, format_id
 
@@ -126,6 +128,8 @@ class SmtpContext:
     sessions: set[RelaySMTP] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
     shutting_down: bool = False
+    auth_turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when a check ends
+    auth_waiting: int = 0  # AUTHs waiting for their turn (policy.Admission.wait)
 
 
 @dataclass(slots=True)
@@ -571,9 +575,9 @@ class RelaySMTP(_AioSMTP):
         if refusal is not None:
             self._reject(refusal)
             return
-        now = ctx.clock()
-        if ctx.throttle.blocked(st.peer_ip, now):
-            self._reject(replies.AUTH_RATE_LIMITED)
+        refusal = ctx.throttle.address_refusal(st.peer_ip, ctx.clock())
+        if refusal is not None:
+            self._reject(refusal)
             self._closing = True
             return
         parts = arg.split()
@@ -597,29 +601,83 @@ class RelaySMTP(_AioSMTP):
             username = user_b.decode("utf-8")
         except UnicodeDecodeError:
             username = ""
-        account = ctx.directory.account(username) if username else None
-        outcome = await ctx.credentials.check(account, password)
-        ctx.events.auth_result(st, username, outcome.reason, outcome.cache_hit)
-        if outcome.ok and account is not None:
-            st.account = account
-            st.epoch = account.epoch
-            st.via_network = False
-            account.last_connection = ctx.clock()
-            self._emit(replies.AUTH_OK)
+        throttle = ctx.throttle
+        while True:  # the throttle counts the check from its start (policy.AuthThrottle)
+            account = ctx.directory.account(username) if username else None
+            admission = throttle.begin(
+                st.peer_ip, username, ctx.credentials.attempt_digest(username, password, account),
+                ctx.clock())
+            if not admission.wait:
+                break
+            await self._auth_turn()
+        if admission.refusal is not None:
+            self._reject(admission.refusal)
+            self._closing = True
             return
+        if admission.attempt is None:
+            # The same password just failed for this username from this address (another
+            # SASL mechanism): the same answer, without a second verification or count.
+            reason, delay, refusal = admission.repeat, admission.delay, None
+            ctx.events.auth_result(st, username, reason, False)
+        else:
+            outcome = await self._verify(admission.attempt, account, password)
+            ctx.events.auth_result(st, username, outcome.reason, outcome.cache_hit)
+            if outcome.ok and account is not None:
+                st.account = account
+                st.epoch = account.epoch
+                st.via_network = False
+                account.last_connection = ctx.clock()
+                self._emit(replies.AUTH_OK)
+                return
+            reason = outcome.reason
+            delay, refusal = throttle.finish(admission.attempt, ctx.clock(), ok=False,
+                                             reason=reason)
+            _auth_wake(ctx)
         reply = {
             "account_disabled": replies.AUTH_DISABLED,
             "account_deleted": replies.AUTH_DELETED,
             "domain_deleted": replies.AUTH_DOMAIN_DELETED,
-        }.get(outcome.reason, replies.AUTH_FAILED)
-        delay = ctx.throttle.failure(st.peer_ip, ctx.clock())
+        }.get(reason, replies.AUTH_FAILED)
         if delay:
             self._flush()
             await asyncio.sleep(delay)
-        self._reject(reply, outcome.reason)
-        if ctx.throttle.blocked(st.peer_ip, ctx.clock()):
-            self._reject(replies.AUTH_RATE_LIMITED)
+        self._reject(reply, reason)
+        if refusal is not None:
+            self._reject(refusal)
             self._closing = True
+
+    async def _verify(self, attempt: policy.AuthAttempt, account: Account | None,
+                      password: bytes) -> AuthOutcome:
+        """The credential check of an admitted attempt; a success is recorded here.
+
+        If the session ends while argon2 runs, the check still completes and its
+        result is recorded then (the attempt was counted when it started).
+        """
+        ctx = self.ctx
+        check = asyncio.ensure_future(ctx.credentials.check(account, password))
+        try:
+            outcome = await asyncio.shield(check)
+        except asyncio.CancelledError:
+            check.add_done_callback(functools.partial(_finish_late, ctx, attempt))
+            raise
+        except BaseException:
+            ctx.throttle.abandon(attempt)
+            _auth_wake(ctx)
+            raise
+        if outcome.ok:
+            ctx.throttle.finish(attempt, ctx.clock(), ok=True, reason=outcome.reason)
+            _auth_wake(ctx)
+        return outcome
+
+    async def _auth_turn(self) -> None:
+        """Wait until a running credential check ends (bounded: then the caller asks again)."""
+        ctx = self.ctx
+        ctx.auth_waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.auth_turn.wait(), 1.0)
+        finally:
+            ctx.auth_waiting -= 1
 
     async def _auth_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge and decode the client's base64 answer (None: aborted/bad)."""
@@ -870,6 +928,24 @@ class RelaySMTP(_AioSMTP):
         if b"\r\n." in buf:
             buf = buf.replace(b"\r\n.", b"\r\n")
         return buf, None
+
+
+def _auth_wake(ctx: SmtpContext) -> None:
+    """A credential check ended: wake the AUTHs waiting for their turn (``_auth_turn``)."""
+    if ctx.auth_waiting:
+        turn, ctx.auth_turn = ctx.auth_turn, asyncio.Event()
+        turn.set()
+
+
+def _finish_late(ctx: SmtpContext, attempt: policy.AuthAttempt,
+                 check: asyncio.Future[AuthOutcome]) -> None:
+    """Record a check whose session ended while argon2 ran (the client went away)."""
+    if check.cancelled() or check.exception() is not None:
+        ctx.throttle.abandon(attempt)
+    else:
+        outcome = check.result()
+        ctx.throttle.finish(attempt, ctx.clock(), ok=outcome.ok, reason=outcome.reason)
+    _auth_wake(ctx)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,5 +1,6 @@
-"""AUTH abuse over a real socket: RFC 4954 replies for protocol errors, brute force from
-one address (growing delay, then 421 4.7.0), and no difference an attacker can use."""
+"""AUTH abuse over a real socket: RFC 4954 replies for protocol errors, brute force on one
+username from one address (growing delay, then 421 4.7.0), and no difference an attacker
+can use. The throttle's other rules are in test_holes_auth_throttle.py."""
 
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ async def test_plain_with_bad_layout_gets_501(relay: RelayHandle) -> None:
 
 
 async def test_brute_force_gets_growing_delay_then_421(relay_factory: RelayFactory) -> None:
-    """Failures from one address are answered ever later, then 421 4.7.0 and close; a new
-    connection from that address is closed at its first AUTH."""
+    """Failures for one username from one address are answered ever later, then 421 4.7.0
+    and close; a new connection from that address is closed at its first AUTH as that user."""
     relay = await relay_factory({"smtp": {
         "auth_failures_before_delay": 1, "auth_failures_before_disconnect": 4,
         "auth_failure_delay_seconds": 0.2, "auth_failure_max_delay_seconds": 5.0}})
@@ -94,30 +95,30 @@ async def test_brute_force_gets_growing_delay_then_421(relay_factory: RelayFacto
     user, _ = await relay.ctl.add_user("example.com")
     raw = await _ehlo(relay, source="127.0.0.2")
     took = []
-    for _ in range(3):
+    for i in range(3):
         t0 = time.monotonic()
-        assert await raw.cmd(f"AUTH PLAIN {plain(user, 'guess')}") == INVALID
+        assert await raw.cmd(f"AUTH PLAIN {plain(user, f'guess{i}')}") == INVALID
         took.append(time.monotonic() - t0)
     assert took[0] < 0.15 and 0.2 <= took[1] < 0.4 and 0.4 <= took[2] < 0.7, took
-    assert await raw.cmd(f"AUTH PLAIN {plain(user, 'guess')}", timeout=5) == INVALID
+    assert await raw.cmd(f"AUTH PLAIN {plain(user, 'guess3')}", timeout=5) == INVALID
     assert await raw.reply() == CLOSING
     assert await raw.closed_by_server()
     again = await _ehlo(relay, source="127.0.0.2")
-    assert await again.cmd(f"AUTH PLAIN {plain(user, 'guess')}") == CLOSING
+    assert await again.cmd(f"AUTH PLAIN {plain(user, 'guess4')}") == CLOSING
     assert await again.closed_by_server()
 
 
 async def test_attacker_does_not_lock_out_the_real_user(relay_factory: RelayFactory) -> None:
-    """After an address is blocked for failed AUTH, the account still logs in from another."""
+    """After a username is locked out from one address, it still logs in from another."""
     relay = await relay_factory({"smtp": {
         "auth_failures_before_delay": 0, "auth_failures_before_disconnect": 3,
         "auth_failure_delay_seconds": 0.01}})
     await relay.ctl.add_domain("example.com")
     user, password = await relay.ctl.add_user("example.com")
     attacker = await _ehlo(relay, source="127.0.0.2")
-    for _ in range(2):
-        assert await attacker.cmd(f"AUTH PLAIN {plain(user, 'guess')}") == INVALID
-    assert await attacker.cmd(f"AUTH PLAIN {plain(user, 'guess')}") == INVALID
+    for i in range(2):
+        assert await attacker.cmd(f"AUTH PLAIN {plain(user, f'guess{i}')}") == INVALID
+    assert await attacker.cmd(f"AUTH PLAIN {plain(user, 'guess2')}") == INVALID
     assert await attacker.reply() == CLOSING
     real = await _ehlo(relay, source="127.0.0.1")
     assert await real.cmd(f"AUTH PLAIN {plain(user, password)}") == \
@@ -129,7 +130,8 @@ async def test_attacker_does_not_lock_out_the_real_user(relay_factory: RelayFact
 async def test_unknown_user_and_wrong_password_cost_the_same(
         relay_factory: RelayFactory) -> None:
     """Unknown users and wrong passwords get the same 535 after one argon2 verification
-    each, in similar time."""
+    each, in similar time (each guess a new password: a repeated one is not verified
+    again)."""
     relay = await relay_factory({
         "smtp": {"auth_failures_before_delay": 1000, "auth_failures_before_disconnect": 1000},
         "credentials": {"argon2_time_cost": 2, "argon2_memory_cost_kib": 16384}})
@@ -138,11 +140,11 @@ async def test_unknown_user_and_wrong_password_cost_the_same(
     hasher = relay.relay.hasher
     raw = await _ehlo(relay)
     times: dict[str, list[float]] = {"unknown": [], "wrong": []}
-    for _ in range(7):
+    for i in range(7):
         for kind, name in (("unknown", "no-such-user"), ("wrong", user)):
             before = hasher.verifications
             t0 = time.perf_counter()
-            assert await raw.cmd(f"AUTH PLAIN {plain(name, 'guess')}") == INVALID
+            assert await raw.cmd(f"AUTH PLAIN {plain(name, f'guess{i}')}") == INVALID
             times[kind].append(time.perf_counter() - t0)
             assert hasher.verifications == before + 1
     unknown, wrong = statistics.median(times["unknown"]), statistics.median(times["wrong"])
