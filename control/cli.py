@@ -254,6 +254,27 @@ class Cli:
                                     "CODE", "NEXT HOP", "REPLY"]))
 
 
+    # -- failed-AUTH throttle -------------------------------------------------------
+    def throttle(self) -> None:
+        """relayctl throttle list | clear [ADDRESS]."""
+        a = self.args
+        if a.action == "list":
+            lst = self.client.call("GET", "/v1/throttle", schemas.ThrottleList)
+            rows = [[e.address, _printable(e.username), str(e.failures),
+                     _when(e.until)] for e in lst.entries]
+            self.out(lst, _table(rows, ["ADDRESS", "USERNAME", "FAILURES", "REFUSED UNTIL"]))
+        elif a.action == "clear":
+            r = self.client.call("POST", "/v1/throttle/clear", schemas.ThrottleCleared,
+                                 schemas.ThrottleClear(address=a.address))
+            self.out(r, f"cleared {r.count} throttle entr{'y' if r.count == 1 else 'ies'}"
+                        + (f" of {a.address}" if a.address else ""))
+
+
+def _printable(text: str) -> str:
+    """A username as a client sent it, safe for a terminal (control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or '""'
+
+
 class UsageError(Exception):
     """Bad command-line usage."""
 
@@ -335,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--user", required=True)
     qp.add_argument("--state", choices=["queued", "waiting_limit", "held", "deferred"])
     q.add_parser("retry").add_argument("--user")
+
+    th = sub.add_parser("throttle", help="failed-AUTH throttle").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    th.add_parser("list", help="addresses and usernames slowed down or refused")
+    th.add_parser("clear", help="forget counts and locks (all, or of one address)"
+                  ).add_argument("address", nargs="?", metavar="ADDRESS")
 
     lg = sub.add_parser("log", help="delivery log")
     lg.add_argument("--user")

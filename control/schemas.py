@@ -26,6 +26,8 @@ Paths (all JSON):
   POST /v1/queue/purge        QueuePurge  -> QueueChanged
   POST /v1/queue/retry        QueueRetry  -> QueueChanged
   GET  /v1/log?user=&status=&since=&limit= -> LogList
+  GET  /v1/throttle                       -> ThrottleList
+  POST /v1/throttle/clear     ThrottleClear -> ThrottleCleared
 
 This module imports msgspec only: the CLI stays light and fast to start.
 """
@@ -255,6 +257,33 @@ class LogList(_S):
     """Delivery log entries, newest first."""
 
     entries: list[LogEntry]
+
+
+class ThrottleEntry(_S):
+    """Failed AUTH counted from one address: for one username, or ``*`` for the address."""
+
+    address: str
+    username: str
+    failures: int  # for ``*``: the distinct usernames that failed
+    until: float | None = None  # refused until then (epoch seconds); None: counted only
+
+
+class ThrottleList(_S):
+    """The failed-AUTH throttle's entries (what is slowed down or refused now)."""
+
+    entries: list[ThrottleEntry]
+
+
+class ThrottleClear(_S):
+    """Forget failed-AUTH counts and locks: of one client address, or all."""
+
+    address: str | None = None
+
+
+class ThrottleCleared(_S):
+    """How many throttle entries a clear removed."""
+
+    count: int
 
 
 def encode(obj: msgspec.Struct) -> bytes:

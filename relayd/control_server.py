@@ -1,7 +1,8 @@
 """The control API (HTTP/1.1 + JSON on a Unix socket) and the /metrics endpoint.
 
 Owns: the one adapter to aiohttp — routing each ``/v1/`` path to a
-relayd.lifecycle operation, decoding request bodies strictly into
+relayd.lifecycle operation (``/v1/throttle``: to the SMTP server's failed-AUTH
+throttle, relayd.policy.AuthThrottle), decoding request bodies strictly into
 control.schemas Structs, encoding responses, mapping errors to HTTP status
 codes with an ``Error`` body, and recording the uid of the socket peer
 (SO_PEERCRED) with every operation it logs. The control socket is created
@@ -18,6 +19,7 @@ See also: control.schemas (the contract), control.cli (the client).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import stat
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from control import schemas
 from relayd.lifecycle import Lifecycle, LifecycleError
 from relayd.metrics import render
+from relayd.policy import AuthThrottle
 
 S = TypeVar("S", bound=msgspec.Struct)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -97,8 +100,12 @@ class ControlServer:
 
     def __init__(self, lifecycle: Lifecycle, status: Callable[[], Awaitable[schemas.Status]],
                  registry: CollectorRegistry, log: Any,
-                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_scrape: Callable[[], Awaitable[None]] | None = None,
+                 throttle: AuthThrottle | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.lc = lifecycle
+        self.throttle = throttle  # the SMTP server's failed-AUTH throttle (relayd.policy)
+        self.clock = clock
         self.status = status
         self.before_scrape = before_scrape  # refreshes gauges (queue depths) before /metrics
         self.registry = registry
@@ -132,6 +139,8 @@ class ControlServer:
         r.add_post("/v1/queue/purge", self.queue_purge)
         r.add_post("/v1/queue/retry", self.queue_retry)
         r.add_get("/v1/log", self.delivery_log)
+        r.add_get("/v1/throttle", self.throttle_list)
+        r.add_post("/v1/throttle/clear", self.throttle_clear)
         return app
 
     @web.middleware
@@ -259,6 +268,32 @@ class ControlServer:
         return _json(await self.lc.delivery_log(
             request.query.get("user"), request.query.get("status"),
             _q_float(request, "since"), limit))
+
+    def _throttle(self) -> AuthThrottle:
+        if self.throttle is None:
+            raise LifecycleError("no AUTH throttle in this process", "unavailable", 503)
+        return self.throttle
+
+    async def throttle_list(self, request: web.Request) -> web.Response:
+        """What the failed-AUTH throttle counts or refuses now."""
+        entries = self._throttle().entries(self.clock())
+        return _json(schemas.ThrottleList(entries=[
+            schemas.ThrottleEntry(address=e.address, username=e.username,
+                                  failures=e.failures, until=e.until) for e in entries]))
+
+    async def throttle_clear(self, request: web.Request) -> web.Response:
+        """Forget failed-AUTH counts and locks (of one address): logins work again at once."""
+        body = await _body(request, schemas.ThrottleClear)
+        address = body.address
+        if address is not None:
+            try:
+                address = str(ipaddress.ip_address(address))
+            except ValueError:
+                raise LifecycleError(f"invalid request: address: not an IP address: {address!r}",
+                                     "invalid_request") from None
+        count = self._throttle().clear(self.clock(), address)
+        self.log.info("auth_throttle_cleared", address=address or "*", entries=count)
+        return _json(schemas.ThrottleCleared(count=count))
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus exposition."""
