@@ -101,6 +101,19 @@ async def test_parallel_wrong_passwords_get_at_most_the_cap_of_verifications(
         c.close()
 
 
+async def test_a_guess_whose_client_hangs_up_during_the_check_still_counts(
+        relay_factory: RelayFactory) -> None:
+    """Clients that send AUTH and close while argon2 runs use up the cap all the same."""
+    relay = await _relay(relay_factory, {"auth_failures_before_delay": 100,
+                                         "auth_failures_before_disconnect": 3}, SLOW_ARGON2)
+    user, _ = await relay.ctl.add_user()
+    conns = await asyncio.gather(*(_ehlo(relay, "127.0.0.30") for _ in range(3)))
+    for i, c in enumerate(conns):
+        await c.send(f"AUTH PLAIN {plain(user, f'guess{i}')}\r\n".encode())
+        c.close()
+    assert await _auth(relay, "127.0.0.30", user, "guess3") == CLOSING
+
+
 async def test_parallel_first_logins_share_one_verification(
         relay_factory: RelayFactory) -> None:
     """20 connections logging in at once with the right password all get 235 after one check."""
