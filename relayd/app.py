@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ from relayd.ratelimit import Limits
 from relayd.scheduler import QMsg, RouteError, Scheduler
 from relayd.signing import DkimSigning
 from relayd.smtp import RelaySMTP, SmtpContext
-from relayd.spool import AttemptResult, Spool, SpoolError
+from relayd.spool import AttemptResult, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
 EXIT_CONFIG = 2
@@ -145,13 +148,26 @@ class Relay:
         return self._free_disk
 
     async def start(self) -> None:
-        """Open the spool, load state, start delivery, bind the listeners."""
+        """Open the spool, load state, start delivery, bind the listeners.
+
+        On any failure, whatever was started is stopped again (delivery agent
+        children, threads, the spool's connections) before the exception goes
+        on, so the process can exit; a failure to read or write the spool
+        during the start is a :class:`SpoolError` saying what to do.
+        """
+        async with contextlib.AsyncExitStack() as undo:
+            await self._start(undo)
+            undo.pop_all()  # started: stop() takes over
+
+    async def _start(self, undo: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
         _prepare_data_dir(cfg.server.data_dir)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
                            on_batch=self.observer.batch)
         await self.spool.open()
+        undo.push_async_callback(_quietly, self.spool.abandon)
         self.hasher = Hasher(cfg.credentials)
+        undo.push_async_callback(_quietly, self.hasher.close)
         self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
                                      on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
@@ -159,6 +175,7 @@ class Relay:
         self.deliverer = Deliverer(cfg.delivery, helo, mx=mx,
                                    agent_processes=cfg.delivery.agent_processes,
                                    signing_process=cfg.dkim.enabled and cfg.dkim.signing_process)
+        undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
         d = cfg.delivery
         self.scheduler = Scheduler(
@@ -172,12 +189,22 @@ class Relay:
         )
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, log=self.log.info)
-        await self.lifecycle.load()
-        await self.scheduler.start()
+        undo.push_async_callback(_quietly, lambda: self.scheduler.stop(0.0))
+        try:
+            await self.lifecycle.load()
+            await self.scheduler.start()
+        except (sqlite3.Error, SpoolError) as exc:  # the spool, read and written at last
+            raise unusable(cfg.database_path, exc) from None
+        except Exception as exc:  # rows it cannot make sense of
+            raise SpoolError(f"cannot load spool {cfg.database_path}"
+                             f" ({type(exc).__name__}: {exc}); restore it from a backup, or"
+                             " move it away to start with an empty spool") from exc
         # With delivery agents, DKIM is signed in a child (no GIL shared with this
         # loop): the signing child, or the agents; the local signing thread
         # covers the time no such child runs.
         self.signer = DkimSigning(remote=self.deliverer.agents) if cfg.dkim.enabled else None
+        if self.signer is not None:
+            undo.push_async_callback(_quietly, self.signer.close)
         tls = self._tls = _tls_context(cfg)
         self.ctx = SmtpContext(
             hostname=cfg.server.hostname, directory=self.directory, credentials=self.cache,
@@ -212,7 +239,14 @@ class Relay:
         mport: int | None = None
         if cfg.metrics.listen:
             mhost, mport = parse_hostport(cfg.metrics.listen)
+        undo.push_async_callback(_quietly, self.control.stop)
         await self.control.start(cfg.control_socket, cfg.control.socket_mode, mhost, mport)
+
+        def close_servers() -> None:
+            for server in self.servers:
+                server.close()
+
+        undo.push_async_callback(_quietly, close_servers)
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(cfg.smtp.listen)
         await self._listen(loop, "smtp", host, port, tls, implicit=False)
@@ -519,6 +553,16 @@ def _keep_unreloadable(old: Config, new: Config) -> Config:
     return msgspec.structs.replace(new, **sections) if sections else new
 
 
+async def _quietly(fn: Callable[[], Any]) -> None:
+    """Call ``fn`` (awaiting what it returns) while unwinding a failed start: errors ignored."""
+    try:
+        result = fn()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # noqa: S110 - the start already failed; its error is the one to report
+        pass
+
+
 def _prepare_data_dir(path: str) -> None:
     """Create the data directory, and keep it and the spool closed to other users.
 
@@ -526,7 +570,20 @@ def _prepare_data_dir(path: str) -> None:
     is 0750 at most and the database files 0640 at most, whatever created them.
     """
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        if d.exists() and not d.is_dir():
+            raise SpoolError(f"data dir {path} is not a directory; set --data-dir"
+                             " ([server] data_dir) to a directory, or move the file away")
+        d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        writable = os.access(d, os.W_OK | os.X_OK)
+        read_only = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError as exc:
+        raise SpoolError(f"cannot create data dir {path} ({exc.strerror or exc}); create it"
+                         " as a directory relayd's user may write") from None
+    if read_only or not writable:
+        why = "read-only file system" if read_only else "permission denied"
+        raise SpoolError(f"data dir {path} is not writable ({why}); relayd keeps its spool"
+                         " there: mount it read-write or make it writable by relayd's user")
     for p in (d, *d.glob("relayd.sqlite3*")):
         with contextlib.suppress(OSError):
             mode = p.stat().st_mode & 0o7777
@@ -601,11 +658,9 @@ async def run(cfg: Config) -> int:
         relay.log.error("spool_error", error=str(exc))
         print(f"relayd: {exc}", file=sys.stderr)
         return EXIT_SPOOL
-    except OSError as exc:
+    except OSError as exc:  # start() has stopped what it started
         relay.log.error("listen_error", error=str(exc))
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
-        with contextlib.suppress(Exception):
-            await relay.spool.close()
         return EXIT_LISTEN
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, relay.on_stop_signal)

@@ -33,6 +33,7 @@ import asyncio
 import functools
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,76 @@ MIGRATIONS: dict[int, str] = {
 
 class SpoolError(Exception):
     """The spool could not be opened or written."""
+
+
+def _check_files(path: str) -> None:
+    """Before SQLite opens ``path``: refuse a 0-byte file and files relayd cannot write.
+
+    SQLite would take a 0-byte file for a new database and relayd would start
+    on an empty spool: a truncated spool's mail would be silently forgotten.
+    A file it can only read (permissions, ``chattr +i``, a read-only mount)
+    opens read-only and fails at the first write, later in the start.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # a new spool
+    except OSError as exc:
+        raise SpoolError(f"cannot open spool {path} ({exc.strerror or exc}); check that relayd"
+                         " may read its directory") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpoolError(f"spool {path} is not a regular file; move it away")
+    if st.st_size == 0:
+        raise SpoolError(
+            f"spool {path} is an empty (0-byte) file, perhaps a truncated spool, so relayd"
+            " will not start a new spool over it; restore it from a backup, or remove the"
+            " file to start with an empty spool")
+    # access(2), not an open and close: closing any descriptor of the file would
+    # drop the POSIX locks another SQLite connection of this process holds on it.
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name) and not os.access(name, os.W_OK):
+            why = ("read-only file system" if os.statvfs(name).f_flag & os.ST_RDONLY
+                   else "permission denied")
+            raise SpoolError(_read_only(name, why))
+
+
+def _read_only(path: str, why: str) -> str:
+    return (f"spool {path} cannot be written ({why}); make the spool files and their"
+            " directory writable by relayd (check the owner and mode, lsattr for the"
+            " immutable flag, and that the filesystem is mounted read-write)")
+
+
+def unusable(path: str, exc: BaseException) -> SpoolError:
+    """A SpoolError for an error met opening or reading the spool: what is wrong, what to do.
+
+    Classified by the SQLite error code where the exception carries one, else
+    by its text (a SpoolError from a failed commit carries only the text).
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__  # quick_check's has newlines
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    low = text.lower()
+    base = os.path.basename(path)
+    bodies = os.path.basename(os.path.splitext(path)[0] + ".bodies")
+    if code in (11, 26) or any(w in low for w in ("malformed", "not a database", "quick_check",
+                                                  "corrupt")):  # SQLITE_CORRUPT, _NOTADB
+        return SpoolError(
+            f"spool {path} is damaged ({text}); restore it from a backup, or move {base}*"
+            f" and {bodies} out of the data directory to start with an empty spool")
+    if code in (3, 8) or "readonly" in low or "read-only" in low:  # SQLITE_PERM, _READONLY
+        return SpoolError(_read_only(path, text))
+    if code in (5, 6) or "locked" in low:  # SQLITE_BUSY, SQLITE_LOCKED
+        return SpoolError(f"spool {path} is locked by another process ({text}); stop the"
+                          " other relayd, or whatever holds the file, first")
+    if code == 13 or "disk is full" in low:  # SQLITE_FULL
+        return SpoolError(f"spool {path}: the disk is full ({text}); free space on it")
+    if code == 10 or "i/o error" in low:  # SQLITE_IOERR
+        return SpoolError(f"spool {path} cannot be read or written ({text}); check the disk"
+                          " and the kernel log")
+    if code == 14:  # SQLITE_CANTOPEN
+        return SpoolError(f"cannot open spool {path} ({text}); check that relayd may read and"
+                          " write it and its directory")
+    return SpoolError(f"cannot use spool {path} ({type(exc).__name__}: {text}); restore it"
+                      " from a backup, or move it away to start with an empty spool")
 
 
 def format_id(message_id: int) -> str:
@@ -258,12 +329,25 @@ class Spool:
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
-        """Open (creating or migrating) the database and start the writer."""
+        """Open (creating or migrating) the database, check it, and start the writer.
+
+        Refused with a :class:`SpoolError` that says what is wrong and what to
+        do (see :func:`unusable`): a 0-byte database file (a truncated spool is
+        never silently replaced by an empty one), a file relayd cannot write,
+        damaged pages (``PRAGMA quick_check`` reads every page at start: about
+        0.1 s per 100 MB), a newer schema, a lock held by another process.
+        """
         try:
+            _check_files(self.path)
             self._w = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
             await self._w.execute("PRAGMA journal_mode=WAL")
             await self._w.execute("PRAGMA synchronous=FULL")
             await self._w.execute("PRAGMA foreign_keys=ON")
+            async with self._w.execute("PRAGMA quick_check(1)") as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(
+                    f"quick_check: {row[0] if row else 'no answer'}")
             await self._migrate()
             try:
                 await _in_thread(self._w, self.bodies.open, _raw(self._w))
@@ -278,9 +362,9 @@ class Spool:
                 row = await cur.fetchone()
             if row:
                 self.ids.seed(int(row[0]))
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             await self._close_connections()
-            raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
+            raise unusable(self.path, exc) from None
         except SpoolError:
             await self._close_connections()  # else aiosqlite's threads outlive the loop
             raise
@@ -293,7 +377,8 @@ class Spool:
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise SpoolError(
-                f"spool schema version {version} is newer than this relayd ({SCHEMA_VERSION})"
+                f"spool schema version {version} is newer than this relayd ({SCHEMA_VERSION});"
+                " run the relayd version that wrote it, or restore a backup made by this one"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             await self._w.execute("BEGIN IMMEDIATE")
@@ -323,6 +408,18 @@ class Spool:
                 await self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass
+        await self._close_connections()
+
+    async def abandon(self) -> None:
+        """After a failed start: stop the writer and close, writing nothing more."""
+        if self._writer_task is not None:
+            await self._queue.put(None)
+            try:
+                await self._writer_task
+            except Exception:  # noqa: S110 - the start already failed; nothing to save
+                pass
+            finally:
+                self._writer_task = None
         await self._close_connections()
 
     async def _close_connections(self) -> None:
