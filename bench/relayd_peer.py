@@ -107,7 +107,9 @@ def bench_overrides(workdir: Path, dkim: bool) -> dict[str, dict[str, Any]]:
                  "max_message_size_bytes": 64 * 1024 * 1024},
         "dkim": {"enabled": dkim},
         # S3-cold makes a fresh account per connection (--cold-logins, 200 by default)
-        "limits": {"max_accounts": 100_000},
+        "limits": {"max_accounts": 100_000,
+                   # the IP-bound user is 127.0.0.0/8, as Postfix's mynetworks
+                   "max_network_prefix_v4": 8},
     }
 
 

@@ -13,8 +13,16 @@ the epoch it authenticated under, and any disable, delete or password reset
 bumps it, so every session of that account stops being authenticated at that
 instant, without the directory knowing the sessions.
 
-Untrusted input: peer addresses (from the socket, already parsed by the OS).
-Settings read: none. See also: relayd.credentials, relayd.lifecycle.
+Binding rules (pure, used by relayd.lifecycle): a network bound to an account
+is written without host bits, is no broader than the configured prefix
+(``[limits] max_network_prefix_v4`` / ``_v6``), is not an IPv4-mapped IPv6
+range, and overlaps no other account's network (``parse_binding``,
+``overlapping``, ``binding_problems`` for what an older version stored).
+
+Untrusted input: peer addresses (from the socket, already parsed by the OS);
+networks to bind (operator input, checked by ``parse_binding``).
+Settings read: none (limits are passed in). See also: relayd.credentials,
+relayd.lifecycle.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 ACTIVE = "active"
 DISABLED = "disabled"
@@ -68,6 +77,82 @@ class Account:
     def invalidate(self) -> None:
         """End the authentication of every session of this account, now."""
         self.epoch += 1
+
+
+class BindingRefused(ValueError):
+    """A network that may not be bound; ``code`` is a stable token for the control API."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_binding(text: str, max_prefix_v4: int, max_prefix_v6: int) -> IPNetwork:
+    """The network ``text`` names, if it may be bound to an account; else BindingRefused.
+
+    Refused: not a network; host bits set (``10.0.0.1/24`` is ambiguous: the
+    network or the host?); broader than ``/max_prefix_v4`` (IPv4) or
+    ``/max_prefix_v6`` (IPv6); an IPv4-mapped IPv6 range (sessions from IPv4
+    are matched in their IPv4 form, so it would never apply).
+    """
+    t = text.strip()
+    try:
+        net = ipaddress.ip_network(t, strict=False)
+    except ValueError:
+        raise BindingRefused(f"not a valid network: {text!r}", "invalid_network") from None
+    try:
+        ipaddress.ip_network(t, strict=True)
+    except ValueError:
+        host = t.split("/", 1)[0]
+        raise BindingRefused(
+            f"{t} has host bits set: write the network {net} or the single address"
+            f" {host}/{net.max_prefixlen}", "network_host_bits") from None
+    limit = max_prefix_v4 if net.version == 4 else max_prefix_v6
+    if net.prefixlen < limit:
+        key = "max_network_prefix_v4" if net.version == 4 else "max_network_prefix_v6"
+        raise BindingRefused(
+            f"{net} is broader than /{limit}, the broadest network an account may be bound"
+            f" to ([limits] {key})", "network_too_broad")
+    if net.version == 6 and net.subnet_of(_V4_MAPPED):
+        raise BindingRefused(f"{net} is an IPv4-mapped range: bind the IPv4 network instead",
+                             "invalid_network")
+    return net
+
+
+def overlapping(net: IPNetwork, bound: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first ``(cidr, owner)`` of ``bound`` whose network overlaps ``net``, or None.
+
+    Stored networks that do not parse are skipped (they never match a session either).
+    """
+    for cidr, owner in bound:
+        try:
+            other = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if other.version == net.version and net.overlaps(other):
+            return cidr, owner
+    return None
+
+
+def binding_problems(bindings: list[tuple[str, str]], max_prefix_v4: int,
+                     max_prefix_v6: int) -> list[tuple[str, str, str]]:
+    """``(owner, cidr, why)`` for each stored ``(cidr, owner)`` that today's rules refuse.
+
+    What an older version accepted (too broad, host bits set, overlapping another
+    owner's network) is reported, not changed: the caller logs it.
+    """
+    out: list[tuple[str, str, str]] = []
+    for i, (cidr, owner) in enumerate(bindings):
+        try:
+            net = parse_binding(cidr, max_prefix_v4, max_prefix_v6)
+        except BindingRefused as exc:
+            out.append((owner, cidr, str(exc)))
+            continue
+        others = [b for j, b in enumerate(bindings) if j != i and b[1] != owner]
+        hit = overlapping(net, others)
+        if hit is not None:
+            out.append((owner, cidr, f"{cidr} overlaps {hit[0]}, bound to {hit[1]}"))
+    return out
 
 
 class Directory:

@@ -188,7 +188,7 @@ class Relay:
             on_failed=self._bounce if d.bounces else None,
         )
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
-                                   self.scheduler, log=self.log.info)
+                                   self.scheduler, log=self.log.info, warn=self.log.warning)
         undo.push_async_callback(_quietly, lambda: self.scheduler.stop(0.0))
         try:
             await self.lifecycle.load()

@@ -175,7 +175,7 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
 
 class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Workspace limits: plan slots, default sending limits, queue caps."""
+    """Workspace limits: plan slots, default sending limits, queue caps, network bindings."""
 
     max_accounts: PositiveInt = 100
     per_minute: NonNegativeInt = 0
@@ -183,6 +183,10 @@ class LimitsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     per_day: NonNegativeInt = 0
     max_queued_per_account: PositiveInt = 100_000
     min_free_disk_bytes: NonNegativeInt = 100 * 1024 * 1024
+    # The broadest network an account may be bound to (a prefix length: a
+    # smaller number allows broader networks; 0 allows any).
+    max_network_prefix_v4: Annotated[int, msgspec.Meta(ge=0, le=32)] = 24
+    max_network_prefix_v6: Annotated[int, msgspec.Meta(ge=0, le=128)] = 48
 
 
 class DkimConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -38,7 +38,18 @@ import aiosqlite
 
 from control import schemas
 from relayd import dkim
-from relayd.accounts import ACTIVE, DELETED, DISABLED, Account, Directory, Domain
+from relayd.accounts import (
+    ACTIVE,
+    DELETED,
+    DISABLED,
+    Account,
+    BindingRefused,
+    Directory,
+    Domain,
+    binding_problems,
+    overlapping,
+    parse_binding,
+)
 from relayd.config import Config
 from relayd.credentials import CredentialCache, Hasher
 from relayd.scheduler import Scheduler
@@ -86,7 +97,8 @@ class Lifecycle:
                  cache: CredentialCache, scheduler: Scheduler, *,
                  clock: Callable[[], float] = time.time,
                  selector_token: Callable[[], str] = dkim.selector_token,
-                 log: Callable[..., None] | None = None) -> None:
+                 log: Callable[..., None] | None = None,
+                 warn: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.directory = directory
@@ -96,6 +108,7 @@ class Lifecycle:
         self.clock = clock
         self.selector_token = selector_token
         self._log = log or (lambda event, **kw: None)
+        self._warn = warn or self._log
         self._flushed: dict[int, float | None] = {}
         self._lock = asyncio.Lock()
 
@@ -128,6 +141,19 @@ class Lifecycle:
             d.accounts_by_id[acct.id] = acct
             self._flushed[acct.id] = acct.last_connection
         d.rebuild_networks()
+        self._warn_bindings()
+
+    def _warn_bindings(self) -> None:
+        """Log ``legacy_network_binding`` for each stored binding that an older
+        version accepted and today's rules refuse; it stays in effect (never changed
+        behind the operator's back) until ``user networks remove``."""
+        lim = self.cfg.limits
+        bindings = [(cidr, a.username) for a in self.directory.accounts_by_id.values()
+                    if a.status != DELETED for cidr in a.networks]
+        for owner, cidr, why in binding_problems(bindings, lim.max_network_prefix_v4,
+                                                 lim.max_network_prefix_v6):
+            self._warn("legacy_network_binding", username=owner, cidr=cidr,
+                       problem=why, fix=f"relayctl user networks remove {owner} {cidr}")
 
     def _signers(self, domain: str, selector: str, key: bytes | None, ed_selector: str | None,
                  ed_key: bytes | None) -> list[dkim.Signer]:
@@ -317,22 +343,44 @@ class Lifecycle:
             limits=schemas.Limits(per_minute=acct.per_minute, per_hour=acct.per_hour,
                                   per_day=acct.per_day))
 
-    @staticmethod
-    def _check_cidrs(cidrs: list[str]) -> list[str]:
-        out = []
+    def _check_bindings(self, cidrs: list[str], field: str) -> list[str]:
+        """The networks to bind, normalised and without repeats; LifecycleError naming
+        ``field`` for one that may not be bound (accounts.parse_binding)."""
+        lim = self.cfg.limits
+        out: list[str] = []
         for c in cidrs:
             try:
-                out.append(str(ipaddress.ip_network(c.strip(), strict=False)))
-            except ValueError:
-                raise LifecycleError(f"not a valid network: {c!r}", "invalid_network") from None
+                net = str(parse_binding(c, lim.max_network_prefix_v4, lim.max_network_prefix_v6))
+            except BindingRefused as exc:
+                raise LifecycleError(f"{field}: {exc}", exc.code) from None
+            if net not in out:
+                out.append(net)
         return out
+
+    @staticmethod
+    async def _refuse_overlap(db: aiosqlite.Connection, account_id: int | None,
+                              nets: list[str], field: str) -> None:
+        """Inside the write transaction that binds ``nets``: refuse one that overlaps a
+        network of another account that is not deleted (so two concurrent adds cannot
+        both pass)."""
+        rows = await (await db.execute(
+            "SELECT n.cidr, a.username, d.name FROM account_networks n"
+            " JOIN accounts a ON a.id = n.account_id JOIN domains d ON d.id = a.domain_id"
+            " WHERE a.status != 'deleted' AND n.account_id IS NOT ?", (account_id,))).fetchall()
+        bound = [(str(r[0]), f"account {r[1]} (domain {r[2]})") for r in rows]
+        for cidr in nets:
+            hit = overlapping(ipaddress.ip_network(cidr), bound)
+            if hit is not None:
+                raise LifecycleError(
+                    f"{field}: {cidr} overlaps {hit[0]}, already bound to {hit[1]}; an address"
+                    " may belong to one account only", "network_overlap")
 
     async def user_add(self, domain: str, networks: list[str]) -> schemas.Credentials:
         """Create an account with a generated username and password (shown once)."""
         dom = self.directory.active_domain(domain.strip().lower().rstrip("."))
         if dom is None:
             raise _not_found("domain", domain)
-        nets = self._check_cidrs(networks)
+        nets = self._check_bindings(networks, "allow_networks")
         password = new_password()
         hashed = await self.hasher.hash(password)
         now = self.clock()
@@ -352,6 +400,7 @@ class Lifecycle:
                 raise LifecycleError("could not draw an unused username", "internal", 500)
 
             async def op(db: aiosqlite.Connection) -> int:
+                await self._refuse_overlap(db, None, nets, "allow_networks")
                 cur = await db.execute(
                     "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
                     " VALUES (?,?,?,'active',?)", (username, dom.id, hashed, now))
@@ -554,8 +603,20 @@ class Lifecycle:
 
     async def user_networks(self, username: str, change: schemas.NetworkChange) -> \
             schemas.UserInfo:
-        """Bind or unbind a source network; effective at once."""
-        (cidr,) = self._check_cidrs([change.cidr])
+        """Bind or unbind a source network; effective at once.
+
+        A network to bind must pass accounts.parse_binding and overlap no other
+        account's (checked in the transaction that stores it); one to unbind is
+        taken as stored, whatever rules applied when it was bound.
+        """
+        if change.action == "add":
+            (cidr,) = self._check_bindings([change.cidr], "cidr")
+        else:  # what is stored, whatever rules applied when it was bound
+            try:
+                cidr = str(ipaddress.ip_network(change.cidr.strip(), strict=False))
+            except ValueError:
+                raise LifecycleError(f"cidr: not a valid network: {change.cidr!r}",
+                                     "invalid_network") from None
         async with self._lock:
             acct = self._account(username)
             if change.action == "add":
@@ -563,6 +624,7 @@ class Lifecycle:
                     return self.info(acct)
 
                 async def add(db: aiosqlite.Connection) -> None:
+                    await self._refuse_overlap(db, acct.id, [cidr], "cidr")
                     await db.execute("INSERT INTO account_networks(account_id, cidr)"
                                      " VALUES (?,?)", (acct.id, cidr))
 

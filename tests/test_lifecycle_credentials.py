@@ -151,7 +151,7 @@ async def test_delete_keeps_delivery_log_and_removes_stats(lrelay: RelayHandle,
 async def test_network_bound_account_disable_enable_delete(lrelay: RelayHandle) -> None:
     """A network-bound session is refused at MAIL right after disable, works after enable,
     and is refused again after delete."""
-    user, _ = await lrelay.ctl.add_user(networks=["127.0.0.0/8"])
+    user, _ = await lrelay.ctl.add_user(networks=["127.0.0.0/24"])
     c = await lrelay.client()
     await c.ehlo()
     assert (await c.mail("app@example.com")).code == 250

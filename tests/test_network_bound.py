@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import aiosmtplib
 import pytest
 
-from tests.conftest import RelayHandle, Sink, message
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
 
 
 async def test_bound_network_sends_without_auth(relay: RelayHandle, sink: Sink) -> None:
     """An unauthenticated session from a bound network is that account's."""
     await relay.ctl.add_domain("example.com")
-    user, _ = await relay.ctl.add_user("example.com", ["127.0.0.0/8"])
+    user, _ = await relay.ctl.add_user("example.com", ["127.0.0.0/24"])
     client = await relay.client()
     _, reply = await client.sendmail("app@example.com", ["r@dest.test"], message())
     await client.quit()
@@ -21,12 +23,22 @@ async def test_bound_network_sends_without_auth(relay: RelayHandle, sink: Sink) 
     assert info["last_connection"] is not None
 
 
-async def test_most_specific_network_wins(relay: RelayHandle) -> None:
-    """With nested bindings, the longest prefix decides the account (and its domain)."""
+async def test_most_specific_network_wins(relay_factory: RelayFactory) -> None:
+    """With nested bindings (stored by an older version: overlaps are refused now), the
+    longest prefix decides the account (and its domain)."""
+    relay = await relay_factory()
     await relay.ctl.add_domain("wide.example")
     await relay.ctl.add_domain("narrow.example")
-    await relay.ctl.add_user("wide.example", ["127.0.0.0/8"])
-    await relay.ctl.add_user("narrow.example", ["127.0.0.1/32"])
+    wide, _ = await relay.ctl.add_user("wide.example")
+    narrow, _ = await relay.ctl.add_user("narrow.example")
+    await relay.stop()
+    db = sqlite3.connect(relay.data_dir / "relayd.sqlite3")
+    with db:
+        db.executemany("INSERT INTO account_networks(account_id, cidr)"
+                       " SELECT id, ? FROM accounts WHERE username=?",
+                       [("127.0.0.0/8", wide), ("127.0.0.1/32", narrow)])
+    db.close()
+    relay = await relay_factory()
     client = await relay.client()
     _, reply = await client.sendmail("a@narrow.example", ["r@dest.test"], message())
     assert reply.startswith("2.0.0")
