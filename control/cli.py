@@ -14,6 +14,7 @@ See also: control.client, control.schemas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -281,17 +282,39 @@ class UsageError(Exception):
 
 def _parse_since(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units and text[:-1].isdigit():
-        return time.time() - int(text[:-1]) * units[text[-1]]
+    when: float | None = None
+    with contextlib.suppress(ValueError, OverflowError):  # too many digits, or too far
+        if text and text[-1] in units and text[:-1].isascii() and text[:-1].isdigit():
+            when = time.time() - int(text[:-1]) * units[text[-1]]
+        else:
+            try:
+                when = float(text)
+            except ValueError:
+                when = time.mktime(time.strptime(text, "%Y-%m-%d"))
+    if when is None:
+        raise UsageError("--since takes 30m, 2h, 7d, a date YYYY-MM-DD or epoch seconds")
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d"))
-    except ValueError:
-        raise UsageError("--since takes 30m, 2h, 7d, a date YYYY-MM-DD or epoch seconds") \
+        return msgspec.convert(when, schemas.EpochSeconds)
+    except msgspec.ValidationError:
+        raise UsageError(f"--since {text}: not a time between 1970 and the year 9999") \
             from None
+
+
+def _checked(kind: Any, what: str) -> Any:
+    """An argparse ``type`` that applies the API's bound for the field (control.schemas)."""
+    base = int if what == "an integer" else float
+
+    def convert(text: str) -> Any:
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        try:
+            return msgspec.convert(value, kind)
+        except msgspec.ValidationError as exc:
+            raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
+
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -335,16 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also delete the account's queued mail")
     lim = u.add_parser("limits")
     lim.add_argument("name")
-    lim.add_argument("--per-minute", type=int)
-    lim.add_argument("--per-hour", type=int)
-    lim.add_argument("--per-day", type=int)
+    count = _checked(schemas.Count, "an integer")
+    lim.add_argument("--per-minute", type=count)
+    lim.add_argument("--per-hour", type=count)
+    lim.add_argument("--per-day", type=count)
     net = u.add_parser("networks")
     net.add_argument("net_action", choices=["add", "remove"])
     net.add_argument("name")
     net.add_argument("cidr")
     dor = u.add_parser("dormant")
-    dor.add_argument("--days", type=float, default=90.0)
-    dor.add_argument("--max-sent", type=int)
+    dor.add_argument("--days", type=_checked(schemas.Days, "a number"), default=90.0)
+    dor.add_argument("--max-sent", type=count)
 
     q = sub.add_parser("queue", help="queued mail").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -367,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--user")
     lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed"])
     lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")
-    lg.add_argument("--limit", type=int, default=100)
+    lg.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
     return p
 
 

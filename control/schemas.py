@@ -1,8 +1,10 @@
 """Request and response types of the control API (version 1), shared by server and CLI.
 
 Owns: the wire contract of the control socket: HTTP/1.1 + JSON, paths under
-``/v1/``, bodies decoded strictly into these Structs (unknown fields and
-wrong types are 400 errors). Every error response is an ``Error``.
+``/v1/``, bodies and query strings decoded strictly into these Structs
+(unknown fields, repeated keys, wrong types and out-of-range numbers are 400
+errors naming the field; the bounds are the ``Annotated`` types below, which
+relayctl applies to its own flags too). Every error response is an ``Error``.
 
 Paths (all JSON):
   GET  /v1/health                         -> Health
@@ -34,11 +36,27 @@ This module imports msgspec only: the CLI stays light and fast to start.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 API_VERSION = 1
+
+#: Largest value SQLite stores in an INTEGER column.
+SQLITE_INT_MAX = 2**63 - 1
+#: Most entries one ``log`` call returns.
+LOG_LIMIT_MAX = 10_000
+#: 9999-12-31T23:59:59Z: the latest time a ``since`` may name.
+EPOCH_MAX = 253_402_300_799.0
+#: Longest ``dormant`` threshold, in days (about 270 years).
+DAYS_MAX = 100_000.0
+
+# Bounded numbers: out of range (negative, too large for the database, NaN,
+# infinite) is a 400 naming the field, never a silent clamp or a 500.
+Count = Annotated[int, msgspec.Meta(ge=0, le=SQLITE_INT_MAX)]
+LogLimit = Annotated[int, msgspec.Meta(ge=1, le=LOG_LIMIT_MAX)]
+EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=EPOCH_MAX)]
+Days = Annotated[float, msgspec.Meta(ge=0.0, le=DAYS_MAX)]
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -186,9 +204,9 @@ class UserDeleted(_S):
 class UserLimits(_S):
     """Set per-account sending limits; 0 means unlimited, None keeps the default."""
 
-    per_minute: int | None = None
-    per_hour: int | None = None
-    per_day: int | None = None
+    per_minute: Count | None = None
+    per_hour: Count | None = None
+    per_day: Count | None = None
 
 
 class NetworkChange(_S):
@@ -196,6 +214,37 @@ class NetworkChange(_S):
 
     action: Literal["add", "remove"]
     cidr: str
+
+
+class UserListQuery(_S):
+    """Query of ``GET /v1/users``."""
+
+    domain: str | None = None
+    status: Literal["active", "disabled"] | None = None
+    sort: Literal["name", "last-used", "sent"] = "name"
+
+
+class DormantQuery(_S):
+    """Query of ``GET /v1/dormant``."""
+
+    days: Days = 90.0
+    max_sent: Count | None = None
+
+
+class QueueListQuery(_S):
+    """Query of ``GET /v1/queue``."""
+
+    user: str | None = None
+    state: Literal["queued", "waiting_limit", "held", "deferred"] | None = None
+
+
+class LogQuery(_S):
+    """Query of ``GET /v1/log`` (``since``: epoch seconds)."""
+
+    user: str | None = None
+    status: Literal["queued", "deferred", "delivered", "failed"] | None = None
+    since: EpochSeconds | None = None
+    limit: LogLimit = 100
 
 
 class QueueItem(_S):

@@ -10,8 +10,9 @@ with mode 0660 (umask set around the bind), so it is never world-accessible.
 The Prometheus endpoint is a second, TCP site of the same library.
 
 Untrusted input: request paths, query strings and bodies (from local users
-allowed on the socket; still validated: malformed JSON, unknown fields,
-wrong types and unknown paths get a clear 4xx answer).
+allowed on the socket; still validated: malformed JSON or UTF-8, unknown or
+repeated fields, wrong types, out-of-range numbers and unknown paths get a
+clear 4xx answer naming what is wrong).
 Settings read: [control], [metrics].
 See also: control.schemas (the contract), control.cli (the client).
 """
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
+import re
 import socket
 import stat
 import struct
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,14 +56,75 @@ def _error(message: str, code: str, status: int) -> web.Response:
     return _json(schemas.Error(error=message, code=code), status)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return {}
+
+
 async def _body(request: web.Request, kind: type[S]) -> S:
-    raw = await request.read()
+    raw = await request.read() or b"{}"
     try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LifecycleError(f"malformed JSON: not valid UTF-8 at byte {exc.start}",
+                             "malformed_json") from None
+    try:
+        obj = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise LifecycleError(f"invalid request: {exc}", "invalid_request") from None
+        raise _invalid("invalid request", exc, kind) from None
     except msgspec.DecodeError as exc:
         raise LifecycleError(f"malformed JSON: {exc}", "malformed_json") from None
+    # msgspec keeps the last of repeated keys; an operator's request must not be
+    # read two ways. Parsed again only here (the control path is not hot), after
+    # msgspec accepted the shape, so the nesting is bounded by the schema.
+    try:
+        json.loads(text, object_pairs_hook=_no_repeats)
+    except _DuplicateKey as exc:
+        raise LifecycleError(f"invalid request: duplicate key `{exc.args[0]}`",
+                             "invalid_request") from None
+    except ValueError:
+        pass  # msgspec's verdict stands
+    return obj
+
+
+def _invalid(prefix: str, exc: msgspec.ValidationError, kind: type[msgspec.Struct]) -> \
+        LifecycleError:
+    """A 400 with msgspec's text (which names the field); for a field with fixed choices,
+    the choices too."""
+    text = f"{prefix}: {exc}"
+    m = re.search(r"at `\$\.(\w+)`", str(exc))
+    if m:
+        hint = typing.get_type_hints(kind).get(m.group(1))
+        choices = [a for t in (hint, *typing.get_args(hint))
+                   if typing.get_origin(t) is typing.Literal for a in typing.get_args(t)]
+        if choices:
+            text += f" ({m.group(1)} must be {', '.join(choices[:-1])} or {choices[-1]})" \
+                if len(choices) > 1 else f" ({m.group(1)} must be {choices[0]})"
+    return LifecycleError(text, "invalid_request")
+
+
+def _query(request: web.Request, kind: type[S]) -> S:
+    """The query string as ``kind``: each key once; an empty value is an absent one."""
+    q = request.query
+    values: dict[str, str] = {}
+    for key, value in q.items():
+        if len(q.getall(key)) > 1:
+            raise LifecycleError(f"invalid request: query parameter `{key}` given twice",
+                                 "invalid_request")
+        if value != "":
+            values[key] = value
+    try:
+        return msgspec.convert(values, type=kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _invalid("invalid query", exc, kind) from None
 
 
 def _peer_uid(request: web.Request) -> int | None:
@@ -72,27 +137,6 @@ def _peer_uid(request: web.Request) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
-
-
-def _q_int(request: web.Request, name: str, default: int | None = None) -> int | None:
-    v = request.query.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise LifecycleError(f"query parameter {name} must be an integer",
-                             "bad_request") from None
-
-
-def _q_float(request: web.Request, name: str, default: float | None = None) -> float | None:
-    v = request.query.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return float(v)
-    except ValueError:
-        raise LifecycleError(f"query parameter {name} must be a number", "bad_request") from None
 
 
 class ControlServer:
@@ -200,9 +244,8 @@ class ControlServer:
 
     async def user_list(self, request: web.Request) -> web.Response:
         """List accounts."""
-        q = request.query
-        return _json(await self.lc.user_list(q.get("domain"), q.get("status"),
-                                             q.get("sort", "name")))
+        q = _query(request, schemas.UserListQuery)
+        return _json(await self.lc.user_list(q.domain, q.status, q.sort))
 
     async def user_show(self, request: web.Request) -> web.Response:
         """One account."""
@@ -238,14 +281,13 @@ class ControlServer:
 
     async def dormant(self, request: web.Request) -> web.Response:
         """Accounts not used for a while."""
-        days = _q_float(request, "days", 90.0)
-        assert days is not None
-        return _json(await self.lc.user_dormant(days, _q_int(request, "max_sent")))
+        q = _query(request, schemas.DormantQuery)
+        return _json(await self.lc.user_dormant(q.days, q.max_sent))
 
     async def queue_list(self, request: web.Request) -> web.Response:
         """Queued messages."""
-        return _json(await self.lc.queue_list(request.query.get("user"),
-                                              request.query.get("state")))
+        q = _query(request, schemas.QueueListQuery)
+        return _json(await self.lc.queue_list(q.user, q.state))
 
     async def queue_show(self, request: web.Request) -> web.Response:
         """One queued message."""
@@ -263,11 +305,8 @@ class ControlServer:
 
     async def delivery_log(self, request: web.Request) -> web.Response:
         """Delivery attempts."""
-        limit = _q_int(request, "limit", 100)
-        assert limit is not None
-        return _json(await self.lc.delivery_log(
-            request.query.get("user"), request.query.get("status"),
-            _q_float(request, "since"), limit))
+        q = _query(request, schemas.LogQuery)
+        return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit))
 
     def _throttle(self) -> AuthThrottle:
         if self.throttle is None:

@@ -745,7 +745,8 @@ class Lifecycle:
     async def delivery_log(self, user: str | None, status: str | None, since: float | None,
                            limit: int) -> schemas.LogList:
         """Delivery attempts, newest first; ``queued`` lists recipients not yet attempted."""
-        limit = max(1, min(limit, 10000))
+        if not 1 <= limit <= schemas.LOG_LIMIT_MAX:
+            raise LifecycleError(f"limit must be 1 to {schemas.LOG_LIMIT_MAX}", "bad_request")
         if status not in (None, "queued", "deferred", "delivered", "failed"):
             raise LifecycleError("status must be queued, deferred, delivered or failed",
                                  "bad_request")

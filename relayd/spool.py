@@ -221,8 +221,8 @@ def format_id(message_id: int) -> str:
 
 def parse_id(text: str) -> int:
     """Parse an external message id; raise ValueError if malformed."""
-    if len(text) != 16:
-        raise ValueError("message id must be 16 hex digits")
+    if len(text) != 16 or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError("message id must be 16 hex digits")  # int() takes "-", "_", " "
     return int(text, 16)
 
 
