@@ -116,7 +116,7 @@ class Cli:
             print(f"domain {d.name} (selector {d.selector}): {d.accounts} account(s) will be"
                   " disabled for good", file=sys.stderr)
             confirm = a.confirm or self._prompt(
-                f"Deleting domain {a.name} is irreversible: its accounts are disabled for"
+                f"Deleting domain {d.name} is irreversible: its accounts are disabled for"
                 " good and its DKIM key is destroyed.\nType the domain name to confirm: ")
             r = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/delete",
                                  schemas.DomainDeleted, schemas.Confirm(confirm=confirm))
@@ -127,7 +127,7 @@ class Cli:
         if not sys.stdin.isatty():
             raise UsageError("--confirm NAME is required when not on a terminal")
         try:
-            return input(text).strip()
+            return input(text)  # exactly as typed: the server takes the exact name only
         except EOFError:
             raise UsageError("no confirmation given") from None
 

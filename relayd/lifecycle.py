@@ -279,16 +279,20 @@ class Lifecycle:
         return schemas.DomainList(domains=out)
 
     async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
-        """Delete a domain: irreversible; disables its accounts for good and destroys its key."""
+        """Delete a domain: irreversible; disables its accounts for good and destroys its key.
+
+        ``confirm`` must be the name exactly as ``domain list`` shows it (no case
+        folding, spaces or trailing dot).
+        """
         name = name.strip().lower().rstrip(".")
-        if confirm.strip().lower().rstrip(".") != name:
-            raise LifecycleError(
-                f"confirmation does not match: type the domain name {name!r} again",
-                "confirm_mismatch")
         async with self._lock:
             dom = self.directory.active_domain(name)
             if dom is None:
                 raise _not_found("domain", name)
+            if confirm != dom.name:
+                raise LifecycleError(
+                    f"confirmation does not match: type the domain name {dom.name!r} exactly"
+                    " as `domain list` shows it", "confirm_mismatch")
             accts = [a for a in self.directory.accounts_by_id.values()
                      if a.domain is dom and a.status != DELETED]
             saved = [(a, a.status, a.disabled_reason) for a in accts]
