@@ -869,12 +869,13 @@ class RelaySMTP(_AioSMTP):
             received_at=now,
         )
         try:
-            await ctx.spool.accept(new)
+            # Handed to the scheduler by the commit itself: also when the client is
+            # gone (and this task cancelled) before the commit is done.
+            await ctx.spool.accept(new, then=ctx.scheduler.enqueue_new)
         except Exception as exc:
             ctx.events.error(st, "spool commit", exc)
             self._reject(replies.LOCAL_ERROR, "commit failed")
             return
-        ctx.scheduler.enqueue_new(new)
         self._emit(replies.queued(ext_id))
         ctx.events.accepted(st, ext_id, len(body), len(rcpts), time.perf_counter() - started)
 

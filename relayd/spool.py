@@ -43,7 +43,7 @@ import aiosqlite
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Messages larger than this were written and read with blob I/O (see _insert_large);
 #: rows stored that way by an earlier version are still read so.
@@ -136,6 +136,11 @@ MIGRATIONS: dict[int, str] = {
     # Data in a file of its own (``data`` is empty): see _Bodies.
     3: """
     ALTER TABLE messages ADD COLUMN external INTEGER NOT NULL DEFAULT 0;
+    """,
+    # Recipients never attempted yet (the send queue as the database sees it):
+    # what the scheduler's reconciliation, ``status`` and ``queue list`` read.
+    4: """
+    CREATE INDEX recipients_queued ON recipients(message_id) WHERE status = 'queued';
     """,
 }
 
@@ -282,6 +287,7 @@ class _Op:
     kind: str
     payload: Any
     future: asyncio.Future[Any]
+    then: Callable[[Any], None] | None = None  # an accept's hand-over, run at its commit
 
 
 @dataclass(slots=True)
@@ -312,6 +318,27 @@ class StoredMessage:
     recipients: list[PendingRecipient] = field(default_factory=list)
 
 
+#: Never-attempted recipients with their message's columns (``queued_messages``),
+#: through the index ``recipients_queued``; followed by ``IN (...)``.
+_QUEUED_ROWS = ("SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id, m.username,"
+                " m.domain, m.sender, m.received_at, m.size, m.is_bounce"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " WHERE r.status='queued' AND r.message_id")
+_QUEUED_ALL = ("SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id, m.username,"
+               " m.domain, m.sender, m.received_at, m.size, m.is_bounce"
+               " FROM recipients r JOIN messages m ON m.id = r.message_id"
+               " WHERE r.status='queued' AND r.message_id IN (SELECT DISTINCT message_id"
+               " FROM recipients WHERE status='queued' ORDER BY message_id LIMIT ?)"
+               " ORDER BY r.message_id, r.idx")
+_QUEUED_OF_ACCOUNT = ("SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id,"
+                      " m.username, m.domain, m.sender, m.received_at, m.size, m.is_bounce"
+                      " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                      " WHERE r.status='queued' AND r.message_id IN (SELECT DISTINCT"
+                      " q.message_id FROM recipients q JOIN messages a ON a.id = q.message_id"
+                      " WHERE q.status='queued' AND a.account_id=? ORDER BY q.message_id"
+                      " LIMIT ?) ORDER BY r.message_id, r.idx")
+
+
 class Spool:
     """The SQLite spool with a group-committing writer."""
 
@@ -326,6 +353,8 @@ class Spool:
         self._writer_task: asyncio.Task[None] | None = None
         self.ids = IdAllocator()
         self.bodies = _Bodies(os.path.splitext(path)[0] + ".bodies")
+        #: Called on the loop after a group commit failed (the scheduler reconciles).
+        self.on_commit_failed: Callable[[], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -432,14 +461,22 @@ class Spool:
         self._r = self._w = None
 
     # -- the writer ---------------------------------------------------------------
-    def _submit(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+    def _submit(self, kind: str, payload: Any,
+                then: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Op(kind, payload, fut))
+        self._queue.put_nowait(_Op(kind, payload, fut, then))
         return fut
 
-    async def accept(self, msg: NewMessage) -> None:
-        """Commit one accepted message with its recipients; return after the commit."""
-        await self._submit("accept", msg)
+    async def accept(self, msg: NewMessage,
+                     then: Callable[[NewMessage], None] | None = None) -> None:
+        """Commit one accepted message with its recipients; return after the commit.
+
+        ``then(msg)`` runs on the loop as soon as the commit that contains the
+        message is done, before this returns, and also if the caller was
+        cancelled while it waited (a client gone right after the final dot):
+        a committed message always reaches whoever ``then`` hands it to.
+        """
+        await self._submit("accept", msg, then)
 
     def record(self, results: Sequence[AttemptResult], finished: Sequence[int] = (),
                complete: bool = False) -> asyncio.Future[Any]:
@@ -534,6 +571,8 @@ class Spool:
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(SpoolError(f"commit failed: {exc}"))
+            if self.on_commit_failed is not None:
+                self.on_commit_failed()
             return
         self._settle(batch, results, errors)
 
@@ -544,6 +583,11 @@ class Spool:
         if self._on_batch is not None and n_accepts:
             self._on_batch(n_accepts)
         for n, op in enumerate(batch):
+            if op.then is not None:
+                try:
+                    op.then(op.payload)  # committed: whether or not anyone still waits
+                except Exception:  # noqa: S110 - the scheduler's reconciliation finds it
+                    pass
             if op.future.done():
                 continue
             if n in errors:
@@ -591,6 +635,63 @@ class Spool:
                 m.recipients.append(PendingRecipient(row[1], row[2], row[3], row[4], row[5],
                                                      row[6], row[7]))
         return list(msgs.values())
+
+    async def queued_count(self) -> int:
+        """Messages with a recipient never attempted yet (index ``recipients_queued``)."""
+        row = await self.fetchone(
+            "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='queued'")
+        return int(row[0]) if row else 0
+
+    async def queued_messages(self, ids: Sequence[int] | None = None,
+                              account_id: int | None = None,
+                              limit: int = 10000) -> list[StoredMessage]:
+        """Messages with recipients never attempted yet, with those recipients, by id.
+
+        All of them (at most ``limit``), those of one account, or those among
+        ``ids``; read through the index ``recipients_queued``.
+        """
+        rows: list[Any] = []
+        if ids is not None:
+            for start, size in _chunks(len(ids)):
+                rows.extend(await self.fetchall(_in_sql(_QUEUED_ROWS, size),
+                                                ids[start:start + size]))
+            rows.sort(key=lambda r: (r[0], r[1]))
+        elif account_id is None:
+            rows = await self.fetchall(_QUEUED_ALL, (limit,))
+        else:
+            rows = await self.fetchall(_QUEUED_OF_ACCOUNT, (account_id, limit))
+        msgs: dict[int, StoredMessage] = {}
+        for r in rows:
+            m = msgs.get(r[0])
+            if m is None:
+                m = msgs[r[0]] = StoredMessage(r[0], r[4], r[5], r[6], r[7], r[8], r[9],
+                                               bool(r[10]))
+            m.recipients.append(PendingRecipient(r[1], r[2], "queued", r[3], None, None, None))
+        return list(msgs.values())
+
+    async def reconcile_ids(self, release: Sequence[int], now: float,
+                            probe: bool) -> list[int]:
+        """The ids of the messages with a recipient never attempted yet, read in the next
+        group transaction (so every message committed before has been handed over).
+
+        Before that, in the same transaction: the leased recipients of ``release``
+        (retries whose result could not be committed) are made due at ``now``;
+        with ``probe``, one small write shows the spool can be written again
+        (raises SpoolError if not, like any failed commit).
+        """
+        async def op(db: aiosqlite.Connection) -> list[int]:
+            if release:
+                await db.executemany(
+                    "UPDATE recipients SET next_attempt=?, leased=0 WHERE message_id=?"
+                    " AND status='deferred' AND leased=1", [(now, m) for m in release])
+            if probe:
+                await db.execute("INSERT OR REPLACE INTO meta(key, value)"
+                                 " VALUES ('reconciled_at', ?)", (repr(now),))
+            async with db.execute("SELECT DISTINCT message_id FROM recipients"
+                                  " WHERE status='queued'") as cur:
+                return [int(r[0]) for r in await cur.fetchall()]
+
+        return await self.write(op)
 
     async def orphan_messages(self) -> list[int]:
         """Messages whose recipients are all final (left by a crash before cleanup)."""

@@ -26,8 +26,8 @@ def _rows(db: Path, sql: str) -> list[tuple]:
 
 
 async def test_schema_1_spool_migrates_and_keeps_its_mail(tmp_path: Path) -> None:
-    """A version-1 spool opens at the current version (lease column, external-data column)
-    with its message intact and read from the database."""
+    """A version-1 spool opens at the current version (lease column, external-data column,
+    never-attempted index) with its message intact and read from the database."""
     path = tmp_path / "spool.db"
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[1] + "PRAGMA user_version=1;")
@@ -48,9 +48,12 @@ async def test_schema_1_spool_migrates_and_keeps_its_mail(tmp_path: Path) -> Non
         leased = await spool.fetchone("SELECT leased FROM recipients WHERE message_id=7")
         external = await spool.fetchone("SELECT external FROM messages WHERE id=7")
         data = await spool.load_data(7)
+        index = await spool.fetchone("SELECT name FROM sqlite_master WHERE type='index'"
+                                     " AND name='recipients_queued'")
     finally:
         await spool.close()
-    assert SCHEMA_VERSION == 3 and version[0] == 3
+    assert SCHEMA_VERSION == 4 and version[0] == 4
+    assert index is not None
     assert external[0] == 0
     assert (rcpt.rcpt, rcpt.status, rcpt.attempts, rcpt.next_attempt) == \
         ("r@dest.test", "deferred", 2, 123.0)

@@ -57,8 +57,9 @@ class _Transport:
 class _Spool:
     ids = IdAllocator()
 
-    async def accept(self, msg: NewMessage) -> None:
-        return None
+    async def accept(self, msg: NewMessage, then: Any = None) -> None:
+        if then is not None:
+            then(msg)
 
 
 class _Scheduler:
