@@ -186,6 +186,7 @@ class Relay:
             default_limits=_limits(cfg),
             workers=d.connections_per_host, events=self.observer,
             on_failed=self._bounce if d.bounces else None,
+            reconcile_seconds=cfg.spool.reconcile_seconds,
         )
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, log=self.log.info, warn=self.log.warning)
@@ -319,14 +320,18 @@ class Relay:
         bounce = NewMessage(id=new_id, account_id=msg.account_id, username=msg.username,
                             domain=msg.domain, sender="", recipients=[msg.sender], data=body,
                             received_at=now, is_bounce=True)
-        await self.spool.accept(bounce)
-        self.scheduler.enqueue_new(bounce)
+        # Handed over at the commit itself, even if this task is cancelled meanwhile.
+        await self.spool.accept(bounce, then=self.scheduler.enqueue_new)
 
     async def status(self) -> schemas.Status:
         """The answer of ``relayctl status``."""
         counts = {"queued": 0, "waiting_limit": 0, "held": 0, "deferred": 0}
         for _m, st, _u in self.scheduler.send_queue_view():
             counts[st] = counts.get(st, 0) + 1
+        # The database is the truth: never-attempted messages it holds that the
+        # scheduler's memory does not (none, unless they diverged) are queued too.
+        unknown = await self.spool.queued_count() - self.scheduler.first_attempts()
+        counts["queued"] += max(0, unknown)
         row = await self.spool.fetchone(
             "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")
         counts["deferred"] = int(row[0]) if row else 0

@@ -229,6 +229,9 @@ class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     delivery_log_retention_days: PositiveInt = 30
     last_connection_flush_seconds: Seconds = 5.0
     commit_batch_max: PositiveInt = 256
+    # The scheduler checks its memory against the database this often (and soon
+    # after a failed commit); what it finds is counted (relayd_queue_reconciled_total).
+    reconcile_seconds: Seconds = 60.0
 
 
 class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -660,15 +660,23 @@ class Lifecycle:
         acct_filter = self._account(user, allow_deleted=True).id if user else None
         items: list[schemas.QueueItem] = []
         if state in (None, "queued", "waiting_limit", "held"):
-            for m, st, until in self.scheduler.send_queue_view():
-                if acct_filter is not None and m.account_id != acct_filter:
-                    continue
+            # The send queue as the database holds it, in the state the scheduler
+            # gives it (a message memory lost is listed too: its account's state).
+            view = {m.id: (st, until) for m, st, until in self.scheduler.send_queue_view()}
+            for sm in await self.spool.queued_messages(account_id=acct_filter):
+                seen = view.get(sm.id)
+                if seen is None:
+                    if self.scheduler.in_memory(sm.id):
+                        continue  # being attempted now
+                    seen = self.scheduler.account_state(sm.account_id)
+                st, until = seen
                 if state is not None and st != state:
                     continue
                 items.append(schemas.QueueItem(
-                    id=format_id(m.id), username=m.username, sender=m.sender, state=st,
-                    age_seconds=now - m.received_at, attempts=0,
-                    recipients=[r for r, _ in m.rcpts.values()], reset_at=until))
+                    id=format_id(sm.id), username=sm.username, sender=sm.sender, state=st,
+                    age_seconds=now - sm.received_at,
+                    attempts=max(r.attempts for r in sm.recipients),
+                    recipients=[r.rcpt for r in sm.recipients], reset_at=until))
         if state in (None, "deferred"):
             sql = ("SELECT m.id, m.username, m.sender, m.received_at, MAX(r.attempts),"
                    " MIN(r.next_attempt), group_concat(r.rcpt, char(10)),"

@@ -70,6 +70,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_messages_accepted_total",
     "relayd_messages_in_flight",
     "relayd_queue_messages",
+    "relayd_queue_reconciled_total",
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
     "relayd_accept_duration_seconds",
@@ -166,6 +167,13 @@ class Metrics:
         self.queue: dict[str, Gauge] = {
             state: self.queue_messages.labels(state=state) for state in QUEUE_STATES
         }
+        self.queue_reconciled_total = Counter(
+            "queue_reconciled",
+            "Messages the spool held that the scheduler had lost track of, put back in"
+            " its queue by the reconciliation with the database (should stay 0).",
+            namespace=ns,
+            registry=r,
+        )
         self.spool_free_bytes = Gauge(
             "spool_free_bytes",
             "Free bytes on the file system holding the spool.",

@@ -19,6 +19,9 @@ Log events (JSON lines, relayd.logging), each SMTP one with the session id
   ...); the 535 it caused is not logged a second time. ``auth_ok`` is debug.
 - ``smtp_internal_error`` (error): a handler failed; the client got 451.
 - ``delivery_attempt`` (info): one per recipient per attempt, with ``id``.
+- ``queue_reconciled`` (warning): ``count`` messages of the spool that the
+  scheduler had lost track of were put back in its queue (see
+  relayd.scheduler, reconciliation); counted in ``relayd_queue_reconciled_total``.
 
 The credential cache counters: a *hit* is a successful AUTH answered from the
 cache without argon2; a *miss* is a password check of an existing, live
@@ -142,6 +145,11 @@ class Observer:
     def in_flight(self, delta: int) -> None:
         """A transmission started (+1) or ended (-1)."""
         self.m.messages_in_flight.inc(delta)
+
+    def reconciled(self, count: int) -> None:
+        """The reconciliation found ``count`` messages the scheduler had lost track of."""
+        self.m.queue_reconciled_total.inc(count)
+        self.log.warning("queue_reconciled", count=count)
 
     def attempt(self, result: AttemptResult, seconds: float) -> None:
         """One recipient's attempt finished."""

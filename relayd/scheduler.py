@@ -15,6 +15,19 @@ A delivery worker does not wait for that commit (its pace is the next hop's,
 not fsync's): at most ``RECORDS_PER_WORKER`` results per worker wait for it,
 the message still counts as queued until then, and ``stop`` waits for them.
 
+Reconciliation. The database is the truth; memory only mirrors it. A message
+committed at acceptance reaches ``enqueue_new`` from the spool's commit itself
+(``Spool.accept(..., then=...)``), not from the session that sent it. When the
+commit of an attempt's results fails (disk full), the message is forgotten
+here and the database still has it where it was (never attempted, or due again
+when its retry lease is released). Then, and every ``reconcile_seconds``
+anyway, ``reconcile`` puts every message the database holds with a recipient
+never attempted that is not in memory (send queue, attempt, pending result) back
+in the send queue, and counts them (``SchedulerEvents.reconciled``). After a
+failed commit it first shows with one small write that the spool can be
+written again (retried with a growing delay), so a full disk does not repeat
+deliveries in a loop.
+
 Fast path: a message whose data is in memory and whose recipients all route
 to one hop without a lookup goes from the dispatcher straight to a delivery
 agent with a callback (``_start_fast``); everything else goes to the workers.
@@ -24,7 +37,8 @@ Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 (they run on the SMTP hot path).
 
 Untrusted input: none directly (messages were checked at acceptance).
-Settings read: [delivery] retry settings, [limits] defaults (passed in).
+Settings read: [delivery] retry settings, [limits] defaults, [spool]
+reconcile_seconds (passed in).
 See also: relayd.delivery, relayd.backoff, relayd.ratelimit, relayd.spool.
 """
 
@@ -47,6 +61,7 @@ from relayd.spool import AttemptResult, NewMessage, Spool, format_id
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
 RETRY_LEASE_SECONDS = 900.0
 RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
+FIRST_RECONCILE_DELAY = 1.0  # after a failed commit; doubles up to reconcile_seconds
 
 
 class Sender(Protocol):
@@ -80,6 +95,7 @@ class SchedulerEvents(Protocol):
 
     def attempt(self, result: AttemptResult, seconds: float) -> None: ...
     def in_flight(self, delta: int) -> None: ...
+    def reconciled(self, count: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -141,7 +157,8 @@ class Scheduler:
                  clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
                  data_cache_bytes: int = 64 * 1024 * 1024,
-                 on_failed: Callable[[QMsg, list[AttemptResult]], Any] | None = None) -> None:
+                 on_failed: Callable[[QMsg, list[AttemptResult]], Any] | None = None,
+                 reconcile_seconds: float = 60.0) -> None:
         self.spool = spool
         self.directory = directory
         self.sender = sender
@@ -182,6 +199,19 @@ class Scheduler:
         self._fast_recording = 0
         self._fast_capped = False  # the dispatcher waits for one of the above to fall
         self._fast_tails: set[asyncio.Task[None]] = set()
+        # What memory holds, for the reconciliation with the database: first
+        # attempts from the send queue to the commit of their results, and retries
+        # from their dispatch to that commit; retries whose result commit failed
+        # (their lease is released at the next reconciliation).
+        self.reconcile_seconds = reconcile_seconds
+        self._owned: set[int] = set()
+        self._retrying: set[int] = set()
+        self._unleased: set[int] = set()
+        self._reconcile_now = asyncio.Event()
+        self._reconcile_timer: asyncio.TimerHandle | None = None
+        self._reconcile_delay = 0.0  # after failed commits: the next delay, growing
+        self._probe = False  # a commit failed: show the spool is writable before pushing
+        self._failing = False  # a failure since the last reconciliation began
 
     # -- hot path ------------------------------------------------------------------
     def queued_count(self, account_id: int) -> int:
@@ -199,6 +229,7 @@ class Scheduler:
                  msg.received_at, {i: (r, 0) for i, r in enumerate(msg.recipients)},
                  msg.is_bounce, data, size=len(msg.data))
         self._live.setdefault(msg.account_id, set()).add(msg.id)
+        self._owned.add(msg.id)
         self._push(q)
 
     def _push(self, q: QMsg) -> None:
@@ -290,6 +321,7 @@ class Scheduler:
         if live is not None:
             for mid in dropped:
                 live.discard(mid)
+        self._owned.difference_update(dropped)
         return dropped
 
     def forget(self, account_id: int, message_ids: list[int]) -> None:
@@ -311,6 +343,7 @@ class Scheduler:
             queued = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients if r.status == "queued"}
             deferred = [r for r in sm.recipients if r.status == "deferred"]
             if queued and not deferred:
+                self._owned.add(sm.id)
                 self._push(QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
                                 sm.received_at, queued, sm.is_bounce, size=sm.size))
             elif queued:
@@ -325,8 +358,10 @@ class Scheduler:
         if orphans:
             await self.spool.record([], orphans)
         loop = asyncio.get_running_loop()
+        self.spool.on_commit_failed = self._commit_failed
         self._tasks.append(loop.create_task(self._dispatch_loop()))
         self._tasks.append(loop.create_task(self._retry_loop()))
+        self._tasks.append(loop.create_task(self._reconcile_loop()))
         for _ in range(self.workers):
             self._tasks.append(loop.create_task(self._worker()))
 
@@ -339,7 +374,9 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Stop starting attempts; let running ones finish within ``grace`` seconds."""
         self._stopping = True
-        for t in self._tasks[:2]:
+        if self._reconcile_timer is not None:
+            self._reconcile_timer.cancel()
+        for t in self._tasks[:3]:
             t.cancel()
         if self._running_attempts:
             try:
@@ -466,6 +503,7 @@ class Scheduler:
             await self.spool.write(_lease)
         for q in msgs.values():
             self._live.setdefault(q.account_id, set()).add(q.id)
+            self._retrying.add(q.id)
             await self._jobs.put(q)
 
     def _busy(self, delta: int) -> None:
@@ -483,8 +521,8 @@ class Scheduler:
                 await self._attempt(msg)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: S110 - a failed attempt is retried from the spool
-                pass
+            except Exception:  # a failed attempt is repeated from the spool: reconcile
+                self._lost(msg)
             finally:
                 self._busy(-1)
 
@@ -510,6 +548,7 @@ class Scheduler:
             self._cache_used -= len(data)
             msg.data = None
         if msg.id not in self._live.get(msg.account_id, ()):
+            self._disown(msg)
             return  # purged after it was dispatched
         loaded = 0
         body: bytes | BodyFile | None = data
@@ -530,6 +569,7 @@ class Scheduler:
                 if body is None:
                     self._give_load_room(loaded)
             if body is None:
+                self._disown(msg)
                 return  # purged meanwhile
         try:
             await self._attempt_with(msg, body, handed)
@@ -621,10 +661,10 @@ class Scheduler:
         except Exception:  # not queued (spool closed): repeated after a restart
             release()
             self._busy(-1)
+            self._disown(msg)
             return
         self._recording.add(fut)
-        account_id = msg.account_id
-        fut.add_done_callback(lambda f: self._recorded(f, account_id, deferred, release))
+        fut.add_done_callback(lambda f: self._recorded(f, msg, deferred, release))
 
     # -- the fast path ---------------------------------------------------------------
     def _start_fast(self, msg: QMsg) -> bool:
@@ -711,19 +751,126 @@ class Scheduler:
             self._wake.set()
         self._agent_room.wake()
 
-    def _recorded(self, fut: asyncio.Future[Any], account_id: int, deferred: bool,
+    def _recorded(self, fut: asyncio.Future[Any], msg: QMsg, deferred: bool,
                   release: Callable[[], None]) -> None:
-        """An attempt's results are committed (or not): forget the message once it is final."""
+        """An attempt's results are committed (or not): forget the message once it is final.
+
+        Not committed: the database still has the message as it was before the
+        attempt; memory lets go of it and the reconciliation puts it back (a
+        retry: once its lease is released), after showing the spool is writable.
+        """
         self._recording.discard(fut)
         release()
         self._busy(-1)
         if fut.cancelled() or fut.exception() is not None:
-            return  # not committed: the attempt is repeated after a restart
+            self._lost(msg)
+            return
+        self._disown(msg)
+        self._reconcile_delay = 0.0
         removed = fut.result()
         if removed:
-            self.forget(account_id, removed)
+            self.forget(msg.account_id, removed)
         if deferred:
             self._wake_retry.set()
+
+    # -- reconciliation with the database ---------------------------------------------
+    def _disown(self, msg: QMsg) -> None:
+        """Memory no longer holds this message (its results are committed, or it is gone)."""
+        self._owned.discard(msg.id)
+        self._retrying.discard(msg.id)
+
+    def _lost(self, msg: QMsg) -> None:
+        """Memory lets go of a message the database still has as before its attempt
+        (its result commit failed, or the attempt failed unexpectedly)."""
+        self._disown(msg)
+        if msg.retry:
+            self._unleased.add(msg.id)
+        self._commit_failed()
+
+    def _commit_failed(self) -> None:
+        """A commit failed (also ``Spool.on_commit_failed``): reconcile once the spool is
+        writable again, after a delay that doubles (up to ``reconcile_seconds``) with
+        each round of failures until a result commit succeeds."""
+        self._probe = True
+        if not self._failing:
+            self._failing = True
+            self._reconcile_delay = min(max(FIRST_RECONCILE_DELAY, 2 * self._reconcile_delay),
+                                        self.reconcile_seconds)
+        self.reconcile_soon(self._reconcile_delay)
+
+    def reconcile_soon(self, delay: float = 0.0) -> None:
+        """Reconcile with the database within ``delay`` seconds (or sooner)."""
+        if self._stopping:
+            return
+        if delay <= 0:
+            self._reconcile_now.set()
+            return
+        loop = asyncio.get_running_loop()
+        timer = self._reconcile_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= loop.time() + delay:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._reconcile_timer = loop.call_later(delay, self._reconcile_now.set)
+
+    def first_attempts(self) -> int:
+        """Messages never attempted that memory holds: send queue, attempt, pending result."""
+        return len(self._owned)
+
+    def in_memory(self, message_id: int) -> bool:
+        """True if this scheduler holds the message (send queue, attempt, pending result)."""
+        return message_id in self._owned or message_id in self._retrying
+
+    async def reconcile(self) -> int:
+        """Put back in the send queue the messages the database holds with a recipient
+        never attempted that memory does not hold; release the leases of retries whose
+        results were lost. Return how many messages were put back (and report them).
+
+        Cost: one indexed read of the ids in the spool's writer transaction (after
+        a failed commit, with one small write first); the rows only of the few
+        messages found. Raises if the spool cannot be read (or written, to probe).
+        """
+        self._failing = False
+        release = [m for m in self._unleased if m not in self._retrying]
+        probe = self._probe
+        ids = await self.spool.reconcile_ids(release, self.clock(), probe)
+        self._unleased.difference_update(release)
+        if probe:
+            self._probe = False
+        if release:
+            self._wake_retry.set()
+        unknown = [m for m in ids if not self.in_memory(m)]
+        if not unknown or self._stopping:
+            return 0
+        found = 0
+        for sm in await self.spool.queued_messages(unknown):
+            if self.in_memory(sm.id) or not sm.recipients or self._stopping:
+                continue  # taken up meanwhile
+            rcpts = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients}
+            self._live.setdefault(sm.account_id, set()).add(sm.id)
+            self._owned.add(sm.id)
+            # retry=True: the results update and check the rows (other recipients of
+            # the message may be in another state), never a blind delete.
+            self._push(QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
+                            sm.received_at, rcpts, sm.is_bounce, retry=True, size=sm.size))
+            found += 1
+        if found and self.events is not None:
+            self.events.reconciled(found)
+        return found
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._reconcile_now.wait(), self.reconcile_seconds)
+            except TimeoutError:
+                pass
+            self._reconcile_now.clear()
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the spool cannot be read or written yet: try again later
+                self._commit_failed()
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:

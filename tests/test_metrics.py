@@ -54,6 +54,7 @@ def test_metric_names_are_the_documented_ones() -> None:
         "relayd_messages_accepted_total",
         "relayd_messages_in_flight",
         "relayd_queue_messages",
+        "relayd_queue_reconciled_total",
         "relayd_delivery_attempts_total",
         "relayd_delivery_duration_seconds",
         "relayd_accept_duration_seconds",
@@ -73,6 +74,7 @@ def test_counters_are_exposed_with_total_suffix(registry: CollectorRegistry) -> 
         "relayd_credential_cache_hits_total",
         "relayd_credential_cache_misses_total",
         "relayd_messages_accepted_total",
+        "relayd_queue_reconciled_total",
     ):
         assert samples[(name, frozenset())] == 0.0
 
