@@ -5,7 +5,11 @@ migrations, and *group commit*: every write — accepted messages, delivery
 results, lifecycle changes — goes through one writer task that takes all the
 operations waiting at that moment, applies them in one transaction and commits
 once. A session's ``accept`` returns only after the commit that contains its
-message, so a ``250`` is never sent for mail that is not on disk.
+message, so a ``250`` is never sent for mail that is not on disk; the
+message's hand-over to the scheduler (``then``) runs at that commit, whatever
+became of the session meanwhile. The never-attempted recipients have an index
+of their own (``recipients_queued``) for the scheduler's reconciliation with
+the database and for ``status`` and ``queue list``.
 
 Two aiosqlite connections: the writer (one transaction at a time) and a
 reader for queries (WAL lets it read while the writer commits).
@@ -583,7 +587,7 @@ class Spool:
         if self._on_batch is not None and n_accepts:
             self._on_batch(n_accepts)
         for n, op in enumerate(batch):
-            if op.then is not None:
+            if op.then is not None and n not in errors:
                 try:
                     op.then(op.payload)  # committed: whether or not anyone still waits
                 except Exception:  # noqa: S110 - the scheduler's reconciliation finds it
