@@ -2,12 +2,18 @@
 
 Owns: command-line parsing (the stable flag contract: ``--config``,
 ``--listen``, ``--data-dir``, ``--control-socket``, ``--metrics-listen``,
-``--smarthost``, ``--check-config``), building every component from the frozen
+``--smarthost``, ``--check-config``, ``--print-default-config``; and the
+``install-service`` subcommand, relayd.install), finding the configuration
+file (``--config``, ``$RELAYD_CONFIG``, ``/etc/relayd/relayd.toml``, built-in
+defaults: relayd.config.locate; ``$RELAYD_SYSTEM_CONFIG`` replaces the system
+path, for tests), building every component from the frozen
 Config, the uvloop event loop, signals (SIGTERM/SIGINT: graceful stop, a
 second one forces a fast exit, still code 0: every 250 is already on disk;
 SIGHUP: all-or-nothing reload of the settings in ``RELOADABLE``, a bad file
-logs ``reload_failed`` and keeps the running one), systemd readiness
-(READY=1 only once every listener accepts), the queue gauges (refreshed by
+logs ``reload_failed`` and keeps the running one), systemd notifications
+(READY=1 only once every listener accepts; STATUS= with listeners and queue
+depth, sent when it changes; WATCHDOG=1 from the loop when ``WatchdogSec=``
+asks; a failed reload in the status), the queue gauges (refreshed by
 the housekeeping loop and before each scrape), and the ordered shutdown:
 STOPPING=1 -> stop listening -> let open SMTP transactions finish (bounded)
 -> stop starting deliveries and let running ones finish (bounded) -> flush
@@ -135,6 +141,8 @@ class Relay:
         self._reloads: set[asyncio.Task[None]] = set()
         self._gauges_at = 0.0
         self._gauges_lock = asyncio.Lock()
+        self._notify = os.environ.get("NOTIFY_SOCKET")
+        self._reload_error: str | None = None  # the last reload's failure, until one works
 
     def free_disk(self) -> int:
         """Free bytes on the spool's disk (cached for a second)."""
@@ -408,8 +416,7 @@ class Relay:
         Settings in :data:`RELOADABLE` take effect; a change to any other one
         is logged as ``reload_needs_restart`` and ignored until a restart.
         """
-        notify = os.environ.get("NOTIFY_SOCKET")
-        sdnotify.reloading(notify)
+        sdnotify.reloading(self._notify)
         try:
             path = os.environ.get("RELAYD_CONFIG_PATH", "")
             if not path:
@@ -426,8 +433,10 @@ class Relay:
             plaintext = policy.PlaintextAuthPolicy(new.smtp.plaintext_auth_networks)
         except (ConfigError, OSError, ValueError) as exc:
             # ssl.SSLError is an OSError: an unreadable or mismatched key pair.
-            self.log.error("reload_failed", error=str(exc) or type(exc).__name__)
-            sdnotify.ready(notify)
+            self._reload_error = str(exc) or type(exc).__name__
+            self.log.error("reload_failed", error=self._reload_error)
+            sdnotify.ready_after_reload(self._reload_error, await self.status_line(),
+                                        self._notify)
             return
         changed, ignored = _config_changes(self.cfg, new)
         # Keep the running values of what a reload cannot change, so that
@@ -460,7 +469,44 @@ class Relay:
         if ignored:
             self.log.warning("reload_needs_restart", settings=ignored)
         self.log.info("reloaded", changed=changed)
-        sdnotify.ready(notify)
+        self._reload_error = None
+        sdnotify.ready_after_reload(None, await self.status_line(), self._notify)
+
+    # -- systemd -------------------------------------------------------------------
+    async def status_line(self) -> str:
+        """The systemd status: listeners, queue depth, and a reload failure not yet fixed."""
+        queue: dict[str, int] | None = None
+        with contextlib.suppress(Exception):  # a spool error is logged where it happens
+            queue = (await self.status()).queue
+        line = sdnotify.status_line([f"{x.kind}={x.address}" for x in self.listeners], queue)
+        if self._reload_error is not None:
+            line = sdnotify.reload_failed_line(self._reload_error, line)
+        return line
+
+    def start_notifications(self, first_status: str) -> None:
+        """Under systemd: keep STATUS= current, and feed the watchdog if it is on."""
+        if not self._notify:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._status_loop(first_status)))
+        every = sdnotify.watchdog_interval(os.environ.get("WATCHDOG_USEC"),
+                                           os.environ.get("WATCHDOG_PID"), os.getpid())
+        if every is not None:
+            self._tasks.append(loop.create_task(self._watchdog_loop(every)))
+
+    async def _status_loop(self, sent: str) -> None:
+        """Every STATUS_EVERY_SECONDS, send the status line if it changed."""
+        while True:
+            await asyncio.sleep(STATUS_EVERY_SECONDS)
+            line = await self.status_line()
+            if line != sent and sdnotify.status(line, self._notify):
+                sent = line
+
+    async def _watchdog_loop(self, every: float) -> None:
+        """WATCHDOG=1 every ``every`` seconds: only a loop that runs keeps the unit alive."""
+        while True:
+            sdnotify.watchdog(self._notify)
+            await asyncio.sleep(every)
 
     async def wait(self) -> None:
         """Until a stop signal."""
@@ -501,6 +547,9 @@ class Relay:
             self.signer.close()
         self.log.info("stopped")
 
+
+#: How often the systemd status line is recomputed; it is sent only when it changed.
+STATUS_EVERY_SECONDS = 5.0
 
 #: Settings a reload applies ("section.key", or "section" for all its keys).
 #: TLS files are re-read on every reload, changed or not (renewed certificates).
@@ -631,7 +680,11 @@ _OVERRIDES: dict[str, Any] = {}
 
 def build_parser() -> argparse.ArgumentParser:
     """The relayd command line."""
-    p = argparse.ArgumentParser(prog="relayd", description="SMTP relay daemon")
+    p = argparse.ArgumentParser(
+        prog="relayd", description="SMTP relay daemon",
+        epilog="Configuration: --config, else $RELAYD_CONFIG, else"
+        f" {config_mod.SYSTEM_CONFIG} if it exists, else built-in defaults (spool in ./var)."
+        " Install as a systemd service: relayd install-service --help.")
     p.add_argument("--config", default=None, help="TOML configuration file")
     p.add_argument("--listen", help="SMTP listen address HOST:PORT")
     p.add_argument("--data-dir", help="directory of the spool database")
@@ -639,13 +692,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", help="Prometheus endpoint HOST:PORT ('' to disable)")
     p.add_argument("--smarthost", help="deliver everything to HOST:PORT")
     p.add_argument("--check-config", action="store_true", help="validate and exit")
+    p.add_argument("--print-default-config", action="store_true",
+                   help="write the documented default configuration to stdout and exit")
     p.add_argument("--version", action="version", version=f"relayd {VERSION}")
     return p
 
 
-def load_config(args: argparse.Namespace) -> Config:
+def locate_config(args: argparse.Namespace) -> config_mod.Located:
+    """Which configuration file to read (relayd.config.locate, given the environment)."""
+    system = os.environ.get("RELAYD_SYSTEM_CONFIG") or config_mod.SYSTEM_CONFIG
+    return config_mod.locate(args.config, os.environ.get("RELAYD_CONFIG"), system,
+                             os.path.isfile(system))
+
+
+def load_config(args: argparse.Namespace,
+                located: config_mod.Located | None = None) -> Config:
     """The configuration from the file (if any) and the command-line overrides."""
-    cfg = config_mod.load(args.config) if args.config else Config()
+    if located is None:
+        located = locate_config(args)
+    cfg = config_mod.load(located.path) if located.path else Config()
     _OVERRIDES.clear()
     for key in ("listen", "data_dir", "control_socket", "metrics_listen", "smarthost"):
         value = getattr(args, key)
@@ -671,7 +736,9 @@ async def run(cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, relay.on_stop_signal)
     loop.add_signal_handler(signal.SIGINT, relay.on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, relay.on_reload_signal)
-    sdnotify.ready(os.environ.get("NOTIFY_SOCKET"))
+    first_status = await relay.status_line()
+    sdnotify.ready_with_status(first_status, os.environ.get("NOTIFY_SOCKET"))
+    relay.start_notifications(first_status)
     await relay.wait()
     await relay.stop()
     return 0
@@ -679,19 +746,38 @@ async def run(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relayd`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-service"]:
+        from relayd import install
+
+        return install.main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.print_default_config:
+        sys.stdout.buffer.write(config_mod.default_file_text())
+        sys.stdout.flush()
+        return 0
+    located = locate_config(args)
     try:
-        cfg = load_config(args)
+        cfg = load_config(args, located)
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    shown = located.path or "none (built-in defaults)"
     if args.check_config:
-        print("configuration ok")
+        print(f"configuration ok: {shown} ({located.source})")
         return 0
-    if args.config:
-        os.environ["RELAYD_CONFIG_PATH"] = str(Path(args.config).resolve())
+    if located.path:
+        os.environ["RELAYD_CONFIG_PATH"] = str(Path(located.path).resolve())
     os.umask(0o027)  # files relayd creates (spool, WAL) are never world-readable
     rlog.configure(cfg.server.log_level)
+    log = rlog.get_logger("relayd")
+    if located.path:
+        log.info("config_file", path=located.path, source=located.source)
+    else:
+        log.warning("config_file", path=None, source=located.source,
+                    data_dir=cfg.server.data_dir,
+                    hint=f"no --config, no $RELAYD_CONFIG, no {config_mod.SYSTEM_CONFIG}:"
+                    " built-in development defaults")
     import logging
 
     logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -5,10 +5,17 @@ Owns: the shape, defaults (with their units in the names) and validation of
 Unknown keys are errors that name the key (``forbid_unknown_fields``); a bad
 value is an error that names the key and says what is wrong.
 
+Also owns where the file is found (:func:`locate`: ``--config``, else
+``$RELAYD_CONFIG``, else the system file ``/etc/relayd/relayd.toml`` when it
+exists, else the built-in defaults, whose spool is ``./var``) and the
+documented default file itself, shipped as package data
+(``relayd/data/relayd.toml``, the same file as config/relayd.toml) so that
+``relayd --print-default-config`` works from an installed wheel.
+
 Untrusted input: the TOML file (operator-written, but typos must be caught).
 Settings read: all of them. No other module reads files or the environment:
-the composition root (relayd.app) loads a ``Config`` here and passes parts of
-it down.
+the composition root (relayd.app) reads the variables, asks :func:`locate`,
+loads a ``Config`` here and passes parts of it down.
 
 See also: config/relayd.toml (the documented default file), relayd.app.
 """
@@ -16,6 +23,7 @@ See also: config/relayd.toml (the documented default file), relayd.app.
 from __future__ import annotations
 
 import ipaddress
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +33,10 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+#: The configuration file of an installed relayd (``relayd install-service`` puts it there).
+SYSTEM_CONFIG = "/etc/relayd/relayd.toml"
 
 
 class ConfigError(Exception):
@@ -281,6 +293,36 @@ def load(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     return loads(data, str(path))
+
+
+class Located(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the configuration comes from: a file, or the built-in defaults."""
+
+    path: str | None  # None: no file, the built-in defaults
+    source: Literal["--config", "RELAYD_CONFIG", "system", "built-in"]
+
+
+def locate(cli_path: str | None, env_path: str | None, system_path: str,
+           system_exists: bool) -> Located:
+    """Choose the configuration file like other daemons do.
+
+    ``--config`` (``cli_path``), else ``$RELAYD_CONFIG`` (``env_path``; empty
+    means unset), else ``system_path`` when it exists, else no file: the
+    built-in defaults (a development setup, spool in ``./var``). A named file
+    that does not exist is not skipped: loading it is the error.
+    """
+    if cli_path:
+        return Located(path=cli_path, source="--config")
+    if env_path:
+        return Located(path=env_path, source="RELAYD_CONFIG")
+    if system_exists:
+        return Located(path=system_path, source="system")
+    return Located(path=None, source="built-in")
+
+
+def default_file_text() -> bytes:
+    """The documented default configuration file (config/relayd.toml), from package data."""
+    return resources.files("relayd").joinpath("data", "relayd.toml").read_bytes()
 
 
 def with_overrides(

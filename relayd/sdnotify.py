@@ -1,10 +1,23 @@
 """The systemd notify protocol (sd_notify), without a dependency.
 
 Owns: telling the service manager that relayd is ready (listeners up), is
-reloading (SIGHUP), is stopping, and a one-line status. systemd/relayd.service
-runs relayd with ``Type=notify``: systemd waits for ``READY=1`` before it
-considers the unit started, so units ordered after relayd start only once it
-accepts mail.
+reloading (SIGHUP) and whether the reload worked, is stopping, is alive (the
+watchdog), and a one-line status (listeners, queue depth, a failed reload).
+systemd/relayd.service runs relayd with ``Type=notify``: systemd waits for
+``READY=1`` before it considers the unit started, so units ordered after
+relayd start only once it accepts mail.
+
+Reload: ``RELOADING=1`` with ``MONOTONIC_USEC`` when it starts, then
+``READY=1`` when it ends, with a ``STATUS=`` that says whether it failed.
+That is right for ``Type=notify`` with ``ExecReload=kill -HUP`` and for
+``Type=notify-reload`` (systemd >= 253, which sends SIGHUP itself and waits
+for a ``RELOADING=1`` stamped after its signal, then for ``READY=1``). The
+protocol has no "reload failed" message: the service stays up on the
+configuration it had, and the status line says the reload failed.
+
+Watchdog: with ``WatchdogSec=`` systemd sets ``$WATCHDOG_USEC`` (and
+``$WATCHDOG_PID``); :func:`watchdog_interval` turns them into the period of
+``WATCHDOG=1`` (half the timeout, as sd_watchdog_enabled(3) advises).
 
 The protocol: one datagram of ``KEY=VALUE`` lines sent to the AF_UNIX socket
 named by ``$NOTIFY_SOCKET``; a name starting with ``@`` is in the abstract
@@ -72,6 +85,22 @@ def reloading(socket_path: str | None = None) -> bool:
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}", socket_path)
 
 
+def ready_after_reload(failure: str | None, status_line: str,
+                       socket_path: str | None = None) -> bool:
+    """A reload ended: READY=1 and, in the same datagram, a status saying how.
+
+    ``failure`` is the reason a reload failed (``None``: it worked); the
+    status line then says so and that the running configuration was kept.
+    """
+    text = status_line if failure is None else reload_failed_line(failure, status_line)
+    return notify(f"READY=1\nSTATUS={_one_line(text)}", socket_path)
+
+
+def reload_failed_line(failure: str, status_line: str) -> str:
+    """The status after a failed reload: the reason first, then the usual status."""
+    return f"reload failed, running configuration kept: {failure}; {status_line}"
+
+
 def stopping(socket_path: str | None = None) -> bool:
     """Graceful shutdown started."""
     return notify("STOPPING=1", socket_path)
@@ -79,5 +108,53 @@ def stopping(socket_path: str | None = None) -> bool:
 
 def status(text: str, socket_path: str | None = None) -> bool:
     """Set the one-line status shown by ``systemctl status``."""
-    line = " ".join(text.split())
-    return notify(f"STATUS={line}", socket_path)
+    return notify(f"STATUS={_one_line(text)}", socket_path)
+
+
+def ready_with_status(text: str, socket_path: str | None = None) -> bool:
+    """Listeners are up, and the first status line, in one datagram."""
+    return notify(f"READY=1\nSTATUS={_one_line(text)}", socket_path)
+
+
+def status_line(listeners: list[str], queue: dict[str, int] | None) -> str:
+    """``systemctl status``'s line: where relayd listens and how deep its queue is.
+
+    ``listeners`` are "kind=address" strings; ``queue`` counts messages by
+    state (as ``relayctl status`` shows them), None when they could not be read.
+    """
+    where = f"listening on {' '.join(listeners) or 'nothing'}"
+    if queue is None:
+        return f"{where}; queue unknown (spool unreadable)"
+    total = sum(queue.values())
+    states = ", ".join(f"{n} {state}" for state, n in queue.items() if n)
+    return f"{where}; queue {total}" + (f" ({states})" if states else "")
+
+
+def watchdog(socket_path: str | None = None) -> bool:
+    """Tell the service manager the event loop is alive."""
+    return notify("WATCHDOG=1", socket_path)
+
+
+def watchdog_interval(watchdog_usec: str | None, watchdog_pid: str | None,
+                      pid: int) -> float | None:
+    """Seconds between WATCHDOG=1 messages, or None when no watchdog is asked for.
+
+    ``watchdog_usec`` and ``watchdog_pid`` are ``$WATCHDOG_USEC`` and
+    ``$WATCHDOG_PID``; a watchdog meant for another process (a child that
+    inherited the variables) is not this one's. Half the timeout, as
+    sd_watchdog_enabled(3) advises.
+    """
+    if watchdog_pid and watchdog_pid.strip() != str(pid):
+        return None
+    try:
+        usec = int(watchdog_usec or "")
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    return usec / 2 / 1_000_000
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) folded into one space."""
+    return " ".join(text.split())
