@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?= config/relayd.toml
 
-.PHONY: run test test-fast lint bench bench-quick debs clean
+.PHONY: run test test-fast lint bench bench-quick debs clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ bench: $(STAMP) debs
 
 bench-quick: $(STAMP) debs
 	$(BIN)/python -m bench.run --quick
+
+## install: relayd in its own venv ($(INSTALL_VENV)), then its service files (relayd install-service)
+INSTALL_VENV ?= /opt/relayd
+INSTALL_ARGS ?=
+install:
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install --quiet --upgrade .
+	$(INSTALL_VENV)/bin/relayd install-service $(INSTALL_ARGS)
 
 clean:
 	rm -rf $(VENV) var .cache .pytest_cache .mypy_cache .ruff_cache
