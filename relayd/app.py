@@ -56,6 +56,7 @@ from relayd.control_server import ControlServer
 from relayd.credentials import CredentialCache, Hasher
 from relayd.delivery import Deliverer
 from relayd.lifecycle import Lifecycle
+from relayd.logbudget import LogBudget
 from relayd.metrics import Metrics
 from relayd.observe import Observer
 from relayd.ratelimit import Limits
@@ -128,7 +129,11 @@ class Relay:
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, version=VERSION)
-        self.observer = Observer(self.metrics, self.log)
+        sv = cfg.server
+        self.observer = Observer(self.metrics, self.log, LogBudget(
+            burst=sv.log_rejections_burst, per_minute=sv.log_rejections_per_minute,
+            max_per_second=sv.log_rejections_max_per_second,
+            summary_seconds=sv.log_rejections_summary_seconds))
         self.directory = Directory()
         self.servers: list[asyncio.base_events.Server] = []
         self.listeners: list[schemas.Listener] = []
@@ -545,6 +550,7 @@ class Relay:
         self.hasher.close()
         if self.signer is not None:
             self.signer.close()
+        self.observer.report_suppressed(everything=True)
         self.log.info("stopped")
 
 
@@ -769,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     if located.path:
         os.environ["RELAYD_CONFIG_PATH"] = str(Path(located.path).resolve())
     os.umask(0o027)  # files relayd creates (spool, WAL) are never world-readable
-    rlog.configure(cfg.server.log_level)
+    rlog.configure(cfg.server.log_level, priority_prefix=cfg.server.log_priority_prefix)
     log = rlog.get_logger("relayd")
     if located.path:
         log.info("config_file", path=located.path, source=located.source)

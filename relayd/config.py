@@ -93,6 +93,15 @@ class ServerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     hostname: str = "localhost"
     data_dir: str = "./var"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # journald "<N>" priority prefix on each line (relayd.logging): auto = when
+    # stdout is the journal stream ($JOURNAL_STREAM names its device:inode).
+    log_priority_prefix: Literal["auto", "always", "never"] = "auto"
+    # smtp_rejected / auth_failed lines per (reason, client address): a burst, then
+    # a trickle; a ceiling for all addresses together (relayd.logbudget).
+    log_rejections_burst: PositiveInt = 20
+    log_rejections_per_minute: NonNegativeInt = 6
+    log_rejections_max_per_second: PositiveInt = 100
+    log_rejections_summary_seconds: Seconds = 60.0
     shutdown_grace_seconds: Seconds = 30.0
 
 

@@ -10,13 +10,26 @@ Log events (JSON lines, relayd.logging), each SMTP one with the session id
 ``sid`` (relayd.smtp.SessionState.sid) and the client address:
 
 - ``smtp_accepted`` (info): a message got 250; ``id`` is the queue id.
-- ``smtp_rejected`` (info): a refusal with a 5xx code, or a 4xx that means
-  trouble on our side (queue full, low disk, internal error, AUTH rate limit);
-  ``reason`` is the metric label, ``detail`` the why. Routine 4xx (too many
-  recipients, timeouts) are counted, not logged.
+- ``smtp_rejected`` (info): every refusal, 4xx and 5xx alike, with
+  ``reason`` (the metric label), ``code`` (the reply code, an int), ``user``
+  (the authenticated account, or null) and ``detail`` (the why, or null).
 - ``auth_failed`` (info): a failed credential check, with the username tried
   and ``detail`` (``unknown_user``, ``bad_password``, ``account_disabled``,
   ...); the 535 it caused is not logged a second time. ``auth_ok`` is debug.
+  This is the line config/fail2ban/filter.d/relayd.conf matches.
+- ``smtp_rejections_suppressed`` (warning): ``suppressed`` lines of one
+  ``reason`` from one ``client`` were counted but not written (``client`` is
+  null for the count of addresses no longer tracked; see below).
+
+Rate limit. ``smtp_rejected`` and ``auth_failed`` lines pass through a
+relayd.logbudget.LogBudget keyed by (reason, client address): a generous burst
+per address, then a trickle, and a ceiling for all addresses together; what is
+not written is counted and reported by a ``smtp_rejections_suppressed`` line
+before the key's next written line or ``log_rejections_summary_seconds``
+after the first line it held back (a loop timer). The metric counts every
+rejection regardless. Why per address, not per reason: see relayd.logbudget
+(fail2ban counts lines per address; a per-reason budget would let one loud
+address hide the others).
 - ``smtp_internal_error`` (error): a handler failed; the client got 451.
 - ``delivery_attempt`` (info): one per recipient per attempt, with ``id``.
 - ``queue_reconciled`` (warning): ``count`` messages of the spool that the
@@ -33,14 +46,21 @@ counter. So ``hits + misses`` is the number of password checks of known
 accounts, and ``hits / (hits + misses)`` is the share argon2 was saved.
 
 Interface cost: each hook is a few counter increments and at most one log
-call; no I/O beyond the log stream.
-See also: relayd.metrics, relayd.logging, relayd.smtp, relayd.scheduler.
+call; no I/O beyond the log stream. A rejection costs its counter, the budget's
+decision (about 1 us) and, if written, one line through the fast
+relayd.logging.Event path (flushed once per loop turn).
+See also: relayd.metrics, relayd.logging, relayd.logbudget, relayd.smtp,
+relayd.scheduler.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
+from relayd.logbudget import LogBudget
 from relayd.logging import Event
 from relayd.metrics import Metrics
 from relayd.replies import Reply
@@ -60,11 +80,19 @@ _AUTH_REASON = {
 class Observer:
     """Implements relayd.smtp.Events and relayd.scheduler.SchedulerEvents."""
 
-    def __init__(self, metrics: Metrics, log: Any) -> None:
+    def __init__(self, metrics: Metrics, log: Any, budget: LogBudget | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``budget`` limits rejection lines (None: every one is written); ``clock``
+        is its time source (monotonic seconds)."""
         self.m = metrics
         self.log = log
         self._rej = metrics.rejections
         self._rej_total = metrics.smtp_rejections_total
+        self._budget = budget
+        self._clock = clock
+        self._summary_timer: asyncio.TimerHandle | None = None
+        self._rejected_line = Event(log, "smtp_rejected")
+        self._auth_failed_line = Event(log, "auth_failed")
         # The two lines of every message, written without structlog's chain (same JSON).
         self._accepted_line = Event(log, "smtp_accepted")
         self._attempt_line = Event(log, "delivery_attempt")
@@ -92,12 +120,54 @@ class Observer:
         child.inc()
         if detail in _AUTH_REASON:
             return  # a failed credential check: already logged by auth_result
-        if reply.code >= 500 or reason in ("queue_full", "low_disk", "internal_error",
-                                           "auth_rate_limited", "auth_rate_limited_address"):
-            self.log.info("smtp_rejected", sid=session.sid, reason=reason,
-                          reply=reply.text[:3], client=session.peer_ip,
-                          user=session.account.username if session.account else None,
-                          detail=detail or None)
+        client = session.peer_ip
+        if self._budget is not None and not self._admit(reason, client):
+            return
+        account = session.account
+        self._rejected_line({"sid": session.sid, "client": client,
+                             "user": account.username if account else None,
+                             "reason": reason, "code": reply.code, "detail": detail or None})
+
+    def _admit(self, reason: str, client: str) -> bool:
+        """Whether the budget lets this line out (its pending summary written first)."""
+        budget = self._budget
+        assert budget is not None
+        ok, held = budget.admit(reason, client, self._clock())
+        if held:
+            self._suppressed(reason, client, held)
+        if not ok and self._summary_timer is None:
+            self._arm_summary_timer()
+        return ok
+
+    def _suppressed(self, reason: str, client: str, count: int) -> None:
+        self.log.warning("smtp_rejections_suppressed", client=client or None, reason=reason,
+                         suppressed=count)
+
+    def _arm_summary_timer(self) -> None:
+        budget = self._budget
+        at = budget.next_due() if budget is not None else None
+        if at is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): reported by report_suppressed()
+            return
+        self._summary_timer = loop.call_later(max(0.0, at - self._clock()),
+                                              self._summary_due)
+
+    def _summary_due(self) -> None:
+        self._summary_timer = None
+        self.report_suppressed()
+        self._arm_summary_timer()
+
+    def report_suppressed(self, *, everything: bool = False) -> None:
+        """Write the summaries that are due (all pending ones with ``everything``:
+        at shutdown, so that no count is lost)."""
+        budget = self._budget
+        if budget is None:
+            return
+        for reason, client, count in budget.due(self._clock(), everything=everything):
+            self._suppressed(reason, client, count)
 
     def auth_result(self, session: SessionState, username: str, reason: str,
                     cache_hit: bool) -> None:
@@ -108,9 +178,12 @@ class Observer:
                            user=username[:64], cache_hit=cache_hit)
         else:
             self.m.auth_failure.inc()
-            self.log.info("auth_failed", sid=session.sid, client=session.peer_ip,
-                          user=username[:64], reason=_AUTH_REASON.get(reason, reason),
-                          detail=reason)
+            label = _AUTH_REASON.get(reason, reason)
+            client = session.peer_ip
+            if self._budget is not None and not self._admit(label, client):
+                return
+            self._auth_failed_line({"sid": session.sid, "client": client,
+                                    "user": username[:64], "reason": label, "detail": reason})
 
     def cache_hit(self) -> None:
         """A login was answered from the credential cache (no argon2)."""
