@@ -24,6 +24,21 @@ here takes its values from a fixed tuple in this module or in
 :data:`relayd.replies.REJECTION_REASONS`, and every value is created at start-up
 at zero, so a dashboard or ``rate()`` sees a series before its first event.
 
+Process and runtime. The same registry holds prometheus_client's process
+collector (``process_open_fds`` against ``process_max_fds``, which is the soft
+``RLIMIT_NOFILE``: the unit's ``LimitNOFILE=``; ``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, ``process_start_time_seconds``; read from
+``/proc/self`` at each scrape, about 0.1 ms, nothing on the hot path; Linux
+only, empty elsewhere) and its platform collector (``python_info``, a constant).
+They cover the main process, not the delivery agent or DKIM signer children.
+:data:`RUNTIME_METRIC_NAMES` lists them.
+
+No ``_created`` series: prometheus_client would export one per counter,
+histogram and labelled child (the time it was created, here always the start
+of the process, which ``process_start_time_seconds`` already says), doubling
+the series of every counter. :class:`Metrics` turns them off with the public
+``disable_created_metrics()``; that switch is process-wide.
+
 See also: relayd.replies (rejection reasons), relayd.control_server (serves
 ``/metrics``), config/grafana-dashboard.json, config/prometheus-alerts.yml.
 """
@@ -32,7 +47,15 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
 
 from relayd.replies import REJECTION_REASONS
@@ -80,6 +103,17 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_build_info",
 )
 
+#: The process and platform collectors' families (not relayd's own: no namespace).
+RUNTIME_METRIC_NAMES: tuple[str, ...] = (
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "python_info",
+)
+
 
 def _package_version() -> str:
     """The installed relayd version, or "unknown" when run from a source tree."""
@@ -100,9 +134,16 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, version: str | None = None) -> None:
-        """Create and register every family, and every known label child at zero."""
+        """Create and register every family, and every known label child at zero.
+
+        Also registers the process and platform collectors on ``registry`` and
+        turns off ``_created`` series (for the whole process: see the module doc).
+        """
+        disable_created_metrics()
         ns = NAMESPACE
         r = registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
         # --- SMTP sessions (relayd.smtp) -------------------------------------
         self.smtp_connections_total = Counter(
