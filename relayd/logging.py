@@ -24,8 +24,20 @@ Masking cannot recognise a bare base64 continuation line of ``AUTH LOGIN`` or
 ``AUTH PLAIN`` without an initial response: callers log those only under a
 secret key (``auth_data``), never as the event text.
 
-Settings read: the level and the stream are passed to :func:`configure` by the
-composition root. Cost: a filtered-out call is a no-op method
+journald priority: with ``StandardOutput=journal`` systemd reads the level of a
+line from a ``<N>`` prefix (sd-daemon(3): ``<7>`` debug, ``<6>`` info, ``<4>``
+warning, ``<3>`` error, ``<2>`` critical) and strips it, so ``journalctl -p
+warning`` and the colours work; a JSON consumer reading the same stdout through
+a pipe or a file would see a broken line. So the prefix is written only when
+asked (``priority_prefix="always"``) or, with ``"auto"`` (the default), when
+stdout *is* the journal stream: ``$JOURNAL_STREAM`` (``DEVICE:INODE``, set by
+systemd) names the device and inode of the stream's own file descriptor, as
+systemd.exec(5) says to check. It applies to every line: structlog's, the
+stdlib bridge's and :class:`Event`'s.
+
+Settings read: the level, the priority prefix mode and the stream are passed
+to :func:`configure` by the composition root ([server] log_level,
+log_priority_prefix). Cost: a filtered-out call is a no-op method
 (``make_filtering_bound_logger``); an emitted line costs the processors and
 one JSON dump, a few microseconds, written and flushed synchronously; the
 per-message lines of :class:`Event` are flushed once per event-loop turn.
@@ -38,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging as stdlib_logging
+import os
 import re
 import sys
 import time
@@ -189,13 +202,60 @@ class _Dumps:
             raise
 
 
-def _final_processors() -> list[Processor]:
-    """Processors that turn an event dict into its masked JSON line."""
+#: sd-daemon(3) priority prefixes by ``level`` (what add_log_level writes).
+PRIORITY_PREFIX: dict[str, str] = {
+    "debug": "<7>", "info": "<6>", "notice": "<5>", "warning": "<4>", "warn": "<4>",
+    "error": "<3>", "exception": "<3>", "critical": "<2>", "fatal": "<2>",
+}
+PRIORITY_MODES = ("auto", "always", "never")
+
+
+class _PrefixedRenderer:
+    """structlog's JSONRenderer, the line preceded by its journald ``<N>`` priority."""
+
+    def __init__(self, render: Processor) -> None:
+        self._render = render
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        prefix = PRIORITY_PREFIX.get(str(event_dict.get("level", method)), "<6>")
+        return prefix + str(self._render(logger, method, event_dict))
+
+
+def _final_processors(prefix: bool = False) -> list[Processor]:
+    """Processors that turn an event dict into its masked JSON line (``<N>``-prefixed)."""
+    render: Processor = structlog.processors.JSONRenderer(serializer=_Dumps())
     return [
         structlog.processors.format_exc_info,
         mask_secrets,
-        structlog.processors.JSONRenderer(serializer=_Dumps()),
+        _PrefixedRenderer(render) if prefix else render,
     ]
+
+
+def is_journal_stream(stream: TextIO, journal_stream: str | None) -> bool:
+    """True when ``stream``'s file descriptor is the journal connection systemd named.
+
+    ``journal_stream`` is ``$JOURNAL_STREAM`` (``"DEVICE:INODE"``, decimal);
+    a stream without a file descriptor, an unset or malformed value, or another
+    file (stdout redirected by a wrapper) is not.
+    """
+    if not journal_stream:
+        return False
+    dev, sep, ino = journal_stream.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return False
+
+
+def wants_priority_prefix(mode: str, stream: TextIO,
+                          environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether lines on ``stream`` get the ``<N>`` prefix under ``mode`` (see module doc)."""
+    if mode not in PRIORITY_MODES:
+        raise ValueError(f"unknown priority prefix mode {mode!r}; use one of {PRIORITY_MODES}")
+    if mode == "auto":
+        return is_journal_stream(stream, environ.get("JOURNAL_STREAM"))
+    return mode == "always"
 
 
 class _Installed(NamedTuple):
@@ -206,6 +266,7 @@ class _Installed(NamedTuple):
     last: Processor
     stream: TextIO
     level: int
+    info_prefix: str  # "<6>" when lines carry the journald priority, else ""
 
 
 _LEVEL_NO = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -270,7 +331,7 @@ class Event:
             fields["logger"] = self._name
         mask_secrets(None, "info", fields)
         stream = inst.stream
-        stream.write(_event_dumps(fields, default=_FALLBACK) + "\n")
+        stream.write(inst.info_prefix + _event_dumps(fields, default=_FALLBACK) + "\n")
         _flush_soon(stream)
 
 
@@ -306,13 +367,19 @@ def _flush_now(stream: TextIO) -> None:
         pass
 
 
-def configure(level: str = "info", stream: TextIO = sys.stdout) -> None:
-    """Send all logging, structlog and stdlib, to ``stream`` as masked JSON lines."""
+def configure(level: str = "info", stream: TextIO = sys.stdout,
+              priority_prefix: str = "never") -> None:
+    """Send all logging, structlog and stdlib, to ``stream`` as masked JSON lines.
+
+    ``priority_prefix`` ("auto", "always", "never") decides the journald
+    ``<N>`` prefix (module doc); "auto" looks at ``$JOURNAL_STREAM`` now.
+    """
     name = level.lower()
     if name not in _LEVELS:
         raise ValueError(f"unknown log level {level!r}; use one of {sorted(_LEVELS)}")
+    prefix = wants_priority_prefix(priority_prefix, stream)
     global _installed
-    processors = [*_shared_processors(), _add_logger_name, *_final_processors()]
+    processors = [*_shared_processors(), _add_logger_name, *_final_processors(prefix)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(name),
@@ -325,7 +392,7 @@ def configure(level: str = "info", stream: TextIO = sys.stdout) -> None:
         foreign_pre_chain=[*_shared_processors(), structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *_final_processors(),
+            *_final_processors(prefix),
         ],
     )
     handler = stdlib_logging.StreamHandler(stream)
@@ -337,7 +404,7 @@ def configure(level: str = "info", stream: TextIO = sys.stdout) -> None:
     root.addHandler(handler)
     root.setLevel(name.upper())
     _installed = _Installed(processors, len(processors), processors[-1], stream,
-                            _LEVEL_NO[name])
+                            _LEVEL_NO[name], PRIORITY_PREFIX["info"] if prefix else "")
 
 
 def get_logger(name: str) -> FilteringBoundLogger:
