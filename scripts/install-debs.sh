@@ -14,6 +14,19 @@ if [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
       dpkg -x prometheus_*.deb prometheus && rm -f prometheus_*.deb ) || \
       echo "install-debs: could not fetch promtool; the alert-rule checks will not run" >&2
 fi
+# fail2ban-regex (checks config/fail2ban against real relayd log lines) likewise
+# comes from Debian's fail2ban package unpacked into .cache: installing it would
+# start a banning service on this machine. It is pure Python (tests run it with
+# PYTHONPATH=.cache/fail2ban/usr/lib/python3/dist-packages).
+F2B_DIR=.cache/fail2ban
+if ! command -v fail2ban-regex >/dev/null 2>&1 && [ ! -f "$F2B_DIR/usr/bin/fail2ban-regex" ]; then
+    mkdir -p .cache
+    ( cd .cache && rm -f fail2ban_*.deb && \
+      { apt-get download fail2ban >/dev/null 2>&1 || \
+        { ${SUDO_CMD:-} apt-get update -qq && apt-get download fail2ban >/dev/null; }; } && \
+      dpkg -x fail2ban_*.deb fail2ban && rm -f fail2ban_*.deb ) || \
+      echo "install-debs: could not fetch fail2ban; the fail2ban filter checks will not run" >&2
+fi
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
 [ -x /usr/sbin/smtp-sink ] || need="$need postfix"
