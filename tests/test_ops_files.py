@@ -28,7 +28,7 @@ SYSUSERS = ROOT / "systemd" / "relayd.sysusers.conf"
 TMPFILES = ROOT / "systemd" / "relayd.tmpfiles.conf"
 
 METRIC_RE = re.compile(r"\brelayd_[a-z_]+")
-SAMPLE_SUFFIXES = ("_bucket", "_sum", "_count", "_created", "_total")
+SAMPLE_SUFFIXES = ("_bucket", "_sum", "_count", "_total")  # no _created: metrics.py
 
 
 # --- helpers -------------------------------------------------------------------
@@ -209,9 +209,10 @@ def _verify(unit: Path) -> list[str]:
 
 
 def test_family_helper_accepts_sample_suffixes() -> None:
-    """_family maps bucket/sum/count/created samples to their family, and rejects others."""
+    """_family maps bucket/sum/count samples to their family, and rejects others (relayd
+    exports no _created series)."""
     assert _family("relayd_accept_duration_seconds_bucket") == "relayd_accept_duration_seconds"
-    assert _family("relayd_auth_created") == "relayd_auth_total"
+    assert _family("relayd_auth_created") is None
     assert _family("relayd_auth_total") == "relayd_auth_total"
     assert _family("relayd_no_such_metric") is None
 
@@ -368,6 +369,8 @@ def _deliveries(failed: str, delivered: str) -> list[dict[str, str]]:
 DEFERRED = 'relayd_queue_messages{instance="a",state="deferred"}'
 REJECTED = 'relayd_smtp_rejections_total{instance="a",reason="auth_failed"}'
 FREE = 'relayd_spool_free_bytes{instance="a"}'
+OPEN_FDS = 'process_open_fds{job="relayd",instance="a"}'
+MAX_FDS = 'process_max_fds{job="relayd",instance="a"}'
 
 # alert -> (series when it must fire, series when it must stay quiet, eval time)
 SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
@@ -410,6 +413,11 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
         [{"series": FREE, "values": "10000000000-10000000x400"}],  # empty in ~17 h
         [{"series": FREE, "values": "10000000000x400"}],
         "380m",
+    ),
+    "RelaydFileDescriptorsHigh": (
+        [{"series": OPEN_FDS, "values": "60000x20"}, {"series": MAX_FDS, "values": "65536x20"}],
+        [{"series": OPEN_FDS, "values": "3000x20"}, {"series": MAX_FDS, "values": "65536x20"}],
+        "15m",
     ),
 }
 
