@@ -2,7 +2,7 @@
 
 Owns: the list of files an installed relayd needs outside its Python
 package, where each goes, and writing them. The files are package data
-(``relayd/data/``: links to config/, systemd/ and README.md in the
+(``relayd/data/``: links to config/, systemd/, docs/ and README.md in the
 repository, real files in the wheel), so an installed wheel carries them:
 
 ====================================  =============================================
@@ -13,8 +13,10 @@ repository, real files in the wheel), so an installed wheel carries them:
 ``PREFIX/lib/tmpfiles.d/relayd.conf``   ``/etc/relayd`` and the config's mode
 ``/etc/relayd/relayd.toml``             the example configuration; an existing
                                         one is never replaced
-``PREFIX/share/relayd/``                Grafana dashboard, Prometheus alert rules
-``PREFIX/share/doc/relayd/README.md``   what the unit's ``Documentation=`` names
+``PREFIX/share/relayd/``                Grafana dashboard, Prometheus alert rules,
+                                        fail2ban filter and jail
+``PREFIX/share/doc/relayd/``            README.md, OPERATIONS.md (the unit's
+                                        ``Documentation=``), SEMANTICS.md
 ====================================  =============================================
 
 ``PREFIX`` is ``/usr`` unless ``--prefix`` says otherwise (``/usr/local``
@@ -77,7 +79,13 @@ def plan(prefix: str = "/usr", unit_dir: str = "/etc/systemd/system") -> list[St
              mode=0o644),
         Step(resource="prometheus-alerts.yml", dest=f"{p}/share/relayd/prometheus-alerts.yml",
              mode=0o644),
+        Step(resource="fail2ban-filter.conf",
+             dest=f"{p}/share/relayd/fail2ban/filter.d/relayd.conf", mode=0o644),
+        Step(resource="fail2ban-jail.conf",
+             dest=f"{p}/share/relayd/fail2ban/jail.d/relayd.conf", mode=0o644),
         Step(resource="README.md", dest=f"{p}/share/doc/relayd/README.md", mode=0o644),
+        Step(resource="OPERATIONS.md", dest=f"{p}/share/doc/relayd/OPERATIONS.md", mode=0o644),
+        Step(resource="SEMANTICS.md", dest=f"{p}/share/doc/relayd/SEMANTICS.md", mode=0o644),
         Step(resource="relayd.service", dest=f"{unit_dir.rstrip('/')}/relayd.service",
              mode=0o644),
     ]

@@ -30,7 +30,11 @@ FILES = {
     "etc/relayd/relayd.toml": "config/relayd.toml",
     "usr/share/relayd/grafana-dashboard.json": "config/grafana-dashboard.json",
     "usr/share/relayd/prometheus-alerts.yml": "config/prometheus-alerts.yml",
+    "usr/share/relayd/fail2ban/filter.d/relayd.conf": "config/fail2ban/filter.d/relayd.conf",
+    "usr/share/relayd/fail2ban/jail.d/relayd.conf": "config/fail2ban/jail.d/relayd.conf",
     "usr/share/doc/relayd/README.md": "README.md",
+    "usr/share/doc/relayd/OPERATIONS.md": "docs/OPERATIONS.md",
+    "usr/share/doc/relayd/SEMANTICS.md": "docs/SEMANTICS.md",
 }
 
 

@@ -42,6 +42,10 @@ PACKAGE_DATA = {
     "relayd/data/grafana-dashboard.json": "config/grafana-dashboard.json",
     "relayd/data/prometheus-alerts.yml": "config/prometheus-alerts.yml",
     "relayd/data/README.md": "README.md",
+    "relayd/data/OPERATIONS.md": "docs/OPERATIONS.md",
+    "relayd/data/SEMANTICS.md": "docs/SEMANTICS.md",
+    "relayd/data/fail2ban-filter.conf": "config/fail2ban/filter.d/relayd.conf",
+    "relayd/data/fail2ban-jail.conf": "config/fail2ban/jail.d/relayd.conf",
 }
 
 UNIT = "etc/systemd/system/relayd.service"
