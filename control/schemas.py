@@ -6,37 +6,17 @@ Owns: the wire contract of the control socket: HTTP/1.1 + JSON, paths under
 errors naming the field; the bounds are the ``Annotated`` types below, which
 relayctl applies to its own flags too). Every error response is an ``Error``.
 
-Paths (all JSON):
-  GET  /v1/health                         -> Health
-  GET  /v1/status                         -> Status
-  POST /v1/domains            DomainAdd   -> DomainInfo (with dns_records)
-  GET  /v1/domains                        -> DomainList
-  GET  /v1/domains/{name}                 -> DomainInfo
-  POST /v1/domains/{name}/delete Confirm  -> DomainDeleted
-  POST /v1/users              UserAdd     -> Credentials (password shown once)
-  GET  /v1/users?domain=&status=&sort=    -> UserList
-  GET  /v1/users/{name}                   -> UserInfo
-  POST /v1/users/{name}/disable           -> UserInfo
-  POST /v1/users/{name}/enable            -> UserInfo
-  POST /v1/users/{name}/reset-password    -> Credentials
-  POST /v1/users/{name}/delete UserDelete -> UserDeleted
-  POST /v1/users/{name}/limits UserLimits -> UserInfo
-  POST /v1/users/{name}/networks NetworkChange -> UserInfo
-  GET  /v1/dormant?days=&max_sent=        -> UserList
-  GET  /v1/queue?user=&state=             -> QueueList
-  GET  /v1/queue/{id}                     -> QueueItem
-  POST /v1/queue/purge        QueuePurge  -> QueueChanged
-  POST /v1/queue/retry        QueueRetry  -> QueueChanged
-  GET  /v1/log?user=&status=&since=&limit= -> LogList
-  GET  /v1/throttle                       -> ThrottleList
-  POST /v1/throttle/clear     ThrottleClear -> ThrottleCleared
+The routes are ``ROUTES`` at the end of this module: the server builds its
+router from that table and control.openapi its OpenAPI document (served at
+``GET /v1/openapi.json``, committed as docs/openapi.json), so neither can
+forget a route.
 
 This module imports msgspec only: the CLI stays light and fast to start.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -57,6 +37,8 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=SQLITE_INT_MAX)]
 LogLimit = Annotated[int, msgspec.Meta(ge=1, le=LOG_LIMIT_MAX)]
 EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=EPOCH_MAX)]
 Days = Annotated[float, msgspec.Meta(ge=0.0, le=DAYS_MAX)]
+#: The states of a queued message (``queue`` and ``queue purge`` filter on them).
+QueueState = Literal["queued", "waiting_limit", "held", "deferred"]
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -235,7 +217,7 @@ class QueueListQuery(_S):
     """Query of ``GET /v1/queue``."""
 
     user: str | None = None
-    state: Literal["queued", "waiting_limit", "held", "deferred"] | None = None
+    state: QueueState | None = None
 
 
 class LogQuery(_S):
@@ -273,7 +255,7 @@ class QueuePurge(_S):
     """Remove queued messages of an account."""
 
     user: str
-    state: str | None = None
+    state: QueueState | None = None
 
 
 class QueueRetry(_S):
@@ -333,6 +315,105 @@ class ThrottleCleared(_S):
     """How many throttle entries a clear removed."""
 
     count: int
+
+
+class Route(NamedTuple):
+    """One operation of the control API: what the router serves and the document describes."""
+
+    method: Literal["GET", "POST"]
+    path: str  # aiohttp/OpenAPI template: ``{name}`` is a path parameter
+    operation: str  # the handler's name in relayd.control_server.ControlServer; operationId
+    summary: str
+    response: type[msgspec.Struct] | None  # None: any JSON object (the OpenAPI document)
+    status: int = 200  # the success status
+    body: type[msgspec.Struct] | None = None  # the request body, strictly decoded
+    query: type[msgspec.Struct] | None = None  # the query string, strictly decoded
+    params: tuple[tuple[str, str], ...] = ()  # path parameters: (name, description)
+    errors: tuple[tuple[int, str], ...] = ()  # statuses with an ``Error`` body, besides 500
+
+
+_DOMAIN = (("name", "the domain name, as `domain list` shows it"),)
+_USER = (("name", "the username"),)
+_MESSAGE = (("id", "the message id, 16 hex digits as `queue` lists it"),)
+_BAD = (400, "bad request: malformed JSON or UTF-8, an unknown, repeated or mistyped field,"
+        " a number out of range, or a value the operation refuses (`code` says which)")
+_BAD_QUERY = (400, "bad query: an unknown or repeated parameter, a mistyped or out-of-range"
+              " value (`code` is `invalid_request`)")
+_TOO_LARGE = (413, "the body is larger than 1 MiB (`code` is `too_large`)")
+_NO_DOMAIN = (404, "no such domain (`code` is `not_found`)")
+_NO_USER = (404, "no such user (`code` is `not_found`)")
+_NO_THROTTLE = (503, "this process runs no SMTP AUTH throttle (`code` is `unavailable`)")
+
+#: Every operation the control socket serves, in the order the document lists them.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/health", "health", "Cheap liveness check", Health),
+    Route("GET", "/v1/status", "get_status", "Version, uptime, listeners, queue depths", Status),
+    Route("POST", "/v1/domains", "domain_add",
+          "Create a sending domain with a new DKIM key (its DNS records to publish)",
+          DomainInfo, 201, body=DomainAdd,
+          errors=(_BAD, (409, "the domain exists (`code` is `exists`)"), _TOO_LARGE)),
+    Route("GET", "/v1/domains", "domain_list", "All live domains", DomainList),
+    Route("GET", "/v1/domains/{name}", "domain_show", "One domain with its DNS records",
+          DomainInfo, params=_DOMAIN, errors=(_NO_DOMAIN,)),
+    Route("POST", "/v1/domains/{name}/delete", "domain_delete",
+          "Delete a domain (irreversible): its accounts are disabled for good, its key"
+          " destroyed", DomainDeleted, body=Confirm, params=_DOMAIN,
+          errors=(_BAD, _NO_DOMAIN, _TOO_LARGE)),
+    Route("POST", "/v1/users", "user_add",
+          "Create an account: a generated username and password (shown once)",
+          Credentials, 201, body=UserAdd,
+          errors=(_BAD, _NO_DOMAIN,
+                  (409, "the plan's account slots are all in use (`code` is `plan_limit`)"),
+                  _TOO_LARGE)),
+    Route("GET", "/v1/users", "user_list", "Accounts (not deleted), filtered and sorted",
+          UserList, query=UserListQuery, errors=(_BAD_QUERY,)),
+    Route("GET", "/v1/users/{name}", "user_show", "One account", UserInfo, params=_USER,
+          errors=(_NO_USER,)),
+    Route("POST", "/v1/users/{name}/disable", "user_disable",
+          "Disable an account, effective before this returns; its mail is held",
+          UserInfo, params=_USER, errors=(_NO_USER,)),
+    Route("POST", "/v1/users/{name}/enable", "user_enable", "Enable an account",
+          UserInfo, params=_USER,
+          errors=(_NO_USER, (409, "the account's domain was deleted: it can never be enabled"
+                                  " (`code` is `domain_deleted`)"))),
+    Route("POST", "/v1/users/{name}/reset-password", "user_reset",
+          "A new password (shown once); the old one fails at once", Credentials,
+          params=_USER, errors=(_NO_USER,)),
+    Route("POST", "/v1/users/{name}/delete", "user_delete",
+          "Delete an account (irreversible)", UserDeleted, body=UserDelete, params=_USER,
+          errors=(_BAD, _NO_USER,
+                  (409, "the account still has queued mail and `purge_queue` is false"
+                        " (`code` is `queue_not_empty`)"), _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/limits", "user_limits", "Set sending limits",
+          UserInfo, body=UserLimits, params=_USER, errors=(_BAD, _NO_USER, _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/networks", "user_networks",
+          "Bind or unbind a source network, effective at once", UserInfo,
+          body=NetworkChange, params=_USER,
+          errors=(_BAD, (404, "no such user, or (remove) no such binding (`code` is"
+                              " `not_found`)"), _TOO_LARGE)),
+    Route("GET", "/v1/dormant", "dormant", "Accounts not used for a while, oldest first",
+          UserList, query=DormantQuery, errors=(_BAD_QUERY,)),
+    Route("GET", "/v1/queue", "queue_list", "Queued messages (send and retry queues)",
+          QueueList, query=QueueListQuery, errors=(_BAD_QUERY, _NO_USER)),
+    Route("GET", "/v1/queue/{id}", "queue_show", "One queued message", QueueItem,
+          params=_MESSAGE,
+          errors=((400, "not a message id (`code` is `bad_request`)"),
+                  (404, "no such queued message (`code` is `not_found`)"))),
+    Route("POST", "/v1/queue/purge", "queue_purge", "Remove an account's queued messages",
+          QueueChanged, body=QueuePurge, errors=(_BAD, _NO_USER, _TOO_LARGE)),
+    Route("POST", "/v1/queue/retry", "queue_retry", "Make deferred mail due now",
+          QueueChanged, body=QueueRetry, errors=(_BAD, _NO_USER, _TOO_LARGE)),
+    Route("GET", "/v1/log", "delivery_log", "Delivery attempts, newest first", LogList,
+          query=LogQuery, errors=(_BAD_QUERY,)),
+    Route("GET", "/v1/throttle", "throttle_list",
+          "What the failed-AUTH throttle counts or refuses now", ThrottleList,
+          errors=(_NO_THROTTLE,)),
+    Route("POST", "/v1/throttle/clear", "throttle_clear",
+          "Forget failed-AUTH counts and locks (of one address): logins work again at once",
+          ThrottleCleared, body=ThrottleClear, errors=(_BAD, _TOO_LARGE, _NO_THROTTLE)),
+    Route("GET", "/v1/openapi.json", "openapi",
+          "This API as an OpenAPI 3.1 document (docs/openapi.json)", None),
+)
 
 
 def encode(obj: msgspec.Struct) -> bytes:

@@ -1,6 +1,7 @@
 """The control API (HTTP/1.1 + JSON on a Unix socket) and the /metrics endpoint.
 
-Owns: the one adapter to aiohttp — routing each ``/v1/`` path to a
+Owns: the one adapter to aiohttp — routing each ``/v1/`` path (the table
+control.schemas.ROUTES, which control.openapi documents) to a
 relayd.lifecycle operation (``/v1/throttle``: to the SMTP server's failed-AUTH
 throttle, relayd.policy.AuthThrottle), decoding request bodies strictly into
 control.schemas Structs, encoding responses, mapping errors to HTTP status
@@ -39,6 +40,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from control import schemas
+from control.openapi import dump as openapi_document
 from relayd.lifecycle import Lifecycle, LifecycleError
 from relayd.metrics import render
 from relayd.policy import AuthThrottle
@@ -156,35 +158,18 @@ class ControlServer:
         self.log = log
         self._runners: list[web.AppRunner] = []
         self.metrics_address = ""
+        self._openapi: bytes | None = None  # the document, made on first request
 
     # -- app -------------------------------------------------------------------------
     def app(self) -> web.Application:
         """The control API application."""
         app = web.Application(middlewares=[self._errors], client_max_size=1024 * 1024)
-        r = app.router
-        r.add_get("/v1/health", self.health)
-        r.add_get("/v1/status", self.get_status)
-        r.add_post("/v1/domains", self.domain_add)
-        r.add_get("/v1/domains", self.domain_list)
-        r.add_get("/v1/domains/{name}", self.domain_show)
-        r.add_post("/v1/domains/{name}/delete", self.domain_delete)
-        r.add_post("/v1/users", self.user_add)
-        r.add_get("/v1/users", self.user_list)
-        r.add_get("/v1/users/{name}", self.user_show)
-        r.add_post("/v1/users/{name}/disable", self.user_disable)
-        r.add_post("/v1/users/{name}/enable", self.user_enable)
-        r.add_post("/v1/users/{name}/reset-password", self.user_reset)
-        r.add_post("/v1/users/{name}/delete", self.user_delete)
-        r.add_post("/v1/users/{name}/limits", self.user_limits)
-        r.add_post("/v1/users/{name}/networks", self.user_networks)
-        r.add_get("/v1/dormant", self.dormant)
-        r.add_get("/v1/queue", self.queue_list)
-        r.add_get("/v1/queue/{id}", self.queue_show)
-        r.add_post("/v1/queue/purge", self.queue_purge)
-        r.add_post("/v1/queue/retry", self.queue_retry)
-        r.add_get("/v1/log", self.delivery_log)
-        r.add_get("/v1/throttle", self.throttle_list)
-        r.add_post("/v1/throttle/clear", self.throttle_clear)
+        for route in schemas.ROUTES:  # the table control.openapi documents
+            handler = getattr(self, route.operation)
+            if route.method == "GET":
+                app.router.add_get(route.path, handler)  # and HEAD, as aiohttp does
+            else:
+                app.router.add_route(route.method, route.path, handler)
         return app
 
     @web.middleware
@@ -214,6 +199,12 @@ class ControlServer:
     async def health(self, request: web.Request) -> web.Response:
         """Cheap liveness check."""
         return _json(schemas.Health(ok=True))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This API as an OpenAPI 3.1 document (control.openapi; docs/openapi.json)."""
+        if self._openapi is None:
+            self._openapi = openapi_document().encode()
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def get_status(self, request: web.Request) -> web.Response:
         """Version, uptime, listeners, queue depths..."""
