@@ -124,9 +124,14 @@ def _query(request: web.Request, kind: type[S]) -> S:
         if value != "":
             values[key] = value
     try:
-        return msgspec.convert(values, type=kind, strict=False)
+        obj = msgspec.convert(values, type=kind, strict=False)
     except msgspec.ValidationError as exc:
         raise _invalid("invalid query", exc, kind) from None
+    for key, value in values.items():  # lax decoding reads "null" as None: not a value here
+        if getattr(obj, key) is None:
+            raise _invalid("invalid query", msgspec.ValidationError(
+                f"Invalid value {value!r} - at `$.{key}`"), kind)
+    return obj
 
 
 def _peer_uid(request: web.Request) -> int | None:
@@ -159,12 +164,17 @@ class ControlServer:
         self._runners: list[web.AppRunner] = []
         self.metrics_address = ""
         self._openapi: bytes | None = None  # the document, made on first request
+        self._plain: dict[str, set[str]] = {}  # methods of each path without parameters
 
     # -- app -------------------------------------------------------------------------
     def app(self) -> web.Application:
         """The control API application."""
         app = web.Application(middlewares=[self._errors], client_max_size=1024 * 1024)
+        self._plain.clear()
         for route in schemas.ROUTES:  # the table control.openapi documents
+            if "{" not in route.path:
+                extra = ["HEAD"] if route.method == "GET" else []
+                self._plain.setdefault(route.path, set()).update([route.method, *extra])
             handler = getattr(self, route.operation)
             if route.method == "GET":
                 app.router.add_get(route.path, handler)  # and HEAD, as aiohttp does
@@ -177,15 +187,22 @@ class ControlServer:
         uid = _peer_uid(request)
         structlog.contextvars.bind_contextvars(peer_uid=uid)
         try:
+            allowed = self._plain.get(request.path)
+            if allowed is not None and request.method not in allowed:
+                # a fixed path wins over a template (GET /v1/queue/purge is no message id),
+                # as OpenAPI matches paths
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
             return await handler(request)
         except LifecycleError as exc:
             return _error(str(exc), exc.code, exc.status)
         except web.HTTPNotFound:
             return _error(f"unknown endpoint: {request.method} {request.path}",
                           "unknown_endpoint", 404)
-        except web.HTTPMethodNotAllowed:
-            return _error(f"method not allowed: {request.method} {request.path}",
+        except web.HTTPMethodNotAllowed as exc:
+            resp = _error(f"method not allowed: {request.method} {request.path}",
                           "method_not_allowed", 405)
+            resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))  # RFC 9110
+            return resp
         except web.HTTPRequestEntityTooLarge:
             return _error("request too large", "too_large", 413)
         except Exception as exc:

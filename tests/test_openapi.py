@@ -135,3 +135,33 @@ async def test_documented_error_answers_conform(relay: RelayHandle) -> None:
     status, _, body = await _fetch(relay, "/v1/log?limit=0")
     assert status == 400 and set(json.loads(body)) == required
 
+
+async def _answer(relay: RelayHandle, method: str, path: str) -> tuple[int, str, dict[str, Any]]:
+    conn = aiohttp.UnixConnector(path=relay.ctl.path)
+    async with aiohttp.ClientSession(connector=conn) as s, \
+            s.request(method, f"http://relayd{path}") as resp:
+        return resp.status, resp.headers.get("Allow", ""), json.loads(await resp.read())
+
+
+async def test_wrong_method_names_the_allowed_ones(relay: RelayHandle) -> None:
+    """A 405 carries the Allow header RFC 9110 requires (found by schemathesis)."""
+    status, allow, body = await _answer(relay, "DELETE", "/v1/users")
+    assert (status, body["code"]) == (405, "method_not_allowed")
+    assert set(allow.split(", ")) == {"GET", "HEAD", "POST"}
+
+
+async def test_fixed_path_wins_over_a_template(relay: RelayHandle) -> None:
+    """GET /v1/queue/purge is a 405 naming POST, not a lookup of message id "purge"."""
+    for path in ("/v1/queue/purge", "/v1/queue/retry"):
+        status, allow, body = await _answer(relay, "GET", path)
+        assert (status, allow, body["code"]) == (405, "POST", "method_not_allowed"), path
+
+
+async def test_null_is_not_a_query_value(relay: RelayHandle) -> None:
+    """`?state=null` is a 400, not read as an absent filter (found by schemathesis)."""
+    for path in ("/v1/queue?state=null", "/v1/log?status=null", "/v1/dormant?max_sent=null",
+                 "/v1/log?since=null"):
+        status, _, body = await _answer(relay, "GET", path)
+        assert (status, body["code"]) == (400, "invalid_request"), (path, body)
+    status, _, body = await _answer(relay, "GET", "/v1/queue?state=")
+    assert (status, body) == (200, {"items": []})
