@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install the Debian packages the tests and benchmarks need, if missing:
-# swaks (a real SMTP client) and postfix (for smtp-sink and smtp-source; the
+# swaks (a real SMTP client), sqlite3 (the backup test) and postfix (for
+# smtp-sink and smtp-source; the
 # system Postfix is left unconfigured and is never started by this).
 set -e
 # promtool (checks the alert rules) comes from Debian's prometheus package, unpacked
@@ -30,6 +31,7 @@ fi
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
 [ -x /usr/sbin/smtp-sink ] || need="$need postfix"
+command -v sqlite3 >/dev/null 2>&1 || need="$need sqlite3"  # the backup script of docs/OPERATIONS.md
 [ -z "$need" ] && exit 0
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
