@@ -28,6 +28,11 @@ The message size is enforced while reading: past ``max_message_size_bytes``
 the data is discarded as it arrives (never buffered whole) and the end of
 DATA gets ``552 5.3.4``.
 
+Session ends: every way out of a session (close, reset, idle timeout,
+shutdown, a STARTTLS handshake that never completes) gives the connection
+slot back exactly once (``_release``), and nothing is written to a transport
+once it is closing.
+
 Untrusted input: everything the client sends. A client never sees an
 exception text: any handler error becomes ``451 4.3.0`` and a log entry.
 Settings read: [smtp], [limits], [server].hostname (through SmtpContext).
@@ -189,6 +194,8 @@ class RelaySMTP(_AioSMTP):
         self._closing = False
         self._active = 0.0  # loop time of the last input: the idle timer checks it lazily
         self._timer: asyncio.TimerHandle | None = None
+        self._released = True  # no slot taken yet (connection_made takes one)
+        self._shut = False  # we closed the transport: nothing more is written to it
 
     # -- connection ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,6 +219,7 @@ class RelaySMTP(_AioSMTP):
         ctx = self.ctx
         ctx.events.connection_opened()
         ctx.sessions.add(self)
+        self._released = False
         ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
         loop = self.loop
         self._active = now = loop.time()
@@ -250,33 +258,45 @@ class RelaySMTP(_AioSMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         """Forget the session."""
-        self._forget()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._release()
         if self._original_transport is not None:
             self._original_transport.close()  # STARTTLS: close the socket under the SSL layer
-        for waiter in (self._rx_waiter, self._drain_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(_ClientGone())
-                waiter.exception()  # retrieved: the task is cancelled below anyway
-        self._rx_waiter = self._drain_waiter = None
+        self._wake_gone()
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         self.transport = None
 
-    def _forget(self) -> None:
-        """Release the session's connection slots (idempotent)."""
+    def _wake_gone(self) -> None:
+        """Fail the command loop's pending read or drain wait: the session is over."""
+        for waiter in (self._rx_waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_ClientGone())
+                waiter.exception()  # retrieved: the loop may be cancelled instead
+        self._rx_waiter = self._drain_waiter = None
+
+    def _release(self) -> None:
+        """Give back the session's connection slots and stop its timer: idempotent.
+
+        Every way out of a session comes here: ``connection_lost``, and the end of
+        the command loop whatever ended it (a connection lost during a STARTTLS
+        handshake never reaches ``connection_lost``: asyncio's SSL layer reports
+        only losses after a completed handshake).
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._released:
+            return
+        self._released = True
         ctx = self.ctx
-        if self in ctx.sessions:
-            ctx.sessions.discard(self)
-            ctx.events.connection_closed()
-            ip = self.state.peer_ip
-            n = ctx.per_ip.get(ip, 1) - 1
-            if n <= 0:
-                ctx.per_ip.pop(ip, None)
-            else:
-                ctx.per_ip[ip] = n
+        ctx.sessions.discard(self)
+        ctx.events.connection_closed()
+        ip = self.state.peer_ip
+        n = ctx.per_ip.get(ip, 1) - 1
+        if n <= 0:
+            ctx.per_ip.pop(ip, None)
+        else:
+            ctx.per_ip[ip] = n
 
     def _touch(self) -> None:
         """Input arrived: push the idle deadline back (no timer work: see _idle_check)."""
@@ -298,26 +318,52 @@ class RelaySMTP(_AioSMTP):
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None:
-            self._reject(replies.IDLE_TIMEOUT)
-            self._flush()
-            self.transport.close()
+        self._say_and_close(replies.IDLE_TIMEOUT)
 
     def close_if_idle(self, reply: Reply = replies.SHUTTING_DOWN) -> bool:
-        """Say 421 and close if no transaction is open (graceful shutdown); True if closed."""
-        if self._idle and self.transport is not None:
-            self._reject(reply)
-            self._flush()
-            self.transport.close()
+        """Say 421 and close if no transaction is open (graceful shutdown); True if closed
+        (or already closing)."""
+        if self._idle:
+            self._say_and_close(reply)
             return True
-        return False
+        return self.transport is None
+
+    def _say_and_close(self, reply: Reply) -> None:
+        """Send ``reply`` and close, unless the transport is gone or already closing.
+
+        In a STARTTLS handshake nothing can be said (the client expects TLS records):
+        the socket is dropped, which ends the handshake and with it the session.
+        """
+        transport = self.transport
+        if transport is None or self._shut or transport.is_closing():
+            return
+        self._reject(reply)
+        if self._original_transport is not None and not self.state.tls:
+            self._out.clear()
+            cast(asyncio.Transport, self._original_transport).abort()
+        else:
+            self._flush()
+            if transport.get_write_buffer_size():
+                transport.abort()  # the client does not read: a close would wait forever
+            else:
+                transport.close()
+        self._shut = True
+        self._closing = True
+        self._wake_gone()  # the command loop ends now, and gives the slot back
+
+    def _close(self) -> None:
+        """Close the transport once (a second close of an SSL transport breaks it)."""
+        transport = self.transport
+        if transport is not None and not self._shut:
+            self._shut = True
+            transport.close()
 
     # -- output ------------------------------------------------------------------
     def _emit(self, reply: Reply) -> None:
         self._out.append(reply.line())
 
     def _flush(self) -> None:
-        if self._out and self.transport is not None:
+        if self._out and self.transport is not None and not self._shut:
             self.transport.write(b"".join(self._out))
         self._out.clear()
 
@@ -378,17 +424,19 @@ class RelaySMTP(_AioSMTP):
         ctx = self.ctx
         st = self.state
         try:
+            if self._shut:
+                return  # closed (shutdown) before this loop ever ran
+            refusal = None
             if ctx.shutting_down:
-                self._reject(replies.SHUTTING_DOWN)
-                self._flush()
-                self.transport.close()
-                return
-            if len(ctx.sessions) > ctx.max_connections or (
+                refusal = replies.SHUTTING_DOWN
+            elif len(ctx.sessions) > ctx.max_connections or (
                 ctx.per_ip.get(st.peer_ip, 0) > ctx.max_connections_per_ip
             ):
-                self._reject(replies.TOO_MANY_CONNECTIONS)
+                refusal = replies.TOO_MANY_CONNECTIONS
+            if refusal is not None:
+                self._reject(refusal)
                 self._flush()
-                self.transport.close()
+                self._close()
                 return
             self._out.append(_greeting(ctx.hostname))
             while self.transport is not None and not self._closing:
@@ -435,21 +483,17 @@ class RelaySMTP(_AioSMTP):
                     self._reject(replies.SHUTTING_DOWN)
                     break
             self._flush()
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
         except (_ClientGone, ConnectionError):
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
         except asyncio.CancelledError:
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
             raise
         except Exception as exc:  # a bug outside a command handler: say 421, never a trace
             ctx.events.error(st, "session", exc)
-            self._reject(replies.LOCAL_ERROR_CLOSING)
-            self._flush()
-            if self.transport is not None:
-                self.transport.close()
+            self._say_and_close(replies.LOCAL_ERROR_CLOSING)
+        finally:
+            self._release()
 
     # -- session commands ----------------------------------------------------------
     def _reset_transaction(self) -> None:
@@ -540,21 +584,27 @@ class RelaySMTP(_AioSMTP):
             return None
 
         self.push = _silent  # type: ignore[method-assign,assignment]
+        self._idle = True  # no transaction: a shutdown may drop a pending handshake
         try:
             await _AioSMTP.smtp_STARTTLS(self, "")
         except Exception:
-            # A failed handshake never reaches connection_lost (asyncio's SSL layer only
-            # reports a loss after a completed handshake): release the slot here.
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._original_transport is not None:
-                cast(asyncio.Transport, self._original_transport).abort()
-            self.transport = None
-            self._forget()
+            self._tls_failed()
             raise _ClientGone from None
         finally:
             self.push = push  # type: ignore[method-assign]
+        if not self.state.tls:
+            # The handshake waiter woke without an error and without a TLS session:
+            # the socket was closed under it (idle timeout, shutdown). asyncio's SSL
+            # layer calls no connection_lost for a connection lost mid-handshake.
+            self._tls_failed()
+            raise _ClientGone
+
+    def _tls_failed(self) -> None:
+        """The STARTTLS handshake did not complete: drop the socket (the slot is released
+        when the command loop ends)."""
+        if self._original_transport is not None:
+            cast(asyncio.Transport, self._original_transport).abort()
+        self.transport = None
 
     # -- authentication -------------------------------------------------------------
     async def smtp_AUTH(self, arg: str) -> None:
