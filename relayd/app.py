@@ -243,6 +243,7 @@ class Relay:
             max_commands=cfg.smtp.max_commands_per_session,
             max_connections=cfg.smtp.max_connections,
             max_connections_per_ip=cfg.smtp.max_connections_per_ip,
+            greet_pause=cfg.smtp.greet_pause_seconds,
             smtputf8=cfg.smtp.smtputf8,
             allow_address_literals=cfg.smtp.allow_address_literals,
         )
@@ -465,6 +466,7 @@ class Relay:
         c.max_commands = sm.max_commands_per_session
         c.max_connections = sm.max_connections
         c.max_connections_per_ip = sm.max_connections_per_ip
+        c.greet_pause = sm.greet_pause_seconds
         c.plaintext_auth = plaintext
         if tls is not self._tls:
             for s in c.sessions:
@@ -565,6 +567,7 @@ RELOADABLE: frozenset[str] = frozenset({
     "smtp.max_recipients", "smtp.max_message_size_bytes", "smtp.idle_timeout_seconds",
     "smtp.min_data_rate_bytes_per_second", "smtp.max_commands_per_session",
     "smtp.max_connections", "smtp.max_connections_per_ip", "smtp.plaintext_auth_networks",
+    "smtp.greet_pause_seconds",
     "smtp.tls_cert_file", "smtp.tls_key_file",
     "delivery.routes", "delivery.smarthost", "delivery.smarthost_tls",
     "delivery.smarthost_username", "delivery.smarthost_password",

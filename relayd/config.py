@@ -118,6 +118,9 @@ class SmtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     idle_timeout_seconds: Seconds = 300.0
     max_connections: PositiveInt = 2000
     max_connections_per_ip: PositiveInt = 200
+    # Silence before the 220: input that arrives first gets 554 5.5.0 (early talker).
+    # 0 = no pause (input already there when the 220 is due is still refused).
+    greet_pause_seconds: Annotated[float, msgspec.Meta(ge=0, le=30)] = 0.0
     max_commands_per_session: PositiveInt = 100_000
     min_data_rate_bytes_per_second: NonNegativeInt = 1024
     min_data_rate_grace_seconds: Seconds = 30.0  # DATA may be slower than that this long

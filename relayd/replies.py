@@ -128,6 +128,17 @@ TOO_MANY_COMMANDS = Reply(
 TOO_MANY_CONNECTIONS = Reply(
     "421 4.7.0 Too many connections from your address", "too_many_connections"
 )
+# The global cap (max_connections): the server is full, not this client's doing.
+TOO_MANY_CONNECTIONS_GLOBAL = Reply(
+    "421 4.3.2 Too many connections, try again later", "too_many_connections_global"
+)
+# Input before the greeting (an early talker, Postfix postscreen's PREGREET): sent
+# instead of the 220, then close (RFC 5321 §3.1 allows a 554 as the greeting).
+PREGREET = Reply("554 5.5.0 Protocol error: input before the greeting", "pregreet")
+# A command line (or AUTH answer) ended by a bare LF: RFC 5321 §2.3.8 allows only CRLF.
+BARE_LF_COMMAND = Reply(
+    "500 5.5.2 Bare LF in command line not allowed", "bad_line_ending"
+)
 IDLE_TIMEOUT = Reply("421 4.4.2 Idle timeout, closing connection", "timeout")
 DATA_TOO_SLOW = Reply("421 4.4.2 Data rate too low, closing connection", "timeout")
 HELO_SYNTAX_PLAIN = Reply("501 5.5.4 Syntax: HELO hostname", "syntax")

@@ -28,10 +28,13 @@ The message size is enforced while reading: past ``max_message_size_bytes``
 the data is discarded as it arrives (never buffered whole) and the end of
 DATA gets ``552 5.3.4``.
 
-Session ends: every way out of a session (close, reset, idle timeout,
-shutdown, a STARTTLS handshake that never completes) gives the connection
-slot back exactly once (``_release``), and nothing is written to a transport
-once it is closing.
+Session ends: a client that speaks before the 220 gets ``554 5.5.0`` instead
+of it (an optional silent pause, ``greet_pause_seconds``, catches early
+talkers; with none, only input already received when the greeting is due);
+a command line ended by a bare LF gets ``500 5.5.2`` and does not run. Every
+way out of a session (close, reset, idle timeout, shutdown, a STARTTLS
+handshake that never completes) gives the connection slot back exactly once
+(``_release``), and nothing is written to a transport once it is closing.
 
 Untrusted input: everything the client sends. A client never sees an
 exception text: any handler error becomes ``451 4.3.0`` and a log entry.
@@ -129,6 +132,7 @@ class SmtpContext:
     smtputf8: bool
     data_rate_grace: float = 30.0
     allow_address_literals: bool = False
+    greet_pause: float = 0.0  # seconds of silence before the 220 (early-talker check)
     clock: Callable[[], float] = time.time
     sessions: set[RelaySMTP] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
@@ -395,18 +399,20 @@ class RelaySMTP(_AioSMTP):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    async def _readline(self, limit: int) -> bytes | None:
-        """Next line without its line ending; None if it was longer than ``limit``."""
+    async def _readline(self, limit: int) -> bytes | Reply:
+        """Next line without its CRLF, or the refusal of a line longer than ``limit``
+        (``COMMAND_TOO_LONG``) or ended by a bare LF (``BARE_LF_COMMAND``)."""
         buf = self._inbuf
         start = 0
         while True:
             nl = buf.find(b"\n", start)
             if nl >= 0:
-                line = bytes(buf[:nl])
+                if nl and buf[nl - 1] == 13:  # CRLF
+                    line = bytes(buf[:nl - 1])
+                    del buf[: nl + 1]
+                    return line if len(line) <= limit else replies.COMMAND_TOO_LONG
                 del buf[: nl + 1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                return line if len(line) <= limit else None
+                return replies.BARE_LF_COMMAND if nl <= limit else replies.COMMAND_TOO_LONG
             if len(buf) > limit:
                 # Discard an over-long line up to its end, without holding it.
                 while True:
@@ -415,7 +421,7 @@ class RelaySMTP(_AioSMTP):
                     nl = buf.find(b"\n")
                     if nl >= 0:
                         del buf[: nl + 1]
-                        return None
+                        return replies.COMMAND_TOO_LONG
             start = len(buf)
             await self._fill()
 
@@ -429,11 +435,20 @@ class RelaySMTP(_AioSMTP):
             refusal = None
             if ctx.shutting_down:
                 refusal = replies.SHUTTING_DOWN
-            elif len(ctx.sessions) > ctx.max_connections or (
-                ctx.per_ip.get(st.peer_ip, 0) > ctx.max_connections_per_ip
-            ):
+            elif ctx.per_ip.get(st.peer_ip, 0) > ctx.max_connections_per_ip:
                 refusal = replies.TOO_MANY_CONNECTIONS
+            elif len(ctx.sessions) > ctx.max_connections:
+                refusal = replies.TOO_MANY_CONNECTIONS_GLOBAL
+            elif ctx.greet_pause > 0:
+                await asyncio.sleep(ctx.greet_pause)
+                if self.transport is None or self._shut:
+                    return  # closed during the pause (shutdown)
+            if refusal is None and self._rx:
+                # Input before the greeting (RFC 5321 §3.1: the client waits for it):
+                # an early talker. 554 instead of the greeting, nothing of it is read.
+                refusal = replies.PREGREET
             if refusal is not None:
+                self._rx.clear()
                 self._reject(refusal)
                 self._flush()
                 self._close()
@@ -449,11 +464,13 @@ class RelaySMTP(_AioSMTP):
                     break
                 self._reset_timeout()
                 verb_text = ""
-                if line is not None:
+                if isinstance(line, bytes):
                     verb, _, rest = line.partition(b" ")
                     verb_text = verb.upper().decode("ascii", "replace")
-                if line is None or len(line) + 2 > _LINE_MAX.get(verb_text, COMMAND_LINE_MAX):
-                    self._reject(replies.COMMAND_TOO_LONG)
+                    if len(line) + 2 > _LINE_MAX.get(verb_text, COMMAND_LINE_MAX):
+                        line = replies.COMMAND_TOO_LONG
+                if not isinstance(line, bytes):
+                    self._reject(line)
                     name = None
                 else:
                     name = self._COMMANDS.get(verb_text)
@@ -733,8 +750,8 @@ class RelaySMTP(_AioSMTP):
         """Send a 334 challenge and decode the client's base64 answer (None: aborted/bad)."""
         self._out.append(b"334 " + challenge + b"\r\n")
         line = await self._readline(AUTH_LINE_MAX - 2)
-        if line is None:
-            self._reject(replies.COMMAND_TOO_LONG)
+        if not isinstance(line, bytes):
+            self._reject(line)
             return None
         if line.strip() == b"*":
             self._reject(replies.AUTH_ABORTED)

@@ -39,12 +39,13 @@ async def bound(relay: RelayHandle) -> RelayHandle:
 
 
 async def _session(relay: RelayHandle, payload: bytes) -> list[bytes]:
-    """Send ``payload`` then a terminator and QUIT; return every reply line until close."""
+    """After the greeting, send ``payload`` then a terminator and QUIT; return every reply
+    line until close (input before the greeting would get 554: not what is tested here)."""
     r, w = await asyncio.open_connection(relay.host, relay.port)
     try:
+        data = await asyncio.wait_for(r.readline(), 10)
         w.write(payload + b"\r\n.\r\nQUIT\r\n")
         await w.drain()
-        data = b""
         while True:
             chunk = await asyncio.wait_for(r.read(65536), 10)  # a hang fails here
             if not chunk:

@@ -1,6 +1,7 @@
-"""Issue 12, item 2 over real sockets: a STARTTLS handshake that never starts gives
-its connection slot back and never breaks the shutdown; neither does a client that
-stops reading."""
+"""Issue 12, items 2, 9 and 11 over real sockets: a STARTTLS handshake that never
+starts gives its connection slot back and never breaks the shutdown; a client that
+speaks before the greeting gets 554 5.5.0; a command ended by a bare LF is refused;
+the global connection cap says so, not "from your address"."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from tests.rawsmtp import Raw
 from tests.test_ops_support import scrape, value
 
 pytestmark = pytest.mark.timeout(60)
+
+PREGREET = b"554 5.5.0 Protocol error: input before the greeting\r\n"
+
 
 @pytest.fixture
 def tls_smtp(tmp_path: Path) -> dict[str, Any]:
@@ -45,6 +49,12 @@ async def stuck_in_starttls(host: str, port: int, n: int) -> list[Raw]:
 async def sessions_active(relay: RelayHandle) -> float:
     """relayd_smtp_sessions_active as /metrics shows it."""
     return value(await scrape(relay.metrics_url), "relayd_smtp_sessions_active")
+
+
+async def rejections(relay: RelayHandle, reason: str) -> float:
+    """relayd_smtp_rejections_total for one reason, as /metrics shows it."""
+    return value(await scrape(relay.metrics_url), "relayd_smtp_rejections_total",
+                 reason=reason)
 
 
 async def test_timed_out_starttls_handshakes_release_their_slots(
@@ -92,6 +102,81 @@ async def test_shutdown_drops_pending_starttls_handshakes_at_once(
     for raw in clients:
         assert await raw.closed_by_server(2)
     assert not relay.relay.ctx.sessions and not relay.relay.ctx.per_ip
+
+
+async def test_input_already_there_at_the_greeting_gets_554(
+        relay_factory: RelayFactory) -> None:
+    """A command sent before the 220 (already received when the greeting is due) gets
+    554 5.5.0 instead of the greeting, the connection is closed, and it is counted."""
+    relay = await relay_factory()
+    # Connect and send synchronously: the bytes are in relayd's socket before its
+    # event loop (this test's) has even accepted the connection.
+    with socket.create_connection((relay.host, relay.port), timeout=5) as sock:
+        sock.sendall(b"EHLO early.test\r\n")
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        assert await asyncio.wait_for(reader.read(), 5) == PREGREET
+        writer.close()
+    assert await rejections(relay, "pregreet") == 1
+
+
+async def test_early_talker_during_greet_pause_gets_554(relay_factory: RelayFactory) -> None:
+    """With greet_pause_seconds, a client that speaks during the pause gets 554 5.5.0
+    and is closed; its command is never answered."""
+    relay = await relay_factory({"smtp": {"greet_pause_seconds": 0.5}})
+    reader, writer = await asyncio.open_connection(relay.host, relay.port)
+    await asyncio.sleep(0.1)
+    writer.write(b"EHLO early.test\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == PREGREET
+    writer.close()
+    assert await rejections(relay, "pregreet") == 1
+
+
+async def test_greet_pause_delays_the_greeting(relay_factory: RelayFactory) -> None:
+    """With greet_pause_seconds, a client that waits gets the 220 after the pause and a
+    normal session."""
+    relay = await relay_factory({"smtp": {"greet_pause_seconds": 0.4}})
+    started = time.monotonic()
+    raw = await Raw.open(relay.host, relay.port)
+    assert time.monotonic() - started >= 0.35
+    assert raw.greeting == "220 relay.test ESMTP relayd"
+    assert await raw.cmd("NOOP") == "250 2.0.0 Ok"
+    await raw.quit()
+
+
+async def test_command_ended_by_bare_lf_is_refused_and_not_run(
+        relay_factory: RelayFactory) -> None:
+    """A command line ended by a bare LF gets 500 5.5.2 and does not run (the next
+    command sees no transaction); the session goes on."""
+    relay = await relay_factory()
+    await relay.ctl.add_domain("example.com")
+    await relay.ctl.add_user("example.com", networks=["127.0.0.1/32"])
+    raw = await Raw.open(relay.host, relay.port)
+    assert (await raw.cmd("EHLO client.test")).startswith("250-")
+    await raw.send(b"MAIL FROM:<app@example.com>\n")
+    assert await raw.reply() == "500 5.5.2 Bare LF in command line not allowed"
+    assert await raw.cmd("RCPT TO:<r@dest.test>") == "503 5.5.1 Need MAIL command first"
+    assert await raw.cmd("MAIL FROM:<app@example.com>") == "250 2.1.0 Ok"
+    await raw.quit()
+    assert await rejections(relay, "bad_line_ending") == 1
+
+
+async def test_global_connection_cap_has_its_own_reply(relay_factory: RelayFactory) -> None:
+    """Past max_connections, a client with no other connection is told the server is full
+    (421 4.3.2, reason too_many_connections_global), not "from your address"."""
+    relay = await relay_factory({"smtp": {"max_connections": 2,
+                                          "max_connections_per_ip": 100}})
+    first = await Raw.open(relay.host, relay.port)
+    second = await Raw.open(relay.host, relay.port)
+    reader, writer = await asyncio.open_connection(relay.host, relay.port,
+                                                   local_addr=("127.0.0.2", 0))
+    assert await asyncio.wait_for(reader.read(), 5) == \
+        b"421 4.3.2 Too many connections, try again later\r\n"
+    writer.close()
+    assert await rejections(relay, "too_many_connections_global") == 1
+    assert await rejections(relay, "too_many_connections") == 0
+    for raw in (first, second):
+        await raw.quit()
 
 
 async def test_client_that_stops_reading_is_cut_and_releases_its_slot(

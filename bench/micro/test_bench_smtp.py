@@ -34,6 +34,8 @@ class _Transport:
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        if not self.out:
+            assert data.startswith(b"220 "), data
         self.out += len(data)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -116,6 +118,7 @@ def _session(loop: asyncio.AbstractEventLoop, ctx: SmtpContext, messages: int) -
         proto = RelaySMTP(ctx)
         transport = _Transport()
         proto.connection_made(transport)  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the greeting goes out first (input before it gets 554)
         proto.data_received(b"EHLO client.bench\r\n" + TRANSACTION * messages + b"QUIT\r\n")
         assert proto._handler_coroutine is not None
         await proto._handler_coroutine
