@@ -7,7 +7,8 @@ when it is recent), and the two output forms: readable tables, or ``--json``
 stderr and a non-zero exit: 1 for a refused operation, 2 for bad usage,
 3 when relayd cannot be reached. Never a traceback.
 
-Socket: ``--socket PATH``, else ``$RELAYD_SOCKET``, else ``./var/control.sock``.
+Socket: ``--socket PATH``, else ``$RELAYD_SOCKET``, else ``./var/control.sock`` (the
+development default), else ``/run/relayd/control.sock`` (the installed service).
 See also: control.client, control.schemas.
 """
 
@@ -30,6 +31,19 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 RECENT_SECONDS = 24 * 3600
+
+
+#: Where relayctl looks without --socket or $RELAYD_SOCKET: the development
+#: default of ``make run``, then the installed service's (systemd/relayd.service).
+DEFAULT_SOCKETS = ("./var/control.sock", "/run/relayd/control.sock")
+
+
+def default_socket() -> str:
+    """The first of DEFAULT_SOCKETS that exists, else the first (its error names it)."""
+    for path in DEFAULT_SOCKETS:
+        if os.path.exists(path):
+            return path
+    return DEFAULT_SOCKETS[0]
 
 
 def _ago(ts: float | None) -> str:
@@ -63,7 +77,7 @@ class Cli:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        path = args.socket or os.environ.get("RELAYD_SOCKET") or "./var/control.sock"
+        path = args.socket or os.environ.get("RELAYD_SOCKET") or default_socket()
         self.client = Client(path)
 
     def out(self, obj: msgspec.Struct, human: str) -> None:
@@ -325,7 +339,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The relayctl command line."""
     p = _Parser(prog="relayctl", description="control a running relayd")
-    p.add_argument("--socket", help="control socket path (default: $RELAYD_SOCKET)")
+    p.add_argument("--socket", help="control socket path (default: $RELAYD_SOCKET, else"
+                   " ./var/control.sock, else /run/relayd/control.sock)")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("status", help="version, uptime, listeners, queue depths")

@@ -3,6 +3,7 @@ irreversible delete that disables the domain's accounts for good, at once."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import aiosmtplib
@@ -99,6 +100,11 @@ async def test_domain_delete_destroys_the_key_and_keeps_history(
     await c.sendmail("app@example.com", ["r@dest.test"], message())
     await c.quit()
     await sink.wait_for(1)
+    # The sink has the message; its result is committed by the next group commit.
+    for _ in range(200):
+        if (await relay.ctl.ok("GET", "/v1/log", user=user))["entries"]:
+            break
+        await asyncio.sleep(0.05)
     await relay.ctl.ok("POST", "/v1/domains/example.com/delete", {"confirm": "example.com"})
     row = await relay.relay.spool.fetchone(
         "SELECT private_key, ed25519_key, deleted_at FROM domains WHERE name='example.com'")
