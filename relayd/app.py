@@ -524,9 +524,28 @@ class Relay:
         self._stop.set()
 
     async def stop(self) -> None:
-        """Ordered shutdown."""
+        """Ordered shutdown. A step that fails is logged (``stop_failed``) and the
+        next steps still run: the spool is always closed and the children stopped,
+        so the process exits instead of hanging on what is left."""
         sdnotify.stopping(os.environ.get("NOTIFY_SOCKET"))
         grace = self.cfg.server.shutdown_grace_seconds
+        await self._stop_step("listeners", self._stop_sessions, grace)
+        await self._stop_step("control", self.control.stop)
+        await self._stop_step("scheduler", self.scheduler.stop, grace)
+        await self._stop_step("deliverer", self.deliverer.close)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
+        await self._stop_step("spool", self.spool.close)
+        await self._stop_step("hasher", self.hasher.close)
+        if self.signer is not None:
+            await self._stop_step("signer", self.signer.close)
+        self.observer.report_suppressed(everything=True)
+        self.log.info("stopped")
+
+    async def _stop_sessions(self, grace: float) -> None:
+        """Stop listening, let open transactions finish within ``grace``, cut the rest."""
         for server in self.servers:
             server.close()
         self.ctx.shutting_down = True
@@ -540,20 +559,15 @@ class Relay:
         for s in list(self.ctx.sessions):
             if s.transport is not None:
                 s.transport.abort()
-        await self.control.stop()
-        await self.scheduler.stop(grace)
-        await self.deliverer.close()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.lifecycle.flush_last_connections()
-        await self.spool.close()
-        self.hasher.close()
-        if self.signer is not None:
-            self.signer.close()
-        self.observer.report_suppressed(everything=True)
-        self.log.info("stopped")
+
+    async def _stop_step(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one step of the shutdown; log its failure instead of stopping there."""
+        try:
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.log.error("stop_failed", step=name, error=f"{type(exc).__name__}: {exc}")
 
 
 #: How often the systemd status line is recomputed; it is sent only when it changed.
