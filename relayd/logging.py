@@ -415,3 +415,13 @@ def get_logger(name: str) -> FilteringBoundLogger:
     """
     logger: FilteringBoundLogger = structlog.get_logger(name)
     return logger
+
+
+def reset() -> None:
+    """Undo :func:`configure`: structlog's defaults, no relayd handler on the root logger."""
+    structlog.reset_defaults()
+    root = stdlib_logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+    root.setLevel(stdlib_logging.WARNING)

@@ -24,12 +24,7 @@ def out() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     rlog.configure("info", stream)
     yield stream
-    structlog.reset_defaults()
-    root = stdlib_logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_relayd_json_handler", False):
-            root.removeHandler(handler)
-    root.setLevel(stdlib_logging.WARNING)
+    rlog.reset()
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:

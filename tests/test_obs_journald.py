@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import uvloop
 
 from relayd import logging as rlog
@@ -131,12 +130,7 @@ def test_redirected_stdout_gets_plain_json(tmp_path: Path) -> None:
 def reset() -> Iterator[None]:
     """Undo configure() after the test."""
     yield
-    structlog.reset_defaults()
-    root = stdlib_logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_relayd_json_handler", False):
-            root.removeHandler(handler)
-    root.setLevel(stdlib_logging.WARNING)
+    rlog.reset()
 
 
 def _lines_of(mode: str, stream: Any, log_stdlib: bool = False) -> list[str]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging as stdlib_logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 
 from relayd import logging as rlog
 from relayd.logbudget import LogBudget
@@ -30,12 +28,7 @@ def out() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     rlog.configure("info", stream)
     yield stream
-    structlog.reset_defaults()
-    root = stdlib_logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_relayd_json_handler", False):
-            root.removeHandler(handler)
-    root.setLevel(stdlib_logging.WARNING)
+    rlog.reset()
 
 
 def _events(out: io.StringIO, name: str) -> list[dict[str, Any]]:

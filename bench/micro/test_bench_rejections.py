@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import io
 import itertools
-import logging as stdlib_logging
 from collections.abc import Iterator
 
 import pytest
-import structlog
 from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 
@@ -45,11 +43,7 @@ class _Null(io.TextIOBase):
 def _logging() -> Iterator[None]:
     rlog.configure("info", _Null())  # type: ignore[arg-type]
     yield
-    structlog.reset_defaults()
-    root = stdlib_logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_relayd_json_handler", False):
-            root.removeHandler(handler)
+    rlog.reset()
 
 
 def _observer(budget: LogBudget | None, clock: list[float]) -> Observer:
