@@ -73,6 +73,9 @@ MAIL_LINE_MAX = 2048
 AUTH_LINE_MAX = 12288
 _LINE_MAX = {"MAIL": MAIL_LINE_MAX, "RCPT": MAIL_LINE_MAX, "AUTH": AUTH_LINE_MAX}
 _READ_CHUNK = 65536
+#: How long a connection closed after a 421 may wait for the client to read the
+#: reply before it is dropped (a client that never reads would hold it forever).
+CLOSE_WAIT_SECONDS = 2.0
 _get_running_loop = asyncio.get_running_loop
 
 
@@ -347,13 +350,20 @@ class RelaySMTP(_AioSMTP):
             cast(asyncio.Transport, self._original_transport).abort()
         else:
             self._flush()
+            transport.close()
             if transport.get_write_buffer_size():
-                transport.abort()  # the client does not read: a close would wait forever
-            else:
-                transport.close()
+                # The reply may still go out; if the client does not read, the close
+                # would wait for it forever: cut it after a bounded wait.
+                asyncio.get_running_loop().call_later(
+                    CLOSE_WAIT_SECONDS, self._abort_if_open, transport)
         self._shut = True
         self._closing = True
         self._wake_gone()  # the command loop ends now, and gives the slot back
+
+    def _abort_if_open(self, transport: asyncio.BaseTransport) -> None:
+        """Drop a connection whose close is still waiting for the client to read."""
+        if self.transport is transport:
+            cast(asyncio.Transport, transport).abort()
 
     def _close(self) -> None:
         """Close the transport once (a second close of an SSL transport breaks it)."""
