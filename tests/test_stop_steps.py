@@ -13,6 +13,10 @@ async def test_failed_stop_step_still_closes_the_spool(relay_factory: RelayFacto
     async def broken_close() -> None:
         raise RuntimeError("deliverer could not be closed")
 
+    real_close = h.relay.deliverer.close
     h.relay.deliverer.close = broken_close  # type: ignore[method-assign]
-    await h.stop()
-    assert h.relay.spool._w is None  # closed: the writer connection is gone
+    try:
+        await h.stop()
+        assert h.relay.spool._w is None  # closed: the writer connection is gone
+    finally:
+        await real_close()  # the delivery children, which the broken step left running
