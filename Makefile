@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?= config/relayd.toml
 
-.PHONY: run test test-fast lint bench bench-quick debs clean install
+.PHONY: run test test-fast test-min lint bench bench-quick debs clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ test: $(STAMP) debs lint
 ## test-fast: the suite without the slow end-to-end and crash tests
 test-fast: $(STAMP) lint
 	$(BIN)/pytest -q -p no:cacheprovider -m 'not slow' tests
+
+## test-min: the fast suite with every runtime dependency at its declared floor,
+## in its own venv (constraints generated from pyproject by scripts/min-constraints.py)
+VENV_MIN := .cache/venv-min
+test-min: debs
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python scripts/min-constraints.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/pip install --quiet -c $(VENV_MIN)/constraints.txt -e '.[test]'
+	$(VENV_MIN)/bin/python scripts/min-constraints.py --check
+	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider -m 'not slow' tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check relayd control tests bench
