@@ -56,7 +56,7 @@ from relayd import backoff
 from relayd.accounts import Account, Directory
 from relayd.delivery import BodyFile, Hop, RcptReply
 from relayd.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
-from relayd.spool import AttemptResult, NewMessage, Spool, format_id
+from relayd.spool import AttemptResult, NewMessage, Spool
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
 RETRY_LEASE_SECONDS = 900.0
@@ -172,7 +172,6 @@ class Scheduler:
         self._queues: dict[int, _AccountQueue] = {}
         self._rr: deque[int] = deque()
         self._live: dict[int, set[int]] = {}
-        self._inflight: set[int] = set()
         self._handed: dict[int, QMsg] = {}  # left the send queue, attempt not started yet
         self._jobs: asyncio.Queue[QMsg] = asyncio.Queue(maxsize=workers * 2)
         self._wake = asyncio.Event()
@@ -924,8 +923,3 @@ class Scheduler:
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id,
         )
-
-
-def describe(msg: QMsg) -> str:
-    """A short text for logs."""
-    return f"{format_id(msg.id)} from {msg.username} ({len(msg.rcpts)} rcpt)"
