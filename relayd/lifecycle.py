@@ -806,13 +806,6 @@ class Lifecycle:
 
         return await self.spool.write(op)
 
-    async def sync_totals(self) -> None:
-        """Refresh in-memory total-sent counters from the database."""
-        for r in await self.spool.fetchall("SELECT id, total_sent FROM accounts"):
-            acct = self.directory.accounts_by_id.get(r[0])
-            if acct is not None:
-                acct.total_sent = r[1]
-
 
 def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
     """``AND col=?`` (or ``AND col>=?`` for a name ending in ``>``) for each value given."""
