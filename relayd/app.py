@@ -519,10 +519,6 @@ class Relay:
         """Until a stop signal."""
         await self._stop.wait()
 
-    def request_stop(self) -> None:
-        """Ask for a graceful stop (tests, signals)."""
-        self._stop.set()
-
     async def stop(self) -> None:
         """Ordered shutdown. A step that fails is logged (``stop_failed``) and the
         next steps still run: the spool is always closed and the children stopped,
