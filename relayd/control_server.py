@@ -410,8 +410,3 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(f"another relayd is already listening on {path}")
-
-
-def uptime_since(started: float) -> float:
-    """Seconds since ``started`` (monotonic)."""
-    return time.monotonic() - started
