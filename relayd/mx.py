@@ -199,10 +199,6 @@ class MxResolver:
         self._max_addresses = max_addresses
         self._destinations = destinations if destinations is not None else DestinationPolicy()
 
-    def clear_cache(self) -> None:
-        """Forget every cached answer."""
-        self._cache.clear()
-
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
         domain = domain.strip()
