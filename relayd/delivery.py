@@ -540,8 +540,7 @@ class MxLookup(Protocol):
 class Router:
     """Choose the next hops for a recipient domain: static route, smarthost, or MX."""
 
-    def __init__(self, cfg: DeliveryConfig,
-                 mx_lookup: Callable[[str], object] | None = None) -> None:
+    def __init__(self, cfg: DeliveryConfig) -> None:
         self.cfg = cfg
         self._routes: dict[str, Hop] = {}
         for domain, target in cfg.routes.items():
