@@ -309,9 +309,6 @@ class RelaySMTP(_AioSMTP):
         """Input arrived: push the idle deadline back (no timer work: see _idle_check)."""
         self._active = self.loop.time()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        self._active = self.loop.time()
-
     def _idle_check(self) -> None:
         """The idle timer: re-armed for the remaining time unless idle long enough."""
         self._timer = None
@@ -472,7 +469,7 @@ class RelaySMTP(_AioSMTP):
                 if st.commands > ctx.max_commands:
                     self._reject(replies.TOO_MANY_COMMANDS)
                     break
-                self._reset_timeout()
+                self._touch()
                 verb_text = ""
                 if isinstance(line, bytes):
                     verb, _, rest = line.partition(b" ")
@@ -981,7 +978,7 @@ class RelaySMTP(_AioSMTP):
             before = len(buf)
             await self._fill()
             received += len(buf) - before
-            self._reset_timeout()
+            self._touch()
             elapsed = time.monotonic() - started
             if (ctx.min_data_rate and elapsed > ctx.data_rate_grace
                     and received / elapsed < ctx.min_data_rate):
