@@ -61,7 +61,6 @@ def helo_ok(hostname: str) -> Reply:
 # --- authentication ----------------------------------------------------------
 # The same wire text for every 535; the reason differs only in the metric.
 AUTH_FAILED = Reply("535 5.7.8 Authentication credentials invalid", "auth_failed")
-AUTH_UNKNOWN_USER = Reply(AUTH_FAILED.text, "auth_failed")
 AUTH_DISABLED = Reply(AUTH_FAILED.text, "account_disabled")
 AUTH_DELETED = Reply(AUTH_FAILED.text, "account_deleted")
 AUTH_DOMAIN_DELETED = Reply(AUTH_FAILED.text, "domain_deleted")
@@ -111,7 +110,6 @@ NEED_MAIL = Reply("503 5.5.1 Need MAIL command first", "bad_sequence")
 NEED_RCPT = Reply("503 5.5.1 Need RCPT command first", "bad_sequence")
 NEED_EHLO = Reply("503 5.5.1 Send EHLO or HELO first", "bad_sequence")
 HELO_SYNTAX = Reply("501 5.5.4 Syntax: EHLO hostname", "syntax")
-NO_VALID_RECIPIENTS = Reply("554 5.5.1 No valid recipients", "bad_sequence")
 
 # --- protocol ----------------------------------------------------------------
 LINE_TOO_LONG = Reply("500 5.5.2 Line too long", "line_too_long")
@@ -143,7 +141,6 @@ IDLE_TIMEOUT = Reply("421 4.4.2 Idle timeout, closing connection", "timeout")
 DATA_TOO_SLOW = Reply("421 4.4.2 Data rate too low, closing connection", "timeout")
 HELO_SYNTAX_PLAIN = Reply("501 5.5.4 Syntax: HELO hostname", "syntax")
 SHUTTING_DOWN = Reply("421 4.3.2 Service shutting down, closing connection", "shutdown")
-UTF8_NOT_DECLARED = Reply("500 5.6.7 Non-ASCII command requires SMTPUTF8", "non_ascii_address")
 
 # --- local trouble -------------------------------------------------------------
 LOCAL_ERROR = Reply("451 4.3.0 Local error in processing", "internal_error")
