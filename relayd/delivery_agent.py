@@ -300,7 +300,6 @@ class _Agent:
         self.ready = asyncio.Event()
         self.opened_before = 0  # connections opened by earlier lives of this agent
         self.opened = 0
-        self.restarts = 0
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -361,7 +360,6 @@ class _Agent:
             self.fail_pending(f"delivery agent exited ({self.proc.returncode})")
             if self.pool.closing:
                 return
-            self.restarts += 1
             if loop.time() - started > 10 * RESTART_DELAY_MAX:
                 delay = RESTART_DELAY_FIRST
             await asyncio.sleep(delay)
