@@ -62,8 +62,6 @@ from relayd.replies import REJECTION_REASONS
 
 NAMESPACE = "relayd"
 
-#: Values of the ``result`` label of ``relayd_auth_total``.
-AUTH_RESULTS: tuple[str, ...] = ("success", "failure")
 #: Values of the ``state`` label of ``relayd_queue_messages`` (SEMANTICS.md §4.1, §5).
 QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
 #: Values of the ``outcome`` label of ``relayd_delivery_attempts_total`` (SEMANTICS.md §5).
