@@ -107,16 +107,6 @@ class RateWindow:
         self._roll(now)
         return WindowCounts(*self._counts)
 
-    def remaining(self, now: float) -> int | None:
-        """How many more messages may be sent now (None = unlimited)."""
-        self._roll(now)
-        left: int | None = None
-        for limit, count in zip(self._limits.as_tuple(), self._counts, strict=True):
-            if limit is not None:
-                room = max(0, limit - count)
-                left = room if left is None else min(left, room)
-        return left
-
     def blocked_until(self, now: float) -> float | None:
         """None if one message may be sent now; else when the binding window resets."""
         self._roll(now)

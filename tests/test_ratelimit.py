@@ -26,7 +26,6 @@ def test_unlimited_never_blocks() -> None:
     window = RateWindow(Limits())
     window.consume(T0, 10_000)
     assert window.blocked_until(T0) is None
-    assert window.remaining(T0) is None
 
 
 def test_exactly_n_per_minute_are_allowed() -> None:
@@ -79,13 +78,6 @@ def test_binding_window_is_the_one_that_resets_last() -> None:
     window = RateWindow(Limits(per_minute=2, per_day=2))
     fill(window, T0, 2)
     assert window.blocked_until(T0) == midnight
-
-
-def test_remaining_is_the_smallest_room_left() -> None:
-    """remaining() is the least room across all limited windows."""
-    window = RateWindow(Limits(per_minute=10, per_hour=4))
-    window.consume(T0, 3)
-    assert window.remaining(T0) == 1
 
 
 def test_set_limits_keeps_counts() -> None:
