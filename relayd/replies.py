@@ -36,7 +36,6 @@ class Reply(NamedTuple):
 
 # --- success -----------------------------------------------------------------
 AUTH_OK = Reply("235 2.7.0 Authentication successful")
-OK = Reply("250 2.0.0 Ok")
 MAIL_OK = Reply("250 2.1.0 Ok")
 RCPT_OK = Reply("250 2.1.5 Ok")
 RSET_OK = Reply("250 2.0.0 Ok")
