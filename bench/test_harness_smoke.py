@@ -1,7 +1,8 @@
 """Smoke test of the bench harness: tiny counts, a few seconds.
 
 Runs the stock-aiosmtpd peer, smtp-sink and the load generators and checks that
-the counts add up.  The Postfix part is skipped when /usr/sbin/postfix is absent.
+the counts add up.  Postfix, smtp-sink and smtp-source come with the test set-up
+(scripts/install-debs.sh); missing, their tests fail.
 
     pytest bench/test_harness_smoke.py
 """
@@ -24,13 +25,30 @@ from bench.run import Scenario, measure
 from bench.sink import Sink
 from bench.systems import REPO, StockAiosmtpd, make_base
 from bench.util import free_port, stop_process, wait_smtp_ready
+from tests.tools import missing, require_tool
 
-needs_sink = pytest.mark.skipif(shutil.which("smtp-sink") is None and
-                                not Path("/usr/sbin/smtp-sink").exists(),
-                                reason="smtp-sink (Debian package postfix) not installed")
-needs_source = pytest.mark.skipif(shutil.which("smtp-source") is None and
-                                  not Path("/usr/sbin/smtp-source").exists(),
-                                  reason="smtp-source (Debian package postfix) not installed")
+
+@pytest.fixture
+def smtp_sink_installed() -> None:
+    """Postfix's smtp-sink (scripts/install-debs.sh installs it), or the test fails."""
+    require_tool("smtp-sink")
+
+
+@pytest.fixture
+def smtp_source_installed() -> None:
+    """Postfix's smtp-source (scripts/install-debs.sh installs it), or the test fails."""
+    require_tool("smtp-source")
+
+
+@pytest.fixture
+def postfix_installed() -> None:
+    """A Postfix the harness can run (scripts/install-debs.sh installs it), or the test fails."""
+    if not pf.available():
+        missing("Postfix", f" ({pf.POSTFIX}, {pf.MAIN_CF_DIST} and script(1))")
+
+
+needs_sink = pytest.mark.usefixtures("smtp_sink_installed")
+needs_source = pytest.mark.usefixtures("smtp_source_installed")
 
 
 def harness_args(**kw: object) -> argparse.Namespace:
@@ -148,7 +166,7 @@ def test_stock_system_stops(base: Path) -> None:
 
 @needs_sink
 @needs_source
-@pytest.mark.skipif(not pf.available(), reason="Postfix (/usr/sbin/postfix) not installed")
+@pytest.mark.usefixtures("postfix_installed")
 def test_postfix_relays_everything_to_the_sink(base: Path) -> None:
     sc = Scenario("S1", "smoke", "smtp-source", messages=100, sessions=5, size=1024)
     r = measure(sc, "postfix", base, harness_args(warmup=0))

@@ -17,6 +17,7 @@ from relayd.config import DeliveryConfig
 from tests.conftest import RelayFactory, RelayHandle, Sink, _SinkHandler
 from tests.procs import free_port
 from tests.test_queue_support import eventually, log_entries, queue_items, submit
+from tests.tools import require_tool
 
 
 class _PipeliningHandler(_SinkHandler):
@@ -166,10 +167,11 @@ async def test_stale_pooled_connection_is_replaced(relay_factory: RelayFactory,
 
 async def _postfix_sink(*flags: str) -> tuple[asyncio.subprocess.Process, int]:
     """Postfix's smtp-sink (advertises PIPELINING) on a free loopback port."""
+    sink = require_tool("smtp-sink")  # Debian's postfix package (scripts/install-debs.sh)
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it will not run as root
     proc = await asyncio.create_subprocess_exec(
-        "/usr/sbin/smtp-sink", *user, *flags, f"127.0.0.1:{port}", "50",
+        sink, *user, *flags, f"127.0.0.1:{port}", "50",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
     async def up() -> bool:
@@ -184,7 +186,6 @@ async def _postfix_sink(*flags: str) -> tuple[asyncio.subprocess.Process, int]:
     return proc, port
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="needs Postfix smtp-sink")
 async def test_pipelining_against_postfix_smtp_sink(relay_factory: RelayFactory,
                                                     pipelined: list[int]) -> None:
     """Postfix's smtp-sink takes 30 pipelined two-recipient messages on few connections."""
@@ -209,7 +210,6 @@ async def test_pipelining_against_postfix_smtp_sink(relay_factory: RelayFactory,
         await proc.wait()
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="needs Postfix smtp-sink")
 async def test_pipelined_drop_after_data_defers(relay_factory: RelayFactory,
                                                 pipelined: list[int]) -> None:
     """A hop that hangs up after the body, with RCPTs accepted, leaves them deferred."""

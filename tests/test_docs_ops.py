@@ -14,10 +14,9 @@ import pytest
 
 from tests.conftest import message, start_sink
 from tests.procs import REPO, RelayProcess, free_port
+from tests.tools import require_tool
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("sqlite3") is None,
-                                 reason="the backup script needs the sqlite3 tool")]
+pytestmark = pytest.mark.slow
 
 LARGE = 300 * 1024  # over the spool's 256 KiB: a file of its own in relayd.bodies/
 
@@ -37,6 +36,7 @@ def _large(i: int) -> bytes:
 @pytest.mark.timeout(180)
 async def test_live_backup_restores_and_delivers(tmp_path: Path) -> None:
     """A backup taken while mail arrives and leaves restores into a relayd that delivers it all."""
+    require_tool("sqlite3")  # the backup script runs the sqlite3 command-line tool
     script = tmp_path / "relayd-backup"
     script.write_text(_backup_script())
     sink = await start_sink()

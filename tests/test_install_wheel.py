@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import LIVE, free_port
+from tests.tools import require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +112,7 @@ def test_installed_relayd_runs_from_the_wheel(installed: Installed) -> None:
 
 def test_installed_unit_passes_systemd_analyze_verify(installed: Installed) -> None:
     """systemd-analyze verify accepts the unit install-service wrote from the wheel."""
-    analyze = shutil.which("systemd-analyze")
-    if not analyze:
-        pytest.skip("systemd-analyze not installed")
+    analyze = require_tool("systemd-analyze")
     unit = installed.stage / UNIT
     assert f"ExecStart={installed.relayd} " in unit.read_text()
     proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,

@@ -11,8 +11,8 @@ refused; 127.0.0.4 sends a PLAIN whose authzid differs (535 without a check);
 ``fail2ban-regex`` runs config/fail2ban/filter.d/relayd.conf over the file.
 
 fail2ban comes from the system (``fail2ban-regex`` on PATH) or, as
-scripts/install-debs.sh leaves it, unpacked under .cache/fail2ban; the tests
-skip without it. FAIL2BAN_REGEX=path overrides the search.
+scripts/install-debs.sh leaves it, unpacked under .cache/fail2ban; without it
+the tests fail (tests/tools.py). FAIL2BAN_REGEX=path overrides the search.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tests.conftest import start_sink
 from tests.procs import BASE_TOML, REPO, RelayProcess
 from tests.rawsmtp import Raw
 from tests.test_ops_support import log_lines
+from tests.tools import missing
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def _tool(name: str) -> tuple[list[str], dict[str, str], Path]:
     if script.is_file():
         env["PYTHONPATH"] = str(CACHED / "usr" / "lib" / "python3" / "dist-packages")
         return [sys.executable, str(script)], env, CACHED / "etc" / "fail2ban"
-    pytest.skip(f"{name} not installed (sh scripts/install-debs.sh)")
+    missing(name)
 
 
 def _regex(log: Path, out: str = "ip") -> list[str]:
@@ -150,7 +151,7 @@ async def _scenario(tmp: Path) -> Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The scenario, run once for this module in its own event loop."""
-    _tool("fail2ban-regex")  # skip before starting anything
+    _tool("fail2ban-regex")  # fail before starting anything
     return uvloop.run(_scenario(tmp_path_factory.mktemp("fail2ban")))
 
 
@@ -205,7 +206,7 @@ def test_jail_and_filter_pass_fail2ban_configuration_test(tmp_path: Path) -> Non
     """fail2ban-client -t accepts the jail and filter installed over fail2ban's own config."""
     cmd, env, etc = _tool("fail2ban-client")
     if not etc.is_dir():
-        pytest.skip(f"{etc} missing")
+        missing("fail2ban's configuration", f" ({etc})")
     conf = tmp_path / "fail2ban"
     shutil.copytree(etc, conf)
     for f in (conf / "jail.d").glob("*"):  # the distribution's jails (sshd) need their logs

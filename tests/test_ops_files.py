@@ -1,9 +1,9 @@
 """Ops files: the Grafana dashboard, the alert rules and the systemd units.
 
 Every metric name in a dashboard query or an alert expression must be one
-relayd.metrics exposes. Tools are used where installed (systemd-analyze,
-systemd-sysusers, systemd-tmpfiles, promtool; PROMTOOL=path overrides the
-search): those tests skip elsewhere, the content tests always run.
+relayd.metrics exposes. The tool checks (systemd-analyze, systemd-sysusers,
+systemd-tmpfiles, promtool; PROMTOOL=path overrides the search) fail when the
+tool is missing: scripts/install-debs.sh installs them (tests/tools.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from relayd.metrics import METRIC_NAMES
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
@@ -173,14 +174,6 @@ def _unit_directives(text: str) -> dict[tuple[str, str], list[str]]:
     return result
 
 
-def _tool(name: str) -> str:
-    """The path of a command-line tool, or skip the test when it is not installed."""
-    path = os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
-    if not path:
-        pytest.skip(f"{name} not installed")
-    return path
-
-
 def _verifiable_unit(tmp_path: Path, text: str) -> Path:
     """A copy of the unit whose Exec*= programs exist (relayd is not installed here)."""
     true = shutil.which("true") or "/bin/true"
@@ -197,7 +190,7 @@ def _verifiable_unit(tmp_path: Path, text: str) -> Path:
 
 def _verify(unit: Path) -> list[str]:
     """systemd-analyze verify output lines that concern ``unit``."""
-    analyze = _tool("systemd-analyze")
+    analyze = require_tool("systemd-analyze")
     proc = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -330,14 +323,14 @@ def test_required_alert_exists(alert: str, needle: str) -> None:
 
 def test_yaml_subset_parser_matches_pyyaml() -> None:
     """The fallback parser reads the alert file exactly as PyYAML does."""
-    yaml = pytest.importorskip("yaml")
+    import yaml  # pyproject's test extra
     text = ALERTS.read_text()
     assert _parse_yaml_subset(text) == yaml.safe_load(text)
 
 
 def test_promtool_accepts_the_rules() -> None:
     """promtool check rules finds every rule valid PromQL."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     proc = subprocess.run(
         [promtool, "check", "rules", str(ALERTS)],
         capture_output=True, text=True, timeout=60, check=False,
@@ -430,7 +423,7 @@ def test_every_alert_has_a_scenario() -> None:
 @pytest.mark.parametrize("alert", sorted(SCENARIOS))
 def test_alert_expression_fires_only_when_it_should(alert: str, tmp_path: Path) -> None:
     """promtool evaluates the alert's expression: true in the bad case, empty in the good."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     firing, quiet, at = SCENARIOS[alert]
     expr = f"count by (instance) ({_rule(alert)['expr']})"
 
@@ -529,7 +522,7 @@ def test_systemd_analyze_verify_would_catch_a_typo(tmp_path: Path) -> None:
 
 def test_systemd_analyze_security_exposure_is_low(tmp_path: Path) -> None:
     """systemd-analyze security rates the unit's exposure at 2.0 or lower ("OK")."""
-    analyze = _tool("systemd-analyze")
+    analyze = require_tool("systemd-analyze")
     unit = _verifiable_unit(tmp_path, UNIT.read_text())
     proc = subprocess.run(
         [analyze, "security", "--offline=yes", str(unit)],
@@ -565,7 +558,7 @@ def test_tmpfiles_creates_the_config_directory() -> None:
 
 def _sysusers_root(tmp_path: Path) -> Path:
     """A scratch root whose /etc/passwd and /etc/group hold the relayd user."""
-    sysusers = _tool("systemd-sysusers")
+    sysusers = require_tool("systemd-sysusers")
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     subprocess.run(
@@ -593,7 +586,7 @@ def test_systemd_tmpfiles_creates_the_directory(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("systemd-tmpfiles --create needs root to chown")
     root = _sysusers_root(tmp_path)
-    tmpfiles = _tool("systemd-tmpfiles")
+    tmpfiles = require_tool("systemd-tmpfiles")
     proc = subprocess.run(
         [tmpfiles, f"--root={root}", "--create", "-"], input=TMPFILES.read_text(),
         capture_output=True, text=True, timeout=60, check=False,
