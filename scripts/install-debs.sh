@@ -1,8 +1,12 @@
 #!/bin/sh
 # Install the Debian packages the tests and benchmarks need, if missing:
-# swaks (a real SMTP client), sqlite3 (the backup test) and postfix (for
-# smtp-sink and smtp-source; the
-# system Postfix is left unconfigured and is never started by this).
+# swaks (a real SMTP client), sqlite3 (the backup test), postfix (for
+# smtp-sink and smtp-source; the system Postfix is left unconfigured and is
+# never started by this), systemd (systemd-analyze, systemd-sysusers and
+# systemd-tmpfiles check the shipped units; only the tools are used, no
+# service is started) and chattr (e2fsprogs). The tests fail, not skip, when
+# one of these is missing (tests/tools.py). Quiet and idempotent: with
+# everything present it prints nothing and changes nothing.
 set -e
 # promtool (checks the alert rules) comes from Debian's prometheus package, unpacked
 # into .cache without installing it, so no Prometheus service is ever set up.
@@ -13,7 +17,7 @@ if [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
       { apt-get download prometheus >/dev/null 2>&1 || \
         { ${SUDO_CMD:-} apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
       dpkg -x prometheus_*.deb prometheus && rm -f prometheus_*.deb ) || \
-      echo "install-debs: could not fetch promtool; the alert-rule checks will not run" >&2
+      { echo "install-debs: could not fetch promtool (Debian package prometheus)" >&2; exit 1; }
 fi
 # fail2ban-regex (checks config/fail2ban against real relayd log lines) likewise
 # comes from Debian's fail2ban package unpacked into .cache: installing it would
@@ -26,12 +30,19 @@ if ! command -v fail2ban-regex >/dev/null 2>&1 && [ ! -f "$F2B_DIR/usr/bin/fail2
       { apt-get download fail2ban >/dev/null 2>&1 || \
         { ${SUDO_CMD:-} apt-get update -qq && apt-get download fail2ban >/dev/null; }; } && \
       dpkg -x fail2ban_*.deb fail2ban && rm -f fail2ban_*.deb ) || \
-      echo "install-debs: could not fetch fail2ban; the fail2ban filter checks will not run" >&2
+      { echo "install-debs: could not fetch fail2ban (Debian package fail2ban)" >&2; exit 1; }
 fi
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
-[ -x /usr/sbin/smtp-sink ] || need="$need postfix"
+{ [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] && \
+  [ -f /usr/share/postfix/main.cf.dist ]; } || need="$need postfix"  # bench/postfix.py needs main.cf.dist
 command -v sqlite3 >/dev/null 2>&1 || need="$need sqlite3"  # the backup script of docs/OPERATIONS.md
+for tool in systemd-analyze systemd-sysusers systemd-tmpfiles; do
+    command -v $tool >/dev/null 2>&1 || { need="$need systemd"; break; }
+done
+command -v chattr >/dev/null 2>&1 || [ -x /usr/sbin/chattr ] || [ -x /sbin/chattr ] || \
+    need="$need e2fsprogs"  # tests/test_holes_startup.py: an immutable spool file
+command -v script >/dev/null 2>&1 || need="$need bsdutils"  # bench/postfix.py runs postfix under script(1)
 [ -z "$need" ] && exit 0
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -39,5 +50,10 @@ if [ "$(id -u)" != "0" ]; then
         echo "install-debs: need root to install:$need" >&2; exit 1; fi
 fi
 echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null
+log=$(mktemp)
+if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+        --no-install-recommends $need; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"
+    echo "install-debs: could not install:$need" >&2; exit 1
+fi
+rm -f "$log"
