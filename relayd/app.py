@@ -454,6 +454,7 @@ class Relay:
         for acct in self.directory.accounts_by_id.values():
             self.scheduler.set_limits(acct)
         self.scheduler.policy = backoff
+        self.scheduler.on_failed = self._bounce if new.delivery.bounces else None
         self.deliverer.router = router
         self.deliverer.cfg = new.delivery
         c, sm = self.ctx, new.smtp
