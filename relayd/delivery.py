@@ -587,8 +587,11 @@ class Deliverer:
 
     @cfg.setter
     def cfg(self, cfg: DeliveryConfig) -> None:
-        # A reload: new pools and the agent processes use the new settings.
+        # A reload: the pools' next connections and the agent processes use the
+        # new settings (a pool lives as long as its hop: it must not keep the old).
         self._cfg = cfg
+        for pool in self._pools.values():
+            pool.cfg = cfg
         if self.agents is not None:
             self.agents.reconfigure(cfg)
 
