@@ -61,13 +61,13 @@ def free_port() -> int:
 class RelayProcess:
     """relayd in a subprocess with its own data dir and ports."""
 
-    def __init__(self, tmp: Path, smarthost: str, extra_toml: str = "",
+    def __init__(self, tmp: Path, smarthost: str | None, extra_toml: str = "",
                  env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.data = tmp / "var"
         self.sock = str(self.data / "control.sock")
         self.port = free_port()
-        self.smarthost = smarthost
+        self.smarthost = smarthost or ""  # "": no --smarthost, the file's [delivery] applies
         self.config = tmp / "relayd.toml"
         self.config.write_text(BASE_TOML + extra_toml)
         self.proc: asyncio.subprocess.Process | None = None
@@ -80,7 +80,8 @@ class RelayProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relayd.app", "--config", str(self.config),
             "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
-            "--control-socket", self.sock, "--smarthost", self.smarthost,
+            "--control-socket", self.sock,
+            *(["--smarthost", self.smarthost] if self.smarthost else []),
             cwd=REPO, stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         LIVE.add(self.proc)
