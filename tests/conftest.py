@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd import config as config_mod
 from relayd.app import Relay
+from tests.procs import RelayProcess
 from tests.tools import register_ci_guard
 
 TEST_CONFIG: dict[str, Any] = {
@@ -232,6 +233,16 @@ def make_config(tmp: Path, smarthost: str,
     return config_mod.with_overrides(
         cfg, data_dir=str(tmp / "var"), control_socket=str(tmp / "var" / "control.sock"),
         smarthost=smarthost)
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[RelayProcess]]:
+    """Relay processes a test started (append them); killed at the end if still running."""
+    started: list[RelayProcess] = []
+    yield started
+    for rp in started:
+        if rp.proc is not None and rp.proc.returncode is None:
+            await rp.kill()
 
 
 @pytest.fixture

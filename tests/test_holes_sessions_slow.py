@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ def _tls_toml(tmp: Path, idle: float) -> str:
     return (f'[smtp]\ntls_cert_file = "{cert_file}"\ntls_key_file = "{key_file}"\n'
             f"idle_timeout_seconds = {idle}\nmax_connections_per_ip = {CLIENTS}\n")
 
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[RelayProcess]]:
-    """Relay processes a test started; killed at the end if still running."""
-    started: list[RelayProcess] = []
-    yield started
-    for rp in started:
-        if rp.proc is not None and rp.proc.returncode is None:
-            await rp.kill()
 
 
 async def _relay(tmp: Path, procs: list[RelayProcess], idle: float) -> RelayProcess:

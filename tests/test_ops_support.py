@@ -10,11 +10,14 @@ import asyncio
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.procs import RelayProcess
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -46,6 +49,19 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+async def wait_log(rp: RelayProcess, event: str, count: int = 1,
+                   timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Wait until a relay process's log has ``count`` lines with this event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [x for x in log_lines(rp.log) if x.get("event") == event]
+        if len(lines) >= count:
+            return lines
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {event!r} in {rp.log.read_text()[-2000:]}")
+        await asyncio.sleep(0.02)
 
 
 class NotifySocket:

@@ -26,7 +26,7 @@ from relayd.app import RELOADABLE
 from tests.conftest import Sink, _SinkHandler, message, start_sink
 from tests.procs import BASE_TOML, REPO, RelayProcess, free_port
 from tests.rawsmtp import Raw
-from tests.test_ops_support import log_lines
+from tests.test_ops_support import log_lines, wait_log
 
 #: Each reloadable setting and the test here that changes it and watches the effect.
 OBSERVED = {
@@ -74,19 +74,6 @@ NOT_OBSERVED = {
 }
 
 
-async def _wait_log(rp: RelayProcess, event: str, count: int = 1,
-                    timeout: float = 20.0) -> list[dict[str, Any]]:
-    """Wait until the relay's log has ``count`` lines with this event."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [x for x in log_lines(rp.log) if x.get("event") == event]
-        if len(lines) >= count:
-            return lines
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {event!r} in the log")
-        await asyncio.sleep(0.02)
-
-
 def _toml(**sections: str) -> str:
     """BASE_TOML with ``lines`` added to each named section (created if missing)."""
     text = BASE_TOML
@@ -110,7 +97,7 @@ async def _reload(rp: RelayProcess, **sections: str) -> dict[str, Any]:
     rp.config.write_text(_toml(**sections))
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    return (await _wait_log(rp, "reloaded", before + 1))[-1]
+    return (await wait_log(rp, "reloaded", before + 1))[-1]
 
 
 async def _start(tmp: Path, smarthost: str | None = None, text: str | None = None,
@@ -147,15 +134,6 @@ async def _send(rp: RelayProcess, rcpt: str, subject: str = "hello") -> str:
     await c.quit()
     return reply.rsplit(" ", 1)[1]
 
-
-@pytest.fixture
-async def procs() -> Any:
-    """Relay processes started by a test; killed at the end if still running."""
-    started: list[RelayProcess] = []
-    yield started
-    for rp in started:
-        if rp.proc is not None and rp.proc.returncode is None:
-            await rp.kill()
 
 
 @pytest.fixture
@@ -490,5 +468,5 @@ async def test_reload_names_a_setting_that_needs_a_restart(
     procs.append(rp)
     line = await _reload(rp, spool="reconcile_seconds = 5.0")
     assert line["changed"] == []
-    (warning,) = await _wait_log(rp, "reload_needs_restart")
+    (warning,) = await wait_log(rp, "reload_needs_restart")
     assert warning["settings"] == ["spool.reconcile_seconds"]

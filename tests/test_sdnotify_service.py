@@ -12,14 +12,14 @@ import asyncio
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relayd import sdnotify
 from tests.procs import BASE_TOML, RelayProcess, free_port
-from tests.test_ops_support import NotifySocket, log_lines
+from tests.test_ops_support import NotifySocket, wait_log
 
 
 @pytest.fixture
@@ -29,15 +29,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     yield n
     n.close()
 
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[RelayProcess]]:
-    """Relay processes started by a test; killed at the end if still running."""
-    started: list[RelayProcess] = []
-    yield started
-    for rp in started:
-        if rp.proc is not None and rp.proc.returncode is None:
-            await rp.kill()
 
 
 def _fields(message: str) -> dict[str, str]:
@@ -53,14 +44,6 @@ async def _started(tmp_path: Path, notify: NotifySocket, procs: list[RelayProces
     await rp.start()
     await notify.wait_for("READY=1")
     return rp
-
-
-async def _wait_log(rp: RelayProcess, event: str, timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if any(x.get("event") == event for x in log_lines(rp.log)):
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"no {event} in {rp.log.read_text()[-2000:]}")
 
 
 async def test_ready_carries_a_status_with_listeners_and_queue(
@@ -123,7 +106,7 @@ async def test_failed_reload_is_reported_in_the_status(
     notify.messages.clear()
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reload_failed")
+    await wait_log(rp, "reload_failed")
     await notify.wait_for("READY=1")
     reloading, done = [_fields(m) for m in notify.messages[:2]]
     assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
@@ -140,12 +123,12 @@ async def test_good_reload_clears_the_failure(
     assert rp.proc is not None
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipient = 10\n")
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reload_failed")
+    await wait_log(rp, "reload_failed")
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipients = 10\n")
     notify.drain()
     notify.messages.clear()
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reloaded")
+    await wait_log(rp, "reloaded")
     await notify.wait_for("READY=1")
     done = _fields(next(m for m in notify.messages if "READY=1" in m))
     assert done["STATUS"].startswith("listening on ")

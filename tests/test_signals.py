@@ -20,22 +20,9 @@ import trustme
 from tests.conftest import message, start_sink
 from tests.procs import BASE_TOML, RelayProcess, free_port
 from tests.rawsmtp import Raw
-from tests.test_ops_support import NotifySocket, log_lines
+from tests.test_ops_support import NotifySocket, log_lines, wait_log
 
 pytestmark = pytest.mark.slow
-
-
-async def _wait_log(rp: RelayProcess, event: str, count: int = 1,
-                    timeout: float = 20.0) -> list[dict[str, Any]]:
-    """Wait until the relay's log has ``count`` lines with this event."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [x for x in log_lines(rp.log) if x.get("event") == event]
-        if len(lines) >= count:
-            return lines
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {event!r} in the log")
-        await asyncio.sleep(0.02)
 
 
 async def _account(rp: RelayProcess) -> tuple[str, str]:
@@ -51,15 +38,6 @@ def notify(tmp_path: Path) -> Any:
     yield n
     n.close()
 
-
-@pytest.fixture
-async def procs() -> Any:
-    """Relay processes started by a test; killed at the end if still running."""
-    started: list[RelayProcess] = []
-    yield started
-    for rp in started:
-        if rp.proc is not None and rp.proc.returncode is None:
-            await rp.kill()
 
 
 # --- readiness (Type=notify) -----------------------------------------------------
@@ -99,7 +77,7 @@ async def test_reload_is_bracketed_by_reloading_and_ready(
     await notify.wait_for("READY=1")
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reloaded")
+    await wait_log(rp, "reloaded")
     await asyncio.sleep(0.1)
     msgs = notify.drain()
     assert msgs[1].startswith("RELOADING=1\nMONOTONIC_USEC=")
@@ -133,7 +111,7 @@ async def test_reload_applies_new_limits_and_keeps_open_connections(
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipients = 1\n")
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    (line,) = await _wait_log(rp, "reloaded")
+    (line,) = await wait_log(rp, "reloaded")
     assert line["changed"] == ["smtp.max_recipients"]
 
     assert await _rcpts_accepted(old, 3) == 1  # same connection, new limit
@@ -160,7 +138,7 @@ async def test_reload_applies_the_per_account_queue_cap(
     rp.config.write_text(BASE_TOML + "[limits]\nmax_queued_per_account = 1\n")
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reloaded")
+    await wait_log(rp, "reloaded")
     assert (await c.cmd("MAIL FROM:<app@example.com>")).startswith("452 4.3.1")
     await c.quit()
 
@@ -175,7 +153,7 @@ async def test_bad_config_on_reload_keeps_the_old_one(
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipients = 10\nmax_recipient = 10\n")
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    (line,) = await _wait_log(rp, "reload_failed")
+    (line,) = await wait_log(rp, "reload_failed")
     assert "max_recipient" in line["error"]
     c = await Raw.open("127.0.0.1", rp.port)
     assert (await c.login(user, password)).startswith("235 ")
@@ -194,7 +172,7 @@ async def test_reload_names_settings_that_need_a_restart(
                                            'hostname = "other.test"'))
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    (line,) = await _wait_log(rp, "reload_needs_restart")
+    (line,) = await wait_log(rp, "reload_needs_restart")
     assert line["settings"] == ["server.hostname"]
     c = await Raw.open("127.0.0.1", rp.port)
     assert c.greeting.startswith("220 relay.test ")
@@ -253,7 +231,7 @@ async def test_reload_serves_a_renewed_certificate_to_new_connections(
     _cert_files(ca, tmp_path, "b.test")  # renewed in place, same paths
     assert rp.proc is not None
     rp.proc.send_signal(signal.SIGHUP)
-    await _wait_log(rp, "reloaded")
+    await wait_log(rp, "reloaded")
 
     name, after = await _implicit_tls_name(tls_port, client)
     assert name == "b.test"
