@@ -19,11 +19,13 @@ from tests.procs import REPO
 
 SEMANTICS = REPO / "docs" / "SEMANTICS.md"
 OPERATIONS = REPO / "docs" / "OPERATIONS.md"
+ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 
 # "SEMANTICS.md §4.1", "SEMANTICS §3, §6", "SEMANTICS.md §2-§4": every § after the name.
 _CITATION = re.compile(r"SEMANTICS(?:\.md)?((?:(?:\s|,|-|\u2013|and)*§\d+(?:\.\d+)*)+)")
 _SECTION = re.compile(r"§(\d+(?:\.\d+)*)")
 # A bare "§N" inside a document is its own section, unless it is an RFC's or SEMANTICS'.
+_ARCH_CITATION = re.compile(r"ARCHITECTURE(?:\.md)? §(\d+(?:\.\d+)*)")
 _BARE = re.compile(r"(?<!RFC )(?<!SEMANTICS )(?<!SEMANTICS\.md )(?<!\d )§(\d+(?:\.\d+)*)")
 
 
@@ -75,9 +77,26 @@ def test_every_semantics_citation_has_its_section() -> None:
     assert not missing, f"sections cited but not in docs/SEMANTICS.md: {missing}"
 
 
-@pytest.mark.parametrize("doc", [SEMANTICS, OPERATIONS], ids=lambda p: p.name)
+def test_every_architecture_citation_has_its_section() -> None:
+    """Every "ARCHITECTURE.md §N" in a tracked file names a section docs/ARCHITECTURE.md has."""
+    have = _headings(ARCHITECTURE)
+    missing = [f"{p.relative_to(REPO)}: §{n}" for p in _tracked_files()
+               if (t := _text(p)) is not None for n in _ARCH_CITATION.findall(t)
+               if n not in have]
+    assert not missing, f"sections cited but not in docs/ARCHITECTURE.md: {missing}"
+
+
+def test_architecture_is_a_map() -> None:
+    """docs/ARCHITECTURE.md stays a map (about 250 lines); measurements go to bench/NOTES.md."""
+    lines = ARCHITECTURE.read_text("utf-8").splitlines()
+    assert len(lines) <= 260, len(lines)
+    assert "bench/NOTES.md" in "\n".join(lines)
+    assert (REPO / "bench" / "NOTES.md").is_file()
+
+
+@pytest.mark.parametrize("doc", [SEMANTICS, OPERATIONS, ARCHITECTURE], ids=lambda p: p.name)
 def test_internal_section_references_exist(doc: Path) -> None:
-    """A bare "§N" inside SEMANTICS.md or OPERATIONS.md names one of its own sections."""
+    """A bare "§N" inside one of the three docs/ documents names one of its own sections."""
     text = doc.read_text("utf-8")
     have = _headings(doc)
     dangling = sorted({n for n in _BARE.findall(text) if n not in have})
