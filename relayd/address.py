@@ -13,8 +13,8 @@ DESCRIPTION
     Owns the SMTP path grammar of RFC 5321 section 4.1.2, with the UTF-8
     extensions of RFC 6531, and the ``esmtp-param`` grammar of the MAIL and
     RCPT commands. It replaces aiosmtpd's parser (``email._header_value_parser``),
-    which parses RFC 5322 header syntax, accepts things SMTP does not, and cost
-    about 8 % of CPU on the hot path.
+    which parses RFC 5322 header syntax, accepts things SMTP does not, and was
+    a large share of the hot path's CPU (bench/NOTES.md).
 
     The argument is everything after the verb: ``FROM:<...> [params]`` or
     ``TO:<...> [params]``. The keyword is case-insensitive. Accepted with
@@ -59,9 +59,9 @@ DESCRIPTION
 
 COST
     Pure, no I/O. The common case (a dot-atom at an LDH domain) is one
-    precompiled regular expression match, about a microsecond; everything
-    else goes through the full parser, a few microseconds. No regular
-    expression here can backtrack more than linearly.
+    precompiled regular expression match; everything else goes through the
+    full parser, linear in the argument's length. No regular expression here
+    can backtrack more than linearly.
 
 UNTRUSTED INPUT
     All of it: the argument comes straight from the network. Any ``str``

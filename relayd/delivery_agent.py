@@ -20,12 +20,9 @@ with the RSA operations back to back (``dkim.sign_many``), reading its
 deliveries' replies between slices.
 
 With ``signer=True`` (``[dkim] signing_process``, the default) one more child
-runs, the same program, that only signs: it is never given a ``Job``. Measured
-(bench/RESULTS.md, S2 with DKIM): when the agents also sign, a loop busy with
-RSA reads its deliveries' replies late, delivery falls behind acceptance and
-the send queue grows (1,800-2,120 delivered vs 2,350-2,750 accepted msg/s);
-with the signing child delivery keeps pace with acceptance (2,190-2,440 msg/s
-end to end, +13 % median) for the same CPU per message. A signing child that
+runs, the same program, that only signs: it is never given a ``Job``, so a
+loop busy with RSA never reads its deliveries' replies late (the A/B figures
+are in bench/NOTES.md). A signing child that
 is not running (starting, restarting) makes ``sign`` return None: the caller
 signs locally meanwhile.
 
@@ -81,10 +78,10 @@ _DIRECT = 64 * 1024  # pieces this large are written alone, not joined into a fr
 RESTART_DELAY_FIRST = 0.1
 RESTART_DELAY_MAX = 5.0
 STOP_TIMEOUT_SECONDS = 10.0
-#: Signatures made back to back before the child's loop turns again (~16 ms of
-#: RSA at most). Large enough that a normal burst (one per waiting SMTP session
-#: of the parent, 50 in the benchmarks) is one batch: slices of 8 let deliveries
-#: run between them but cost more CPU per signature (S2 DKIM cost 1.22 -> 1.38).
+#: Signatures made back to back before the child's loop turns again, so the
+#: child still reads its deliveries' replies between slices. Large enough that a
+#: normal burst (one per waiting SMTP session of the parent) is one batch:
+#: smaller slices cost more CPU per signature (bench/NOTES.md).
 SIGN_SLICE = 64
 # Where ``relayd`` is imported from, so the child finds the same code.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,17 +6,16 @@ canonicalization (RFC 6376 §3.4.2, §3.4.4), the body hash and the complete
 ``DKIM-Signature`` header field to prepend to the message.
 
 Cost: ``Signer.sign`` is pure CPU and runs for every accepted message, so it
-never runs on the main event loop (relayd.signing: the delivery agent, or a
-thread). It is the private-key operation (RSA-2048: 0.25 to 0.75 ms depending
-on the machine; Ed25519: about 25 us) plus about 10 us for a 1 KB message:
-canonicalization with bytes methods (a regex only for messages with bare LF
-or CR; no ``email`` parsing, ~8 us) and the header, whose folded layout a
-signer keeps per h= list so that only t= and bh= are filled in (~3 us). The
-key is loaded once, when the ``Signer`` is built. Dual signing canonicalizes
-once (``signature_headers``); ``sign_many`` signs a batch with the
-private-key operations back to back, which keeps the bignum code in the CPU
-caches. bench/micro/test_bench_dkim.py measures it against the bare RSA
-operation.
+never runs on the main event loop (relayd.signing: a child process, or a
+thread). It is the private-key operation plus a small part linear in the
+message: canonicalization with bytes methods (a regex only for messages with
+bare LF or CR; no ``email`` parsing) and the header, whose folded layout a
+signer keeps per h= list so that only t= and bh= are filled in. The key is
+loaded once, when the ``Signer`` is built. Dual signing canonicalizes once
+(``signature_headers``); ``sign_many`` signs a batch with the private-key
+operations back to back, which keeps the bignum code in the CPU caches.
+bench/micro/test_bench_dkim.py measures it against the bare RSA operation
+(figures: bench/NOTES.md).
 
 Untrusted input: the message bytes (headers and body as submitted by an SMTP
 client): any size, any bytes, header names in any case, folded or malformed
@@ -232,7 +231,7 @@ def prepare(message: bytes, crlf_only: bool = False) -> Prepared:
 
     ``crlf_only``: the caller knows every CR and LF of ``message`` is in a CRLF
     pair (relayd.smtp refuses anything else before signing), so the three
-    counts that would check it (20 ms for 10 MB) are skipped.
+    counts that would check it (three passes over the message) are skipped.
     """
     if not crlf_only:
         crlf = message.count(b"\r\n")
@@ -392,8 +391,8 @@ class Signer:
     def _layout(self, names: tuple[str, ...], t_size: int, bh_size: int) -> _Layout:
         """The folded field around its t= and bh= values, which only these sizes move.
 
-        Made once per h= list (a handful per sender) and kept: building the
-        field for every message cost 4-5 us of a 1 KB message's signature.
+        Made once per h= list (a handful per sender) and kept, instead of
+        building the field for every message.
         """
         t_mark, bh_mark = "\x00" * t_size, "\x01" * bh_size  # never in a field
         pieces = [(" ", f"t={t_mark};"), (" ", "h=" + names[0])]
@@ -455,10 +454,8 @@ def sign_many(jobs: Sequence[SignJob], crlf_only: bool = False) -> list[bytes | 
     """``signature_headers`` of each job, or the exception that prevented it.
 
     The private-key operations of all the jobs run back to back, after every
-    message is canonicalized: measured on a batch of 16 messages of 1 KB, an
-    RSA-2048 signature then costs 1.04x the bare operation instead of 1.09x
-    one by one (the Python work between two signatures pushes the bignum code
-    and the key out of the CPU caches).
+    message is canonicalized: the Python work between two signatures would
+    push the bignum code and the key out of the CPU caches.
     """
     out: list[bytes | Exception] = []
     ready: list[tuple[int, Sequence[Signer], list[tuple[bytes, bytes, int]]]] = []

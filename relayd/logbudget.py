@@ -29,8 +29,8 @@ unreported count moves to a count per reason with no address (reported by
 :meth:`due` like any other, with ``client`` ""). A key's bucket that refilled
 and has nothing to report is the same as a new one, so forgetting it is free.
 
-Cost: :meth:`admit` is a dict lookup, a move to the end and a few float
-operations (about 1 us); :meth:`due` is O(1) when nothing is due.
+Cost: :meth:`admit` is O(1), no I/O: a dict lookup, a move to the end and a
+few float operations; :meth:`due` is O(1) when nothing is due.
 
 Untrusted input: the client address (a key, never parsed). Settings read:
 none; [server] log_rejections_* are passed in by relayd.app.

@@ -172,7 +172,7 @@ def _shared_processors() -> list[Processor]:
 
 class _Dumps:
     """``json.dumps`` with its encoder built once: given ``default=`` (as structlog
-    passes it), ``json.dumps`` builds a new encoder on every call (~2 us a line).
+    passes it), ``json.dumps`` builds a new encoder on every call.
 
     The C encoder ``JSONEncoder.encode`` would make again on every call is made
     once too (same arguments, same output); its circular-reference memo is
@@ -299,7 +299,7 @@ class Event:
     flushed at the end of the loop turn (``fields`` is used up). While
     another structlog configuration is active (before :func:`configure`, or
     one a test installed), or for a logger that is not a plain
-    :func:`get_logger` one, it is that call. Saves ~4 us a line.
+    :func:`get_logger` one, it is that call. Cheaper than the chain per line.
     """
 
     __slots__ = ("_event", "_log", "_name")

@@ -9,11 +9,11 @@ Untrusted input: none (label values come from fixed tuples, never from a
 client). Settings read: none; the registry and the version string are passed in.
 
 Cost. A pre-bound child (``metrics.rejections["size"].inc()``,
-``metrics.auth_success.inc()``) is one lock and one add: about 0.5 µs, the
-same as an unlabelled counter. ``family.labels(reason=...).inc()`` validates
-and hashes the label values under a second lock on every call: about 2.3 µs,
-four to five times slower, so the hot path never calls it. A histogram
-observation is about 1.2 µs. (Medians, ``bench/micro/test_bench_metrics.py``.)
+``metrics.auth_success.inc()``) is one lock and one add, the same as an
+unlabelled counter. ``family.labels(reason=...).inc()`` validates and hashes
+the label values under a second lock on every call, several times slower, so
+the hot path never calls it. A histogram observation is one lock and a
+bucket search. (``bench/micro/test_bench_metrics.py``; figures in bench/NOTES.md.)
 
 Cardinality. No series is labelled by account, domain, recipient or client
 address: those sets are unbounded (accounts are created and deleted through the
@@ -28,7 +28,7 @@ Process and runtime. The same registry holds prometheus_client's process
 collector (``process_open_fds`` against ``process_max_fds``, which is the soft
 ``RLIMIT_NOFILE``: the unit's ``LimitNOFILE=``; ``process_resident_memory_bytes``,
 ``process_cpu_seconds_total``, ``process_start_time_seconds``; read from
-``/proc/self`` at each scrape, about 0.1 ms, nothing on the hot path; Linux
+``/proc/self`` at each scrape, nothing on the hot path; Linux
 only, empty elsewhere) and its platform collector (``python_info``, a constant).
 They cover the main process, not the delivery agent or DKIM signer children.
 :data:`RUNTIME_METRIC_NAMES` lists them.

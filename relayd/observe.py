@@ -47,7 +47,7 @@ accounts, and ``hits / (hits + misses)`` is the share argon2 was saved.
 
 Interface cost: each hook is a few counter increments and at most one log
 call; no I/O beyond the log stream. A rejection costs its counter, the budget's
-decision (about 1 us) and, if written, one line through the fast
+decision (O(1)) and, if written, one line through the fast
 relayd.logging.Event path (flushed once per loop turn).
 See also: relayd.metrics, relayd.logging, relayd.logbudget, relayd.smtp,
 relayd.scheduler.

@@ -7,10 +7,9 @@ is delivered.
 
 Where: in a delivery agent process when one runs (``remote``, see
 relayd.delivery_agent ``Sign``): its own interpreter, so the RSA work and the
-Python around it never wait for this process's GIL. Measured before that
-(bench/RESULTS.md): with a signing thread here, every return of the thread to
-Python waited for the busy loop thread to yield the GIL, and DKIM cost
-1.2-1.7x the bare RSA operation end to end (S1, S2). When no agent runs
+Python around it never wait for this process's GIL (a signing thread here
+waits for the busy loop thread at every return to Python; figures in
+bench/NOTES.md). When no agent runs
 (``agent_processes = 0``, an agent starting or just died: a ``Sign`` it never
 answered fails with SigningUnavailable) the local signing threads sign: a job
 queued for them and, per batch of jobs a thread took at once, one wake-up of
@@ -34,7 +33,7 @@ from relayd import dkim
 from relayd.accounts import Account
 from relayd.delivery_agent import SigningUnavailable
 
-#: Jobs one thread takes at once (each is one RSA operation: ~0.4 ms).
+#: Jobs one thread takes at once (each is one RSA operation).
 _BATCH_MAX = 16
 
 class RemoteSigner(Protocol):
@@ -57,9 +56,8 @@ class DkimSigning:
         self._clock = clock
         self._remote = remote
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # One core is the event loop's. On the 2-core bench machine one signing
-        # thread beat two in S1 with DKIM (2038/1735 vs 1678/1476 msg/s, less
-        # worker CPU per message): a second one only fights the loop for the GIL.
+        # One core is the event loop's: a second signing thread on two cores only
+        # fights the loop for the GIL (bench/NOTES.md).
         self._nthreads = threads if threads is not None else max(1, (os.cpu_count() or 2) - 1)
         self._threads: list[threading.Thread] = []
         self._closed = False

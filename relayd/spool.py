@@ -931,8 +931,7 @@ def _insert_rows(conn: sqlite3.Connection, head: str, row: str,
 
     Why: the sqlite3 module releases the GIL around every step and must take
     it back after. While the event loop is busy, taking it back waits, so
-    a commit of 9 messages and 9 results measured 1.7 ms on its thread for
-    0.45 ms of CPU (S1): fewer steps, fewer waits.
+    fewer steps mean fewer waits.
     """
     for start, size in _chunks(len(rows)):
         conn.execute(_rows_sql(head, row, size),
