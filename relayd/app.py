@@ -34,7 +34,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import ssl
 import sys
 import time
@@ -43,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from prometheus_client import CollectorRegistry
 
 from control import schemas
 from relayd import config as config_mod
@@ -57,13 +55,13 @@ from relayd.credentials import CredentialCache, Hasher
 from relayd.delivery import Deliverer
 from relayd.lifecycle import Lifecycle
 from relayd.logbudget import LogBudget
-from relayd.metrics import Metrics
+from relayd.metrics import Metrics, new_registry
 from relayd.observe import Observer
 from relayd.ratelimit import Limits
 from relayd.scheduler import QMsg, RouteError, Scheduler
 from relayd.signing import DkimSigning
 from relayd.smtp import RelaySMTP, SmtpContext
-from relayd.spool import AttemptResult, Spool, SpoolError, unusable
+from relayd.spool import AttemptResult, DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
 EXIT_CONFIG = 2
@@ -127,7 +125,7 @@ class Relay:
         self.cfg = cfg
         self.log = rlog.get_logger("relayd")
         self.started = time.monotonic()
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.metrics = Metrics(self.registry, version=VERSION)
         sv = cfg.server
         self.observer = Observer(self.metrics, self.log, LogBudget(
@@ -207,7 +205,7 @@ class Relay:
         try:
             await self.lifecycle.load()
             await self.scheduler.start()
-        except (sqlite3.Error, SpoolError) as exc:  # the spool, read and written at last
+        except (DbError, SpoolError) as exc:  # the spool, read and written at last
             raise unusable(cfg.database_path, exc) from None
         except Exception as exc:  # rows it cannot make sense of
             raise SpoolError(f"cannot load spool {cfg.database_path}"
@@ -353,7 +351,7 @@ class Relay:
         return schemas.Status(
             version=VERSION, uptime_seconds=time.monotonic() - self.started,
             listeners=self.listeners, queue=counts,
-            in_flight=int(self.metrics.messages_in_flight._value.get()),
+            in_flight=self.metrics.in_flight(),
             spool_bytes=size, free_disk_bytes=self.free_disk(),
             domains=len(self.directory.domains_by_name),
             accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions))

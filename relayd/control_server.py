@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from control import schemas
 from control.openapi import dump as openapi_document
 from relayd.lifecycle import Lifecycle, LifecycleError
-from relayd.metrics import render
+from relayd.logging import bind_context, unbind_context
+from relayd.metrics import Registry, render
 from relayd.policy import AuthThrottle
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -150,7 +149,7 @@ class ControlServer:
     """The control socket and the metrics endpoint."""
 
     def __init__(self, lifecycle: Lifecycle, status: Callable[[], Awaitable[schemas.Status]],
-                 registry: CollectorRegistry, log: Any,
+                 registry: Registry, log: Any,
                  before_scrape: Callable[[], Awaitable[None]] | None = None,
                  throttle: AuthThrottle | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -185,7 +184,7 @@ class ControlServer:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         uid = _peer_uid(request)
-        structlog.contextvars.bind_contextvars(peer_uid=uid)
+        bind_context(peer_uid=uid)
         try:
             allowed = self._plain.get(request.path)
             if allowed is not None and request.method not in allowed:
@@ -210,7 +209,7 @@ class ControlServer:
                            error=f"{type(exc).__name__}: {exc}")
             return _error("internal error (see the relayd log)", "internal", 500)
         finally:
-            structlog.contextvars.unbind_contextvars("peer_uid")
+            unbind_context("peer_uid")
 
     # -- handlers --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

@@ -29,12 +29,9 @@ import base64
 import ipaddress
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
-
-import aiosqlite
 
 from control import schemas
 from relayd import dkim
@@ -52,8 +49,9 @@ from relayd.accounts import (
 )
 from relayd.config import Config
 from relayd.credentials import CredentialCache, Hasher
+from relayd.ids import format_id, parse_id
 from relayd.scheduler import Scheduler
-from relayd.spool import Spool, format_id, parse_id
+from relayd.spool import Db, IntegrityError, Spool
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -222,7 +220,7 @@ class Lifecycle:
             else:
                 raise LifecycleError("could not draw an unused DKIM selector", "internal", 500)
 
-            async def op(db: aiosqlite.Connection) -> int:
+            async def op(db: Db) -> int:
                 cur = await db.execute(
                     "INSERT INTO domains(name, selector, algorithm, private_key,"
                     " ed25519_selector, ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
@@ -231,7 +229,7 @@ class Lifecycle:
 
             try:
                 dom_id = await self.spool.write(op)
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 if "domains.name" in str(exc) or "domains_live_name" in str(exc):
                     raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
                         from None
@@ -307,7 +305,7 @@ class Lifecycle:
                 self.cache.invalidate(a.id)
             now = self.clock()
 
-            async def op(db: aiosqlite.Connection) -> None:
+            async def op(db: Db) -> None:
                 await db.execute(
                     "UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
                     " WHERE id=?", (now, dom.id))
@@ -362,7 +360,7 @@ class Lifecycle:
         return out
 
     @staticmethod
-    async def _refuse_overlap(db: aiosqlite.Connection, account_id: int | None,
+    async def _refuse_overlap(db: Db, account_id: int | None,
                               nets: list[str], field: str) -> None:
         """Inside the write transaction that binds ``nets``: refuse one that overlaps a
         network of another account that is not deleted (so two concurrent adds cannot
@@ -403,7 +401,7 @@ class Lifecycle:
             else:
                 raise LifecycleError("could not draw an unused username", "internal", 500)
 
-            async def op(db: aiosqlite.Connection) -> int:
+            async def op(db: Db) -> int:
                 await self._refuse_overlap(db, None, nets, "allow_networks")
                 cur = await db.execute(
                     "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
@@ -468,7 +466,7 @@ class Lifecycle:
             acct.invalidate()
             self.cache.invalidate(acct.id)
 
-            async def op(db: aiosqlite.Connection) -> None:
+            async def op(db: Db) -> None:
                 await db.execute("UPDATE accounts SET status='disabled', disabled_reason='manual'"
                                  " WHERE id=?", (acct.id,))
 
@@ -491,7 +489,7 @@ class Lifecycle:
             if acct.status == ACTIVE:
                 return self.info(acct)
 
-            async def op(db: aiosqlite.Connection) -> None:
+            async def op(db: Db) -> None:
                 await db.execute("UPDATE accounts SET status='active', disabled_reason=''"
                                  " WHERE id=?", (acct.id,))
 
@@ -513,7 +511,7 @@ class Lifecycle:
             acct.invalidate()
             self.cache.invalidate(acct.id)
 
-            async def op(db: aiosqlite.Connection) -> None:
+            async def op(db: Db) -> None:
                 await db.execute("UPDATE accounts SET password_hash=? WHERE id=?",
                                  (hashed, acct.id))
 
@@ -545,7 +543,7 @@ class Lifecycle:
             self.directory.rebuild_networks()
             now = self.clock()
 
-            async def op(db: aiosqlite.Connection) -> list[int]:
+            async def op(db: Db) -> list[int]:
                 if not purge_queue:
                     # a message committed after the check above: still refused
                     row = await (await db.execute(
@@ -592,7 +590,7 @@ class Lifecycle:
         async with self._lock:
             acct = self._account(username)
 
-            async def op(db: aiosqlite.Connection) -> None:
+            async def op(db: Db) -> None:
                 await db.execute("UPDATE accounts SET per_minute=?, per_hour=?, per_day=?"
                                  " WHERE id=?", (limits.per_minute, limits.per_hour,
                                                  limits.per_day, acct.id))
@@ -627,7 +625,7 @@ class Lifecycle:
                 if cidr in acct.networks:
                     return self.info(acct)
 
-                async def add(db: aiosqlite.Connection) -> None:
+                async def add(db: Db) -> None:
                     await self._refuse_overlap(db, acct.id, [cidr], "cidr")
                     await db.execute("INSERT INTO account_networks(account_id, cidr)"
                                      " VALUES (?,?)", (acct.id, cidr))
@@ -640,7 +638,7 @@ class Lifecycle:
                 acct.networks = [n for n in acct.networks if n != cidr]
                 acct.invalidate()  # sessions attributed through it lose it now
 
-                async def remove(db: aiosqlite.Connection) -> None:
+                async def remove(db: Db) -> None:
                     await db.execute("DELETE FROM account_networks WHERE account_id=? AND"
                                      " cidr=?", (acct.id, cidr))
 
@@ -718,7 +716,7 @@ class Lifecycle:
         if state != "deferred":
             dropped = self.scheduler.drop_account(acct.id, state)
 
-        async def op(db: aiosqlite.Connection) -> list[int]:
+        async def op(db: Db) -> list[int]:
             if state is None:
                 return await _purge(db, acct.id, None)
             if state == "deferred":
@@ -738,7 +736,7 @@ class Lifecycle:
         now = self.clock()
         acct_id = self._account(user, allow_deleted=True).id if user else None
 
-        async def op(db: aiosqlite.Connection) -> int:
+        async def op(db: Db) -> int:
             if acct_id is None:
                 cur = await db.execute(
                     "UPDATE recipients SET next_attempt=? WHERE status='deferred'", (now,))
@@ -788,7 +786,7 @@ class Lifecycle:
         if not changed:
             return 0
 
-        async def op(db: aiosqlite.Connection) -> None:
+        async def op(db: Db) -> None:
             await db.executemany("UPDATE accounts SET last_connection=? WHERE id=?", changed)
 
         await self.spool.write(op)
@@ -800,7 +798,7 @@ class Lifecycle:
         """Delete delivery-log entries older than the retention period."""
         cutoff = self.clock() - self.cfg.spool.delivery_log_retention_days * 86400
 
-        async def op(db: aiosqlite.Connection) -> int:
+        async def op(db: Db) -> int:
             cur = await db.execute("DELETE FROM delivery_log WHERE ts < ?", (cutoff,))
             return int(cur.rowcount)
 
@@ -819,7 +817,7 @@ def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
     return where, params
 
 
-async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) -> list[int]:
+async def _purge(db: Db, account_id: int, status: str | None) -> list[int]:
     """Delete an account's messages (all, or those with a recipient in ``status``)."""
     if status is None:
         rows = await (await db.execute("SELECT id FROM messages WHERE account_id=?",
@@ -833,7 +831,7 @@ async def _purge(db: aiosqlite.Connection, account_id: int, status: str | None) 
     return ids
 
 
-async def _purge_ids(db: aiosqlite.Connection, ids: list[int]) -> int:
+async def _purge_ids(db: Db, ids: list[int]) -> int:
     if not ids:
         return 0
     await db.executemany("DELETE FROM recipients WHERE message_id=?", [(i,) for i in ids])

@@ -417,6 +417,20 @@ def get_logger(name: str) -> FilteringBoundLogger:
     return logger
 
 
+def bind_context(**fields: Any) -> None:
+    """Add ``fields`` to every line logged from this task (and tasks it starts) from now on.
+
+    structlog's context variables: a control request binds its peer's uid so
+    each operation it logs carries it. Undo with :func:`unbind_context`.
+    """
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def unbind_context(*keys: str) -> None:
+    """Stop adding the fields ``keys`` that :func:`bind_context` bound."""
+    structlog.contextvars.unbind_contextvars(*keys)
+
+
 def reset() -> None:
     """Undo :func:`configure`: structlog's defaults, no relayd handler on the root logger."""
     structlog.reset_defaults()

@@ -46,6 +46,7 @@ See also: relayd.replies (rejection reasons), relayd.control_server (serves
 from __future__ import annotations
 
 from importlib import metadata
+from typing import TypeAlias
 
 from prometheus_client import (
     CollectorRegistry,
@@ -113,6 +114,15 @@ RUNTIME_METRIC_NAMES: tuple[str, ...] = (
 )
 
 
+#: The registry type, for modules that hold one without importing prometheus_client.
+Registry: TypeAlias = CollectorRegistry
+
+
+def new_registry() -> Registry:
+    """An empty registry for one :class:`Metrics` (one per relay; tests build several)."""
+    return CollectorRegistry()
+
+
 def _package_version() -> str:
     """The installed relayd version, or "unknown" when run from a source tree."""
     try:
@@ -131,7 +141,7 @@ class Metrics:
     sees the event.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, version: str | None = None) -> None:
+    def __init__(self, registry: Registry, *, version: str | None = None) -> None:
         """Create and register every family, and every known label child at zero.
 
         Also registers the process and platform collectors on ``registry`` and
@@ -267,8 +277,20 @@ class Metrics:
         )
         self.build_info.labels(version=version or _package_version()).set(1)
 
+    def in_flight(self) -> int:
+        """Messages being delivered now: the ``relayd_messages_in_flight`` gauge's value.
 
-def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+        Read through the gauge's public ``collect()`` (one sample, no lock held
+        for long), not its private value, and not through the registry, whose
+        collect would also read ``/proc`` for the process collector.
+        """
+        for family in self.messages_in_flight.collect():
+            for sample in family.samples:
+                return int(sample.value)
+        return 0
+
+
+def render(registry: Registry, accept: str = "") -> tuple[bytes, str]:
     """Encode ``registry`` for a scrape: (payload, Content-Type).
 
     ``accept`` is the scraper's Accept header; OpenMetrics is returned when it

@@ -58,14 +58,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from relayd.ids import format_id
 from relayd.logbudget import LogBudget
 from relayd.logging import Event
 from relayd.metrics import Metrics
 from relayd.replies import Reply
-from relayd.smtp import SessionState
-from relayd.spool import AttemptResult, format_id
+
+if TYPE_CHECKING:  # types only: observe is called by smtp and the scheduler, not the reverse
+    from relayd.smtp import SessionState
+    from relayd.spool import AttemptResult
 
 #: Credential-check outcomes (relayd.credentials.AuthOutcome.reason) -> metric reason.
 _AUTH_REASON = {

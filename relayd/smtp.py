@@ -64,8 +64,9 @@ from relayd import policy, replies
 from relayd.accounts import Account, Directory
 from relayd.address import PathError, parse_mail_from, parse_rcpt_to
 from relayd.credentials import AuthOutcome, CredentialCache
+from relayd.ids import format_id
 from relayd.replies import Reply
-from relayd.spool import NewMessage, Spool, format_id
+from relayd.spool import NewMessage, Spool
 
 # Command line limits in octets, CRLF included (see the module docstring).
 COMMAND_LINE_MAX = 512

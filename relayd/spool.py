@@ -24,7 +24,7 @@ after the commit that deleted the row, or at the next start.
 
 Message ids are 64-bit integers made from the clock in microseconds and a
 counter (unique across restarts while the clock does not go back by more than
-the restart takes); on the wire and in the CLI they are 16 hex digits.
+the restart takes); on the wire and in the CLI they are 16 hex digits (relayd.ids).
 
 Untrusted input: message data and addresses (stored as given, always through
 bound parameters). Settings read: [spool], the database path.
@@ -41,11 +41,20 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import aiosqlite
 
 T = TypeVar("T")
+
+#: The writer connection a :meth:`Spool.write` function receives. Callers name
+#: its type (and the errors below) from here, so that only this module imports
+#: the database library (issue 14: one adapter per library).
+Db: TypeAlias = aiosqlite.Connection
+#: Any error the database raises (sqlite3.Error).
+DbError = sqlite3.Error
+#: A constraint (UNIQUE, FOREIGN KEY, CHECK) refused a write (sqlite3.IntegrityError).
+IntegrityError = sqlite3.IntegrityError
 
 SCHEMA_VERSION = 4
 
@@ -221,18 +230,6 @@ def unusable(path: str, exc: BaseException) -> SpoolError:
                           " write it and its directory")
     return SpoolError(f"cannot use spool {path} ({type(exc).__name__}: {text}); restore it"
                       " from a backup, or move it away to start with an empty spool")
-
-
-def format_id(message_id: int) -> str:
-    """The external form of a message id: 16 upper-case hex digits."""
-    return f"{message_id:016X}"
-
-
-def parse_id(text: str) -> int:
-    """Parse an external message id; raise ValueError if malformed."""
-    if len(text) != 16 or not all(c in "0123456789abcdefABCDEF" for c in text):
-        raise ValueError("message id must be 16 hex digits")  # int() takes "-", "_", " "
-    return int(text, 16)
 
 
 class IdAllocator:
@@ -494,7 +491,7 @@ class Spool:
         """
         return self._submit("record", (list(results), list(finished), complete))
 
-    async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]], *,
+    async def write(self, fn: Callable[[Db], Awaitable[T]], *,
                     deletes_messages: bool = False) -> T:
         """Run ``fn`` inside the next group transaction (own savepoint); return its value.
 
