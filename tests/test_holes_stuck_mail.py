@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 from tests.test_ops_support import scrape, value
+from tests.test_queue_support import install_clock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,6 +173,7 @@ async def test_reconciliation_leaves_known_mail_alone(relay_factory: RelayFactor
     """Mail the scheduler holds (here waiting for its account's sending limit) is never put
     in its queue a second time by the reconciliation."""
     relay = await relay_factory({"spool": {"reconcile_seconds": 0.2}})
+    install_clock(relay)  # the sending window must not roll over while the test looks
     await relay.ctl.add_domain("example.com")
     user, password = await relay.ctl.add_user("example.com")
     await relay.ctl.ok("POST", f"/v1/users/{user}/limits", {"per_minute": 1})

@@ -12,7 +12,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
-from tests.test_queue_support import queued, until
+from tests.test_queue_support import install_clock, queued, until
 
 
 async def send(relay: RelayHandle, user: str, pw: str, n: int, tag: str = "m",
@@ -36,7 +36,9 @@ def states(relay: RelayHandle, user: str) -> Callable[[], Awaitable[list[str]]]:
 
 
 async def limited_account(relay: RelayHandle, sink: Sink) -> tuple[str, str, list[str]]:
-    """An account limited to 1 message a minute with 3 accepted: 1 delivered, 2 waiting."""
+    """An account limited to 1 message a minute with 3 accepted: 1 delivered, 2 waiting
+    (on a clock that stands still, so the minute cannot roll over while a test looks)."""
+    install_clock(relay)
     user, pw = await relay.ctl.add_user()
     info = await relay.ctl.ok("POST", f"/v1/users/{user}/limits", {"per_minute": 1})
     assert info["limits"]["per_minute"] == 1

@@ -19,6 +19,7 @@ from relayd.app import VERSION
 from tests.conftest import RelayFactory, RelayHandle, message
 from tests.procs import free_port
 from tests.rawsmtp import Raw
+from tests.test_queue_support import install_clock
 from tests.test_relayctl import relayctl
 
 
@@ -94,6 +95,7 @@ async def test_status_shows_queue_depths_by_state(relay_factory: RelayFactory) -
     """With the next hop down and a limit of one message a minute, three messages show as
     one deferred and two waiting for the limit; disabling the account holds those two."""
     h = await relay_factory({"limits": {"per_minute": 1}}, smarthost=f"127.0.0.1:{free_port()}")
+    install_clock(h)  # the minute must not roll over while the test looks
     await h.ctl.add_domain("example.com")
     user, password = await h.ctl.add_user("example.com")
     await _send(h, user, password, 3)

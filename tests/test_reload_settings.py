@@ -291,13 +291,14 @@ async def test_reload_applies_max_accounts(tmp_path: Path, procs: list[RelayProc
 @pytest.mark.slow
 async def test_reload_applies_default_sending_limits(
         tmp_path: Path, sink: Sink, procs: list[RelayProcess]) -> None:
-    """After SIGHUP a default [limits] per_minute of 1 holds an account's second message back."""
+    """After SIGHUP a default [limits] per_day of 1 holds an account's second message back
+    (a day, not a minute: the window must not roll over between the two messages)."""
     rp = await _start(tmp_path, sink.address)
     procs.append(rp)
     await _send(rp, "one@dest.test")
     await sink.wait_for(1)
-    await _reload(rp, limits="per_minute = 1")
-    await _send(rp, "two@dest.test")  # the minute already holds one
+    await _reload(rp, limits="per_day = 1")
+    await _send(rp, "two@dest.test")  # the day already holds one
     await asyncio.sleep(1.5)
     assert len(sink.messages) == 1
     (item,) = (await rp.ctl("queue", "list"))["items"]
