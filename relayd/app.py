@@ -342,7 +342,10 @@ class Relay:
             counts[st] = counts.get(st, 0) + 1
         # The database is the truth: never-attempted messages it holds that the
         # scheduler's memory does not (none, unless they diverged) are queued too.
-        unknown = await self.spool.queued_count() - self.scheduler.first_attempts()
+        # Memory is counted before the read: a message whose result is committed while
+        # the spool is read may still be in the count, and is then in memory's too.
+        in_memory = self.scheduler.first_attempts()
+        unknown = await self.spool.queued_count() - in_memory
         counts["queued"] += max(0, unknown)
         row = await self.spool.fetchone(
             "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")

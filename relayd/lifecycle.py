@@ -661,11 +661,14 @@ class Lifecycle:
             # The send queue as the database holds it, in the state the scheduler
             # gives it (a message memory lost is listed too: its account's state).
             view = {m.id: (st, until) for m, st, until in self.scheduler.send_queue_view()}
+            held_before = self.scheduler.never_attempted_in_memory()
             for sm in await self.spool.queued_messages(account_id=acct_filter):
                 seen = view.get(sm.id)
                 if seen is None:
-                    if self.scheduler.in_memory(sm.id):
-                        continue  # being attempted now
+                    if sm.id in held_before or self.scheduler.in_memory(sm.id):
+                        # Being attempted now, or attempted while the spool was read
+                        # (the read may predate its result's commit).
+                        continue
                     seen = self.scheduler.account_state(sm.account_id)
                 st, until = seen
                 if state is not None and st != state:

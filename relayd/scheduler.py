@@ -820,6 +820,12 @@ class Scheduler:
         """True if this scheduler holds the message (send queue, attempt, pending result)."""
         return message_id in self._owned or message_id in self._retrying
 
+    def never_attempted_in_memory(self) -> frozenset[int]:
+        """A snapshot of the never-attempted messages memory holds (send queue, attempt,
+        pending result): taken before a read of the spool, it covers the messages whose
+        result is committed while the read runs. O(n) copy: for the control path."""
+        return frozenset(self._owned)
+
     async def reconcile(self) -> int:
         """Put back in the send queue the messages the database holds with a recipient
         never attempted that memory does not hold; release the leases of retries whose
