@@ -124,6 +124,7 @@ async def test_good_reload_clears_the_failure(
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipient = 10\n")
     rp.proc.send_signal(signal.SIGHUP)
     await wait_log(rp, "reload_failed")
+    await notify.wait_for("reload failed")  # that reload's READY=1 is in, not sent later
     rp.config.write_text(BASE_TOML + "[smtp]\nmax_recipients = 10\n")
     notify.drain()
     notify.messages.clear()
