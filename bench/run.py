@@ -172,8 +172,9 @@ def run_smtp_source(sc: Scenario, system: System, messages: int, timeout: float)
             "stderr": err.decode("utf-8", "replace").strip()[-500:], "cmd": shlex.join(cmd)}
 
 
-def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--target", system.target,
+def loadgen_args(sc: Scenario, system: System, messages: int, timeout: float) -> list[str]:
+    """The load generator's arguments for one scenario against one system."""
+    cmd = ["--target", system.target,
            "--from", system.mail_from, "--to", RCPT, "--timeout", str(timeout)]
     if sc.tool == "idle":
         cmd += ["--idle", str(sc.idle), "--hold", str(sc.hold)]
@@ -183,7 +184,13 @@ def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> 
     if sc.cold and system.auth_file is not None:
         cmd += ["--auth-file", str(system.auth_file)]
     elif sc.auth and system.auth_user is not None:
-        cmd += ["--auth-user", system.auth_user, "--auth-pass", system.auth_password or ""]
+        # "=" joins each value to its flag: a generated password may start with "-"
+        cmd += [f"--auth-user={system.auth_user}", f"--auth-pass={system.auth_password or ''}"]
+    return cmd
+
+
+def run_loadgen(sc: Scenario, system: System, messages: int, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", *loadgen_args(sc, system, messages, timeout)]
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL,

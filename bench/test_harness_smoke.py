@@ -264,3 +264,16 @@ def test_rounds_give_paired_ratios_and_dkim_costs() -> None:
     assert medians["relayd-dkim"].dkim_costs == pytest.approx([1.0, 1.2, 1.4])
     row = dkim_cost(list(medians.values())).splitlines()[-1]
     assert row.endswith("| 1.00, 1.20, 1.40 (1.20) | - |"), row
+
+
+def test_loadgen_arguments_carry_a_password_that_starts_with_a_dash(tmp_path: Path) -> None:
+    """A generated password may start with "-": loadgen must still read it as the value."""
+    from bench.loadgen import parse_args
+    from bench.run import loadgen_args
+    from bench.systems import System
+
+    system = System(tmp_path, Sink.__new__(Sink))
+    system.auth_user, system.auth_password = "-user", "-SA_T7HAaI0hX82o"
+    sc = Scenario("S3", "smoke", "loadgen", messages=1, sessions=1, size=10, per_conn=1, auth=True)
+    a = parse_args(loadgen_args(sc, system, 1, 5.0))
+    assert (a.auth_user, a.auth_pass) == ("-user", "-SA_T7HAaI0hX82o")
