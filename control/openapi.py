@@ -10,7 +10,7 @@ miss a route. Pure: msgspec and the standard library only.
 ``python -m control.openapi > docs/openapi.json`` writes the committed copy
 (``dump`` is the canonical text; a test fails when the two drift); relayd
 serves the same document at ``GET /v1/openapi.json``.
-See also: control.schemas (the table and the types), relayd.control_server.
+See also: control.schemas (the table and the types), relayd.controlplane.server.
 """
 
 from __future__ import annotations

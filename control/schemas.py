@@ -322,7 +322,7 @@ class Route(NamedTuple):
 
     method: Literal["GET", "POST"]
     path: str  # aiohttp/OpenAPI template: ``{name}`` is a path parameter
-    operation: str  # the handler's name in relayd.control_server.ControlServer; operationId
+    operation: str  # the handler's name in relayd.controlplane.server.ControlServer; operationId
     summary: str
     response: type[msgspec.Struct] | None  # None: any JSON object (the OpenAPI document)
     status: int = 200  # the success status

@@ -45,23 +45,24 @@ import uvloop
 
 from control import schemas
 from relayd import config as config_mod
-from relayd import logging as rlog
-from relayd import policy, sdnotify
-from relayd.accounts import Directory
-from relayd.backoff import BackoffPolicy
 from relayd.config import Config, ConfigError, parse_hostport
-from relayd.control_server import ControlServer
-from relayd.credentials import CredentialCache, Hasher
-from relayd.delivery import Deliverer
-from relayd.lifecycle import Lifecycle
-from relayd.logbudget import LogBudget
-from relayd.metrics import Metrics, new_registry
-from relayd.observe import Observer
-from relayd.ratelimit import Limits
-from relayd.scheduler import QMsg, RouteError, Scheduler
-from relayd.signing import DkimSigning
-from relayd.smtp import RelaySMTP, SmtpContext
-from relayd.spool import AttemptResult, DbError, Spool, SpoolError, unusable
+from relayd.controlplane.lifecycle import Lifecycle
+from relayd.controlplane.server import ControlServer
+from relayd.delivery.client import Deliverer
+from relayd.directory.accounts import Directory
+from relayd.directory.credentials import CredentialCache, Hasher
+from relayd.dkim.signing import DkimSigning
+from relayd.observe import logs as rlog
+from relayd.observe import sdnotify
+from relayd.observe.events import Observer
+from relayd.observe.logbudget import LogBudget
+from relayd.observe.metrics import Metrics, new_registry
+from relayd.queue.backoff import BackoffPolicy
+from relayd.queue.ratelimit import Limits
+from relayd.queue.scheduler import QMsg, RouteError, Scheduler
+from relayd.smtp import policy
+from relayd.smtp.server import RelaySMTP, SmtpContext
+from relayd.store.spool import AttemptResult, DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
 EXIT_CONFIG = 2
@@ -70,7 +71,7 @@ EXIT_LISTEN = 4
 
 
 class _MxAdapter:
-    """relayd.mx behind the scheduler's route-error contract.
+    """relayd.delivery.mx behind the scheduler's route-error contract.
 
     Only addresses the destination policy allows come back ([delivery]
     ``mx_allow_private``, ``mx_allowed_networks``); a domain whose every address
@@ -78,7 +79,7 @@ class _MxAdapter:
     """
 
     def __init__(self, cfg: Config) -> None:
-        from relayd import mx
+        from relayd.delivery import mx
 
         self._mx = mx
         ns = list(cfg.delivery.dns_nameservers) or None
@@ -309,7 +310,7 @@ class Relay:
 
     async def _bounce(self, msg: QMsg, failed: list[AttemptResult]) -> None:
         """Queue a delivery status notification to the sender of a failed message."""
-        from relayd import dsn
+        from relayd.delivery import dsn
 
         if not dsn.should_bounce(msg.sender, msg.is_bounce):
             return
@@ -327,7 +328,7 @@ class Relay:
             now=now, dsn_message_id=f"{new_id:016X}@{self.cfg.server.hostname}",
             received_at=msg.received_at,
         )
-        from relayd.spool import NewMessage
+        from relayd.store.spool import NewMessage
 
         bounce = NewMessage(id=new_id, account_id=msg.account_id, username=msg.username,
                             domain=msg.domain, sender="", recipients=[msg.sender], data=body,
@@ -430,7 +431,7 @@ class Relay:
                 raise ConfigError("no configuration file to reload")
             new = config_mod.with_overrides(config_mod.load(path), **_OVERRIDES)
             tls = _tls_context(new) if new.smtp.tls_cert_file else self._tls
-            from relayd.delivery import Router
+            from relayd.delivery.client import Router
 
             router = Router(new.delivery)
             d = new.delivery

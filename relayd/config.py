@@ -93,11 +93,11 @@ class ServerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     hostname: str = "localhost"
     data_dir: str = "./var"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # journald "<N>" priority prefix on each line (relayd.logging): auto = when
+    # journald "<N>" priority prefix on each line (relayd.observe.logs): auto = when
     # stdout is the journal stream ($JOURNAL_STREAM names its device:inode).
     log_priority_prefix: Literal["auto", "always", "never"] = "auto"
     # smtp_rejected / auth_failed lines per (reason, client address): a burst, then
-    # a trickle; a ceiling for all addresses together (relayd.logbudget).
+    # a trickle; a ceiling for all addresses together (relayd.observe.logbudget).
     log_rejections_burst: PositiveInt = 20
     log_rejections_per_minute: NonNegativeInt = 6
     log_rejections_max_per_second: PositiveInt = 100

@@ -1,9 +1,9 @@
 """The external form of message ids.
 
-Owns: writing a message id (a 64-bit integer, see relayd.spool.IdAllocator) as
+Owns: writing a message id (a 64-bit integer, see relayd.store.spool.IdAllocator) as
 the 16 upper-case hex digits the SMTP reply, the logs and the CLI show, and
 parsing that form back. A leaf: it imports nothing of relayd, so a module that
-only prints ids (relayd.observe) need not depend on the spool.
+only prints ids (relayd.observe.events) need not depend on the spool.
 
 Untrusted input: ``parse_id`` takes an operator's text (a control request).
 Settings read: none.

@@ -18,7 +18,7 @@ Untrusted input: the query wire (malformed queries are ignored).
 Settings: ``ttl`` (positive answers), ``negative_ttl``; the sets ``servfail``,
 ``silent`` and ``truncate`` of names; all may change while running.
 See also: tests/test_mx.py (the fixture that starts and stops it),
-relayd.mx (the client under test).
+relayd.delivery.mx (the client under test).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of relayd.address: the MAIL/RCPT argument parser (RFC 5321 4.1.2, RFC 6531)."""
+"""Tests of relayd.smtp.address: the MAIL/RCPT argument parser (RFC 5321 4.1.2, RFC 6531)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import replies
-from relayd.address import (
+from relayd.smtp import replies
+from relayd.smtp.address import (
     Path,
     PathError,
     _parse,

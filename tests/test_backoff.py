@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.backoff import BackoffPolicy, base_delay, classify, expired, next_attempt
+from relayd.queue.backoff import BackoffPolicy, base_delay, classify, expired, next_attempt
 
 NOW = 1_700_000_000.0
 NO_JITTER = BackoffPolicy(jitter=0.0)

@@ -53,9 +53,9 @@ def test_invalidate_drops_the_entry() -> None:
     """``invalidate`` forgets an account's cached verification."""
     import asyncio
 
-    from relayd.accounts import Account, Domain
     from relayd.config import CredentialsConfig
-    from relayd.credentials import CredentialCache, Hasher
+    from relayd.directory.accounts import Account, Domain
+    from relayd.directory.credentials import CredentialCache, Hasher
 
     async def run() -> None:
         hasher = Hasher(CredentialsConfig(argon2_time_cost=1, argon2_memory_cost_kib=1024,

@@ -220,7 +220,7 @@ async def test_large_message_goes_from_its_spool_file(relay_factory: RelayFactor
     """A message stored in a file of its own is read from that file by whoever sends it
     (the agent, or the main process without one): it arrives byte for byte, and the file
     is gone once the delivery is recorded."""
-    from relayd.spool import EXTERNAL_MIN
+    from relayd.store.spool import EXTERNAL_MIN
     from tests.conftest import message
 
     relay = await relay_factory({"delivery": {"agent_processes": agents}})
@@ -246,7 +246,7 @@ async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: Rela
                                                              agents: int) -> None:
     """A spool file that is gone when its transaction starts (purged meanwhile) is a
     temporary failure with a text saying so, in the agent and in the main process."""
-    from relayd.delivery import BodyFile
+    from relayd.delivery.client import BodyFile
 
     relay = await relay_factory({"delivery": {"agent_processes": agents}})
     d = relay.relay.deliverer
@@ -259,9 +259,9 @@ async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: Rela
 async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> None:
     """The Sign frames of one batch are answered one by one: a key that does not load
     in the child fails its own message (the session then says 451), the rest are signed."""
-    from relayd import dkim
     from relayd.config import DeliveryConfig
-    from relayd.delivery_agent import SIGN_SLICE, AgentPool
+    from relayd.delivery.agent import SIGN_SLICE, AgentPool
+    from relayd.dkim import signature as dkim
 
     now = 1_700_000_000
     pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
@@ -292,9 +292,9 @@ async def test_a_key_whose_signer_is_gone_is_dropped_by_the_agent() -> None:
     key: a Sign naming it afterwards is refused, so no child keeps every key it ever had."""
     import gc
 
-    from relayd import dkim
     from relayd.config import DeliveryConfig
-    from relayd.delivery_agent import AgentPool, Sign
+    from relayd.delivery.agent import AgentPool, Sign
+    from relayd.dkim import signature as dkim
 
     now = 1_700_000_000
     msg = b"From: a@example.com\r\n\r\nbody\r\n"
@@ -332,10 +332,10 @@ async def test_the_signing_child_only_signs_and_comes_back_after_a_kill(sink: Si
     delivering child never sees a key. Killed, the signing child fails what it had not
     answered (SigningUnavailable: the session signs locally), deliveries go on, and a
     new signing child takes over, with the keys sent to it afresh."""
-    from relayd import dkim
     from relayd.config import DeliveryConfig
-    from relayd.delivery import Hop
-    from relayd.delivery_agent import AgentPool, SigningUnavailable
+    from relayd.delivery.agent import AgentPool, SigningUnavailable
+    from relayd.delivery.client import Hop
+    from relayd.dkim import signature as dkim
 
     now = 1_700_000_000
     msg = b"From: a@example.com\r\nTo: b@example.net\r\n\r\nbody\r\n"
@@ -383,9 +383,9 @@ def test_the_child_refuses_a_command_line_it_does_not_know(
         capsys: pytest.CaptureFixture[str]) -> None:
     """``--fd N`` with an optional ``--role deliver|sign``; anything else is a usage error
     (exit 2), never a child running on a bad socket."""
-    from relayd.delivery_agent import main
+    from relayd.delivery.agent import main
 
     for argv in (["--fd"], ["--fd", "3", "--role"], ["--fd", "3", "--role", "boss"],
                  ["--role", "sign", "--fd", "3"]):
         assert main(argv) == 2, argv
-        assert "usage: python -m relayd.delivery_agent --fd N" in capsys.readouterr().err
+        assert "usage: python -m relayd.delivery.agent --fd N" in capsys.readouterr().err

@@ -12,8 +12,8 @@ import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd import delivery
 from relayd.config import DeliveryConfig
+from relayd.delivery import client as delivery
 from tests.conftest import RelayFactory, RelayHandle, Sink, _SinkHandler
 from tests.procs import free_port
 from tests.test_queue_support import eventually, log_entries, queue_items, submit

@@ -1,4 +1,4 @@
-"""relayd.dkim: keys, selectors, DNS records, and signatures that dkimpy verifies.
+"""relayd.dkim.signature: keys, selectors, DNS records, and signatures that dkimpy verifies.
 
 dkimpy verifies RSA with its own pure-Python code, independent of ``cryptography``.
 For Ed25519 it needs PyNaCl, which is not a dependency here: a small stand-in for
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import dkim as rd
+from relayd.dkim import signature as rd
 
 NOW = 1_700_000_000  # in the past: dkimpy refuses a t= in the future
 DOMAIN = "example.com"

@@ -156,7 +156,7 @@ async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
     import os
     import signal
 
-    from relayd.delivery_agent import SigningUnavailable
+    from relayd.delivery.agent import SigningUnavailable
 
     pool = relay.relay.deliverer.agents
     assert pool is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd import replies
+from relayd.smtp import replies
 from tests.procs import REPO
 
 SEMANTICS = REPO / "docs" / "SEMANTICS.md"
@@ -115,7 +115,7 @@ def _documented_replies() -> set[str]:
 
 
 def test_every_reply_is_in_the_semantics_table() -> None:
-    """Each reply text of relayd/replies.py is in SEMANTICS.md §6 (add it there with it)."""
+    """Each reply text of relayd/smtp/replies.py is in SEMANTICS.md §6 (add it there with it)."""
     documented = _documented_replies()
     texts = {name: r.text for name, r in vars(replies).items() if isinstance(r, replies.Reply)}
     for name, fn in vars(replies).items():

@@ -10,7 +10,7 @@ from email.utils import parsedate_to_datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.dsn import Failure, build_dsn, clean_field, should_bounce
+from relayd.delivery.dsn import Failure, build_dsn, clean_field, should_bounce
 
 NOW = 1_700_000_000.0
 ORIGINAL = (

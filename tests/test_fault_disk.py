@@ -10,7 +10,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from relayd.spool import EXTERNAL_MIN
+from relayd.store.spool import EXTERNAL_MIN
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from relayd.smtp import RelaySMTP
+from relayd.smtp.server import RelaySMTP
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 
@@ -301,7 +301,7 @@ def test_long_line_check_matches_a_line_split() -> None:
     """policy.has_long_line agrees with a plain split on lines around the 998-octet limit."""
     import random
 
-    from relayd.policy import has_long_line
+    from relayd.smtp.policy import has_long_line
 
     def reference(d: bytes) -> bool:
         return any(len(x) > 998 and not (len(x) == 999 and x[:1] == b".")

@@ -4,7 +4,7 @@ password through a second mechanism counts once; exempt networks; ``relayctl thr
 
 Over real sockets against the in-process relay, clients bound to their own 127.0.0.x
 source address (so each test's throttle state is its own), plus pure tests of
-relayd.policy.AuthThrottle with an injected clock.
+relayd.smtp.policy.AuthThrottle with an injected clock.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from relayd import replies
-from relayd.policy import AuthThrottle
+from relayd.smtp import replies
+from relayd.smtp.policy import AuthThrottle
 from tests.conftest import RelayFactory, RelayHandle
 from tests.rawsmtp import Raw, plain
 from tests.test_ops_support import scrape, value
@@ -236,7 +236,7 @@ async def test_throttle_clear_refuses_a_bad_address(relay: RelayHandle) -> None:
     assert status == 400 and body["code"] == "invalid_request"
 
 
-# --- pure decisions (relayd.policy.AuthThrottle, clock injected) ---------------------
+# --- pure decisions (relayd.smtp.policy.AuthThrottle, clock injected) ---------------------
 
 
 def _throttle(**kw: Any) -> AuthThrottle:

@@ -3,7 +3,7 @@
 Over real sockets: a relay in-process, a DNS server on loopback (tests/dnsserver.py)
 whose MX hosts are the sink's loopback address, and the sink listening there to
 prove that nothing arrives. Plus pure tests of the address classification
-(relayd.policy.DestinationPolicy) and of the literal parser (relayd.address).
+(relayd.smtp.policy.DestinationPolicy) and of the literal parser (relayd.smtp.address).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from relayd import config, policy, replies
-from relayd.address import is_address_literal, literal_ip, parse_rcpt_to
+from relayd import config
 from relayd.app import Relay
-from relayd.mx import MxResolver, NextHop, RefusedRouteError, TemporaryRouteError
+from relayd.delivery.mx import MxResolver, NextHop, RefusedRouteError, TemporaryRouteError
+from relayd.smtp import policy, replies
+from relayd.smtp.address import is_address_literal, literal_ip, parse_rcpt_to
 from tests.conftest import Ctl, RelayFactory, RelayHandle, Sink, _merge, make_config
 from tests.dnsserver import DnsServer
 from tests.rawsmtp import Raw

@@ -18,14 +18,14 @@ PACKAGES = ("relayd", "control")
 #: module allowed to import it: its adapter. sqlite3 and aiosqlite are one library
 #: here: the spool owns the database.
 ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
-    "sqlite": (frozenset({"sqlite3", "aiosqlite"}), "relayd.spool"),
-    "aiosmtpd": (frozenset({"aiosmtpd"}), "relayd.smtp"),
-    "aiosmtplib": (frozenset({"aiosmtplib"}), "relayd.delivery"),
-    "aiohttp": (frozenset({"aiohttp"}), "relayd.control_server"),
-    "dnspython": (frozenset({"dns"}), "relayd.mx"),
-    "prometheus_client": (frozenset({"prometheus_client"}), "relayd.metrics"),
-    "structlog": (frozenset({"structlog"}), "relayd.logging"),
-    "cryptography": (frozenset({"cryptography"}), "relayd.dkim"),
+    "sqlite": (frozenset({"sqlite3", "aiosqlite"}), "relayd.store.spool"),
+    "aiosmtpd": (frozenset({"aiosmtpd"}), "relayd.smtp.server"),
+    "aiosmtplib": (frozenset({"aiosmtplib"}), "relayd.delivery.client"),
+    "aiohttp": (frozenset({"aiohttp"}), "relayd.controlplane.server"),
+    "dnspython": (frozenset({"dns"}), "relayd.delivery.mx"),
+    "prometheus_client": (frozenset({"prometheus_client"}), "relayd.observe.metrics"),
+    "structlog": (frozenset({"structlog"}), "relayd.observe.logs"),
+    "cryptography": (frozenset({"cryptography"}), "relayd.dkim.signature"),
 }
 
 #: Import cycles that exist today and are to be removed by issue 14 (item 1, the
@@ -35,7 +35,7 @@ ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset({
     # Deliverer builds the AgentPool; the agent child runs Deliverer.send and
     # shares BodyFile/Hop/RcptReply (issue 14: "A circle: delivery.py <-> delivery_agent.py").
-    frozenset({"relayd.delivery", "relayd.delivery_agent"}),
+    frozenset({"relayd.delivery.client", "relayd.delivery.agent"}),
 })
 
 
@@ -148,7 +148,8 @@ def test_relayd_imports_only_the_shared_control_modules() -> None:
     allowed = {"control", "control.schemas"}
     bad = [f"{m}:{line} imports {name}" for m, names in IMPORTS.items() if m.startswith("relayd")
            for name, line in names if name.split(".")[0] == "control"
-           and name not in allowed and (m, name) != ("relayd.control_server", "control.openapi")]
+           and name not in allowed
+           and (m, name) != ("relayd.controlplane.server", "control.openapi")]
     assert not bad, bad
 
 
@@ -166,6 +167,6 @@ def test_known_cycles_still_exist() -> None:
 
 def test_the_walk_sees_function_local_and_type_checking_imports() -> None:
     """The walk counts an import inside a function and under TYPE_CHECKING."""
-    names = {name for name, _line in IMPORTS["relayd.delivery_agent"]}
-    assert "relayd.delivery" in names  # only inside functions and TYPE_CHECKING there
+    names = {name for name, _line in IMPORTS["relayd.delivery.agent"]}
+    assert "relayd.delivery.client" in names  # only inside functions and TYPE_CHECKING there
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd.scheduler import DATA_CACHE_MAX_MESSAGE
+from relayd.queue.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.test_queue_support import install_clock, queued, until
 

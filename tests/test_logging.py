@@ -1,4 +1,4 @@
-"""relayd.logging: JSON lines, context, level filtering, secrets masked."""
+"""relayd.observe.logs: JSON lines, context, level filtering, secrets masked."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from relayd import logging as rlog
+from relayd.observe import logs as rlog
 
 PASSWORD = "s3cret-Pa55word"
 # base64 of "\0alice\0s3cret-Pa55word": what AUTH PLAIN carries.
@@ -43,12 +43,12 @@ def test_each_line_is_a_json_object(out: io.StringIO) -> None:
 
 def test_line_carries_event_level_logger_and_context(out: io.StringIO) -> None:
     """A line holds the event, its level, the logger name and bound context."""
-    log = rlog.get_logger("relayd.smtp").bind(peer="192.0.2.7")
+    log = rlog.get_logger("relayd.smtp.server").bind(peer="192.0.2.7")
     log.info("session opened", session_id="abc")
     (record,) = lines(out)
     assert record["event"] == "session opened"
     assert record["level"] == "info"
-    assert record["logger"] == "relayd.smtp"
+    assert record["logger"] == "relayd.smtp.server"
     assert record["peer"] == "192.0.2.7"
     assert record["session_id"] == "abc"
 

@@ -1,4 +1,4 @@
-"""relayd.metrics: names, pre-created rows, hot-path children, rendering."""
+"""relayd.observe.metrics: names, pre-created rows, hot-path children, rendering."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd import metrics
-from relayd.metrics import METRIC_NAMES, RUNTIME_METRIC_NAMES, Metrics, render
-from relayd.replies import REJECTION_REASONS
+from relayd.observe import metrics
+from relayd.observe.metrics import METRIC_NAMES, RUNTIME_METRIC_NAMES, Metrics, render
+from relayd.smtp.replies import REJECTION_REASONS
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from relayd.replies import REJECTION_REASONS
+from relayd.smtp.replies import REJECTION_REASONS
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.procs import free_port
 from tests.rawsmtp import Raw, plain

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from relayd.mx import (
+from relayd.delivery.mx import (
     NULL_MX_MESSAGE,
     MxResolver,
     NextHop,
     PermanentRouteError,
     TemporaryRouteError,
 )
-from relayd.policy import DestinationPolicy
+from relayd.smtp.policy import DestinationPolicy
 from tests.dnsserver import DnsServer
 
 #: The documentation networks the zones below use, allowed for these tests.

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from relayd.replies import REJECTION_REASONS
+from relayd.smtp.replies import REJECTION_REASONS
 from tests.conftest import start_sink
 from tests.procs import BASE_TOML, REPO, RelayProcess
 from tests.rawsmtp import Raw

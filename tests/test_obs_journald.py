@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from relayd import logging as rlog
+from relayd.observe import logs as rlog
 from tests.conftest import start_sink
 from tests.procs import BASE_TOML, RelayProcess
 from tests.rawsmtp import Raw

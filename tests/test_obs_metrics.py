@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.metrics import RUNTIME_METRIC_NAMES
+from relayd.observe.metrics import RUNTIME_METRIC_NAMES
 from tests.conftest import RelayHandle
 from tests.rawsmtp import Raw
 from tests.test_ops_support import scrape, value

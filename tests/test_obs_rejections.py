@@ -1,7 +1,7 @@
 """One log line per SMTP rejection, rate-limited per (reason, client address) (issue 13 item 6).
 
 In-process relays over real sockets, their log configured into a buffer;
-clients bind their own 127.0.0.x. Then the pure relayd.logbudget.LogBudget
+clients bind their own 127.0.0.x. Then the pure relayd.observe.logbudget.LogBudget
 decisions with an injected clock.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from relayd import logging as rlog
-from relayd.logbudget import LogBudget
+from relayd.observe import logs as rlog
+from relayd.observe.logbudget import LogBudget
 from tests.conftest import RelayFactory, RelayHandle
 from tests.rawsmtp import Raw
 from tests.test_ops_support import scrape, value

@@ -1,7 +1,7 @@
 """Ops files: the Grafana dashboard, the alert rules and the systemd units.
 
 Every metric name in a dashboard query or an alert expression must be one
-relayd.metrics exposes. The tool checks (systemd-analyze, systemd-sysusers,
+relayd.observe.metrics exposes. The tool checks (systemd-analyze, systemd-sysusers,
 systemd-tmpfiles, promtool; PROMTOOL=path overrides the search) fail when the
 tool is missing: scripts/install-debs.sh installs them (tests/tools.py).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from relayd.metrics import METRIC_NAMES
+from relayd.observe.metrics import METRIC_NAMES
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,14 +211,14 @@ def test_family_helper_accepts_sample_suffixes() -> None:
 
 
 def test_dashboard_queries_use_only_exposed_metrics() -> None:
-    """Every relayd_* name in a dashboard query is a metric relayd.metrics exposes."""
+    """Every relayd_* name in a dashboard query is a metric relayd.observe.metrics exposes."""
     names = set().union(*(_metric_names(e) for e in _dashboard_exprs()))
     assert names
     assert {n for n in names if _family(n) is None} == set()
 
 
 def test_alert_expressions_use_only_exposed_metrics() -> None:
-    """Every relayd_* name in an alert expression is a metric relayd.metrics exposes."""
+    """Every relayd_* name in an alert expression is a metric relayd.observe.metrics exposes."""
     names = set().union(*(_metric_names(r["expr"]) for r in _rules()))
     assert names
     assert {n for n in names if _family(n) is None} == set()

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from relayd import dkim
-from relayd.accounts import Account, Domain
-from relayd.signing import DkimSigning
+from relayd.directory.accounts import Account, Domain
+from relayd.dkim import signature as dkim
+from relayd.dkim.signing import DkimSigning
 
 NOW = 1_700_000_000
 MSG = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from relayd.spool import BLOB_STREAM_MIN, EXTERNAL_MIN, AttemptResult, NewMessage, Spool
+from relayd.store.spool import BLOB_STREAM_MIN, EXTERNAL_MIN, AttemptResult, NewMessage, Spool
 
 
 def _msg(spool: Spool, data: bytes, rcpts: int = 1) -> NewMessage:

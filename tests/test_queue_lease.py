@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.scheduler import RETRY_LEASE_SECONDS
-from relayd.spool import MIGRATIONS, SCHEMA_VERSION, Spool
+from relayd.queue.scheduler import RETRY_LEASE_SECONDS
+from relayd.store.spool import MIGRATIONS, SCHEMA_VERSION, Spool
 from tests.conftest import message, start_sink
 from tests.procs import RelayProcess, free_port
 from tests.test_queue_support import StallServer

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.ratelimit import DAY, HOUR, MINUTE, PERIODS, Limits, RateWindow, WindowCounts
+from relayd.queue.ratelimit import DAY, HOUR, MINUTE, PERIODS, Limits, RateWindow, WindowCounts
 
 # 2024-05-01T12:34:00Z, a minute boundary (and 34 minutes into an hour).
 T0 = 1714566840.0

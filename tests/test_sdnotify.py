@@ -1,4 +1,4 @@
-"""relayd.sdnotify: the systemd notify protocol over a real AF_UNIX datagram socket."""
+"""relayd.observe.sdnotify: the systemd notify protocol over a real AF_UNIX datagram socket."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd import sdnotify
+from relayd.observe import sdnotify
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 relayd runs as a subprocess with ``NOTIFY_SOCKET`` pointing to a datagram
 socket the test owns (tests.test_ops_support.NotifySocket) and, where the
 watchdog is tested, ``WATCHDOG_USEC`` set as systemd sets it for
-``WatchdogSec=``. The pure helpers of relayd.sdnotify are tested beside them.
+``WatchdogSec=``. The pure helpers of relayd.observe.sdnotify are tested beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd import sdnotify
+from relayd.observe import sdnotify
 from tests.procs import BASE_TOML, RelayProcess, free_port
 from tests.test_ops_support import NotifySocket, wait_log
 

@@ -1,4 +1,4 @@
-"""Micro-benchmark: relayd.address against aiosmtpd's stock MAIL argument parsing.
+"""Micro-benchmark: relayd.smtp.address against aiosmtpd's stock MAIL argument parsing.
 
 aiosmtpd 1.4.6 handles ``MAIL FROM:`` with ``SMTP._strip_command_keyword``,
 ``SMTP._getaddr`` (``email._header_value_parser.get_angle_addr``) and
@@ -18,7 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from relayd.address import parse_mail_from, parse_rcpt_to
+from relayd.smtp.address import parse_mail_from, parse_rcpt_to
 
 COMMON = "FROM:<user@example.com>"
 WITH_PARAMS = "FROM:<user.name@mail.example.com> SIZE=12345 BODY=8BITMIME"

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from relayd import policy
-from relayd.accounts import Account, Domain
 from relayd.config import CredentialsConfig
-from relayd.credentials import CredentialCache, Hasher
-from relayd.spool import NewMessage, Spool
+from relayd.directory.accounts import Account, Domain
+from relayd.directory.credentials import CredentialCache, Hasher
+from relayd.smtp import policy
+from relayd.store.spool import NewMessage, Spool
 
 T = TypeVar("T")
 PASSWORD = b"correct horse battery staple"

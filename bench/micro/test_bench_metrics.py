@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from relayd.metrics import Metrics
+from relayd.observe.metrics import Metrics
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def m() -> Metrics:
 
 
 def test_counter_inc_prebound_child(benchmark: BenchmarkFixture, m: Metrics) -> None:
-    """Rejection counter via the pre-bound child, as relayd.smtp does."""
+    """Rejection counter via the pre-bound child, as relayd.smtp.server does."""
     child = m.rejections["syntax"]
     benchmark(child.inc)
 

@@ -1,7 +1,7 @@
-"""Micro-benchmarks: the cost of one SMTP rejection in relayd.observe (issue 13 item 6).
+"""Micro-benchmarks: the cost of one SMTP rejection in relayd.observe.events (issue 13 item 6).
 
 Not the hot path, but a flood of rejections is an attack path. Each case is
-``Observer.rejected`` as relayd.smtp calls it, logging configured (level info)
+``Observer.rejected`` as relayd.smtp.server calls it, logging configured (level info)
 into a stream that discards its input:
 
 - written: a rejection whose line the budget lets out (counter + budget + one
@@ -24,12 +24,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from relayd import logging as rlog
-from relayd import replies
-from relayd.logbudget import LogBudget
-from relayd.metrics import Metrics
-from relayd.observe import Observer
-from relayd.smtp import SessionState
+from relayd.observe import logs as rlog
+from relayd.observe.events import Observer
+from relayd.observe.logbudget import LogBudget
+from relayd.observe.metrics import Metrics
+from relayd.smtp import replies
+from relayd.smtp.server import SessionState
 
 
 class _Null(io.TextIOBase):

@@ -1,4 +1,4 @@
-"""Micro-benchmark of relayd.smtp's own per-connection and per-message cost, in process.
+"""Micro-benchmark of relayd.smtp.server's own per-connection and per-message cost, in process.
 
 One S1-shaped connection (greeting, EHLO, MAIL, RCPT, DATA with 1 KB, QUIT) fed
 through ``data_received`` of a ``RelaySMTP`` on a fake transport, with a spool
@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from relayd import policy
-from relayd.accounts import Account, Directory, Domain
-from relayd.smtp import RelaySMTP, SmtpContext
-from relayd.spool import IdAllocator, NewMessage
+from relayd.directory.accounts import Account, Directory, Domain
+from relayd.smtp import policy
+from relayd.smtp.server import RelaySMTP, SmtpContext
+from relayd.store.spool import IdAllocator, NewMessage
 
 BODY = b"Subject: bench\r\n\r\n" + (b"y" * 78 + b"\r\n") * 12
 TRANSACTION = (b"MAIL FROM:<a@bench.example>\r\nRCPT TO:<r@dest.test>\r\nDATA\r\n"

@@ -22,9 +22,9 @@ of sending less, never more.
 
 Untrusted input: none (limits come from the operator, counts from the spool).
 Settings read: none; the caller passes the account's ``Limits``.
-See also: relayd.scheduler (holds mail in the send queue until
-``blocked_until``), relayd.spool (the delivery log that ``restore`` is seeded
-from), relayd.lifecycle (``relayctl user limits`` calls ``set_limits``).
+See also: relayd.queue.scheduler (holds mail in the send queue until
+``blocked_until``), relayd.store.spool (the delivery log that ``restore`` is seeded
+from), relayd.controlplane.lifecycle (``relayctl user limits`` calls ``set_limits``).
 """
 
 from __future__ import annotations

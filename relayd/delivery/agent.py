@@ -8,7 +8,7 @@ writes, credential invalidation) stays in the main process: a child only
 runs the transaction it is given and answers one reply per recipient.
 
 It also signs: ``Sign`` frames (the message follows as raw bytes) get DKIM
-headers back in ``Signed`` (relayd.signing sends them), with the keys sent
+headers back in ``Signed`` (relayd.dkim.signing sends them), with the keys sent
 once per child in ``SignKey`` frames; the child holds no other account or
 domain state, and a key is never used after the main process stops asking
 for it (a deleted domain's mail is refused before it is signed). When a
@@ -46,12 +46,12 @@ order: ``Close`` after the scheduler's running attempts finished, then the
 child says QUIT on its pooled connections and exits.
 
 Untrusted input: none new (replies of remote servers are handled by
-relayd.delivery inside the child; frames come only from our own process).
+relayd.delivery.client inside the child; frames come only from our own process).
 Settings read: [delivery] agent_processes, [dkim] signing_process (through
-relayd.app), and everything relayd.delivery reads (sent to the child in
+relayd.app), and everything relayd.delivery.client reads (sent to the child in
 ``Configure``).
-See also: relayd.delivery (``Deliverer`` uses ``AgentPool`` when
-``agent_processes > 0``), relayd.scheduler.
+See also: relayd.delivery.client (``Deliverer`` uses ``AgentPool`` when
+``agent_processes > 0``), relayd.queue.scheduler.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ import msgspec
 from relayd.config import DeliveryConfig
 
 if TYPE_CHECKING:
-    from relayd.delivery import BodyFile, Hop, RcptReply
-    from relayd.dkim import Signer
+    from relayd.delivery.client import BodyFile, Hop, RcptReply
+    from relayd.dkim.signature import Signer
 
 _LEN = 4
 _DIRECT = 64 * 1024  # pieces this large are written alone, not joined into a frame
@@ -84,7 +84,7 @@ STOP_TIMEOUT_SECONDS = 10.0
 #: smaller slices cost more CPU per signature (bench/NOTES.md).
 SIGN_SLICE = 64
 # Where ``relayd`` is imported from, so the child finds the same code.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Configure(msgspec.Struct, array_like=True, tag=1):
@@ -313,7 +313,7 @@ class _Agent:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relayd.delivery_agent", "--fd", str(child.fileno()),
+                sys.executable, "-m", "relayd.delivery.agent", "--fd", str(child.fileno()),
                 "--role", self.role, pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL, env=env)
         except BaseException:
@@ -364,7 +364,7 @@ class _Agent:
 
     def fail_pending(self, text: str) -> None:
         """Every unanswered job: a temporary failure for each recipient."""
-        from relayd.delivery import RcptReply
+        from relayd.delivery.client import RcptReply
 
         pending, self.pending = self.pending, {}
         for done, nrcpts in pending.values():
@@ -384,7 +384,7 @@ class _Agent:
             fut.set_result(res.headers)
 
     def answered(self, res: Result) -> None:
-        from relayd.delivery import RcptReply
+        from relayd.delivery.client import RcptReply
 
         self.opened = res.opened
         entry = self.pending.pop(res.id, None)
@@ -449,7 +449,7 @@ class AgentPool:
     async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
                    data: bytes | BodyFile) -> list[RcptReply]:
         """One transaction at one hop, run by a child; one reply per recipient."""
-        from relayd.delivery import RcptReply
+        from relayd.delivery.client import RcptReply
 
         agent = min(self._agents, key=lambda a: len(a.pending))
         if not agent.ready.is_set():
@@ -571,7 +571,7 @@ def _forget_key(pool: weakref.ref[AgentPool], loop: asyncio.AbstractEventLoop,
 class _ChildSide(_Framed):
     def __init__(self) -> None:
         super().__init__(ToAgent)
-        from relayd.delivery import Deliverer
+        from relayd.delivery.client import Deliverer
 
         self._deliverer_type = Deliverer
         self.deliverer: Deliverer | None = None
@@ -606,7 +606,7 @@ class _ChildSide(_Framed):
 
     def _add_key(self, key: SignKey) -> None:
         """Load a key (it comes just before its first use); a bad one fails its Sign jobs."""
-        from relayd import dkim
+        from relayd.dkim import signature as dkim
 
         try:
             self.signers[key.key_id] = dkim.Signer(key.domain, key.selector, key.pem)
@@ -626,7 +626,7 @@ class _ChildSide(_Framed):
         rest wait for the next loop turn, so the replies of deliveries are read
         between slices however many sessions of the parent wait for a signature.
         """
-        from relayd import dkim
+        from relayd.dkim import signature as dkim
 
         batch, self._to_sign = self._to_sign[:SIGN_SLICE], self._to_sign[SIGN_SLICE:]
         if self._to_sign:
@@ -650,7 +650,7 @@ class _ChildSide(_Framed):
             self.send(Signed(job_id, b"", error))
 
     async def _run(self, job: Job, data: bytes) -> None:
-        from relayd.delivery import BodyFile, Hop
+        from relayd.delivery.client import BodyFile, Hop
 
         assert self.deliverer is not None
         hop = Hop(job.host, job.port, job.tls, job.username, job.password)
@@ -678,7 +678,7 @@ async def _serve(fd: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child: ``python -m relayd.delivery_agent --fd N [--role R]``.
+    """Entry point of the child: ``python -m relayd.delivery.agent --fd N [--role R]``.
 
     The role (``deliver`` or ``sign``) only names the child in its command line:
     what it does is what the parent sends it.
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 4 and args[2] == "--role" and args[3] in ("deliver", "sign"):
         args = args[:2]
     if len(args) != 2 or args[0] != "--fd":
-        print("usage: python -m relayd.delivery_agent --fd N [--role deliver|sign]",
+        print("usage: python -m relayd.delivery.agent --fd N [--role deliver|sign]",
               file=sys.stderr)
         return 2
     # The parent decides when we stop (Close, or end-of-file when it is gone).

@@ -36,7 +36,7 @@ Rules (RFC 5321 §5.1, RFC 7505):
   (``[smtp] allow_address_literals``).
 
 Refused destinations: every address, from DNS or from a literal, is judged by
-the injected ``relayd.policy.DestinationPolicy`` (by default: only global
+the injected ``relayd.smtp.policy.DestinationPolicy`` (by default: only global
 addresses; loopback, link-local, unspecified, multicast, reserved and private
 ones are dropped unless ``[delivery] mx_allowed_networks`` / ``mx_allow_private``
 say otherwise), so neither a hostile zone nor a literal can aim mail at the
@@ -65,8 +65,8 @@ Settings read: none directly; relayd.config passes nameservers, port and
 timeout (``[delivery.dns]``), and the ``DestinationPolicy`` built from
 ``[delivery] mx_allow_private`` / ``mx_allowed_networks``. ``nameservers=None``
 uses the system configuration (/etc/resolv.conf).
-See also: relayd.delivery (connects to the hops, handles routing errors),
-relayd.policy (DestinationPolicy), RFC 5321 §5.1, RFC 7505.
+See also: relayd.delivery.client (connects to the hops, handles routing errors),
+relayd.smtp.policy (DestinationPolicy), RFC 5321 §5.1, RFC 7505.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from relayd.address import literal_ip
-from relayd.policy import DestinationPolicy
+from relayd.smtp.address import literal_ip
+from relayd.smtp.policy import DestinationPolicy
 
 NULL_MX_MESSAGE = "domain does not accept mail (null MX)"
 

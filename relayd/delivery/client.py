@@ -6,7 +6,7 @@ them for many messages (bounded per next hop, capped messages per connection,
 closed when idle), running one transaction, and mapping every outcome to a
 per-recipient reply code and text. Choosing the next hop (smarthost, static
 route, MX) is ``Router``'s job; classifying a code as delivered, deferred or
-failed is relayd.backoff's.
+failed is relayd.queue.backoff's.
 
 When the next hop advertises PIPELINING (RFC 2920), MAIL, every RCPT and
 DATA go out in one write and the replies are read after (aiosmtplib cannot
@@ -21,10 +21,10 @@ Untrusted input: replies from remote servers (only code and text are kept;
 the text is truncated and stripped of control characters before it is logged
 or stored). Settings read: [delivery].
 With ``agent_processes > 0`` the transactions run in child processes
-(relayd.delivery_agent); routing stays here, in the main process.
+(relayd.delivery.agent); routing stays here, in the main process.
 
-See also: relayd.scheduler (calls ``Deliverer.send``), relayd.mx,
-relayd.delivery_agent.
+See also: relayd.queue.scheduler (calls ``Deliverer.send``), relayd.delivery.mx,
+relayd.delivery.agent.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ import aiosmtplib
 from relayd.config import DeliveryConfig, parse_hostport
 
 if TYPE_CHECKING:
-    from relayd.delivery_agent import AgentPool
+    from relayd.delivery.agent import AgentPool
 
 
 @dataclass(frozen=True, slots=True)
 class BodyFile:
-    """A message's data in its spool file (relayd.spool keeps large messages so)."""
+    """A message's data in its spool file (relayd.store.spool keeps large messages so)."""
 
     path: str
     size: int
@@ -531,7 +531,7 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
 
 
 class MxLookup(Protocol):
-    """MX resolution (relayd.mx); raises scheduler.RouteError-compatible errors."""
+    """MX resolution (relayd.delivery.mx); raises scheduler.RouteError-compatible errors."""
 
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         """(host, port) pairs to try, best first."""
@@ -576,7 +576,7 @@ class Deliverer:
         self._pools: dict[Hop, Pool] = {}
         self.agents: AgentPool | None = None
         if agent_processes > 0:
-            from relayd.delivery_agent import AgentPool
+            from relayd.delivery.agent import AgentPool
 
             self.agents = AgentPool(cfg, helo, agent_processes, signer=signing_process)
 

@@ -3,8 +3,8 @@
 Owns: the per-connection protocol state machine on top of aiosmtpd's
 ``SMTP`` class — greeting, EHLO, AUTH PLAIN/LOGIN, MAIL, RCPT, DATA, RSET,
 NOOP, QUIT, VRFY, HELP and STARTTLS (aiosmtpd's TLS upgrade machinery) — and
-the translation of each command into calls to relayd.policy, the credential
-cache, and the spool. Replies come from relayd.replies only.
+the translation of each command into calls to relayd.smtp.policy, the credential
+cache, and the spool. Replies come from relayd.smtp.replies only.
 
 Why the command loop is our own: aiosmtpd 1.4.6 builds its command tables
 with ``inspect`` on every connection, replies to every command with its own
@@ -13,9 +13,9 @@ reads DATA line by line, passes bare LF/CR and NUL through (SMTP smuggling),
 and runs authenticators synchronously on the loop. Here: tables are built
 once per class, input is read in large chunks into one buffer, replies to
 pipelined commands are coalesced into one write, addresses are parsed by
-relayd.address, DATA is framed only on CRLF.CRLF and refused if it has bare
-CR/LF/NUL, and argon2 runs in a thread pool (relayd.credentials), each check
-admitted (and counted from its start) by relayd.policy.AuthThrottle.
+relayd.smtp.address, DATA is framed only on CRLF.CRLF and refused if it has bare
+CR/LF/NUL, and argon2 runs in a thread pool (relayd.directory.credentials), each check
+admitted (and counted from its start) by relayd.smtp.policy.AuthThrottle.
 
 Line limits (``500 5.5.2`` past them, the rest of the line discarded
 without being buffered): a command line is at most 512 octets with its CRLF
@@ -39,7 +39,8 @@ handshake that never completes) gives the connection slot back exactly once
 Untrusted input: everything the client sends. A client never sees an
 exception text: any handler error becomes ``451 4.3.0`` and a log entry.
 Settings read: [smtp], [limits], [server].hostname (through SmtpContext).
-See also: relayd.policy, relayd.replies, relayd.address, relayd.credentials.
+See also: relayd.smtp.policy, relayd.smtp.replies, relayd.smtp.address,
+relayd.directory.credentials.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
-from relayd import policy, replies
-from relayd.accounts import Account, Directory
-from relayd.address import PathError, parse_mail_from, parse_rcpt_to
-from relayd.credentials import AuthOutcome, CredentialCache
+from relayd.directory.accounts import Account, Directory
+from relayd.directory.credentials import AuthOutcome, CredentialCache
 from relayd.ids import format_id
-from relayd.replies import Reply
-from relayd.spool import NewMessage, Spool
+from relayd.smtp import policy, replies
+from relayd.smtp.address import PathError, parse_mail_from, parse_rcpt_to
+from relayd.smtp.replies import Reply
+from relayd.store.spool import NewMessage, Spool
 
 # Command line limits in octets, CRLF included (see the module docstring).
 COMMAND_LINE_MAX = 512

@@ -39,7 +39,7 @@ Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 Untrusted input: none directly (messages were checked at acceptance).
 Settings read: [delivery] retry settings, [limits] defaults, [spool]
 reconcile_seconds (passed in).
-See also: relayd.delivery, relayd.backoff, relayd.ratelimit, relayd.spool.
+See also: relayd.delivery.client, relayd.queue.backoff, relayd.queue.ratelimit, relayd.store.spool.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relayd import backoff
-from relayd.accounts import Account, Directory
-from relayd.delivery import BodyFile, Hop, RcptReply
-from relayd.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
-from relayd.spool import AttemptResult, NewMessage, Spool
+from relayd.delivery.client import BodyFile, Hop, RcptReply
+from relayd.directory.accounts import Account, Directory
+from relayd.queue import backoff
+from relayd.queue.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
+from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
 RETRY_LEASE_SECONDS = 900.0

@@ -3,7 +3,7 @@
 Owns: the decision, for each SMTP rejection or failed AUTH, whether its log
 line is written or only counted, and when the count of the lines not written
 is reported. Pure: every method takes the clock reading ``now`` (monotonic
-seconds); no I/O. relayd.observe writes the lines it decides.
+seconds); no I/O. relayd.observe.events writes the lines it decides.
 
 Why per client address. A flood of rejections must not fill the disk, but the
 lines are also what fail2ban counts, per address: a budget per reason alone
@@ -34,7 +34,7 @@ few float operations; :meth:`due` is O(1) when nothing is due.
 
 Untrusted input: the client address (a key, never parsed). Settings read:
 none; [server] log_rejections_* are passed in by relayd.app.
-See also: relayd.observe (the log lines), config/fail2ban/.
+See also: relayd.observe.events (the log lines), config/fail2ban/.
 """
 
 from __future__ import annotations

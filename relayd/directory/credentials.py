@@ -9,7 +9,7 @@ The cache holds, per account id, a keyed digest of the last password that
 verified against the account's argon2 hash. The key is random per process, so
 the cache is worthless outside this process. An entry is written only if the
 account's epoch did not change while argon2 ran, and ``invalidate`` drops it:
-relayd.lifecycle calls it (and bumps the account's epoch) before a disable,
+relayd.controlplane.lifecycle calls it (and bumps the account's epoch) before a disable,
 delete or password reset returns, so no entry outlives the credentials it was
 made from.
 
@@ -19,11 +19,11 @@ digest exists), or the account is disabled: the reply and the time are the
 same for all of them.
 
 ``attempt_digest`` names one attempt (username, password, account state) for
-relayd.policy.AuthThrottle, so the same password tried through a second SASL
+relayd.smtp.policy.AuthThrottle, so the same password tried through a second SASL
 mechanism is recognised without keeping it.
 
 Untrusted input: usernames and passwords from AUTH (never logged).
-Settings read: [credentials]. See also: relayd.accounts, relayd.lifecycle.
+Settings read: [credentials]. See also: relayd.directory.accounts, relayd.controlplane.lifecycle.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import argon2
 
-from relayd.accounts import DELETED, Account
 from relayd.config import CredentialsConfig
+from relayd.directory.accounts import DELETED, Account
 
 
 @dataclass(frozen=True, slots=True)

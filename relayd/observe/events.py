@@ -6,8 +6,8 @@ into one structured log event per transaction outcome. The reason of a 535 is
 visible here (metric label and log field), never on the wire. Passwords and
 AUTH payloads are never passed here.
 
-Log events (JSON lines, relayd.logging), each SMTP one with the session id
-``sid`` (relayd.smtp.SessionState.sid) and the client address:
+Log events (JSON lines, relayd.observe.logs), each SMTP one with the session id
+``sid`` (relayd.smtp.server.SessionState.sid) and the client address:
 
 - ``smtp_accepted`` (info): a message got 250; ``id`` is the queue id.
 - ``smtp_rejected`` (info): every refusal, 4xx and 5xx alike, with
@@ -22,19 +22,19 @@ Log events (JSON lines, relayd.logging), each SMTP one with the session id
   null for the count of addresses no longer tracked; see below).
 
 Rate limit. ``smtp_rejected`` and ``auth_failed`` lines pass through a
-relayd.logbudget.LogBudget keyed by (reason, client address): a generous burst
+relayd.observe.logbudget.LogBudget keyed by (reason, client address): a generous burst
 per address, then a trickle, and a ceiling for all addresses together; what is
 not written is counted and reported by a ``smtp_rejections_suppressed`` line
 before the key's next written line or ``log_rejections_summary_seconds``
 after the first line it held back (a loop timer). The metric counts every
-rejection regardless. Why per address, not per reason: see relayd.logbudget
+rejection regardless. Why per address, not per reason: see relayd.observe.logbudget
 (fail2ban counts lines per address; a per-reason budget would let one loud
 address hide the others).
 - ``smtp_internal_error`` (error): a handler failed; the client got 451.
 - ``delivery_attempt`` (info): one per recipient per attempt, with ``id``.
 - ``queue_reconciled`` (warning): ``count`` messages of the spool that the
   scheduler had lost track of were put back in its queue (see
-  relayd.scheduler, reconciliation); counted in ``relayd_queue_reconciled_total``.
+  relayd.queue.scheduler, reconciliation); counted in ``relayd_queue_reconciled_total``.
 
 The credential cache counters: a *hit* is a successful AUTH answered from the
 cache without argon2; a *miss* is a password check of an existing, live
@@ -48,9 +48,9 @@ accounts, and ``hits / (hits + misses)`` is the share argon2 was saved.
 Interface cost: each hook is a few counter increments and at most one log
 call; no I/O beyond the log stream. A rejection costs its counter, the budget's
 decision (O(1)) and, if written, one line through the fast
-relayd.logging.Event path (flushed once per loop turn).
-See also: relayd.metrics, relayd.logging, relayd.logbudget, relayd.smtp,
-relayd.scheduler.
+relayd.observe.logs.Event path (flushed once per loop turn).
+See also: relayd.observe.metrics, relayd.observe.logs, relayd.observe.logbudget, relayd.smtp.server,
+relayd.queue.scheduler.
 """
 
 from __future__ import annotations
@@ -61,16 +61,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from relayd.ids import format_id
-from relayd.logbudget import LogBudget
-from relayd.logging import Event
-from relayd.metrics import Metrics
-from relayd.replies import Reply
+from relayd.observe.logbudget import LogBudget
+from relayd.observe.logs import Event
+from relayd.observe.metrics import Metrics
+from relayd.smtp.replies import Reply
 
 if TYPE_CHECKING:  # types only: observe is called by smtp and the scheduler, not the reverse
-    from relayd.smtp import SessionState
-    from relayd.spool import AttemptResult
+    from relayd.smtp.server import SessionState
+    from relayd.store.spool import AttemptResult
 
-#: Credential-check outcomes (relayd.credentials.AuthOutcome.reason) -> metric reason.
+#: Credential-check outcomes (relayd.directory.credentials.AuthOutcome.reason) -> metric reason.
 _AUTH_REASON = {
     "unknown_user": "auth_failed",
     "bad_password": "auth_failed",
@@ -81,7 +81,7 @@ _AUTH_REASON = {
 
 
 class Observer:
-    """Implements relayd.smtp.Events and relayd.scheduler.SchedulerEvents."""
+    """Implements relayd.smtp.server.Events and relayd.queue.scheduler.SchedulerEvents."""
 
     def __init__(self, metrics: Metrics, log: Any, budget: LogBudget | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

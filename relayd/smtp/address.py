@@ -1,7 +1,7 @@
 """Parse the arguments of SMTP MAIL and RCPT: the path and its ESMTP parameters.
 
 NAME
-    relayd.address -- strict, fast parser for ``MAIL FROM:`` and ``RCPT TO:``
+    relayd.smtp.address -- strict, fast parser for ``MAIL FROM:`` and ``RCPT TO:``
 
 SYNOPSIS
     path = parse_mail_from("FROM:<user@example.com> SIZE=100", smtputf8_offered=True)
@@ -71,9 +71,9 @@ SETTINGS
     None.
 
 SEE ALSO
-    relayd.replies (the replies), relayd.smtp (calls this), relayd.policy
+    relayd.smtp.replies (the replies), relayd.smtp.server (calls this), relayd.smtp.policy
     (uses domain_of and in_domain for the sender check, is_address_literal
-    and literal_ip for recipients and next hops), relayd.mx (routes a
+    and literal_ip for recipients and next hops), relayd.delivery.mx (routes a
     literal with literal_ip); RFC 5321, RFC 6531, RFC 1870 (SIZE),
     RFC 6152 (8BITMIME).
 """
@@ -85,8 +85,8 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-from relayd import replies
-from relayd.replies import Reply
+from relayd.smtp import replies
+from relayd.smtp.replies import Reply
 
 __all__ = [
     "IPAddress",

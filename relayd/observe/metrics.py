@@ -21,7 +21,7 @@ control API, usernames are never reused), and every new value would add a series
 to every scrape forever. Per-account numbers (total sent, last connection,
 queued mail) come from the control API and the delivery log instead. Every label
 here takes its values from a fixed tuple in this module or in
-:data:`relayd.replies.REJECTION_REASONS`, and every value is created at start-up
+:data:`relayd.smtp.replies.REJECTION_REASONS`, and every value is created at start-up
 at zero, so a dashboard or ``rate()`` sees a series before its first event.
 
 Process and runtime. The same registry holds prometheus_client's process
@@ -39,7 +39,7 @@ of the process, which ``process_start_time_seconds`` already says), doubling
 the series of every counter. :class:`Metrics` turns them off with the public
 ``disable_created_metrics()``; that switch is process-wide.
 
-See also: relayd.replies (rejection reasons), relayd.control_server (serves
+See also: relayd.smtp.replies (rejection reasons), relayd.controlplane.server (serves
 ``/metrics``), config/grafana-dashboard.json, config/prometheus-alerts.yml.
 """
 
@@ -59,7 +59,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from relayd.replies import REJECTION_REASONS
+from relayd.smtp.replies import REJECTION_REASONS
 
 NAMESPACE = "relayd"
 
@@ -153,7 +153,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
-        # --- SMTP sessions (relayd.smtp) -------------------------------------
+        # --- SMTP sessions (relayd.smtp.server) -------------------------------------
         self.smtp_connections_total = Counter(
             "smtp_connections", "SMTP connections accepted.", namespace=ns, registry=r
         )
@@ -162,7 +162,7 @@ class Metrics:
         )
         self.smtp_rejections_total = Counter(
             "smtp_rejections",
-            "SMTP commands or messages refused, by reason (relayd.replies).",
+            "SMTP commands or messages refused, by reason (relayd.smtp.replies).",
             ["reason"],
             namespace=ns,
             registry=r,
@@ -172,7 +172,7 @@ class Metrics:
             for reason in REJECTION_REASONS
         }
 
-        # --- authentication and the credential cache (relayd.credentials) ----
+        # --- authentication and the credential cache (relayd.directory.credentials) ----
         self.auth_total = Counter(
             "auth", "SMTP AUTH attempts decided by a credential check, by result.",
             ["result"], namespace=ns, registry=r,
@@ -188,12 +188,12 @@ class Metrics:
         self.credential_cache_misses_total = Counter(
             "credential_cache_misses",
             "Password checks of known accounts that needed argon2: first login, first"
-            " after an invalidation, and every wrong password (relayd.observe).",
+            " after an invalidation, and every wrong password (relayd.observe.events).",
             namespace=ns,
             registry=r,
         )
 
-        # --- acceptance and queues (relayd.spool, relayd.scheduler) ----------
+        # --- acceptance and queues (relayd.store.spool, relayd.queue.scheduler) ----------
         self.messages_accepted_total = Counter(
             "messages_accepted",
             "Messages committed to the spool and answered with 250.",
@@ -250,7 +250,7 @@ class Metrics:
             buckets=BATCH_BUCKETS,
         )
 
-        # --- delivery (relayd.delivery) ---------------------------------------
+        # --- delivery (relayd.delivery.client) ---------------------------------------
         self.delivery_attempts_total = Counter(
             "delivery_attempts",
             "Delivery attempts per recipient, by outcome.",

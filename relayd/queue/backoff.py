@@ -10,7 +10,7 @@ attempt the next one is ``min(maximum, first * factor ** (n - 1))`` seconds
 later, spread by a random fraction in ``[-jitter, +jitter]`` so that mail
 deferred together does not come back together; never sooner than 1 s.
 ``expired`` says when the recipient has been queued longer than ``lifetime``;
-the caller then fails it (a bounce, see relayd.dsn).
+the caller then fails it (a bounce, see relayd.delivery.dsn).
 
 Classification: 2xx is delivered, 4xx deferred, 5xx failed; anything else (a
 reply that is not a reply, a 1xx/3xx out of place) is deferred, because
@@ -22,7 +22,7 @@ Pure: time (``now``) and randomness (``rand``) are passed in; no I/O.
 Untrusted input: the reply code of a remote server (any int is accepted).
 Settings read: none directly; relayd.config builds a BackoffPolicy from
 ``[queue]`` settings.
-See also: relayd.scheduler (the retry queue), relayd.delivery (reply codes).
+See also: relayd.queue.scheduler (the retry queue), relayd.delivery.client (reply codes).
 """
 
 from __future__ import annotations

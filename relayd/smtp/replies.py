@@ -10,7 +10,7 @@ deleted...) goes to the log and to the metric's reason label, never to the
 client.
 
 Untrusted input: none. Settings read: none.
-See also: relayd.policy (chooses a reply), relayd.smtp (sends it).
+See also: relayd.smtp.policy (chooses a reply), relayd.smtp.server (sends it).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Each line holds ``timestamp`` (ISO 8601, UTC), ``level``, ``event``, ``logger``
 and the bound context, e.g.::
 
     {"peer": "192.0.2.7", "event": "auth failed", "level": "info",
-     "logger": "relayd.smtp", "timestamp": "2024-05-01T12:00:00.123456Z"}
+     "logger": "relayd.smtp.server", "timestamp": "2024-05-01T12:00:00.123456Z"}
 
 Untrusted input: every logged value may come from a client. Masking, applied
 after all other processors and before rendering:

@@ -34,8 +34,8 @@ the header section if a whole message was passed.
 
 Pure: time (``now``) and ids are passed in. Settings read: none; the caller
 passes the reporting MTA name (``server.hostname``) and postmaster address.
-See also: relayd.scheduler (decides that a recipient failed), relayd.backoff
-(``expired``), relayd.spool (queues the bounce with the null sender).
+See also: relayd.queue.scheduler (decides that a recipient failed), relayd.queue.backoff
+(``expired``), relayd.store.spool (queues the bounce with the null sender).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Owns: the one adapter to aiohttp — routing each ``/v1/`` path (the table
 control.schemas.ROUTES, which control.openapi documents) to a
-relayd.lifecycle operation (``/v1/throttle``: to the SMTP server's failed-AUTH
-throttle, relayd.policy.AuthThrottle), decoding request bodies strictly into
+relayd.controlplane.lifecycle operation (``/v1/throttle``: to the SMTP server's failed-AUTH
+throttle, relayd.smtp.policy.AuthThrottle), decoding request bodies strictly into
 control.schemas Structs, encoding responses, mapping errors to HTTP status
 codes with an ``Error`` body, and recording the uid of the socket peer
 (SO_PEERCRED) with every operation it logs. The control socket is created
@@ -39,10 +39,10 @@ from aiohttp import web
 
 from control import schemas
 from control.openapi import dump as openapi_document
-from relayd.lifecycle import Lifecycle, LifecycleError
-from relayd.logging import bind_context, unbind_context
-from relayd.metrics import Registry, render
-from relayd.policy import AuthThrottle
+from relayd.controlplane.lifecycle import Lifecycle, LifecycleError
+from relayd.observe.logs import bind_context, unbind_context
+from relayd.observe.metrics import Registry, render
+from relayd.smtp.policy import AuthThrottle
 
 S = TypeVar("S", bound=msgspec.Struct)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -154,7 +154,7 @@ class ControlServer:
                  throttle: AuthThrottle | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.lc = lifecycle
-        self.throttle = throttle  # the SMTP server's failed-AUTH throttle (relayd.policy)
+        self.throttle = throttle  # the SMTP server's failed-AUTH throttle (relayd.smtp.policy)
         self.clock = clock
         self.status = status
         self.before_scrape = before_scrape  # refreshes gauges (queue depths) before /metrics

@@ -6,7 +6,7 @@ Signing happens before the spool commit, so what is queued is exactly what
 is delivered.
 
 Where: in a delivery agent process when one runs (``remote``, see
-relayd.delivery_agent ``Sign``): its own interpreter, so the RSA work and the
+relayd.delivery.agent ``Sign``): its own interpreter, so the RSA work and the
 Python around it never wait for this process's GIL (a signing thread here
 waits for the busy loop thread at every return to Python; figures in
 bench/NOTES.md). When no agent runs
@@ -15,8 +15,8 @@ answered fails with SigningUnavailable) the local signing threads sign: a job
 queued for them and, per batch of jobs a thread took at once, one wake-up of
 the loop (``call_soon_threadsafe``) that resolves all their futures.
 
-Settings read: [dkim] (through the signers built by relayd.lifecycle).
-See also: relayd.dkim (the pure signer), relayd.smtp (calls ``sign``).
+Settings read: [dkim] (through the signers built by relayd.controlplane.lifecycle).
+See also: relayd.dkim.signature (the pure signer), relayd.smtp.server (calls ``sign``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from relayd import dkim
-from relayd.accounts import Account
-from relayd.delivery_agent import SigningUnavailable
+from relayd.delivery.agent import SigningUnavailable
+from relayd.directory.accounts import Account
+from relayd.dkim import signature as dkim
 
 #: Jobs one thread takes at once (each is one RSA operation).
 _BATCH_MAX = 16
 
 class RemoteSigner(Protocol):
-    """Signs in another process (relayd.delivery_agent.AgentPool)."""
+    """Signs in another process (relayd.delivery.agent.AgentPool)."""
 
     def sign(self, signers: Sequence[dkim.Signer], data: bytes,
              now: int) -> asyncio.Future[bytes] | None: ...
@@ -65,7 +65,7 @@ class DkimSigning:
     async def sign(self, account: Account, data: bytes) -> bytes:
         """``data`` with the domain's signature header(s) prepended (unchanged if no key).
 
-        ``data`` is a message as relayd.smtp accepts it: CRLF line endings only.
+        ``data`` is a message as relayd.smtp.server accepts it: CRLF line endings only.
         """
         signers = account.domain.signers
         if not signers:

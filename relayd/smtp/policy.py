@@ -9,14 +9,14 @@ takes values (and a clock reading) and returns a Reply to send, or None to go
 on. Also the one outbound decision of the same kind: which IP addresses MX
 delivery may connect to (``DestinationPolicy``: never loopback, link-local,
 unspecified, multicast or reserved addresses, private ones only when
-configured), used by relayd.mx.
+configured), used by relayd.delivery.mx.
 
 Interface cost: microseconds; these run on the event loop for every command.
 
 Untrusted input: values parsed from client commands (already validated for
-syntax by relayd.address), addresses from DNS answers. Settings read: [smtp],
+syntax by relayd.smtp.address), addresses from DNS answers. Settings read: [smtp],
 [limits], [delivery] mx_allow_private and mx_allowed_networks, passed in.
-See also: relayd.replies, relayd.smtp (the adapter that calls these).
+See also: relayd.smtp.replies, relayd.smtp.server (the adapter that calls these).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from relayd import replies
-from relayd.accounts import Account
-from relayd.address import in_domain, is_address_literal
-from relayd.replies import Reply
+from relayd.directory.accounts import Account
+from relayd.smtp import replies
+from relayd.smtp.address import in_domain, is_address_literal
+from relayd.smtp.replies import Reply
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -310,7 +310,7 @@ class AuthThrottle:
 
     The same secret failing again for the same username from the same
     address within ``AUTH_REPEAT_WINDOW`` (a ``fingerprint``: a keyed digest
-    made by relayd.credentials, never the secret) is answered from memory and
+    made by relayd.directory.credentials, never the secret) is answered from memory and
     counted once. A success forgets that username's failures from that address.
 
     Memory: counts are forgotten ``lockout`` seconds after the last failure

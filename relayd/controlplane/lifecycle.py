@@ -19,7 +19,8 @@ session of the account can start or finish a message.
 Untrusted input: operator requests from the control socket (names, CIDRs,
 numbers), already decoded by control.schemas. Settings read: [limits],
 [dkim], [dns], [server].hostname.
-See also: relayd.accounts, relayd.credentials, relayd.scheduler, relayd.spool.
+See also: relayd.directory.accounts, relayd.directory.credentials, relayd.queue.scheduler,
+relayd.store.spool.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 from control import schemas
-from relayd import dkim
-from relayd.accounts import (
+from relayd.config import Config
+from relayd.directory.accounts import (
     ACTIVE,
     DELETED,
     DISABLED,
@@ -47,11 +48,11 @@ from relayd.accounts import (
     overlapping,
     parse_binding,
 )
-from relayd.config import Config
-from relayd.credentials import CredentialCache, Hasher
+from relayd.directory.credentials import CredentialCache, Hasher
+from relayd.dkim import signature as dkim
 from relayd.ids import format_id, parse_id
-from relayd.scheduler import Scheduler
-from relayd.spool import Db, IntegrityError, Spool
+from relayd.queue.scheduler import Scheduler
+from relayd.store.spool import Db, IntegrityError, Spool
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")

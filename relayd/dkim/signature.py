@@ -6,7 +6,7 @@ canonicalization (RFC 6376 §3.4.2, §3.4.4), the body hash and the complete
 ``DKIM-Signature`` header field to prepend to the message.
 
 Cost: ``Signer.sign`` is pure CPU and runs for every accepted message, so it
-never runs on the main event loop (relayd.signing: a child process, or a
+never runs on the main event loop (relayd.dkim.signing: a child process, or a
 thread). It is the private-key operation plus a small part linear in the
 message: canonicalization with bytes methods (a regex only for messages with
 bare LF or CR; no ``email`` parsing) and the header, whose folded layout a
@@ -38,7 +38,7 @@ no random source). The time (``now``) and the selector token are parameters;
 ``selector_token`` takes the random source as an argument.
 
 Settings read: none (the caller passes the domain, its selector and its key).
-See also: relayd.lifecycle (domain add/delete: key and selector), relayd.smtp
+See also: relayd.controlplane.lifecycle (domain add/delete: key and selector), relayd.smtp.server
 (signs at acceptance, before queueing), SEMANTICS.md §2, RFC 6376, RFC 8463.
 """
 
@@ -101,7 +101,7 @@ _RSA_MIN_BITS = 1024  # RFC 8301 §3.2: verifiers need not accept smaller keys
 _MAX_LINE = 78  # folded header lines stay within this many characters
 _FOLD = "\r\n "
 _FOLD_B = b"\r\n "
-_LAYOUTS_MAX = 64  # h= lists whose folded layout a signer keeps (relayd.dkim.Signer._layout)
+_LAYOUTS_MAX = 64  # h= lists whose folded layout a signer keeps (Signer._layout)
 
 # Line endings as the wire carries them: CRLF, or a lone LF or CR (made CRLF).
 _LINE_END = re.compile(rb"\r\n|\n|\r")
@@ -230,7 +230,7 @@ def prepare(message: bytes, crlf_only: bool = False) -> Prepared:
     """Canonicalize ``message`` (relaxed/relaxed) for signing; cheap, shared by all signers.
 
     ``crlf_only``: the caller knows every CR and LF of ``message`` is in a CRLF
-    pair (relayd.smtp refuses anything else before signing), so the three
+    pair (relayd.smtp.server refuses anything else before signing), so the three
     counts that would check it (three passes over the message) are skipped.
     """
     if not crlf_only:
@@ -331,7 +331,7 @@ class Signer:
     """Signs messages for one domain with one key; build once per key, share across threads."""
 
     __slots__ = (
-        "__weakref__",  # relayd.delivery_agent learns when a key is dropped
+        "__weakref__",  # relayd.delivery.agent learns when a key is dropped
         "_hash",
         "_key",
         "_layouts",
@@ -350,7 +350,7 @@ class Signer:
         self.domain = _check_domain(domain)
         self.selector = _check_selector(selector)
         self.algorithm, self._key = _load(private_pem)
-        self.pem = private_pem  # to hand the key to a signing process (relayd.signing)
+        self.pem = private_pem  # to hand the key to a signing process (relayd.dkim.signing)
         self.key_id = next(_KEY_IDS)  # unique in this process, never reused
         self._pad = padding.PKCS1v15()
         self._layouts: dict[tuple[tuple[str, ...], int, int], _Layout] = {}

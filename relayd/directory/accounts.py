@@ -2,7 +2,7 @@
 
 Owns: the live view of every domain and account that the SMTP hot path reads
 (status, epoch, sender domain, bound networks, counters) — loaded from the
-spool at start and changed only by relayd.lifecycle, which writes the database
+spool at start and changed only by relayd.controlplane.lifecycle, which writes the database
 first and then this directory, in the same call.
 
 Interface cost: every lookup here is a dict access or a short list scan, with
@@ -13,7 +13,7 @@ the epoch it authenticated under, and any disable, delete or password reset
 bumps it, so every session of that account stops being authenticated at that
 instant, without the directory knowing the sessions.
 
-Binding rules (pure, used by relayd.lifecycle): a network bound to an account
+Binding rules (pure, used by relayd.controlplane.lifecycle): a network bound to an account
 is written without host bits, is no broader than the configured prefix
 (``[limits] max_network_prefix_v4`` / ``_v6``), is not an IPv4-mapped IPv6
 range, and overlaps no other account's network (``parse_binding``,
@@ -21,8 +21,8 @@ range, and overlaps no other account's network (``parse_binding``,
 
 Untrusted input: peer addresses (from the socket, already parsed by the OS);
 networks to bind (operator input, checked by ``parse_binding``).
-Settings read: none (limits are passed in). See also: relayd.credentials,
-relayd.lifecycle.
+Settings read: none (limits are passed in). See also: relayd.directory.credentials,
+relayd.controlplane.lifecycle.
 """
 
 from __future__ import annotations

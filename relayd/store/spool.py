@@ -28,7 +28,7 @@ the restart takes); on the wire and in the CLI they are 16 hex digits (relayd.id
 
 Untrusted input: message data and addresses (stored as given, always through
 bound parameters). Settings read: [spool], the database path.
-See also: relayd.scheduler (reads and updates the queues), relayd.lifecycle.
+See also: relayd.queue.scheduler (reads and updates the queues), relayd.controlplane.lifecycle.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The control API's server side and the operations it runs."""

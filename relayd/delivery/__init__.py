@@ -1,0 +1,1 @@
+"""Outbound SMTP: next hops, MX, pooled connections, the agent processes, bounces."""

@@ -1,0 +1,1 @@
+"""DKIM: keys, signatures, and where accepted messages are signed."""

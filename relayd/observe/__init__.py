@@ -1,0 +1,1 @@
+"""Metrics, logs, hot-path events and the systemd notify protocol."""

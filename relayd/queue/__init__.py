@@ -1,0 +1,1 @@
+"""Which message goes next: the send queue, sending limits, retries and dispatch."""

@@ -1,0 +1,1 @@
+"""Every byte that reaches disk: the spool database, its writer, migrations, body files."""
