@@ -146,6 +146,9 @@ class Metrics:
 
         Also registers the process and platform collectors on ``registry`` and
         turns off ``_created`` series (for the whole process: see the module doc).
+
+        Size: one flat list of family definitions, each a few lines of name, help
+        and labels; split, it would be the same list in more places.
         """
         disable_created_metrics()
         ns = NAMESPACE
