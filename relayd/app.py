@@ -48,7 +48,8 @@ from relayd import config as config_mod
 from relayd.config import Config, ConfigError, parse_hostport
 from relayd.controlplane.lifecycle import Lifecycle
 from relayd.controlplane.server import ControlServer
-from relayd.delivery.client import Deliverer
+from relayd.delivery.agents import AgentPool
+from relayd.delivery.client import Deliverer, Transport
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim.signing import DkimSigning
@@ -122,8 +123,11 @@ def _tls_context(cfg: Config) -> ssl.SSLContext | None:
 class Relay:
     """One running relayd."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, transport: Transport | None = None) -> None:
+        """``transport``: where transactions run; None (relayd) starts the delivery
+        agents and the signing child; tests may pass an in-process fake."""
         self.cfg = cfg
+        self._transport = transport
         self.log = rlog.get_logger("relayd")
         self.started = time.monotonic()
         self.registry = new_registry()
@@ -173,6 +177,9 @@ class Relay:
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
+        for name in cfg.ignored_settings():
+            self.log.warning("setting_ignored", setting=name,
+                             reason=config_mod.REMOVED_SETTINGS[name])
         _prepare_data_dir(cfg.server.data_dir)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
                            on_batch=self.observer.batch)
@@ -184,9 +191,10 @@ class Relay:
                                      on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
         mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
-        self.deliverer = Deliverer(cfg.delivery, helo, mx=mx,
-                                   agent_processes=cfg.delivery.agent_processes,
-                                   signing_process=cfg.dkim.enabled and cfg.dkim.signing_process)
+        # Transactions run in the delivery agents; with DKIM on, one more child signs.
+        self.agents = self._transport or AgentPool(
+            cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
+        self.deliverer = Deliverer(cfg.delivery, self.agents, mx=mx)
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
         d = cfg.delivery
@@ -212,10 +220,10 @@ class Relay:
             raise SpoolError(f"cannot load spool {cfg.database_path}"
                              f" ({type(exc).__name__}: {exc}); restore it from a backup, or"
                              " move it away to start with an empty spool") from exc
-        # With delivery agents, DKIM is signed in a child (no GIL shared with this
-        # loop): the signing child, or the agents; the local signing thread
-        # covers the time no such child runs.
-        self.signer = DkimSigning(remote=self.deliverer.agents) if cfg.dkim.enabled else None
+        # DKIM is signed in the signing child (no GIL shared with this loop); the
+        # local signing thread covers the time it does not run.
+        remote = self.agents if isinstance(self.agents, AgentPool) else None
+        self.signer = DkimSigning(remote=remote) if cfg.dkim.enabled else None
         if self.signer is not None:
             undo.push_async_callback(_quietly, self.signer.close)
         tls = self._tls = _tls_context(cfg)

@@ -39,6 +39,13 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 SYSTEM_CONFIG = "/etc/relayd/relayd.toml"
 
 
+#: Settings that no longer exist ("section.key": why). A file that still sets one
+#: keeps loading; relayd logs ``setting_ignored`` naming it at start.
+REMOVED_SETTINGS: dict[str, str] = {
+    "dkim.signing_process": "DKIM is always signed in the signing child",
+}
+
+
 class ConfigError(Exception):
     """A configuration file or override that cannot be used; the text names the key."""
 
@@ -165,7 +172,7 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     smarthost_password: str = ""
     tls_verify: bool = True
     connections_per_host: PositiveInt = 20
-    agent_processes: NonNegativeInt = 1  # outbound SMTP in child processes (0 = in-process)
+    agent_processes: PositiveInt = 1  # outbound SMTP runs in this many child processes
     messages_per_connection: PositiveInt = 1000
     idle_connection_seconds: Seconds = 30.0
     connect_timeout_seconds: Seconds = 15.0
@@ -219,9 +226,9 @@ class DkimConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     algorithm: Literal["rsa", "ed25519"] = "rsa"
     dual_ed25519: bool = False
-    # With delivery agents: sign in one more child process that only signs, so
-    # signing never delays the agents' deliveries (false: the agents sign).
-    signing_process: bool = True
+    # Removed (the signing child always signs): still accepted so that a file
+    # written for an older relayd keeps loading; see REMOVED_SETTINGS.
+    signing_process: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class DnsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -271,6 +278,12 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+
+    def ignored_settings(self) -> list[str]:
+        """The removed settings this configuration still sets ("section.key"), ignored."""
+        return [name for name in REMOVED_SETTINGS
+                if getattr(getattr(self, name.partition(".")[0]),
+                           name.partition(".")[2]) is not msgspec.UNSET]
 
     @property
     def control_socket(self) -> str:

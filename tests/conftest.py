@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd import config as config_mod
 from relayd.app import Relay
+from tests.delivery_fake import InProcessTransport
 from tests.procs import RelayProcess
 from tests.tools import register_ci_guard
 
@@ -251,9 +252,12 @@ async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactor
     started: list[Relay] = []
 
     async def start(extra: dict[str, Any] | None = None, smarthost: str | None = None,
-                    data: Path | None = None) -> RelayHandle:
+                    data: Path | None = None, in_process: bool = False) -> RelayHandle:
         cfg = make_config(data or tmp_path, smarthost or sink.address, extra)
-        relay = Relay(cfg)
+        # in_process: the transactions run in this process (tests/delivery_fake.py).
+        transport = InProcessTransport(cfg.delivery, cfg.delivery.helo_name
+                                       or cfg.server.hostname) if in_process else None
+        relay = Relay(cfg, transport=transport)
         await relay.start()
         started.append(relay)
         smtp = next(x for x in relay.listeners if x.kind == "smtp").address

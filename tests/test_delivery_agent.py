@@ -1,6 +1,6 @@
 """The delivery agent process: outbound SMTP runs in a child, fed over a
-socketpair; a killed child loses nothing, a stopped relay stops it, and
-``agent_processes = 0`` keeps delivery in the main process."""
+socketpair; a killed child loses nothing, a stopped relay stops it. The same
+client also runs in this process behind the test fake (tests/delivery_fake.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from relayd.delivery.agents import AgentPool
 from tests.conftest import RelayFactory, Sink, _SinkHandler
+from tests.delivery_fake import InProcessTransport
 from tests.procs import RelayProcess, free_port
 from tests.test_queue_support import eventually, log_entries, queue_items, submit
 
-AGENTS = pytest.mark.parametrize("agents", [0, 1], ids=["in-process", "agent"])
+# In the delivery agent process (relayd), and in this process (the test fake).
+IN_PROCESS = pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "agent"])
 
 
 def _alive(pid: int) -> bool:
@@ -61,18 +64,18 @@ async def _account(relay: Any) -> tuple[str, str]:
     return result
 
 
-@AGENTS
+@IN_PROCESS
 async def test_delivery_reaches_the_sink(relay_factory: RelayFactory, sink: Sink,
-                                         agents: int) -> None:
+                                         in_process: bool) -> None:
     """Messages with several recipients arrive intact, each recipient logged delivered."""
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
-    pool = relay.relay.deliverer.agents
-    if agents:
-        assert pool is not None and len(pool.delivery_pids) == 1
+    relay = await relay_factory(in_process=in_process)
+    pool = relay.relay.agents
+    if not in_process:
+        assert isinstance(pool, AgentPool) and len(pool.delivery_pids) == 1
         assert pool.signer_pid is not None  # DKIM is on: a signing child runs too
         assert os.getpid() not in pool.pids
     else:
-        assert pool is None
+        assert isinstance(pool, InProcessTransport)
     account = await _account(relay)
     await submit(relay, account, ["a@dest.test", "b@dest.test"], count=5)
     got = await sink.wait_for(5)
@@ -88,12 +91,12 @@ async def test_delivery_reaches_the_sink(relay_factory: RelayFactory, sink: Sink
     assert 1 <= relay.relay.deliverer.connections_opened == sink.connections
 
 
-@AGENTS
+@IN_PROCESS
 async def test_per_recipient_replies_cross_the_agent(relay_factory: RelayFactory, sink: Sink,
-                                                     agents: int) -> None:
+                                                     in_process: bool) -> None:
     """A refused recipient fails (and bounces) while the other one is delivered."""
     sink.rcpt_script["bad@dest.test"] = "550 5.1.1 no such user"
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    relay = await relay_factory(in_process=in_process)
     account = await _account(relay)
     [mid] = await submit(relay, account, ["ok@dest.test", "bad@dest.test"])
 
@@ -108,11 +111,10 @@ async def test_per_recipient_replies_cross_the_agent(relay_factory: RelayFactory
     await sink.wait_for(2)  # the message and the DSN
 
 
-@AGENTS
-async def test_unreachable_hop_defers(relay_factory: RelayFactory, agents: int) -> None:
+@IN_PROCESS
+async def test_unreachable_hop_defers(relay_factory: RelayFactory, in_process: bool) -> None:
     """A next hop that refuses connections leaves the recipient deferred (no code)."""
-    relay = await relay_factory({"delivery": {"agent_processes": agents}},
-                                smarthost=f"127.0.0.1:{free_port()}")
+    relay = await relay_factory(smarthost=f"127.0.0.1:{free_port()}", in_process=in_process)
     account = await _account(relay)
     [mid] = await submit(relay, account, ["a@dest.test"])
 
@@ -130,10 +132,9 @@ async def test_killed_agent_loses_nothing(relay_factory: RelayFactory) -> None:
     ``queue retry`` every message is delivered."""
     sink = await _slow_sink()
     try:
-        relay = await relay_factory({"delivery": {"agent_processes": 1}},
-                                    smarthost=sink.address)
-        pool = relay.relay.deliverer.agents
-        assert pool is not None
+        relay = await relay_factory(smarthost=sink.address)
+        pool = relay.relay.agents
+        assert isinstance(pool, AgentPool)
         account = await _account(relay)
         sending = asyncio.ensure_future(submit(relay, account, ["r@dest.test"], count=60))
         await sink.wait_for(5)
@@ -172,9 +173,9 @@ async def test_killed_agent_loses_nothing(relay_factory: RelayFactory) -> None:
 
 async def test_relay_stop_stops_the_agent(relay_factory: RelayFactory, sink: Sink) -> None:
     """A graceful stop waits for the agent to close its connections and exit."""
-    relay = await relay_factory({"delivery": {"agent_processes": 1}})
-    pool = relay.relay.deliverer.agents
-    assert pool is not None
+    relay = await relay_factory()
+    pool = relay.relay.agents
+    assert isinstance(pool, AgentPool)
     pids = pool.pids
     assert len(pids) == 2  # the delivering child and the signing one
     account = await _account(relay)
@@ -214,16 +215,16 @@ async def _async(value: Any) -> Any:
     return value
 
 
-@AGENTS
+@IN_PROCESS
 async def test_large_message_goes_from_its_spool_file(relay_factory: RelayFactory, sink: Sink,
-                                                      agents: int) -> None:
+                                                      in_process: bool) -> None:
     """A message stored in a file of its own is read from that file by whoever sends it
-    (the agent, or the main process without one): it arrives byte for byte, and the file
+    (the agent, or this process with the test fake): it arrives byte for byte, and the file
     is gone once the delivery is recorded."""
     from relayd.store.spool import EXTERNAL_MIN
     from tests.conftest import message
 
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    relay = await relay_factory(in_process=in_process)
     account = await _account(relay)
     body = "".join(f"line {i:06d} " + "q" * 60 + "\r\n" for i in range(6000))
     big = message("big", body=body)
@@ -241,14 +242,14 @@ async def test_large_message_goes_from_its_spool_file(relay_factory: RelayFactor
     assert await eventually(no_files)
 
 
-@AGENTS
+@IN_PROCESS
 async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: RelayFactory,
-                                                             agents: int) -> None:
+                                                             in_process: bool) -> None:
     """A spool file that is gone when its transaction starts (purged meanwhile) is a
-    temporary failure with a text saying so, in the agent and in the main process."""
+    temporary failure with a text saying so, in the agent and in this process (the fake)."""
     from relayd.delivery.client import BodyFile
 
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    relay = await relay_factory(in_process=in_process)
     d = relay.relay.deliverer
     replies = await d.send(d.router.smarthost, "app@example.com", ["a@dest.test", "b@dest.test"],
                            BodyFile("/nonexistent/relayd-body", 1000))
@@ -258,13 +259,14 @@ async def test_unreadable_body_file_defers_with_a_clear_text(relay_factory: Rela
 
 async def test_a_key_the_agent_cannot_load_fails_only_its_own_signature() -> None:
     """The Sign frames of one batch are answered one by one: a key that does not load
-    in the child fails its own message (the session then says 451), the rest are signed."""
+    in the signing child fails its own message (the session then says 451), the rest
+    are signed."""
     from relayd.config import DeliveryConfig
-    from relayd.delivery.agent import SIGN_SLICE, AgentPool
+    from relayd.delivery.agent_child import SIGN_SLICE
     from relayd.dkim import signature as dkim
 
     now = 1_700_000_000
-    pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
+    pool = AgentPool(DeliveryConfig(), "test.invalid", 1, signer=True)
     await pool.start()
     try:
         good = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
@@ -293,12 +295,12 @@ async def test_a_key_whose_signer_is_gone_is_dropped_by_the_agent() -> None:
     import gc
 
     from relayd.config import DeliveryConfig
-    from relayd.delivery.agent import AgentPool, Sign
+    from relayd.delivery.wire import Sign
     from relayd.dkim import signature as dkim
 
     now = 1_700_000_000
     msg = b"From: a@example.com\r\n\r\nbody\r\n"
-    pool = AgentPool(DeliveryConfig(), "test.invalid", 1)
+    pool = AgentPool(DeliveryConfig(), "test.invalid", 1, signer=True)
     await pool.start()
     try:
         signer = dkim.Signer("example.com", "s1", dkim.generate_private_key("ed25519"))
@@ -306,8 +308,8 @@ async def test_a_key_whose_signer_is_gone_is_dropped_by_the_agent() -> None:
         assert first is not None
         assert await first == dkim.signature_headers([signer], msg, now)
         key_id = signer.key_id
-        agent = pool._agents[0]
-        assert key_id in agent.sent_keys
+        agent = pool._signer
+        assert agent is not None and key_id in agent.sent_keys
         del signer, first
         gc.collect()
         for _ in range(100):
@@ -333,7 +335,7 @@ async def test_the_signing_child_only_signs_and_comes_back_after_a_kill(sink: Si
     answered (SigningUnavailable: the session signs locally), deliveries go on, and a
     new signing child takes over, with the keys sent to it afresh."""
     from relayd.config import DeliveryConfig
-    from relayd.delivery.agent import AgentPool, SigningUnavailable
+    from relayd.delivery.agents import SigningUnavailable
     from relayd.delivery.client import Hop
     from relayd.dkim import signature as dkim
 
@@ -381,11 +383,13 @@ async def test_the_signing_child_only_signs_and_comes_back_after_a_kill(sink: Si
 
 def test_the_child_refuses_a_command_line_it_does_not_know(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """``--fd N`` with an optional ``--role deliver|sign``; anything else is a usage error
+    """``--fd N --role deliver|sign``; anything else is a usage error
     (exit 2), never a child running on a bad socket."""
-    from relayd.delivery.agent import main
+    from relayd.delivery.agent_child import main
 
-    for argv in (["--fd"], ["--fd", "3", "--role"], ["--fd", "3", "--role", "boss"],
+    for argv in (["--fd"], ["--fd", "3"], ["--fd", "3", "--role"],
+                 ["--fd", "3", "--role", "boss"], ["--fd", "x", "--role", "sign"],
                  ["--role", "sign", "--fd", "3"]):
         assert main(argv) == 2, argv
-        assert "usage: python -m relayd.delivery.agent --fd N" in capsys.readouterr().err
+        assert ("usage: python -m relayd.delivery.agent_child --fd N --role deliver|sign"
+                in capsys.readouterr().err)

@@ -64,12 +64,10 @@ def pipelined(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-async def _relay(relay_factory: RelayFactory, sink: Sink,
-                 extra: dict[str, Any] | None = None) -> tuple[RelayHandle, tuple[str, str]]:
-    # In-process delivery: the ``pipelined`` fixture counts calls in this process.
-    extra = dict(extra or {})
-    extra["delivery"] = {"agent_processes": 0, **extra.get("delivery", {})}
-    relay = await relay_factory(extra, smarthost=sink.address)
+async def _relay(relay_factory: RelayFactory, sink: Sink, extra: dict[str, Any] | None = None,
+                 in_process: bool = True) -> tuple[RelayHandle, tuple[str, str]]:
+    # In-process delivery (the test fake): the ``pipelined`` fixture counts calls here.
+    relay = await relay_factory(extra, smarthost=sink.address, in_process=in_process)
     await relay.ctl.add_domain("example.com")
     return relay, await relay.ctl.add_user("example.com")
 
@@ -191,8 +189,7 @@ async def test_pipelining_against_postfix_smtp_sink(relay_factory: RelayFactory,
     """Postfix's smtp-sink takes 30 pipelined two-recipient messages on few connections."""
     proc, port = await _postfix_sink()
     try:
-        relay = await relay_factory({"delivery": {"agent_processes": 0}},
-                                    smarthost=f"127.0.0.1:{port}")
+        relay = await relay_factory(smarthost=f"127.0.0.1:{port}", in_process=True)
         await relay.ctl.add_domain("example.com")
         account = await relay.ctl.add_user("example.com")
         await submit(relay, account, ["a@dest.test", "b@dest.test"], count=30)
@@ -215,8 +212,7 @@ async def test_pipelined_drop_after_data_defers(relay_factory: RelayFactory,
     """A hop that hangs up after the body, with RCPTs accepted, leaves them deferred."""
     proc, port = await _postfix_sink("-q", ".")
     try:
-        relay = await relay_factory({"delivery": {"agent_processes": 0}},
-                                    smarthost=f"127.0.0.1:{port}")
+        relay = await relay_factory(smarthost=f"127.0.0.1:{port}", in_process=True)
         await relay.ctl.add_domain("example.com")
         account = await relay.ctl.add_user("example.com")
         await submit(relay, account, ["a@dest.test", "b@dest.test"])
@@ -245,8 +241,7 @@ def _dotted_body(size: int) -> bytes:
 async def test_large_dotted_body_arrives_byte_exact(relay_factory: RelayFactory,
                                                     pipe_sink: Sink) -> None:
     """A 10 MB body full of dot-led lines crosses the delivery agent and arrives byte-exact."""
-    relay, account = await _relay(relay_factory, pipe_sink,
-                                  {"delivery": {"agent_processes": 1}})
+    relay, account = await _relay(relay_factory, pipe_sink, in_process=False)
     body = _dotted_body(10 * 1024 * 1024)
     assert len(body) > 10_000_000
     client = await relay.client(*account)

@@ -6,17 +6,18 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import RelayFactory, Sink
+from tests.delivery_fake import InProcessTransport
 from tests.test_queue_support import eventually, submit
 
-# Both delivery paths: in the main process (0) and in a delivery agent process (1).
-AGENTS = pytest.mark.parametrize("agents", [0, 1], ids=["in-process", "agent"])
+# In the delivery agent process (relayd), and in this process (the test fake).
+IN_PROCESS = pytest.mark.parametrize("in_process", [False, True], ids=["agent", "in-process"])
 
 
-@AGENTS
+@IN_PROCESS
 async def test_hundred_messages_use_few_connections(relay_factory: RelayFactory, sink: Sink,
-                                                    agents: int) -> None:
+                                                    in_process: bool) -> None:
     """100 messages to one next hop arrive over far fewer than 100 connections."""
-    relay = await relay_factory({"delivery": {"agent_processes": agents}})
+    relay = await relay_factory(in_process=in_process)
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@dest.test"], count=100)
@@ -25,12 +26,13 @@ async def test_hundred_messages_use_few_connections(relay_factory: RelayFactory,
     assert relay.relay.deliverer.connections_opened == sink.connections
 
 
-@AGENTS
+@IN_PROCESS
 async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Sink,
-                                           agents: int) -> None:
+                                           in_process: bool) -> None:
     """After ``messages_per_connection`` messages a connection is closed and a new one opened."""
-    relay = await relay_factory({"delivery": {"connections_per_host": 1, "agent_processes": agents,
-                                              "messages_per_connection": 10}})
+    relay = await relay_factory({"delivery": {"connections_per_host": 1,
+                                              "messages_per_connection": 10}},
+                                in_process=in_process)
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@dest.test"], count=30)
@@ -40,13 +42,15 @@ async def test_messages_per_connection_cap(relay_factory: RelayFactory, sink: Si
 
 async def test_idle_connections_are_closed(relay_factory: RelayFactory, sink: Sink) -> None:
     """A pooled connection unused for ``idle_connection_seconds`` is closed with QUIT."""
-    relay = await relay_factory({"delivery": {"idle_connection_seconds": 0.2,
-                                              "agent_processes": 0}})  # reads the pool
+    relay = await relay_factory({"delivery": {"idle_connection_seconds": 0.2}},
+                                in_process=True)  # reads the pool
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@dest.test"])
     await sink.wait_for(1)
-    [pool] = relay.relay.deliverer._pools.values()
+    transport = relay.relay.agents
+    assert isinstance(transport, InProcessTransport)
+    [pool] = transport.pools._pools.values()
 
     async def closed() -> bool:
         return not pool._idle and not pool._closing

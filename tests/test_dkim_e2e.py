@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import dkim
 import pytest
 
+from relayd.delivery.agents import AgentPool
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.test_dkim import _NACL  # the cryptography-backed stand-in for PyNaCl
 
@@ -123,29 +124,26 @@ async def test_deleted_domain_key_no_longer_signs(relay: RelayHandle, sink: Sink
     assert verifies(data, published(recs), 0)
 
 
-@pytest.mark.parametrize(("agents", "signing_process"), [(0, True), (1, True), (1, False)],
-                         ids=["local-thread", "signing-child", "agent"])
+@pytest.mark.parametrize("in_process", [True, False], ids=["local-thread", "signing-child"])
 async def test_signed_in_a_child_when_one_runs(relay_factory: RelayFactory, sink: Sink,
-                                               agents: int, signing_process: bool) -> None:
-    """With delivery agents the RSA work runs in a child (the main process starts no
-    signing thread): the signing child by default, else the delivering agent; without
-    agents, in the local signing thread. All verify."""
-    relay = await relay_factory({"delivery": {"agent_processes": agents},
-                                 "dkim": {"signing_process": signing_process}})
+                                               in_process: bool) -> None:
+    """The RSA work runs in the signing child (the main process starts no signing
+    thread), never in the delivering agent; with no child at all (the in-process test
+    fake), in the local signing thread. All verify."""
+    relay = await relay_factory(in_process=in_process)
     data, recs = await deliver_one(relay, sink)
     assert verifies(data, published(recs), 0)
     signer = relay.relay.signer
     assert signer is not None
-    assert bool(signer._threads) is (agents == 0)
-    pool = relay.relay.deliverer.agents
-    if agents:
-        assert pool is not None
+    assert bool(signer._threads) is in_process
+    pool = relay.relay.agents
+    if not in_process:
+        assert isinstance(pool, AgentPool)
         [delivering] = pool._agents
-        assert (pool._signer is not None) is signing_process
+        assert pool._signer is not None
         # The key went to the child that signed, and only to it.
-        assert bool(delivering.sent_keys) is not signing_process
-        if pool._signer is not None:
-            assert pool._signer.sent_keys
+        assert not delivering.sent_keys
+        assert pool._signer.sent_keys
 
 
 async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
@@ -156,10 +154,10 @@ async def test_agent_death_falls_back_to_local_signing(relay: RelayHandle,
     import os
     import signal
 
-    from relayd.delivery.agent import SigningUnavailable
+    from relayd.delivery.agents import SigningUnavailable
 
-    pool = relay.relay.deliverer.agents
-    assert pool is not None
+    pool = relay.relay.agents
+    assert isinstance(pool, AgentPool)
     dom = await relay.ctl.add_domain("example.com")
     user, pw = await relay.ctl.add_user()
     agent = pool._signer  # the child that signs (and only signs)

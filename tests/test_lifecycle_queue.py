@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from relayd.delivery.agents import AgentPool
 from relayd.queue.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.test_queue_support import install_clock, queued, until
@@ -335,8 +336,8 @@ async def test_jobs_of_both_paths_share_the_agent_connections_so_disable_holds_t
     await gated.wait(lambda: gated.waiting == 2)  # both connections, held at end of DATA
     await send(relay, user, pw, 2, tag="small")
     await asyncio.sleep(0.3)
-    agent = relay.relay.deliverer.agents
-    assert agent is not None and sum(len(a.pending) for a in agent._agents) == 2
+    agent = relay.relay.agents
+    assert isinstance(agent, AgentPool) and sum(len(a.pending) for a in agent._agents) == 2
     await relay.ctl.ok("POST", f"/v1/users/{user}/disable")
     gated.gate.set()
     await gated.wait(lambda: len(gated.delivered) >= 2)

@@ -20,11 +20,13 @@ gives every recipient not yet answered ``code=None``: a temporary failure.
 Untrusted input: replies from remote servers (only code and text are kept;
 the text is truncated and stripped of control characters before it is logged
 or stored). Settings read: [delivery].
-With ``agent_processes > 0`` the transactions run in child processes
-(relayd.delivery.agent); routing stays here, in the main process.
+The transactions run in the delivery agent processes (``Pools``, driven by
+relayd.delivery.agent_child); routing (``Deliverer``, ``Router``) stays in the
+main process, which reaches the agents through the ``Transport`` it is given
+(relayd.delivery.agents; relayd.app wires the two).
 
 See also: relayd.queue.scheduler (calls ``Deliverer.send``), relayd.delivery.mx,
-relayd.delivery.agent.
+relayd.delivery.agents.
 """
 
 from __future__ import annotations
@@ -35,14 +37,11 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import aiosmtplib
 
 from relayd.config import DeliveryConfig, parse_hostport
-
-if TYPE_CHECKING:
-    from relayd.delivery.agent import AgentPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,24 +560,44 @@ class Router:
         return None
 
 
-class Deliverer:
-    """Send messages to next hops through per-hop connection pools."""
+class Transport(Protocol):
+    """Where transactions run: the delivery agent processes (relayd.delivery.agents).
+
+    Tests may put an in-process fake behind this interface; relayd itself
+    always runs them in the agents.
+    """
+
+    async def start(self) -> None:
+        """Ready to take transactions (returns once the agents run)."""
+
+    async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
+                   data: bytes | BodyFile) -> list[RcptReply]:
+        """One transaction at one hop; one reply per recipient."""
+
+    def submit(self, hop: Hop, sender: str, rcpts: Sequence[str], data: bytes,
+               done: Callable[[list[RcptReply]], None]) -> bool:
+        """``send`` with a callback; False, with nothing sent, when it cannot take it now."""
+
+    def reconfigure(self, cfg: DeliveryConfig) -> None:
+        """New settings (a reload) for the next connections."""
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections opened since start."""
+
+    async def close(self) -> None:
+        """Stop: QUIT pooled connections."""
+
+
+class Pools:
+    """Per-hop connection pools in this process (run by a delivery agent)."""
 
     def __init__(self, cfg: DeliveryConfig, helo: str,
-                 tls_context: ssl.SSLContext | None = None,
-                 mx: MxLookup | None = None, agent_processes: int = 0,
-                 signing_process: bool = False) -> None:
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self._cfg = cfg
         self.helo = helo
         self.tls_context = tls_context
-        self.router = Router(cfg)
-        self.mx = mx
         self._pools: dict[Hop, Pool] = {}
-        self.agents: AgentPool | None = None
-        if agent_processes > 0:
-            from relayd.delivery.agent import AgentPool
-
-            self.agents = AgentPool(cfg, helo, agent_processes, signer=signing_process)
 
     @property
     def cfg(self) -> DeliveryConfig:
@@ -587,18 +606,66 @@ class Deliverer:
 
     @cfg.setter
     def cfg(self, cfg: DeliveryConfig) -> None:
-        # A reload: the pools' next connections and the agent processes use the
-        # new settings (a pool lives as long as its hop: it must not keep the old).
+        # A reload: the pools' next connections use the new settings (a pool
+        # lives as long as its hop: it must not keep the old).
         self._cfg = cfg
         for pool in self._pools.values():
             pool.cfg = cfg
-        if self.agents is not None:
-            self.agents.reconfigure(cfg)
+
+    def pool(self, hop: Hop) -> Pool:
+        """The pool for a hop (created on first use)."""
+        p = self._pools.get(hop)
+        if p is None:
+            p = self._pools[hop] = Pool(hop, self.cfg, self.helo, self.tls_context)
+        return p
+
+    async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
+                   data: bytes | BodyFile) -> list[RcptReply]:
+        """Deliver one message to the given recipients at one hop.
+
+        ``data`` may be a :class:`BodyFile`: it is read here, in a thread.
+        """
+        if isinstance(data, BodyFile):
+            try:
+                data = await asyncio.to_thread(data.read)
+            except OSError as exc:
+                return [RcptReply(None, body_file_error(exc)) for _ in rcpts]
+        return await self.pool(hop).send(sender, rcpts, data)
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections opened since start (all hops)."""
+        return sum(p.connections_opened for p in self._pools.values())
+
+    async def close(self) -> None:
+        """Close all pooled connections politely."""
+        await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)
+
+
+class Deliverer:
+    """What the scheduler sends through: next-hop choice here, transactions in a ``Transport``."""
+
+    def __init__(self, cfg: DeliveryConfig, transport: Transport,
+                 mx: MxLookup | None = None) -> None:
+        self._cfg = cfg
+        self.transport = transport
+        self.router = Router(cfg)
+        self.mx = mx
+
+    @property
+    def cfg(self) -> DeliveryConfig:
+        """The delivery settings in effect."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: DeliveryConfig) -> None:
+        # A reload: the transport's next connections use the new settings.
+        self._cfg = cfg
+        self.transport.reconfigure(cfg)
 
     async def start(self) -> None:
-        """Start the delivery agent processes, if configured (returns once they run)."""
-        if self.agents is not None:
-            await self.agents.start()
+        """Start the transport (returns once the delivery agents run)."""
+        await self.transport.start()
 
     async def route(self, domain: str) -> list[Hop]:
         """Next hops for a recipient domain: static route, else smarthost, else MX."""
@@ -622,42 +689,25 @@ class Deliverer:
         """Hand a transaction to a running delivery agent; ``done`` gets the replies.
 
         No task and no future per message (the scheduler's fast path). False,
-        with nothing sent, when there is no agent process or none is running:
-        the caller uses ``send`` instead.
+        with nothing sent, when no agent is running now: the caller uses
+        ``send`` instead.
         """
-        return self.agents is not None and self.agents.submit(hop, sender, rcpts, data, done)
-
-    def pool(self, hop: Hop) -> Pool:
-        """The pool for a hop (created on first use)."""
-        p = self._pools.get(hop)
-        if p is None:
-            p = self._pools[hop] = Pool(hop, self.cfg, self.helo, self.tls_context)
-        return p
+        return self.transport.submit(hop, sender, rcpts, data, done)
 
     async def send(self, hop: Hop, sender: str, rcpts: Sequence[str],
                    data: bytes | BodyFile) -> list[RcptReply]:
-        """Deliver one message to the given recipients at one hop (in an agent, if any).
+        """Deliver one message to the given recipients at one hop, in a delivery agent.
 
         ``data`` may be a :class:`BodyFile`: the agent reads it itself (the main
         process never holds a large message it only forwards).
         """
-        if self.agents is not None:
-            return await self.agents.send(hop, sender, rcpts, data)
-        if isinstance(data, BodyFile):
-            try:
-                data = await asyncio.to_thread(data.read)
-            except OSError as exc:
-                return [RcptReply(None, body_file_error(exc)) for _ in rcpts]
-        return await self.pool(hop).send(sender, rcpts, data)
+        return await self.transport.send(hop, sender, rcpts, data)
 
     @property
     def connections_opened(self) -> int:
-        """Connections opened since start (all hops, agent processes included)."""
-        own = sum(p.connections_opened for p in self._pools.values())
-        return own + (self.agents.connections_opened if self.agents is not None else 0)
+        """Connections opened since start (by the delivery agents)."""
+        return self.transport.connections_opened
 
     async def close(self) -> None:
-        """Close all pooled connections; stop the agent processes (they close theirs)."""
-        if self.agents is not None:
-            await self.agents.close()
-        await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)
+        """Stop the transport (the agents QUIT their pooled connections)."""
+        await self.transport.close()

@@ -5,15 +5,15 @@ signers apply (the account's domain; none once the domain is deleted).
 Signing happens before the spool commit, so what is queued is exactly what
 is delivered.
 
-Where: in a delivery agent process when one runs (``remote``, see
-relayd.delivery.agent ``Sign``): its own interpreter, so the RSA work and the
-Python around it never wait for this process's GIL (a signing thread here
-waits for the busy loop thread at every return to Python; figures in
-bench/NOTES.md). When no agent runs
-(``agent_processes = 0``, an agent starting or just died: a ``Sign`` it never
-answered fails with SigningUnavailable) the local signing threads sign: a job
-queued for them and, per batch of jobs a thread took at once, one wake-up of
-the loop (``call_soon_threadsafe``) that resolves all their futures.
+Where: in the signing child (``remote``: relayd.delivery.agents
+``AgentPool.sign``), its own interpreter, so the RSA work and the Python
+around it never wait for this process's GIL (a signing thread here waits for
+the busy loop thread at every return to Python). That is the one path. The
+documented fallback, for the time the child does not run (starting,
+restarting; a ``Sign`` it never answered fails with SigningUnavailable), is a
+local signing thread: a job queued for it and, per batch of jobs a thread
+took at once, one wake-up of the loop (``call_soon_threadsafe``) that
+resolves all their futures. A session never fails for want of a signer.
 
 Settings read: [dkim] (through the signers built by relayd.controlplane.lifecycle).
 See also: relayd.dkim.signature (the pure signer), relayd.smtp.server (calls ``sign``).
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from relayd.delivery.agent import SigningUnavailable
+from relayd.delivery.agents import SigningUnavailable
 from relayd.directory.accounts import Account
 from relayd.dkim import signature as dkim
 
@@ -37,7 +37,7 @@ from relayd.dkim import signature as dkim
 _BATCH_MAX = 16
 
 class RemoteSigner(Protocol):
-    """Signs in another process (relayd.delivery.agent.AgentPool)."""
+    """Signs in another process (relayd.delivery.agents.AgentPool: the signing child)."""
 
     def sign(self, signers: Sequence[dkim.Signer], data: bytes,
              now: int) -> asyncio.Future[bytes] | None: ...
@@ -50,7 +50,7 @@ _Result = tuple["asyncio.Future[bytes]", bytes | Exception]
 class DkimSigning:
     """Prepends DKIM-Signature header(s) for the account's domain."""
 
-    def __init__(self, threads: int | None = None,
+    def __init__(self, threads: int | None = None,  # the fallback's threads
                  clock: Callable[[], float] = time.time,
                  remote: RemoteSigner | None = None) -> None:
         self._clock = clock
