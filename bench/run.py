@@ -461,7 +461,7 @@ def _rsa_key() -> Any:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-#: The command-line arguments that mark relayd's signing child (relayd.delivery.agent).
+#: The command-line arguments that mark relayd's signing child (relayd.delivery.agent_child).
 SIGNING_CHILD = ("--role", "sign")
 
 #: Message size up to which the DKIM cost table reports a scenario.

@@ -37,6 +37,7 @@ See also: relayd.delivery.client, relayd.dkim.signing, relayd.queue.scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -160,7 +161,8 @@ class _Agent:
                 try:
                     await asyncio.wait_for(self.proc.wait(), 1.0)
                 except TimeoutError:
-                    self.proc.kill()
+                    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                        self.proc.kill()
                     await self.proc.wait()
             self.fail_pending(f"delivery agent exited ({self.proc.returncode})"
                               if self.role == "deliver" else
@@ -354,7 +356,8 @@ class AgentPool:
         _done, hanging = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
         for a in self._children:
             if a.task in hanging and a.proc is not None and a.proc.returncode is None:
-                a.proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    a.proc.kill()
         if hanging:
             await asyncio.gather(*hanging, return_exceptions=True)
 

@@ -331,7 +331,7 @@ class Signer:
     """Signs messages for one domain with one key; build once per key, share across threads."""
 
     __slots__ = (
-        "__weakref__",  # relayd.delivery.agent learns when a key is dropped
+        "__weakref__",  # relayd.delivery.agents learns when a key is dropped
         "_hash",
         "_key",
         "_layouts",
