@@ -20,7 +20,6 @@ PACKAGES = ("relayd", "control")
 ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
     "sqlite": (frozenset({"sqlite3", "aiosqlite"}), "relayd.store.spool"),
     "aiosmtpd": (frozenset({"aiosmtpd"}), "relayd.smtp.server"),
-    "aiosmtplib": (frozenset({"aiosmtplib"}), "relayd.delivery.client"),
     "aiohttp": (frozenset({"aiohttp"}), "relayd.controlplane.server"),
     "dnspython": (frozenset({"dns"}), "relayd.delivery.mx"),
     "prometheus_client": (frozenset({"prometheus_client"}), "relayd.observe.metrics"),

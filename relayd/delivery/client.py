@@ -1,18 +1,18 @@
 """Outbound SMTP: next hops, pooled connections, per-recipient results.
 
-Owns: the one adapter to aiosmtplib — connecting to a next hop (plain,
-STARTTLS or implicit TLS, optional AUTH), keeping connections open and reusing
-them for many messages (bounded per next hop, capped messages per connection,
-closed when idle), running one transaction, and mapping every outcome to a
+Owns: keeping connections to next hops (relayd.delivery.connection: plain,
+STARTTLS or implicit TLS, optional AUTH) open and reusing them for many
+messages (bounded per next hop, capped messages per connection, closed when
+idle), running one transaction, and mapping every outcome to a
 per-recipient reply code and text. Choosing the next hop (smarthost, static
 route, MX) is ``Router``'s job; classifying a code as delivered, deferred or
 failed is relayd.queue.backoff's.
 
 When the next hop advertises PIPELINING (RFC 2920), MAIL, every RCPT and
-DATA go out in one write and the replies are read after (aiosmtplib cannot
-do this: ``_Replies`` owns the transport for the transaction); otherwise one
-command per round trip. An accepted recipient's result is always the reply
-to the end of DATA, never its RCPT reply.
+DATA go out in one write and the replies are read after; otherwise one
+command per round trip. The body is dot-stuffed once and written as it is.
+An accepted recipient's result is always the reply to the end of DATA, never
+its RCPT reply.
 
 A failure of the connection itself (refused, timeout, TLS failure, dropped)
 gives every recipient not yet answered ``code=None``: a temporary failure.
@@ -26,7 +26,7 @@ main process, which reaches the agents through the ``Transport`` it is given
 (relayd.delivery.agents; relayd.app wires the two).
 
 See also: relayd.queue.scheduler (calls ``Deliverer.send``), relayd.delivery.mx,
-relayd.delivery.agents.
+relayd.delivery.agents, relayd.delivery.connection.
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiosmtplib
-
 from relayd.config import DeliveryConfig, parse_hostport
+from relayd.delivery.connection import (
+    Connection,
+    SMTPException,
+    SMTPServerDisconnected,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ class RcptReply:
 class _Conn:
     __slots__ = ("client", "last_used", "sent")
 
-    def __init__(self, client: aiosmtplib.SMTP) -> None:
+    def __init__(self, client: Connection) -> None:
         self.client = client
         self.sent = 0
         self.last_used = time.monotonic()
@@ -101,12 +104,10 @@ def _clean(text: str, limit: int = 400) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
 
 
-
-
 _GATHER_MAX = 256 * 1024  # bodies up to this size go out in one gathered write
 
 
-def _write_data(transport: asyncio.WriteTransport, data: bytes) -> int:
+def _write_data(transport: Connection, data: bytes) -> int:
     """Write a message's data dot-stuffed, then the end-of-data mark; return the body size.
 
     The stored data has CRLF line endings only (bare CR and LF are refused at
@@ -134,117 +135,6 @@ def _write_data(transport: asyncio.WriteTransport, data: bytes) -> int:
 
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_MAX_REPLY = 64 * 1024
-
-
-class _PipeError(Exception):
-    """The connection failed during a pipelined transaction."""
-
-
-class _Replies(asyncio.Protocol):
-    """Reads SMTP replies while a pipelined transaction owns the transport.
-
-    aiosmtplib reads exactly one reply per command it sent and drops what
-    arrives in between, so it cannot pipeline (RFC 2920). For one transaction
-    this protocol takes the transport's place, queues every complete reply,
-    and hands the transport back to aiosmtplib afterwards.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._replies: list[tuple[int, str]] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._lost: BaseException | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    # -- asyncio.Protocol --------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        self._buf.extend(data)
-        while True:
-            reply = self._parse()
-            if reply is None:
-                break
-            self._replies.append(reply)
-        if len(self._buf) > _MAX_REPLY:
-            self._fail(_PipeError("reply too long"))
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._fail(_PipeError("connection closed by the next hop"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(_PipeError(f"connection lost: {exc}" if exc else "connection lost"))
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    # -- reading -----------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> None:
-        if self._lost is None:
-            self._lost = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _parse(self) -> tuple[int, str] | None:
-        """One complete (possibly multi-line) reply from the buffer, or None."""
-        lines: list[str] = []
-        offset = 0
-        while True:
-            end = self._buf.find(b"\n", offset)
-            if end < 0:
-                return None
-            line = bytes(self._buf[offset:end + 1])
-            offset = end + 1
-            lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                break
-        try:
-            code = int(line[:3])
-        except ValueError:
-            code = 0  # not a reply: treated as a temporary failure by the caller
-        del self._buf[:offset]
-        return code, "\n".join(lines)
-
-    async def reply(self, seconds: float) -> tuple[int, str]:
-        """The next reply, in order; raise _PipeError or TimeoutError.
-
-        A reply already read (pipelined replies come together) is returned
-        without waiting; otherwise one future and one timer (not ``wait_for``,
-        which costs a task-like wrapper per call on this per-message path).
-        """
-        if self._replies:
-            return self._replies.pop(0)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while not self._replies:
-            if self._lost is not None:
-                raise self._lost
-            if loop.time() >= deadline:
-                raise TimeoutError("timed out waiting for the next hop's reply")
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_at(deadline, self._wake)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        return self._replies.pop(0)
-
-    async def drain(self, seconds: float) -> None:
-        """Wait until the transport's write buffer has room again."""
-        if not self._writable.is_set():
-            await asyncio.wait_for(self._writable.wait(), seconds)
-        if self._lost is not None:
-            raise self._lost
 
 
 class Pool:
@@ -264,26 +154,15 @@ class Pool:
 
     async def _open(self) -> _Conn:
         hop = self.hop
-        client = aiosmtplib.SMTP(
-            hostname=hop.host, port=hop.port, local_hostname=self.helo,
-            timeout=self.cfg.command_timeout_seconds,
-            use_tls=hop.tls == "tls",
-            start_tls=True if hop.tls == "starttls" else (None if hop.tls == "opportunistic"
-                                                         else False),
+        client = await Connection.open(
+            hop.host, hop.port, helo=self.helo, tls=hop.tls,
             # Opportunistic TLS (MX hosts, static routes) encrypts without
             # authenticating, as Postfix's "may" level: we connect to an address.
-            validate_certs=self.cfg.tls_verify and hop.tls != "opportunistic",
-            tls_context=self.tls_context,
-            username=hop.username or None, password=hop.password or None,
-        )
-        await client.connect(timeout=self.cfg.connect_timeout_seconds)
+            verify=self.cfg.tls_verify and hop.tls != "opportunistic",
+            context=self.tls_context, username=hop.username, password=hop.password,
+            connect_timeout=self.cfg.connect_timeout_seconds,
+            reply_timeout=self.cfg.command_timeout_seconds)
         self.connections_opened += 1
-        if client.is_ehlo_or_helo_needed:
-            # Know the extensions (SIZE, 8BITMIME, PIPELINING) before the first MAIL.
-            try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await client.helo()  # a server without ESMTP
         return _Conn(client)
 
     def _take_idle(self) -> _Conn | None:
@@ -306,14 +185,14 @@ class Pool:
                     conn = await self._open()
                 try:
                     replies, clean = await self._transaction(conn.client, sender, rcpts, data)
-                except aiosmtplib.SMTPServerDisconnected:
+                except SMTPServerDisconnected:
                     if not reused:
                         raise
                     # A pooled connection the server had closed: retry once on a new one.
                     conn.client.close()
                     conn = await self._open()
                     replies, clean = await self._transaction(conn.client, sender, rcpts, data)
-            except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            except (TimeoutError, SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
                 if conn is not None:
                     conn.client.close()
                 text = _clean(f"{type(exc).__name__}: {exc}") or type(exc).__name__
@@ -323,7 +202,7 @@ class Pool:
             if clean and conn.sent < self.cfg.messages_per_connection:
                 self._park(conn)
             else:
-                await _quit(conn.client)
+                await conn.client.quit()
             return replies
 
     def _park(self, conn: _Conn) -> None:
@@ -343,7 +222,7 @@ class Pool:
             if now - conn.last_used < limit and conn.client.is_connected:
                 keep.append(conn)
                 continue
-            task = asyncio.get_running_loop().create_task(_quit(conn.client))
+            task = asyncio.get_running_loop().create_task(conn.client.quit())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         self._idle = keep
@@ -351,148 +230,119 @@ class Pool:
             due = min(c.last_used for c in keep) + limit - now
             self._reaper = asyncio.get_running_loop().call_later(max(due, 0.01), self._reap)
 
-    async def _transaction(self, client: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str],
+    async def _transaction(self, client: Connection, sender: str, rcpts: Sequence[str],
                            data: bytes) -> tuple[list[RcptReply], bool]:
-        """MAIL, RCPT..., DATA. Returns the replies and whether the session is reusable."""
-        out: list[RcptReply | None] = [None] * len(rcpts)
+        """MAIL, RCPT..., DATA. Returns the replies and whether the session is reusable.
+
+        Raises SMTPServerDisconnected when the connection is gone before the
+        reply to MAIL (a stale pooled connection: the caller retries once),
+        TimeoutError or SMTPException on other connection trouble.
+        """
         opts: list[str] = []
         utf8 = not (sender.isascii() and all(r.isascii() for r in rcpts))
-        if utf8 and client.supports_extension("smtputf8"):
+        if utf8 and client.supports("smtputf8"):
             opts.append("SMTPUTF8")
-        if client.supports_extension("8bitmime") and not data.isascii():
+        if client.supports("8bitmime") and not data.isascii():
             opts.append("BODY=8BITMIME")
-        if client.supports_extension("size"):
+        if client.supports("size"):
             opts.append(f"SIZE={len(data)}")
         enc = "utf-8" if utf8 else "ascii"
-        if client.supports_extension("pipelining") and client.transport is not None:
-            return await self._pipelined(client, sender, rcpts, data, opts, enc)
-        try:
-            await client.mail(sender, options=opts, encoding=enc)
-        except aiosmtplib.SMTPResponseException as exc:
-            await _rset(client)
-            return [RcptReply(exc.code, _clean(exc.message)) for _ in rcpts], exc.code < 500 or \
-                client.is_connected
-        accepted: list[int] = []
-        for i, rcpt in enumerate(rcpts):
-            try:
-                await client.rcpt(rcpt, encoding=enc)
-                accepted.append(i)
-            except aiosmtplib.SMTPResponseException as exc:
-                out[i] = RcptReply(exc.code, _clean(exc.message))
-        if not accepted:
-            await _rset(client)
-            return [r or RcptReply(None, "no reply") for r in out], client.is_connected
-        go = await client.execute_command(b"DATA")
-        if go.code != 354:
-            for i in accepted:
-                out[i] = RcptReply(go.code, _clean(go.message))
-            await _rset(client)
-            return [r or RcptReply(None, "no reply") for r in out], client.is_connected
-        code, text, clean = await self._body(client, data)
-        for i in accepted:
-            out[i] = RcptReply(code, text)
-        if clean and code is not None and not 200 <= code < 300:
-            await _rset(client)
-        return [r or RcptReply(None, "no reply") for r in out], clean and client.is_connected
-
-    async def _body(self, client: aiosmtplib.SMTP,
-                    data: bytes) -> tuple[int | None, str, bool]:
-        """After a 354: the data and its end mark, written as they are; the reply to it.
-
-        aiosmtplib's ``data()`` would normalise line endings and dot-stuff
-        with regexes and concatenate the end mark (three passes and copies of
-        the body); the transport is borrowed as in the pipelined path.
-        Returns the code (None on connection trouble), the text and whether
-        the session can be used again.
-        """
-        transport = client.transport
-        if transport is None:
-            return None, "connection lost", False
-        seconds = self.cfg.command_timeout_seconds
-        pipe = _Replies()
-        original = transport.get_protocol()
-        transport.set_protocol(pipe)
-        try:
-            size = _write_data(transport, data)  # type: ignore[arg-type]
-            await pipe.drain(seconds + size / 10_000)
-            code, text = await pipe.reply(seconds)
-        except (_PipeError, TimeoutError) as exc:
-            transport.set_protocol(original)
-            client.close()
-            return None, _clean(f"{type(exc).__name__}: {exc}"), False
-        except BaseException:
-            transport.set_protocol(original)
-            client.close()
-            raise
-        transport.set_protocol(original)
-        return code, _clean(text), True
-
-    async def _pipelined(self, client: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str],
-                         data: bytes, opts: list[str], enc: str) -> tuple[list[RcptReply], bool]:
-        """MAIL, every RCPT and DATA in one write; the replies read after (RFC 2920).
-
-        Raises aiosmtplib.SMTPServerDisconnected when the connection is gone
-        before any reply (a stale pooled connection: the caller retries once),
-        TimeoutError or OSError on other connection trouble.
-        """
-        transport = client.transport
-        assert transport is not None
-        timeout = self.cfg.command_timeout_seconds
         head = [b"MAIL FROM:<" + sender.encode(enc) + b">" +
                 b"".join(b" " + o.encode("ascii") for o in opts)]
         head += [b"RCPT TO:<" + r.encode(enc) + b">" for r in rcpts]
         if any(_CONTROL.search(c) for c in head):
-            raise aiosmtplib.SMTPException("control character in an address")
-        head.append(b"DATA")
-        out: list[RcptReply | None] = [None] * len(rcpts)
-        pipe = _Replies()
-        original = transport.get_protocol()
-        transport.set_protocol(pipe)
+            raise SMTPException("control character in an address")
+        if client.supports("pipelining"):
+            return await self._pipelined(client, head, data)
+        return await self._one_by_one(client, head, data)
+
+    async def _one_by_one(self, client: Connection, head: list[bytes],
+                          data: bytes) -> tuple[list[RcptReply], bool]:
+        """Without PIPELINING: each command waits for its reply."""
+        out: list[RcptReply | None] = [None] * (len(head) - 1)
+        code, text = await client.command(head[0])
+        if code != 250:
+            await client.rset()
+            return [RcptReply(code, _clean(text)) for _ in out], code < 500 or \
+                client.is_connected
+        accepted: list[int] = []
+        for i, rcpt in enumerate(head[1:]):
+            code, text = await client.command(rcpt)
+            if code in (250, 251):
+                accepted.append(i)
+            else:
+                out[i] = RcptReply(code, _clean(text))
+        if not accepted:
+            await client.rset()
+            return [r or RcptReply(None, "no reply") for r in out], client.is_connected
+        code, text = await client.command(b"DATA")
+        if code != 354:
+            for i in accepted:
+                out[i] = RcptReply(code, _clean(text))
+            await client.rset()
+            return [r or RcptReply(None, "no reply") for r in out], client.is_connected
+        final, text, clean = await self._body(client, data)
+        for i in accepted:
+            out[i] = RcptReply(final, text)
+        if clean and final is not None and not 200 <= final < 300:
+            await client.rset()
+        return [r or RcptReply(None, "no reply") for r in out], clean and client.is_connected
+
+    async def _body(self, client: Connection, data: bytes) -> tuple[int | None, str, bool]:
+        """After a 354: the data and its end mark, written as they are; the reply to it.
+
+        Returns the code (None on connection trouble), the text and whether
+        the session can be used again.
+        """
+        seconds = self.cfg.command_timeout_seconds
         try:
-            if transport.is_closing():
-                raise aiosmtplib.SMTPServerDisconnected("connection closed")
-            transport.write(b"\r\n".join(head) + b"\r\n")  # type: ignore[attr-defined]
+            size = _write_data(client, data)
+            await client.drain(seconds + size / 10_000)
+            code, text = await client.reply(seconds)
+        except (SMTPServerDisconnected, TimeoutError) as exc:
+            client.close()
+            return None, _clean(f"{type(exc).__name__}: {exc}"), False
+        return code, _clean(text), True
+
+    async def _pipelined(self, client: Connection, head: list[bytes],
+                         data: bytes) -> tuple[list[RcptReply], bool]:
+        """MAIL, every RCPT and DATA in one write; the replies read after (RFC 2920)."""
+        out: list[RcptReply | None] = [None] * (len(head) - 1)
+        try:
+            client.write(b"\r\n".join(head) + b"\r\nDATA\r\n")
+            mail = await client.reply()  # nothing answered: maybe a stale pooled connection
             try:
-                mail = await pipe.reply(timeout)
-            except _PipeError as exc:  # nothing answered: maybe a stale pooled connection
-                raise aiosmtplib.SMTPServerDisconnected(str(exc)) from None
-            try:
-                await self._pipelined_replies(pipe, transport, mail, out, data, timeout)
-            except (_PipeError, TimeoutError) as exc:
+                await self._pipelined_replies(client, mail, out, data)
+            except (SMTPServerDisconnected, TimeoutError) as exc:
                 text = _clean(f"{type(exc).__name__}: {exc}")
-                transport.set_protocol(original)
                 client.close()
                 return [r or RcptReply(None, text) for r in out], False
         except BaseException:
-            transport.set_protocol(original)
             client.close()
             raise
-        transport.set_protocol(original)
         return [r or RcptReply(None, "no reply") for r in out], True
 
-    @staticmethod
-    async def _pipelined_replies(pipe: _Replies, transport: asyncio.BaseTransport,
-                                 mail: tuple[int, str], out: list[RcptReply | None],
-                                 data: bytes, seconds: float) -> None:
+    async def _pipelined_replies(self, client: Connection, mail: tuple[int, str],
+                                 out: list[RcptReply | None], data: bytes) -> None:
         """Read the RCPT and DATA replies, send the body if DATA was accepted."""
-        write = transport.write  # type: ignore[attr-defined]
+        seconds = self.cfg.command_timeout_seconds
         accepted: list[int] = []
         for i in range(len(out)):
-            code, text = await pipe.reply(seconds)
+            code, text = await client.reply()
             if mail[0] != 250:
                 out[i] = RcptReply(mail[0], _clean(mail[1]))
             elif code in (250, 251):
                 accepted.append(i)  # its result is the reply to the end of DATA
             else:
                 out[i] = RcptReply(code, _clean(text))
-        go = await pipe.reply(seconds)
+        go = await client.reply()
         if go[0] == 354 and not accepted:
-            write(b".\r\n")  # DATA taken though no recipient was: end it empty
-            await pipe.reply(seconds)
+            client.write(b".\r\n")  # DATA taken though no recipient was: end it empty
+            await client.reply()
         elif go[0] == 354:
-            size = _write_data(transport, data)  # type: ignore[arg-type]
-            await pipe.drain(seconds + size / 10_000)
-            code, text = await pipe.reply(seconds)
+            size = _write_data(client, data)
+            await client.drain(seconds + size / 10_000)
+            code, text = await client.reply()
             for i in accepted:
                 out[i] = RcptReply(code, _clean(text))
             if 200 <= code < 300:
@@ -500,8 +350,8 @@ class Pool:
         else:
             for i in accepted:
                 out[i] = RcptReply(go[0], _clean(go[1]))
-        write(b"RSET\r\n")
-        await pipe.reply(seconds)
+        client.write(b"RSET\r\n")
+        await client.reply()
 
     async def close(self) -> None:
         """Close every idle connection politely."""
@@ -509,24 +359,8 @@ class Pool:
             self._reaper.cancel()
             self._reaper = None
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(_quit(c.client) for c in idle), *self._closing,
+        await asyncio.gather(*(c.client.quit() for c in idle), *self._closing,
                              return_exceptions=True)
-
-
-async def _rset(client: aiosmtplib.SMTP) -> None:
-    try:
-        await client.rset()
-    except (aiosmtplib.SMTPException, OSError):
-        client.close()
-
-
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        await asyncio.wait_for(client.quit(), 5)
-    except (TimeoutError, aiosmtplib.SMTPException, OSError):
-        pass
-    finally:
-        client.close()
 
 
 class MxLookup(Protocol):

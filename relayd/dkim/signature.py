@@ -21,10 +21,11 @@ Untrusted input: the message bytes (headers and body as submitted by an SMTP
 client): any size, any bytes, header names in any case, folded or malformed
 header lines, tabs, trailing white space, no body, no final CRLF. Nothing in
 them can fail signing: a header line without a colon is simply not signed.
-The message is read as the wire will carry it to the next hop (as aiosmtplib
-sends DATA): a lone LF or CR counts as CRLF, and a message that does not end
-with CRLF gets one. Signing that view, and not the raw bytes, is what makes a
-last body line with trailing white space verify at the receiver.
+The message is read as the wire will carry it to the next hop (as a client
+that normalises line endings sends DATA): a lone LF or CR counts as CRLF,
+and a message that does not end with CRLF gets one. Signing that view, and
+not the raw bytes, is what makes a last body line with trailing white space
+verify at the receiver.
 
 Signed header fields: those present among ``SIGNED_HEADERS``, each listed as many
 times as it occurs (bottom-up, RFC 6376 §5.4.2); ``from`` is listed once more
