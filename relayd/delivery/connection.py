@@ -80,6 +80,11 @@ def tls_context(verify: bool) -> ssl.SSLContext:
     return ctx
 
 
+async def _tls_context(verify: bool) -> ssl.SSLContext:
+    """``tls_context`` in a thread: loading the system's CA certificates reads files."""
+    return await asyncio.to_thread(tls_context, verify)
+
+
 class _Replies(asyncio.Protocol):
     """Reads replies as they come and queues every complete one, in order."""
 
@@ -201,7 +206,7 @@ class Connection:
         ``tls``: none | tls (implicit) | starttls (required) | opportunistic
         (STARTTLS when offered). ``verify``: check the certificate and name.
         """
-        ctx = (context or tls_context(verify)) if tls == "tls" else None
+        ctx = (context or await _tls_context(verify)) if tls == "tls" else None
         replies = _Replies()
         loop = asyncio.get_running_loop()
         try:
@@ -218,7 +223,7 @@ class Connection:
             await conn._greeting(port, connect_timeout)
             await conn._hello(helo)
             if tls == "starttls" or (tls == "opportunistic" and conn.supports("starttls")):
-                await conn._starttls(context or tls_context(verify), helo)
+                await conn._starttls(context or await _tls_context(verify), helo)
             if username:
                 await conn._login(username, password)
         except BaseException:
