@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import inspect
 import os
 import shutil
@@ -49,7 +50,8 @@ from relayd.config import Config, ConfigError, parse_hostport
 from relayd.controlplane.lifecycle import Lifecycle
 from relayd.controlplane.server import ControlServer
 from relayd.delivery.agents import AgentPool
-from relayd.delivery.client import Deliverer, Transport
+from relayd.delivery.client import Deliverer, Router, Transport
+from relayd.delivery.mx import MxResolver
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim.signing import DkimSigning
@@ -58,58 +60,20 @@ from relayd.observe import sdnotify
 from relayd.observe.events import Observer
 from relayd.observe.logbudget import LogBudget
 from relayd.observe.metrics import Metrics, new_registry
-from relayd.queue.backoff import BackoffPolicy
-from relayd.queue.ratelimit import Limits
-from relayd.queue.scheduler import QMsg, RouteError, Scheduler
+from relayd.queue import backoff
+from relayd.queue.bounces import Bounces
+from relayd.queue.ratelimit import limits_from
+from relayd.queue.scheduler import Scheduler
 from relayd.smtp import policy
 from relayd.smtp.server import RelaySMTP, SmtpContext
-from relayd.store.spool import AttemptResult, DbError, Spool, SpoolError, unusable
+from relayd.store.datadir import prepare_data_dir
+from relayd.store.datadir import spool_size as _spool_size  # status() calls it so
+from relayd.store.spool import DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
 EXIT_CONFIG = 2
 EXIT_SPOOL = 3
 EXIT_LISTEN = 4
-
-
-class _MxAdapter:
-    """relayd.delivery.mx behind the scheduler's route-error contract.
-
-    Only addresses the destination policy allows come back ([delivery]
-    ``mx_allow_private``, ``mx_allowed_networks``); a domain whose every address
-    is refused fails with ``550 5.4.4`` (unable to route) and the reason.
-    """
-
-    def __init__(self, cfg: Config) -> None:
-        from relayd.delivery import mx
-
-        self._mx = mx
-        ns = list(cfg.delivery.dns_nameservers) or None
-        port = 53
-        if ns:
-            hosts = []
-            for entry in ns:
-                host, port = parse_hostport(entry, default_port=53)
-                hosts.append(host)
-            ns = hosts
-        destinations = policy.DestinationPolicy(
-            allow_private=cfg.delivery.mx_allow_private,
-            allowed_networks=cfg.delivery.mx_allowed_networks)
-        self.resolver = mx.MxResolver(nameservers=ns, port=port,
-                                      smtp_port=cfg.delivery.mx_port,
-                                      destinations=destinations)
-
-    async def hops(self, domain: str) -> list[tuple[str, int]]:
-        try:
-            hops = await self.resolver.resolve(domain)
-        except self._mx.PermanentRouteError as exc:
-            if str(exc) == self._mx.NULL_MX_MESSAGE:
-                raise RouteError(str(exc), permanent=True, code=556, status="5.1.10") from None
-            if isinstance(exc, self._mx.RefusedRouteError):
-                raise RouteError(str(exc), permanent=True, code=550, status="5.4.4") from None
-            raise RouteError(str(exc), permanent=True) from None
-        except self._mx.RouteError as exc:
-            raise RouteError(str(exc), permanent=False) from None
-        return [(h.host, h.port) for h in hops]
 
 
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -180,7 +144,7 @@ class Relay:
         for name in cfg.ignored_settings():
             self.log.warning("setting_ignored", setting=name,
                              reason=config_mod.REMOVED_SETTINGS[name])
-        _prepare_data_dir(cfg.server.data_dir)
+        prepare_data_dir(cfg.server.data_dir)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
                            on_batch=self.observer.batch)
         await self.spool.open()
@@ -190,7 +154,7 @@ class Relay:
         self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
                                      on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
-        mx = _MxAdapter(cfg) if cfg.delivery.mode == "mx" else None
+        mx = MxResolver.from_config(cfg.delivery) if cfg.delivery.mode == "mx" else None
         # Transactions run in the delivery agents; with DKIM on, one more child signs.
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
@@ -198,14 +162,13 @@ class Relay:
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
         d = cfg.delivery
+        self.bounces = Bounces(self.spool, cfg.server.hostname,
+                               enqueue=lambda m: self.scheduler.enqueue_new(m))
         self.scheduler = Scheduler(
             self.spool, self.directory, self.deliverer,
-            policy=BackoffPolicy(first=d.retry_first_seconds, maximum=d.retry_max_seconds,
-                                 jitter=min(d.retry_jitter, 0.99),
-                                 lifetime=d.max_queue_lifetime_seconds),
-            default_limits=_limits(cfg),
+            policy=backoff.policy_from(d), default_limits=limits_from(cfg.limits),
             workers=d.connections_per_host, events=self.observer,
-            on_failed=self._bounce if d.bounces else None,
+            on_failed=self.bounces if d.bounces else None,
             reconcile_seconds=cfg.spool.reconcile_seconds,
         )
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
@@ -316,34 +279,6 @@ class Relay:
                 f"{addr[0]}:{addr[1]}"
             self.listeners.append(schemas.Listener(kind=kind, address=shown))
 
-    async def _bounce(self, msg: QMsg, failed: list[AttemptResult]) -> None:
-        """Queue a delivery status notification to the sender of a failed message."""
-        from relayd.delivery import dsn
-
-        if not dsn.should_bounce(msg.sender, msg.is_bounce):
-            return
-        data = msg.data if msg.data is not None else await self.spool.load_data(msg.id) or b""
-        head, _, _ = data.partition(b"\r\n\r\n")
-        now = time.time()
-        new_id = self.spool.ids.next()
-        body = dsn.build_dsn(
-            reporting_mta=self.cfg.server.hostname,
-            postmaster=f"postmaster@{self.cfg.server.hostname}",
-            original_sender=msg.sender, original_message_id=f"{msg.id:016X}",
-            original_headers=head + b"\r\n",
-            failures=[dsn.Failure(r.recipient, _status_of(r), f"{r.code or ''} {r.text}".strip(),
-                                  r.next_hop if r.next_hop != "-" else None) for r in failed],
-            now=now, dsn_message_id=f"{new_id:016X}@{self.cfg.server.hostname}",
-            received_at=msg.received_at,
-        )
-        from relayd.store.spool import NewMessage
-
-        bounce = NewMessage(id=new_id, account_id=msg.account_id, username=msg.username,
-                            domain=msg.domain, sender="", recipients=[msg.sender], data=body,
-                            received_at=now, is_bounce=True)
-        # Handed over at the commit itself, even if this task is cancelled meanwhile.
-        await self.spool.accept(bounce, then=self.scheduler.enqueue_new)
-
     async def status(self) -> schemas.Status:
         """The answer of ``relayctl status``."""
         counts = {"queued": 0, "waiting_limit": 0, "held": 0, "deferred": 0}
@@ -424,13 +359,16 @@ class Relay:
     async def reload(self) -> None:
         """Re-read the configuration file; apply what can change without a restart.
 
-        All or nothing: the new file is parsed and everything built from it
-        (TLS context, routes) before anything is swapped in; on any error the
-        running configuration stays and ``reload_failed`` is logged. Open SMTP
-        connections stay open; the limits apply to their next command, a new
-        certificate to new connections (and to a STARTTLS not yet issued).
-        Settings in :data:`RELOADABLE` take effect; a change to any other one
-        is logged as ``reload_needs_restart`` and ignored until a restart.
+        All or nothing: the new file is parsed and everything that can fail is
+        built from it (TLS context, routes, retry schedule, networks) before
+        any component is reconfigured; on any error the running configuration
+        stays, ``reload_failed`` is logged and systemd is told (``STATUS=`` and
+        ``ERRNO=``). Then each component applies its part (``reconfigure``):
+        open SMTP connections stay open and get the limits at their next
+        command, a new certificate at new connections (and at a STARTTLS not
+        yet issued). Settings in :data:`RELOADABLE` take effect; a change to
+        any other one is logged as ``reload_needs_restart`` and ignored until a
+        restart.
         """
         sdnotify.reloading(self._notify)
         try:
@@ -439,56 +377,38 @@ class Relay:
                 raise ConfigError("no configuration file to reload")
             new = config_mod.with_overrides(config_mod.load(path), **_OVERRIDES)
             tls = _tls_context(new) if new.smtp.tls_cert_file else self._tls
-            from relayd.delivery.client import Router
-
             router = Router(new.delivery)
-            d = new.delivery
-            backoff = BackoffPolicy(first=d.retry_first_seconds, maximum=d.retry_max_seconds,
-                                    jitter=min(d.retry_jitter, 0.99),
-                                    lifetime=d.max_queue_lifetime_seconds)
+            retry = backoff.policy_from(new.delivery)
             plaintext = policy.PlaintextAuthPolicy(new.smtp.plaintext_auth_networks)
         except (ConfigError, OSError, ValueError) as exc:
             # ssl.SSLError is an OSError: an unreadable or mismatched key pair.
-            self._reload_error = str(exc) or type(exc).__name__
-            self.log.error("reload_failed", error=self._reload_error)
-            sdnotify.ready_after_reload(self._reload_error, await self.status_line(),
-                                        self._notify)
+            await self._reload_failed(exc)
             return
         changed, ignored = _config_changes(self.cfg, new)
         # Keep the running values of what a reload cannot change, so that
         # self.cfg always describes what is in effect.
         new = _keep_unreloadable(self.cfg, new)
         self.cfg = new
-        self.lifecycle.cfg = new
-        self.scheduler.default_limits = _limits(new)
-        for acct in self.directory.accounts_by_id.values():
-            self.scheduler.set_limits(acct)
-        self.scheduler.policy = backoff
-        self.scheduler.on_failed = self._bounce if new.delivery.bounces else None
-        self.deliverer.router = router
-        self.deliverer.cfg = new.delivery
-        c, sm = self.ctx, new.smtp
-        c.max_queued_per_account = new.limits.max_queued_per_account
-        c.min_free_disk = new.limits.min_free_disk_bytes
-        c.max_recipients = sm.max_recipients
-        c.max_message_size = sm.max_message_size_bytes
-        c.idle_timeout = sm.idle_timeout_seconds
-        c.min_data_rate = sm.min_data_rate_bytes_per_second
-        c.max_commands = sm.max_commands_per_session
-        c.max_connections = sm.max_connections
-        c.max_connections_per_ip = sm.max_connections_per_ip
-        c.greet_pause = sm.greet_pause_seconds
-        c.plaintext_auth = plaintext
-        if tls is not self._tls:
-            for s in c.sessions:
-                if s.tls_context is not None:
-                    s.tls_context = tls
-            self._tls = tls
+        self.lifecycle.reconfigure(new)
+        self.scheduler.reconfigure(new, retry, self.bounces)
+        self.deliverer.reconfigure(new.delivery, router)
+        self.ctx.reconfigure(new, plaintext, tls)
+        self._tls = tls
         if ignored:
             self.log.warning("reload_needs_restart", settings=ignored)
         self.log.info("reloaded", changed=changed)
         self._reload_error = None
         sdnotify.ready_after_reload(None, await self.status_line(), self._notify)
+
+    async def _reload_failed(self, exc: Exception) -> None:
+        """Keep the running configuration; say why in the log and to systemd."""
+        self._reload_error = str(exc) or type(exc).__name__
+        self.log.error("reload_failed", error=self._reload_error)
+        code = errno.EINVAL  # a bad file; an OSError (not TLS's) says what it was
+        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno:
+            code = exc.errno
+        sdnotify.ready_after_reload(self._reload_error, await self.status_line(),
+                                    self._notify, errno=code)
 
     # -- systemd -------------------------------------------------------------------
     async def status_line(self) -> str:
@@ -645,64 +565,6 @@ async def _quietly(fn: Callable[[], Any]) -> None:
             await result
     except Exception:  # noqa: S110 - the start already failed; its error is the one to report
         pass
-
-
-def _prepare_data_dir(path: str) -> None:
-    """Create the data directory, and keep it and the spool closed to other users.
-
-    The spool holds DKIM private keys, password hashes and mail: the directory
-    is 0750 at most and the database files 0640 at most, whatever created them.
-    """
-    d = Path(path)
-    try:
-        if d.exists() and not d.is_dir():
-            raise SpoolError(f"data dir {path} is not a directory; set --data-dir"
-                             " ([server] data_dir) to a directory, or move the file away")
-        d.mkdir(parents=True, exist_ok=True, mode=0o750)
-        writable = os.access(d, os.W_OK | os.X_OK)
-        read_only = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
-    except OSError as exc:
-        raise SpoolError(f"cannot create data dir {path} ({exc.strerror or exc}); create it"
-                         " as a directory relayd's user may write") from None
-    if read_only or not writable:
-        why = "read-only file system" if read_only else "permission denied"
-        raise SpoolError(f"data dir {path} is not writable ({why}); relayd keeps its spool"
-                         " there: mount it read-write or make it writable by relayd's user")
-    for p in (d, *d.glob("relayd.sqlite3*")):
-        with contextlib.suppress(OSError):
-            mode = p.stat().st_mode & 0o7777
-            if mode & 0o027:
-                p.chmod(mode & ~0o027)
-
-
-def _spool_size(db_path: str, bodies_dir: str) -> int:
-    """Bytes used by the database, its WAL and the files of large messages."""
-    size = 0
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(OSError):
-            size += os.path.getsize(db_path + suffix)
-    with contextlib.suppress(OSError), os.scandir(bodies_dir) as entries:
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                size += entry.stat().st_size
-    return size
-
-
-def _limits(cfg: Config) -> Limits:
-    lim = cfg.limits
-    return Limits(per_minute=lim.per_minute or None, per_hour=lim.per_hour or None,
-                  per_day=lim.per_day or None)
-
-
-def _status_of(r: AttemptResult) -> str:
-    import re
-
-    m = re.match(r"\s*([245]\.\d{1,3}\.\d{1,3})", r.text)
-    if m:
-        return m.group(1)
-    if r.code is not None and 400 <= r.code < 600:
-        return f"{r.code // 100}.0.0"
-    return "5.0.0"
 
 
 _OVERRIDES: dict[str, Any] = {}

@@ -808,6 +808,10 @@ class Lifecycle:
 
         return await self.spool.write(op)
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload: operations from now on read the new settings (limits, retention...)."""
+        self.cfg = cfg
+
 
 def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
     """``AND col=?`` (or ``AND col>=?`` for a name ending in ``>``) for each value given."""

@@ -364,7 +364,7 @@ class Pool:
 
 
 class MxLookup(Protocol):
-    """MX resolution (relayd.delivery.mx); raises scheduler.RouteError-compatible errors."""
+    """MX resolution (relayd.delivery.mx); raises relayd.delivery.routing.RouteError."""
 
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         """(host, port) pairs to try, best first."""
@@ -545,3 +545,9 @@ class Deliverer:
     async def close(self) -> None:
         """Stop the transport (the agents QUIT their pooled connections)."""
         await self.transport.close()
+
+    def reconfigure(self, cfg: DeliveryConfig, router: Router) -> None:
+        """A reload: next hops from ``router`` (built from ``cfg`` by the caller: it can
+        fail); the transport's next connections (in the agents) use ``cfg``."""
+        self.router = router
+        self.cfg = cfg

@@ -24,8 +24,8 @@ Rules (RFC 5321 §5.1, RFC 7505):
 - no MX records (NOERROR, no data): implicit MX, the domain's own A/AAAA
   addresses with ``mx`` equal to the domain;
 - null MX (every MX record has exchange ``.``; RFC 7505 says a single one
-  with preference 0): ``PermanentRouteError("domain does not accept mail
-  (null MX)")``; a ``.`` mixed among real exchanges is ignored;
+  with preference 0): ``NullMxRouteError`` ("domain does not accept mail
+  (null MX)", ``556 5.1.10``); a ``.`` mixed among real exchanges is ignored;
 - NXDOMAIN for the domain, or no address at all with no temporary error:
   ``PermanentRouteError``;
 - SERVFAIL, REFUSED, timeout or any other resolver trouble, when no usable
@@ -61,10 +61,12 @@ none. Never blocks the loop.
 Untrusted input: the recipient domain (from a client, already accepted by
 policy) and every DNS answer (record counts, TTLs, names). Names are parsed
 by dnspython; invalid ones are permanent errors.
-Settings read: none directly; relayd.config passes nameservers, port and
-timeout (``[delivery.dns]``), and the ``DestinationPolicy`` built from
-``[delivery] mx_allow_private`` / ``mx_allowed_networks``. ``nameservers=None``
-uses the system configuration (/etc/resolv.conf).
+Settings read: none directly; ``MxResolver.from_config`` builds one from
+``[delivery]`` (``dns_nameservers``, ``mx_port``, and the ``DestinationPolicy``
+built from ``mx_allow_private`` / ``mx_allowed_networks``). ``nameservers=None``
+uses the system configuration (/etc/resolv.conf). The errors are
+relayd.delivery.routing's (re-exported here): each kind carries whether it is
+permanent and its reply code and status, so no caller reads the text.
 See also: relayd.delivery.client (connects to the hops, handles routing errors),
 relayd.smtp.policy (DestinationPolicy), RFC 5321 §5.1, RFC 7505.
 """
@@ -84,30 +86,24 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from relayd.config import DeliveryConfig, parse_hostport
+from relayd.delivery.routing import (
+    NULL_MX_MESSAGE,
+    NullMxRouteError,
+    PermanentRouteError,
+    RefusedRouteError,
+    RouteError,
+    TemporaryRouteError,
+)
 from relayd.smtp.address import literal_ip
 from relayd.smtp.policy import DestinationPolicy
 
-NULL_MX_MESSAGE = "domain does not accept mail (null MX)"
+__all__ = ["NULL_MX_MESSAGE", "MxResolver", "NextHop", "NullMxRouteError",
+           "PermanentRouteError", "RefusedRouteError", "RouteError", "TemporaryRouteError"]
 
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
-
-
-class RouteError(Exception):
-    """No next hop could be found for a domain; the message says why."""
-
-
-class PermanentRouteError(RouteError):
-    """The domain cannot receive mail: fail the recipients (5.x.x)."""
-
-
-class RefusedRouteError(PermanentRouteError):
-    """Every address found is one mail must not go to (loopback, private...): fail."""
-
-
-class TemporaryRouteError(RouteError):
-    """DNS trouble that may pass: defer the recipients (4.x.x)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +195,27 @@ class MxResolver:
         self._max_addresses = max_addresses
         self._destinations = destinations if destinations is not None else DestinationPolicy()
 
+    @classmethod
+    def from_config(cls, cfg: DeliveryConfig) -> MxResolver:
+        """The resolver ``[delivery]`` describes: name servers (``host[:port]``, one
+        port for all), the MX hosts' SMTP port, and the destinations allowed."""
+        nameservers: list[str] | None = None
+        port = 53
+        if cfg.dns_nameservers:
+            nameservers = []
+            for entry in cfg.dns_nameservers:
+                host, port = parse_hostport(entry, default_port=53)
+                nameservers.append(host)
+        destinations = DestinationPolicy(allow_private=cfg.mx_allow_private,
+                                         allowed_networks=cfg.mx_allowed_networks)
+        return cls(nameservers=nameservers, port=port, smtp_port=cfg.mx_port,
+                   destinations=destinations)
+
+    async def hops(self, domain: str) -> list[tuple[str, int]]:
+        """(address, port) pairs for ``domain``, best first (relayd.delivery.client's
+        ``MxLookup``); raises a RouteError when there are none."""
+        return [(h.host, h.port) for h in await self.resolve(domain)]
+
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
         domain = domain.strip()
@@ -226,7 +243,7 @@ class MxResolver:
         if answer.mx:
             exchanges = [(pref, host) for pref, host in answer.mx if host != "."]
             if not exchanges:
-                raise PermanentRouteError(NULL_MX_MESSAGE)
+                raise NullMxRouteError()
             hosts = self._order(exchanges)[: self._max_mx_hosts]
         else:
             hosts = [_host_text(name)]

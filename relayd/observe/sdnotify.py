@@ -13,7 +13,10 @@ That is right for ``Type=notify`` with ``ExecReload=kill -HUP`` and for
 ``Type=notify-reload`` (systemd >= 253, which sends SIGHUP itself and waits
 for a ``RELOADING=1`` stamped after its signal, then for ``READY=1``). The
 protocol has no "reload failed" message: the service stays up on the
-configuration it had, and the status line says the reload failed.
+configuration it had, the status line says the reload failed, and
+``ERRNO=`` (sd_notify(3)'s documented error field; ``systemctl status``
+shows it as "Error: 22 (Invalid argument)") is set until a reload works
+(``ERRNO=0``).
 
 Watchdog: with ``WatchdogSec=`` systemd sets ``$WATCHDOG_USEC`` (and
 ``$WATCHDOG_PID``); :func:`watchdog_interval` turns them into the period of
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import socket
 import time
+from errno import EINVAL
 
 #: Upper bound on one send, seconds.
 SEND_TIMEOUT = 1.0
@@ -86,14 +90,19 @@ def reloading(socket_path: str | None = None) -> bool:
 
 
 def ready_after_reload(failure: str | None, status_line: str,
-                       socket_path: str | None = None) -> bool:
+                       socket_path: str | None = None, *, errno: int = EINVAL) -> bool:
     """A reload ended: READY=1 and, in the same datagram, a status saying how.
 
     ``failure`` is the reason a reload failed (``None``: it worked); the
-    status line then says so and that the running configuration was kept.
+    status line then says so and that the running configuration was kept,
+    and ``ERRNO=`` carries ``errno`` (sd_notify(3): the service's error, which
+    ``systemctl status`` shows as "Error:"). A reload that worked sends
+    ``ERRNO=0``, clearing an earlier failure.
     """
-    text = status_line if failure is None else reload_failed_line(failure, status_line)
-    return notify(f"READY=1\nSTATUS={_one_line(text)}", socket_path)
+    if failure is None:
+        return notify(f"READY=1\nSTATUS={_one_line(status_line)}\nERRNO=0", socket_path)
+    text = reload_failed_line(failure, status_line)
+    return notify(f"READY=1\nSTATUS={_one_line(text)}\nERRNO={errno}", socket_path)
 
 
 def reload_failed_line(failure: str, status_line: str) -> str:

@@ -20,8 +20,8 @@ always deferred.
 
 Pure: time (``now``) and randomness (``rand``) are passed in; no I/O.
 Untrusted input: the reply code of a remote server (any int is accepted).
-Settings read: none directly; relayd.config builds a BackoffPolicy from
-``[queue]`` settings.
+Settings read: none directly; ``policy_from`` builds a BackoffPolicy from the
+``[delivery]`` retry settings (it raises ValueError for a maximum below the first delay).
 See also: relayd.queue.scheduler (the retry queue), relayd.delivery.client (reply codes).
 """
 
@@ -30,6 +30,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Literal
+
+from relayd.config import DeliveryConfig
 
 Outcome = Literal["delivered", "deferred", "failed"]
 
@@ -88,3 +90,13 @@ def classify(code: int) -> Outcome:
     if 500 <= code <= 599:
         return "failed"
     return "deferred"
+
+
+def policy_from(cfg: DeliveryConfig) -> BackoffPolicy:
+    """The retry schedule of ``[delivery]`` (``retry_jitter`` capped at 0.99).
+
+    Raises ValueError when the settings contradict each other (maximum below first).
+    """
+    return BackoffPolicy(first=cfg.retry_first_seconds, maximum=cfg.retry_max_seconds,
+                         jitter=min(cfg.retry_jitter, 0.99),
+                         lifetime=cfg.max_queue_lifetime_seconds)

@@ -21,7 +21,8 @@ at an earlier time is counted against that newer window, which errs on the side
 of sending less, never more.
 
 Untrusted input: none (limits come from the operator, counts from the spool).
-Settings read: none; the caller passes the account's ``Limits``.
+Settings read: none; the caller passes the account's ``Limits``
+(``limits_from`` turns ``[limits]`` into the workspace default).
 See also: relayd.queue.scheduler (holds mail in the send queue until
 ``blocked_until``), relayd.store.spool (the delivery log that ``restore`` is seeded
 from), relayd.controlplane.lifecycle (``relayctl user limits`` calls ``set_limits``).
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from relayd.config import LimitsConfig
 
 MINUTE = 60
 HOUR = 3600
@@ -136,3 +139,9 @@ class RateWindow:
         """Seed the current windows' counts at startup (e.g. from the delivery log)."""
         self._roll(now)
         self._counts = [sent_in_windows.minute, sent_in_windows.hour, sent_in_windows.day]
+
+
+def limits_from(cfg: LimitsConfig) -> Limits:
+    """The workspace default sending limits of ``[limits]`` (0 there: unlimited)."""
+    return Limits(per_minute=cfg.per_minute or None, per_hour=cfg.per_hour or None,
+                  per_day=cfg.per_day or None)

@@ -52,10 +52,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from relayd.config import Config
 from relayd.delivery.client import BodyFile, Hop, RcptReply
+from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Account, Directory
 from relayd.queue import backoff
-from relayd.queue.ratelimit import DAY, HOUR, MINUTE, Limits, RateWindow, WindowCounts, window_start
+from relayd.queue.ratelimit import (
+    DAY,
+    HOUR,
+    MINUTE,
+    Limits,
+    RateWindow,
+    WindowCounts,
+    limits_from,
+    window_start,
+)
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
@@ -73,21 +84,6 @@ class Sender(Protocol):
     async def send(self, hop: Hop, sender: str, rcpts: list[str],
                    data: bytes | BodyFile) -> list[RcptReply]:
         """One transaction at one hop; a reply per recipient (a BodyFile: read there)."""
-
-
-class RouteError(Exception):
-    """No next hop: ``permanent`` says whether to fail or defer.
-
-    A permanent one carries the reply code and enhanced status that go into
-    the delivery log and the DSN (RFC 7505: a null MX is ``556 5.1.10``).
-    """
-
-    def __init__(self, text: str, permanent: bool, code: int = 550,
-                 status: str = "5.1.2") -> None:
-        super().__init__(text)
-        self.permanent = permanent
-        self.code = code
-        self.status = status
 
 
 class SchedulerEvents(Protocol):
@@ -929,3 +925,15 @@ class Scheduler:
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id,
         )
+
+    def reconfigure(self, cfg: Config, policy: backoff.BackoffPolicy,
+                    bounce: Callable[[QMsg, list[AttemptResult]], Any]) -> None:
+        """A reload: the default sending limits of ``[limits]`` (applied at once to every
+        account's window), the retry schedule ``policy`` (built from ``cfg`` by the
+        caller: it can fail), and ``bounce`` as ``on_failed`` while ``[delivery] bounces``
+        is on. Results already computed keep the schedule they were computed with."""
+        self.default_limits = limits_from(cfg.limits)
+        for acct in self.directory.accounts_by_id.values():
+            self.set_limits(acct)
+        self.policy = policy
+        self.on_failed = bounce if cfg.delivery.bounces else None

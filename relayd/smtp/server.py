@@ -61,6 +61,7 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
+from relayd.config import Config
 from relayd.directory.accounts import Account, Directory
 from relayd.directory.credentials import AuthOutcome, CredentialCache
 from relayd.ids import format_id
@@ -144,6 +145,31 @@ class SmtpContext:
     shutting_down: bool = False
     auth_turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when a check ends
     auth_waiting: int = 0  # AUTHs waiting for their turn (policy.Admission.wait)
+
+    def reconfigure(self, cfg: Config, plaintext_auth: policy.PlaintextAuthPolicy,
+                    tls: ssl.SSLContext | None) -> None:
+        """A reload: the session limits of ``cfg`` from every session's next command.
+
+        ``plaintext_auth`` is built from ``cfg`` by the caller (it can fail, and a
+        reload is all or nothing). ``tls``: the certificate for a STARTTLS not
+        issued yet, in sessions that offer it (new sessions get it from the listener).
+        """
+        sm, lim = cfg.smtp, cfg.limits
+        self.max_queued_per_account = lim.max_queued_per_account
+        self.min_free_disk = lim.min_free_disk_bytes
+        self.max_recipients = sm.max_recipients
+        self.max_message_size = sm.max_message_size_bytes
+        self.idle_timeout = sm.idle_timeout_seconds
+        self.min_data_rate = sm.min_data_rate_bytes_per_second
+        self.max_commands = sm.max_commands_per_session
+        self.max_connections = sm.max_connections
+        self.max_connections_per_ip = sm.max_connections_per_ip
+        self.greet_pause = sm.greet_pause_seconds
+        self.plaintext_auth = plaintext_auth
+        if tls is not None:
+            for s in self.sessions:
+                if s.tls_context is not None:
+                    s.tls_context = tls
 
 
 @dataclass(slots=True)
