@@ -9,8 +9,9 @@ defaults: relayd.config.locate; ``$RELAYD_SYSTEM_CONFIG`` replaces the system
 path, for tests), building every component from the frozen
 Config, the uvloop event loop, signals (SIGTERM/SIGINT: graceful stop, a
 second one forces a fast exit, still code 0: every 250 is already on disk;
-SIGHUP: all-or-nothing reload of the settings in ``RELOADABLE``, a bad file
-logs ``reload_failed`` and keeps the running one), systemd notifications
+SIGHUP: all-or-nothing reload of the settings in ``RELOADABLE``: parse, build
+what can fail, then each component's ``reconfigure``; a bad file logs
+``reload_failed``, tells systemd and keeps the running one), systemd notifications
 (READY=1 only once every listener accepts; STATUS= with listeners and queue
 depth, sent when it changes; WATCHDOG=1 from the loop when ``WatchdogSec=``
 asks; a failed reload in the status), the queue gauges (refreshed by

@@ -38,7 +38,8 @@ Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 
 Untrusted input: none directly (messages were checked at acceptance).
 Settings read: [delivery] retry settings, [limits] defaults, [spool]
-reconcile_seconds (passed in).
+reconcile_seconds (passed in); at a reload, ``reconfigure`` reads [limits]
+and [delivery] bounces.
 See also: relayd.delivery.client, relayd.queue.backoff, relayd.queue.ratelimit, relayd.store.spool.
 """
 

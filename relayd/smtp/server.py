@@ -114,7 +114,7 @@ class Events(Protocol):
 
 @dataclass
 class SmtpContext:
-    """Everything a session needs, built once by relayd.app."""
+    """Everything a session needs, built once by relayd.app (``reconfigure`` at a reload)."""
 
     hostname: str
     directory: Directory
