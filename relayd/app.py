@@ -51,8 +51,7 @@ from relayd.config import Config, ConfigError, parse_hostport
 from relayd.controlplane.lifecycle import Lifecycle
 from relayd.controlplane.server import ControlServer
 from relayd.delivery.agents import AgentPool
-from relayd.delivery.client import Deliverer, Router, Transport
-from relayd.delivery.mx import MxResolver
+from relayd.delivery.client import Deliverer, MxLookup, Router, Transport
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim.signing import DkimSigning
@@ -75,6 +74,13 @@ VERSION = "0.1.0"
 EXIT_CONFIG = 2
 EXIT_SPOOL = 3
 EXIT_LISTEN = 4
+
+
+def _mx_resolver(cfg: Config) -> MxLookup:
+    """The MX resolver of ``[delivery]``; dnspython is loaded only in MX mode (~4 MB)."""
+    from relayd.delivery.mx import MxResolver
+
+    return MxResolver.from_config(cfg.delivery)
 
 
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -155,7 +161,7 @@ class Relay:
         self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
                                      on_miss=self.observer.cache_miss)
         helo = cfg.delivery.helo_name or cfg.server.hostname
-        mx = MxResolver.from_config(cfg.delivery) if cfg.delivery.mode == "mx" else None
+        mx = _mx_resolver(cfg) if cfg.delivery.mode == "mx" else None
         # Transactions run in the delivery agents; with DKIM on, one more child signs.
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
