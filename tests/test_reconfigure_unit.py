@@ -34,6 +34,7 @@ from relayd.queue.scheduler import Scheduler
 from relayd.smtp import policy
 from relayd.smtp.server import SmtpContext
 from relayd.store.spool import AttemptResult, Spool
+from tests.delivery_fake import InProcessTransport
 
 
 def _cfg(**sections: dict[str, object]) -> Config:
@@ -42,7 +43,7 @@ def _cfg(**sections: dict[str, object]) -> Config:
 
 def _scheduler(tmp_path: Path, cfg: Config, directory: Directory) -> Scheduler:
     return Scheduler(Spool(str(tmp_path / "s.sqlite3")), directory,
-                     Deliverer(cfg.delivery, "relay.test"),
+                     Deliverer(cfg.delivery, InProcessTransport(cfg.delivery, "relay.test")),
                      policy=backoff.policy_from(cfg.delivery),
                      default_limits=limits_from(cfg.limits), workers=2)
 
@@ -84,8 +85,10 @@ def test_policy_from_refuses_a_maximum_below_the_first_delay() -> None:
 
 async def test_deliverer_reconfigure_swaps_router_and_pool_settings() -> None:
     """The new smarthost routes at once; an existing pool's next connection uses the new cfg."""
-    deliverer = Deliverer(DeliveryConfig(smarthost="127.0.0.1:2526"), "relay.test")
-    pool = deliverer.pool(Hop("127.0.0.1", 2526, "none"))
+    old = DeliveryConfig(smarthost="127.0.0.1:2526")
+    transport = InProcessTransport(old, "relay.test")
+    deliverer = Deliverer(old, transport)
+    pool = transport.pools.pool(Hop("127.0.0.1", 2526, "none"))
     new = DeliveryConfig(smarthost="192.0.2.9:587", messages_per_connection=3,
                          routes={"example.org": "192.0.2.1:25"})
     deliverer.reconfigure(new, Router(new))
