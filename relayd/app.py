@@ -68,9 +68,12 @@ from relayd.smtp import policy
 from relayd.smtp.server import RelaySMTP, SmtpContext
 from relayd.store.datadir import prepare_data_dir
 from relayd.store.datadir import spool_size as _spool_size  # status() calls it so
+from relayd.store.deliverylog import DeliveryLog
 from relayd.store.spool import DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
+#: How often the delivery log's bounds are applied (a prune with nothing to do is cheap).
+LOG_PRUNE_SECONDS = 600.0
 EXIT_CONFIG = 2
 EXIT_SPOOL = 3
 EXIT_LISTEN = 4
@@ -152,9 +155,12 @@ class Relay:
             self.log.warning("setting_ignored", setting=name,
                              reason=config_mod.REMOVED_SETTINGS[name])
         prepare_data_dir(cfg.server.data_dir)
+        self.dlog = await _open_delivery_log(cfg.delivery_log_path, self._delivery_log_failed)
+        undo.push_async_callback(_quietly, self.dlog.close)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
-                           on_batch=self.observer.batch)
+                           on_batch=self.observer.batch, move_log=self.dlog.move_from_spool)
         await self.spool.open()
+        self.spool.on_results = self.dlog.append
         undo.push_async_callback(_quietly, self.spool.abandon)
         self.hasher = Hasher(cfg.credentials)
         undo.push_async_callback(_quietly, self.hasher.close)
@@ -172,14 +178,15 @@ class Relay:
         self.bounces = Bounces(self.spool, cfg.server.hostname,
                                enqueue=lambda m: self.scheduler.enqueue_new(m))
         self.scheduler = Scheduler(
-            self.spool, self.directory, self.deliverer,
+            self.spool, self.directory, self.deliverer, log=self.dlog,
             policy=backoff.policy_from(d), default_limits=limits_from(cfg.limits),
             workers=d.connections_per_host, events=self.observer,
             on_failed=self.bounces if d.bounces else None,
             reconcile_seconds=cfg.spool.reconcile_seconds,
         )
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
-                                   self.scheduler, log=self.log.info, warn=self.log.warning)
+                                   self.scheduler, delivery_log=self.dlog, log=self.log.info,
+                                   warn=self.log.warning)
         undo.push_async_callback(_quietly, lambda: self.scheduler.stop(0.0))
         try:
             await self.lifecycle.load()
@@ -250,6 +257,7 @@ class Relay:
                                                    address=self.control.metrics_address))
         self.listeners.append(schemas.Listener(kind="control", address=cfg.control_socket))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(loop.create_task(self._log_pruning()))
         self.log.info("relayd_started", version=VERSION,
                       listeners=[f"{x.kind}={x.address}" for x in self.listeners])
 
@@ -301,7 +309,8 @@ class Relay:
         row = await self.spool.fetchone(
             "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")
         counts["deferred"] = int(row[0]) if row else 0
-        size = _spool_size(self.cfg.database_path, self.spool.bodies.dir)
+        size = (_spool_size(self.cfg.database_path, self.spool.bodies.dir)
+                + _spool_size(self.cfg.delivery_log_path, ""))
         return schemas.Status(
             version=VERSION, uptime_seconds=time.monotonic() - self.started,
             listeners=self.listeners, queue=counts,
@@ -331,20 +340,33 @@ class Relay:
             self._gauges_at = time.monotonic()
 
     async def _housekeeping(self) -> None:
-        """Periodic work: last-connection flush, gauges, log pruning."""
-        last_prune = 0.0
+        """Periodic work: last-connection flush, gauges."""
         while True:
             await asyncio.sleep(self.cfg.spool.last_connection_flush_seconds)
             try:
                 await self.lifecycle.flush_last_connections()
                 await self.refresh_gauges(max_age=0.0)
-                if time.monotonic() - last_prune > 3600:
-                    last_prune = time.monotonic()
-                    await self.lifecycle.prune_delivery_log()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _log_pruning(self) -> None:
+        """The delivery log's bounds (age, size): soon after the start, then every
+        LOG_PRUNE_SECONDS; a prune of many rows runs in batches while the relay works."""
+        await asyncio.sleep(self.cfg.spool.last_connection_flush_seconds)
+        while True:
+            try:
+                await self.lifecycle.prune_delivery_log()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.error("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(LOG_PRUNE_SECONDS)
+
+    def _delivery_log_failed(self, error: str) -> None:
+        """Rows the delivery log could not write (their messages' states are committed)."""
+        self.log.error("delivery_log_failed", error=error)
 
     # -- signals -----------------------------------------------------------------
     def on_stop_signal(self) -> None:
@@ -472,6 +494,7 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
         await self._stop_step("spool", self.spool.close)
+        await self._stop_step("delivery_log", self.dlog.close)
         await self._stop_step("hasher", self.hasher.close)
         if self.signer is not None:
             await self._stop_step("signer", self.signer.close)
@@ -572,6 +595,17 @@ async def _quietly(fn: Callable[[], Any]) -> None:
             await result
     except Exception:  # noqa: S110 - the start already failed; its error is the one to report
         pass
+
+
+async def _open_delivery_log(path: str, on_error: Callable[[str], None]) -> DeliveryLog:
+    """The delivery log file, open; a SpoolError saying what to do if it cannot be."""
+    dlog = DeliveryLog(path, on_error=on_error)
+    try:
+        await dlog.open()
+    except (DbError, OSError, ValueError) as exc:
+        raise SpoolError(f"cannot use the delivery log {path} ({type(exc).__name__}: {exc});"
+                         " move it away to start a new log (the spool keeps the mail)") from None
+    return dlog
 
 
 _OVERRIDES: dict[str, Any] = {}

@@ -258,6 +258,9 @@ class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Durable storage."""
 
     delivery_log_retention_days: PositiveInt = 30
+    # The delivery log file (relayd-log.sqlite3) is kept under this size too: the
+    # oldest rows go first.
+    delivery_log_max_bytes: PositiveInt = 1024 ** 3
     last_connection_flush_seconds: Seconds = 5.0
     commit_batch_max: PositiveInt = 256
     # The scheduler checks its memory against the database this often (and soon
@@ -294,6 +297,11 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     def database_path(self) -> str:
         """Path of the SQLite spool."""
         return str(Path(self.server.data_dir) / "relayd.sqlite3")
+
+    @property
+    def delivery_log_path(self) -> str:
+        """Path of the delivery log's database, beside the spool."""
+        return str(Path(self.server.data_dir) / "relayd-log.sqlite3")
 
 
 def _wrap(exc: msgspec.ValidationError | msgspec.DecodeError, origin: str) -> ConfigError:

@@ -33,6 +33,7 @@ from relayd.queue.ratelimit import Limits, limits_from
 from relayd.queue.scheduler import Scheduler
 from relayd.smtp import policy
 from relayd.smtp.server import SmtpContext
+from relayd.store.deliverylog import DeliveryLog
 from relayd.store.spool import AttemptResult, Spool
 from tests.delivery_fake import InProcessTransport
 
@@ -44,6 +45,7 @@ def _cfg(**sections: dict[str, object]) -> Config:
 def _scheduler(tmp_path: Path, cfg: Config, directory: Directory) -> Scheduler:
     return Scheduler(Spool(str(tmp_path / "s.sqlite3")), directory,
                      Deliverer(cfg.delivery, InProcessTransport(cfg.delivery, "relay.test")),
+                     log=DeliveryLog(str(tmp_path / "log.sqlite3")),
                      policy=backoff.policy_from(cfg.delivery),
                      default_limits=limits_from(cfg.limits), workers=2)
 
@@ -134,7 +136,8 @@ def test_lifecycle_reconfigure_reads_the_new_settings(tmp_path: Path) -> None:
     """Operations after a reload read the new configuration (limits, retention)."""
     cfg = Config()
     lc = Lifecycle(cfg, Spool(str(tmp_path / "s.sqlite3")), Directory(), None,  # type: ignore[arg-type]
-                   None, None)  # type: ignore[arg-type]
+                   None, None,  # type: ignore[arg-type]
+                   delivery_log=DeliveryLog(str(tmp_path / "log.sqlite3")))
     new = _cfg(spool={"delivery_log_retention_days": 3})
     lc.reconfigure(new)
     assert lc.cfg.spool.delivery_log_retention_days == 3

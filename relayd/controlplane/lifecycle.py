@@ -52,6 +52,7 @@ from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
 from relayd.ids import format_id, parse_id
 from relayd.queue.scheduler import Scheduler
+from relayd.store.deliverylog import DeliveryLog
 from relayd.store.spool import Db, IntegrityError, Spool
 
 _SELECTOR_TRIES = 8
@@ -93,13 +94,14 @@ class Lifecycle:
     """Every operator operation on domains, accounts and queues."""
 
     def __init__(self, cfg: Config, spool: Spool, directory: Directory, hasher: Hasher,
-                 cache: CredentialCache, scheduler: Scheduler, *,
+                 cache: CredentialCache, scheduler: Scheduler, *, delivery_log: DeliveryLog,
                  clock: Callable[[], float] = time.time,
                  selector_token: Callable[[], str] = dkim.selector_token,
                  log: Callable[..., None] | None = None,
                  warn: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
+        self.dlog = delivery_log
         self.directory = directory
         self.hasher = hasher
         self.cache = cache
@@ -764,6 +766,7 @@ class Lifecycle:
         if status not in (None, "queued", "deferred", "delivered", "failed"):
             raise LifecycleError("status must be queued, deferred, delivered or failed",
                                  "bad_request")
+        rows: list[Any]
         if status == "queued":
             where, params = _filters(("m.username", user), ("m.received_at>", since))
             rows = await self.spool.fetchall(  # where: column literals only; values bound
@@ -772,11 +775,7 @@ class Lifecycle:
                 f" WHERE r.status='queued'{where} ORDER BY m.received_at DESC LIMIT ?",
                 [*params, limit])
         else:
-            where, params = _filters(("username", user), ("outcome", status), ("ts>", since))
-            rows = await self.spool.fetchall(
-                "SELECT ts, message_id, username, domain, recipient, next_hop, code, text,"  # noqa: S608
-                f" outcome FROM delivery_log WHERE 1=1{where} ORDER BY ts DESC, id DESC"
-                " LIMIT ?", [*params, limit])
+            rows = await self.dlog.entries(user, status, since, limit)
         return schemas.LogList(entries=[
             schemas.LogEntry(ts=r[0], message_id=format_id(r[1]), username=r[2], domain=r[3],
                              recipient=r[4], next_hop=r[5], code=r[6], text=r[7],
@@ -799,14 +798,10 @@ class Lifecycle:
         return len(changed)
 
     async def prune_delivery_log(self) -> int:
-        """Delete delivery-log entries older than the retention period."""
+        """Delete delivery-log entries older than the retention period, then the oldest
+        while the log is over its size; in small batches on the log's own connection."""
         cutoff = self.clock() - self.cfg.spool.delivery_log_retention_days * 86400
-
-        async def op(db: Db) -> int:
-            cur = await db.execute("DELETE FROM delivery_log WHERE ts < ?", (cutoff,))
-            return int(cur.rowcount)
-
-        return await self.spool.write(op)
+        return await self.dlog.prune(cutoff, self.cfg.spool.delivery_log_max_bytes)
 
     def reconfigure(self, cfg: Config) -> None:
         """A reload: operations from now on read the new settings (limits, retention...)."""

@@ -68,6 +68,7 @@ from relayd.queue.ratelimit import (
     limits_from,
     window_start,
 )
+from relayd.store.deliverylog import DeliveryLog
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
@@ -149,7 +150,8 @@ class Scheduler:
     """Send queue with limits and fairness, retry loop, and delivery workers."""
 
     def __init__(self, spool: Spool, directory: Directory, sender: Sender, *,
-                 policy: backoff.BackoffPolicy, default_limits: Limits, workers: int,
+                 log: DeliveryLog, policy: backoff.BackoffPolicy, default_limits: Limits,
+                 workers: int,
                  events: SchedulerEvents | None = None,
                  clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
@@ -157,6 +159,7 @@ class Scheduler:
                  on_failed: Callable[[QMsg, list[AttemptResult]], Any] | None = None,
                  reconcile_seconds: float = 60.0) -> None:
         self.spool = spool
+        self.log = log
         self.directory = directory
         self.sender = sender
         self.policy = policy
@@ -450,14 +453,11 @@ class Scheduler:
             return window
         starts = [window_start(now, p) for p in (MINUTE, HOUR, DAY)]
         try:
-            row = await self.spool.fetchone(
-                "SELECT COALESCE(SUM(t >= ?), 0), COALESCE(SUM(t >= ?), 0), COUNT(*) FROM"
-                " (SELECT MIN(ts) AS t FROM delivery_log WHERE username=? AND ts >= ?"
-                " GROUP BY message_id)", (starts[0], starts[1], acct.username, starts[2]))
+            row = await self.log.first_attempts(acct.username, *starts)
         except Exception:  # no history to count: start from zero
             row = None
         if row:
-            window.restore(now, WindowCounts(int(row[0]), int(row[1]), int(row[2])))
+            window.restore(now, WindowCounts(*row))
         return window
 
     async def _retry_loop(self) -> None:

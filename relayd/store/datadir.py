@@ -41,7 +41,7 @@ def prepare_data_dir(path: str) -> None:
         why = "read-only file system" if read_only else "permission denied"
         raise SpoolError(f"data dir {path} is not writable ({why}); relayd keeps its spool"
                          " there: mount it read-write or make it writable by relayd's user")
-    for p in (d, *d.glob("relayd.sqlite3*")):
+    for p in (d, *d.glob("relayd.sqlite3*"), *d.glob("relayd-log.sqlite3*")):
         with contextlib.suppress(OSError):
             mode = p.stat().st_mode & 0o7777
             if mode & 0o027:

@@ -1,4 +1,4 @@
-"""Durable storage: messages, recipients, domains, accounts and the delivery log.
+"""Durable storage: messages, recipients, domains and accounts.
 
 Owns: the SQLite database (WAL, ``synchronous=FULL``), its schema and
 migrations, and *group commit*: every write — accepted messages, delivery
@@ -25,6 +25,9 @@ after the commit that deleted the row, or at the next start.
 Message ids are 64-bit integers made from the clock in microseconds and a
 counter (unique across restarts while the clock does not go back by more than
 the restart takes); on the wire and in the CLI they are 16 hex digits (relayd.ids).
+
+The delivery log has a file of its own (relayd.store.deliverylog): the
+results of each committed batch are handed to ``on_results``.
 
 Untrusted input: message data and addresses (stored as given, always through
 bound parameters). Settings read: [spool], the database path.
@@ -55,8 +58,16 @@ Db: TypeAlias = aiosqlite.Connection
 DbError = sqlite3.Error
 #: A constraint (UNIQUE, FOREIGN KEY, CHECK) refused a write (sqlite3.IntegrityError).
 IntegrityError = sqlite3.IntegrityError
+#: A plain (synchronous) connection, for a store module that runs it on a thread of its own.
+PlainDb: TypeAlias = sqlite3.Connection
 
-SCHEMA_VERSION = 4
+
+def connect_plain(path: str) -> PlainDb:
+    """A plain connection to ``path`` (autocommit: transactions are explicit)."""
+    return sqlite3.connect(path, isolation_level=None, timeout=5.0)
+
+
+SCHEMA_VERSION = 5
 
 #: Messages larger than this were written and read with blob I/O (see _insert_large);
 #: rows stored that way by an earlier version are still read so.
@@ -154,6 +165,13 @@ MIGRATIONS: dict[int, str] = {
     # what the scheduler's reconciliation, ``status`` and ``queue list`` read.
     4: """
     CREATE INDEX recipients_queued ON recipients(message_id) WHERE status = 'queued';
+    """,
+    # The delivery log moved to a file of its own; its rows are copied there first
+    # (Spool(move_log=...), see _migrate).
+    5: """
+    DROP INDEX delivery_log_user_ts;
+    DROP INDEX delivery_log_ts;
+    DROP TABLE delivery_log;
     """,
 }
 
@@ -344,8 +362,10 @@ class Spool:
     """The SQLite spool with a group-committing writer."""
 
     def __init__(self, path: str, *, batch_max: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 move_log: Callable[[str], Awaitable[int]] | None = None) -> None:
         self.path = path
+        self._move_log = move_log
         self._batch_max = batch_max
         self._on_batch = on_batch
         self._w: aiosqlite.Connection | None = None
@@ -356,6 +376,8 @@ class Spool:
         self.bodies = _Bodies(os.path.splitext(path)[0] + ".bodies")
         #: Called on the loop after a group commit failed (the scheduler reconciles).
         self.on_commit_failed: Callable[[], None] | None = None
+        #: Called on the loop with the delivery results of each commit (the delivery log).
+        self.on_results: Callable[[list[AttemptResult]], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -411,6 +433,8 @@ class Spool:
                 " run the relayd version that wrote it, or restore a backup made by this one"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            if target == 5:
+                await self._move_old_log()
             await self._w.execute("BEGIN IMMEDIATE")
             try:
                 for stmt in _split_sql(MIGRATIONS[target]):
@@ -420,6 +444,17 @@ class Spool:
             except Exception:
                 await self._w.execute("ROLLBACK")
                 raise
+
+    async def _move_old_log(self) -> None:
+        """Before migration 5 drops it: the old delivery_log table's rows to the log file."""
+        assert self._w is not None
+        async with self._w.execute("SELECT EXISTS (SELECT 1 FROM delivery_log)") as cur:
+            row = await cur.fetchone()
+        if row and row[0]:
+            if self._move_log is None:
+                raise SpoolError(f"spool {self.path} holds a delivery log to move to its own"
+                                 " file: open it with relayd")
+            await self._move_log(self.path)
 
     async def close(self) -> None:
         """Finish pending writes, stop the writer and close the database."""
@@ -583,6 +618,11 @@ class Spool:
         n_accepts = sum(1 for op in batch if op.kind == "accept")
         if self._on_batch is not None and n_accepts:
             self._on_batch(n_accepts)
+        if self.on_results is not None:
+            committed = [r for n, op in enumerate(batch) if op.kind == "record"
+                         and n not in errors for r in op.payload[0]]
+            if committed:
+                self.on_results(committed)
         for n, op in enumerate(batch):
             if op.then is not None and n not in errors:
                 try:
@@ -947,7 +987,7 @@ def _apply_records(conn: sqlite3.Connection,
     """What ``_apply_record`` does for each payload, with the complete ones in bulk.
 
     A complete payload (a first attempt that ended every recipient of its
-    messages) only adds log rows, sent counts and deletions, so all of them
+    messages) only adds sent counts and deletions, so all of them
     go together: one multi-row insert, one delete per table. Its messages are
     its own (no other payload names them), so applying them after the others
     changes no outcome. The others are applied one by one, in order.
@@ -963,7 +1003,7 @@ def _apply_records(conn: sqlite3.Connection,
         else:
             out.append(_apply_record(conn, results, finished))
     if logs:
-        _log_results(conn, logs)
+        _count_sent(conn, logs)
     removed: set[int] = set()
     if bulk:
         _delete_in(conn, "DELETE FROM recipients WHERE message_id", bulk)
@@ -980,15 +1020,8 @@ def _apply_records(conn: sqlite3.Connection,
             for done, payload in zip(out, payloads, strict=True)]
 
 
-def _log_results(conn: sqlite3.Connection, results: Sequence[AttemptResult]) -> None:
-    """The delivery log rows of ``results``, and the delivered ones counted per account."""
-    _insert_rows(
-        conn,
-        "INSERT INTO delivery_log(ts, message_id, username, domain, recipient, next_hop,"
-        " code, text, outcome)", "(?,?,?,?,?,?,?,?,?)",
-        [(r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
-          r.text, r.outcome) for r in results],
-    )
+def _count_sent(conn: sqlite3.Connection, results: Sequence[AttemptResult]) -> None:
+    """The delivered ``results`` counted per account (their log rows: on_results)."""
     sent: dict[int, int] = {}
     for r in results:
         if r.outcome == "delivered" and r.account_id is not None:
@@ -1013,7 +1046,7 @@ def _apply_record(conn: sqlite3.Connection, results: list[AttemptResult],
             [(r.outcome, r.next_attempt, r.code, r.text, r.message_id, r.idx)
              for r in results],
         )
-        _log_results(conn, results)
+        _count_sent(conn, results)
     done: list[int] = []
     for m in finished:
         cur = conn.execute(

@@ -1,0 +1,319 @@
+"""The delivery log: one row per recipient attempt, in a database file of its own.
+
+Owns: ``relayd-log.sqlite3`` beside the spool (WAL, ``synchronous=NORMAL``,
+incremental auto-vacuum), its schema, its writer, its queries (``relayctl
+log``, the seed of the sending-limit windows), its bounds (age and size) and
+the upgrade that moves the rows of the spool's old ``delivery_log`` table here.
+
+The spool's result commit no longer writes log rows: the results of each
+committed batch are handed over (:meth:`DeliveryLog.append`) and the writer
+coalesces whatever is waiting into one transaction. So a crash between the
+two can lose log rows, never a message state. The log has one connection on
+one thread of its own: its writes, its queries and its prune never hold the
+spool's writer. The prune deletes at most ``batch_rows`` rows per transaction
+and lets the loop (and the log's writer) run between two of them.
+
+Untrusted input: addresses and reply texts (stored as given, bound parameters).
+Settings read: none (the caller passes ``[spool] delivery_log_retention_days``
+and ``delivery_log_max_bytes`` to :meth:`DeliveryLog.prune`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from relayd.store.spool import AttemptResult, PlainDb, connect_plain
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE delivery_log (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    message_id INTEGER NOT NULL,
+    username TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    next_hop TEXT NOT NULL,
+    code INTEGER,
+    text TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX delivery_log_user_ts ON delivery_log(username, ts);
+CREATE INDEX delivery_log_ts ON delivery_log(ts)
+"""
+
+_COLUMNS = "ts, message_id, username, domain, recipient, next_hop, code, text, outcome"
+_ROW = "(?,?,?,?,?,?,?,?,?)"
+#: Rows per multi-row insert: 64 rows of 9 columns stay within 999 parameters.
+_CHUNK = 64
+#: Rows copied per transaction by the upgrade from the spool's old table.
+_MOVE_ROWS = 50_000
+
+Row = tuple[Any, ...]
+
+
+class DeliveryLog:
+    """The delivery log file: a coalescing writer, queries and a batched prune."""
+
+    def __init__(self, path: str, *, batch_rows: int = 2000, pause: float = 0.002,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self._batch_rows = batch_rows
+        self._pause = pause
+        self._on_error = on_error
+        self._thread: ThreadPoolExecutor | None = None
+        self._conn: PlainDb | None = None
+        self._pending: list[Row] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one user of the connection at a time: writer or prune
+        self._writer_task: asyncio.Task[None] | None = None
+        #: Transactions the prune has committed, in total (each at most ``batch_rows`` rows).
+        self.prune_batches = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (creating) the file on a thread of its own and start the writer."""
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-log")
+        try:
+            await self._run(_open, self.path)
+        except BaseException:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+            raise
+        self._writer_task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def close(self) -> None:
+        """Write what is waiting, stop the writer, checkpoint and close."""
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        if self._thread is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.flush()
+        await self._run(_close)
+        self._thread.shutdown(wait=True)
+        self._thread = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- the writer ---------------------------------------------------------------
+    def append(self, results: Sequence[AttemptResult]) -> None:
+        """Rows for ``results`` (committed in the spool): written at the writer's next turn."""
+        self._pending.extend(
+            (r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
+             r.text, r.outcome) for r in results)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Until every row appended so far is committed in the log file."""
+        async with self._lock:
+            while self._pending:
+                rows, self._pending = self._pending, []
+                await self._run(_insert, rows)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # the rows are lost; message states are not
+                if self._on_error is not None:
+                    self._on_error(f"{type(exc).__name__}: {exc}")
+
+    # -- reads --------------------------------------------------------------------
+    async def entries(self, user: str | None, status: str | None, since: float | None,
+                      limit: int) -> list[Row]:
+        """Attempts, newest first: ``(ts, message_id, username, domain, recipient,
+        next_hop, code, text, outcome)``, filtered by account, outcome and time."""
+        await self.flush()
+        where = ""
+        params: list[Any] = []
+        for clause, value in (("username=?", user), ("outcome=?", status), ("ts>=?", since)):
+            if value is not None and value != "":
+                where += f" AND {clause}"  # literals of this module, never input
+                params.append(value)
+        sql = (f"SELECT {_COLUMNS} FROM delivery_log WHERE 1=1{where}"  # noqa: S608
+               " ORDER BY ts DESC, id DESC LIMIT ?")
+        return await self._run(_fetchall, sql, [*params, limit])
+
+    async def first_attempts(self, username: str, minute: float, hour: float,
+                             day: float) -> tuple[int, int, int]:
+        """Messages of ``username`` first attempted since each of the three times
+        (``minute >= hour >= day``): what a sending-limit window starts from."""
+        await self.flush()
+        rows = await self._run(
+            _fetchall,
+            "SELECT COALESCE(SUM(t >= ?), 0), COALESCE(SUM(t >= ?), 0), COUNT(*) FROM"
+            " (SELECT MIN(ts) AS t FROM delivery_log WHERE username=? AND ts >= ?"
+            " GROUP BY message_id)", (minute, hour, username, day))
+        row = rows[0] if rows else (0, 0, 0)
+        return int(row[0]), int(row[1]), int(row[2])
+
+    async def size_bytes(self) -> int:
+        """Bytes the rows and indexes use in the file (free pages not counted)."""
+        return await self._run(_used_bytes)
+
+    # -- bounds -------------------------------------------------------------------
+    async def prune(self, cutoff: float, max_bytes: int) -> int:
+        """Delete the rows older than ``cutoff``, then the oldest ones while the log
+        uses more than ``max_bytes``; return how many. At most ``batch_rows`` rows
+        per transaction, with the loop and the log's writer let in between."""
+        deleted = 0
+        for by_size in (False, True):
+            while True:
+                async with self._lock:
+                    n = await self._run(_prune_batch, cutoff, max_bytes, by_size,
+                                        self._batch_rows)
+                if n == 0:
+                    break
+                deleted += n
+                self.prune_batches += 1
+                await asyncio.sleep(self._pause)
+        return deleted
+
+    # -- upgrade ------------------------------------------------------------------
+    async def move_from_spool(self, spool_path: str) -> int:
+        """Copy the rows of the spool's old ``delivery_log`` table here, in batches.
+
+        Run before the spool's migration drops that table. Resumable: a copy cut
+        short by a crash goes on after the last row copied (the ids are kept).
+        Returns the number of rows copied.
+        """
+        moved = 0
+        async with self._lock:
+            while True:
+                n = await self._run(_move_batch, spool_path, _MOVE_ROWS)
+                if n == 0:
+                    return moved
+                moved += n
+                await asyncio.sleep(0)
+
+
+# -- on the log's thread ----------------------------------------------------------------
+_local = threading.local()  # .conn: the log's one connection, on its own thread
+
+
+def _db() -> PlainDb:
+    conn: PlainDb = _local.conn
+    return conn
+
+
+def _open(path: str) -> None:
+    if not os.path.exists(path):  # created private, like the spool (0640)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    conn = connect_plain(path)
+    try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"delivery log {path} has schema version {version}, newer than"
+                             f" this relayd's ({SCHEMA_VERSION})")
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";"):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    _local.conn = conn
+
+
+def _close() -> None:
+    conn: PlainDb | None = getattr(_local, "conn", None)
+    _local.conn = None
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+
+def _insert(rows: list[Row]) -> None:
+    conn = _db()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        full = len(rows) - len(rows) % _CHUNK
+        many = f"INSERT INTO delivery_log({_COLUMNS}) VALUES {','.join([_ROW] * _CHUNK)}"  # noqa: S608
+        for start in range(0, full, _CHUNK):
+            conn.execute(many, [v for r in rows[start:start + _CHUNK] for v in r])
+        conn.executemany(f"INSERT INTO delivery_log({_COLUMNS}) VALUES {_ROW}",  # noqa: S608
+                         rows[full:])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _fetchall(sql: str, params: Sequence[Any]) -> list[Row]:
+    return [tuple(r) for r in _db().execute(sql, params).fetchall()]
+
+
+def _used_bytes() -> int:
+    conn = _db()
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    return (pages - free) * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def _prune_batch(cutoff: float, max_bytes: int, by_size: bool, limit: int) -> int:
+    """One transaction: at most ``limit`` rows, the oldest; 0 when nothing is to go."""
+    conn = _db()
+    if by_size and _used_bytes() <= max_bytes:
+        return 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if by_size:
+            n = conn.execute("DELETE FROM delivery_log WHERE id IN (SELECT id FROM"
+                             " delivery_log ORDER BY ts LIMIT ?)", (limit,)).rowcount
+        else:
+            n = conn.execute("DELETE FROM delivery_log WHERE id IN (SELECT id FROM"
+                             " delivery_log WHERE ts < ? ORDER BY ts LIMIT ?)",
+                             (cutoff, limit)).rowcount
+        conn.execute("PRAGMA incremental_vacuum").fetchall()  # one page per step: all of them
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(n)
+
+
+def _move_batch(spool_path: str, limit: int) -> int:
+    """Copy the next ``limit`` rows of the spool's old table (by id); 0 when done."""
+    conn = _db()
+    conn.execute("ATTACH DATABASE ? AS old", (spool_path,))
+    try:
+        exists = conn.execute("SELECT 1 FROM old.sqlite_master WHERE type='table'"
+                              " AND name='delivery_log'").fetchone()
+        if not exists:
+            return 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            n = conn.execute(
+                f"INSERT OR IGNORE INTO main.delivery_log(id, {_COLUMNS}) SELECT id,"  # noqa: S608
+                f" {_COLUMNS} FROM old.delivery_log WHERE id > (SELECT COALESCE(MAX(id), 0)"
+                " FROM main.delivery_log) ORDER BY id LIMIT ?", (limit,)).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(n)
+    finally:
+        conn.execute("DETACH DATABASE old")
