@@ -547,6 +547,7 @@ RELOADABLE: frozenset[str] = frozenset({
     "delivery.command_timeout_seconds", "delivery.idle_connection_seconds",
     "delivery.messages_per_connection", "delivery.tls_verify", "delivery.bounces",
     "spool.last_connection_flush_seconds", "spool.delivery_log_retention_days",
+    "spool.delivery_log_max_bytes",
 })
 
 
