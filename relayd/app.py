@@ -357,7 +357,11 @@ class Relay:
         await asyncio.sleep(self.cfg.spool.last_connection_flush_seconds)
         while True:
             try:
-                await self.lifecycle.prune_delivery_log()
+                started, batches = time.monotonic(), self.dlog.prune_batches
+                if n := await self.lifecycle.prune_delivery_log():
+                    self.log.info("delivery_log_pruned", rows=n,
+                                  batches=self.dlog.prune_batches - batches,
+                                  seconds=round(time.monotonic() - started, 3))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
