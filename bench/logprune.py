@@ -51,13 +51,22 @@ def fill(path: Path, rows: int, step: int = 1_000_000) -> float:
 
     asyncio.run(create())
     conn = sqlite3.connect(path, isolation_level=None)
+    # Fast: no journal, the indexes built once at the end (the file stays WAL after).
+    conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-262144")
+    indexes = [r[0] for r in conn.execute("SELECT sql FROM sqlite_master WHERE type='index'"
+                                          " AND tbl_name='delivery_log' AND sql IS NOT NULL")]
+    for name in ("delivery_log_user_ts", "delivery_log_ts"):
+        conn.execute(f"DROP INDEX {name}")
     old = time.time() - 60 * 86400
     for start in range(1, rows + 1, step):
         conn.execute("BEGIN")
         conn.execute(_FILL, (start, min(rows, start + step - 1), old))
         conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for sql in indexes:
+        conn.execute(sql)
+    conn.execute("PRAGMA journal_mode=WAL")
     conn.close()
     return time.monotonic() - t0
 

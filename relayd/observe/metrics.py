@@ -234,7 +234,7 @@ class Metrics:
         )
         self.spool_size_bytes = Gauge(
             "spool_size_bytes",
-            "Bytes used by the spool database and its WAL.",
+            "Bytes used by the spool (database, WAL, large-message files) and the delivery log.",
             namespace=ns,
             registry=r,
         )
