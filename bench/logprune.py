@@ -6,7 +6,7 @@
 Fills ``DATA/relayd-log.sqlite3`` with ``--rows`` rows 60 days old (a recursive CTE
 insert, one transaction per million rows), starts relayd on it (the bench config,
 next hop an ``smtp-sink``), and runs ``bench.loadgen`` in rounds of ``--round``
-messages (50 sessions, 100 messages a connection, 1 KiB) for as long as the prune
+messages (``--sessions``, 50; 100 messages a connection, 1 KiB) for as long as the prune
 runs (until relayd logs ``delivery_log_pruned``), then one round after it. Prints
 one JSON object: the fill time, the prune's rows, batches and seconds, each round's
 accept p50/p99/max and whether the prune was running, and the worst p99 of the
@@ -71,8 +71,8 @@ def fill(path: Path, rows: int, step: int = 1_000_000) -> float:
     return time.monotonic() - t0
 
 
-def loadgen(target: str, messages: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--target", target, "--sessions", "50",
+def loadgen(target: str, messages: int, sessions: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", target, "--sessions", str(sessions),
            "--messages", str(messages), "--per-conn", "100", "--size", "1024",
            "--timeout", "600"]
     p = subprocess.run(cmd, capture_output=True, cwd=str(REPO), stdin=subprocess.DEVNULL,
@@ -100,12 +100,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         try:
             done = None
             while done is None and len(rounds) < a.max_rounds:
-                res = loadgen(relay.target, a.round)
+                res = loadgen(relay.target, a.round, a.sessions)
                 done = pruned(relay.logpath)
                 rounds.append({"during_prune": done is None, "accepted": res["accepted"],
                                "failed": res["failed"], "per_s": res["accepted_per_s"],
                                **{k: res["latency_ms"][k] for k in ("p50", "p99", "max")}})
-            res = loadgen(relay.target, a.round)
+            res = loadgen(relay.target, a.round, a.sessions)
             rounds.append({"during_prune": False, "accepted": res["accepted"],
                            "failed": res["failed"], "per_s": res["accepted_per_s"],
                            **{k: res["latency_ms"][k] for k in ("p50", "p99", "max")}})
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=10_000_000, help="expired rows to prune")
     ap.add_argument("--round", type=int, default=10_000, help="messages per loadgen round")
     ap.add_argument("--max-rounds", type=int, default=200)
+    ap.add_argument("--sessions", type=int, default=50, help="loadgen's concurrent sessions")
     a = ap.parse_args(argv)
     result = run(a)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")

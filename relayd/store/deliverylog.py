@@ -67,10 +67,11 @@ class DeliveryLog:
     """The delivery log file: a coalescing writer, queries and a batched prune."""
 
     def __init__(self, path: str, *, batch_rows: int = 2000, pause: float = 0.002,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 rest: float = 1.0, on_error: Callable[[str], None] | None = None) -> None:
         self.path = path
         self._batch_rows = batch_rows
         self._pause = pause
+        self._rest = rest
         self._on_error = on_error
         self._thread: ThreadPoolExecutor | None = None
         self._conn: PlainDb | None = None
@@ -174,10 +175,14 @@ class DeliveryLog:
     async def prune(self, cutoff: float, max_bytes: int) -> int:
         """Delete the rows older than ``cutoff``, then the oldest ones while the log
         uses more than ``max_bytes``; return how many. At most ``batch_rows`` rows
-        per transaction, with the loop and the log's writer let in between."""
+        per transaction, with the loop and the log's writer let in between; after
+        each, a rest of ``rest`` times what it took (at least ``pause``), so that
+        the prune takes at most about half a core and of the disk from the relay."""
         deleted = 0
+        loop = asyncio.get_running_loop()
         for by_size in (False, True):
             while True:
+                started = loop.time()
                 async with self._lock:
                     n = await self._run(_prune_batch, cutoff, max_bytes, by_size,
                                         self._batch_rows)
@@ -185,7 +190,7 @@ class DeliveryLog:
                     break
                 deleted += n
                 self.prune_batches += 1
-                await asyncio.sleep(self._pause)
+                await asyncio.sleep(max(self._pause, (loop.time() - started) * self._rest))
         return deleted
 
     # -- upgrade ------------------------------------------------------------------
