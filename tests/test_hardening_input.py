@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from relayd.smtp.server import RelaySMTP
+from relayd.smtp.session import Session
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 
@@ -120,7 +121,7 @@ async def test_huge_command_line_is_discarded_without_buffering(relay: RelayHand
         await raw.send(b"X" * 65536)
     assert await raw.cmd("") == "500 5.5.2 Command line too long"
     assert await raw.cmd("NOOP") == "250 2.0.0 Ok"
-    assert max(len(s._inbuf) for s in relay.relay.ctx.sessions) < 65536
+    assert max(s.session.buffered for s in relay.relay.ctx.sessions) < 65536
     raw.close()
 
 
@@ -145,14 +146,14 @@ async def test_oversize_data_is_discarded_while_reading(relay_factory: RelayFact
     await relay.ctl.add_domain("example.com")
     account = await relay.ctl.add_user("example.com")
     peak = 0
-    fill = RelaySMTP._fill
+    received = RelaySMTP.data_received
 
-    async def watched(self: RelaySMTP) -> None:
+    def watched(self: RelaySMTP, data: bytes) -> None:
         nonlocal peak
-        await fill(self)
-        peak = max(peak, len(self._inbuf))
+        received(self, data)
+        peak = max(peak, self.session.buffered)
 
-    monkeypatch.setattr(RelaySMTP, "_fill", watched)
+    monkeypatch.setattr(RelaySMTP, "data_received", watched)
     raw = await _in_transaction(relay, account)
     line = b"y" * 78 + b"\r\n"
     chunk = line * (65536 // len(line))
@@ -287,10 +288,10 @@ async def test_session_fault_outside_a_handler_gets_421(
         relay: RelayHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault in the command loop itself gets 421 4.3.0 and a close, never a trace or a
     silent hang."""
-    async def broken(self: RelaySMTP, limit: int) -> bytes | None:
+    def broken(self: Session, limit: int) -> bytes | None:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(RelaySMTP, "_readline", broken)
+    monkeypatch.setattr(Session, "_readline", broken)
     raw = await Raw.open(relay.host, relay.port)
     assert raw.greeting == "220 relay.test ESMTP relayd"
     assert await raw.reply() == "421 4.3.0 Local error in processing, closing connection"
