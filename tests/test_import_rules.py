@@ -19,13 +19,18 @@ PACKAGES = ("relayd", "control")
 #: here: the spool owns the database.
 ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
     "sqlite": (frozenset({"sqlite3", "aiosqlite"}), "relayd.store.spool"),
-    "aiosmtpd": (frozenset({"aiosmtpd"}), "relayd.smtp.server"),
     "aiohttp": (frozenset({"aiohttp"}), "relayd.controlplane.server"),
     "dnspython": (frozenset({"dns"}), "relayd.delivery.mx"),
     "prometheus_client": (frozenset({"prometheus_client"}), "relayd.observe.metrics"),
     "structlog": (frozenset({"structlog"}), "relayd.observe.logs"),
     "cryptography": (frozenset({"cryptography"}), "relayd.dkim.signature"),
 }
+
+#: Libraries that relayd and control/ never import (test and bench dependencies only):
+#: aiosmtpd is the tests' sink and the bench's stock peer; relayd's SMTP server is
+#: its own (relayd.smtp.session, relayd.smtp.server). aiosmtplib is the tests' client;
+#: relayd's SMTP client is its own (relayd.delivery.connection).
+NOT_IMPORTED: frozenset[str] = frozenset({"aiosmtpd", "aiosmtplib"})
 
 #: Import cycles allowed to exist (each entry one strongly connected component of
 #: the module graph). Empty: there is none, and a new one fails the suite.
@@ -127,6 +132,13 @@ def test_each_library_is_imported_by_its_adapter_only() -> None:
             wrong.append(f"{library}: imported by {importers} (expected only {adapter};"
                          f" move the use behind {adapter}: {where})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_test_only_libraries_are_never_imported() -> None:
+    """aiosmtpd is not imported anywhere in relayd/ or control/ (not even in a function)."""
+    bad = [f"{m}:{line} imports {name}" for m, names in IMPORTS.items()
+           for name, line in names if name.split(".")[0] in NOT_IMPORTED]
+    assert not bad, bad
 
 
 def test_control_never_imports_relayd() -> None:

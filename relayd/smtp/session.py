@@ -49,7 +49,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from relayd.directory.accounts import Account, Directory
 from relayd.smtp import policy, replies
@@ -64,7 +64,7 @@ _LINE_MAX = {"MAIL": MAIL_LINE_MAX, "RCPT": MAIL_LINE_MAX, "AUTH": AUTH_LINE_MAX
 MAX_ERRORS = 20  # past this many refusals, an unknown or bad line ends the session
 
 # Phases of the machine.
-_COMMAND, _DATA, _AUTH_PLAIN, _AUTH_USER, _AUTH_PASSWORD, _WAIT, _CLOSED = range(7)
+_COMMAND, _DATA, _AUTH, _WAIT, _CLOSED = range(5)
 
 
 @dataclass(slots=True)
@@ -173,125 +173,26 @@ _AGAIN = Signal("AGAIN")  # internal: the step made progress, run the next one
 Event = AuthRequest | MessageReceived | Signal
 
 
-class Session:
-    """One SMTP session's protocol state (no I/O)."""
+class Framer:
+    """The input buffer of a session: command lines and message data, with their limits."""
 
-    __slots__ = ("_buf", "_data_bytes", "_data_started", "_discarding", "_mail_from",
-                 "_phase", "_rcpts", "_scan", "_smtputf8", "_too_big", "_user", "ctx",
-                 "monotonic", "out", "starttls", "state", "touched")
+    __slots__ = ("_discarding", "_scan", "_too_big", "buf")
 
-    def __init__(self, ctx: Settings, state: SessionState, *, starttls: bool = False,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.ctx = ctx
-        self.state = state
-        self.starttls = starttls  # STARTTLS offered (a TLS context, no TLS yet)
-        self.monotonic = monotonic
-        self.out: list[bytes] = []  # replies not yet written
-        self.touched = False  # a command or message data arrived (the idle timer's input)
-        self._buf = bytearray()
+    def __init__(self) -> None:
+        self.buf = bytearray()
         self._scan = 0  # where the search for a line end (or the data's end) resumes
         self._discarding = False  # inside an over-long line: dropped up to its LF
-        self._phase = _COMMAND
-        self._mail_from: str | None = None
-        self._rcpts: list[str] = []
-        self._smtputf8 = False
-        self._user = b""
-        self._too_big = False
-        self._data_started = 0.0
-        self._data_bytes = 0
+        self._too_big = False  # message data past the size limit: dropped as it came
 
-    # -- driving ---------------------------------------------------------------------
-    @property
-    def idle(self) -> bool:
-        """Waiting for a command outside a mail transaction (a shutdown may close it)."""
-        return self._phase == _COMMAND and self._mail_from is None
-
-    @property
-    def closed(self) -> bool:
-        return self._phase == _CLOSED
-
-    @property
-    def buffered(self) -> int:
-        """Octets received and not yet consumed."""
-        return len(self._buf)
-
-    def greet(self) -> None:
-        """Queue the 220 greeting."""
-        self.out.append(_greeting(self.ctx.hostname))
-
-    def refuse(self, reply: Reply) -> None:
-        """End the session with ``reply`` instead of the greeting; input is dropped."""
-        self._buf.clear()
-        self.reject(reply)
-        self._phase = _CLOSED
-
-    def receive(self, data: bytes) -> None:
-        """Buffer input; while reading message data, enforce the minimum data rate."""
-        if self._phase == _CLOSED:
-            return
-        self._buf += data
-        if self._phase == _DATA:
-            self._data_bytes += len(data)
-            self.touched = True
-            ctx = self.ctx
-            if ctx.min_data_rate:
-                elapsed = self.monotonic() - self._data_started
-                if (elapsed > ctx.data_rate_grace
-                        and self._data_bytes / elapsed < ctx.min_data_rate):
-                    self.reject(replies.DATA_TOO_SLOW)
-                    self._phase = _CLOSED
-
-    def next_event(self) -> Event | None:
-        """Run what the input allows; None when more input is needed (or an event is open)."""
-        while True:
-            phase = self._phase
-            if phase == _COMMAND:
-                event = self._command()
-            elif phase == _DATA:
-                event = self._data()
-            elif phase == _CLOSED:
-                return CLOSE
-            elif phase == _WAIT:
-                return None
-            else:
-                event = self._auth_answer()
-            if event is not _AGAIN:
-                return event
-
-    def resume(self) -> None:
-        """The open event is answered: take commands again (unless closed)."""
-        if self._phase == _WAIT:
-            self._phase = _COMMAND
-            self._after_command()
-
-    def close(self) -> None:
-        """End the session after the pending replies."""
-        self._phase = _CLOSED
-
-    def tls_started(self) -> None:
-        """The STARTTLS handshake completed: plaintext pipelined before it is discarded."""
-        self._buf.clear()
+    def clear(self) -> None:
+        self.buf.clear()
         self._scan = 0
         self._discarding = False
-        self.state.tls = True
-        self.starttls = False
-        self.touched = True
 
-    # -- output ------------------------------------------------------------------------
-    def emit(self, reply: Reply) -> None:
-        self.out.append(reply.line())
-
-    def reject(self, reply: Reply, detail: str = "") -> None:
-        """Queue a refusal, counted as an error and reported to the observer."""
-        self.state.errors += 1
-        self.ctx.events.rejected(reply, self.state, detail)
-        self.out.append(reply.line())
-
-    # -- framing -------------------------------------------------------------------------
-    def _readline(self, limit: int) -> bytes | Reply | None:
+    def readline(self, limit: int) -> bytes | Reply | None:
         """Next line without its CRLF, the refusal of a line longer than ``limit``
         (``COMMAND_TOO_LONG``) or ended by a bare LF (``BARE_LF_COMMAND``), or None."""
-        buf = self._buf
+        buf = self.buf
         if self._discarding:
             nl = buf.find(b"\n")
             if nl < 0:
@@ -317,9 +218,226 @@ class Session:
             self._scan = len(buf)
         return None
 
+    def start_data(self) -> None:
+        """Message data follows: put back the CRLF that ended the DATA line, so that a
+        first line "." ends the data too (and a stuffed first dot looks like any other)."""
+        self.buf[:0] = b"\r\n"
+        self._scan = 0
+        self._too_big = False
+
+    def read_data(self, limit: int) -> bytearray | Reply | None:
+        """The message data up to CRLF.CRLF, checked and unstuffed (still preceded by
+        the CRLF of ``start_data``), its refusal, or None (more input needed)."""
+        buf = self.buf
+        end = buf.find(b"\r\n.\r\n", self._scan)
+        if end < 0:
+            if len(buf) > limit + 8:
+                self._too_big = True  # drop what came, keep a possible terminator's start
+                del buf[:-4]
+            self._scan = max(0, len(buf) - 4)
+            return None
+        # The data stays in its buffer (no copy): the rest goes to a fresh buffer,
+        # the data's buffer is cut after its final CRLF and handed out as it is.
+        self.buf = bytearray(memoryview(buf)[end + 5:])
+        self._scan = 0
+        del buf[end + 2:]
+        if self._too_big or len(buf) > limit + 4:
+            return replies.SIZE_EXCEEDED
+        problem = policy.data_violation(buf)
+        if problem is not None:
+            return problem
+        if policy.has_long_line(buf):
+            return replies.LINE_TOO_LONG
+        if b"\r\n." in buf:
+            buf = buf.replace(b"\r\n.", b"\r\n")
+        return buf
+
+
+class Credentials(NamedTuple):
+    user: bytes
+    password: bytes
+
+
+class Refused(NamedTuple):
+    reply: Reply
+    detail: str = ""
+
+
+class SaslExchange:
+    """One AUTH PLAIN (RFC 4616) or LOGIN exchange: challenges out, credentials out.
+
+    ``start`` and ``answer`` give the next step: a challenge (bytes, sent after
+    ``334 ``), the ``Credentials``, or ``Refused``.
+    """
+
+    __slots__ = ("_user", "mechanism")
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism  # "PLAIN" or "LOGIN"
+        self._user: bytes | None = None
+
+    def start(self, initial: str | None) -> bytes | Credentials | Refused:
+        if self.mechanism == "PLAIN":
+            if initial is None:
+                return b""
+            return _plain(b"" if initial == "=" else _b64(initial))
+        if initial is None:
+            return b"VXNlcm5hbWU6"  # "Username:"
+        return self._login_user(_b64(initial))
+
+    def answer(self, line: bytes) -> bytes | Credentials | Refused:
+        """The client's answer to the last challenge."""
+        line = line.strip()
+        if line == b"*":
+            return Refused(replies.AUTH_ABORTED)
+        blob = _b64(line)
+        if self.mechanism == "PLAIN":
+            return _plain(blob)
+        if self._user is None:
+            return self._login_user(blob)
+        if blob is None:
+            return Refused(replies.AUTH_BAD_BASE64)
+        return Credentials(self._user, blob)
+
+    def _login_user(self, blob: bytes | None) -> bytes | Refused:
+        if blob is None:
+            return Refused(replies.AUTH_BAD_BASE64)
+        self._user = blob
+        return b"UGFzc3dvcmQ6"  # "Password:"
+
+
+def _b64(text: bytes | str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _plain(blob: bytes | None) -> Credentials | Refused:
+    """A SASL PLAIN message: authzid NUL user NUL password (authzid empty or the user)."""
+    if blob is None:
+        return Refused(replies.AUTH_BAD_BASE64)
+    fields = blob.split(b"\0")
+    if len(fields) != 3:
+        return Refused(replies.AUTH_BAD_BASE64, "bad PLAIN layout")
+    authzid, user, password = fields
+    if authzid and authzid != user:
+        return Refused(replies.AUTH_FAILED, "authzid differs")
+    return Credentials(user, password)
+
+
+class Session:
+    """One SMTP session's protocol state (no I/O): see the module docstring."""
+
+    __slots__ = ("_data_bytes", "_data_started", "_in", "_mail_from", "_phase", "_rcpts",
+                 "_sasl", "_smtputf8", "ctx", "monotonic", "out", "starttls", "state",
+                 "touched")
+
+    def __init__(self, ctx: Settings, state: SessionState, *, starttls: bool = False,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.ctx = ctx
+        self.state = state
+        self.starttls = starttls  # STARTTLS offered (a TLS context, no TLS yet)
+        self.monotonic = monotonic
+        self.out: list[bytes] = []  # replies not yet written
+        self.touched = False  # a command or message data arrived (the idle timer's input)
+        self._in = Framer()
+        self._phase = _COMMAND
+        self._mail_from: str | None = None
+        self._rcpts: list[str] = []
+        self._smtputf8 = False
+        self._sasl: SaslExchange | None = None
+        self._data_started = 0.0
+        self._data_bytes = 0
+
+    # -- driving ---------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Waiting for a command outside a mail transaction (a shutdown may close it)."""
+        return self._phase == _COMMAND and self._mail_from is None
+
+    @property
+    def closed(self) -> bool:
+        return self._phase == _CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet consumed."""
+        return len(self._in.buf)
+
+    def greet(self) -> None:
+        """Queue the 220 greeting."""
+        self.out.append(_greeting(self.ctx.hostname))
+
+    def refuse(self, reply: Reply) -> None:
+        """End the session with ``reply`` instead of the greeting; input is dropped."""
+        self._in.clear()
+        self.reject(reply)
+        self._phase = _CLOSED
+
+    def receive(self, data: bytes) -> None:
+        """Buffer input; while reading message data, enforce the minimum data rate."""
+        if self._phase == _CLOSED:
+            return
+        self._in.buf += data
+        if self._phase == _DATA:
+            self._data_bytes += len(data)
+            self.touched = True
+            ctx = self.ctx
+            if ctx.min_data_rate:
+                elapsed = self.monotonic() - self._data_started
+                if (elapsed > ctx.data_rate_grace
+                        and self._data_bytes / elapsed < ctx.min_data_rate):
+                    self.reject(replies.DATA_TOO_SLOW)
+                    self._phase = _CLOSED
+
+    def next_event(self) -> Event | None:
+        """Run what the input allows; None when more input is needed (or an event is open)."""
+        while True:
+            phase = self._phase
+            if phase == _COMMAND:
+                event = self._command()
+            elif phase == _DATA:
+                event = self._data()
+            elif phase == _AUTH:
+                event = self._auth_answer()
+            elif phase == _CLOSED:
+                return CLOSE
+            else:  # _WAIT
+                return None
+            if event is not _AGAIN:
+                return event
+
+    def resume(self) -> None:
+        """The open event is answered: take commands again (unless closed)."""
+        if self._phase == _WAIT:
+            self._phase = _COMMAND
+            self._after_command()
+
+    def close(self) -> None:
+        """End the session after the pending replies."""
+        self._phase = _CLOSED
+
+    def tls_started(self) -> None:
+        """The STARTTLS handshake completed: plaintext pipelined before it is discarded."""
+        self._in.clear()
+        self.state.tls = True
+        self.starttls = False
+        self.touched = True
+
+    def emit(self, reply: Reply) -> None:
+        self.out.append(reply.line())
+
+    def reject(self, reply: Reply, detail: str = "") -> None:
+        """Queue a refusal, counted as an error and reported to the observer."""
+        self.state.errors += 1
+        self.ctx.events.rejected(reply, self.state, detail)
+        self.out.append(reply.line())
+
+    # -- commands --------------------------------------------------------------------------
     def _command(self) -> Event | None:
         """Read and run one command line."""
-        line = self._readline(AUTH_LINE_MAX - 2)
+        line = self._in.readline(AUTH_LINE_MAX - 2)
         if line is None:
             return None
         st = self.state
@@ -371,44 +489,6 @@ class Session:
             self.reject(replies.SHUTTING_DOWN)
             self._phase = _CLOSED
 
-    def _data(self) -> Event | None:
-        """Message data up to CRLF.CRLF, checked; its refusal or ``MessageReceived``."""
-        buf = self._buf
-        limit = self.ctx.max_message_size
-        end = buf.find(b"\r\n.\r\n", self._scan)
-        if end < 0:
-            if len(buf) > limit + 8:
-                self._too_big = True  # drop what came, keep a possible terminator's start
-                del buf[:-4]
-            self._scan = max(0, len(buf) - 4)
-            return None
-        # The data stays in the input buffer (no copy): the rest goes to a fresh
-        # buffer, the data's buffer is cut after its final CRLF and handed out as
-        # it is, still starting with the CRLF put in front by DATA (which makes a
-        # stuffed dot on the first line look like any other).
-        self._buf = bytearray(memoryview(buf)[end + 5:])
-        self._scan = 0
-        del buf[end + 2:]
-        sender, rcpts = self._mail_from, self._rcpts
-        self._reset_transaction()
-        self._phase = _COMMAND
-        problem: Reply | None = None
-        if self._too_big or len(buf) > limit + 4:
-            problem = replies.SIZE_EXCEEDED
-        else:
-            problem = policy.data_violation(buf)
-            if problem is None and policy.has_long_line(buf):
-                problem = replies.LINE_TOO_LONG
-        if problem is not None or sender is None:
-            self.reject(problem or replies.NEED_MAIL)
-            self._after_command()
-            return _AGAIN
-        if b"\r\n." in buf:
-            buf = buf.replace(b"\r\n.", b"\r\n")
-        self._phase = _WAIT
-        return MessageReceived(sender, rcpts, buf)
-
-    # -- session commands ------------------------------------------------------------------
     def _reset_transaction(self) -> None:
         self._mail_from = None
         self._rcpts = []
@@ -441,16 +521,13 @@ class Session:
         self.emit(replies.helo_ok(self.ctx.hostname))
 
     def smtp_NOOP(self, arg: str) -> None:
-        """NOOP."""
         self.out.append(_NOOP)
 
     def smtp_RSET(self, arg: str) -> None:
-        """RSET: abort the transaction."""
         self._reset_transaction()
         self.out.append(_RSET)
 
     def smtp_QUIT(self, arg: str) -> None:
-        """QUIT."""
         self.emit(replies.BYE)
         self._phase = _CLOSED
 
@@ -459,7 +536,6 @@ class Session:
         self.emit(replies.VRFY_CANNOT)
 
     def smtp_HELP(self, arg: str) -> None:
-        """HELP."""
         self.emit(replies.HELP)
 
     def smtp_EXPN(self, arg: str) -> None:
@@ -478,8 +554,7 @@ class Session:
         if arg:
             self.reject(replies.SYNTAX_ERROR)
             return None
-        self._buf.clear()  # anything pipelined after STARTTLS is discarded
-        self._scan = 0
+        self._in.clear()  # anything pipelined after STARTTLS is discarded
         self.emit(replies.STARTTLS_GO)
         st.helo = ""
         st.esmtp = False
@@ -515,88 +590,44 @@ class Session:
             self.reject(replies.AUTH_SYNTAX)
             return None
         mech = parts[0].upper()
-        initial = parts[1] if len(parts) == 2 else None
-        if mech == "PLAIN":
-            if initial is None:
-                self._challenge(_AUTH_PLAIN, b"")
-                return None
-            return self._plain(b"" if initial == "=" else self._b64(initial))
-        if mech == "LOGIN":
-            if initial is None:
-                self._challenge(_AUTH_USER, b"VXNlcm5hbWU6")  # "Username:"
-                return None
-            user = self._b64(initial)
-            if user is None:
-                return None
-            self._user = user
-            self._challenge(_AUTH_PASSWORD, b"UGFzc3dvcmQ6")  # "Password:"
+        if mech not in ("PLAIN", "LOGIN"):
+            self.reject(replies.AUTH_UNKNOWN_MECHANISM)
             return None
-        self.reject(replies.AUTH_UNKNOWN_MECHANISM)
-        return None
-
-    def _challenge(self, phase: int, text: bytes) -> None:
-        """Send a 334 challenge; the answer is the next line."""
-        self.out.append(b"334 " + text + b"\r\n")
-        self._phase = phase
+        self._sasl = SaslExchange(mech)
+        return self._auth_step(self._sasl.start(parts[1] if len(parts) == 2 else None))
 
     def _auth_answer(self) -> Event | None:
         """The client's answer to a 334 challenge."""
-        line = self._readline(AUTH_LINE_MAX - 2)
+        line = self._in.readline(AUTH_LINE_MAX - 2)
         if line is None:
             return None
-        phase = self._phase
         self._phase = _COMMAND
-        event: AuthRequest | None = None
-        if not isinstance(line, bytes):
-            self.reject(line)
-        elif line.strip() == b"*":
-            self.reject(replies.AUTH_ABORTED)
+        if isinstance(line, bytes) and self._sasl is not None:
+            event = self._auth_step(self._sasl.answer(line))
         else:
-            blob = self._b64(line.strip())
-            if blob is None:
-                pass
-            elif phase == _AUTH_PLAIN:
-                event = self._plain(blob)
-            elif phase == _AUTH_USER:
-                self._user = blob
-                self._challenge(_AUTH_PASSWORD, b"UGFzc3dvcmQ6")
-                return _AGAIN
-            else:
-                event = self._request(self._user, blob)
+            self.reject(line if isinstance(line, Reply) else replies.LOCAL_ERROR)
+            event = None
         if event is not None:
             return event
         self._after_command()
         return _AGAIN
 
-    def _b64(self, text: bytes | str) -> bytes | None:
+    def _auth_step(self, step: bytes | Credentials | Refused) -> AuthRequest | None:
+        """Send a challenge, refuse, or hand the credentials to the driver."""
+        if isinstance(step, bytes):
+            self.out.append(b"334 " + step + b"\r\n")
+            self._phase = _AUTH
+            return None
+        self._sasl = None
+        if isinstance(step, Refused):
+            self.reject(step.reply, step.detail)
+            return None
         try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            self.reject(replies.AUTH_BAD_BASE64)
-            return None
-
-    def _plain(self, blob: bytes | None) -> AuthRequest | None:
-        """A SASL PLAIN message: authzid NUL user NUL password (authzid empty or the user)."""
-        if blob is None:
-            return None
-        fields = blob.split(b"\0")
-        if len(fields) != 3:
-            self.reject(replies.AUTH_BAD_BASE64, "bad PLAIN layout")
-            return None
-        authzid, user, password = fields
-        if authzid and authzid != user:
-            self.reject(replies.AUTH_FAILED, "authzid differs")
-            return None
-        return self._request(user, password)
-
-    def _request(self, user: bytes, password: bytes) -> AuthRequest:
-        self._user = b""
-        try:
-            username = user.decode("utf-8")
+            username = step.user.decode("utf-8")
         except UnicodeDecodeError:
-            username = ""
+            username = ""  # matches no account
         self._phase = _WAIT
-        return AuthRequest(username, password)
+        return AuthRequest(username, step.password)
 
     def authenticated(self, account: Account) -> None:
         """The driver verified the credentials of ``account``: 235."""
@@ -704,13 +735,25 @@ class Session:
             self.reject(replies.SYNTAX_ERROR)
             return
         self.out.append(_DATA_GO)
-        # The CRLF that ended the DATA line, so that a first line "." ends the data too.
-        self._buf[:0] = b"\r\n"
-        self._scan = 0
-        self._too_big = False
+        self._in.start_data()
         self._data_bytes = 0
         self._data_started = self.monotonic()
         self._phase = _DATA
+
+    def _data(self) -> Event | None:
+        """Message data up to CRLF.CRLF: its refusal, or ``MessageReceived``."""
+        data = self._in.read_data(self.ctx.max_message_size)
+        if data is None:
+            return None
+        sender, rcpts = self._mail_from, self._rcpts
+        self._reset_transaction()
+        self._phase = _COMMAND
+        if isinstance(data, Reply) or sender is None:
+            self.reject(data if isinstance(data, Reply) else replies.NEED_MAIL)
+            self._after_command()
+            return _AGAIN
+        self._phase = _WAIT
+        return MessageReceived(sender, rcpts, data)
 
 
 _NOOP = replies.NOOP_OK.line()
