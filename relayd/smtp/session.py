@@ -8,6 +8,11 @@ the STARTTLS command; line framing and its limits, the command and error
 counts, DATA framing on CRLF.CRLF with dot-unstuffing, the size limit while
 reading, the smuggling checks (bare CR/LF/NUL) and the minimum data rate.
 
+Parts: ``Framer`` (the input buffer: lines, message data and their limits),
+``SaslExchange`` (one AUTH PLAIN/LOGIN exchange), ``Envelope`` (the mail
+transaction's sender and recipients, checked against relayd.smtp.policy) and
+``Session`` (the grammar: which command is allowed when, and what it answers).
+
 How it is driven (relayd.smtp.server is the driver): ``receive(data)`` buffers
 input; ``next_event()`` runs every complete command it can, appending replies
 to ``out``, and returns ``None`` when it needs more input or an event when it
@@ -326,12 +331,72 @@ def _plain(blob: bytes | None) -> Credentials | Refused:
     return Credentials(user, password)
 
 
+class Envelope:
+    """The mail transaction being built: its sender and recipients, checked as they come."""
+
+    __slots__ = ("recipients", "sender", "smtputf8")
+
+    def __init__(self) -> None:
+        self.sender: str | None = None  # None: no transaction
+        self.recipients: list[str] = []
+        self.smtputf8 = False
+
+    def reset(self) -> None:
+        self.sender = None
+        self.recipients = []
+        self.smtputf8 = False
+
+    def mail(self, ctx: Settings, esmtp: bool, account: Account,
+             arg: str) -> tuple[Reply, str] | None:
+        """MAIL FROM's argument: the refusal (and its log detail), or None (sender set)."""
+        try:
+            path = parse_mail_from(arg, smtputf8_offered=ctx.smtputf8 and esmtp)
+        except PathError as exc:
+            return exc.reply, ""
+        params = path.params
+        if params and not esmtp:
+            return replies.MAIL_SYNTAX, ""
+        size: int | None = None
+        for key, value in params.items():
+            if key == "SIZE":
+                size = int(value or 0)
+            elif key not in ("BODY", "SMTPUTF8", "AUTH"):
+                return replies.PARAM_UNKNOWN, ""
+        refusal = policy.declared_size_ok(size, ctx.max_message_size)
+        if refusal is None:
+            refusal = policy.sender_allowed(account, path.domain)
+        if refusal is None:
+            refusal = policy.queue_room(ctx.scheduler.queued_count(account.id),
+                                        ctx.max_queued_per_account, ctx.free_disk(),
+                                        ctx.min_free_disk)
+        if refusal is not None:
+            return refusal, path.address
+        self.sender = path.address
+        self.smtputf8 = "SMTPUTF8" in params
+        self.recipients = []
+        return None
+
+    def rcpt(self, ctx: Settings, arg: str) -> Reply | None:
+        """RCPT TO's argument: the refusal, or None (the recipient is added)."""
+        try:
+            path = parse_rcpt_to(arg, smtputf8=self.smtputf8)
+        except PathError as exc:
+            return exc.reply
+        if path.params:
+            return replies.PARAM_UNKNOWN
+        refusal = policy.recipient_domain_allowed(
+            path.domain, allow_literals=ctx.allow_address_literals
+        ) or policy.recipient_allowed(len(self.recipients), ctx.max_recipients)
+        if refusal is None:
+            self.recipients.append(path.address)
+        return refusal
+
+
 class Session:
     """One SMTP session's protocol state (no I/O): see the module docstring."""
 
-    __slots__ = ("_data_bytes", "_data_started", "_in", "_mail_from", "_phase", "_rcpts",
-                 "_sasl", "_smtputf8", "ctx", "monotonic", "out", "starttls", "state",
-                 "touched")
+    __slots__ = ("_data_bytes", "_data_started", "_env", "_in", "_phase", "_sasl", "ctx",
+                 "monotonic", "out", "starttls", "state", "touched")
 
     def __init__(self, ctx: Settings, state: SessionState, *, starttls: bool = False,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -343,9 +408,7 @@ class Session:
         self.touched = False  # a command or message data arrived (the idle timer's input)
         self._in = Framer()
         self._phase = _COMMAND
-        self._mail_from: str | None = None
-        self._rcpts: list[str] = []
-        self._smtputf8 = False
+        self._env = Envelope()
         self._sasl: SaslExchange | None = None
         self._data_started = 0.0
         self._data_bytes = 0
@@ -354,11 +417,7 @@ class Session:
     @property
     def idle(self) -> bool:
         """Waiting for a command outside a mail transaction (a shutdown may close it)."""
-        return self._phase == _COMMAND and self._mail_from is None
-
-    @property
-    def closed(self) -> bool:
-        return self._phase == _CLOSED
+        return self._phase == _COMMAND and self._env.sender is None
 
     @property
     def buffered(self) -> int:
@@ -484,15 +543,10 @@ class Session:
 
     def _after_command(self) -> None:
         """A command is done: during a shutdown, a session outside a transaction ends."""
-        if (self._phase == _COMMAND and self._mail_from is None
+        if (self._phase == _COMMAND and self._env.sender is None
                 and self.ctx.shutting_down):
             self.reject(replies.SHUTTING_DOWN)
             self._phase = _CLOSED
-
-    def _reset_transaction(self) -> None:
-        self._mail_from = None
-        self._rcpts = []
-        self._smtputf8 = False
 
     def smtp_EHLO(self, arg: str) -> None:
         """EHLO: advertise extensions."""
@@ -502,7 +556,7 @@ class Session:
         st = self.state
         st.helo = arg
         st.esmtp = True
-        self._reset_transaction()
+        self._env.reset()
         ctx = self.ctx
         self.out.append(_ehlo_reply(
             ctx.hostname, ctx.max_message_size, ctx.smtputf8, self.starttls and not st.tls,
@@ -517,14 +571,14 @@ class Session:
             return
         self.state.helo = arg
         self.state.esmtp = False
-        self._reset_transaction()
+        self._env.reset()
         self.emit(replies.helo_ok(self.ctx.hostname))
 
     def smtp_NOOP(self, arg: str) -> None:
         self.out.append(_NOOP)
 
     def smtp_RSET(self, arg: str) -> None:
-        self._reset_transaction()
+        self._env.reset()
         self.out.append(_RSET)
 
     def smtp_QUIT(self, arg: str) -> None:
@@ -558,7 +612,7 @@ class Session:
         self.emit(replies.STARTTLS_GO)
         st.helo = ""
         st.esmtp = False
-        self._reset_transaction()
+        self._env.reset()
         self._phase = _WAIT
         return STARTTLS
 
@@ -573,7 +627,7 @@ class Session:
         if policy.session_account_valid(st.account, st.epoch) and not st.via_network:
             self.reject(replies.AUTH_ALREADY)
             return None
-        if self._mail_from is not None:
+        if self._env.sender is not None:
             self.reject(replies.AUTH_IN_TRANSACTION)
             return None
         refusal = policy.may_auth(tls_active=st.tls,
@@ -639,26 +693,13 @@ class Session:
         self.emit(replies.AUTH_OK)
 
     def current_account(self) -> Account | None:
-        """The account this session may send as now, or None (re-resolving network binds)."""
-        st = self.state
-        if policy.session_account_valid(st.account, st.epoch):
-            return st.account
-        if st.account is not None and not st.via_network:
-            return None  # authenticated once, then invalidated: 530 until a new AUTH
-        acct = self.ctx.directory.account_for_ip(st.peer_ip)
-        if acct is None or not acct.usable:
-            st.account = None
-            return None
-        if st.account is not acct or st.epoch != acct.epoch:
-            acct.last_connection = self.ctx.clock()
-        st.account, st.epoch, st.via_network = acct, acct.epoch, True
-        return acct
+        """The account this session may send as now, or None (see ``session_account``)."""
+        return session_account(self.ctx, self.state)
 
     # -- the mail transaction ------------------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
         """MAIL FROM: sender checks, queue room, size."""
         st = self.state
-        ctx = self.ctx
         if not st.helo:
             self.reject(replies.NEED_EHLO)
             return
@@ -666,69 +707,32 @@ class Session:
         if account is None:
             self.reject(replies.AUTH_REQUIRED)
             return
-        if self._mail_from is not None:
+        if self._env.sender is not None:
             self.reject(replies.NESTED_MAIL)
             return
-        try:
-            path = parse_mail_from(arg, smtputf8_offered=ctx.smtputf8 and st.esmtp)
-        except PathError as exc:
-            self.reject(exc.reply)
-            return
-        params = path.params
-        if params and not st.esmtp:
-            self.reject(replies.MAIL_SYNTAX)
-            return
-        size: int | None = None
-        for key, value in params.items():
-            if key == "SIZE":
-                size = int(value or 0)
-            elif key not in ("BODY", "SMTPUTF8", "AUTH"):
-                self.reject(replies.PARAM_UNKNOWN)
-                return
-        refusal = policy.declared_size_ok(size, ctx.max_message_size)
-        if refusal is None:
-            refusal = policy.sender_allowed(account, path.domain)
-        if refusal is None:
-            refusal = policy.queue_room(ctx.scheduler.queued_count(account.id),
-                                        ctx.max_queued_per_account, ctx.free_disk(),
-                                        ctx.min_free_disk)
+        refusal = self._env.mail(self.ctx, st.esmtp, account, arg)
         if refusal is not None:
-            self.reject(refusal, path.address)
+            self.reject(*refusal)
             return
-        self._mail_from = path.address
-        self._smtputf8 = "SMTPUTF8" in params
-        self._rcpts = []
         self.out.append(_MAIL_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
         """RCPT TO: add a recipient."""
-        if self._mail_from is None:
+        if self._env.sender is None:
             self.reject(replies.NEED_MAIL)
             return
-        try:
-            path = parse_rcpt_to(arg, smtputf8=self._smtputf8)
-        except PathError as exc:
-            self.reject(exc.reply)
-            return
-        if path.params:
-            self.reject(replies.PARAM_UNKNOWN)
-            return
-        ctx = self.ctx
-        refusal = policy.recipient_domain_allowed(
-            path.domain, allow_literals=ctx.allow_address_literals
-        ) or policy.recipient_allowed(len(self._rcpts), ctx.max_recipients)
+        refusal = self._env.rcpt(self.ctx, arg)
         if refusal is not None:
             self.reject(refusal)
             return
-        self._rcpts.append(path.address)
         self.out.append(_RCPT_OK)
 
     def smtp_DATA(self, arg: str) -> None:
         """DATA: 354, then message data (``_data``)."""
-        if self._mail_from is None:
+        if self._env.sender is None:
             self.reject(replies.NEED_MAIL)
             return
-        if not self._rcpts:
+        if not self._env.recipients:
             self.reject(replies.NEED_RCPT)
             return
         if arg:
@@ -745,8 +749,9 @@ class Session:
         data = self._in.read_data(self.ctx.max_message_size)
         if data is None:
             return None
-        sender, rcpts = self._mail_from, self._rcpts
-        self._reset_transaction()
+        env = self._env
+        sender, rcpts = env.sender, env.recipients
+        env.reset()
         self._phase = _COMMAND
         if isinstance(data, Reply) or sender is None:
             self.reject(data if isinstance(data, Reply) else replies.NEED_MAIL)
@@ -754,6 +759,22 @@ class Session:
             return _AGAIN
         self._phase = _WAIT
         return MessageReceived(sender, rcpts, data)
+
+
+def session_account(ctx: Settings, st: SessionState) -> Account | None:
+    """The account a session may send as now, or None (re-resolving network binds)."""
+    if policy.session_account_valid(st.account, st.epoch):
+        return st.account
+    if st.account is not None and not st.via_network:
+        return None  # authenticated once, then invalidated: 530 until a new AUTH
+    acct = ctx.directory.account_for_ip(st.peer_ip)
+    if acct is None or not acct.usable:
+        st.account = None
+        return None
+    if st.account is not acct or st.epoch != acct.epoch:
+        acct.last_connection = ctx.clock()
+    st.account, st.epoch, st.via_network = acct, acct.epoch, True
+    return acct
 
 
 _NOOP = replies.NOOP_OK.line()
