@@ -3,9 +3,9 @@
 One S1-shaped connection (greeting, EHLO, MAIL, RCPT, DATA with 1 KB, QUIT) fed
 through ``data_received`` of a ``RelaySMTP`` (and its ``Session``) on a fake
 transport, with a spool that commits instantly and no-op events: what the SMTP
-layer itself costs on the
-loop thread, without sockets, SQLite or logging. An S2-shaped variant sends 20
-messages on one connection.
+layer itself costs on the loop thread, without sockets, SQLite or logging. An S2-shaped variant sends 20
+messages on one connection, with a commit that returns at once or (as the real
+group commit does) after one loop turn.
 
 Run: .venv/bin/pytest bench/micro/test_bench_smtp.py --benchmark-enable -p no:cacheprovider
 """
@@ -65,6 +65,17 @@ class _Spool:
             then(msg)
 
 
+class _WaitingSpool(_Spool):
+    """Like the real group commit: ``accept`` waits for a future the writer resolves."""
+
+    async def accept(self, msg: NewMessage, then: Any = None) -> None:
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(done.set_result, None)
+        await done
+        if then is not None:
+            then(msg)
+
+
 class _Scheduler:
     def queued_count(self, account_id: int) -> int:
         return 0
@@ -104,6 +115,12 @@ def ctx() -> SmtpContext:
 
 
 @pytest.fixture
+def waiting_ctx(ctx: SmtpContext) -> SmtpContext:
+    ctx.spool = _WaitingSpool()  # type: ignore[assignment]
+    return ctx
+
+
+@pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     try:
         import uvloop
@@ -139,3 +156,10 @@ def test_smtp_connection_20_messages(benchmark: BenchmarkFixture,
                                      loop: asyncio.AbstractEventLoop, ctx: SmtpContext) -> None:
     """S2 shape: 20 messages of 1 KB on one connection (divide by 20 per message)."""
     assert benchmark(_session, loop, ctx, 20) > 0
+
+
+def test_smtp_connection_20_messages_commit_waits(benchmark: BenchmarkFixture,
+                                                  loop: asyncio.AbstractEventLoop,
+                                                  waiting_ctx: SmtpContext) -> None:
+    """S2 shape with a commit that waits one loop turn, as the real group commit does."""
+    assert benchmark(_session, loop, waiting_ctx, 20) > 0
