@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from relayd.smtp.server import RelaySMTP
-from relayd.smtp.session import Session
+from relayd.smtp.session import Framer
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.rawsmtp import Raw
 
@@ -288,10 +288,10 @@ async def test_session_fault_outside_a_handler_gets_421(
         relay: RelayHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault in the command loop itself gets 421 4.3.0 and a close, never a trace or a
     silent hang."""
-    def broken(self: Session, limit: int) -> bytes | None:
+    def broken(self: Framer, limit: int) -> bytes | None:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(Session, "_readline", broken)
+    monkeypatch.setattr(Framer, "readline", broken)
     raw = await Raw.open(relay.host, relay.port)
     assert raw.greeting == "220 relay.test ESMTP relayd"
     assert await raw.reply() == "421 4.3.0 Local error in processing, closing connection"
