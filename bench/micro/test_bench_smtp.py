@@ -3,9 +3,9 @@
 One S1-shaped connection (greeting, EHLO, MAIL, RCPT, DATA with 1 KB, QUIT) fed
 through ``data_received`` of a ``RelaySMTP`` (and its ``Session``) on a fake
 transport, with a spool that commits instantly and no-op events: what the SMTP
-layer itself costs on the loop thread, without sockets, SQLite or logging. An S2-shaped variant sends 20
-messages on one connection, with a commit that returns at once or (as the real
-group commit does) after one loop turn.
+layer itself costs on the loop thread, without sockets, SQLite or logging. An
+S2-shaped variant sends 20 messages on one connection, with a commit that
+returns at once or (as the real group commit does) after one loop turn.
 
 Run: .venv/bin/pytest bench/micro/test_bench_smtp.py --benchmark-enable -p no:cacheprovider
 """
