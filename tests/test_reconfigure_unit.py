@@ -72,9 +72,10 @@ async def test_scheduler_reconfigure_applies_limits_policy_and_bounces(tmp_path:
     assert sched.limits_of(plain) == Limits(per_minute=3, per_day=100)
     assert sched.limits_of(own) == Limits(per_minute=7, per_day=100)
     assert sched.policy is retry and sched.policy.first == 5
-    assert sched.on_failed is None
+    assert sched.dispatcher.policy is retry  # the dispatcher computes the next attempts
+    assert sched.on_failed is None and sched.dispatcher.on_failed is None
     sched.reconfigure(Config(), backoff.policy_from(Config().delivery), _bounce)
-    assert sched.on_failed is _bounce
+    assert sched.on_failed is _bounce and sched.dispatcher.on_failed is _bounce
     assert sched.limits_of(plain) == Limits()
 
 

@@ -1,8 +1,8 @@
 """Why a recipient domain has no next hop: the one routing error and its kinds.
 
 Owns: ``RouteError``, raised by next-hop choice (relayd.delivery.mx) and
-handled by the send queue (relayd.queue.scheduler). It carries what the
-scheduler needs and nothing it must work out from the text: ``permanent``
+handled by the dispatcher (relayd.queue.dispatch). It carries what the
+dispatcher needs and nothing it must work out from the text: ``permanent``
 (fail the recipients, else defer them), and for a permanent one the reply
 code and enhanced status that go into the delivery log and the DSN.
 
@@ -16,7 +16,7 @@ The kinds are subclasses that fix those fields:
 - ``TemporaryRouteError``: DNS trouble that may pass: defer.
 
 Pure: no I/O, no settings.
-See also: relayd.delivery.mx (raises them), relayd.queue.scheduler (handles them).
+See also: relayd.delivery.mx (raises them), relayd.queue.dispatch (handles them).
 """
 
 from __future__ import annotations

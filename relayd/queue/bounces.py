@@ -8,14 +8,15 @@ queue at its commit. No DSN for the null sender or for a bounce
 start of the reply text, else the class of its code (``5.0.0`` when there is
 neither).
 
-The scheduler calls it (``on_failed``) before the results are committed, so a
-crash in between repeats the attempt and never loses the bounce; whether
-bounces are sent at all is ``[delivery] bounces``, the scheduler's call.
+The dispatcher (relayd.queue.dispatch) calls it (``on_failed``) before the
+results are committed, so a crash in between repeats the attempt and never
+loses the bounce; whether bounces are sent at all is ``[delivery] bounces``,
+the scheduler's call (``Scheduler.reconfigure``).
 
 Untrusted input: the remote reply texts and the original headers (cleaned by
 relayd.delivery.dsn). Settings read: none directly; the caller passes
 ``[server] hostname`` (reporting MTA and postmaster).
-See also: relayd.delivery.dsn, relayd.queue.scheduler, relayd.store.spool.
+See also: relayd.delivery.dsn, relayd.queue.dispatch, relayd.store.spool.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from relayd.delivery import dsn
-from relayd.queue.scheduler import QMsg
+from relayd.queue.sendqueue import QMsg
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 _STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})")
