@@ -193,7 +193,7 @@ async def test_a_failed_result_commit_is_reconciled(rig: Rig) -> None:
     await sched.dispatcher.run(q)
     await rig.settled()
     assert not sched.in_memory(q.id) and sched.first_attempts() == 0
-    assert sched._probe  # the reconciliation first shows the spool is writable again
+    assert sched.reconciler.probe  # the reconciliation first shows the spool is writable again
     [stored] = await rig.spool.pending_messages()
     assert [r.status for r in stored.recipients] == ["queued"]
     await rig.spool.write(mend_log)

@@ -9,18 +9,11 @@ in the database (the retry queue), found by the ``recipients_due`` index: the
 retry loop sleeps until the earliest ``next_attempt`` and costs nothing while
 nothing is due; due ones are leased and go to the workers.
 
-Reconciliation. The database is the truth; memory only mirrors it. A message
-committed at acceptance reaches ``enqueue_new`` from the spool's commit itself
-(``Spool.accept(..., then=...)``), not from the session that sent it. When the
-commit of an attempt's results fails (disk full), the message is forgotten
-here and the database still has it where it was (never attempted, or due again
-when its retry lease is released). Then, and every ``reconcile_seconds``
-anyway, ``reconcile`` puts every message the database holds with a recipient
-never attempted that is not in memory (send queue, attempt, pending result) back
-in the send queue, and counts them (``SchedulerEvents.reconciled``). After a
-failed commit it first shows with one small write that the spool can be
-written again (retried with a growing delay), so a full disk does not repeat
-deliveries in a loop.
+Reconciliation (relayd.queue.reconcile): the database is the truth, memory
+only mirrors it. A message committed at acceptance reaches ``enqueue_new``
+from the spool's commit itself (``Spool.accept(..., then=...)``), not from the
+session that sent it; what memory lost after a failed commit, or never knew,
+is found by the reconciler and put back in the send queue.
 
 Interface cost: ``queued_count`` and ``enqueue_new`` are O(1) and do no I/O
 (they run on the SMTP hot path).
@@ -29,8 +22,8 @@ Untrusted input: none directly (messages were checked at acceptance).
 Settings read: [delivery] retry settings, [limits] defaults, [spool]
 reconcile_seconds (passed in); at a reload, ``reconfigure`` reads [limits]
 and [delivery] bounces.
-See also: relayd.queue.sendqueue, relayd.queue.dispatch, relayd.queue.backoff,
-relayd.queue.ratelimit, relayd.store.spool, relayd.delivery.client.
+See also: relayd.queue.sendqueue, relayd.queue.dispatch, relayd.queue.reconcile,
+relayd.queue.backoff, relayd.queue.ratelimit, relayd.store.spool.
 """
 
 from __future__ import annotations
@@ -44,7 +37,6 @@ from typing import Any
 from relayd.config import Config
 from relayd.directory.accounts import Account, Directory
 from relayd.queue import backoff
-from relayd.queue.dispatch import RECORDS_PER_WORKER as RECORDS_PER_WORKER
 from relayd.queue.dispatch import Dispatcher, SchedulerEvents, Sender
 from relayd.queue.ratelimit import (
     DAY,
@@ -56,13 +48,13 @@ from relayd.queue.ratelimit import (
     limits_from,
     window_start,
 )
+from relayd.queue.reconcile import Reconciler
 from relayd.queue.sendqueue import DATA_CACHE_MAX_MESSAGE as DATA_CACHE_MAX_MESSAGE
 from relayd.queue.sendqueue import QMsg, SendQueue, effective_limits
 from relayd.store.deliverylog import DeliveryLog
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 RETRY_LEASE_SECONDS = 900.0
-FIRST_RECONCILE_DELAY = 1.0  # after a failed commit; doubles up to reconcile_seconds
 
 __all__ = [
     "DATA_CACHE_MAX_MESSAGE",
@@ -93,6 +85,8 @@ class Scheduler:
         self.workers = workers
         self.events = events
         self.queue = SendQueue(data_cache_bytes)
+        self._wake = asyncio.Event()
+        self._wake_retry = asyncio.Event()
         self.dispatcher = Dispatcher(
             spool, directory, sender, self.queue, policy=policy, workers=workers,
             clock=clock, rng=rng or random.Random(), events=events, on_failed=on_failed,
@@ -100,18 +94,13 @@ class Scheduler:
             load_budget=data_cache_bytes)
         self.dispatcher.on_room = self._room
         self.ledger = self.dispatcher.ledger
+        self.reconciler = Reconciler(
+            spool, self.ledger, self.queue, reconcile_seconds=reconcile_seconds,
+            clock=lambda: self.clock(), events=events, on_found=self._wake.set,
+            on_released=self._wake_retry.set)
         self._jobs: asyncio.Queue[QMsg] = asyncio.Queue(maxsize=workers * 2)
-        self._wake = asyncio.Event()
-        self._wake_retry = asyncio.Event()
         self._capped = False  # the dispatch loop waits for room at the dispatcher
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
-        self.reconcile_seconds = reconcile_seconds
-        self._reconcile_now = asyncio.Event()
-        self._reconcile_timer: asyncio.TimerHandle | None = None
-        self._reconcile_delay = 0.0  # after failed commits: the next delay, growing
-        self._probe = False  # a commit failed: show the spool is writable before pushing
-        self._failing = False  # a failure since the last reconciliation began
 
     # -- what the dispatcher holds, settable on reload (and by tests) -------------------
     @property
@@ -260,7 +249,7 @@ class Scheduler:
         self.spool.on_commit_failed = self._commit_failed
         self._tasks.append(loop.create_task(self._dispatch_loop()))
         self._tasks.append(loop.create_task(self._retry_loop()))
-        self._tasks.append(loop.create_task(self._reconcile_loop()))
+        self._tasks.append(loop.create_task(self.reconciler.loop()))
         for _ in range(self.workers):
             self._tasks.append(loop.create_task(self._worker()))
 
@@ -272,9 +261,7 @@ class Scheduler:
 
     async def stop(self, grace: float) -> None:
         """Stop starting attempts; let running ones finish within ``grace`` seconds."""
-        self._stopping = True
-        if self._reconcile_timer is not None:
-            self._reconcile_timer.cancel()
+        self.reconciler.stop()
         for t in self._tasks[:3]:
             t.cancel()
         await self.dispatcher.stop(grace)
@@ -385,35 +372,17 @@ class Scheduler:
     # -- reconciliation with the database ---------------------------------------------
     def _recorded(self, deferred: bool) -> None:
         """An attempt's results are committed."""
-        self._reconcile_delay = 0.0
+        self.reconciler.committed()
         if deferred:
             self._wake_retry.set()
 
     def _commit_failed(self) -> None:
-        """A commit failed (also ``Spool.on_commit_failed``): reconcile once the spool is
-        writable again, after a delay that doubles (up to ``reconcile_seconds``) with
-        each round of failures until a result commit succeeds."""
-        self._probe = True
-        if not self._failing:
-            self._failing = True
-            self._reconcile_delay = min(max(FIRST_RECONCILE_DELAY, 2 * self._reconcile_delay),
-                                        self.reconcile_seconds)
-        self.reconcile_soon(self._reconcile_delay)
+        """A commit failed: reconcile soon (see Reconciler.commit_failed)."""
+        self.reconciler.commit_failed()
 
-    def reconcile_soon(self, delay: float = 0.0) -> None:
-        """Reconcile with the database within ``delay`` seconds (or sooner)."""
-        if self._stopping:
-            return
-        if delay <= 0:
-            self._reconcile_now.set()
-            return
-        loop = asyncio.get_running_loop()
-        timer = self._reconcile_timer
-        if timer is not None and not timer.cancelled() and timer.when() <= loop.time() + delay:
-            return
-        if timer is not None:
-            timer.cancel()
-        self._reconcile_timer = loop.call_later(delay, self._reconcile_now.set)
+    async def reconcile(self) -> int:
+        """See Reconciler.reconcile."""
+        return await self.reconciler.reconcile()
 
     def first_attempts(self) -> int:
         """Messages never attempted that memory holds: send queue, attempt, pending result."""
@@ -428,61 +397,6 @@ class Scheduler:
         pending result): taken before a read of the spool, it covers the messages whose
         result is committed while the read runs. O(n) copy: for the control path."""
         return frozenset(self.ledger.owned)
-
-    async def reconcile(self) -> int:
-        """Put back in the send queue the messages the database holds with a recipient
-        never attempted that memory does not hold; release the leases of retries whose
-        results were lost. Return how many messages were put back (and report them).
-
-        Cost: one indexed read of the ids in the spool's writer transaction (after
-        a failed commit, with one small write first); the rows only of the few
-        messages found. Raises if the spool cannot be read (or written, to probe).
-        """
-        self._failing = False
-        led = self.ledger
-        release = [m for m in led.unleased if m not in led.retrying]
-        probe = self._probe
-        ids = await self.spool.reconcile_ids(release, self.clock(), probe)
-        led.unleased.difference_update(release)
-        if probe:
-            self._probe = False
-        if release:
-            self._wake_retry.set()
-        unknown = [m for m in ids if not led.holds(m)]
-        if not unknown or self._stopping:
-            return 0
-        found = 0
-        for sm in await self.spool.queued_messages(unknown):
-            if led.holds(sm.id) or not sm.recipients or self._stopping:
-                continue  # taken up meanwhile
-            rcpts = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients}
-            # retry=True: the results update and check the rows (other recipients of
-            # the message may be in another state), never a blind delete. It is a
-            # first attempt for the ledger (owned), as it comes from the send queue.
-            q = QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
-                     sm.received_at, rcpts, sm.is_bounce, retry=True, size=sm.size)
-            led.live.setdefault(sm.account_id, set()).add(sm.id)
-            led.owned.add(sm.id)
-            self.queue.push(q)
-            self._wake.set()
-            found += 1
-        if found and self.events is not None:
-            self.events.reconciled(found)
-        return found
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._reconcile_now.wait(), self.reconcile_seconds)
-            except TimeoutError:
-                pass
-            self._reconcile_now.clear()
-            try:
-                await self.reconcile()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the spool cannot be read or written yet: try again later
-                self._commit_failed()
 
     def reconfigure(self, cfg: Config, policy: backoff.BackoffPolicy,
                     bounce: Callable[[QMsg, list[AttemptResult]], Any]) -> None:
