@@ -282,7 +282,8 @@ class Scheduler:
             # Cleared before the pass, not after: a wake-up that comes while the
             # pass awaits (a new window, a full job queue) is not lost.
             self._wake.clear()
-            while True:
+            earliest: float | None = None
+            while self.queue.has_mail():
                 if not self.dispatcher.may_start():
                     self._capped = True  # an answer or a commit wakes us
                     break
@@ -290,6 +291,7 @@ class Scheduler:
                 if msg is None:
                     wanted = self.queue.wanted
                     if wanted is None:
+                        earliest = self.queue.earliest
                         break
                     acct = self.directory.accounts_by_id[wanted]
                     self.queue.set_window(wanted, await self._new_window(acct, self.clock()))
@@ -298,7 +300,6 @@ class Scheduler:
                     continue
                 self.queue.hand(msg)
                 await self._jobs.put(msg)
-            earliest = None if self._capped else self.queue.earliest
             timeout = None if earliest is None else max(0.05, earliest - self.clock())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

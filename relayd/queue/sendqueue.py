@@ -124,6 +124,10 @@ class SendQueue:
             self._rr.append(msg.account_id)
         aq.pending.appendleft(msg)
 
+    def has_mail(self) -> bool:
+        """True if some account has mail waiting (held or blocked ones included)."""
+        return bool(self._rr)
+
     def take(self, now: float, usable: Callable[[int], bool]) -> QMsg | None:
         """The next message to attempt, its send counted in its account's window.
 
