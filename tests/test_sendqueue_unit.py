@@ -52,7 +52,9 @@ def test_each_account_is_a_fifo_and_accounts_take_turns() -> None:
         sq.push(_msg(mid, 7))
     for mid in (11, 12):
         sq.push(_msg(mid, 8))
+    assert sq.has_mail()
     assert _drain(sq) == [1, 11, 2, 12, 3, 4]
+    assert not sq.has_mail()
 
 
 def test_an_account_without_a_window_is_wanted_and_not_skipped() -> None:
