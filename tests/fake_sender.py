@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from relayd.delivery.client import BodyFile, Hop, RcptReply
-from relayd.queue.dispatch import RouteError
+from relayd.delivery.routing import RouteError
 
 HOP = Hop("next.test", 25, "none")
 

@@ -2,7 +2,8 @@
 
 No running relay: each test commits a message into the spool, hands it to the
 dispatcher (relayd.queue.dispatch) the way a worker or the dispatch loop
-does, and reads what the spool and the ledger hold afterwards.
+does, and reads what the spool, the delivery log (its own file, fed from the
+spool's result commits as in the relay) and the ledger hold afterwards.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 import pytest
 
+from relayd.delivery.routing import NullMxRouteError, TemporaryRouteError
 from relayd.directory.accounts import Account, Directory, Domain
 from relayd.queue.backoff import BackoffPolicy
-from relayd.queue.dispatch import Dispatcher, RouteError
+from relayd.queue.dispatch import Dispatcher
 from relayd.queue.ratelimit import Limits
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.sendqueue import QMsg, SendQueue
+from relayd.store.deliverylog import DeliveryLog, Row
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 from tests.fake_sender import FakeSender
 from tests.test_queue_support import FakeClock
@@ -52,6 +55,7 @@ class Rig:
     """A dispatcher with its spool, directory and the hooks it called."""
 
     spool: Spool
+    dlog: DeliveryLog
     directory: Directory
     account: Account
     clock: FakeClock
@@ -94,10 +98,12 @@ class Rig:
         """Every attempt's results committed (or given up), DSNs queued."""
         await asyncio.wait_for(self.dispatcher.idle.wait(), 10)
 
+    async def entries(self) -> list[Row]:
+        """The delivery log's rows, oldest first."""
+        return list(reversed(await self.dlog.entries(None, None, None, 1000)))
+
     async def log(self) -> list[tuple[str, str]]:
-        rows = await self.spool.fetchall(
-            "SELECT recipient, outcome FROM delivery_log ORDER BY id")
-        return [(r[0], r[1]) for r in rows]
+        return [(r[4], r[8]) for r in await self.entries()]
 
 
 @pytest.fixture
@@ -111,13 +117,24 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
 
 
 @pytest.fixture
-def rig(spool: Spool) -> Rig:
+async def dlog(tmp_path: Path, spool: Spool) -> AsyncIterator[DeliveryLog]:
+    log = DeliveryLog(str(tmp_path / "log.db"))
+    await log.open()
+    spool.on_results = log.append  # as the relay wires it
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
+@pytest.fixture
+def rig(spool: Spool, dlog: DeliveryLog) -> Rig:
     directory = Directory()
     domain = Domain(1, "example.com", "sel")
     directory.put_domain(domain)
     account = Account(1, "app-user", domain, "hash")
     directory.put_account(account)
-    return Rig(spool, directory, account, FakeClock())
+    return Rig(spool, dlog, directory, account, FakeClock())
 
 
 async def test_a_delivered_message_is_logged_and_forgotten(rig: Rig) -> None:
@@ -151,7 +168,7 @@ async def test_a_deferred_recipient_waits_for_its_next_attempt(rig: Rig) -> None
 
 async def test_no_answer_is_a_deferral_and_a_lost_route_too(rig: Rig) -> None:
     rig.sender.replies["a@dest.test"] = (None, "connection refused")
-    rig.sender.no_route["gone.test"] = RouteError("no MX yet", permanent=False)
+    rig.sender.no_route["gone.test"] = TemporaryRouteError("no MX yet")
     q = await rig.commit(["a@dest.test", "c@gone.test"])
     await rig.dispatcher.run(q)
     await rig.settled()
@@ -162,14 +179,15 @@ async def test_no_answer_is_a_deferral_and_a_lost_route_too(rig: Rig) -> None:
 
 async def test_a_failed_recipient_is_bounced_before_its_result_is_committed(rig: Rig) -> None:
     rig.sender.replies["b@dest.test"] = (550, "5.1.1 no such user")
-    rig.sender.no_route["null.test"] = RouteError("null MX", permanent=True, code=556,
-                                                  status="5.1.10")
+    rig.sender.no_route["null.test"] = NullMxRouteError()
     q = await rig.commit(["a@dest.test", "b@dest.test", "c@null.test"])
     await rig.dispatcher.run(q)
     await rig.settled()
     assert rig.bounced == [(q.id, ["c@null.test", "b@dest.test"], True)]
     assert sorted(await rig.log()) == [("a@dest.test", "delivered"), ("b@dest.test", "failed"),
                                        ("c@null.test", "failed")]
+    [null] = [r for r in await rig.entries() if r[4] == "c@null.test"]
+    assert (null[5], null[6]) == ("-", 556) and null[7].startswith("5.1.10 ")  # RFC 7505
     assert await rig.spool.pending_messages() == []
     assert not rig.dispatcher.ledger.is_live(q)
 
@@ -177,26 +195,26 @@ async def test_a_failed_recipient_is_bounced_before_its_result_is_committed(rig:
 async def test_a_failed_result_commit_is_reconciled(rig: Rig) -> None:
     """The commit of the results fails: memory lets go, the spool still has the message as
     never attempted, and the reconciliation puts it back in the send queue to deliver."""
-    sched = Scheduler(rig.spool, rig.directory, rig.sender, policy=POLICY,
+    sched = Scheduler(rig.spool, rig.directory, rig.sender, log=rig.dlog, policy=POLICY,
                       default_limits=Limits(), workers=2, events=rig.events, clock=rig.clock)
 
-    async def break_log(db: Any) -> None:
-        await db.execute("CREATE TRIGGER no_room BEFORE INSERT ON delivery_log"
+    async def break_commit(db: Any) -> None:
+        await db.execute("CREATE TRIGGER no_room BEFORE DELETE ON recipients"
                          " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
 
-    async def mend_log(db: Any) -> None:
+    async def mend_commit(db: Any) -> None:
         await db.execute("DROP TRIGGER no_room")
 
     rig.dispatcher = sched.dispatcher
     q = await rig.commit(["a@dest.test"])
-    await rig.spool.write(break_log)
+    await rig.spool.write(break_commit)
     await sched.dispatcher.run(q)
     await rig.settled()
     assert not sched.in_memory(q.id) and sched.first_attempts() == 0
     assert sched.reconciler.probe  # the reconciliation first shows the spool is writable again
     [stored] = await rig.spool.pending_messages()
     assert [r.status for r in stored.recipients] == ["queued"]
-    await rig.spool.write(mend_log)
+    await rig.spool.write(mend_commit)
     assert await sched.reconcile() == 1
     assert rig.events.reconciled_total == 1 and sched.in_memory(q.id)
     assert [(m.id, st) for m, st, _ in sched.send_queue_view()] == [(q.id, "queued")]
