@@ -25,7 +25,7 @@ relayd.delivery.agent_child); routing (``Deliverer``, ``Router``) stays in the
 main process, which reaches the agents through the ``Transport`` it is given
 (relayd.delivery.agents; relayd.app wires the two).
 
-See also: relayd.queue.scheduler (calls ``Deliverer.send``), relayd.delivery.mx,
+See also: relayd.queue.dispatch (calls ``Deliverer.send``), relayd.delivery.mx,
 relayd.delivery.agents, relayd.delivery.connection.
 """
 
@@ -522,7 +522,7 @@ class Deliverer:
                done: Callable[[list[RcptReply]], None]) -> bool:
         """Hand a transaction to a running delivery agent; ``done`` gets the replies.
 
-        No task and no future per message (the scheduler's fast path). False,
+        No task and no future per message (the dispatcher's fast way). False,
         with nothing sent, when no agent is running now: the caller uses
         ``send`` instead.
         """

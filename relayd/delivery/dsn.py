@@ -34,7 +34,7 @@ the header section if a whole message was passed.
 
 Pure: time (``now``) and ids are passed in. Settings read: none; the caller
 passes the reporting MTA name (``server.hostname``) and postmaster address.
-See also: relayd.queue.scheduler (decides that a recipient failed), relayd.queue.backoff
+See also: relayd.queue.dispatch (decides that a recipient failed), relayd.queue.backoff
 (``expired``), relayd.store.spool (queues the bounce with the null sender).
 """
 
