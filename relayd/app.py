@@ -150,11 +150,38 @@ class Relay:
             undo.pop_all()  # started: stop() takes over
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> None:
+        """Start every component in dependency order; ``undo`` stops what started."""
         cfg = self.cfg
         for name in cfg.ignored_settings():
             self.log.warning("setting_ignored", setting=name,
                              reason=config_mod.REMOVED_SETTINGS[name])
         prepare_data_dir(cfg.server.data_dir)
+        await self._open_storage(undo)
+        self.hasher = Hasher(cfg.credentials)
+        undo.push_async_callback(_quietly, self.hasher.close)
+        self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
+                                     on_miss=self.observer.cache_miss)
+        await self._start_delivery(undo)
+        await self._start_queue(undo)
+        # DKIM is signed in the signing child (no GIL shared with this loop); the
+        # local signing thread covers the time it does not run.
+        remote = self.agents if isinstance(self.agents, AgentPool) else None
+        self.signer = DkimSigning(remote=remote) if cfg.dkim.enabled else None
+        if self.signer is not None:
+            undo.push_async_callback(_quietly, self.signer.close)
+        self._tls = _tls_context(cfg)
+        self.ctx = _smtp_context(cfg, self, _throttle(cfg))
+        await self._start_control(undo)
+        await self._start_listeners(undo)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(loop.create_task(self._log_pruning()))
+        self.log.info("relayd_started", version=VERSION,
+                      listeners=[f"{x.kind}={x.address}" for x in self.listeners])
+
+    async def _open_storage(self, undo: contextlib.AsyncExitStack) -> None:
+        """The delivery log, then the spool (whose migration may move old log rows)."""
+        cfg = self.cfg
         self.dlog = await _open_delivery_log(cfg.delivery_log_path, self._delivery_log_failed)
         undo.push_async_callback(_quietly, self.dlog.close)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
@@ -162,18 +189,21 @@ class Relay:
         await self.spool.open()
         self.spool.on_results = self.dlog.append
         undo.push_async_callback(_quietly, self.spool.abandon)
-        self.hasher = Hasher(cfg.credentials)
-        undo.push_async_callback(_quietly, self.hasher.close)
-        self.cache = CredentialCache(self.hasher, on_hit=self.observer.cache_hit,
-                                     on_miss=self.observer.cache_miss)
+
+    async def _start_delivery(self, undo: contextlib.AsyncExitStack) -> None:
+        """The delivery agents (and, with DKIM on, the signing child) behind the Deliverer."""
+        cfg = self.cfg
         helo = cfg.delivery.helo_name or cfg.server.hostname
         mx = _mx_resolver(cfg) if cfg.delivery.mode == "mx" else None
-        # Transactions run in the delivery agents; with DKIM on, one more child signs.
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
         self.deliverer = Deliverer(cfg.delivery, self.agents, mx=mx)
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
+
+    async def _start_queue(self, undo: contextlib.AsyncExitStack) -> None:
+        """The scheduler and the lifecycle operations; the directory and the queue loaded."""
+        cfg = self.cfg
         d = cfg.delivery
         self.bounces = Bounces(self.spool, cfg.server.hostname,
                                enqueue=lambda m: self.scheduler.enqueue_new(m))
@@ -197,40 +227,10 @@ class Relay:
             raise SpoolError(f"cannot load spool {cfg.database_path}"
                              f" ({type(exc).__name__}: {exc}); restore it from a backup, or"
                              " move it away to start with an empty spool") from exc
-        # DKIM is signed in the signing child (no GIL shared with this loop); the
-        # local signing thread covers the time it does not run.
-        remote = self.agents if isinstance(self.agents, AgentPool) else None
-        self.signer = DkimSigning(remote=remote) if cfg.dkim.enabled else None
-        if self.signer is not None:
-            undo.push_async_callback(_quietly, self.signer.close)
-        tls = self._tls = _tls_context(cfg)
-        self.ctx = SmtpContext(
-            hostname=cfg.server.hostname, directory=self.directory, credentials=self.cache,
-            spool=self.spool, scheduler=self.scheduler, signer=self.signer,
-            events=self.observer,
-            plaintext_auth=policy.PlaintextAuthPolicy(cfg.smtp.plaintext_auth_networks),
-            throttle=policy.AuthThrottle(
-                free_failures=cfg.smtp.auth_failures_before_delay,
-                max_failures=cfg.smtp.auth_failures_before_disconnect,
-                base_delay=cfg.smtp.auth_failure_delay_seconds,
-                max_delay=cfg.smtp.auth_failure_max_delay_seconds,
-                lockout=cfg.smtp.auth_lockout_seconds,
-                max_usernames=cfg.smtp.auth_max_usernames_per_address,
-                exempt_networks=cfg.smtp.auth_throttle_exempt_networks),
-            max_message_size=cfg.smtp.max_message_size_bytes,
-            max_recipients=cfg.smtp.max_recipients,
-            max_queued_per_account=cfg.limits.max_queued_per_account,
-            min_free_disk=cfg.limits.min_free_disk_bytes, free_disk=self.free_disk,
-            idle_timeout=cfg.smtp.idle_timeout_seconds,
-            min_data_rate=cfg.smtp.min_data_rate_bytes_per_second,
-            data_rate_grace=cfg.smtp.min_data_rate_grace_seconds,
-            max_commands=cfg.smtp.max_commands_per_session,
-            max_connections=cfg.smtp.max_connections,
-            max_connections_per_ip=cfg.smtp.max_connections_per_ip,
-            greet_pause=cfg.smtp.greet_pause_seconds,
-            smtputf8=cfg.smtp.smtputf8,
-            allow_address_literals=cfg.smtp.allow_address_literals,
-        )
+
+    async def _start_control(self, undo: contextlib.AsyncExitStack) -> None:
+        """The control socket and, when configured, the metrics listener."""
+        cfg = self.cfg
         self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log,
                                      before_scrape=self.refresh_gauges,
                                      throttle=self.ctx.throttle)
@@ -240,6 +240,10 @@ class Relay:
             mhost, mport = parse_hostport(cfg.metrics.listen)
         undo.push_async_callback(_quietly, self.control.stop)
         await self.control.start(cfg.control_socket, cfg.control.socket_mode, mhost, mport)
+
+    async def _start_listeners(self, undo: contextlib.AsyncExitStack) -> None:
+        """The SMTP listeners (submission, implicit TLS); the listener list for status."""
+        cfg, tls = self.cfg, self._tls
 
         def close_servers() -> None:
             for server in self.servers:
@@ -256,10 +260,6 @@ class Relay:
             self.listeners.append(schemas.Listener(kind="metrics",
                                                    address=self.control.metrics_address))
         self.listeners.append(schemas.Listener(kind="control", address=cfg.control_socket))
-        self._tasks.append(loop.create_task(self._housekeeping()))
-        self._tasks.append(loop.create_task(self._log_pruning()))
-        self.log.info("relayd_started", version=VERSION,
-                      listeners=[f"{x.kind}={x.address}" for x in self.listeners])
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, kind: str, host: str, port: int,
                       tls: ssl.SSLContext | None, *, implicit: bool) -> None:
@@ -611,6 +611,44 @@ async def _open_delivery_log(path: str, on_error: Callable[[str], None]) -> Deli
         raise SpoolError(f"cannot use the delivery log {path} ({type(exc).__name__}: {exc});"
                          " move it away to start a new log (the spool keeps the mail)") from None
     return dlog
+
+
+def _throttle(cfg: Config) -> policy.AuthThrottle:
+    """The failed-AUTH throttle from [smtp] (restart-only settings)."""
+    sm = cfg.smtp
+    return policy.AuthThrottle(
+        free_failures=sm.auth_failures_before_delay,
+        max_failures=sm.auth_failures_before_disconnect,
+        base_delay=sm.auth_failure_delay_seconds,
+        max_delay=sm.auth_failure_max_delay_seconds,
+        lockout=sm.auth_lockout_seconds,
+        max_usernames=sm.auth_max_usernames_per_address,
+        exempt_networks=sm.auth_throttle_exempt_networks)
+
+
+def _smtp_context(cfg: Config, relay: Relay, throttle: policy.AuthThrottle) -> SmtpContext:
+    """What every SMTP session reads: the relay's components and the [smtp]/[limits] values."""
+    sm = cfg.smtp
+    return SmtpContext(
+        hostname=cfg.server.hostname, directory=relay.directory, credentials=relay.cache,
+        spool=relay.spool, scheduler=relay.scheduler, signer=relay.signer,
+        events=relay.observer,
+        plaintext_auth=policy.PlaintextAuthPolicy(sm.plaintext_auth_networks),
+        throttle=throttle,
+        max_message_size=sm.max_message_size_bytes,
+        max_recipients=sm.max_recipients,
+        max_queued_per_account=cfg.limits.max_queued_per_account,
+        min_free_disk=cfg.limits.min_free_disk_bytes, free_disk=relay.free_disk,
+        idle_timeout=sm.idle_timeout_seconds,
+        min_data_rate=sm.min_data_rate_bytes_per_second,
+        data_rate_grace=sm.min_data_rate_grace_seconds,
+        max_commands=sm.max_commands_per_session,
+        max_connections=sm.max_connections,
+        max_connections_per_ip=sm.max_connections_per_ip,
+        greet_pause=sm.greet_pause_seconds,
+        smtputf8=sm.smtputf8,
+        allow_address_literals=sm.allow_address_literals,
+    )
 
 
 _OVERRIDES: dict[str, Any] = {}
