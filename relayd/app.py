@@ -95,7 +95,12 @@ def _tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 class Relay:
-    """One running relayd."""
+    """One running relayd.
+
+    Size: the composition root: one short method per start step, per stop step,
+    per signal and per systemd notification, in the order they run; the work of
+    each lives in its component (reconfigure, start, stop).
+    """
 
     def __init__(self, cfg: Config, transport: Transport | None = None) -> None:
         """``transport``: where transactions run; None (relayd) starts the delivery

@@ -393,7 +393,13 @@ class Envelope:
 
 
 class Session:
-    """One SMTP session's protocol state (no I/O): see the module docstring."""
+    """One SMTP session's protocol state (no I/O): see the module docstring.
+
+    Size: one short ``smtp_*`` method per command RFC 5321 and its extensions
+    define, plus the AUTH and DATA steps: the class is the command table, and
+    framing, SASL and the envelope already live apart (Framer, SaslExchange,
+    Envelope).
+    """
 
     __slots__ = ("_data_bytes", "_data_started", "_env", "_in", "_phase", "_sasl", "ctx",
                  "monotonic", "out", "starttls", "state", "touched")
