@@ -311,9 +311,7 @@ class Relay:
         in_memory = self.scheduler.first_attempts()
         unknown = await self.spool.queued_count() - in_memory
         counts["queued"] += max(0, unknown)
-        row = await self.spool.fetchone(
-            "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE status='deferred'")
-        counts["deferred"] = int(row[0]) if row else 0
+        counts["deferred"] = await self.spool.deferred_count()
         size = (_spool_size(self.cfg.database_path, self.spool.bodies.dir)
                 + _spool_size(self.cfg.delivery_log_path, ""))
         return schemas.Status(

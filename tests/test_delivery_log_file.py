@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from relayd.store.deliverylog import DeliveryLog
-from relayd.store.spool import MIGRATIONS, AttemptResult, Spool, SpoolError
+from relayd.store.records import AttemptResult
+from relayd.store.schema import MIGRATIONS
+from relayd.store.spool import Spool, SpoolError
 from tests.conftest import RelayFactory, RelayHandle, Sink
 from tests.test_queue_support import eventually, log_entries, submit
 

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import pytest
 
 from relayd.store.spool import EXTERNAL_MIN
@@ -58,17 +57,14 @@ async def test_mail_is_accepted_again_when_space_returns(relay: RelayHandle,
 
 async def _cap_database(relay: RelayHandle, extra_pages: int | None) -> None:
     """Limit the spool to its current size (disk full), or lift the limit (None)."""
-    async def cap(db: aiosqlite.Connection) -> Any:
+    def cap(conn: Any) -> None:  # fault injection: on the writer's connection, its thread
         if extra_pages is None:
-            await db.execute("PRAGMA max_page_count=4294967294")
-            return None
-        async with db.execute("PRAGMA page_count") as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        await db.execute(f"PRAGMA max_page_count={int(row[0]) + extra_pages}")
-        return None
+            conn.execute("PRAGMA max_page_count=4294967294")
+            return
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count={int(pages) + extra_pages}")
 
-    await relay.relay.spool.write(cap)
+    await relay.relay.spool._transact(cap)
 
 
 async def test_failed_commit_gets_451_and_the_relay_recovers(relay: RelayHandle,

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from relayd.store.bodies import BLOB_STREAM_MIN, EXTERNAL_MIN
 from relayd.store.deliverylog import DeliveryLog
-from relayd.store.spool import BLOB_STREAM_MIN, EXTERNAL_MIN, AttemptResult, NewMessage, Spool
+from relayd.store.records import AttemptResult, NewMessage
+from relayd.store.spool import Spool
 
 
 def _msg(spool: Spool, data: bytes, rcpts: int = 1) -> NewMessage:
@@ -37,7 +39,8 @@ async def test_large_message_is_stored_and_loaded_byte_for_byte(tmp_path: Path) 
 
 
 async def test_one_batch_applies_accepts_results_and_callbacks_in_order(tmp_path: Path) -> None:
-    """Accepts, delivery results and write() callbacks queued together all commit, in order."""
+    """Accepts, delivery results and writer callbacks (_transact) queued together all commit,
+    in order."""
     spool = Spool(str(tmp_path / "spool.db"))
     await spool.open()
     try:
@@ -45,7 +48,7 @@ async def test_one_batch_applies_accepts_results_and_callbacks_in_order(tmp_path
         await spool.accept(m)
         seen: list[str] = []
 
-        async def call(db: object) -> str:
+        def call(conn: object) -> str:
             seen.append("call")
             return "ok"
 
@@ -54,7 +57,7 @@ async def test_one_batch_applies_accepts_results_and_callbacks_in_order(tmp_path
                             outcome="delivered", ts=2.0)
         m2 = _msg(spool, b"y\r\n")
         out = await asyncio.gather(spool.accept(m2), spool.record([res], [m.id]),
-                                   spool.write(call))
+                                   spool._transact(call))
         assert out == [None, [m.id], "ok"] and seen == ["call"]
         assert await spool.load_data(m.id) is None
         assert await spool.load_data(m2.id) == b"y\r\n"
@@ -158,11 +161,7 @@ async def test_large_data_lives_in_a_file_until_its_row_is_gone(tmp_path: Path) 
                                   complete=True) == [delivered.id]
         assert not (bodies / str(delivered.id)).exists()
 
-        async def purge(db: Any) -> None:
-            await db.execute("DELETE FROM recipients WHERE message_id=?", (purged.id,))
-            await db.execute("DELETE FROM messages WHERE id=?", (purged.id,))
-
-        await spool.write(purge, deletes_messages=True)
+        assert await spool.purge_messages([purged.id]) == [purged.id]
         assert sorted(p.name for p in bodies.iterdir()) == [str(kept.id)]
     finally:
         await spool.close()
@@ -206,11 +205,7 @@ async def test_complete_records_of_one_commit_report_only_the_rows_they_removed(
         await asyncio.gather(*(spool.accept(m) for m in msgs))
         gone = msgs[33]
 
-        async def purge(db: Any) -> None:
-            await db.execute("DELETE FROM recipients WHERE message_id=?", (gone.id,))
-            await db.execute("DELETE FROM messages WHERE id=?", (gone.id,))
-
-        await spool.write(purge, deletes_messages=True)
+        await spool.purge_messages([gone.id])
         removed = await asyncio.gather(*(
             spool.record([_result(m, 0), _result(m, 1)], [m.id], complete=True)
             for m in msgs))

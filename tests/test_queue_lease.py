@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from relayd.queue.scheduler import RETRY_LEASE_SECONDS
-from relayd.store.spool import MIGRATIONS, SCHEMA_VERSION, Spool
+from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
+from relayd.store.spool import Spool
 from tests.conftest import message, start_sink
 from tests.procs import RelayProcess, free_port
 from tests.test_queue_support import StallServer

@@ -53,7 +53,16 @@ from relayd.dkim import signature as dkim
 from relayd.ids import format_id, parse_id
 from relayd.queue.scheduler import Scheduler
 from relayd.store.deliverylog import DeliveryLog
-from relayd.store.spool import Db, IntegrityError, Spool
+from relayd.store.directory import (
+    DirectoryStore,
+    DomainExists,
+    NetworkBinding,
+    NewAccount,
+    NewDomain,
+    QueueNotEmpty,
+    SqliteDirectory,
+)
+from relayd.store.spool import Spool
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -98,10 +107,13 @@ class Lifecycle:
                  clock: Callable[[], float] = time.time,
                  selector_token: Callable[[], str] = dkim.selector_token,
                  log: Callable[..., None] | None = None,
-                 warn: Callable[..., None] | None = None) -> None:
+                 warn: Callable[..., None] | None = None,
+                 store: DirectoryStore | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.dlog = delivery_log
+        #: The directory tables (on the spool's database unless given).
+        self.store: DirectoryStore = store or SqliteDirectory(spool)
         self.directory = directory
         self.hasher = hasher
         self.cache = cache
@@ -117,26 +129,19 @@ class Lifecycle:
     async def load(self) -> None:
         """Fill the directory from the database (at start)."""
         d = self.directory
-        for row in await self.spool.fetchall(
-            "SELECT id, name, selector, private_key, ed25519_selector, ed25519_key, deleted_at"
-            " FROM domains"
-        ):
-            dom = Domain(row[0], row[1], row[2], deleted=row[6] is not None)
-            dom.signers = self._signers(dom.name, row[2], row[3], row[4], row[5])
+        for rec in await self.store.domains():
+            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted)
+            dom.signers = self._signers(dom.name, rec.selector, rec.private_key,
+                                        rec.ed25519_selector, rec.ed25519_key)
             d.put_domain(dom)
-        nets: dict[int, list[str]] = {}
-        for row in await self.spool.fetchall("SELECT account_id, cidr FROM account_networks"):
-            nets.setdefault(row[0], []).append(row[1])
-        for row in await self.spool.fetchall(
-            "SELECT id, username, domain_id, password_hash, status, disabled_reason, created_at,"
-            " last_connection, total_sent, per_minute, per_hour, per_day FROM accounts"
-        ):
+        for row in await self.store.accounts():
             acct = Account(
-                id=row[0], username=row[1], domain=d.domains_by_id[row[2]],
-                password_hash=row[3] or "", status=row[4], disabled_reason=row[5],
-                created_at=row[6], last_connection=row[7], total_sent=row[8],
-                networks=nets.get(row[0], []), per_minute=row[9], per_hour=row[10],
-                per_day=row[11],
+                id=row.id, username=row.username, domain=d.domains_by_id[row.domain_id],
+                password_hash=row.password_hash or "", status=row.status,
+                disabled_reason=row.disabled_reason, created_at=row.created_at,
+                last_connection=row.last_connection, total_sent=row.total_sent,
+                networks=row.networks, per_minute=row.per_minute, per_hour=row.per_hour,
+                per_day=row.per_day,
             )
             d.accounts_by_name[acct.username] = acct
             d.accounts_by_id[acct.id] = acct
@@ -223,20 +228,12 @@ class Lifecycle:
             else:
                 raise LifecycleError("could not draw an unused DKIM selector", "internal", 500)
 
-            async def op(db: Db) -> int:
-                cur = await db.execute(
-                    "INSERT INTO domains(name, selector, algorithm, private_key,"
-                    " ed25519_selector, ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
-                    (name, selector, algorithm, pem, ed_selector, ed_pem, now))
-                return int(cur.lastrowid or 0)
-
             try:
-                dom_id = await self.spool.write(op)
-            except IntegrityError as exc:
-                if "domains.name" in str(exc) or "domains_live_name" in str(exc):
-                    raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
-                        from None
-                raise
+                dom_id = await self.store.add_domain(NewDomain(
+                    name, selector, algorithm, pem, ed_selector, ed_pem, now))
+            except DomainExists:
+                raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
+                    from None
             dom = Domain(dom_id, name, selector)
             dom.signers = self._signers(name, selector, pem, ed_selector, ed_pem)
             self.directory.put_domain(dom)
@@ -247,36 +244,30 @@ class Lifecycle:
 
     async def _selector_used(self, selectors: list[str]) -> bool:
         """True if any of ``selectors`` was ever given to a domain (deleted ones included)."""
-        marks = ",".join("?" * len(selectors))
-        row = await self.spool.fetchone(
-            f"SELECT COUNT(*) FROM domains WHERE selector IN ({marks})"  # noqa: S608 - marks only
-            f" OR ed25519_selector IN ({marks})", [*selectors, *selectors])
-        return bool(row and row[0])
+        return await self.store.selectors_used(selectors)
 
     async def domain_info(self, name: str) -> schemas.DomainInfo:
         """One live domain with its DNS records."""
         dom = self.directory.active_domain(name)
         if dom is None:
             raise _not_found("domain", name)
-        row = await self.spool.fetchone(
-            "SELECT private_key, ed25519_selector, ed25519_key, created_at FROM domains"
-            " WHERE id=?", (dom.id,))
+        rec = await self.store.domain(dom.id)
+        assert rec is not None  # a domain is never removed from the table
         accounts = sum(1 for a in self.directory.accounts_by_id.values()
                        if a.domain is dom and a.status != DELETED)
         return schemas.DomainInfo(
-            name=dom.name, selector=dom.selector, created_at=row[3], accounts=accounts,
-            dns_records=self._dns_records(dom.name, dom.selector, row[0], row[1], row[2]))
+            name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
+            dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
+                                          rec.ed25519_selector, rec.ed25519_key))
 
     async def domain_list(self) -> schemas.DomainList:
         """All live domains."""
-        rows = await self.spool.fetchall(
-            "SELECT name, selector, created_at, id FROM domains WHERE deleted_at IS NULL"
-            " ORDER BY name")
         out = []
-        for r in rows:
+        for r in await self.store.live_domains():
             n = sum(1 for a in self.directory.accounts_by_id.values()
-                    if a.domain.id == r[3] and a.status != DELETED)
-            out.append(schemas.DomainInfo(name=r[0], selector=r[1], created_at=r[2], accounts=n))
+                    if a.domain.id == r.id and a.status != DELETED)
+            out.append(schemas.DomainInfo(name=r.name, selector=r.selector,
+                                          created_at=r.created_at, accounts=n))
         return schemas.DomainList(domains=out)
 
     async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
@@ -307,17 +298,8 @@ class Lifecycle:
                 a.invalidate()
                 self.cache.invalidate(a.id)
             now = self.clock()
-
-            async def op(db: Db) -> None:
-                await db.execute(
-                    "UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
-                    " WHERE id=?", (now, dom.id))
-                await db.execute(
-                    "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
-                    " WHERE domain_id=? AND status != 'deleted'", (dom.id,))
-
             try:
-                await self.spool.write(op)
+                await self.store.delete_domain(dom.id, now)
             except Exception:
                 dom.deleted = False
                 dom.signers = signers
@@ -363,16 +345,11 @@ class Lifecycle:
         return out
 
     @staticmethod
-    async def _refuse_overlap(db: Db, account_id: int | None,
-                              nets: list[str], field: str) -> None:
-        """Inside the write transaction that binds ``nets``: refuse one that overlaps a
-        network of another account that is not deleted (so two concurrent adds cannot
-        both pass)."""
-        rows = await (await db.execute(
-            "SELECT n.cidr, a.username, d.name FROM account_networks n"
-            " JOIN accounts a ON a.id = n.account_id JOIN domains d ON d.id = a.domain_id"
-            " WHERE a.status != 'deleted' AND n.account_id IS NOT ?", (account_id,))).fetchall()
-        bound = [(str(r[0]), f"account {r[1]} (domain {r[2]})") for r in rows]
+    def _refuse_overlap(others: list[NetworkBinding], nets: list[str], field: str) -> None:
+        """Inside the write transaction that binds ``nets`` (the store runs it there, given
+        the networks of the other accounts that are not deleted): refuse one that
+        overlaps (so two concurrent adds cannot both pass)."""
+        bound = [(b.cidr, f"account {b.username} (domain {b.domain})") for b in others]
         for cidr in nets:
             hit = overlapping(ipaddress.ip_network(cidr), bound)
             if hit is not None:
@@ -404,18 +381,9 @@ class Lifecycle:
             else:
                 raise LifecycleError("could not draw an unused username", "internal", 500)
 
-            async def op(db: Db) -> int:
-                await self._refuse_overlap(db, None, nets, "allow_networks")
-                cur = await db.execute(
-                    "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
-                    " VALUES (?,?,?,'active',?)", (username, dom.id, hashed, now))
-                acct_id = int(cur.lastrowid or 0)
-                await db.executemany(
-                    "INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
-                    [(acct_id, n) for n in nets])
-                return acct_id
-
-            acct_id = await self.spool.write(op)
+            acct_id = await self.store.add_account(
+                NewAccount(username, dom.id, hashed, now, nets),
+                lambda others: self._refuse_overlap(others, nets, "allow_networks"))
             acct = Account(id=acct_id, username=username, domain=dom, password_hash=hashed,
                            created_at=now, networks=nets)
             self._flushed[acct_id] = None
@@ -468,13 +436,8 @@ class Lifecycle:
             acct.status, acct.disabled_reason = DISABLED, "manual"
             acct.invalidate()
             self.cache.invalidate(acct.id)
-
-            async def op(db: Db) -> None:
-                await db.execute("UPDATE accounts SET status='disabled', disabled_reason='manual'"
-                                 " WHERE id=?", (acct.id,))
-
             try:
-                await self.spool.write(op)
+                await self.store.set_status(acct.id, DISABLED, "manual")
             except Exception:
                 acct.status, acct.disabled_reason = ACTIVE, ""
                 raise
@@ -491,12 +454,7 @@ class Lifecycle:
                     "domain_deleted", 409)
             if acct.status == ACTIVE:
                 return self.info(acct)
-
-            async def op(db: Db) -> None:
-                await db.execute("UPDATE accounts SET status='active', disabled_reason=''"
-                                 " WHERE id=?", (acct.id,))
-
-            await self.spool.write(op)
+            await self.store.set_status(acct.id, ACTIVE, "")
             acct.status, acct.disabled_reason = ACTIVE, ""
         self.scheduler.wake()
         self._log("user_enabled", username=username)
@@ -513,13 +471,8 @@ class Lifecycle:
             acct.password_hash = hashed
             acct.invalidate()
             self.cache.invalidate(acct.id)
-
-            async def op(db: Db) -> None:
-                await db.execute("UPDATE accounts SET password_hash=? WHERE id=?",
-                                 (hashed, acct.id))
-
             try:
-                await self.spool.write(op)
+                await self.store.set_password(acct.id, hashed)
             except Exception:
                 acct.password_hash = old
                 raise
@@ -545,25 +498,14 @@ class Lifecycle:
             self.cache.invalidate(acct.id)
             self.directory.rebuild_networks()
             now = self.clock()
-
-            async def op(db: Db) -> list[int]:
-                if not purge_queue:
-                    # a message committed after the check above: still refused
-                    row = await (await db.execute(
-                        "SELECT COUNT(*) FROM messages WHERE account_id=?", (acct.id,)
-                    )).fetchone()
-                    if row and row[0]:
-                        raise _queue_not_empty(username, int(row[0]))
-                ids = await _purge(db, acct.id, None)
-                await db.execute(
-                    "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
-                    " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
-                    " per_day=NULL WHERE id=?", (now, acct.id))
-                await db.execute("DELETE FROM account_networks WHERE account_id=?", (acct.id,))
-                return ids
-
             try:
-                purged_ids = await self.spool.write(op, deletes_messages=True)
+                # without purge_queue, a message committed after the check above is
+                # still refused (the store counts again in the transaction)
+                purged_ids = await self.store.delete_account(acct.id, now, purge_queue)
+            except QueueNotEmpty as exc:
+                acct.status, acct.disabled_reason, acct.password_hash = saved
+                self.directory.rebuild_networks()
+                raise _queue_not_empty(username, exc.count) from None
             except Exception:
                 acct.status, acct.disabled_reason, acct.password_hash = saved
                 self.directory.rebuild_networks()
@@ -581,9 +523,7 @@ class Lifecycle:
         return schemas.UserDeleted(username=username, purged=purged)
 
     async def _queued_in_db(self, account_id: int) -> int:
-        row = await self.spool.fetchone(
-            "SELECT COUNT(*) FROM messages WHERE account_id=?", (account_id,))
-        return int(row[0]) if row else 0
+        return await self.spool.message_count(account_id)
 
     async def user_limits(self, username: str, limits: schemas.UserLimits) -> schemas.UserInfo:
         """Set sending limits (0 = unlimited, omitted = workspace default)."""
@@ -592,13 +532,8 @@ class Lifecycle:
                 raise LifecycleError("limits must be >= 0", "bad_request")
         async with self._lock:
             acct = self._account(username)
-
-            async def op(db: Db) -> None:
-                await db.execute("UPDATE accounts SET per_minute=?, per_hour=?, per_day=?"
-                                 " WHERE id=?", (limits.per_minute, limits.per_hour,
-                                                 limits.per_day, acct.id))
-
-            await self.spool.write(op)
+            await self.store.set_limits(acct.id, limits.per_minute, limits.per_hour,
+                                        limits.per_day)
             acct.per_minute, acct.per_hour, acct.per_day = (
                 limits.per_minute, limits.per_hour, limits.per_day)
         self.scheduler.set_limits(acct)
@@ -627,26 +562,16 @@ class Lifecycle:
             if change.action == "add":
                 if cidr in acct.networks:
                     return self.info(acct)
-
-                async def add(db: Db) -> None:
-                    await self._refuse_overlap(db, acct.id, [cidr], "cidr")
-                    await db.execute("INSERT INTO account_networks(account_id, cidr)"
-                                     " VALUES (?,?)", (acct.id, cidr))
-
-                await self.spool.write(add)
+                await self.store.add_network(
+                    acct.id, cidr, lambda others: self._refuse_overlap(others, [cidr], "cidr"))
                 acct.networks = [*acct.networks, cidr]
             else:
                 if cidr not in acct.networks:
                     raise _not_found("network binding", cidr)
                 acct.networks = [n for n in acct.networks if n != cidr]
                 acct.invalidate()  # sessions attributed through it lose it now
-
-                async def remove(db: Db) -> None:
-                    await db.execute("DELETE FROM account_networks WHERE account_id=? AND"
-                                     " cidr=?", (acct.id, cidr))
-
                 try:
-                    await self.spool.write(remove)
+                    await self.store.remove_network(acct.id, cidr)
                 except Exception:
                     acct.networks = [*acct.networks, cidr]
                     raise
@@ -682,20 +607,12 @@ class Lifecycle:
                     attempts=max(r.attempts for r in sm.recipients),
                     recipients=[r.rcpt for r in sm.recipients], reset_at=until))
         if state in (None, "deferred"):
-            sql = ("SELECT m.id, m.username, m.sender, m.received_at, MAX(r.attempts),"
-                   " MIN(r.next_attempt), group_concat(r.rcpt, char(10)),"
-                   " MAX(r.last_error), m.size FROM recipients r JOIN messages m"
-                   " ON m.id = r.message_id WHERE r.status='deferred'")
-            params: list[Any] = []
-            if acct_filter is not None:
-                sql += " AND m.account_id=?"
-                params.append(acct_filter)
-            sql += " GROUP BY m.id ORDER BY m.id LIMIT 10000"
-            for r in await self.spool.fetchall(sql, params):
+            for d in await self.spool.deferred_messages(acct_filter):
                 items.append(schemas.QueueItem(
-                    id=format_id(r[0]), username=r[1], sender=r[2], state="deferred",
-                    age_seconds=now - r[3], attempts=r[4], next_attempt=r[5],
-                    recipients=(r[6] or "").split("\n"), last_error=r[7], size=r[8]))
+                    id=format_id(d.id), username=d.username, sender=d.sender, state="deferred",
+                    age_seconds=now - d.received_at, attempts=d.attempts,
+                    next_attempt=d.next_attempt, recipients=d.recipients,
+                    last_error=d.last_error, size=d.size))
         elif state not in ("queued", "waiting_limit", "held"):
             raise LifecycleError("state must be queued, waiting_limit, held or deferred",
                                  "bad_request")
@@ -721,16 +638,10 @@ class Lifecycle:
         dropped: list[int] = []
         if state != "deferred":
             dropped = self.scheduler.drop_account(acct.id, state)
-
-        async def op(db: Db) -> list[int]:
-            if state is None:
-                return await _purge(db, acct.id, None)
-            if state == "deferred":
-                return await _purge(db, acct.id, "deferred")
-            await _purge_ids(db, dropped)
-            return dropped
-
-        ids = await self.spool.write(op, deletes_messages=True)
+        if state is None or state == "deferred":
+            ids = await self.spool.purge(acct.id, state)
+        else:
+            ids = await self.spool.purge_messages(dropped)
         # forget exactly what left the database (deferred mail included)
         self.scheduler.forget(acct.id, dropped + ids)
         n = len(ids)
@@ -741,19 +652,7 @@ class Lifecycle:
         """Make deferred mail due now."""
         now = self.clock()
         acct_id = self._account(user, allow_deleted=True).id if user else None
-
-        async def op(db: Db) -> int:
-            if acct_id is None:
-                cur = await db.execute(
-                    "UPDATE recipients SET next_attempt=? WHERE status='deferred'", (now,))
-            else:
-                cur = await db.execute(
-                    "UPDATE recipients SET next_attempt=? WHERE status='deferred' AND"
-                    " message_id IN (SELECT id FROM messages WHERE account_id=?)",
-                    (now, acct_id))
-            return int(cur.rowcount)
-
-        n = await self.spool.write(op)
+        n = await self.spool.retry_now(now, acct_id)
         self.scheduler.wake_retry()
         self._log("queue_retry", username=user, count=n)
         return schemas.QueueChanged(count=n)
@@ -788,11 +687,7 @@ class Lifecycle:
                    if a.status != DELETED and a.last_connection != self._flushed.get(a.id)]
         if not changed:
             return 0
-
-        async def op(db: Db) -> None:
-            await db.executemany("UPDATE accounts SET last_connection=? WHERE id=?", changed)
-
-        await self.spool.write(op)
+        await self.store.save_last_connections(changed)
         for ts, acct_id in changed:
             self._flushed[acct_id] = ts
         return len(changed)
@@ -819,24 +714,3 @@ def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
         params.append(value)
     return where, params
 
-
-async def _purge(db: Db, account_id: int, status: str | None) -> list[int]:
-    """Delete an account's messages (all, or those with a recipient in ``status``)."""
-    if status is None:
-        rows = await (await db.execute("SELECT id FROM messages WHERE account_id=?",
-                                       (account_id,))).fetchall()
-    else:
-        rows = await (await db.execute(
-            "SELECT DISTINCT m.id FROM messages m JOIN recipients r ON r.message_id=m.id"
-            " WHERE m.account_id=? AND r.status=?", (account_id, status))).fetchall()
-    ids = [int(r[0]) for r in rows]
-    await _purge_ids(db, ids)
-    return ids
-
-
-async def _purge_ids(db: Db, ids: list[int]) -> int:
-    if not ids:
-        return 0
-    await db.executemany("DELETE FROM recipients WHERE message_id=?", [(i,) for i in ids])
-    await db.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in ids])
-    return len(ids)

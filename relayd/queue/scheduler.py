@@ -52,7 +52,8 @@ from relayd.queue.reconcile import Reconciler
 from relayd.queue.sendqueue import DATA_CACHE_MAX_MESSAGE as DATA_CACHE_MAX_MESSAGE
 from relayd.queue.sendqueue import QMsg, SendQueue, effective_limits
 from relayd.store.deliverylog import DeliveryLog
-from relayd.store.spool import AttemptResult, NewMessage, Spool
+from relayd.store.records import AttemptResult, NewMessage
+from relayd.store.spool import Spool
 
 RETRY_LEASE_SECONDS = 900.0
 
@@ -222,7 +223,7 @@ class Scheduler:
     async def start(self) -> None:
         """Load pending mail from the spool and start the loops."""
         now = self.clock()
-        await self.spool.write(lambda db: self._release_leases(db, now))
+        await self.spool.release_leases(now)
         stored = await self.spool.pending_messages()
         requeue_as_retry: list[int] = []
         for sm in stored:
@@ -237,11 +238,7 @@ class Scheduler:
                 requeue_as_retry.append(sm.id)
         self._wake.set()
         if requeue_as_retry:
-            async def _defer(db: Any) -> None:
-                await db.executemany(
-                    "UPDATE recipients SET status='deferred', next_attempt=? WHERE message_id=?"
-                    " AND status='queued'", [(now, m) for m in requeue_as_retry])
-            await self.spool.write(_defer)
+            await self.spool.defer_queued(requeue_as_retry, now)
         orphans = await self.spool.orphan_messages()
         if orphans:
             await self.spool.record([], orphans)
@@ -252,12 +249,6 @@ class Scheduler:
         self._tasks.append(loop.create_task(self.reconciler.loop()))
         for _ in range(self.workers):
             self._tasks.append(loop.create_task(self._worker()))
-
-    @staticmethod
-    async def _release_leases(db: Any, now: float) -> None:
-        """Recipients leased by a retry that a crash interrupted: due now, not at lease end."""
-        await db.execute("UPDATE recipients SET next_attempt=?, leased=0"
-                         " WHERE leased=1 AND status='deferred'", (now,))
 
     async def stop(self, grace: float) -> None:
         """Stop starting attempts; let running ones finish within ``grace`` seconds."""
@@ -327,9 +318,7 @@ class Scheduler:
     async def _retry_loop(self) -> None:
         while True:
             self._wake_retry.clear()
-            row = await self.spool.fetchone(
-                "SELECT MIN(next_attempt) FROM recipients WHERE status='deferred'")
-            nxt = row[0] if row else None
+            nxt = await self.spool.next_retry_at()
             now = self.clock()
             if nxt is None or nxt > now:
                 timeout = None if nxt is None else min(nxt - now, 60.0)
@@ -341,26 +330,16 @@ class Scheduler:
             await self._dispatch_due(now)
 
     async def _dispatch_due(self, now: float) -> None:
-        rows = await self.spool.fetchall(
-            "SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.account_id, m.username,"
-            " m.domain, m.sender, m.received_at, m.is_bounce, m.size FROM recipients r"
-            " JOIN messages m ON m.id = r.message_id"
-            " WHERE r.status='deferred' AND r.next_attempt <= ? ORDER BY r.next_attempt"
-            " LIMIT 500", (now,))
+        due = await self.spool.due_retries(now, 500)
         msgs: dict[int, QMsg] = {}
-        for r in rows:
-            q = msgs.get(r[0])
-            if q is None:
-                q = msgs[r[0]] = QMsg(r[0], r[4], r[5], r[6], r[7], r[8], {}, bool(r[9]),
-                                      retry=True, size=r[10])
-            q.rcpts[r[1]] = (r[2], r[3])
-        lease = now + RETRY_LEASE_SECONDS
-        if rows:
-            async def _lease(db: Any) -> None:
-                await db.executemany(
-                    "UPDATE recipients SET next_attempt=?, leased=1 WHERE message_id=? AND"
-                    " idx=? AND status='deferred'", [(lease, r[0], r[1]) for r in rows])
-            await self.spool.write(_lease)
+        for sm in due:
+            msgs[sm.id] = QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
+                               sm.received_at, {r.idx: (r.rcpt, r.attempts)
+                                                for r in sm.recipients},
+                               sm.is_bounce, retry=True, size=sm.size)
+        if due:
+            await self.spool.lease([(sm.id, r.idx) for sm in due for r in sm.recipients],
+                                   now + RETRY_LEASE_SECONDS)
         for q in msgs.values():
             self.ledger.add(q)
             await self._jobs.put(q)

@@ -9,9 +9,10 @@ The spool's result commit no longer writes log rows: the results of each
 committed batch are handed over (:meth:`DeliveryLog.append`) and the writer
 coalesces whatever is waiting into one transaction. So a crash between the
 two can lose log rows, never a message state. The log has one connection on
-one thread of its own: its writes, its queries and its prune never hold the
-spool's writer. The prune deletes at most ``batch_rows`` rows per transaction
-and lets the loop (and the log's writer) run between two of them.
+one thread of its own (a relayd.store.db.Conn): its writes, its queries
+and its prune never hold the spool's writer. The prune deletes at most
+``batch_rows`` rows per transaction and lets the loop (and the log's writer)
+run between two of them.
 
 Untrusted input: addresses and reply texts (stored as given, bound parameters).
 Settings read: none (the caller passes ``[spool] delivery_log_retention_days``
@@ -22,13 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from relayd.store.spool import AttemptResult, PlainDb, connect_plain
+from relayd.store.db import Conn, SqlConn
+from relayd.store.records import AttemptResult
 
 T = TypeVar("T")
 
@@ -73,8 +72,7 @@ class DeliveryLog:
         self._pause = pause
         self._rest = rest
         self._on_error = on_error
-        self._thread: ThreadPoolExecutor | None = None
-        self._conn: PlainDb | None = None
+        self._conn: Conn | None = None
         self._pending: list[Row] = []
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one user of the connection at a time: writer or prune
@@ -85,12 +83,13 @@ class DeliveryLog:
     # -- lifecycle ----------------------------------------------------------------
     async def open(self) -> None:
         """Open (creating) the file on a thread of its own and start the writer."""
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-log")
+        self._conn = await Conn.open(self.path, busy_timeout=5.0, name="relayd-log",
+                                     create_mode=0o640)  # private, like the spool
         try:
             await self._run(_open, self.path)
         except BaseException:
-            self._thread.shutdown(wait=True)
-            self._thread = None
+            await self._conn.close()
+            self._conn = None
             raise
         self._writer_task = asyncio.get_running_loop().create_task(self._writer())
 
@@ -101,17 +100,19 @@ class DeliveryLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
             self._writer_task = None
-        if self._thread is None:
+        if self._conn is None:
             return
         with contextlib.suppress(Exception):
             await self.flush()
-        await self._run(_close)
-        self._thread.shutdown(wait=True)
-        self._thread = None
+        with contextlib.suppress(Exception):
+            await self._run(_checkpoint)
+        await self._conn.close()
+        self._conn = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._thread is not None
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """``fn(conn, *args)`` on the log's thread."""
+        assert self._conn is not None
+        return await self._conn.run(fn, self._conn.raw, *args)
 
     # -- the writer ---------------------------------------------------------------
     def append(self, results: Sequence[AttemptResult]) -> None:
@@ -211,50 +212,28 @@ class DeliveryLog:
                 await asyncio.sleep(0)
 
 
-# -- on the log's thread ----------------------------------------------------------------
-_local = threading.local()  # .conn: the log's one connection, on its own thread
+# -- on the log's thread (each function gets the log's one connection) ---------------------
+def _open(conn: SqlConn, path: str) -> None:
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"delivery log {path} has schema version {version}, newer than"
+                         f" this relayd's ({SCHEMA_VERSION})")
+    if version == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        for stmt in _SCHEMA.split(";"):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
 
 
-def _db() -> PlainDb:
-    conn: PlainDb = _local.conn
-    return conn
+def _checkpoint(conn: SqlConn) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def _open(path: str) -> None:
-    if not os.path.exists(path):  # created private, like the spool (0640)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640))
-    conn = connect_plain(path)
-    try:
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise ValueError(f"delivery log {path} has schema version {version}, newer than"
-                             f" this relayd's ({SCHEMA_VERSION})")
-        if version == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-    except BaseException:
-        conn.close()
-        raise
-    _local.conn = conn
-
-
-def _close() -> None:
-    conn: PlainDb | None = getattr(_local, "conn", None)
-    _local.conn = None
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
-
-
-def _insert(rows: list[Row]) -> None:
-    conn = _db()
+def _insert(conn: SqlConn, rows: list[Row]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         full = len(rows) - len(rows) % _CHUNK
@@ -269,21 +248,20 @@ def _insert(rows: list[Row]) -> None:
         raise
 
 
-def _fetchall(sql: str, params: Sequence[Any]) -> list[Row]:
-    return [tuple(r) for r in _db().execute(sql, params).fetchall()]
+def _fetchall(conn: SqlConn, sql: str, params: Sequence[Any]) -> list[Row]:
+    return [tuple(r) for r in conn.execute(sql, params).fetchall()]
 
 
-def _used_bytes() -> int:
-    conn = _db()
+def _used_bytes(conn: SqlConn) -> int:
     pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
     free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
     return (pages - free) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
-def _prune_batch(cutoff: float, max_bytes: int, by_size: bool, limit: int) -> int:
+def _prune_batch(conn: SqlConn, cutoff: float, max_bytes: int, by_size: bool,
+                 limit: int) -> int:
     """One transaction: at most ``limit`` rows, the oldest; 0 when nothing is to go."""
-    conn = _db()
-    if by_size and _used_bytes() <= max_bytes:
+    if by_size and _used_bytes(conn) <= max_bytes:
         return 0
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -304,9 +282,8 @@ def _prune_batch(cutoff: float, max_bytes: int, by_size: bool, limit: int) -> in
     return int(n)
 
 
-def _move_batch(spool_path: str, limit: int) -> int:
+def _move_batch(conn: SqlConn, spool_path: str, limit: int) -> int:
     """Copy the next ``limit`` rows of the spool's old table (by id); 0 when done."""
-    conn = _db()
     conn.execute("ATTACH DATABASE ? AS old", (spool_path,))
     try:
         exists = conn.execute("SELECT 1 FROM old.sqlite_master WHERE type='table'"

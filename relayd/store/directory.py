@@ -1,0 +1,310 @@
+"""The directory tables (domains, accounts, networks, DKIM keys, limits, last connection,
+totals) behind an interface.
+
+Owns: :class:`DirectoryStore`, the protocol the control plane uses to read and
+change the directory (async methods, typed records in and out, no SQL, no
+connection), its records, and :class:`SqliteDirectory`, the implementation on
+the spool's database: its writes join the spool's group commit, its reads use
+the spool's reader. Another implementation (PostgreSQL, shared by several
+nodes) can sit beside it. A check that must hold in the transaction that
+writes (no overlapping network bindings) is passed in as a function of the
+stored bindings and runs inside that transaction; whatever it raises aborts
+the write and reaches the caller.
+
+Deleting an account also purges its messages (``purge_queue``): on SQLite
+both live in one database, so one transaction does both.
+See also: relayd.controlplane.lifecycle (the operations), relayd.directory.accounts
+(the in-memory directory).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from relayd.store import messages as q
+from relayd.store.db import IntegrityError, SqlConn
+
+if TYPE_CHECKING:
+    from relayd.store.spool import Spool
+
+
+@dataclass(slots=True)
+class DomainRecord:
+    """A sending domain as stored (``deleted``: its keys are gone, its selectors kept)."""
+
+    id: int
+    name: str
+    selector: str
+    private_key: bytes | None
+    ed25519_selector: str | None
+    ed25519_key: bytes | None
+    created_at: float
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class NewDomain:
+    """A domain to add."""
+
+    name: str
+    selector: str
+    algorithm: str
+    private_key: bytes | None
+    ed25519_selector: str | None
+    ed25519_key: bytes | None
+    created_at: float
+
+
+@dataclass(slots=True)
+class AccountRecord:
+    """An account as stored, with its bound networks."""
+
+    id: int
+    username: str
+    domain_id: int
+    password_hash: str | None
+    status: str
+    disabled_reason: str
+    created_at: float
+    last_connection: float | None
+    total_sent: int
+    per_minute: int | None
+    per_hour: int | None
+    per_day: int | None
+    networks: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NewAccount:
+    """An account to add (active), with the networks to bind."""
+
+    username: str
+    domain_id: int
+    password_hash: str
+    created_at: float
+    networks: list[str]
+
+
+@dataclass(slots=True)
+class NetworkBinding:
+    """A network bound to an account that is not deleted."""
+
+    cidr: str
+    username: str
+    domain: str
+
+
+#: Runs inside the transaction that binds networks, given every binding of the other
+#: accounts that are not deleted; raises to refuse the write.
+BindingCheck = Callable[[list[NetworkBinding]], None]
+
+
+class DomainExists(Exception):
+    """A live domain of that name is stored already."""
+
+
+class QueueNotEmpty(Exception):
+    """The account still has stored messages (``count``)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} message(s) stored")
+        self.count = count
+
+
+class DirectoryStore(Protocol):
+    """Where the directory is kept. Every write is durable when its call returns."""
+
+    async def domains(self) -> list[DomainRecord]:
+        """Every domain, deleted ones included (at start)."""
+    async def accounts(self) -> list[AccountRecord]:
+        """Every account with its networks, deleted ones included (at start)."""
+    async def domain(self, domain_id: int) -> DomainRecord | None:
+        """One domain, with its keys."""
+    async def live_domains(self) -> list[DomainRecord]:
+        """The domains not deleted, by name."""
+    async def selectors_used(self, selectors: Sequence[str]) -> bool:
+        """True if any of ``selectors`` was ever given to a domain (deleted ones included)."""
+    async def add_domain(self, new: NewDomain) -> int:
+        """Store a domain; its id. DomainExists if a live one has the name."""
+    async def delete_domain(self, domain_id: int, now: float) -> None:
+        """Mark deleted, destroy its keys, disable its accounts (reason domain_deleted)."""
+    async def add_account(self, new: NewAccount, check: BindingCheck) -> int:
+        """Store an active account with its networks (``check`` first); its id."""
+    async def set_status(self, account_id: int, status: str, reason: str) -> None:
+        """Set an account's status and disabled reason."""
+    async def set_password(self, account_id: int, password_hash: str) -> None:
+        """Set an account's password hash."""
+    async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
+                         per_day: int | None) -> None:
+        """Set an account's sending limits (None: the default)."""
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+        """Bind a network to an account (``check`` first)."""
+    async def remove_network(self, account_id: int, cidr: str) -> None:
+        """Unbind a network from an account."""
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+        """Delete an account for good (hash, stats, limits, networks gone) and its messages;
+        the ids of the messages purged. Without ``purge_queue``, QueueNotEmpty if it has any."""
+    async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
+        """Store ``(last connection, account id)`` pairs."""
+
+
+_DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
+                   " created_at, deleted_at FROM domains")
+
+
+def _domain(r: Sequence[object]) -> DomainRecord:
+    return DomainRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],  # type: ignore[arg-type]
+                        deleted=r[7] is not None)
+
+
+class SqliteDirectory:
+    """The directory tables in the spool's SQLite database."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    async def domains(self) -> list[DomainRecord]:
+        return [_domain(r) for r in await self._spool.fetchall(_DOMAIN_COLUMNS)]
+
+    async def accounts(self) -> list[AccountRecord]:
+        nets: dict[int, list[str]] = {}
+        for row in await self._spool.fetchall("SELECT account_id, cidr FROM account_networks"):
+            nets.setdefault(row[0], []).append(row[1])
+        return [AccountRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                              r[11], networks=nets.get(r[0], [])) for r in
+                await self._spool.fetchall(
+                    "SELECT id, username, domain_id, password_hash, status, disabled_reason,"
+                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
+                    " FROM accounts")]
+
+    async def domain(self, domain_id: int) -> DomainRecord | None:
+        row = await self._spool.fetchone(_DOMAIN_COLUMNS + " WHERE id=?", (domain_id,))
+        return _domain(row) if row else None
+
+    async def live_domains(self) -> list[DomainRecord]:
+        return [_domain(r) for r in await self._spool.fetchall(
+            _DOMAIN_COLUMNS + " WHERE deleted_at IS NULL ORDER BY name")]
+
+    async def selectors_used(self, selectors: Sequence[str]) -> bool:
+        marks = ",".join("?" * len(selectors))
+        row = await self._spool.fetchone(
+            f"SELECT COUNT(*) FROM domains WHERE selector IN ({marks})"  # noqa: S608 - marks only
+            f" OR ed25519_selector IN ({marks})", [*selectors, *selectors])
+        return bool(row and row[0])
+
+    async def add_domain(self, new: NewDomain) -> int:
+        try:
+            return await self._spool._transact(functools.partial(_add_domain, new=new))
+        except IntegrityError as exc:
+            if "domains.name" in str(exc) or "domains_live_name" in str(exc):
+                raise DomainExists(new.name) from None
+            raise
+
+    async def delete_domain(self, domain_id: int, now: float) -> None:
+        await self._spool._transact(functools.partial(_delete_domain, domain_id=domain_id,
+                                                      now=now))
+
+    async def add_account(self, new: NewAccount, check: BindingCheck) -> int:
+        return await self._spool._transact(functools.partial(_add_account, new=new,
+                                                             check=check))
+
+    async def set_status(self, account_id: int, status: str, reason: str) -> None:
+        await self._update(account_id, "status=?, disabled_reason=?", status, reason)
+
+    async def set_password(self, account_id: int, password_hash: str) -> None:
+        await self._update(account_id, "password_hash=?", password_hash)
+
+    async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
+                         per_day: int | None) -> None:
+        await self._update(account_id, "per_minute=?, per_hour=?, per_day=?",
+                           per_minute, per_hour, per_day)
+
+    async def _update(self, account_id: int, columns: str, *values: object) -> None:
+        """``UPDATE accounts SET columns`` (literals of this module, values bound)."""
+        sql = f"UPDATE accounts SET {columns} WHERE id=?"  # noqa: S608 - columns are literals
+        await self._spool._transact(functools.partial(_execute, sql=sql,
+                                                      params=(*values, account_id)))
+
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+        def add(conn: SqlConn) -> None:
+            check(_bindings(conn, account_id))
+            conn.execute("INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
+                         (account_id, cidr))
+        await self._spool._transact(add)
+
+    async def remove_network(self, account_id: int, cidr: str) -> None:
+        await self._spool._transact(functools.partial(
+            _execute, sql="DELETE FROM account_networks WHERE account_id=? AND cidr=?",
+            params=(account_id, cidr)))
+
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+        return await self._spool._transact(
+            functools.partial(_delete_account, account_id=account_id, now=now,
+                              purge_queue=purge_queue), deletes_messages=True)
+
+    async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
+        rows = list(changed)
+
+        def save(conn: SqlConn) -> None:
+            conn.executemany("UPDATE accounts SET last_connection=? WHERE id=?", rows)
+        await self._spool._transact(save)
+
+
+# -- on the writer's thread, inside a group transaction ------------------------------------
+def _execute(conn: SqlConn, sql: str, params: tuple[object, ...]) -> None:
+    conn.execute(sql, params)
+
+
+def _bindings(conn: SqlConn, exclude_account: int | None) -> list[NetworkBinding]:
+    """The networks bound to accounts that are not deleted, but ``exclude_account``'s."""
+    rows = conn.execute(
+        "SELECT n.cidr, a.username, d.name FROM account_networks n"
+        " JOIN accounts a ON a.id = n.account_id JOIN domains d ON d.id = a.domain_id"
+        " WHERE a.status != 'deleted' AND n.account_id IS NOT ?", (exclude_account,)).fetchall()
+    return [NetworkBinding(str(r[0]), r[1], r[2]) for r in rows]
+
+
+def _add_domain(conn: SqlConn, new: NewDomain) -> int:
+    cur = conn.execute(
+        "INSERT INTO domains(name, selector, algorithm, private_key,"
+        " ed25519_selector, ed25519_key, created_at) VALUES (?,?,?,?,?,?,?)",
+        (new.name, new.selector, new.algorithm, new.private_key, new.ed25519_selector,
+         new.ed25519_key, new.created_at))
+    return int(cur.lastrowid or 0)
+
+
+def _delete_domain(conn: SqlConn, domain_id: int, now: float) -> None:
+    conn.execute("UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
+                 " WHERE id=?", (now, domain_id))
+    conn.execute("UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                 " WHERE domain_id=? AND status != 'deleted'", (domain_id,))
+
+
+def _add_account(conn: SqlConn, new: NewAccount, check: BindingCheck) -> int:
+    check(_bindings(conn, None))
+    cur = conn.execute(
+        "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
+        " VALUES (?,?,?,'active',?)", (new.username, new.domain_id, new.password_hash,
+                                       new.created_at))
+    acct_id = int(cur.lastrowid or 0)
+    conn.executemany("INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
+                     [(acct_id, n) for n in new.networks])
+    return acct_id
+
+
+def _delete_account(conn: SqlConn, account_id: int, now: float, purge_queue: bool) -> list[int]:
+    if not purge_queue:
+        # a message committed after the caller's check: still refused
+        count = q.count_of_account(conn, account_id)
+        if count:
+            raise QueueNotEmpty(count)
+    ids = q.purge_account(conn, account_id, None)
+    conn.execute(
+        "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
+        " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
+        " per_day=NULL WHERE id=?", (now, account_id))
+    conn.execute("DELETE FROM account_networks WHERE account_id=?", (account_id,))
+    return ids
