@@ -1,6 +1,6 @@
 """The external form of message ids.
 
-Owns: writing a message id (a 64-bit integer, see relayd.store.spool.IdAllocator) as
+Owns: writing a message id (a 64-bit integer, see relayd.store.records.IdAllocator) as
 the 16 upper-case hex digits the SMTP reply, the logs and the CLI show, and
 parsing that form back. A leaf: it imports nothing of relayd, so a module that
 only prints ids (relayd.observe.events) need not depend on the spool.

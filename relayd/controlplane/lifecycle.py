@@ -20,7 +20,7 @@ Untrusted input: operator requests from the control socket (names, CIDRs,
 numbers), already decoded by control.schemas. Settings read: [limits],
 [dkim], [dns], [server].hostname.
 See also: relayd.directory.accounts, relayd.directory.credentials, relayd.queue.scheduler,
-relayd.store.spool.
+relayd.store.directory (the directory tables), relayd.store.spool (the queue tables).
 """
 
 from __future__ import annotations
