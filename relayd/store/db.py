@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import queue
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
 
 T = TypeVar("T")
@@ -41,33 +42,51 @@ class SpoolError(Exception):
 
 
 class Conn:
-    """One SQLite connection and the one thread that uses it (a single-worker executor).
+    """One SQLite connection and the one thread that uses it.
 
     Every use of ``raw`` happens on that thread, through :meth:`run`: one
-    round trip per call, however many statements the function runs.
+    round trip per call, however many statements the function runs. The
+    thread takes jobs from a queue and hands each result back to the job's
+    loop (what aiosqlite did, without its per-statement API): no executor
+    bookkeeping on the group commit's path. It is a daemon thread: after
+    :meth:`close` it has ended; without one, it never holds the process open.
     """
 
-    def __init__(self, raw: sqlite3.Connection, pool: ThreadPoolExecutor) -> None:
-        self.raw = raw
-        self._pool = pool
+    def __init__(self, name: str = "relayd-sqlite") -> None:
+        self.raw: sqlite3.Connection
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout: float = 5.0, name: str = "relayd-sqlite",
                    create_mode: int | None = None) -> Conn:
         """Connect on a new thread (called ``name``), in autocommit mode (transactions are
         explicit); with ``create_mode``, a missing file is first created with that mode."""
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        conn = cls(name)
+        conn._thread.start()
         try:
-            raw = await asyncio.get_running_loop().run_in_executor(
-                pool, functools.partial(_connect, path, busy_timeout, create_mode))
+            conn.raw = await conn.run(_connect, path, busy_timeout, create_mode)
         except BaseException:
-            pool.shutdown(wait=False)
+            conn._jobs.put(None)
             raise
-        return cls(raw, pool)
+        return conn
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, fut, loop = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the connection's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, args, fut, loop))
+        return await fut
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         """The rows of one statement (tuples)."""
@@ -82,7 +101,21 @@ class Conn:
         try:
             await self.run(self.raw.close)
         finally:
-            self._pool.shutdown(wait=False)
+            self._jobs.put(None)
+
+
+_Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]",
+                        asyncio.AbstractEventLoop]
+
+
+def _set_result(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():  # not cancelled meanwhile
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 def _connect(path: str, busy_timeout: float, create_mode: int | None) -> sqlite3.Connection:
