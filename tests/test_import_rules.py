@@ -193,16 +193,6 @@ SQL_RE = re.compile(
     r"|BEGIN(\s+(IMMEDIATE|EXCLUSIVE|DEFERRED|TRANSACTION))?\s*;?\s*$|WITH\s+\w+\s+AS\b)",
     re.IGNORECASE | re.DOTALL)
 
-#: Functions outside relayd/store that may still hold SQL, each ``module:qualname``.
-#: DELIVERY_LOG_PENDING: the delivery log's queries (``relayctl log`` and the seeding
-#: of the sending-limit windows) move with the delivery log into a store of their own
-#: (issue 14 item 7, another change); until then they stay where they are.
-DELIVERY_LOG_PENDING: frozenset[str] = frozenset({
-    "relayd.controlplane.lifecycle:Lifecycle.delivery_log",
-    "relayd.queue.scheduler:Scheduler._new_window",
-})
-
-
 def _sql_strings(path: Path) -> Iterator[tuple[str, int, str]]:
     """(qualified name of the enclosing function or class, line, text) of each string
     constant of ``path`` that looks like SQL; docstrings are not counted."""
@@ -229,22 +219,14 @@ def _sql_strings(path: Path) -> Iterator[tuple[str, int, str]]:
 def _sql_outside_the_store(modules: dict[str, Path]) -> list[str]:
     return [f"{m}:{where or '<module>'} line {line}: {text.strip()[:60]!r}"
             for m, path in modules.items() if not m.startswith("relayd.store")
-            for where, line, text in _sql_strings(path)
-            if f"{m}:{where}" not in DELIVERY_LOG_PENDING]
+            for where, line, text in _sql_strings(path)]
 
 
 def test_sql_appears_only_under_relayd_store() -> None:
     """No string constant that looks like SQL outside relayd/store (callers use named
-    methods), but for the DELIVERY_LOG_PENDING functions."""
+    methods); no exception."""
     bad = _sql_outside_the_store(MODULES)
     assert not bad, "SQL outside relayd/store:\n" + "\n".join(bad)
-
-
-def test_delivery_log_pending_entries_still_hold_sql() -> None:
-    """Each DELIVERY_LOG_PENDING entry still holds SQL: a moved one leaves the list."""
-    held = {f"{m}:{where}" for m, path in MODULES.items()
-            for where, _line, _text in _sql_strings(path)}
-    assert not DELIVERY_LOG_PENDING - held, DELIVERY_LOG_PENDING - held
 
 
 def test_the_sql_check_sees_statements_and_spares_prose(tmp_path: Path) -> None:

@@ -209,3 +209,46 @@ async def test_the_writer_is_one_thread_with_wal_and_full_sync(spool: Spool) -> 
     assert await spool._transact(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (2,)
     threads = {await spool._w.run(threading.get_ident) for _ in range(5)}
     assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+async def test_queued_entries_list_never_attempted_recipients_newest_first(
+        spool: Spool) -> None:
+    """``relayctl log --status queued`` from the spool: one row per recipient never
+    attempted, newest message first, filtered by account name and reception time."""
+    old, new = _msg(spool, 1, rcpts=2), _msg(spool, 2)
+    new.received_at = 5.0
+    for m in (old, new):
+        await spool.accept(m)
+    await spool.record([_deferred(old, 1, 9.0)], [old.id])  # attempted: no longer queued
+    rows = await spool.queued_entries(None, None, 10)
+    assert rows == [(5.0, new.id, "u2", "example.com", "r0@dest.test", "", None, "", "queued"),
+                    (1.0, old.id, "u1", "example.com", "r0@dest.test", "", None, "", "queued")]
+    assert [r[1] for r in await spool.queued_entries("u1", None, 10)] == [old.id]
+    assert [r[1] for r in await spool.queued_entries(None, 5.0, 10)] == [new.id]
+    assert [r[1] for r in await spool.queued_entries("", None, 1)] == [new.id]
+
+
+async def test_the_delivery_log_has_a_connection_and_thread_of_its_own(
+        spool: Spool, tmp_path: Path) -> None:
+    """The delivery log's file is opened through relayd.store.db (its own thread, not the
+    spool's writer's), created 0640, and takes the results of the spool's commits."""
+    import threading
+
+    from relayd.store.deliverylog import DeliveryLog
+    log = DeliveryLog(str(tmp_path / "log.db"))
+    await log.open()
+    try:
+        spool.on_results = log.append
+        assert log._conn is not None and spool._w is not None
+        name = await log._conn.run(lambda: threading.current_thread().name)
+        writer = await spool._w.run(lambda: threading.current_thread().ident)
+        assert name == "relayd-log"
+        assert await log._conn.run(threading.get_ident) != writer
+        assert oct((tmp_path / "log.db").stat().st_mode & 0o777) == "0o640"
+        m = _msg(spool, 1)
+        await spool.accept(m)
+        await spool.record([_deferred(m, 0, 9.0)], [m.id])
+        assert [(r[1], r[8]) for r in await log.entries(None, None, None, 10)] == [
+            (m.id, "deferred")]
+    finally:
+        await log.close()

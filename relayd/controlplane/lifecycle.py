@@ -667,12 +667,7 @@ class Lifecycle:
                                  "bad_request")
         rows: list[Any]
         if status == "queued":
-            where, params = _filters(("m.username", user), ("m.received_at>", since))
-            rows = await self.spool.fetchall(  # where: column literals only; values bound
-                "SELECT m.received_at, m.id, m.username, m.domain, r.rcpt, '', NULL, '',"  # noqa: S608
-                " 'queued' FROM recipients r JOIN messages m ON m.id=r.message_id"
-                f" WHERE r.status='queued'{where} ORDER BY m.received_at DESC LIMIT ?",
-                [*params, limit])
+            rows = await self.spool.queued_entries(user, since, limit)
         else:
             rows = await self.dlog.entries(user, status, since, limit)
         return schemas.LogList(entries=[
@@ -701,16 +696,3 @@ class Lifecycle:
     def reconfigure(self, cfg: Config) -> None:
         """A reload: operations from now on read the new settings (limits, retention...)."""
         self.cfg = cfg
-
-
-def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
-    """``AND col=?`` (or ``AND col>=?`` for a name ending in ``>``) for each value given."""
-    where = ""
-    params: list[Any] = []
-    for column, value in pairs:
-        if value is None or value == "":
-            continue
-        where += f" AND {column}=?"  # columns are literals of this module, never input
-        params.append(value)
-    return where, params
-

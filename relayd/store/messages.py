@@ -2,8 +2,9 @@
 
 Owns: the SQL of the send and retry queues outside the group commit's hot
 path — start-up loading, the leases of retries, reconciliation, ``queue
-list``/``status`` counts, purges and ``queue retry`` — as the statements the
-reader runs (``*_SQL``, with the function that turns their rows into records)
+list``/``status`` counts, ``log --status queued``, purges and ``queue retry``
+— as the statements the reader runs (``*_SQL`` and the like, with the
+function that turns their rows into records)
 and the functions the writer's thread runs inside a group transaction (each
 takes the connection first). Callers outside relayd/store use
 :class:`relayd.store.spool.Spool`'s methods, never these.
@@ -66,6 +67,16 @@ QUEUED_OF_ACCOUNT_SQL = ("SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.acco
 
 
 # -- rows into records -----------------------------------------------------------------
+def queued_entries_sql(by_user: bool, since: bool) -> str:
+    """``relayctl log --status queued``: each recipient never attempted yet as a row
+    shaped like a delivery-log entry, newest first; bound values: the username (if
+    ``by_user``), the earliest reception time (if ``since``), the limit."""
+    where = (" AND m.username=?" if by_user else "") + (" AND m.received_at>=?" if since else "")
+    return ("SELECT m.received_at, m.id, m.username, m.domain, r.rcpt, '', NULL, '',"  # noqa: S608
+            " 'queued' FROM recipients r JOIN messages m ON m.id=r.message_id"
+            f" WHERE r.status='queued'{where} ORDER BY m.received_at DESC LIMIT ?")
+
+
 def pending(messages: Iterable[Any], recipients: Iterable[Any]) -> list[StoredMessage]:
     """The rows of PENDING_MESSAGES_SQL and PENDING_RECIPIENTS_SQL, joined."""
     msgs: dict[int, StoredMessage] = {}

@@ -361,6 +361,16 @@ class Spool:
         grouped by message in the order first seen."""
         return q.grouped(await self.fetchall(q.DUE_SQL, (now, limit)), "deferred")
 
+    async def queued_entries(self, user: str | None, since: float | None,
+                             limit: int) -> list[tuple[Any, ...]]:
+        """Recipients never attempted yet, newest message first, as delivery-log rows
+        ``(received_at, message_id, username, domain, recipient, '', None, '', 'queued')``:
+        those of account ``user`` and received since ``since``, when given."""
+        by_user, by_time = bool(user), since is not None
+        params = [v for v, given in ((user, by_user), (since, by_time)) if given]
+        rows = await self.fetchall(q.queued_entries_sql(by_user, by_time), [*params, limit])
+        return [tuple(r) for r in rows]
+
     async def orphan_messages(self) -> list[int]:
         """Messages whose recipients are all final (left by a crash before cleanup)."""
         return [r[0] for r in await self.fetchall(q.ORPHANS_SQL)]
