@@ -198,23 +198,23 @@ async def test_a_failed_result_commit_is_reconciled(rig: Rig) -> None:
     sched = Scheduler(rig.spool, rig.directory, rig.sender, log=rig.dlog, policy=POLICY,
                       default_limits=Limits(), workers=2, events=rig.events, clock=rig.clock)
 
-    async def break_commit(db: Any) -> None:
-        await db.execute("CREATE TRIGGER no_room BEFORE DELETE ON recipients"
-                         " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    def break_commit(db: Any) -> None:
+        db.execute("CREATE TRIGGER no_room BEFORE DELETE ON recipients"
+                   " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
 
-    async def mend_commit(db: Any) -> None:
-        await db.execute("DROP TRIGGER no_room")
+    def mend_commit(db: Any) -> None:
+        db.execute("DROP TRIGGER no_room")
 
     rig.dispatcher = sched.dispatcher
     q = await rig.commit(["a@dest.test"])
-    await rig.spool.write(break_commit)
+    await rig.spool._transact(break_commit)
     await sched.dispatcher.run(q)
     await rig.settled()
     assert not sched.in_memory(q.id) and sched.first_attempts() == 0
     assert sched.reconciler.probe  # the reconciliation first shows the spool is writable again
     [stored] = await rig.spool.pending_messages()
     assert [r.status for r in stored.recipients] == ["queued"]
-    await rig.spool.write(mend_commit)
+    await rig.spool._transact(mend_commit)
     assert await sched.reconcile() == 1
     assert rig.events.reconciled_total == 1 and sched.in_memory(q.id)
     assert [(m.id, st) for m, st, _ in sched.send_queue_view()] == [(q.id, "queued")]
