@@ -1,0 +1,377 @@
+"""SMTP accounts: add, list, show, disable, enable, reset-password, delete, limits,
+networks, dormant; the batched write of last-connection times.
+
+Owns: the account operations of SEMANTICS.md §3-§4, each returning only when the
+database, the directory, the credential cache and the scheduler agree (so
+"immediately" is exact: when a disable returns, no AUTH with old credentials succeeds
+and no session of the account can start or finish a message); the rules a network
+must pass to be bound (through accounts.parse_binding, and no overlap, checked in the
+write transaction); filling the directory's accounts from the database at start.
+
+Untrusted input: usernames, CIDRs and numbers from the control socket, already decoded
+by control.schemas. Settings read: [limits].
+See also: relayd.controlplane.changes (the order of a change), relayd.directory.accounts,
+relayd.directory.credentials, relayd.store.directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import secrets
+
+from control import schemas
+from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
+from relayd.directory.accounts import (
+    ACTIVE,
+    DELETED,
+    DISABLED,
+    Account,
+    BindingRefused,
+    binding_problems,
+    overlapping,
+    parse_binding,
+)
+from relayd.store.directory import NetworkBinding, NewAccount, QueueNotEmpty
+
+
+def _queue_not_empty(username: str, queued: int) -> LifecycleError:
+    return LifecycleError(
+        f"{username} still has {queued} queued message(s) (send, held or retry queue);"
+        " wait for delivery or delete with --purge-queue", "queue_not_empty", 409)
+
+
+def new_password() -> str:
+    """A strong random password (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def new_username(domain: str) -> str:
+    """A fresh username: a short label from the domain and 12 random base32 characters."""
+    label = re.sub(r"[^a-z0-9]", "", domain.split(".")[0])[:12] or "smtp"
+    token = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()[:12]
+    return f"{label}-{token}"
+
+
+def refuse_overlap(others: list[NetworkBinding], nets: list[str], field: str) -> None:
+    """Inside the write transaction that binds ``nets`` (the store runs it there, given
+    the networks of the other accounts that are not deleted): refuse one that
+    overlaps (so two concurrent adds cannot both pass)."""
+    bound = [(b.cidr, f"account {b.username} (domain {b.domain})") for b in others]
+    for cidr in nets:
+        hit = overlapping(ipaddress.ip_network(cidr), bound)
+        if hit is not None:
+            raise LifecycleError(
+                f"{field}: {cidr} overlaps {hit[0]}, already bound to {hit[1]}; an address"
+                " may belong to one account only", "network_overlap")
+
+
+class Accounts:
+    """The operator's operations on SMTP accounts."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.s = shared
+
+    async def load(self) -> None:
+        """Fill the directory's accounts from the database (at start; domains first)."""
+        d = self.s.directory
+        for row in await self.s.store.accounts():
+            acct = Account(
+                id=row.id, username=row.username, domain=d.domains_by_id[row.domain_id],
+                password_hash=row.password_hash or "", status=row.status,
+                disabled_reason=row.disabled_reason, created_at=row.created_at,
+                last_connection=row.last_connection, total_sent=row.total_sent,
+                networks=row.networks, per_minute=row.per_minute, per_hour=row.per_hour,
+                per_day=row.per_day,
+            )
+            d.accounts_by_name[acct.username] = acct
+            d.accounts_by_id[acct.id] = acct
+            self.s.flushed[acct.id] = acct.last_connection
+        d.rebuild_networks()
+        self._warn_bindings()
+
+    def _warn_bindings(self) -> None:
+        """Log ``legacy_network_binding`` for each stored binding that an older
+        version accepted and today's rules refuse; it stays in effect (never changed
+        behind the operator's back) until ``user networks remove``."""
+        lim = self.s.cfg.limits
+        bindings = [(cidr, a.username) for a in self.s.directory.accounts_by_id.values()
+                    if a.status != DELETED for cidr in a.networks]
+        for owner, cidr, why in binding_problems(bindings, lim.max_network_prefix_v4,
+                                                 lim.max_network_prefix_v6):
+            self.s.warn("legacy_network_binding", username=owner, cidr=cidr,
+                        problem=why, fix=f"relayctl user networks remove {owner} {cidr}")
+
+    def info(self, acct: Account) -> schemas.UserInfo:
+        """The operator's view of an account."""
+        return schemas.UserInfo(
+            username=acct.username, domain=acct.domain.name, status=acct.status,
+            disabled_reason=acct.disabled_reason, created_at=acct.created_at,
+            last_connection=acct.last_connection, total_sent=acct.total_sent,
+            queued=self.s.scheduler.queued_count(acct.id), networks=list(acct.networks),
+            limits=schemas.Limits(per_minute=acct.per_minute, per_hour=acct.per_hour,
+                                  per_day=acct.per_day))
+
+    def _check_bindings(self, cidrs: list[str], field: str) -> list[str]:
+        """The networks to bind, normalised and without repeats; LifecycleError naming
+        ``field`` for one that may not be bound (accounts.parse_binding)."""
+        lim = self.s.cfg.limits
+        out: list[str] = []
+        for c in cidrs:
+            try:
+                net = str(parse_binding(c, lim.max_network_prefix_v4, lim.max_network_prefix_v6))
+            except BindingRefused as exc:
+                raise LifecycleError(f"{field}: {exc}", exc.code) from None
+            if net not in out:
+                out.append(net)
+        return out
+
+    async def user_add(self, domain: str, networks: list[str]) -> schemas.Credentials:
+        """Create an account with a generated username and password (shown once)."""
+        dom = self.s.directory.active_domain(domain.strip().lower().rstrip("."))
+        if dom is None:
+            raise not_found("domain", domain)
+        nets = self._check_bindings(networks, "allow_networks")
+        password = new_password()
+        hashed = await self.s.hasher.hash(password)
+        now = self.s.clock()
+        async with self.s.lock:
+            used = self.s.directory.count_slots()
+            cap = self.s.cfg.limits.max_accounts
+            if used >= cap:
+                raise LifecycleError(
+                    f"plan limit reached: {used} of {cap} account slots in use (active and"
+                    " disabled accounts occupy a slot; delete an account to free one)",
+                    "plan_limit", 409)
+            for _ in range(5):  # deleted accounts stay in the directory: never reused
+                username = new_username(dom.name)
+                if self.s.directory.account(username) is None:
+                    break
+            else:
+                raise LifecycleError("could not draw an unused username", "internal", 500)
+
+            def put(acct_id: int) -> None:
+                acct = Account(id=acct_id, username=username, domain=dom, password_hash=hashed,
+                               created_at=now, networks=nets)
+                self.s.flushed[acct_id] = None
+                self.s.directory.put_account(acct)
+
+            await agree(self.s.store.add_account(
+                NewAccount(username, dom.id, hashed, now, nets),
+                lambda others: refuse_overlap(others, nets, "allow_networks")), apply=put)
+        self.s.log("user_added", username=username, domain=dom.name, networks=nets)
+        return schemas.Credentials(username=username, password=password)
+
+    async def user_show(self, username: str) -> schemas.UserInfo:
+        """One account."""
+        return self.info(self.s.account(username))
+
+    async def user_list(self, domain: str | None = None, status: str | None = None,
+                        sort: str = "name") -> schemas.UserList:
+        """Accounts (not deleted), filtered and sorted."""
+        accts = [a for a in self.s.directory.accounts_by_id.values() if a.status != DELETED]
+        if domain:
+            accts = [a for a in accts if a.domain.name == domain.lower()]
+        if status:
+            if status not in (ACTIVE, DISABLED):
+                raise LifecycleError("status must be active or disabled", "bad_request")
+            accts = [a for a in accts if a.status == status]
+        if sort == "name":
+            accts.sort(key=lambda a: a.username)
+        elif sort == "last-used":
+            accts.sort(key=lambda a: -(a.last_connection or 0.0))
+        elif sort == "sent":
+            accts.sort(key=lambda a: -a.total_sent)
+        else:
+            raise LifecycleError("sort must be name, last-used or sent", "bad_request")
+        return schemas.UserList(users=[self.info(a) for a in accts])
+
+    async def user_dormant(self, days: float, max_sent: int | None) -> schemas.UserList:
+        """Accounts whose last connection is older than ``days`` (or never), oldest first."""
+        if days < 0:
+            raise LifecycleError("days must be >= 0", "bad_request")
+        cutoff = self.s.clock() - days * 86400
+        accts = [a for a in self.s.directory.accounts_by_id.values() if a.status != DELETED
+                 and (a.last_connection is None or a.last_connection < cutoff)
+                 and (max_sent is None or a.total_sent <= max_sent)]
+        accts.sort(key=lambda a: (a.last_connection is not None, a.last_connection or 0.0,
+                                  a.created_at))
+        return schemas.UserList(users=[self.info(a) for a in accts])
+
+    async def user_disable(self, username: str) -> schemas.UserInfo:
+        """Disable: every AUTH fails and no session can send, at once; mail is held."""
+        async with self.s.lock:
+            acct = self.s.account(username)
+            if acct.status == DISABLED:
+                return self.info(acct)
+            acct.status, acct.disabled_reason = DISABLED, "manual"
+            acct.invalidate()
+            self.s.cache.invalidate(acct.id)
+
+            def undo() -> None:
+                acct.status, acct.disabled_reason = ACTIVE, ""
+
+            await agree(self.s.store.set_status(acct.id, DISABLED, "manual"), undo=undo)
+        self.s.log("user_disabled", username=username)
+        return self.info(acct)
+
+    async def user_enable(self, username: str) -> schemas.UserInfo:
+        """Enable: the same password works again at once; held mail is dispatched."""
+        async with self.s.lock:
+            acct = self.s.account(username)
+            if acct.disabled_reason == "domain_deleted":
+                raise LifecycleError(
+                    f"{username} belongs to a deleted domain and can never be enabled again",
+                    "domain_deleted", 409)
+            if acct.status == ACTIVE:
+                return self.info(acct)
+
+            def enable(_: None) -> None:
+                acct.status, acct.disabled_reason = ACTIVE, ""
+
+            await agree(self.s.store.set_status(acct.id, ACTIVE, ""), apply=enable)
+        self.s.scheduler.wake()
+        self.s.log("user_enabled", username=username)
+        return self.info(acct)
+
+    async def user_reset_password(self, username: str) -> schemas.Credentials:
+        """A new password (shown once); the old one fails at once."""
+        acct = self.s.account(username)
+        password = new_password()
+        hashed = await self.s.hasher.hash(password)
+        async with self.s.lock:
+            acct = self.s.account(username)
+            old = acct.password_hash
+            acct.password_hash = hashed
+            acct.invalidate()
+            self.s.cache.invalidate(acct.id)
+
+            def undo() -> None:
+                acct.password_hash = old
+
+            await agree(self.s.store.set_password(acct.id, hashed), undo=undo)
+        self.s.log("user_password_reset", username=username)
+        return schemas.Credentials(username=username, password=password)
+
+    async def user_delete(self, username: str, confirm: str,
+                          purge_queue: bool) -> schemas.UserDeleted:
+        """Delete: credentials destroyed for good, slot freed, stats removed, log kept."""
+        if confirm != username:
+            raise LifecycleError(
+                f"confirmation does not match: type the username {username!r} again",
+                "confirm_mismatch")
+        async with self.s.lock:
+            acct = self.s.account(username)
+            queued = await self._queued_in_db(acct.id)
+            if queued and not purge_queue:
+                raise _queue_not_empty(username, queued)
+            saved = (acct.status, acct.disabled_reason, acct.password_hash)
+            acct.status = DELETED
+            acct.password_hash = ""
+            acct.invalidate()
+            self.s.cache.invalidate(acct.id)
+            self.s.directory.rebuild_networks()
+            now = self.s.clock()
+
+            def undo() -> None:
+                acct.status, acct.disabled_reason, acct.password_hash = saved
+                self.s.directory.rebuild_networks()
+
+            try:
+                # without purge_queue, a message committed after the check above is
+                # still refused (the store counts again in the transaction)
+                purged_ids = await agree(
+                    self.s.store.delete_account(acct.id, now, purge_queue), undo=undo)
+            except QueueNotEmpty as exc:
+                raise _queue_not_empty(username, exc.count) from None
+            # Everything the account had queued is gone from the database: forget it
+            # (until now the scheduler held it, as for any account that is not usable;
+            # a retry already handed to a worker finds its message purged and stops).
+            dropped = self.s.scheduler.drop_account(acct.id)
+            self.s.scheduler.forget(acct.id, dropped + purged_ids)
+            purged = len(purged_ids)
+            acct.total_sent = 0
+            acct.last_connection = None
+            acct.networks = []
+        self.s.log("user_deleted", username=username, purged=purged)
+        return schemas.UserDeleted(username=username, purged=purged)
+
+    async def _queued_in_db(self, account_id: int) -> int:
+        return await self.s.spool.message_count(account_id)
+
+    async def user_limits(self, username: str, limits: schemas.UserLimits) -> schemas.UserInfo:
+        """Set sending limits (0 = unlimited, omitted = workspace default)."""
+        for v in (limits.per_minute, limits.per_hour, limits.per_day):
+            if v is not None and v < 0:
+                raise LifecycleError("limits must be >= 0", "bad_request")
+        async with self.s.lock:
+            acct = self.s.account(username)
+
+            def set_limits(_: None) -> None:
+                acct.per_minute, acct.per_hour, acct.per_day = (
+                    limits.per_minute, limits.per_hour, limits.per_day)
+
+            await agree(self.s.store.set_limits(acct.id, limits.per_minute, limits.per_hour,
+                                                limits.per_day), apply=set_limits)
+        self.s.scheduler.set_limits(acct)
+        self.s.log("user_limits", username=username, per_minute=limits.per_minute,
+                  per_hour=limits.per_hour, per_day=limits.per_day)
+        return self.info(acct)
+
+    async def user_networks(self, username: str, change: schemas.NetworkChange) -> \
+            schemas.UserInfo:
+        """Bind or unbind a source network; effective at once.
+
+        A network to bind must pass accounts.parse_binding and overlap no other
+        account's (checked in the transaction that stores it); one to unbind is
+        taken as stored, whatever rules applied when it was bound.
+        """
+        if change.action == "add":
+            (cidr,) = self._check_bindings([change.cidr], "cidr")
+        else:  # what is stored, whatever rules applied when it was bound
+            try:
+                cidr = str(ipaddress.ip_network(change.cidr.strip(), strict=False))
+            except ValueError:
+                raise LifecycleError(f"cidr: not a valid network: {change.cidr!r}",
+                                     "invalid_network") from None
+        async with self.s.lock:
+            acct = self.s.account(username)
+            if change.action == "add":
+                if cidr in acct.networks:
+                    return self.info(acct)
+
+                def bind(_: None) -> None:
+                    acct.networks = [*acct.networks, cidr]
+
+                await agree(self.s.store.add_network(
+                    acct.id, cidr, lambda others: refuse_overlap(others, [cidr], "cidr")),
+                    apply=bind)
+            else:
+                if cidr not in acct.networks:
+                    raise not_found("network binding", cidr)
+                acct.networks = [n for n in acct.networks if n != cidr]
+                acct.invalidate()  # sessions attributed through it lose it now
+
+                def unbind_undone() -> None:
+                    acct.networks = [*acct.networks, cidr]
+
+                await agree(self.s.store.remove_network(acct.id, cidr), undo=unbind_undone)
+            self.s.directory.rebuild_networks()
+        self.s.log("user_networks", username=username, action=change.action, cidr=cidr)
+        return self.info(acct)
+
+    async def flush_last_connections(self) -> int:
+        """Write changed last-connection times in one statement batch; return how many."""
+        flushed = self.s.flushed
+        changed = [(a.last_connection, a.id) for a in self.s.directory.accounts_by_id.values()
+                   if a.status != DELETED and a.last_connection != flushed.get(a.id)]
+        if not changed:
+            return 0
+
+        def written(_: None) -> None:
+            for ts, acct_id in changed:
+                flushed[acct_id] = ts
+
+        await agree(self.s.store.save_last_connections(changed), apply=written)
+        return len(changed)

@@ -1,0 +1,193 @@
+"""Sending domains: add, list, show, delete, with their DKIM keys and DNS records.
+
+Owns: the domain operations of SEMANTICS.md §2 (a new DKIM key and a never-used
+selector per domain; delete disables the domain's accounts for good and destroys its
+key), the DNS records shown for a domain, and filling the directory's domains (with
+their signers) from the database at start.
+
+Untrusted input: domain names and confirmations from the control socket, already
+decoded by control.schemas. Settings read: [dkim], [dns], [server].hostname.
+See also: relayd.controlplane.changes (the order of a change), relayd.dkim.signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from control import schemas
+from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
+from relayd.directory.accounts import DELETED, DISABLED, Domain
+from relayd.dkim import signature as dkim
+from relayd.store.directory import DomainExists, NewDomain
+
+_SELECTOR_TRIES = 8
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+class Domains:
+    """The operator's operations on sending domains."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.s = shared
+
+    async def load(self) -> None:
+        """Fill the directory's domains from the database (at start)."""
+        for rec in await self.s.store.domains():
+            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted)
+            dom.signers = self._signers(dom.name, rec.selector, rec.private_key,
+                                        rec.ed25519_selector, rec.ed25519_key)
+            self.s.directory.put_domain(dom)
+
+    def _signers(self, domain: str, selector: str, key: bytes | None, ed_selector: str | None,
+                 ed_key: bytes | None) -> list[dkim.Signer]:
+        if not self.s.cfg.dkim.enabled:
+            return []
+        out = []
+        if key:
+            out.append(dkim.Signer(domain, selector, bytes(key)))
+        if ed_key and ed_selector:
+            out.append(dkim.Signer(domain, ed_selector, bytes(ed_key)))
+        return out
+
+    def _dns_records(self, name: str, selector: str, pem: bytes | None,
+                     ed_selector: str | None, ed_pem: bytes | None) -> list[schemas.DnsRecord]:
+        recs: list[schemas.DnsRecord] = []
+        cname = self.s.cfg.dns.cname_target.strip(".")
+        for sel, key in ((selector, pem), (ed_selector, ed_pem)):
+            if not sel or not key:
+                continue
+            owner = dkim.dns_name(sel, name)
+            alg = "rsa" if b"RSA" in key or len(key) > 400 else "ed25519"
+            txt = dkim.dns_txt_value(alg, dkim.public_key_b64(bytes(key)))
+            if cname:
+                target = f"{sel}._domainkey.{name}.{cname}"
+                recs.append(schemas.DnsRecord(type="CNAME", name=owner, value=target,
+                                              purpose="dkim"))
+                recs.append(schemas.DnsRecord(type="TXT", name=target, value=txt,
+                                              purpose="dkim (published in your zone)"))
+            else:
+                recs.append(schemas.DnsRecord(type="TXT", name=owner, value=txt, purpose="dkim"))
+        recs.append(schemas.DnsRecord(
+            type="TXT", name=name,
+            value=f"v=spf1 a:{self.s.cfg.server.hostname} ~all",
+            purpose="spf (hint: merge with an existing SPF record; include every relay host)",
+        ))
+        return recs
+
+    async def domain_add(self, name: str) -> schemas.DomainInfo:
+        """Create a sending domain with a new DKIM key and a never-used selector."""
+        name = name.strip().lower().rstrip(".")
+        if not _DOMAIN_RE.match(name):
+            raise LifecycleError(f"not a valid domain name: {name!r}", "invalid_domain")
+        if self.s.directory.active_domain(name) is not None:
+            raise LifecycleError(f"domain already exists: {name}", "exists", 409)
+        loop = asyncio.get_running_loop()
+        pem = await loop.run_in_executor(None, dkim.generate_private_key, self.s.cfg.dkim.algorithm)
+        ed_pem: bytes | None = None
+        if self.s.cfg.dkim.dual_ed25519 and self.s.cfg.dkim.algorithm != "ed25519":
+            ed_pem = await loop.run_in_executor(None, dkim.generate_private_key, "ed25519")
+        now = self.s.clock()
+        algorithm = self.s.cfg.dkim.algorithm
+
+        async with self.s.lock:
+            if self.s.directory.active_domain(name) is not None:
+                raise LifecycleError(f"domain already exists: {name}", "exists", 409)
+            # A selector is never reused, even one of a deleted domain (its record may
+            # still be published): draw again on the rare collision with any stored one.
+            for _ in range(_SELECTOR_TRIES):
+                selector = dkim.new_selector(int(now), self.s.selector_token())
+                ed_selector = dkim.new_selector(int(now), self.s.selector_token()) \
+                    if ed_pem else None
+                wanted = [x for x in (selector, ed_selector) if x]
+                if len(set(wanted)) == len(wanted) and not await self._selector_used(wanted):
+                    break
+            else:
+                raise LifecycleError("could not draw an unused DKIM selector", "internal", 500)
+
+            def put(dom_id: int) -> None:
+                dom = Domain(dom_id, name, selector)
+                dom.signers = self._signers(name, selector, pem, ed_selector, ed_pem)
+                self.s.directory.put_domain(dom)
+
+            try:
+                await agree(self.s.store.add_domain(NewDomain(
+                    name, selector, algorithm, pem, ed_selector, ed_pem, now)), apply=put)
+            except DomainExists:
+                raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
+                    from None
+        self.s.log("domain_added", domain=name, selector=selector)
+        return schemas.DomainInfo(
+            name=name, selector=selector, created_at=now,
+            dns_records=self._dns_records(name, selector, pem, ed_selector, ed_pem))
+
+    async def _selector_used(self, selectors: list[str]) -> bool:
+        """True if any of ``selectors`` was ever given to a domain (deleted ones included)."""
+        return await self.s.store.selectors_used(selectors)
+
+    async def domain_info(self, name: str) -> schemas.DomainInfo:
+        """One live domain with its DNS records."""
+        dom = self.s.directory.active_domain(name)
+        if dom is None:
+            raise not_found("domain", name)
+        rec = await self.s.store.domain(dom.id)
+        assert rec is not None  # a domain is never removed from the table
+        accounts = sum(1 for a in self.s.directory.accounts_by_id.values()
+                       if a.domain is dom and a.status != DELETED)
+        return schemas.DomainInfo(
+            name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
+            dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
+                                          rec.ed25519_selector, rec.ed25519_key))
+
+    async def domain_list(self) -> schemas.DomainList:
+        """All live domains."""
+        out = []
+        for r in await self.s.store.live_domains():
+            n = sum(1 for a in self.s.directory.accounts_by_id.values()
+                    if a.domain.id == r.id and a.status != DELETED)
+            out.append(schemas.DomainInfo(name=r.name, selector=r.selector,
+                                          created_at=r.created_at, accounts=n))
+        return schemas.DomainList(domains=out)
+
+    async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
+        """Delete a domain: irreversible; disables its accounts for good and destroys its key.
+
+        ``confirm`` must be the name exactly as ``domain list`` shows it (no case
+        folding, spaces or trailing dot).
+        """
+        name = name.strip().lower().rstrip(".")
+        async with self.s.lock:
+            dom = self.s.directory.active_domain(name)
+            if dom is None:
+                raise not_found("domain", name)
+            if confirm != dom.name:
+                raise LifecycleError(
+                    f"confirmation does not match: type the domain name {dom.name!r} exactly"
+                    " as `domain list` shows it", "confirm_mismatch")
+            accts = [a for a in self.s.directory.accounts_by_id.values()
+                     if a.domain is dom and a.status != DELETED]
+            saved = [(a, a.status, a.disabled_reason) for a in accts]
+            signers = dom.signers
+            # Memory first: from here on no session of these accounts can send.
+            dom.deleted = True
+            dom.signers = []
+            for a in accts:
+                a.status = DISABLED
+                a.disabled_reason = "domain_deleted"
+                a.invalidate()
+                self.s.cache.invalidate(a.id)
+            now = self.s.clock()
+
+            def undo() -> None:
+                dom.deleted = False
+                dom.signers = signers
+                for a, status, reason in saved:
+                    a.status, a.disabled_reason = status, reason
+
+            await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
+            self.s.directory.put_domain(dom)
+            self.s.directory.rebuild_networks()
+        ids = {a.id for a in accts}  # held = not yet attempted (retries go on, §4.1)
+        held = sum(1 for m, _, _ in self.s.scheduler.send_queue_view() if m.account_id in ids)
+        self.s.log("domain_deleted", domain=name, accounts_disabled=len(accts))
+        return schemas.DomainDeleted(name=name, accounts_disabled=len(accts), messages_held=held)
