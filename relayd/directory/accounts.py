@@ -2,8 +2,8 @@
 
 Owns: the live view of every domain and account that the SMTP hot path reads
 (status, epoch, sender domain, bound networks, counters) — loaded from the
-spool at start and changed only by relayd.controlplane.lifecycle, which writes the database
-first and then this directory, in the same call.
+spool at start and changed only by relayd.controlplane.domains and .accounts, which
+write the database and this directory in the same call (ARCHITECTURE §6).
 
 Interface cost: every lookup here is a dict access or a short list scan, with
 no I/O; it is safe to call on the event loop for every command.
@@ -13,7 +13,7 @@ the epoch it authenticated under, and any disable, delete or password reset
 bumps it, so every session of that account stops being authenticated at that
 instant, without the directory knowing the sessions.
 
-Binding rules (pure, used by relayd.controlplane.lifecycle): a network bound to an account
+Binding rules (pure, used by relayd.controlplane.accounts): a network bound to an account
 is written without host bits, is no broader than the configured prefix
 (``[limits] max_network_prefix_v4`` / ``_v6``), is not an IPv4-mapped IPv6
 range, and overlaps no other account's network (``parse_binding``,
@@ -22,7 +22,7 @@ range, and overlaps no other account's network (``parse_binding``,
 Untrusted input: peer addresses (from the socket, already parsed by the OS);
 networks to bind (operator input, checked by ``parse_binding``).
 Settings read: none (limits are passed in). See also: relayd.directory.credentials,
-relayd.controlplane.lifecycle.
+relayd.controlplane.accounts.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The cache holds, per account id, a keyed digest of the last password that
 verified against the account's argon2 hash. The key is random per process, so
 the cache is worthless outside this process. An entry is written only if the
 account's epoch did not change while argon2 ran, and ``invalidate`` drops it:
-relayd.controlplane.lifecycle calls it (and bumps the account's epoch) before a disable,
+relayd.controlplane.accounts calls it (and bumps the account's epoch) before a disable,
 delete or password reset returns, so no entry outlives the credentials it was
 made from.
 
@@ -23,7 +23,7 @@ relayd.smtp.policy.AuthThrottle, so the same password tried through a second SAS
 mechanism is recognised without keeping it.
 
 Untrusted input: usernames and passwords from AUTH (never logged).
-Settings read: [credentials]. See also: relayd.directory.accounts, relayd.controlplane.lifecycle.
+Settings read: [credentials]. See also: relayd.directory.accounts, relayd.controlplane.accounts.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ no random source). The time (``now``) and the selector token are parameters;
 ``selector_token`` takes the random source as an argument.
 
 Settings read: none (the caller passes the domain, its selector and its key).
-See also: relayd.controlplane.lifecycle (domain add/delete: key and selector), relayd.smtp.server
+See also: relayd.controlplane.domains (domain add/delete: key and selector), relayd.smtp.server
 (signs at acceptance, before queueing), SEMANTICS.md §2, RFC 6376, RFC 8463.
 """
 

@@ -15,7 +15,7 @@ local signing thread: a job queued for it and, per batch of jobs a thread
 took at once, one wake-up of the loop (``call_soon_threadsafe``) that
 resolves all their futures. A session never fails for want of a signer.
 
-Settings read: [dkim] (through the signers built by relayd.controlplane.lifecycle).
+Settings read: [dkim] (through the signers built by relayd.controlplane.domains).
 See also: relayd.dkim.signature (the pure signer), relayd.smtp.server (calls ``sign``).
 """
 

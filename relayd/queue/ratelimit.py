@@ -25,7 +25,7 @@ Settings read: none; the caller passes the account's ``Limits``
 (``limits_from`` turns ``[limits]`` into the workspace default).
 See also: relayd.queue.scheduler (holds mail in the send queue until
 ``blocked_until``), relayd.store.spool (the delivery log that ``restore`` is seeded
-from), relayd.controlplane.lifecycle (``relayctl user limits`` calls ``set_limits``).
+from), relayd.controlplane.accounts (``relayctl user limits`` calls ``set_limits``).
 """
 
 from __future__ import annotations

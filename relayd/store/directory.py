@@ -13,7 +13,7 @@ the write and reaches the caller.
 
 Deleting an account also purges its messages (``purge_queue``): on SQLite
 both live in one database, so one transaction does both.
-See also: relayd.controlplane.lifecycle (the operations), relayd.directory.accounts
+See also: relayd.controlplane.domains, .accounts (the operations), relayd.directory.accounts
 (the in-memory directory).
 """
 
