@@ -302,17 +302,18 @@ async def test_data_loaded_for_attempts_stays_within_its_byte_budget(
     body = "L" * 70 + "\r\n"
     big = message("big", body=body * 4000)  # ~290 kB: above DATA_CACHE_MAX_MESSAGE
     assert len(big) > DATA_CACHE_MAX_MESSAGE
-    sched._cache_budget = len(big) + len(big) // 2  # room for one loaded message only
+    budget = len(big) + len(big) // 2  # room for one loaded message only
+    sched.queue.cache_budget = sched.dispatcher.load_budget = budget
     for i in range(3):
         await c.sendmail("app@example.com", [f"b{i}@dest.test"], big)
     await c.quit()
     await gated.wait(lambda: gated.waiting == 1)
     await asyncio.sleep(0.3)  # three workers are free: only the budget holds them back
-    assert gated.waiting == 1 and 0 < sched._loaded_bytes <= sched._cache_budget
+    assert gated.waiting == 1 and 0 < sched.dispatcher.loaded_bytes <= budget
     gated.gate.set()
     await gated.wait(lambda: len(gated.delivered) == 3)
     assert sorted(gated.delivered) == ["b0@dest.test", "b1@dest.test", "b2@dest.test"]
-    await until(lambda: _async(sched._loaded_bytes), 0)
+    await until(lambda: _async(sched.dispatcher.loaded_bytes), 0)
     assert gated.server is not None
     gated.server.close()
 

@@ -28,7 +28,7 @@ async def _outcomes(relay: RelayHandle, n: int) -> list[dict[str, Any]]:
 
 async def _spool_empty(relay: RelayHandle) -> bool:
     row = await relay.relay.spool.fetchone("SELECT COUNT(*) FROM messages")
-    return bool(row[0] == 0 and relay.relay.scheduler._running_attempts == 0)
+    return bool(row[0] == 0 and relay.relay.scheduler.ledger.running == 0)
 
 
 async def test_4xx_defers_then_retry_after_backoff_delivers(

@@ -140,23 +140,6 @@ class Scheduler:
     def clock(self, clock: Callable[[], float]) -> None:
         self.dispatcher.clock = clock
 
-    @property
-    def _cache_budget(self) -> int:
-        return self.queue.cache_budget
-
-    @_cache_budget.setter
-    def _cache_budget(self, size: int) -> None:
-        self.queue.cache_budget = size
-        self.dispatcher.load_budget = size
-
-    @property
-    def _loaded_bytes(self) -> int:
-        return self.dispatcher.loaded_bytes
-
-    @property
-    def _running_attempts(self) -> int:
-        return self.ledger.running
-
     # -- hot path ------------------------------------------------------------------
     def queued_count(self, account_id: int) -> int:
         """Messages of this account not yet in a final state."""
