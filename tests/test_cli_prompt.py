@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import RelayHandle, Sink, message
+from tests.test_queue_support import install_clock
 from tests.test_relayctl import relayctl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +138,7 @@ async def test_delete_refused_with_queued_mail_then_purged(
         relay: RelayHandle, sink: Sink, account: tuple[str, str]) -> None:
     """The CLI shows the refusal with the queued count, and --purge-queue deletes."""
     user, pw = account
+    install_clock(relay)  # the minute must not roll over while the test looks
     await relay.ctl.ok("POST", f"/v1/users/{user}/limits", {"per_minute": 1})
     c = await relay.client(user, pw)
     for i in range(3):
