@@ -34,6 +34,8 @@ from tests.delivery_fake import InProcessTransport
 from tests.procs import RelayProcess
 from tests.tools import register_ci_guard
 
+pytest_plugins = ["tests.pg_fixtures"]
+
 TEST_CONFIG: dict[str, Any] = {
     "server": {"hostname": "relay.test", "log_level": "warning",
                "shutdown_grace_seconds": 5.0},

@@ -2,10 +2,11 @@
 
 scripts/install-debs.sh (``make debs``, which ``make test`` runs) installs or unpacks every
 command-line tool a test calls: systemd's systemd-analyze, systemd-sysusers and
-systemd-tmpfiles, promtool, fail2ban, sqlite3, Postfix's smtp-sink and smtp-source, chattr.
-A test that needs one calls ``require_tool``, which answers its path or fails the test
-with a message naming ``make debs``; it never skips, so a check cannot turn into a green
-"s" on a machine where the set-up did not run.
+systemd-tmpfiles, promtool, fail2ban, sqlite3, Postfix's smtp-sink and smtp-source, chattr,
+and the PostgreSQL server (initdb, pg_ctl, psql: ``postgres_bindir``, for tests/pgserver.py).
+A test that needs one calls ``require_tool`` (or ``postgres_bindir``), which answers its
+path or fails the test with a message naming ``make debs``; it never skips, so a check
+cannot turn into a green "s" on a machine where the set-up did not run.
 
 The skips left are for what the set-up cannot give (root, a kernel feature). Under
 ``CI=true`` the conftest hooks (``ci_guard``) turn any skip into a failure, except the
@@ -15,6 +16,7 @@ few in ``CI_ALLOWED_SKIPS``, each with the reason it is honest even in CI.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Generator
 from pathlib import Path
@@ -68,6 +70,39 @@ def require_tool(name: str, path: str | os.PathLike[str] | None = None) -> str:
     if unpacked is not None and os.access(unpacked, os.X_OK):
         return str(unpacked)
     missing(name)
+
+
+#: Where Debian installs each PostgreSQL version's server programs (not on PATH).
+POSTGRES_BINDIRS = "/usr/lib/postgresql/*/bin"
+#: The PostgreSQL programs tests/pgserver.py runs.
+POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "psql")
+
+
+def _version_key(bindir: Path) -> tuple[int, ...]:
+    """(15,) for /usr/lib/postgresql/15/bin: versions compare as numbers, not text."""
+    return tuple(int(n) for n in re.findall(r"\d+", bindir.parent.name))
+
+
+def postgres_bindir() -> Path:
+    """The directory of the PostgreSQL server programs, or fail the test (never skip).
+
+    ``$PG_BINDIR`` when set (it must hold initdb, pg_ctl and psql, else the test fails
+    rather than falling back); else the highest version under /usr/lib/postgresql that
+    has them all, as Debian's postgresql package installs them.
+    """
+    def complete(bindir: Path) -> bool:
+        return all(os.access(bindir / name, os.X_OK) for name in POSTGRES_PROGRAMS)
+
+    explicit = os.environ.get("PG_BINDIR")
+    if explicit:
+        if complete(Path(explicit)):
+            return Path(explicit)
+        missing("PostgreSQL (initdb, pg_ctl, psql)", f" in {explicit} ($PG_BINDIR)")
+    found = sorted((p for p in Path("/").glob(POSTGRES_BINDIRS.lstrip("/")) if complete(p)),
+                   key=_version_key)
+    if not found:
+        missing("PostgreSQL (initdb, pg_ctl, psql)", f" in {POSTGRES_BINDIRS}")
+    return found[-1]
 
 
 def in_ci() -> bool:
