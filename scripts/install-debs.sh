@@ -4,9 +4,11 @@
 # smtp-sink and smtp-source; the system Postfix is left unconfigured and is
 # never started by this), systemd (systemd-analyze, systemd-sysusers and
 # systemd-tmpfiles check the shipped units; only the tools are used, no
-# service is started) and chattr (e2fsprogs). The tests fail, not skip, when
-# one of these is missing (tests/tools.py). Quiet and idempotent: with
-# everything present it prints nothing and changes nothing.
+# service is started), chattr (e2fsprogs) and postgresql (initdb, pg_ctl and
+# psql: the tests run throwaway servers of their own; no default cluster is
+# created and no PostgreSQL service is left running or enabled). The tests
+# fail, not skip, when one of these is missing (tests/tools.py). Quiet and
+# idempotent: with everything present it prints nothing and changes nothing.
 set -e
 # promtool (checks the alert rules) comes from Debian's prometheus package, unpacked
 # into .cache without installing it, so no Prometheus service is ever set up.
@@ -43,6 +45,8 @@ done
 command -v chattr >/dev/null 2>&1 || [ -x /usr/sbin/chattr ] || [ -x /sbin/chattr ] || \
     need="$need e2fsprogs"  # tests/test_holes_startup.py: an immutable spool file
 command -v script >/dev/null 2>&1 || need="$need bsdutils"  # bench/postfix.py runs postfix under script(1)
+pg=""  # tests/pgserver.py: the server programs, found where Debian puts them
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { need="$need postgresql"; pg=1; }
 [ -z "$need" ] && exit 0
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -50,6 +54,14 @@ if [ "$(id -u)" != "0" ]; then
         echo "install-debs: need root to install:$need" >&2; exit 1; fi
 fi
 echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+if [ -n "$pg" ]; then
+    # postgresql-common's postinst creates and starts a default cluster (15/main)
+    # unless create_main_cluster is off; its createcluster.conf reads this directory.
+    $SUDO mkdir -p /etc/postgresql-common/createcluster.d
+    printf '%s\n' "# scripts/install-debs.sh of relayd: the tests run their own servers" \
+        "create_main_cluster = off" | \
+        $SUDO tee /etc/postgresql-common/createcluster.d/relayd-tests.conf >/dev/null
+fi
 log=$(mktemp)
 if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
         --no-install-recommends $need; } >"$log" 2>&1; then
@@ -57,3 +69,13 @@ if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get 
     echo "install-debs: could not install:$need" >&2; exit 1
 fi
 rm -f "$log"
+if [ -n "$pg" ]; then
+    # No server was installed before this: stop whatever the install started
+    # (a cluster left by an earlier, unpurged install) and keep it from starting at boot.
+    pg_lsclusters -h 2>/dev/null | while read -r version cluster _port status _rest; do
+        [ "$status" != online ] || $SUDO pg_ctlcluster "$version" "$cluster" stop || true
+    done
+    if [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+fi
