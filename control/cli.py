@@ -3,7 +3,9 @@
 Owns: argument parsing, the confirmation dialogue of irreversible operations
 (SEMANTICS.md §4.2: the name typed again, the last connection shown, a warning
 when it is recent), and the two output forms: readable tables, or ``--json``
-(the response Struct as JSON, for scripts). Every failure is one line on
+(the response Struct as JSON, for scripts). In cluster mode, an answer that
+says which nodes applied the change (``propagation``) adds one line on stderr
+(stdout stays the same as on a single node). Every failure is one line on
 stderr and a non-zero exit: 1 for a refused operation, 2 for bad usage,
 3 when relayd cannot be reached. Never a traceback.
 
@@ -81,7 +83,10 @@ class Cli:
         self.client = Client(path)
 
     def out(self, obj: msgspec.Struct, human: str) -> None:
-        """Print the result, as JSON or as text."""
+        """Print the result, as JSON or as text; who applied a change, on stderr."""
+        propagation = getattr(obj, "propagation", None)
+        if propagation is not None:
+            print(propagation_text(propagation), file=sys.stderr)
         if self.args.json:
             sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj).decode()) + "\n")
         else:
@@ -268,6 +273,17 @@ class Cli:
         self.out(lst, _table(rows, ["TIME", "MESSAGE", "USER", "RECIPIENT", "OUTCOME",
                                     "CODE", "NEXT HOP", "REPLY"]))
 
+    # -- cluster nodes --------------------------------------------------------------
+    def node(self) -> None:
+        """relayctl node list | forget NAME."""
+        a = self.args
+        if a.action == "list":
+            lst = self.client.call("GET", "/v1/nodes", schemas.NodeList)
+            self.out(lst, node_table(lst))
+        elif a.action == "forget":
+            r = self.client.call("POST", f"/v1/nodes/{Client.seg(a.name)}/forget",
+                                 schemas.NodeForgotten)
+            self.out(r, f"forgot node {r.name}: changes no longer wait for it")
 
     # -- failed-AUTH throttle -------------------------------------------------------
     def throttle(self) -> None:
@@ -283,6 +299,23 @@ class Cli:
                                  schemas.ThrottleClear(address=a.address))
             self.out(r, f"cleared {r.count} throttle entr{'y' if r.count == 1 else 'ies'}"
                         + (f" of {a.address}" if a.address else ""))
+
+
+def propagation_text(p: schemas.Propagation) -> str:
+    """The one stderr line saying which nodes applied a change (cluster mode)."""
+    text = f"acknowledged by {len(p.acknowledged)} node(s): {', '.join(p.acknowledged) or '-'}"
+    if p.gone:
+        text += f"; not waited for (gone): {', '.join(p.gone)}"
+    return text
+
+
+def node_table(lst: schemas.NodeList) -> str:
+    """``node list`` as text: the version, then one row per node (``*``: the one answering)."""
+    rows = [["*" if n.this else "", _printable(n.name), _printable(n.address), n.state,
+             str(n.applied_version), str(n.behind), f"{n.heartbeat_age_seconds:.1f}s ago",
+             str(n.queue_depth)] for n in lst.nodes]
+    return f"control-plane version {lst.version}\n" + _table(
+        rows, ["", "NAME", "ADDRESS", "STATE", "APPLIED", "BEHIND", "HEARTBEAT", "QUEUE"])
 
 
 def _printable(text: str) -> str:
@@ -401,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_parser("list", help="addresses and usernames slowed down or refused")
     th.add_parser("clear", help="forget counts and locks (all, or of one address)"
                   ).add_argument("address", nargs="?", metavar="ADDRESS")
+
+    nd = sub.add_parser("node", help="the nodes of a cluster").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    nd.add_parser("list", help="name, address, state, applied version, heartbeat, queue"
+                  " depth (* marks the node answering)")
+    nd.add_parser("forget", help="forget a gone node: changes no longer wait for it"
+                  ).add_argument("name", metavar="NAME")
 
     lg = sub.add_parser("log", help="delivery log")
     lg.add_argument("--user")

@@ -118,12 +118,21 @@ class Confirm(_S):
     confirm: str
 
 
-class DomainDeleted(_S):
+class Propagation(_S):
+    """In cluster mode: the nodes that applied a change before the call returned."""
+
+    version: int  # the control-plane version of the change
+    acknowledged: list[str]  # names of the nodes that applied it
+    gone: list[str] = msgspec.field(default_factory=list)  # declared gone, not waited for
+
+
+class DomainDeleted(_S, omit_defaults=True):
     """Result of ``domain delete``."""
 
     name: str
     accounts_disabled: int
     messages_held: int
+    propagation: Propagation | None = None  # cluster mode only
 
 
 class UserAdd(_S):
@@ -133,11 +142,12 @@ class UserAdd(_S):
     allow_networks: list[str] = msgspec.field(default_factory=list)
 
 
-class Credentials(_S):
+class Credentials(_S, omit_defaults=True):
     """A username and password, shown once."""
 
     username: str
     password: str
+    propagation: Propagation | None = None  # cluster mode only (reset-password)
 
 
 class Limits(_S):
@@ -148,7 +158,7 @@ class Limits(_S):
     per_day: int | None = None
 
 
-class UserInfo(_S):
+class UserInfo(_S, omit_defaults=True):
     """An SMTP account as operators see it."""
 
     username: str
@@ -161,6 +171,7 @@ class UserInfo(_S):
     queued: int
     networks: list[str]
     limits: Limits
+    propagation: Propagation | None = None  # cluster mode only (changes taking rights away)
 
 
 class UserList(_S):
@@ -176,11 +187,12 @@ class UserDelete(_S):
     purge_queue: bool = False
 
 
-class UserDeleted(_S):
+class UserDeleted(_S, omit_defaults=True):
     """Result of ``user delete``."""
 
     username: str
     purged: int
+    propagation: Propagation | None = None  # cluster mode only
 
 
 class UserLimits(_S):
@@ -317,6 +329,32 @@ class ThrottleCleared(_S):
     count: int
 
 
+class NodeInfo(_S):
+    """One node of a cluster, as the answering node sees it."""
+
+    name: str
+    address: str
+    applied_version: int
+    behind: int  # control-plane versions behind the cluster's
+    heartbeat_age_seconds: float
+    state: Literal["live", "fenced", "gone"]
+    queue_depth: int
+    this: bool  # the node answering
+
+
+class NodeList(_S):
+    """The nodes of a cluster and the control-plane version."""
+
+    version: int
+    nodes: list[NodeInfo]
+
+
+class NodeForgotten(_S):
+    """Result of ``node forget``."""
+
+    name: str
+
+
 class Route(NamedTuple):
     """One operation of the control API: what the router serves and the document describes."""
 
@@ -342,6 +380,9 @@ _BAD_QUERY = (400, "bad query: an unknown or repeated parameter, a mistyped or o
 _TOO_LARGE = (413, "the body is larger than 1 MiB (`code` is `too_large`)")
 _NO_DOMAIN = (404, "no such domain (`code` is `not_found`)")
 _NO_USER = (404, "no such user (`code` is `not_found`)")
+_NODE = (("name", "the node name, as `node list` shows it"),)
+_NOT_CLUSTERED = (409, "this relayd is a single node, not in a cluster (`code` is"
+                  " `not_clustered`)")
 _NO_THROTTLE = (503, "this process runs no SMTP AUTH throttle (`code` is `unavailable`)")
 
 #: Every operation the control socket serves, in the order the document lists them.
@@ -411,6 +452,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/throttle/clear", "throttle_clear",
           "Forget failed-AUTH counts and locks (of one address): logins work again at once",
           ThrottleCleared, body=ThrottleClear, errors=(_BAD, _TOO_LARGE, _NO_THROTTLE)),
+    Route("GET", "/v1/nodes", "node_list",
+          "The nodes of the cluster: address, state, applied version, heartbeat, queue depth",
+          NodeList, errors=(_NOT_CLUSTERED,)),
+    Route("POST", "/v1/nodes/{name}/forget", "node_forget",
+          "Forget a node that is gone: changes no longer wait for it", NodeForgotten,
+          params=_NODE,
+          errors=((404, "no such node (`code` is `not_found`)"),
+                  (409, "the node is live: only a gone node can be forgotten (`code` is"
+                        " `node_live`)"), _NOT_CLUSTERED)),
     Route("GET", "/v1/openapi.json", "openapi",
           "This API as an OpenAPI 3.1 document (docs/openapi.json)", None),
 )

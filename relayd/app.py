@@ -238,7 +238,7 @@ class Relay:
         cfg = self.cfg
         self.control = ControlServer(self.lifecycle, self.status, self.registry, self.log,
                                      before_scrape=self.refresh_gauges,
-                                     throttle=self.ctx.throttle)
+                                     throttle=self.ctx.throttle, health=self.health)
         mhost: str | None = None
         mport: int | None = None
         if cfg.metrics.listen:
@@ -374,6 +374,21 @@ class Relay:
     def _delivery_log_failed(self, error: str) -> None:
         """Rows the delivery log could not write (their messages' states are committed)."""
         self.log.error("delivery_log_failed", error=error)
+
+    def health(self) -> tuple[bool, str]:
+        """What the load balancer's ``GET /health`` answers: (healthy, reason).
+
+        Unhealthy from the moment a stop begins (the signal, or the listeners closing),
+        and, in cluster mode, while this node is fenced (it cannot reach PostgreSQL)."""
+        if self._stop.is_set() or self.ctx.shutting_down:
+            return False, "stopping"
+        cluster = getattr(self, "cluster", None)  # relayd.cluster.node.ClusterNode
+        fenced = getattr(cluster, "fenced", False) if cluster is not None else False
+        if fenced:
+            why = fenced if isinstance(fenced, str) else \
+                getattr(cluster, "fenced_reason", "") or "cannot reach PostgreSQL"
+            return False, f"fenced: {why}"
+        return True, ""
 
     # -- signals -----------------------------------------------------------------
     def on_stop_signal(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from relayd.config import Config
 from relayd.directory.accounts import DELETED, Account, Directory
@@ -92,6 +92,8 @@ class Shared:
         #: The last-connection time last written, per account id.
         self.flushed: dict[int, float | None] = {}
         self.lock = asyncio.Lock()
+        #: relayd.cluster.node.ClusterNode in cluster mode; None: a single node.
+        self.cluster: Any = None
 
     def account(self, username: str, *, allow_deleted: bool = False) -> Account:
         """The account named ``username``; LifecycleError 404 if none (or deleted)."""

@@ -1,10 +1,10 @@
 """The control operations as one object: the facade the control server and the app call.
 
-Owns: building the three parts on one shared state — relayd.controlplane.domains
+Owns: building the parts on one shared state — relayd.controlplane.domains
 (sending domains and their DKIM keys), .accounts (SMTP accounts, last-connection
-writes), .queues (queued mail, the delivery log) — loading the directory at start,
-and a reload's new settings. Every operation is one method of a part; this class only
-hands each one out under its old name.
+writes), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster) —
+loading the directory at start, and a reload's new settings. Every operation is one
+method of a part; this class only hands each one out under its old name.
 
 Ordering rule (DESIGN.md §3.6, relayd.controlplane.changes.agree): an operation that
 *takes away* the right to send (disable, delete, reset-password, domain delete)
@@ -27,6 +27,7 @@ from relayd.config import Config
 from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
 from relayd.controlplane.domains import Domains
+from relayd.controlplane.nodes import Nodes
 from relayd.controlplane.queues import Queues
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
@@ -55,6 +56,7 @@ class Lifecycle:
         self.domains = d = Domains(self.shared)
         self.accounts = a = Accounts(self.shared)
         self.queues = q = Queues(self.shared)
+        self.nodes = n = Nodes(self.shared)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
         self.user_add, self.user_show, self.user_list = a.user_add, a.user_show, a.user_list
@@ -66,6 +68,7 @@ class Lifecycle:
         self.queue_list, self.queue_show = q.queue_list, q.queue_show
         self.queue_purge, self.queue_retry = q.queue_purge, q.queue_retry
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
+        self.node_list, self.node_forget = n.node_list, n.node_forget
 
     async def load(self) -> None:
         """Fill the directory from the database (at start): domains, then accounts."""

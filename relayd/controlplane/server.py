@@ -8,7 +8,9 @@ control.schemas Structs, encoding responses, mapping errors to HTTP status
 codes with an ``Error`` body, and recording the uid of the socket peer
 (SO_PEERCRED) with every operation it logs. The control socket is created
 with mode 0660 (umask set around the bind), so it is never world-accessible.
-The Prometheus endpoint is a second, TCP site of the same library.
+The Prometheus endpoint is a second, TCP site of the same library; it also serves
+``GET /health`` for a load balancer (200 ``ok`` or 503 with the reason, plain text,
+never cached), from the ``health`` function the app passes.
 
 Untrusted input: request paths, query strings and bodies (from local users
 allowed on the socket; still validated: malformed JSON or UTF-8, unknown or
@@ -152,8 +154,11 @@ class ControlServer:
                  registry: Registry, log: Any,
                  before_scrape: Callable[[], Awaitable[None]] | None = None,
                  throttle: AuthThrottle | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 health: Callable[[], tuple[bool, str]] | None = None) -> None:
         self.lc = lifecycle
+        #: (healthy, reason) for the load balancer's GET /health; None: always healthy.
+        self.lb_health = health
         self.throttle = throttle  # the SMTP server's failed-AUTH throttle (relayd.smtp.policy)
         self.clock = clock
         self.status = status
@@ -315,6 +320,14 @@ class ControlServer:
         q = _query(request, schemas.LogQuery)
         return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit))
 
+    async def node_list(self, request: web.Request) -> web.Response:
+        """The nodes of the cluster (409 on a single node)."""
+        return _json(await self.lc.node_list())
+
+    async def node_forget(self, request: web.Request) -> web.Response:
+        """Forget a gone node (409 on a single node or a live node)."""
+        return _json(await self.lc.node_forget(request.match_info["name"]))
+
     def _throttle(self) -> AuthThrottle:
         if self.throttle is None:
             raise LifecycleError("no AUTH throttle in this process", "unavailable", 503)
@@ -353,6 +366,14 @@ class ControlServer:
         resp.headers["Content-Type"] = ctype
         return resp
 
+    async def load_balancer_health(self, request: web.Request) -> web.Response:
+        """GET /health on the metrics listener: 200 ``ok`` or 503 with the reason."""
+        healthy, reason = (True, "") if self.lb_health is None else self.lb_health()
+        resp = web.Response(text="ok\n" if healthy else f"{reason or 'unhealthy'}\n",
+                            status=200 if healthy else 503, content_type="text/plain")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
     # -- start and stop -------------------------------------------------------------
     async def start(self, socket_path: str, mode: int, metrics_host: str | None,
                     metrics_port: int | None) -> None:
@@ -373,6 +394,7 @@ class ControlServer:
         if metrics_host is not None and metrics_port is not None:
             mapp = web.Application()
             mapp.router.add_get("/metrics", self.metrics)
+            mapp.router.add_get("/health", self.load_balancer_health)
             mrunner = web.AppRunner(mapp, access_log=None, handle_signals=False)
             await mrunner.setup()
             self._runners.append(mrunner)
