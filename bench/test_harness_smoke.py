@@ -238,7 +238,8 @@ def test_the_signing_child_is_found_by_its_command_line() -> None:
     other = subprocess.Popen([sys.executable, "-c", code, "sign", "--role", "deliver"])
     try:
         found = procstat.tree_pids_running([os.getpid()], ("--role", "sign"))
-        assert found == [signing.pid]
+        # (a relayd another test left running may add its own signing child)
+        assert signing.pid in found and other.pid not in found
     finally:
         for p in (signing, other):
             p.kill()
