@@ -47,13 +47,16 @@ import uvloop
 
 from control import schemas
 from relayd import config as config_mod
+from relayd.cluster.node import ClusterNode, Timing, open_database
 from relayd.config import Config, ConfigError, parse_hostport
+from relayd.controlplane.follow import Follower
 from relayd.controlplane.lifecycle import Lifecycle
 from relayd.controlplane.server import ControlServer
 from relayd.delivery.agents import AgentPool
 from relayd.delivery.client import Deliverer, MxLookup, Router, Transport
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
+from relayd.dkim import signature as dkim
 from relayd.dkim.signing import DkimSigning
 from relayd.observe import logs as rlog
 from relayd.observe import sdnotify
@@ -69,6 +72,8 @@ from relayd.smtp.server import RelaySMTP, SmtpContext
 from relayd.store.datadir import prepare_data_dir
 from relayd.store.datadir import spool_size as _spool_size  # status() calls it so
 from relayd.store.deliverylog import DeliveryLog
+from relayd.store.pg import PgError
+from relayd.store.pgdirectory import PgDirectory, SchemaTooNew
 from relayd.store.spool import DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
@@ -77,6 +82,7 @@ LOG_PRUNE_SECONDS = 600.0
 EXIT_CONFIG = 2
 EXIT_SPOOL = 3
 EXIT_LISTEN = 4
+EXIT_CLUSTER = 5  # cluster mode: the cluster database cannot be reached or used at start
 
 
 def _mx_resolver(cfg: Config) -> MxLookup:
@@ -130,6 +136,7 @@ class Relay:
         self._gauges_lock = asyncio.Lock()
         self._notify = os.environ.get("NOTIFY_SOCKET")
         self._reload_error: str | None = None  # the last reload's failure, until one works
+        self.cluster: ClusterNode | None = None  # cluster mode: this node's membership
 
     def free_disk(self) -> int:
         """Free bytes on the spool's disk (cached for a second)."""
@@ -176,6 +183,9 @@ class Relay:
             undo.push_async_callback(_quietly, self.signer.close)
         self._tls = _tls_context(cfg)
         self.ctx = _smtp_context(cfg, self, _throttle(cfg))
+        if self.cluster is not None:
+            cluster = self.cluster
+            self.ctx.fenced = lambda: cluster.fenced
         await self._start_control(undo)
         await self._start_listeners(undo)
         loop = asyncio.get_running_loop()
@@ -219,19 +229,56 @@ class Relay:
             on_failed=self.bounces if d.bounces else None,
             reconcile_seconds=cfg.spool.reconcile_seconds,
         )
+        store = await self._open_cluster(undo)
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, delivery_log=self.dlog, log=self.log.info,
-                                   warn=self.log.warning)
+                                   warn=self.log.warning, store=store)
         undo.push_async_callback(_quietly, lambda: self.scheduler.stop(0.0))
         try:
-            await self.lifecycle.load()
+            if self.cluster is not None and store is not None:
+                await self._join_cluster(self.cluster, store)
+            else:
+                await self.lifecycle.load()
             await self.scheduler.start()
+        except (PgError, SchemaTooNew, dkim.SealError):
+            raise
         except (DbError, SpoolError) as exc:  # the spool, read and written at last
             raise unusable(cfg.database_path, exc) from None
         except Exception as exc:  # rows it cannot make sense of
             raise SpoolError(f"cannot load spool {cfg.database_path}"
                              f" ({type(exc).__name__}: {exc}); restore it from a backup, or"
                              " move it away to start with an empty spool") from exc
+
+    async def _open_cluster(self, undo: contextlib.AsyncExitStack) -> PgDirectory | None:
+        """Cluster mode: the connection to the cluster database and this node's membership."""
+        cc = self.cfg.cluster
+        if not cc.enabled:
+            return None
+        secrets = config_mod.cluster_secrets(cc, os.environ)
+        db = await open_database(cc.dsn, secrets.password, cc.connect_timeout_seconds,
+                                 cc.connect_timeout_seconds)
+        undo.push_async_callback(_quietly, db.close)
+        key = secrets.key
+        store = PgDirectory(db, config_mod.node_name(cc, socket.gethostname()),
+                            seal=lambda pem: dkim.seal_key(key, pem),
+                            unseal=lambda sealed: dkim.open_key(key, sealed))
+        self.cluster = ClusterNode(
+            db, store, cc.advertise or self.cfg.smtp.listen,
+            Timing(cc.heartbeat_seconds, cc.fence_seconds, cc.gone_seconds),
+            queue_depth=self.scheduler.queued_total, log=self.log.info)
+        undo.push_async_callback(_quietly, self.cluster.stop)
+        return store
+
+    async def _join_cluster(self, node: ClusterNode, store: PgDirectory) -> None:
+        """Join: LISTEN, load the directory from the cluster, purge the mail of accounts
+        deleted while this node was away, catch up, then follow."""
+        version = await node.join()
+        await self.lifecycle.load()
+        self.lifecycle.shared.cluster = node
+        follower = Follower(self.lifecycle.shared, store, self.lifecycle.domains.signers_of)
+        await follower.purge_deleted()
+        await node.start(version, follower.apply)
+        self.log.info("cluster_joined", node=node.name, version=node.applied)
 
     async def _start_control(self, undo: contextlib.AsyncExitStack) -> None:
         """The control socket and, when configured, the metrics listener."""
@@ -508,6 +555,8 @@ class Relay:
         sdnotify.stopping(os.environ.get("NOTIFY_SOCKET"))
         grace = self.cfg.server.shutdown_grace_seconds
         await self._stop_step("listeners", self._stop_sessions, grace)
+        if self.cluster is not None:  # after the sessions: they follow changes until then
+            await self._stop_step("cluster", self.cluster.stop)
         await self._stop_step("control", self.control.stop)
         await self._stop_step("scheduler", self.scheduler.stop, grace)
         await self._stop_step("deliverer", self.deliverer.close)
@@ -722,6 +771,16 @@ async def run(cfg: Config) -> int:
         relay.log.error("spool_error", error=str(exc))
         print(f"relayd: {exc}", file=sys.stderr)
         return EXIT_SPOOL
+    except ConfigError as exc:  # cluster mode: its password or key file
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except dkim.SealError as exc:
+        print(f"relayd: configuration error: cluster.key_file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (PgError, SchemaTooNew) as exc:
+        relay.log.error("cluster_unavailable", error=str(exc))
+        print(f"relayd: cannot use the cluster database: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
     except OSError as exc:  # start() has stopped what it started
         relay.log.error("listen_error", error=str(exc))
         print(f"relayd: cannot start: {exc}", file=sys.stderr)

@@ -83,6 +83,7 @@ class _Ctx:
     allow_address_literals: bool = False
     shutting_down: bool = False
     clock: Callable[[], float] = lambda: 1000.0
+    fenced: Callable[[], bool] = lambda: False
 
 
 def _session(peer: str = "192.0.2.7", *, starttls: bool = False, **settings: Any
@@ -195,6 +196,19 @@ def test_mail_rcpt_data_happy_path_unstuffs_dots() -> None:
     lines, _ = _feed(session, b"QUIT\r\n")
     assert lines == ["250 2.0.0 Ok: queued as ID1", "221 2.0.0 Bye"]
     assert session.next_event() is CLOSE
+
+
+def test_fenced_node_refuses_mail_with_451() -> None:
+    """Cluster mode: while the node is fenced, MAIL from an authorised session gets 451
+    4.3.0 (counted as ``fenced``); once it opens again, the same session may send."""
+    fenced = [True]
+    session, ctx = _session(fenced=lambda: fenced[0])
+    _feed(session, b"EHLO c\r\n")
+    assert _feed(session, b"MAIL FROM:<app@example.com>\r\n")[0] == [
+        "451 4.3.0 Temporarily unable to accept mail, try another server"]
+    assert ctx.events.rejections[-1] == "fenced"
+    fenced[0] = False
+    assert _feed(session, b"MAIL FROM:<app@example.com>\r\n")[0] == ["250 2.1.0 Ok"]
 
 
 def test_bad_sequence_gets_503() -> None:

@@ -29,17 +29,41 @@ from relayd.directory.accounts import (
     DISABLED,
     Account,
     BindingRefused,
+    Domain,
     binding_problems,
     overlapping,
     parse_binding,
 )
-from relayd.store.directory import NetworkBinding, NewAccount, QueueNotEmpty
+from relayd.store.directory import (
+    AccountRecord,
+    NetworkBinding,
+    NewAccount,
+    PlanFull,
+    QueueNotEmpty,
+)
 
 
 def _queue_not_empty(username: str, queued: int) -> LifecycleError:
     return LifecycleError(
         f"{username} still has {queued} queued message(s) (send, held or retry queue);"
         " wait for delivery or delete with --purge-queue", "queue_not_empty", 409)
+
+
+def account_from(rec: AccountRecord, domain: Domain) -> Account:
+    """The in-memory account of a stored row."""
+    return Account(
+        id=rec.id, username=rec.username, domain=domain, password_hash=rec.password_hash or "",
+        status=rec.status, disabled_reason=rec.disabled_reason, created_at=rec.created_at,
+        last_connection=rec.last_connection, total_sent=rec.total_sent,
+        networks=list(rec.networks), per_minute=rec.per_minute, per_hour=rec.per_hour,
+        per_day=rec.per_day)
+
+
+def _plan_full(used: int, cap: int) -> LifecycleError:
+    return LifecycleError(
+        f"plan limit reached: {used} of {cap} account slots in use (active and"
+        " disabled accounts occupy a slot; delete an account to free one)",
+        "plan_limit", 409)
 
 
 def new_password() -> str:
@@ -77,14 +101,7 @@ class Accounts:
         """Fill the directory's accounts from the database (at start; domains first)."""
         d = self.s.directory
         for row in await self.s.store.accounts():
-            acct = Account(
-                id=row.id, username=row.username, domain=d.domains_by_id[row.domain_id],
-                password_hash=row.password_hash or "", status=row.status,
-                disabled_reason=row.disabled_reason, created_at=row.created_at,
-                last_connection=row.last_connection, total_sent=row.total_sent,
-                networks=row.networks, per_minute=row.per_minute, per_hour=row.per_hour,
-                per_day=row.per_day,
-            )
+            acct = account_from(row, d.domains_by_id[row.domain_id])
             d.accounts_by_name[acct.username] = acct
             d.accounts_by_id[acct.id] = acct
             self.s.flushed[acct.id] = acct.last_connection
@@ -140,10 +157,7 @@ class Accounts:
             used = self.s.directory.count_slots()
             cap = self.s.cfg.limits.max_accounts
             if used >= cap:
-                raise LifecycleError(
-                    f"plan limit reached: {used} of {cap} account slots in use (active and"
-                    " disabled accounts occupy a slot; delete an account to free one)",
-                    "plan_limit", 409)
+                raise _plan_full(used, cap)
             for _ in range(5):  # deleted accounts stay in the directory: never reused
                 username = new_username(dom.name)
                 if self.s.directory.account(username) is None:
@@ -157,9 +171,13 @@ class Accounts:
                 self.s.flushed[acct_id] = None
                 self.s.directory.put_account(acct)
 
-            await agree(self.s.store.add_account(
-                NewAccount(username, dom.id, hashed, now, nets),
-                lambda others: refuse_overlap(others, nets, "allow_networks")), apply=put)
+            try:  # counted again in the write: another node may have added one
+                await agree(self.s.store.add_account(
+                    NewAccount(username, dom.id, hashed, now, nets),
+                    lambda others: refuse_overlap(others, nets, "allow_networks"), cap),
+                    apply=put)
+            except PlanFull as exc:
+                raise _plan_full(exc.used, cap) from None
         self.s.log("user_added", username=username, domain=dom.name, networks=nets)
         return schemas.Credentials(username=username, password=password)
 
@@ -263,9 +281,7 @@ class Accounts:
                 "confirm_mismatch")
         async with self.s.lock:
             acct = self.s.account(username)
-            queued = await self._queued_in_db(acct.id)
-            if queued and not purge_queue:
-                raise _queue_not_empty(username, queued)
+            counts = await self._queued_everywhere(acct, purge_queue)
             saved = (acct.status, acct.disabled_reason, acct.password_hash)
             acct.status = DELETED
             acct.password_hash = ""
@@ -285,20 +301,46 @@ class Accounts:
                     self.s.store.delete_account(acct.id, now, purge_queue), undo=undo)
             except QueueNotEmpty as exc:
                 raise _queue_not_empty(username, exc.count) from None
+            if self.s.cluster is not None:  # this node's spool; each node purges its own
+                purged_ids = await self.s.spool.purge(acct.id)
             # Everything the account had queued is gone from the database: forget it
             # (until now the scheduler held it, as for any account that is not usable;
             # a retry already handed to a worker finds its message purged and stops).
             dropped = self.s.scheduler.drop_account(acct.id)
             self.s.scheduler.forget(acct.id, dropped + purged_ids)
-            purged = len(purged_ids)
+            purged = len(purged_ids) if counts is None else sum(counts.values())
             acct.total_sent = 0
             acct.last_connection = None
             acct.networks = []
         self.s.log("user_deleted", username=username, purged=purged)
         return schemas.UserDeleted(username=username, purged=purged)
 
-    async def _queued_in_db(self, account_id: int) -> int:
-        return await self.s.spool.message_count(account_id)
+    async def _queued_everywhere(self, acct: Account,
+                                 purge_queue: bool) -> dict[str, int] | None:
+        """Refuse a delete without ``purge_queue`` while the account has stored mail: in
+        this node's spool, or (cluster mode) in any node's — each live node counts its
+        own, and a node that is gone may hold some. The per-node counts (cluster mode)."""
+        if self.s.cluster is None:
+            queued = await self.s.spool.message_count(acct.id)
+            if queued and not purge_queue:
+                raise _queue_not_empty(acct.username, queued)
+            return None
+        counts, gone = await self.s.cluster.queued_everywhere(acct.id)
+        if purge_queue:
+            return dict(counts)
+        held = {node: n for node, n in sorted(counts.items()) if n}
+        if held:
+            where = ", ".join(f"{n} on {node}" for node, n in held.items())
+            raise LifecycleError(
+                f"{acct.username} still has {sum(held.values())} queued message(s) ({where});"
+                " wait for delivery or delete with --purge-queue", "queue_not_empty", 409)
+        if gone:
+            raise LifecycleError(
+                f"node(s) {', '.join(gone)} cannot be reached and may hold mail of"
+                f" {acct.username}: start them again, or `relayctl node forget NAME`, or"
+                " delete with --purge-queue (they purge it when they come back)",
+                "node_unreachable", 409)
+        return dict(counts)
 
     async def user_limits(self, username: str, limits: schemas.UserLimits) -> schemas.UserInfo:
         """Set sending limits (0 = unlimited, omitted = workspace default)."""

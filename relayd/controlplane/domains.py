@@ -19,7 +19,7 @@ from control import schemas
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.directory.accounts import DELETED, DISABLED, Domain
 from relayd.dkim import signature as dkim
-from relayd.store.directory import DomainExists, NewDomain
+from relayd.store.directory import DomainExists, DomainRecord, NewDomain
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -35,9 +35,13 @@ class Domains:
         """Fill the directory's domains from the database (at start)."""
         for rec in await self.s.store.domains():
             dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted)
-            dom.signers = self._signers(dom.name, rec.selector, rec.private_key,
-                                        rec.ed25519_selector, rec.ed25519_key)
+            dom.signers = self.signers_of(rec)
             self.s.directory.put_domain(dom)
+
+    def signers_of(self, rec: DomainRecord) -> list[dkim.Signer]:
+        """The signers of a stored domain (none when DKIM is off or its keys are gone)."""
+        return self._signers(rec.name, rec.selector, rec.private_key, rec.ed25519_selector,
+                             rec.ed25519_key)
 
     def _signers(self, domain: str, selector: str, key: bytes | None, ed_selector: str | None,
                  ed_key: bytes | None) -> list[dkim.Signer]:

@@ -21,8 +21,11 @@ See also: relayd.controlplane.server, relayd.app.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
+from control import schemas
+from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
 from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
@@ -35,9 +38,13 @@ from relayd.dkim import signature as dkim
 from relayd.queue.scheduler import Scheduler
 from relayd.store.deliverylog import DeliveryLog
 from relayd.store.directory import DirectoryStore
+from relayd.store.pg import PgError
 from relayd.store.spool import Spool
 
 __all__ = ["Lifecycle", "LifecycleError"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Lifecycle:
@@ -69,6 +76,40 @@ class Lifecycle:
         self.queue_purge, self.queue_retry = q.queue_purge, q.queue_retry
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
         self.node_list, self.node_forget = n.node_list, n.node_forget
+        # Cluster mode: a change returns once every live node has applied it.
+        self.domain_add = self._acknowledged(self.domain_add)
+        self.domain_delete = self._acknowledged(self.domain_delete)
+        self.user_add = self._acknowledged(self.user_add)
+        self.user_disable = self._acknowledged(self.user_disable)
+        self.user_enable = self._acknowledged(self.user_enable)
+        self.user_reset_password = self._acknowledged(self.user_reset_password)
+        self.user_delete = self._acknowledged(self.user_delete)
+        self.user_limits = self._acknowledged(self.user_limits)
+        self.user_networks = self._acknowledged(self.user_networks)
+
+    def _acknowledged(self, op: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        """``op``, returning (in cluster mode) only when every live node applied what it
+        wrote; the answer then says which nodes did and which were not waited for."""
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            cluster = self.shared.cluster
+            try:
+                result = await op(*args, **kwargs)
+                if cluster is None:
+                    return result
+                acks = await cluster.acknowledge()
+            except PgError as exc:
+                raise LifecycleError(f"the cluster database cannot be used: {exc}",
+                                     "cluster_unavailable", 503) from None
+            except NotAcknowledged as exc:
+                raise LifecycleError(
+                    f"the change is stored, but node(s) {', '.join(exc.waiting)} have not"
+                    " applied it yet; they apply it when they can (or fence themselves)",
+                    "not_acknowledged", 503) from None
+            if hasattr(result, "propagation"):
+                result.propagation = schemas.Propagation(
+                    version=acks.version, acknowledged=acks.acknowledged, gone=acks.gone)
+            return result
+        return run
 
     async def load(self) -> None:
         """Fill the directory from the database (at start): domains, then accounts."""

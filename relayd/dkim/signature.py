@@ -3,7 +3,10 @@
 Owns: generating a domain's DKIM key pair, the selector naming scheme, the DNS
 TXT record to publish, and signing an accepted message: relaxed/relaxed
 canonicalization (RFC 6376 §3.4.2, §3.4.4), the body hash and the complete
-``DKIM-Signature`` header field to prepend to the message.
+``DKIM-Signature`` header field to prepend to the message; and, in cluster mode,
+sealing a private key before it is stored in the shared database (AES-256-GCM with a
+key from the node's configuration, never stored there: :func:`seal_key`,
+:func:`open_key`).
 
 Cost: ``Signer.sign`` is pure CPU and runs for every accepted message, so it
 never runs on the main event loop (relayd.dkim.signing: a child process, or a
@@ -55,21 +58,26 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "ALGORITHMS",
     "SIGNED_HEADERS",
     "Prepared",
+    "SealError",
     "Signer",
     "dns_name",
     "dns_txt_strings",
     "dns_txt_value",
     "generate_private_key",
     "new_selector",
+    "open_key",
     "prepare",
     "public_key_b64",
+    "seal_key",
     "selector_token",
     "sign_many",
     "signature_headers",
@@ -108,6 +116,31 @@ _LAYOUTS_MAX = 64  # h= lists whose folded layout a signer keeps (Signer._layout
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _TOKEN = re.compile(r"[a-z0-9]+\Z")
+
+
+_SEALED = b"rdk1"  # the format of a sealed key: tag, 12-byte nonce, AES-GCM output
+
+
+class SealError(ValueError):
+    """A sealed key that the configured key cannot open (another key, or damaged)."""
+
+
+def seal_key(key: bytes, private_pem: bytes) -> bytes:
+    """``private_pem`` encrypted and authenticated with the 32-byte ``key``."""
+    nonce = secrets.token_bytes(12)
+    return _SEALED + nonce + AESGCM(key).encrypt(nonce, private_pem, _SEALED)
+
+
+def open_key(key: bytes, sealed: bytes) -> bytes:
+    """The private key that :func:`seal_key` sealed; SealError if ``key`` cannot open it."""
+    if not sealed.startswith(_SEALED) or len(sealed) < len(_SEALED) + 12 + 16:
+        raise SealError("not a sealed DKIM key")
+    nonce = sealed[len(_SEALED):len(_SEALED) + 12]
+    try:
+        return AESGCM(key).decrypt(nonce, sealed[len(_SEALED) + 12:], _SEALED)
+    except InvalidTag:
+        raise SealError("the DKIM key in the cluster database cannot be opened with this"
+                        " node's [cluster] key_file (another key?)") from None
 
 
 def generate_private_key(algorithm: str) -> bytes:

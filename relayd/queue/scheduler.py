@@ -146,6 +146,10 @@ class Scheduler:
         live = self.ledger.live.get(account_id)
         return len(live) if live else 0
 
+    def queued_total(self) -> int:
+        """Messages of every account not yet in a final state."""
+        return sum(len(ids) for ids in self.ledger.live.values())
+
     def enqueue_new(self, msg: NewMessage) -> None:
         """Put a freshly committed message at the end of its account's send queue."""
         q = QMsg(msg.id, msg.account_id, msg.username, msg.domain, msg.sender,

@@ -143,6 +143,11 @@ SHUTTING_DOWN = Reply("421 4.3.2 Service shutting down, closing connection", "sh
 
 # --- local trouble -------------------------------------------------------------
 LOCAL_ERROR = Reply("451 4.3.0 Local error in processing", "internal_error")
+#: Cluster mode: this node lost its database for longer than its fencing interval
+#: (relayd.cluster.node); the client should try another node.
+FENCED_AUTH = Reply("454 4.7.0 Temporary authentication failure, try another server", "fenced")
+FENCED_MAIL = Reply("451 4.3.0 Temporarily unable to accept mail, try another server",
+                    "fenced")
 LOCAL_ERROR_CLOSING = Reply(
     "421 4.3.0 Local error in processing, closing connection", "internal_error"
 )

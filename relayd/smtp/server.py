@@ -123,6 +123,8 @@ class SmtpContext:
     data_rate_grace: float = 30.0
     allow_address_literals: bool = False
     greet_pause: float = 0.0  # seconds of silence before the 220 (early-talker check)
+    #: Cluster mode: true while this node is fenced (no new logins, no new mail).
+    fenced: Callable[[], bool] = lambda: False
     clock: Callable[[], float] = time.time
     sessions: set[RelaySMTP] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
@@ -477,6 +479,9 @@ async def _authenticate(conn: RelaySMTP, req: AuthRequest) -> None:
     st = conn.state
     session = conn.session
     username, password = req.username, req.password
+    if ctx.fenced():
+        session.reject(replies.FENCED_AUTH)
+        return
     throttle = ctx.throttle
     while True:  # the throttle counts the check from its start (policy.AuthThrottle)
         account = ctx.directory.account(username) if username else None
@@ -565,6 +570,9 @@ async def _accept(conn: RelaySMTP, msg: MessageReceived) -> None:
     if account is None:
         session.reject(replies.AUTH_REQUIRED, "invalidated during transaction")
         return
+    if ctx.fenced():  # cut off from the cluster: a disable may be waiting for this node
+        session.reject(replies.FENCED_MAIL)
+        return
     msg_id = ctx.spool.ids.next()
     ext_id = format_id(msg_id)
     now = ctx.clock()
@@ -584,6 +592,9 @@ async def _accept(conn: RelaySMTP, msg: MessageReceived) -> None:
             # commit is queued: a disable either wins now or its own database write
             # is queued after this commit, so its control call returns after the 250.
             session.reject(replies.AUTH_REQUIRED, "invalidated during transaction")
+            return
+        if ctx.fenced():
+            session.reject(replies.FENCED_MAIL)
             return
     new = NewMessage(
         id=msg_id, account_id=account.id, username=account.username,

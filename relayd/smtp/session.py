@@ -134,6 +134,8 @@ class Settings(Protocol):
     @property
     def allow_address_literals(self) -> bool: ...
     @property
+    def fenced(self) -> Callable[[], bool]: ...
+    @property
     def shutting_down(self) -> bool: ...
     @property
     def clock(self) -> Callable[[], float]: ...
@@ -712,6 +714,9 @@ class Session:
         account = self.current_account()
         if account is None:
             self.reject(replies.AUTH_REQUIRED)
+            return
+        if self.ctx.fenced():
+            self.reject(replies.FENCED_MAIL)
             return
         if self._env.sender is not None:
             self.reject(replies.NESTED_MAIL)

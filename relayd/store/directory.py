@@ -106,6 +106,14 @@ class DomainExists(Exception):
     """A live domain of that name is stored already."""
 
 
+class PlanFull(Exception):
+    """Every account slot of the plan is in use (``used``), counted in the write."""
+
+    def __init__(self, used: int) -> None:
+        super().__init__(f"{used} account slot(s) in use")
+        self.used = used
+
+
 class QueueNotEmpty(Exception):
     """The account still has stored messages (``count``)."""
 
@@ -131,8 +139,10 @@ class DirectoryStore(Protocol):
         """Store a domain; its id. DomainExists if a live one has the name."""
     async def delete_domain(self, domain_id: int, now: float) -> None:
         """Mark deleted, destroy its keys, disable its accounts (reason domain_deleted)."""
-    async def add_account(self, new: NewAccount, check: BindingCheck) -> int:
-        """Store an active account with its networks (``check`` first); its id."""
+    async def add_account(self, new: NewAccount, check: BindingCheck,
+                          slots: int | None = None) -> int:
+        """Store an active account with its networks (``check`` first); its id. With
+        ``slots``, PlanFull if that many accounts that are not deleted exist already."""
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
         """Set an account's status and disabled reason."""
     async def set_password(self, account_id: int, password_hash: str) -> None:
@@ -207,9 +217,10 @@ class SqliteDirectory:
         await self._spool._transact(functools.partial(_delete_domain, domain_id=domain_id,
                                                       now=now))
 
-    async def add_account(self, new: NewAccount, check: BindingCheck) -> int:
+    async def add_account(self, new: NewAccount, check: BindingCheck,
+                          slots: int | None = None) -> int:
         return await self._spool._transact(functools.partial(_add_account, new=new,
-                                                             check=check))
+                                                             check=check, slots=slots))
 
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
         await self._update(account_id, "status=?, disabled_reason=?", status, reason)
@@ -283,7 +294,13 @@ def _delete_domain(conn: SqlConn, domain_id: int, now: float) -> None:
                  " WHERE domain_id=? AND status != 'deleted'", (domain_id,))
 
 
-def _add_account(conn: SqlConn, new: NewAccount, check: BindingCheck) -> int:
+def _add_account(conn: SqlConn, new: NewAccount, check: BindingCheck,
+                 slots: int | None) -> int:
+    if slots is not None:
+        used = conn.execute("SELECT COUNT(*) FROM accounts WHERE status != 'deleted'")\
+            .fetchone()[0]
+        if used >= slots:
+            raise PlanFull(used)
     check(_bindings(conn, None))
     cur = conn.execute(
         "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"

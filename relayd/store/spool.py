@@ -206,6 +206,10 @@ class Spool:
         """
         return self._submit("record", (list(results), list(finished), complete))
 
+    async def barrier(self) -> None:
+        """Return when every write queued before this call is committed (or failed)."""
+        await self._submit("call", _nothing)
+
     async def _transact(self, fn: Callable[[SqlConn], T], *,
                         deletes_messages: bool = False) -> T:
         """Run ``fn(conn)`` on the writer's thread inside the next group transaction (own
@@ -422,6 +426,10 @@ class Spool:
 
 
 # -- on the writer's thread ----------------------------------------------------------------
+def _nothing(conn: SqlConn) -> None:
+    return None
+
+
 def _prepare_writer(conn: SqlConn) -> None:
     """WAL, ``synchronous=FULL``, foreign keys; every page checked (before migrations)."""
     conn.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,398 @@
+"""The directory shared by the nodes of a cluster, in PostgreSQL, and the cluster's own tables.
+
+Owns: the PostgreSQL schema of cluster mode (created by the first node that starts on
+an empty database), :class:`PgDirectory` — the :class:`~relayd.store.directory.DirectoryStore`
+of a cluster — and the tables that make the nodes agree: the control-plane version,
+the change log, the node registry (heartbeats on the database clock, applied
+versions), and the per-node answers to a queue probe.
+
+Every control write is one transaction that first takes the next control-plane version
+(``UPDATE control_version ... RETURNING``: the row lock orders every write of the
+cluster, so the checks a write makes — plan slots, network overlaps, unique names —
+see every write before it), then changes the rows, appends one change-log row per
+changed domain or account, and ``NOTIFY relayd_control`` with the version only. A
+node applies the log in order by reading each changed row again (so applying a change
+twice, or a newer row state, is harmless) and then records its applied version and
+``NOTIFY relayd_ack``.
+
+DKIM private keys are sealed before they are written and opened after they are read,
+by the two functions the composition root passes in (the key never enters the
+database). Deleting an account does not purge messages here: every node's spool is
+its own, and each node purges its own when it applies the deletion.
+
+Untrusted input: none (records from the control plane; rows written by relayd).
+See also: relayd.store.pg (the client), relayd.cluster.node (heartbeats, following,
+acknowledgements), relayd.store.directory (the records and the SQLite implementation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from relayd.store.directory import (
+    AccountRecord,
+    BindingCheck,
+    DomainExists,
+    DomainRecord,
+    NetworkBinding,
+    NewAccount,
+    NewDomain,
+    PlanFull,
+)
+from relayd.store.pg import Database, Tx, UniqueViolation
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+CONTROL_CHANNEL = "relayd_control"
+ACK_CHANNEL = "relayd_ack"
+_SCHEMA_LOCK = 0x72656C6179  # pg_advisory_xact_lock key while the schema is created
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS relayd_meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS control_version (
+    id int PRIMARY KEY CHECK (id = 1), version bigint NOT NULL);
+INSERT INTO control_version VALUES (1, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS changes (
+    version bigint NOT NULL, kind text NOT NULL, entity_id bigint NOT NULL,
+    node text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (version, kind, entity_id));
+CREATE TABLE IF NOT EXISTS domains (
+    id bigserial PRIMARY KEY, name text NOT NULL, selector text NOT NULL UNIQUE,
+    algorithm text NOT NULL, private_key bytea, ed25519_selector text, ed25519_key bytea,
+    created_at double precision NOT NULL, deleted_at double precision);
+CREATE UNIQUE INDEX IF NOT EXISTS domains_live_name ON domains(name)
+    WHERE deleted_at IS NULL;
+CREATE TABLE IF NOT EXISTS accounts (
+    id bigserial PRIMARY KEY, username text NOT NULL UNIQUE,
+    domain_id bigint NOT NULL REFERENCES domains(id), password_hash text,
+    status text NOT NULL, disabled_reason text NOT NULL DEFAULT '',
+    created_at double precision NOT NULL, last_connection double precision,
+    total_sent bigint NOT NULL DEFAULT 0, per_minute int, per_hour int, per_day int,
+    deleted_at double precision);
+CREATE TABLE IF NOT EXISTS account_networks (
+    account_id bigint NOT NULL REFERENCES accounts(id), cidr text NOT NULL,
+    PRIMARY KEY (account_id, cidr));
+CREATE TABLE IF NOT EXISTS nodes (
+    name text PRIMARY KEY, address text NOT NULL, applied_version bigint NOT NULL DEFAULT 0,
+    heartbeat timestamptz NOT NULL DEFAULT now(), started_at timestamptz NOT NULL DEFAULT now(),
+    queue_depth bigint NOT NULL DEFAULT 0, fenced boolean NOT NULL DEFAULT false);
+CREATE TABLE IF NOT EXISTS queue_probes (
+    version bigint NOT NULL, node text NOT NULL, account_id bigint NOT NULL,
+    count bigint NOT NULL, PRIMARY KEY (version, node));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the change log: ``kind`` (domain, account, probe) and the entity's id."""
+
+    version: int
+    kind: str
+    entity_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """A registered node as the database sees it (``live``: heartbeat recent, database clock)."""
+
+    name: str
+    address: str
+    applied_version: int
+    heartbeat_age: float
+    live: bool
+    fenced: bool
+    queue_depth: int
+
+
+class SchemaTooNew(Exception):
+    """The database was created by a newer relayd."""
+
+
+_DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
+                   " created_at, deleted_at FROM domains")
+_ACCOUNT_COLUMNS = ("SELECT id, username, domain_id, password_hash, status, disabled_reason,"
+                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
+                    " FROM accounts")
+_LIVE = "heartbeat > now() - make_interval(secs => $1)"
+
+
+class PgDirectory:
+    """The directory and the cluster tables in one PostgreSQL database.
+
+    ``written`` is the highest control-plane version this process has committed: a
+    caller that must wait until every node applied its change waits for it.
+    """
+
+    def __init__(self, db: Database, node: str, *, seal: Callable[[bytes], bytes],
+                 unseal: Callable[[bytes], bytes]) -> None:
+        self._db = db
+        self.node = node
+        self._seal = seal
+        self._unseal = unseal
+        self.written = 0
+
+    # -- schema, versions, change log ----------------------------------------------------
+    async def ensure_schema(self) -> None:
+        """Create the tables on an empty database (one node at a time); refuse a newer one."""
+        async def create(tx: Tx) -> None:
+            await tx.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+            await tx.execute(_SCHEMA)
+            stored = await tx.fetchval("SELECT value FROM relayd_meta WHERE key='schema'")
+            if stored is None:
+                await tx.execute("INSERT INTO relayd_meta VALUES ('schema', $1)",
+                                 str(SCHEMA_VERSION))
+            elif int(stored) > SCHEMA_VERSION:
+                raise SchemaTooNew(f"the cluster database has schema {stored}; this relayd"
+                                   f" knows up to {SCHEMA_VERSION}: upgrade this node")
+        await self._db.transaction(create)
+
+    async def version(self) -> int:
+        return int(await self._db.fetchval("SELECT version FROM control_version WHERE id=1"))
+
+    async def changes_after(self, version: int, limit: int = 1000) -> list[Change]:
+        rows = await self._db.fetch(
+            "SELECT version, kind, entity_id FROM changes WHERE version > $1"
+            " ORDER BY version, kind, entity_id LIMIT $2", version, limit)
+        return [Change(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]]) -> T:
+        """Run ``work`` as one control write: next version first, the log and NOTIFY last."""
+        async def run(tx: Tx) -> tuple[T, int]:
+            version = int(await tx.fetchval(
+                "UPDATE control_version SET version = version + 1 WHERE id = 1"
+                " RETURNING version"))
+            result, changed = await work(tx)
+            await tx.executemany(
+                "INSERT INTO changes(version, kind, entity_id, node) VALUES ($1,$2,$3,$4)"
+                " ON CONFLICT DO NOTHING", [(version, k, i, self.node) for k, i in changed])
+            await tx.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, str(version))
+            return result, version
+
+        result, version = await self._db.transaction(run)
+        self.written = max(self.written, version)
+        return result
+
+    # -- the directory (DirectoryStore) ------------------------------------------------
+    def _domain(self, r: Any) -> DomainRecord:
+        key = self._unseal(bytes(r[3])) if r[3] is not None else None
+        ed_key = self._unseal(bytes(r[5])) if r[5] is not None else None
+        return DomainRecord(int(r[0]), r[1], r[2], key, r[4], ed_key, float(r[6]),
+                            deleted=r[7] is not None)
+
+    async def domains(self) -> list[DomainRecord]:
+        return [self._domain(r) for r in await self._db.fetch(_DOMAIN_COLUMNS + " ORDER BY id")]
+
+    async def accounts(self) -> list[AccountRecord]:
+        nets: dict[int, list[str]] = {}
+        for r in await self._db.fetch("SELECT account_id, cidr FROM account_networks"):
+            nets.setdefault(int(r[0]), []).append(r[1])
+        return [_account(r, nets.get(int(r[0]), []))
+                for r in await self._db.fetch(_ACCOUNT_COLUMNS + " ORDER BY id")]
+
+    async def account(self, account_id: int) -> AccountRecord | None:
+        """One account with its networks."""
+        row = await self._db.fetchrow(_ACCOUNT_COLUMNS + " WHERE id=$1", account_id)
+        if row is None:
+            return None
+        nets = await self._db.fetch(
+            "SELECT cidr FROM account_networks WHERE account_id=$1 ORDER BY cidr", account_id)
+        return _account(row, [n[0] for n in nets])
+
+    async def domain(self, domain_id: int) -> DomainRecord | None:
+        row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
+        return self._domain(row) if row else None
+
+    async def live_domains(self) -> list[DomainRecord]:
+        return [self._domain(r) for r in await self._db.fetch(
+            _DOMAIN_COLUMNS + " WHERE deleted_at IS NULL ORDER BY name")]
+
+    async def selectors_used(self, selectors: Sequence[str]) -> bool:
+        n = await self._db.fetchval(
+            "SELECT count(*) FROM domains WHERE selector = ANY($1::text[])"
+            " OR ed25519_selector = ANY($1::text[])", list(selectors))
+        return bool(n)
+
+    async def add_domain(self, new: NewDomain) -> int:
+        async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
+            domain_id = int(await tx.fetchval(
+                "INSERT INTO domains(name, selector, algorithm, private_key, ed25519_selector,"
+                " ed25519_key, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING id",
+                new.name, new.selector, new.algorithm, self._sealed(new.private_key),
+                new.ed25519_selector, self._sealed(new.ed25519_key), new.created_at))
+            return domain_id, [("domain", domain_id)]
+        try:
+            return await self._write(add)
+        except UniqueViolation as exc:
+            if exc.constraint == "domains_live_name":
+                raise DomainExists(new.name) from None
+            raise
+
+    def _sealed(self, key: bytes | None) -> bytes | None:
+        return self._seal(key) if key is not None else None
+
+    async def delete_domain(self, domain_id: int, now: float) -> None:
+        async def delete(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
+                             " ed25519_key=NULL WHERE id=$2", now, domain_id)
+            ids = await tx.fetch(
+                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
+            return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
+        await self._write(delete)
+
+    async def add_account(self, new: NewAccount, check: BindingCheck,
+                          slots: int | None = None) -> int:
+        async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
+            if slots is not None:
+                used = int(await tx.fetchval(
+                    "SELECT count(*) FROM accounts WHERE status != 'deleted'"))
+                if used >= slots:
+                    raise PlanFull(used)
+            check(await _bindings(tx, None))
+            acct_id = int(await tx.fetchval(
+                "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
+                " VALUES ($1,$2,$3,'active',$4) RETURNING id", new.username, new.domain_id,
+                new.password_hash, new.created_at))
+            await tx.executemany("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
+                                 [(acct_id, n) for n in new.networks])
+            return acct_id, [("account", acct_id)]
+        return await self._write(add)
+
+    async def _update(self, account_id: int, sql: str, *values: Any) -> None:
+        async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute(sql, account_id, *values)
+            return None, [("account", account_id)]
+        await self._write(update)
+
+    async def set_status(self, account_id: int, status: str, reason: str) -> None:
+        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3"
+                           " WHERE id=$1", status, reason)
+
+    async def set_password(self, account_id: int, password_hash: str) -> None:
+        await self._update(account_id, "UPDATE accounts SET password_hash=$2 WHERE id=$1",
+                           password_hash)
+
+    async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
+                         per_day: int | None) -> None:
+        await self._update(account_id, "UPDATE accounts SET per_minute=$2, per_hour=$3,"
+                           " per_day=$4 WHERE id=$1", per_minute, per_hour, per_day)
+
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            check(await _bindings(tx, account_id))
+            await tx.execute("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
+                             account_id, cidr)
+            return None, [("account", account_id)]
+        await self._write(add)
+
+    async def remove_network(self, account_id: int, cidr: str) -> None:
+        await self._update(account_id, "DELETE FROM account_networks WHERE account_id=$1"
+                           " AND cidr=$2", cidr)
+
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+        """Delete the account cluster-wide; each node purges its own spool when it applies
+        the change (the caller has asked every node for its count first)."""
+        async def delete(tx: Tx) -> tuple[list[int], list[tuple[str, int]]]:
+            await tx.execute(
+                "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=$2,"
+                " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
+                " per_day=NULL WHERE id=$1", account_id, now)
+            await tx.execute("DELETE FROM account_networks WHERE account_id=$1", account_id)
+            return [], [("account", account_id)]
+        return await self._write(delete)
+
+    async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
+        """Merge: a node's time replaces the stored one only if it is later."""
+        await self._db.transaction(lambda tx: tx.executemany(
+            "UPDATE accounts SET last_connection = GREATEST(last_connection, $1)"
+            " WHERE id=$2", list(changed)))
+
+    # -- queue probes: how much mail of an account each node holds ----------------------
+    async def probe(self, account_id: int) -> int:
+        """Ask every node for its count of ``account_id``'s messages; the probe's version."""
+        async def ask(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            return None, [("probe", account_id)]
+        await self._write(ask)
+        return self.written
+
+    async def answer_probe(self, version: int, account_id: int, count: int) -> None:
+        await self._db.execute(
+            "INSERT INTO queue_probes(version, node, account_id, count) VALUES ($1,$2,$3,$4)"
+            " ON CONFLICT (version, node) DO UPDATE SET count = EXCLUDED.count",
+            version, self.node, account_id, count)
+
+    async def probe_answers(self, version: int) -> dict[str, int]:
+        rows = await self._db.fetch("SELECT node, count FROM queue_probes WHERE version=$1",
+                                    version)
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    # -- the node registry --------------------------------------------------------------
+    async def register(self, address: str, applied: int) -> None:
+        """Insert or refresh this node's row (at start, and after it was forgotten)."""
+        await self._db.execute(
+            "INSERT INTO nodes(name, address, applied_version, heartbeat, started_at, fenced)"
+            " VALUES ($1,$2,$3,now(),now(),false) ON CONFLICT (name) DO UPDATE SET"
+            " address=EXCLUDED.address, applied_version=EXCLUDED.applied_version,"
+            " heartbeat=now(), started_at=now(), fenced=false", self.node, address, applied)
+
+    async def heartbeat(self, applied: int, queue_depth: int, fenced: bool,
+                        within: float) -> bool:
+        """Record this node alive (database clock); False if its row was forgotten."""
+        row = await self._db.fetchval(
+            "UPDATE nodes SET heartbeat=now(), applied_version=GREATEST(applied_version, $2),"
+            " queue_depth=$3, fenced=$4 WHERE name=$1 RETURNING 1",
+            self.node, applied, queue_depth, fenced, within=within)
+        return row is not None
+
+    async def leave(self) -> None:
+        """A clean stop: this node is gone at once (nobody waits for it)."""
+        await self._db.execute("UPDATE nodes SET heartbeat = now() - interval '1 day'"
+                               " WHERE name=$1", self.node, within=2.0)
+
+    async def applied(self, version: int) -> None:
+        """Record this node's applied version and wake the callers waiting for it."""
+        async def record(tx: Tx) -> None:
+            await tx.execute("UPDATE nodes SET applied_version=GREATEST(applied_version, $2)"
+                             " WHERE name=$1", self.node, version)
+            await tx.execute("SELECT pg_notify($1, $2)", ACK_CHANNEL, f"{self.node} {version}")
+        await self._db.transaction(record)
+
+    async def nodes(self, gone_seconds: float) -> list[NodeRow]:
+        rows = await self._db.fetch(
+            f"SELECT name, address, applied_version,"  # noqa: S608 - _LIVE is a literal
+            f" extract(epoch FROM now() - heartbeat), {_LIVE}, fenced, queue_depth"
+            " FROM nodes ORDER BY name", gone_seconds)
+        return [NodeRow(r[0], r[1], int(r[2]), max(0.0, float(r[3])), bool(r[4]), bool(r[5]),
+                        int(r[6])) for r in rows]
+
+    async def forget(self, name: str, gone_seconds: float) -> str:
+        """Remove a node that is gone: 'forgotten', 'live' (refused) or 'unknown'."""
+        async def run(tx: Tx) -> str:
+            row = await tx.fetchrow(
+                f"SELECT {_LIVE} FROM nodes WHERE name=$2 FOR UPDATE",  # noqa: S608
+                gone_seconds, name)
+            if row is None:
+                return "unknown"
+            if row[0]:
+                return "live"
+            await tx.execute("DELETE FROM nodes WHERE name=$1", name)
+            return "forgotten"
+        return await self._db.transaction(run)
+
+
+def _account(r: Any, networks: list[str]) -> AccountRecord:
+    return AccountRecord(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], float(r[6]),
+                         None if r[7] is None else float(r[7]), int(r[8]), r[9], r[10], r[11],
+                         networks=networks)
+
+
+async def _bindings(tx: Tx, exclude_account: int | None) -> list[NetworkBinding]:
+    """The networks bound to accounts that are not deleted, but ``exclude_account``'s."""
+    rows = await tx.fetch(
+        "SELECT n.cidr, a.username, d.name FROM account_networks n"
+        " JOIN accounts a ON a.id = n.account_id JOIN domains d ON d.id = a.domain_id"
+        " WHERE a.status != 'deleted' AND n.account_id IS DISTINCT FROM $1", exclude_account)
+    return [NetworkBinding(str(r[0]), r[1], r[2]) for r in rows]
