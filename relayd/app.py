@@ -265,7 +265,8 @@ class Relay:
         self.cluster = ClusterNode(
             db, store, cc.advertise or self.cfg.smtp.listen,
             Timing(cc.heartbeat_seconds, cc.fence_seconds, cc.gone_seconds),
-            queue_depth=self.scheduler.queued_total, log=self.log.info)
+            queue_depth=self.scheduler.queued_total, log=self.log.info,
+            on_ack=self.metrics.cluster_ack_duration_seconds.observe)
         undo.push_async_callback(_quietly, self.cluster.stop)
         return store
 
@@ -387,6 +388,11 @@ class Relay:
                     gauge.set(n)
             self.metrics.spool_free_bytes.set(st.free_disk_bytes)
             self.metrics.spool_size_bytes.set(st.spool_bytes)
+            if self.cluster is not None:
+                m, node = self.metrics, self.cluster
+                m.cluster_fenced.set(1 if node.fenced else 0)
+                m.cluster_heartbeat_age_seconds.set(node.heartbeat_age)
+                m.cluster_versions_behind.set(max(0, node.latest - node.applied))
             self._gauges_at = time.monotonic()
 
     async def _housekeeping(self) -> None:

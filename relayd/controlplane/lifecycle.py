@@ -21,8 +21,8 @@ See also: relayd.controlplane.server, relayd.app.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
@@ -87,7 +87,8 @@ class Lifecycle:
         self.user_limits = self._acknowledged(self.user_limits)
         self.user_networks = self._acknowledged(self.user_networks)
 
-    def _acknowledged(self, op: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def _acknowledged(self, op: Callable[P, Awaitable[R]]
+                      ) -> Callable[P, Coroutine[Any, Any, R]]:
         """``op``, returning (in cluster mode) only when every live node applied what it
         wrote; the answer then says which nodes did and which were not waited for."""
         async def run(*args: P.args, **kwargs: P.kwargs) -> R:

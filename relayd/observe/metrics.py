@@ -78,6 +78,11 @@ ACCEPT_BUCKETS: tuple[float, ...] = (
 DELIVERY_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
+#: A control call waiting until every live node applied its change: a few ms on a LAN,
+#: up to ``2 x gone_seconds`` when a node stops answering.
+ACK_BUCKETS: tuple[float, ...] = (
+    0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
 #: Messages per spool group commit: powers of two up to 256.
 BATCH_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(9))
 
@@ -99,6 +104,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
     "relayd_spool_size_bytes",
+    "relayd_cluster_fenced",
+    "relayd_cluster_heartbeat_age_seconds",
+    "relayd_cluster_versions_behind",
+    "relayd_cluster_ack_duration_seconds",
     "relayd_build_info",
 )
 
@@ -272,6 +281,23 @@ class Metrics:
             registry=r,
             buckets=DELIVERY_BUCKETS,
         )
+
+        # --- cluster mode (relayd.cluster.node; 0 on a single node) ------------------
+        self.cluster_fenced = Gauge(
+            "cluster_fenced", "1 while this node is fenced: cut off from the cluster database"
+            " too long, it takes no new mail or logins.", namespace=ns, registry=r)
+        self.cluster_heartbeat_age_seconds = Gauge(
+            "cluster_heartbeat_age_seconds",
+            "Seconds since this node's last successful round trip to the cluster database.",
+            namespace=ns, registry=r)
+        self.cluster_versions_behind = Gauge(
+            "cluster_versions_behind",
+            "Control-plane versions this node has seen but not applied yet.",
+            namespace=ns, registry=r)
+        self.cluster_ack_duration_seconds = Histogram(
+            "cluster_ack_duration_seconds",
+            "A control change committed to every live node having applied it.",
+            namespace=ns, registry=r, buckets=ACK_BUCKETS)
 
         # --- build ------------------------------------------------------------
         self.build_info = Gauge(
