@@ -2,7 +2,8 @@
 
 Owns: command-line parsing (the stable flag contract: ``--config``,
 ``--listen``, ``--data-dir``, ``--control-socket``, ``--metrics-listen``,
-``--smarthost``, ``--check-config``, ``--print-default-config``; and the
+``--smarthost``, ``--cluster-dsn``, ``--node-name``, ``--check-config`` (which
+also reads the cluster secrets when a DSN is set), ``--print-default-config``; and the
 ``install-service`` subcommand, relayd.install), finding the configuration
 file (``--config``, ``$RELAYD_CONFIG``, ``/etc/relayd/relayd.toml``, built-in
 defaults: relayd.config.locate; ``$RELAYD_SYSTEM_CONFIG`` replaces the system
@@ -740,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-socket", help="path of the control socket")
     p.add_argument("--metrics-listen", help="Prometheus endpoint HOST:PORT ('' to disable)")
     p.add_argument("--smarthost", help="deliver everything to HOST:PORT")
+    p.add_argument("--cluster-dsn", metavar="DSN",
+                   help="cluster mode on this PostgreSQL (postgresql://USER@HOST:PORT/DB;"
+                   " '' = single node)")
+    p.add_argument("--node-name", metavar="NAME", help="this node's name in the cluster")
     p.add_argument("--check-config", action="store_true", help="validate and exit")
     p.add_argument("--print-default-config", action="store_true",
                    help="write the documented default configuration to stdout and exit")
@@ -761,7 +766,8 @@ def load_config(args: argparse.Namespace,
         located = locate_config(args)
     cfg = config_mod.load(located.path) if located.path else Config()
     _OVERRIDES.clear()
-    for key in ("listen", "data_dir", "control_socket", "metrics_listen", "smarthost"):
+    for key in ("listen", "data_dir", "control_socket", "metrics_listen", "smarthost",
+                "cluster_dsn", "node_name"):
         value = getattr(args, key)
         if value is not None:
             _OVERRIDES[key] = value
@@ -818,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     located = locate_config(args)
     try:
         cfg = load_config(args, located)
+        if args.check_config and cfg.cluster.enabled:
+            config_mod.cluster_secrets(cfg.cluster, os.environ)
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

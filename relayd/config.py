@@ -12,6 +12,12 @@ documented default file itself, shipped as package data
 (``relayd/data/relayd.toml``, the same file as config/relayd.toml) so that
 ``relayd --print-default-config`` works from an installed wheel.
 
+Also owns the ``[cluster]`` section and the secrets it points to
+(:func:`cluster_secrets`: the PostgreSQL password from a file or a variable of
+the environment mapping it is given, and the key that encrypts DKIM private
+keys at rest), the node's name (:func:`node_name`) and :func:`redact_dsn`.
+Neither secret ever appears in an error message or a repr.
+
 Untrusted input: the TOML file (operator-written, but typos must be caught).
 Settings read: all of them. No other module reads files or the environment:
 the composition root (relayd.app) reads the variables, asks :func:`locate`,
@@ -22,7 +28,12 @@ See also: config/relayd.toml (the documented default file), relayd.app.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -268,6 +279,160 @@ class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     reconcile_seconds: Seconds = 60.0
 
 
+#: A node's name: what `relayctl node list` shows and `node forget` takes.
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_DSN_SCHEMES = ("postgresql://", "postgres://")
+_QUERY_PASSWORD_RE = re.compile(r"(?i)(?:^|[?&])password=")
+
+
+def _dsn_userinfo(dsn: str) -> str | None:
+    """The ``USER[:PASSWORD]`` part of a URL DSN, or None.
+
+    Taken up to the *last* ``@`` so that a password holding ``@`` or ``/``
+    is never mistaken for the host: when in doubt, more is treated as secret.
+    """
+    rest = dsn.partition("://")[2]
+    at = rest.rfind("@")
+    return rest[:at] if at >= 0 else None
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    userinfo = _dsn_userinfo(dsn)
+    if userinfo is not None and ":" in userinfo:
+        return True
+    query = dsn.partition("?")[2]
+    return bool(_QUERY_PASSWORD_RE.search(query))
+
+
+class ClusterConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Cluster mode: the PostgreSQL control plane shared by several nodes (not reloadable)."""
+
+    dsn: str = ""            # postgresql://USER@HOST:PORT/DB ; empty = single node on SQLite
+    password_file: str = ""  # file whose first line is the PostgreSQL password
+    password_env: str = ""   # or: the name of an environment variable holding it
+    node_name: str = ""      # this node's name; empty = the host name
+    advertise: str = ""      # the address shown in `relayctl node list`; empty = [smtp] listen
+    key_file: str = ""       # required with a dsn: 32 random bytes, base64 (one line), that
+    #                          encrypt DKIM private keys at rest in the database
+    heartbeat_seconds: Seconds = 1.0
+    fence_seconds: Seconds = 5.0      # cut off from PostgreSQL this long: stop taking mail
+    gone_seconds: Seconds = 10.0      # no heartbeat this long: the others stop waiting for it
+    connect_timeout_seconds: Seconds = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this node runs in cluster mode (a DSN is set)."""
+        return self.dsn != ""
+
+    def __post_init__(self) -> None:
+        # Messages never quote the DSN: it may hold a password.
+        if self.dsn:
+            if not self.dsn.startswith(_DSN_SCHEMES):
+                raise ValueError("cluster.dsn: must be a postgresql:// (or postgres://) URL,"
+                                 " postgresql://USER@HOST:PORT/DB; the key=value form is"
+                                 " not accepted")
+            if _dsn_has_password(self.dsn):
+                raise ValueError("cluster.dsn: must not contain a password: put it in"
+                                 " cluster.password_file or cluster.password_env")
+            if not self.key_file:
+                raise ValueError("cluster.key_file: required with cluster.dsn (32 random"
+                                 " bytes, base64: head -c 32 /dev/urandom | base64)")
+        if self.password_file and self.password_env:
+            raise ValueError("cluster.password_file and cluster.password_env:"
+                             " set one, not both")
+        if self.heartbeat_seconds > self.fence_seconds / 2:
+            raise ValueError("cluster.heartbeat_seconds: must be at most half of"
+                             " cluster.fence_seconds")
+        if self.fence_seconds >= self.gone_seconds:
+            raise ValueError("cluster.fence_seconds: must be less than cluster.gone_seconds"
+                             " (a node fences itself before the others stop waiting for it)")
+        if self.node_name and not NODE_NAME_RE.fullmatch(self.node_name):
+            raise ValueError("cluster.node_name: letters, digits, '.', '_' and '-',"
+                             " starting with a letter or digit, at most 63 characters")
+
+
+@dataclass(frozen=True)
+class ClusterSecrets:
+    """What cluster mode reads from outside the configuration file."""
+
+    password: str | None  # None: no password configured (peer, trust, or ~/.pgpass)
+    key: bytes            # 32 bytes: encrypts DKIM private keys at rest
+
+    def __repr__(self) -> str:  # never in a log line or a traceback by accident
+        return "ClusterSecrets(password=***, key=***)"
+
+
+def _read_secret_file(key: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key}: cannot read {path}: {why}") from None
+
+
+def _cluster_password(cc: ClusterConfig, environ: Mapping[str, str]) -> str | None:
+    if cc.password_file:
+        lines = _read_secret_file("cluster.password_file", cc.password_file).splitlines()
+        password = lines[0].strip() if lines else ""
+        if not password:
+            raise ConfigError(f"cluster.password_file: {cc.password_file}: first line is empty")
+        return password
+    if cc.password_env:
+        password = environ.get(cc.password_env, "")
+        if not password:
+            raise ConfigError(f"cluster.password_env: environment variable"
+                              f" {cc.password_env} is unset or empty")
+        return password
+    return None
+
+
+def _cluster_key(cc: ClusterConfig) -> bytes:
+    if not cc.key_file:
+        raise ConfigError("cluster.key_file: required with cluster.dsn")
+    text = _read_secret_file("cluster.key_file", cc.key_file).strip()
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"cluster.key_file: {cc.key_file}: not base64"
+                          " (expected one line: 32 random bytes, base64)") from None
+    if len(key) != 32:
+        raise ConfigError(f"cluster.key_file: {cc.key_file}: holds {len(key)} bytes,"
+                          " expected 32 (base64 of 32 random bytes)")
+    return key
+
+
+def cluster_secrets(cc: ClusterConfig, environ: Mapping[str, str]) -> ClusterSecrets:
+    """Read the PostgreSQL password and the DKIM key-encryption key of cluster mode.
+
+    The password is the first line (stripped) of ``password_file``, or
+    ``environ[password_env]``, or None when neither is set; the key is the
+    base64 of exactly 32 bytes in ``key_file``. Raise ConfigError naming the
+    key for a missing or unreadable file, an unset variable or a bad key; the
+    message never holds the password or the key.
+    """
+    return ClusterSecrets(password=_cluster_password(cc, environ), key=_cluster_key(cc))
+
+
+def node_name(cc: ClusterConfig, hostname: str) -> str:
+    """This node's name: ``cluster.node_name``, else the host name made to fit NODE_NAME_RE."""
+    if cc.node_name:
+        return cc.node_name
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).lstrip("._-")[:63]
+    return name or "node"
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***`` (for logs and messages)."""
+    out = dsn
+    userinfo = _dsn_userinfo(dsn) if "://" in dsn else None
+    if userinfo is not None and ":" in userinfo:
+        scheme, _, rest = dsn.partition("://")
+        user = userinfo.partition(":")[0]
+        out = f"{scheme}://{user}:***{rest[len(userinfo):]}"
+    # The query (?password=...) and the key=value form (password=... or password='...').
+    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", out)
+
+
 class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one relayd process."""
 
@@ -281,6 +446,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def ignored_settings(self) -> list[str]:
         """The removed settings this configuration still sets ("section.key"), ignored."""
@@ -366,6 +532,8 @@ def with_overrides(
     control_socket: str | None = None,
     metrics_listen: str | None = None,
     smarthost: str | None = None,
+    cluster_dsn: str | None = None,
+    node_name: str | None = None,
 ) -> Config:
     """Apply command-line overrides (the stable flag contract) and re-validate."""
     raw = msgspec.to_builtins(cfg)
@@ -380,6 +548,10 @@ def with_overrides(
     if smarthost is not None:
         raw["delivery"]["smarthost"] = smarthost
         raw["delivery"]["mode"] = "smarthost"
+    if cluster_dsn is not None:
+        raw["cluster"]["dsn"] = cluster_dsn
+    if node_name is not None:
+        raw["cluster"]["node_name"] = node_name
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:

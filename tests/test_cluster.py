@@ -44,7 +44,7 @@ async def test_one_directory_for_every_node(relay_factory: RelayFactory, pg_dsn:
                                       message(f"via {i}"))).startswith("250 ")
         raw.close()
     await sink.wait_for(3)
-    assert all(b"DKIM-Signature:" in m.content for m in sink.messages)
+    assert all(b"DKIM-Signature:" in m.data for m in sink.messages)
 
 
 async def test_disable_through_a_ends_a_session_on_b(relay_factory: RelayFactory,
