@@ -436,12 +436,8 @@ class Relay:
         and, in cluster mode, while this node is fenced (it cannot reach PostgreSQL)."""
         if self._stop.is_set() or self.ctx.shutting_down:
             return False, "stopping"
-        cluster = getattr(self, "cluster", None)  # relayd.cluster.node.ClusterNode
-        fenced = getattr(cluster, "fenced", False) if cluster is not None else False
-        if fenced:
-            why = fenced if isinstance(fenced, str) else \
-                getattr(cluster, "fenced_reason", "") or "cannot reach PostgreSQL"
-            return False, f"fenced: {why}"
+        if self.cluster is not None and self.cluster.fenced:
+            return False, f"fenced: {self.cluster.fenced_reason}"
         return True, ""
 
     # -- signals -----------------------------------------------------------------

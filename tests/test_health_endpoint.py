@@ -6,7 +6,6 @@ through the grace period) and while the node is fenced; plain text, never cached
 from __future__ import annotations
 
 import asyncio
-import types
 from pathlib import Path
 
 import aiohttp
@@ -37,17 +36,6 @@ async def test_stop_signal_makes_it_unhealthy(relay: RelayHandle) -> None:
     """From the stop signal on (before anything is closed), /health answers 503."""
     relay.relay.on_stop_signal()
     assert await _health(_base(relay)) == (503, "text/plain", "no-store", "stopping\n")
-
-
-async def test_fenced_node_is_unhealthy(relay: RelayHandle) -> None:
-    """In cluster mode, a fenced node answers 503 ``fenced: <why>``, and 200 again when
-    it is no longer fenced (the cluster node is the app's ``cluster`` attribute)."""
-    node = types.SimpleNamespace(fenced=True, fenced_reason="no PostgreSQL for 6.0 s")
-    relay.relay.cluster = node  # type: ignore[attr-defined]
-    status, _, _, body = await _health(_base(relay))
-    assert (status, body) == (503, "fenced: no PostgreSQL for 6.0 s\n")
-    node.fenced = False
-    assert (await _health(_base(relay)))[0] == 200
 
 
 async def test_sigterm_turns_health_503_during_the_grace_period(tmp_path: Path,

@@ -19,7 +19,6 @@ import pytest
 
 from control import schemas
 from control.cli import Cli, node_table, propagation_text
-from relayd.controlplane.lifecycle import LifecycleError
 from tests.conftest import RelayHandle
 from tests.test_relayctl import relayctl
 
@@ -68,58 +67,6 @@ async def test_single_node_relayctl_prints_nothing_about_propagation(
     user, _ = await relay.ctl.add_user("example.com")
     rc, out, err = await relayctl(relay.ctl.path, "user", "disable", user)
     assert (rc, out, err) == (0, f"{user}: disabled\n", "")
-
-
-class _StandIn:
-    """What relayd.cluster.node.ClusterNode answers for node list and forget."""
-
-    def __init__(self) -> None:
-        self.forgotten: list[str] = []
-
-    async def node_list(self) -> schemas.NodeList:
-        return schemas.NodeList(version=42, nodes=[
-            schemas.NodeInfo(name="a", address="127.0.0.1", applied_version=42, behind=0,
-                             heartbeat_age_seconds=0.4, state="live", queue_depth=3,
-                             this=True),
-            schemas.NodeInfo(name="b", address="127.0.0.2", applied_version=40, behind=2,
-                             heartbeat_age_seconds=31.0, state="gone", queue_depth=0,
-                             this=False)])
-
-    async def node_forget(self, name: str) -> schemas.NodeForgotten:
-        if name == "a":
-            raise LifecycleError("node a is live", "node_live", 409)
-        if name != "b":
-            raise LifecycleError(f"no such node: {name}", "not_found", 404)
-        self.forgotten.append(name)
-        return schemas.NodeForgotten(name=name)
-
-
-async def test_cluster_node_answers_through_socket_and_cli(relay: RelayHandle) -> None:
-    """With a cluster node in place, node list / forget reach it; its answers and its
-    refusals (404, 409 node_live) come through the API and relayctl."""
-    stand_in = _StandIn()
-    relay.relay.lifecycle.shared.cluster = stand_in
-    sock = relay.ctl.path
-    rc, out, err = await relayctl(sock, "node", "list")
-    assert rc == 0, err
-    lines = out.splitlines()
-    assert lines[0] == "control-plane version 42"
-    assert lines[1].split() == ["NAME", "ADDRESS", "STATE", "APPLIED", "BEHIND", "HEARTBEAT",
-                                "QUEUE"]
-    assert lines[2].split() == ["*", "a", "127.0.0.1", "live", "42", "0", "0.4s", "ago", "3"]
-    assert lines[3].split() == ["b", "127.0.0.2", "gone", "40", "2", "31.0s", "ago", "0"]
-    rc, out, err = await relayctl(sock, "--json", "node", "list")
-    assert rc == 0, err
-    assert msgspec.convert(json.loads(out), schemas.NodeList) == await stand_in.node_list()
-    rc, out, err = await relayctl(sock, "node", "forget", "b")
-    assert (rc, out, err) == (0, "forgot node b: changes no longer wait for it\n", "")
-    assert stand_in.forgotten == ["b"]
-    assert await relay.ctl.call("POST", "/v1/nodes/a/forget") == \
-        (409, {"error": "node a is live", "code": "node_live"})
-    assert await relay.ctl.call("POST", "/v1/nodes/zz/forget") == \
-        (404, {"error": "no such node: zz", "code": "not_found"})
-    rc, out, err = await relayctl(sock, "node", "forget", "zz")
-    assert (rc, out, err) == (1, "", "relayctl: no such node: zz\n")
 
 
 # --- formatters, on decoded Structs ----------------------------------------------------

@@ -88,7 +88,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_contact = time.monotonic()
         self._open = False  # caught up since the last contact was lost
-        self.fence_reason = "starting"
+        self.fenced_reason = "starting"
         self._stopping = False
 
     # -- joining ----------------------------------------------------------------------
@@ -158,13 +158,13 @@ class ClusterNode:
     def _fence(self, reason: str) -> None:
         if self._open:
             self._open = False
-            self.fence_reason = reason
+            self.fenced_reason = reason
             self._log("cluster_fenced", reason=reason)
 
     def _opened(self) -> None:
         if not self._open:
             self._open = True
-            self.fence_reason = ""
+            self.fenced_reason = ""
             self._log("cluster_open", applied=self.applied)
 
     @property
@@ -248,6 +248,10 @@ class ClusterNode:
         acks = await self.acknowledge(version)
         answers = await self.store.probe_answers(version)
         return {n: answers.get(n, 0) for n in acks.acknowledged}, acks.gone
+
+    async def version(self) -> int:
+        """The cluster's control-plane version now."""
+        return await self.store.version()
 
     async def nodes(self) -> list[NodeRow]:
         return await self.store.nodes(self.timing.gone)

@@ -33,13 +33,26 @@ class Nodes:
         cluster = self.shared.cluster
         if cluster is None:
             raise not_clustered()
-        result: schemas.NodeList = await cluster.node_list()
-        return result
+        version = await cluster.version()
+        return schemas.NodeList(version=version, nodes=[schemas.NodeInfo(
+            name=r.name, address=r.address, applied_version=r.applied_version,
+            behind=max(0, version - r.applied_version),
+            heartbeat_age_seconds=round(r.heartbeat_age, 3),
+            state="gone" if not r.live else "fenced" if r.fenced else "live",
+            queue_depth=r.queue_depth, this=r.name == cluster.name)
+            for r in await cluster.nodes()])
 
     async def node_forget(self, name: str) -> schemas.NodeForgotten:
         """Forget a gone node: changes stop waiting for it, deletes stop asking for it."""
         cluster = self.shared.cluster
         if cluster is None:
             raise not_clustered()
-        result: schemas.NodeForgotten = await cluster.node_forget(name)
-        return result
+        outcome = await cluster.forget(name)
+        if outcome == "unknown":
+            raise LifecycleError(f"no such node: {name}", "not_found", 404)
+        if outcome == "live":
+            raise LifecycleError(
+                f"node {name} is live (its heartbeat is recent): stop it first; only a node"
+                " that is gone can be forgotten", "node_live", 409)
+        self.shared.log("node_forgotten", node=name)
+        return schemas.NodeForgotten(name=name)
