@@ -64,6 +64,10 @@ def test_metric_names_are_the_documented_ones() -> None:
         "relayd_spool_commit_batch_size",
         "relayd_spool_free_bytes",
         "relayd_spool_size_bytes",
+        "relayd_cluster_fenced",
+        "relayd_cluster_heartbeat_age_seconds",
+        "relayd_cluster_versions_behind",
+        "relayd_cluster_ack_duration_seconds",
         "relayd_build_info",
     }
     assert len(METRIC_NAMES) == len(set(METRIC_NAMES))

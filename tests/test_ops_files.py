@@ -364,6 +364,7 @@ REJECTED = 'relayd_smtp_rejections_total{instance="a",reason="auth_failed"}'
 FREE = 'relayd_spool_free_bytes{instance="a"}'
 OPEN_FDS = 'process_open_fds{job="relayd",instance="a"}'
 MAX_FDS = 'process_max_fds{job="relayd",instance="a"}'
+FENCED = 'relayd_cluster_fenced{instance="a"}'
 
 # alert -> (series when it must fire, series when it must stay quiet, eval time)
 SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
@@ -411,6 +412,11 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
         [{"series": OPEN_FDS, "values": "60000x20"}, {"series": MAX_FDS, "values": "65536x20"}],
         [{"series": OPEN_FDS, "values": "3000x20"}, {"series": MAX_FDS, "values": "65536x20"}],
         "15m",
+    ),
+    "RelaydClusterNodeFenced": (
+        [{"series": FENCED, "values": "0 0 1x10"}],
+        [{"series": FENCED, "values": "0 0 1 0x10"}],
+        "6m",
     ),
 }
 
