@@ -62,7 +62,7 @@ class RelayProcess:
     """relayd in a subprocess with its own data dir and ports."""
 
     def __init__(self, tmp: Path, smarthost: str | None, extra_toml: str = "",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.tmp = tmp
         self.data = tmp / "var"
         self.sock = str(self.data / "control.sock")
@@ -73,6 +73,7 @@ class RelayProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.log = tmp / "relayd.log"
         self.env = env or {}  # extra environment for the child (e.g. NOTIFY_SOCKET)
+        self.args = args or []  # extra command-line arguments (e.g. --cluster-dsn)
 
     async def start(self) -> None:
         """Start and wait until the SMTP port answers."""
@@ -81,7 +82,7 @@ class RelayProcess:
             sys.executable, "-m", "relayd.app", "--config", str(self.config),
             "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
             "--control-socket", self.sock,
-            *(["--smarthost", self.smarthost] if self.smarthost else []),
+            *(["--smarthost", self.smarthost] if self.smarthost else []), *self.args,
             cwd=REPO, stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         LIVE.add(self.proc)

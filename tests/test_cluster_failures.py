@@ -1,0 +1,205 @@
+"""Cluster mode when things break: a node cut off from PostgreSQL, a node killed, a node down
+during a delete; and the operator's view of the nodes (node list, node forget).
+
+Real PostgreSQL (tests/pg_fixtures.py), real relayd nodes (in this process, or a real
+process where it must be killed), a real TCP proxy between one node and the database
+(tests/tcpproxy.py) to cut it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from tests.cluster_support import TIMING, key_file, start_node
+from tests.conftest import RelayFactory, RelayHandle, Sink, message
+from tests.procs import RelayProcess, free_port
+from tests.rawsmtp import Raw
+from tests.tcpproxy import TcpProxy
+from tests.test_relayctl import relayctl
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _health(node: RelayHandle) -> tuple[int, str]:
+    url = node.metrics_url.replace("/metrics", "/health")
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+async def _until(probe, want, within: float) -> float:  # type: ignore[no-untyped-def]
+    """Poll ``probe()`` until it returns ``want``; the seconds it took (fails after ``within``)."""
+    began = time.monotonic()
+    while True:
+        got = await probe()
+        if got == want:
+            return time.monotonic() - began
+        assert time.monotonic() - began < within, f"still {got!r}, want {want!r}"
+        await asyncio.sleep(0.05)
+
+
+async def _login(node: RelayHandle, user: str, password: str) -> tuple[Raw, str]:
+    raw = await Raw.open(node.host, node.port)
+    return raw, await raw.login(user, password)
+
+
+async def test_cut_off_node_fences_then_catches_up(relay_factory: RelayFactory, pg_dsn: str,
+                                                  tmp_path: Path) -> None:
+    """Node c loses PostgreSQL: within its fencing interval it refuses AUTH (454) and MAIL
+    (451, also in a session authenticated before) and /health says 503. A disable made
+    through node a meanwhile returns once c is declared gone, naming it. When c reaches
+    the database again, it applies the disable before it opens."""
+    db = urlsplit(pg_dsn)
+    assert db.hostname is not None and db.port is not None
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    async with TcpProxy(db.hostname, db.port) as proxy:
+        via_proxy = pg_dsn.replace(f":{db.port}/", f":{proxy.port}/")
+        c = await start_node(relay_factory, via_proxy, "c", tmp_path, "127.0.0.3",
+                             connect_timeout_seconds=1.0)
+        await a.ctl.add_domain("example.com")
+        user, password = await a.ctl.add_user("example.com")
+        raw, answer = await _login(c, user, password)
+        assert answer.startswith("235 ")
+        assert await _health(c) == (200, "ok\n")
+        proxy.cut()
+        took = await _fenced(c)
+        assert took < TIMING["fence_seconds"] + 1.5
+        assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("451 4.3.0 ")
+        raw.close()
+        raw, answer = await _login(c, user, password)
+        assert answer.startswith("454 4.7.0 "), answer
+        raw.close()
+        began = time.monotonic()
+        info = await a.ctl.ok("POST", f"/v1/users/{user}/disable")
+        assert info["propagation"] == {"version": info["propagation"]["version"],
+                                       "acknowledged": ["a"], "gone": ["c"]}
+        assert time.monotonic() - began < TIMING["gone_seconds"] + 2.0
+        proxy.restore()
+        await _until(lambda: _health(c), (200, "ok\n"), within=10.0)
+        raw, answer = await _login(c, user, password)
+        assert answer.startswith("535 "), answer  # the disable, applied before it opened
+        raw.close()
+
+
+async def _fenced(node: RelayHandle) -> float:
+    """Seconds until /health says fenced."""
+    began = time.monotonic()
+    while True:
+        status, text = await _health(node)
+        if status == 503:
+            assert text.startswith("fenced: "), text
+            return time.monotonic() - began
+        assert time.monotonic() - began < 5.0, "never fenced"
+        await asyncio.sleep(0.05)
+
+
+async def test_node_list_and_forget(relay_factory: RelayFactory, pg_dsn: str,
+                                    tmp_path: Path) -> None:
+    """relayctl node list shows every node with its state; a stopped node is gone at
+    once and can be forgotten; a live one cannot; an unknown name is a clear error."""
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    b = await start_node(relay_factory, pg_dsn, "b", tmp_path, "127.0.0.2")
+    await a.ctl.add_domain("example.com")
+    listed = await b.ctl.ok("GET", "/v1/nodes")
+    assert [(n["name"], n["state"], n["this"], n["behind"]) for n in listed["nodes"]] == [
+        ("a", "live", False, 0), ("b", "live", True, 0)]
+    assert listed["version"] >= 1
+    rc, out, err = await relayctl(a.ctl.path, "node", "list")
+    assert rc == 0, err
+    assert out.splitlines()[2].split()[:3] == ["*", "a", a.relay.cfg.smtp.listen]
+    assert await a.ctl.call("POST", "/v1/nodes/b/forget") == (409, {
+        "error": "node b is live (its heartbeat is recent): stop it first; only a node that"
+                 " is gone can be forgotten", "code": "node_live"})
+    await b.stop()
+    states = {n["name"]: n["state"] for n in (await a.ctl.ok("GET", "/v1/nodes"))["nodes"]}
+    assert states == {"a": "live", "b": "gone"}
+    rc, out, err = await relayctl(a.ctl.path, "node", "forget", "b")
+    assert (rc, out, err) == (0, "forgot node b: changes no longer wait for it\n", "")
+    assert [n["name"] for n in (await a.ctl.ok("GET", "/v1/nodes"))["nodes"]] == ["a"]
+    rc, out, err = await relayctl(a.ctl.path, "node", "forget", "zz")
+    assert (rc, out, err) == (1, "", "relayctl: no such node: zz\n")
+
+
+async def test_delete_asks_every_node(relay_factory: RelayFactory, pg_dsn: str,
+                                      tmp_path: Path) -> None:
+    """Mail queued on node b (its next hop is down) refuses a delete through node a, with
+    the count per node; with b stopped, the delete is refused as b may hold mail; with
+    --purge-queue it goes through, and b purges its spool when it starts again."""
+    dead = f"127.0.0.1:{free_port()}"
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    b_cfg = {"smtp": {"listen": "127.0.0.2:0"},
+             "cluster": {"dsn": pg_dsn, "node_name": "b", "key_file": str(key_file(tmp_path)),
+                         **TIMING}}
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    b = await relay_factory(b_cfg, smarthost=dead, data=b_dir)
+    await a.ctl.add_domain("example.com")
+    user, password = await a.ctl.add_user("example.com")
+    raw, answer = await _login(b, user, password)
+    assert answer.startswith("235 ")
+    for i in range(2):
+        assert (await raw.transaction("app@example.com", [f"r{i}@dest.test"],
+                                      message(f"held {i}"))).startswith("250 ")
+    raw.close()
+    status, body = await a.ctl.call("POST", f"/v1/users/{user}/delete", {"confirm": user})
+    assert (status, body["code"]) == (409, "queue_not_empty")
+    assert "2 queued message(s) (2 on b)" in body["error"]
+    await b.stop()
+    status, body = await a.ctl.call("POST", f"/v1/users/{user}/delete", {"confirm": user})
+    assert (status, body["code"]) == (409, "node_unreachable")
+    assert "node(s) b cannot be reached" in body["error"]
+    done = await a.ctl.ok("POST", f"/v1/users/{user}/delete",
+                          {"confirm": user, "purge_queue": True})
+    assert done["propagation"]["gone"] == ["b"]
+    b = await relay_factory(b_cfg, smarthost=dead, data=b_dir)
+    deleted = b.relay.directory.account(user)
+    assert deleted is not None and deleted.status == "deleted"
+    assert await b.relay.spool.message_count(deleted.id) == 0
+    assert (await b.ctl.ok("GET", "/v1/status"))["queue"] == {
+        "queued": 0, "waiting_limit": 0, "held": 0, "deferred": 0}
+
+
+@pytest.mark.slow
+async def test_killed_node_is_gone_then_catches_up_and_delivers(
+        relay_factory: RelayFactory, pg_dsn: str, tmp_path: Path, sink: Sink,
+        procs: list[RelayProcess]) -> None:
+    """kill -9 node b (a real process, joined with --cluster-dsn and --node-name): a
+    control call through a returns after the declared-gone interval and reports b; b
+    restarts, applies what it missed before it accepts a login, and delivers the mail
+    its spool kept."""
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    toml = (f'[cluster]\nkey_file = "{key_file(tmp_path)}"\nheartbeat_seconds = 0.2\n'
+            'fence_seconds = 1.0\ngone_seconds = 2.0\n')
+    b_tmp = tmp_path / "bproc"
+    b_tmp.mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    b = RelayProcess(b_tmp, dead, toml, args=["--cluster-dsn", pg_dsn, "--node-name", "b"])
+    procs.append(b)
+    await b.start()
+    await a.ctl.add_domain("example.com")
+    user, password = await a.ctl.add_user("example.com")
+    other, other_pw = await a.ctl.add_user("example.com")
+    raw = await Raw.open("127.0.0.1", b.port)
+    assert (await raw.login(user, password)).startswith("235 ")
+    for i in range(3):
+        assert (await raw.transaction("app@example.com", [f"k{i}@dest.test"],
+                                      message(f"kept {i}"))).startswith("250 ")
+    raw.close()
+    await b.kill()
+    began = time.monotonic()
+    info = await a.ctl.ok("POST", f"/v1/users/{other}/disable")
+    took = time.monotonic() - began
+    assert info["propagation"]["gone"] == ["b"]
+    assert took < TIMING["gone_seconds"] + 2.0
+    b.smarthost = sink.address
+    await b.start()
+    raw = await Raw.open("127.0.0.1", b.port)
+    assert (await raw.login(other, other_pw)).startswith("535 ")
+    raw.close()
+    await sink.wait_for(3, timeout=20)
+    assert sorted(m.rcpt_tos[0] for m in sink.messages) == [f"k{i}@dest.test" for i in range(3)]
