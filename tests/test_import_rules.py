@@ -25,6 +25,7 @@ ADAPTERS: dict[str, tuple[frozenset[str], str]] = {
     "prometheus_client": (frozenset({"prometheus_client"}), "relayd.observe.metrics"),
     "structlog": (frozenset({"structlog"}), "relayd.observe.logs"),
     "cryptography": (frozenset({"cryptography"}), "relayd.dkim.signature"),
+    "asyncpg": (frozenset({"asyncpg"}), "relayd.store.pg"),
 }
 
 #: Libraries that relayd and control/ never import (test and bench dependencies only):
