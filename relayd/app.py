@@ -279,7 +279,7 @@ class Relay:
         self.lifecycle.shared.cluster = node
         follower = Follower(self.lifecycle.shared, store, self.lifecycle.domains.signers_of)
         await follower.purge_deleted()
-        await node.start(version, follower.apply)
+        await node.start(version, follower.apply, follower.resync)
         self.log.info("cluster_joined", node=node.name, version=node.applied)
 
     async def _start_control(self, undo: contextlib.AsyncExitStack) -> None:

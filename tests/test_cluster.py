@@ -25,7 +25,7 @@ async def _login(node: RelayHandle, user: str, password: str) -> tuple[Raw, str]
     return raw, await raw.login(user, password)
 
 
-async def test_one_directory_for_every_node(relay_factory: RelayFactory, pg_dsn: str,
+async def test_one_directory_for_every_node(pg_dsn: str, relay_factory: RelayFactory,
                                             tmp_path: Path, sink: Sink) -> None:
     """A domain and an account made through one node are there on every node when the
     call returns: each node signs and relays the account's mail."""
@@ -75,7 +75,7 @@ async def test_disable_through_a_ends_a_session_on_b(relay_factory: RelayFactory
 
 
 @pytest.mark.parametrize("change", ["reset-password", "delete", "domain-delete"])
-async def test_rights_taken_away_everywhere(relay_factory: RelayFactory, pg_dsn: str,
+async def test_rights_taken_away_everywhere(pg_dsn: str, relay_factory: RelayFactory,
                                             tmp_path: Path, change: str) -> None:
     """Reset-password, delete and domain delete through node c: an authenticated session
     on node a can send no more, and the old credentials fail on every node."""
@@ -105,7 +105,7 @@ async def test_rights_taken_away_everywhere(relay_factory: RelayFactory, pg_dsn:
         raw.close()
 
 
-async def test_plan_slots_race_between_nodes(relay_factory: RelayFactory, pg_dsn: str,
+async def test_plan_slots_race_between_nodes(pg_dsn: str, relay_factory: RelayFactory,
                                              tmp_path: Path) -> None:
     """With room for 3 accounts, 4 concurrent adds through two nodes: exactly 3 succeed
     (the slots are counted in the write, which the control-plane version orders)."""

@@ -18,6 +18,7 @@ import pytest
 
 from tests.cluster_support import TIMING, key_file, start_node
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
+from tests.pgserver import PgServer, database_name
 from tests.procs import RelayProcess, free_port
 from tests.rawsmtp import Raw
 from tests.tcpproxy import TcpProxy
@@ -48,7 +49,7 @@ async def _login(node: RelayHandle, user: str, password: str) -> tuple[Raw, str]
     return raw, await raw.login(user, password)
 
 
-async def test_cut_off_node_fences_then_catches_up(relay_factory: RelayFactory, pg_dsn: str,
+async def test_cut_off_node_fences_then_catches_up(pg_dsn: str, relay_factory: RelayFactory,
                                                   tmp_path: Path) -> None:
     """Node c loses PostgreSQL: within its fencing interval it refuses AUTH (454) and MAIL
     (451, also in a session authenticated before) and /health says 503. A disable made
@@ -98,7 +99,7 @@ async def _fenced(node: RelayHandle) -> float:
         await asyncio.sleep(0.05)
 
 
-async def test_node_list_and_forget(relay_factory: RelayFactory, pg_dsn: str,
+async def test_node_list_and_forget(pg_dsn: str, relay_factory: RelayFactory,
                                     tmp_path: Path) -> None:
     """relayctl node list shows every node with its state; a stopped node is gone at
     once and can be forgotten; a live one cannot; an unknown name is a clear error."""
@@ -125,7 +126,7 @@ async def test_node_list_and_forget(relay_factory: RelayFactory, pg_dsn: str,
     assert (rc, out, err) == (1, "", "relayctl: no such node: zz\n")
 
 
-async def test_delete_asks_every_node(relay_factory: RelayFactory, pg_dsn: str,
+async def test_delete_asks_every_node(pg_dsn: str, relay_factory: RelayFactory,
                                       tmp_path: Path) -> None:
     """Mail queued on node b (its next hop is down) refuses a delete through node a, with
     the count per node; with b stopped, the delete is refused as b may hold mail; with
@@ -166,7 +167,7 @@ async def test_delete_asks_every_node(relay_factory: RelayFactory, pg_dsn: str,
 
 @pytest.mark.slow
 async def test_killed_node_is_gone_then_catches_up_and_delivers(
-        relay_factory: RelayFactory, pg_dsn: str, tmp_path: Path, sink: Sink,
+        pg_dsn: str, relay_factory: RelayFactory, tmp_path: Path, sink: Sink,
         procs: list[RelayProcess]) -> None:
     """kill -9 node b (a real process, joined with --cluster-dsn and --node-name): a
     control call through a returns after the declared-gone interval and reports b; b
@@ -203,3 +204,27 @@ async def test_killed_node_is_gone_then_catches_up_and_delivers(
     raw.close()
     await sink.wait_for(3, timeout=20)
     assert sorted(m.rcpt_tos[0] for m in sink.messages) == [f"k{i}@dest.test" for i in range(3)]
+
+
+async def test_node_behind_a_pruned_log_reloads(pg_dsn: str, relay_factory: RelayFactory,
+                                                pg_server: PgServer, tmp_path: Path) -> None:
+    """Node c, cut off while a disable is made and the change log is pruned past it,
+    reloads the whole directory when it is back: the disable holds on c too."""
+    db = urlsplit(pg_dsn)
+    assert db.hostname is not None and db.port is not None
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    async with TcpProxy(db.hostname, db.port) as proxy:
+        c = await start_node(relay_factory, pg_dsn.replace(f":{db.port}/", f":{proxy.port}/"),
+                             "c", tmp_path, "127.0.0.3", connect_timeout_seconds=1.0)
+        await a.ctl.add_domain("example.com")
+        user, password = await a.ctl.add_user("example.com")
+        proxy.cut()
+        await _fenced(c)
+        await a.ctl.ok("POST", f"/v1/users/{user}/disable")
+        pg_server.psql("DELETE FROM changes", database_name(pg_dsn))  # pruned past c
+        proxy.restore()
+        await _until(lambda: _health(c), (200, "ok\n"), within=10.0)
+        raw, answer = await _login(c, user, password)
+        assert answer.startswith("535 "), answer
+        raw.close()
+        assert c.relay.directory.account(user).status == "disabled"  # type: ignore[union-attr]

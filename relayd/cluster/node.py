@@ -34,6 +34,11 @@ from relayd.store.pg import Database, Listener, PgError, Unavailable
 from relayd.store.pgdirectory import ACK_CHANNEL, CONTROL_CHANNEL, Change, NodeRow, PgDirectory
 
 Apply = Callable[[Change], Awaitable[None]]
+Resync = Callable[[], Awaitable[None]]
+
+#: How long the change log is kept (every live node has applied what is dropped; a
+#: node that was away longer reloads the whole directory instead of replaying).
+KEEP_CHANGES_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class ClusterNode:
         self.applied = 0
         self.latest = 0  # the highest version seen (notifications and the log)
         self._apply: Apply | None = None
+        self._resync: Resync | None = None
+        self._pruned_at = time.monotonic()
         self._listener: Listener | None = None
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
@@ -104,9 +111,13 @@ class ClusterNode:
         self._last_contact = time.monotonic()
         return version
 
-    async def start(self, loaded: int, apply: Apply) -> None:
-        """Catch up from ``loaded`` with ``apply``, open, and start following."""
+    async def start(self, loaded: int, apply: Apply, resync: Resync) -> None:
+        """Catch up from ``loaded`` with ``apply``, open, and start following.
+
+        ``resync`` reloads the whole directory (when the log no longer holds every
+        change after this node's applied version)."""
         self._apply = apply
+        self._resync = resync
         self.applied = self.latest = loaded
         await self._catch_up()
         self._opened()
@@ -187,19 +198,32 @@ class ClusterNode:
 
     async def _catch_up(self) -> None:
         """Apply every change after ``applied``, in order; record the applied version."""
-        assert self._apply is not None
+        assert self._apply is not None and self._resync is not None
         async with self._follow_lock:
             start = self.applied
             while True:
                 changes = await self.store.changes_after(self.applied)
-                if not changes:
-                    break
+                if not self._follows(changes):
+                    latest = await self.store.version()
+                    if latest <= self.applied:
+                        break  # up to date
+                    if self._follows(await self.store.changes_after(self.applied)):
+                        continue  # committed between the two reads
+                    # the log no longer holds every change since: pruned meanwhile
+                    self._log("cluster_resync", applied=self.applied, version=latest)
+                    await self._resync()
+                    self.applied = latest
+                    continue
                 for change in changes:
                     await self._apply(change)
                     self.applied = change.version
                 self.latest = max(self.latest, self.applied)
             if self.applied != start:
                 await self.store.applied(self.applied)
+
+    def _follows(self, changes: list[Change]) -> bool:
+        """True if ``changes`` start right after the applied version."""
+        return bool(changes) and changes[0].version == self.applied + 1
 
     async def _heartbeats(self) -> None:
         """Every heartbeat: be seen alive, catch up, and (re)open or fence."""
@@ -216,6 +240,9 @@ class ClusterNode:
                 await self._catch_up()
                 self._last_contact = began
                 self._opened()
+                if time.monotonic() - self._pruned_at > KEEP_CHANGES_SECONDS / 10:
+                    self._pruned_at = time.monotonic()
+                    await self.store.prune_changes(KEEP_CHANGES_SECONDS)
             except (PgError, OSError) as exc:
                 if self._open and time.monotonic() - self._last_contact > t.fence:
                     self._fence(f"no contact with PostgreSQL: {exc}")

@@ -108,6 +108,14 @@ class Follower:
         if acct.usable and not was_usable:
             self.s.scheduler.wake()
 
+    async def resync(self) -> None:
+        """Apply every domain and account as stored now (the log did not reach back far
+        enough): the same comparison as for one change, for all of them."""
+        for dom in await self.store.domains():
+            self.domain(dom)
+        for acct in await self.store.accounts():
+            await self.account(acct)
+
     async def purge_deleted(self) -> None:
         """At start, before the scheduler: the mail this node holds for accounts deleted
         while it was away (a delete with --purge-queue, or after `node forget`)."""

@@ -152,11 +152,27 @@ class PgDirectory:
     async def version(self) -> int:
         return int(await self._db.fetchval("SELECT version FROM control_version WHERE id=1"))
 
-    async def changes_after(self, version: int, limit: int = 1000) -> list[Change]:
+    async def changes_after(self, version: int, versions: int = 500) -> list[Change]:
+        """The log rows of the next ``versions`` versions (every row of each), in order."""
         rows = await self._db.fetch(
             "SELECT version, kind, entity_id FROM changes WHERE version > $1"
-            " ORDER BY version, kind, entity_id LIMIT $2", version, limit)
+            " AND version <= $1 + $2 ORDER BY version, kind, entity_id", version, versions)
         return [Change(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def prune_changes(self, keep_seconds: float) -> None:
+        """Drop change-log rows (and probe answers) older than ``keep_seconds`` that every
+        node heard from within ``keep_seconds`` has applied. A node further behind than
+        what is kept reloads the whole directory instead of replaying."""
+        async def prune(tx: Tx) -> None:
+            floor = await tx.fetchval(
+                f"SELECT min(applied_version) FROM nodes WHERE {_LIVE}",  # noqa: S608
+                keep_seconds)
+            if floor is None:
+                return
+            await tx.execute("DELETE FROM changes WHERE version < $1 AND at < now()"
+                             " - make_interval(secs => $2)", floor, keep_seconds)
+            await tx.execute("DELETE FROM queue_probes WHERE version < $1", floor)
+        await self._db.transaction(prune)
 
     async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]]) -> T:
         """Run ``work`` as one control write: next version first, the log and NOTIFY last."""
