@@ -558,8 +558,6 @@ class Relay:
         sdnotify.stopping(os.environ.get("NOTIFY_SOCKET"))
         grace = self.cfg.server.shutdown_grace_seconds
         await self._stop_step("listeners", self._stop_sessions, grace)
-        if self.cluster is not None:  # after the sessions: they follow changes until then
-            await self._stop_step("cluster", self.cluster.stop)
         await self._stop_step("control", self.control.stop)
         await self._stop_step("scheduler", self.scheduler.stop, grace)
         await self._stop_step("deliverer", self.deliverer.close)
@@ -567,6 +565,8 @@ class Relay:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
+        if self.cluster is not None:  # after the sessions and the last writes to it
+            await self._stop_step("cluster", self.cluster.stop)
         await self._stop_step("spool", self.spool.close)
         await self._stop_step("delivery_log", self.dlog.close)
         await self._stop_step("hasher", self.hasher.close)

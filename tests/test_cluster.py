@@ -137,3 +137,33 @@ def _dir(tmp: Path, name: str) -> Path:
     path = tmp / name
     path.mkdir(exist_ok=True)
     return path
+
+
+async def test_totals_and_last_connection_merged(pg_dsn: str, relay_factory: RelayFactory,
+                                                 tmp_path: Path, sink: Sink) -> None:
+    """Mail delivered by two nodes adds up in one total, and the last connection is the
+    latest of them, whichever node is asked; dormant listing agrees."""
+    a, b, c = await three_nodes(relay_factory, pg_dsn, tmp_path)
+    await a.ctl.add_domain("example.com")
+    user, password = await a.ctl.add_user("example.com")
+    for node, count in ((a, 2), (b, 3)):
+        raw, answer = await _login(node, user, password)
+        assert answer.startswith("235 ")
+        for i in range(count):
+            assert (await raw.transaction("app@example.com", [f"t{i}@dest.test"],
+                                          message(f"t{i}"))).startswith("250 ")
+        raw.close()
+    await sink.wait_for(5)
+    last_b = b.relay.directory.account(user).last_connection  # type: ignore[union-attr]
+    assert last_b is not None
+    for _ in range(100):  # each node adds its deliveries at its next flush (0.2 s here)
+        shown = await c.ctl.ok("GET", f"/v1/users/{user}")
+        if shown["total_sent"] == 5:
+            break
+        await asyncio.sleep(0.05)
+    assert shown["total_sent"] == 5
+    assert shown["last_connection"] == pytest.approx(last_b)
+    listed = await a.ctl.ok("GET", "/v1/users", sort="sent")
+    assert [(u["username"], u["total_sent"]) for u in listed["users"]] == [(user, 5)]
+    dormant = await c.ctl.ok("GET", "/v1/dormant", days=1)
+    assert dormant["users"] == []

@@ -91,6 +91,9 @@ class Shared:
         self.warn: Callable[..., None] = warn or self.log
         #: The last-connection time last written, per account id.
         self.flushed: dict[int, float | None] = {}
+        #: Cluster mode: each account's total as last read from or added to the cluster
+        #: database (what this node delivered beyond it is still to be added).
+        self.sent_base: dict[int, int] = {}
         self.lock = asyncio.Lock()
         #: relayd.cluster.node.ClusterNode in cluster mode; None: a single node.
         self.cluster: Any = None

@@ -75,6 +75,7 @@ class Follower:
         if acct is None:
             acct = account_from(rec, domain)
             self.s.flushed[acct.id] = acct.last_connection
+            self.s.sent_base[acct.id] = acct.total_sent
             directory.put_account(acct)
             if acct.status == DELETED:
                 await self._purge(acct)

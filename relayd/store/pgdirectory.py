@@ -326,6 +326,19 @@ class PgDirectory:
             "UPDATE accounts SET last_connection = GREATEST(last_connection, $1)"
             " WHERE id=$2", list(changed)))
 
+    async def add_sent(self, deltas: Sequence[tuple[int, int]]) -> None:
+        """Add ``(messages delivered, account id)`` pairs to the accounts' totals (each node
+        adds what it delivered since its last call: the stored total is the sum)."""
+        await self._db.transaction(lambda tx: tx.executemany(
+            "UPDATE accounts SET total_sent = total_sent + $1 WHERE id=$2 AND"
+            " status != 'deleted'", list(deltas)))
+
+    async def stats(self) -> list[tuple[int, int, float | None]]:
+        """``(account id, total sent, last connection)`` of every account not deleted."""
+        rows = await self._db.fetch("SELECT id, total_sent, last_connection FROM accounts"
+                                    " WHERE status != 'deleted'")
+        return [(int(r[0]), int(r[1]), None if r[2] is None else float(r[2])) for r in rows]
+
     # -- queue probes: how much mail of an account each node holds ----------------------
     async def probe(self, account_id: int) -> int:
         """Ask every node for its count of ``account_id``'s messages; the probe's version."""
