@@ -228,3 +228,63 @@ async def test_node_behind_a_pruned_log_reloads(pg_dsn: str, relay_factory: Rela
         assert answer.startswith("535 "), answer
         raw.close()
         assert c.relay.directory.account(user).status == "disabled"  # type: ignore[union-attr]
+
+
+async def test_postgres_restart_under_load(pg_dsn: str, relay_factory: RelayFactory,
+                                           pg_server: PgServer, tmp_path: Path,
+                                           sink: Sink) -> None:
+    """PostgreSQL restarts while two nodes take mail: every message gets its 250 (the hot
+    path never waits for the database) and is delivered; both nodes reconnect and follow
+    changes again (a disable afterwards is acknowledged by both)."""
+    slow = {"fence_seconds": 4.0, "gone_seconds": 8.0}
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1", **slow)
+    b = await start_node(relay_factory, pg_dsn, "b", tmp_path, "127.0.0.2", **slow)
+    await a.ctl.add_domain("example.com")
+    user, password = await a.ctl.add_user("example.com")
+    other, _ = await a.ctl.add_user("example.com")
+
+    async def submit(node: RelayHandle, tag: str, count: int) -> int:
+        raw, answer = await _login(node, user, password)
+        assert answer.startswith("235 ")
+        accepted = 0
+        for i in range(count):
+            reply = await raw.transaction("app@example.com", [f"{tag}{i}@dest.test"],
+                                          message(f"{tag} {i}"))
+            accepted += reply.startswith("250 ")
+            await asyncio.sleep(0.005)
+        raw.close()
+        return accepted
+
+    load = asyncio.gather(submit(a, "a", 100), submit(b, "b", 100))
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(pg_server.restart)
+    assert await load == [100, 100]
+    await sink.wait_for(200, timeout=30)
+    assert len({m.rcpt_tos[0] for m in sink.messages}) == 200
+    info = await b.ctl.ok("POST", f"/v1/users/{other}/disable")
+    assert sorted(info["propagation"]["acknowledged"]) == ["a", "b"]
+    for node in (a, b):
+        assert await _health(node) == (200, "ok\n")
+
+
+async def test_control_call_without_the_database_is_refused(
+        pg_dsn: str, relay_factory: RelayFactory, tmp_path: Path) -> None:
+    """A control call on a node cut off from PostgreSQL answers 503 cluster_unavailable and
+    changes nothing: the account it would have disabled still works there."""
+    db = urlsplit(pg_dsn)
+    assert db.hostname is not None and db.port is not None
+    async with TcpProxy(db.hostname, db.port) as proxy:
+        a = await start_node(relay_factory, pg_dsn.replace(f":{db.port}/", f":{proxy.port}/"),
+                             "a", tmp_path, "127.0.0.1", connect_timeout_seconds=1.0,
+                             fence_seconds=3.0, gone_seconds=6.0)
+        await a.ctl.add_domain("example.com")
+        user, password = await a.ctl.add_user("example.com")
+        proxy.cut()
+        status, body = await a.ctl.call("POST", f"/v1/users/{user}/disable")
+        assert (status, body["code"]) == (503, "cluster_unavailable"), body
+        raw, answer = await _login(a, user, password)  # not fenced yet: 3 s
+        assert answer.startswith("235 "), answer
+        raw.close()
+        proxy.restore()
+        await _until(lambda: _health(a), (200, "ok\n"), within=10.0)
+        assert (await a.ctl.ok("GET", f"/v1/users/{user}"))["status"] == "active"
