@@ -49,6 +49,7 @@ import uvloop
 from control import schemas
 from relayd import config as config_mod
 from relayd.cluster.node import ClusterNode, Timing, open_database
+from relayd.cluster.quota import QuotaLeaser
 from relayd.config import Config, ConfigError, parse_hostport
 from relayd.controlplane.follow import Follower
 from relayd.controlplane.lifecycle import Lifecycle
@@ -66,6 +67,7 @@ from relayd.observe.logbudget import LogBudget
 from relayd.observe.metrics import Metrics, new_registry
 from relayd.queue import backoff
 from relayd.queue.bounces import Bounces
+from relayd.queue.quota import QuotaLedger
 from relayd.queue.ratelimit import limits_from
 from relayd.queue.scheduler import Scheduler
 from relayd.smtp import policy
@@ -138,6 +140,7 @@ class Relay:
         self._notify = os.environ.get("NOTIFY_SOCKET")
         self._reload_error: str | None = None  # the last reload's failure, until one works
         self.cluster: ClusterNode | None = None  # cluster mode: this node's membership
+        self.quota_leaser: QuotaLeaser | None = None  # cluster mode: sending-limit leases
 
     def free_disk(self) -> int:
         """Free bytes on the spool's disk (cached for a second)."""
@@ -238,6 +241,7 @@ class Relay:
         try:
             if self.cluster is not None and store is not None:
                 await self._join_cluster(self.cluster, store)
+                self._lease_quota(store, undo)
             else:
                 await self.lifecycle.load()
             await self.scheduler.start()
@@ -281,6 +285,15 @@ class Relay:
         await follower.purge_deleted()
         await node.start(version, follower.apply, follower.resync)
         self.log.info("cluster_joined", node=node.name, version=node.applied)
+
+    def _lease_quota(self, store: PgDirectory, undo: contextlib.AsyncExitStack) -> None:
+        """Cluster mode: sending limits count units leased from the cluster (SEMANTICS §7)."""
+        ledger = QuotaLedger()
+        self.scheduler.queue.quota = ledger
+        self.quota_leaser = QuotaLeaser(store, ledger, clock=lambda: self.scheduler.clock(),
+                                        wake=self.scheduler.wake, log=self.log.info)
+        self.quota_leaser.start()
+        undo.push_async_callback(_quietly, self.quota_leaser.stop)
 
     async def _start_control(self, undo: contextlib.AsyncExitStack) -> None:
         """The control socket and, when configured, the metrics listener."""
@@ -565,6 +578,8 @@ class Relay:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
+        if self.quota_leaser is not None:
+            await self._stop_step("quota", self.quota_leaser.stop)
         if self.cluster is not None:  # after the sessions and the last writes to it
             await self._stop_step("cluster", self.cluster.stop)
         await self._stop_step("spool", self.spool.close)

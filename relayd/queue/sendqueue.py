@@ -13,7 +13,9 @@ memory within a byte budget (``keep_data``).
 Pure: no asyncio, no I/O, no clock. Time (``now``) and whether an account may
 send (``usable``) are passed in. An account's sending window is made by the
 caller (it is seeded from the delivery log): ``take`` says which account needs
-one (``wanted``) and ``set_window`` gives it.
+one (``wanted``) and ``set_window`` gives it. In cluster mode (``quota`` set), an
+account also needs a unit of quota leased from the cluster for each first attempt
+(relayd.queue.quota); without one its mail waits and ``take`` asks for a lease.
 
 Cost: ``push`` and ``take`` are O(1) per account visited; ``view`` and
 ``drop`` are O(messages) (control path).
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relayd.directory.accounts import Account
+from relayd.queue.quota import QuotaLedger
 from relayd.queue.ratelimit import Limits, RateWindow
 
 DATA_CACHE_MAX_MESSAGE = 256 * 1024
@@ -90,6 +93,8 @@ class SendQueue:
         self.wanted: int | None = None
         #: After ``take`` returned None: when the first blocked account may send again.
         self.earliest: float | None = None
+        #: Cluster mode: the quota this node leased (None: a single node, limits local).
+        self.quota: QuotaLedger | None = None
 
     # -- data held in memory --------------------------------------------------------
     def keep_data(self, data: bytes) -> bytes | None:
@@ -152,15 +157,34 @@ class SendQueue:
                 self.wanted = acct_id
                 return None
             self._rr.rotate(-1)
-            until = aq.window.try_consume(now)
+            until = aq.window.blocked_until(now)
+            if until is None and not self._quota_allows(acct_id, aq, now):
+                until = self.quota.blocked_until(acct_id, now) if self.quota else None
+                if until is None:
+                    continue  # a lease was asked for: its answer wakes the caller
             if until is not None:
                 self.earliest = until if self.earliest is None else min(self.earliest, until)
                 continue
+            aq.window.consume(now)
+            if self.quota is not None:
+                self.quota.consume(acct_id, aq.window.limits, now)
             msg = aq.pending.popleft()
             if not aq.pending:
                 self._rr.remove(acct_id)
             return msg
         return None
+
+    def _quota_allows(self, acct_id: int, aq: _AccountQueue, now: float) -> bool:
+        """Cluster mode: True if the account holds quota for one message; else a lease is
+        asked for. Always True on a single node."""
+        quota = self.quota
+        if quota is None or aq.window is None:
+            return True
+        limits = aq.window.limits
+        if quota.allows(acct_id, limits, now):
+            return True
+        quota.need(acct_id, limits, now, len(aq.pending))
+        return False
 
     def hand(self, msg: QMsg) -> None:
         """``msg`` (from ``take``) waits for a worker: it still counts as queued."""
@@ -191,6 +215,9 @@ class SendQueue:
         aq = self._queues.get(account_id)
         if aq is not None and aq.window is not None:
             until = aq.window.blocked_until(now)
+            if until is None and self.quota is not None and not self.quota.allows(
+                    account_id, aq.window.limits, now):
+                until = self.quota.blocked_until(account_id, now)
             if until is not None:
                 return "waiting_limit", until
         return "queued", None

@@ -4,7 +4,8 @@ Owns: the PostgreSQL schema of cluster mode (created by the first node that star
 an empty database), :class:`PgDirectory` — the :class:`~relayd.store.directory.DirectoryStore`
 of a cluster — and the tables that make the nodes agree: the control-plane version,
 the change log, the node registry (heartbeats on the database clock, applied
-versions), and the per-node answers to a queue probe.
+versions), the per-node answers to a queue probe, and the sending-limit quota
+leased to the nodes (one row per account, limited period and window).
 
 Every control write is one transaction that first takes the next control-plane version
 (``UPDATE control_version ... RETURNING``: the row lock orders every write of the
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS queue_probes (
     version bigint NOT NULL, node text NOT NULL, account_id bigint NOT NULL,
     count bigint NOT NULL, PRIMARY KEY (version, node));
+CREATE TABLE IF NOT EXISTS quota (
+    account_id bigint NOT NULL, period int NOT NULL, window_start bigint NOT NULL,
+    granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
 """
 
 
@@ -92,6 +96,37 @@ class Change:
     version: int
     kind: str
     entity_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One limited sending window of an account as a lease sees it: its period and
+    start (POSIX seconds), the limit, and the units this node already holds in it."""
+
+    period: int
+    start: int
+    limit: int
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a lease gave in one window: ``granted`` units, ``remaining`` after it."""
+
+    period: int
+    start: int
+    granted: int
+    remaining: int
+
+
+def lease_sizes(windows: Sequence[Window], granted: Sequence[int], want: int) -> list[int]:
+    """Units to grant per window so that ``want`` more messages may be sent, or as many
+    as every window's remaining quota allows (a message takes one unit of each window;
+    units already held count). Pure."""
+    sendable = min(w.held for w in windows)
+    target = min(sendable + max(0, want),
+                 *(w.held + max(0, w.limit - g) for w, g in zip(windows, granted, strict=True)))
+    return [max(0, target - w.held) for w in windows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +392,42 @@ class PgDirectory:
         rows = await self._db.fetch("SELECT node, count FROM queue_probes WHERE version=$1",
                                     version)
         return {str(r[0]): int(r[1]) for r in rows}
+
+    # -- sending-limit quota: units leased to the nodes -----------------------------------
+    async def lease(self, account_id: int, windows: Sequence[Window], want: int) -> list[Grant]:
+        """Lease units of ``account_id``'s windows so that this node may send up to ``want``
+        more messages; never more, across every node, than a window's limit.
+
+        One transaction: the rows are created if missing and locked in period order
+        (the same order for every node), the grant is computed from their counts
+        (``lease_sizes``) and added to them."""
+        ordered = sorted(windows, key=lambda w: w.period)
+
+        async def run(tx: Tx) -> list[Grant]:
+            await tx.executemany(
+                "INSERT INTO quota(account_id, period, window_start, granted)"
+                " VALUES ($1,$2,$3,0) ON CONFLICT DO NOTHING",
+                [(account_id, w.period, w.start) for w in ordered])
+            counts = []
+            for w in ordered:
+                counts.append(int(await tx.fetchval(
+                    "SELECT granted FROM quota WHERE account_id=$1 AND period=$2"
+                    " AND window_start=$3 FOR UPDATE", account_id, w.period, w.start)))
+            sizes = lease_sizes(ordered, counts, want)
+            grants = []
+            for w, count, n in zip(ordered, counts, sizes, strict=True):
+                if n:
+                    await tx.execute(
+                        "UPDATE quota SET granted = granted + $4 WHERE account_id=$1"
+                        " AND period=$2 AND window_start=$3", account_id, w.period, w.start, n)
+                grants.append(Grant(w.period, w.start, n, max(0, w.limit - count - n)))
+            return grants
+        return await self._db.transaction(run)
+
+    async def prune_quota(self, ended_before: float) -> None:
+        """Forget the quota of windows that ended before ``ended_before``."""
+        await self._db.execute("DELETE FROM quota WHERE window_start + period < $1",
+                               int(ended_before))
 
     # -- the node registry --------------------------------------------------------------
     async def register(self, address: str, applied: int) -> None:
