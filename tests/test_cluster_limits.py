@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from relayd.cluster.node import open_database
+from relayd.store.pgdirectory import PgDirectory, Window
 from tests.cluster_support import three_nodes
 from tests.conftest import RelayFactory, Sink
 from tests.test_queue_support import FakeClock, eventually, install_clock, queue_items, submit
@@ -52,3 +54,27 @@ async def test_per_minute_limit_holds_across_three_nodes(
     for node in nodes:
         assert await queue_items(node) == []
     assert len(sink.messages) == 150
+
+
+async def test_concurrent_leases_never_pass_the_limit(pg_dsn: str) -> None:
+    """Thirty leases racing from three connections' pools for one account's minute and
+    hour: the units granted add up to the tighter limit exactly, never more."""
+    dbs = [await open_database(pg_dsn, None, 5.0, 5.0) for _ in range(3)]
+    try:
+        stores = [PgDirectory(db, f"n{i}", seal=bytes, unseal=bytes)
+                  for i, db in enumerate(dbs)]
+        await stores[0].ensure_schema()
+        windows = [Window(60, 1_700_000_040, 100), Window(3600, 1_699_999_200, 90)]
+        answers = await asyncio.gather(*(stores[i % 3].lease(7, windows, 7)
+                                          for i in range(30)))
+        minute = sum(g.granted for grants in answers for g in grants if g.period == 60)
+        hour = sum(g.granted for grants in answers for g in grants if g.period == 3600)
+        assert minute == hour == 90
+        [again] = [await stores[1].lease(7, windows, 5)]
+        assert [(g.granted, g.remaining) for g in again] == [(0, 10), (0, 0)]
+        await stores[2].prune_quota(1_700_000_040 + 3600 + 1)
+        fresh = await stores[2].lease(7, windows, 5)
+        assert [g.granted for g in fresh] == [5, 5]  # both windows' rows were pruned
+    finally:
+        for db in dbs:
+            await db.close()
