@@ -1,5 +1,5 @@
 """SMTP accounts: add, list, show, disable, enable, reset-password, delete, limits,
-networks, dormant; the batched write of last-connection times.
+networks, dormant.
 
 Owns: the account operations of SEMANTICS.md §3-§4, each returning only when the
 database, the directory, the credential cache and the scheduler agree (so
@@ -23,6 +23,7 @@ import secrets
 
 from control import schemas
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
+from relayd.controlplane.stats import refresh_stats
 from relayd.directory.accounts import (
     ACTIVE,
     DELETED,
@@ -185,13 +186,13 @@ class Accounts:
 
     async def user_show(self, username: str) -> schemas.UserInfo:
         """One account."""
-        await self.refresh_stats()
+        await refresh_stats(self.s)
         return self.info(self.s.account(username))
 
     async def user_list(self, domain: str | None = None, status: str | None = None,
                         sort: str = "name") -> schemas.UserList:
         """Accounts (not deleted), filtered and sorted."""
-        await self.refresh_stats()
+        await refresh_stats(self.s)
         accts = [a for a in self.s.directory.accounts_by_id.values() if a.status != DELETED]
         if domain:
             accts = [a for a in accts if a.domain.name == domain.lower()]
@@ -213,7 +214,7 @@ class Accounts:
         """Accounts whose last connection is older than ``days`` (or never), oldest first."""
         if days < 0:
             raise LifecycleError("days must be >= 0", "bad_request")
-        await self.refresh_stats()
+        await refresh_stats(self.s)
         cutoff = self.s.clock() - days * 86400
         accts = [a for a in self.s.directory.accounts_by_id.values() if a.status != DELETED
                  and (a.last_connection is None or a.last_connection < cutoff)
@@ -407,48 +408,3 @@ class Accounts:
             self.s.directory.rebuild_networks()
         self.s.log("user_networks", username=username, action=change.action, cidr=cidr)
         return self.info(acct)
-
-    async def flush_last_connections(self) -> int:
-        """Write changed last-connection times in one statement batch; return how many.
-        In cluster mode, also add what this node delivered since to the shared totals."""
-        if self.s.cluster is not None:
-            await self._flush_totals()
-        flushed = self.s.flushed
-        changed = [(a.last_connection, a.id) for a in self.s.directory.accounts_by_id.values()
-                   if a.status != DELETED and a.last_connection != flushed.get(a.id)]
-        if not changed:
-            return 0
-
-        def written(_: None) -> None:
-            for ts, acct_id in changed:
-                flushed[acct_id] = ts
-
-        await agree(self.s.store.save_last_connections(changed), apply=written)
-        return len(changed)
-
-    async def _flush_totals(self) -> None:
-        """Cluster mode: each node adds its own deliveries to the stored total (a sum)."""
-        base = self.s.sent_base
-        deltas = [(a.total_sent - base.get(a.id, a.total_sent), a.id)
-                  for a in self.s.directory.accounts_by_id.values() if a.status != DELETED]
-        deltas = [(n, acct_id) for n, acct_id in deltas if n > 0]
-        if deltas:
-            await self.s.cluster.store.add_sent(deltas)
-            for n, acct_id in deltas:
-                base[acct_id] = base.get(acct_id, 0) + n
-
-    async def refresh_stats(self) -> None:
-        """Cluster mode, before answering with accounts: totals and last connections as
-        every node left them (the sum of the totals, the latest connection), plus what
-        this node has not written yet."""
-        if self.s.cluster is None:
-            return
-        base, flushed, accounts = self.s.sent_base, self.s.flushed, self.s.directory.accounts_by_id
-        for acct_id, total, last in await self.s.cluster.store.stats():
-            acct = accounts.get(acct_id)
-            if acct is None or acct.status == DELETED:
-                continue
-            acct.total_sent = total + acct.total_sent - base.get(acct_id, acct.total_sent)
-            base[acct_id] = total
-            if last is not None and (acct.last_connection or 0.0) < last:
-                acct.last_connection = flushed[acct_id] = last

@@ -20,6 +20,7 @@ See also: relayd.controlplane.server, relayd.app.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -27,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
+from relayd.controlplane import stats
 from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
 from relayd.controlplane.domains import Domains
@@ -71,7 +73,8 @@ class Lifecycle:
         self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
         self.user_networks, self.info = a.user_networks, a.info
-        self.flush_last_connections = a.flush_last_connections
+        self.flush_last_connections = functools.partial(stats.flush_last_connections,
+                                                        self.shared)
         self.queue_list, self.queue_show = q.queue_list, q.queue_show
         self.queue_purge, self.queue_retry = q.queue_purge, q.queue_retry
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
