@@ -6,7 +6,9 @@
 # systemd-tmpfiles check the shipped units; only the tools are used, no
 # service is started), chattr (e2fsprogs) and postgresql (initdb, pg_ctl and
 # psql: the tests run throwaway servers of their own; no default cluster is
-# created and no PostgreSQL service is left running or enabled). The tests
+# created and no PostgreSQL service is left running or enabled) and haproxy
+# (checks config/haproxy.cfg with `haproxy -c`; the tests start their own
+# haproxy processes; no haproxy service is left running or enabled). The tests
 # fail, not skip, when one of these is missing (tests/tools.py). Quiet and
 # idempotent: with everything present it prints nothing and changes nothing.
 set -e
@@ -47,6 +49,8 @@ command -v chattr >/dev/null 2>&1 || [ -x /usr/sbin/chattr ] || [ -x /sbin/chatt
 command -v script >/dev/null 2>&1 || need="$need bsdutils"  # bench/postfix.py runs postfix under script(1)
 pg=""  # tests/pgserver.py: the server programs, found where Debian puts them
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { need="$need postgresql"; pg=1; }
+hap=""  # tests/test_cluster_docs.py: haproxy -c on config/haproxy.cfg
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { need="$need haproxy"; hap=1; }
 [ -z "$need" ] && exit 0
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -77,5 +81,16 @@ if [ -n "$pg" ]; then
     done
     if [ -d /run/systemd/system ]; then
         $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+fi
+if [ -n "$hap" ]; then
+    # Debian's postinst starts the haproxy service (an empty default configuration):
+    # stop it and keep it from starting at boot; the tests run haproxy themselves.
+    if [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now haproxy >/dev/null 2>&1 || true
+    else
+        $SUDO invoke-rc.d haproxy stop >/dev/null 2>&1 || \
+            $SUDO /etc/init.d/haproxy stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true
     fi
 fi
