@@ -3,7 +3,8 @@
 scripts/install-debs.sh (``make debs``, which ``make test`` runs) installs or unpacks every
 command-line tool a test calls: systemd's systemd-analyze, systemd-sysusers and
 systemd-tmpfiles, promtool, fail2ban, sqlite3, Postfix's smtp-sink and smtp-source, chattr,
-haproxy, and the PostgreSQL server (initdb, pg_ctl, psql: ``postgres_bindir``, for tests/pgserver.py).
+haproxy, and the PostgreSQL server (initdb, pg_ctl, psql: ``postgres_bindir``, for
+tests/pgserver.py).
 A test that needs one calls ``require_tool`` (or ``postgres_bindir``), which answers its
 path or fails the test with a message naming ``make debs``; it never skips, so a check
 cannot turn into a green "s" on a machine where the set-up did not run.
