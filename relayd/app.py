@@ -75,11 +75,16 @@ from relayd.smtp.server import RelaySMTP, SmtpContext
 from relayd.store.datadir import prepare_data_dir
 from relayd.store.datadir import spool_size as _spool_size  # status() calls it so
 from relayd.store.deliverylog import DeliveryLog
+from relayd.store.directory import SqliteDirectory
 from relayd.store.pg import PgError
 from relayd.store.pgdirectory import PgDirectory, SchemaTooNew
 from relayd.store.spool import DbError, Spool, SpoolError, unusable
 
 VERSION = "0.1.0"
+
+
+class NotThisSpool(SpoolError):
+    """The data directory belongs to another kind of node (single, or another cluster)."""
 #: How often the delivery log's bounds are applied (a prune with nothing to do is cheap).
 LOG_PRUNE_SECONDS = 600.0
 EXIT_CONFIG = 2
@@ -243,9 +248,10 @@ class Relay:
                 await self._join_cluster(self.cluster, store)
                 self._lease_quota(store, undo)
             else:
+                await self._claim_spool(None)
                 await self.lifecycle.load()
             await self.scheduler.start()
-        except (PgError, SchemaTooNew, dkim.SealError):
+        except (PgError, SchemaTooNew, dkim.SealError, NotThisSpool):
             raise
         except (DbError, SpoolError) as exc:  # the spool, read and written at last
             raise unusable(cfg.database_path, exc) from None
@@ -279,6 +285,7 @@ class Relay:
         """Join: LISTEN, load the directory from the cluster, purge the mail of accounts
         deleted while this node was away, catch up, then follow."""
         version = await node.join()
+        await self._claim_spool(store.cluster_id)
         await self.lifecycle.load()
         self.lifecycle.shared.cluster = node
         follower = Follower(self.lifecycle.shared, store, self.lifecycle.domains.signers_of)
@@ -294,6 +301,27 @@ class Relay:
                                         wake=self.scheduler.wake, log=self.log.info)
         self.quota_leaser.start()
         undo.push_async_callback(_quietly, self.quota_leaser.stop)
+
+    async def _claim_spool(self, cluster_id: str | None) -> None:
+        """The spool belongs to this kind of node: a single node's (``cluster_id`` None)
+        or a node of this cluster's; its account ids would mean other accounts else."""
+        path = self.cfg.database_path
+        owner = await self.spool.meta("cluster_id")
+        if cluster_id is None:
+            if owner is not None:
+                raise NotThisSpool(
+                    f"{path} belongs to a node of cluster {owner}: start relayd with that"
+                    " node's [cluster] settings, or give it another data directory")
+            return
+        if owner is None:
+            if await SqliteDirectory(self.spool).holds_any():
+                raise NotThisSpool(
+                    f"{path} is a single node's spool (it holds its domains and accounts):"
+                    " a cluster node needs a data directory of its own (docs/CLUSTER.md)")
+            await self.spool.set_meta("cluster_id", cluster_id)
+        elif owner != cluster_id:
+            raise NotThisSpool(f"{path} belongs to a node of another cluster ({owner}):"
+                               " give this node a data directory of its own")
 
     async def _start_control(self, undo: contextlib.AsyncExitStack) -> None:
         """The control socket and, when configured, the metrics listener."""

@@ -9,6 +9,9 @@ process where it must be killed), a real TCP proxy between one node and the data
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from tests.cluster_support import TIMING, key_file, start_node
+from relayd.app import NotThisSpool
+from tests.cluster_support import TIMING, key_file, node_config, start_node
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.pgserver import PgServer, database_name
 from tests.procs import RelayProcess, free_port
@@ -288,3 +292,46 @@ async def test_control_call_without_the_database_is_refused(
         proxy.restore()
         await _until(lambda: _health(a), (200, "ok\n"), within=10.0)
         assert (await a.ctl.ok("GET", f"/v1/users/{user}"))["status"] == "active"
+
+
+async def test_node_with_another_key_exits_2(pg_dsn: str, relay_factory: RelayFactory,
+                                             tmp_path: Path) -> None:
+    """A node whose [cluster] key_file differs from the cluster's is refused at start (exit
+    2, naming the key), even before any DKIM key is stored: the first node sealed a check."""
+    await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    other = tmp_path / "other"
+    other.mkdir()
+    key = other / "other.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    config = other / "relayd.toml"
+    config.write_text(f'[cluster]\nkey_file = "{key}"\n[metrics]\nlisten = ""\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd.app", "--config", str(config), "--cluster-dsn", pg_dsn,
+        "--node-name", "b", "--listen", "127.0.0.2:0", "--data-dir", str(other / "var"),
+        "--control-socket", str(other / "var" / "control.sock"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2, err.decode()
+    assert "cluster.key_file" in err.decode() and "another key" in err.decode()
+
+
+async def test_a_data_directory_belongs_to_one_kind_of_node(
+        pg_dsn: str, relay_factory: RelayFactory, tmp_path: Path) -> None:
+    """A single node's data directory (it holds domains) is refused as a cluster node's, and
+    a cluster node's is refused to a single node: their account ids mean other accounts."""
+    single = tmp_path / "single"
+    single.mkdir()
+    one = await relay_factory({}, data=single)
+    await one.ctl.add_domain("example.com")
+    await one.stop()
+    cluster_cfg = node_config(pg_dsn, "a", tmp_path, "127.0.0.1")
+    with pytest.raises(NotThisSpool, match="single node's spool"):
+        await relay_factory(cluster_cfg, data=single)
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    node = await relay_factory(cluster_cfg, data=node_dir)
+    await node.stop()
+    with pytest.raises(NotThisSpool, match="belongs to a node of cluster"):
+        await relay_factory({}, data=node_dir)
+    again = await relay_factory(cluster_cfg, data=node_dir)  # its own cluster: fine
+    assert await _health(again) == (200, "ok\n")

@@ -192,8 +192,8 @@ class ClusterNode:
                 if self._listener is None or self._listener.lost:
                     await self._connect_listener()
                 await self._catch_up()
-            except PgError as exc:
-                self._log("cluster_follow_failed", error=str(exc))
+            except Exception as exc:  # the database, or a change this node cannot apply
+                self._log("cluster_follow_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(min(1.0, self.timing.heartbeat))
 
     async def _catch_up(self) -> None:
@@ -243,9 +243,9 @@ class ClusterNode:
                 if time.monotonic() - self._pruned_at > KEEP_CHANGES_SECONDS / 10:
                     self._pruned_at = time.monotonic()
                     await self.store.prune_changes(KEEP_CHANGES_SECONDS)
-            except (PgError, OSError) as exc:
+            except Exception as exc:  # until it works again, no contact: it fences in time
                 if self._open and time.monotonic() - self._last_contact > t.fence:
-                    self._fence(f"no contact with PostgreSQL: {exc}")
+                    self._fence(f"no contact with PostgreSQL: {type(exc).__name__}: {exc}")
             _ = self.fenced  # fence on time even when the heartbeat hangs
             await asyncio.sleep(max(0.0, t.heartbeat - (time.monotonic() - began)))
 

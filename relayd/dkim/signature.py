@@ -139,8 +139,8 @@ def open_key(key: bytes, sealed: bytes) -> bytes:
     try:
         return AESGCM(key).decrypt(nonce, sealed[len(_SEALED) + 12:], _SEALED)
     except InvalidTag:
-        raise SealError("the DKIM key in the cluster database cannot be opened with this"
-                        " node's [cluster] key_file (another key?)") from None
+        raise SealError("what the cluster database holds sealed cannot be opened with this"
+                        " node's key (another key than the other nodes'?)") from None
 
 
 def generate_private_key(algorithm: str) -> bytes:

@@ -179,6 +179,11 @@ class SqliteDirectory:
     async def domains(self) -> list[DomainRecord]:
         return [_domain(r) for r in await self._spool.fetchall(_DOMAIN_COLUMNS)]
 
+    async def holds_any(self) -> bool:
+        """True if a domain was ever added here (the data directory of a single node)."""
+        row = await self._spool.fetchone("SELECT EXISTS(SELECT 1 FROM domains)")
+        return bool(row and row[0])
+
     async def accounts(self) -> list[AccountRecord]:
         nets: dict[int, list[str]] = {}
         for row in await self._spool.fetchall("SELECT account_id, cidr FROM account_networks"):

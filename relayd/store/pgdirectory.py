@@ -28,6 +28,8 @@ acknowledgements), relayd.store.directory (the records and the SQLite implementa
 
 from __future__ import annotations
 
+import base64
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +52,7 @@ SCHEMA_VERSION = 1
 CONTROL_CHANNEL = "relayd_control"
 ACK_CHANNEL = "relayd_ack"
 _SCHEMA_LOCK = 0x72656C6179  # pg_advisory_xact_lock key while the schema is created
+_KEY_CHECK = b"relayd cluster key check v1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relayd_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -168,10 +171,14 @@ class PgDirectory:
         self._seal = seal
         self._unseal = unseal
         self.written = 0
+        #: The cluster's identity (created with its schema; known after ensure_schema).
+        self.cluster_id = ""
 
     # -- schema, versions, change log ----------------------------------------------------
     async def ensure_schema(self) -> None:
-        """Create the tables on an empty database (one node at a time); refuse a newer one."""
+        """Create the tables on an empty database (one node at a time); refuse a newer
+        schema (SchemaTooNew) and a node whose key cannot open the key check the first
+        node sealed (SealError from ``unseal``); learn the cluster's id."""
         async def create(tx: Tx) -> None:
             await tx.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
             await tx.execute(_SCHEMA)
@@ -182,6 +189,17 @@ class PgDirectory:
             elif int(stored) > SCHEMA_VERSION:
                 raise SchemaTooNew(f"the cluster database has schema {stored}; this relayd"
                                    f" knows up to {SCHEMA_VERSION}: upgrade this node")
+            # who the cluster is, and proof of its key: the first node seals a known
+            # text; a node with another key cannot open it (unseal raises) and stops
+            await tx.execute(
+                "INSERT INTO relayd_meta VALUES ('cluster_id', $1), ('key_check', $2)"
+                " ON CONFLICT DO NOTHING", uuid.uuid4().hex,
+                base64.b64encode(self._seal(_KEY_CHECK)).decode("ascii"))
+            check = await tx.fetchval("SELECT value FROM relayd_meta WHERE key='key_check'")
+            if self._unseal(base64.b64decode(check)) != _KEY_CHECK:
+                raise ValueError("cluster key check: unexpected content")
+            self.cluster_id = str(await tx.fetchval(
+                "SELECT value FROM relayd_meta WHERE key='cluster_id'"))
         await self._db.transaction(create)
 
     async def version(self) -> int:
