@@ -305,8 +305,8 @@ class Relay:
     async def _claim_spool(self, cluster_id: str | None) -> None:
         """The spool belongs to this kind of node: a single node's (``cluster_id`` None)
         or a node of this cluster's; its account ids would mean other accounts else."""
-        path = self.cfg.database_path
-        owner = await self.spool.meta("cluster_id")
+        path, local = self.cfg.database_path, SqliteDirectory(self.spool)
+        owner = await local.cluster_id()
         if cluster_id is None:
             if owner is not None:
                 raise NotThisSpool(
@@ -314,11 +314,11 @@ class Relay:
                     " node's [cluster] settings, or give it another data directory")
             return
         if owner is None:
-            if await SqliteDirectory(self.spool).holds_any():
+            if await local.holds_any():
                 raise NotThisSpool(
                     f"{path} is a single node's spool (it holds its domains and accounts):"
                     " a cluster node needs a data directory of its own (docs/CLUSTER.md)")
-            await self.spool.set_meta("cluster_id", cluster_id)
+            await local.set_cluster_id(cluster_id)
         elif owner != cluster_id:
             raise NotThisSpool(f"{path} belongs to a node of another cluster ({owner}):"
                                " give this node a data directory of its own")

@@ -184,6 +184,17 @@ class SqliteDirectory:
         row = await self._spool.fetchone("SELECT EXISTS(SELECT 1 FROM domains)")
         return bool(row and row[0])
 
+    async def cluster_id(self) -> str | None:
+        """The cluster whose directory this spool's account ids refer to (None: this
+        spool's own tables, a single node)."""
+        row = await self._spool.fetchone("SELECT value FROM meta WHERE key='cluster_id'")
+        return str(row[0]) if row else None
+
+    async def set_cluster_id(self, cluster_id: str) -> None:
+        await self._spool._transact(functools.partial(
+            _execute, sql="INSERT OR REPLACE INTO meta(key, value) VALUES ('cluster_id', ?)",
+            params=(cluster_id,)))
+
     async def accounts(self) -> list[AccountRecord]:
         nets: dict[int, list[str]] = {}
         for row in await self._spool.fetchall("SELECT account_id, cidr FROM account_networks"):

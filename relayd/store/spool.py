@@ -322,14 +322,6 @@ class Spool:
         row = await self.fetchone(q.DEFERRED_COUNT_SQL)
         return int(row[0]) if row else 0
 
-    async def meta(self, key: str) -> str | None:
-        """A value of the spool's own key-value table (None if unset)."""
-        row = await self.fetchone("SELECT value FROM meta WHERE key=?", (key,))
-        return str(row[0]) if row else None
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self._transact(functools.partial(_set_meta, key=key, value=value))
-
     async def message_count(self, account_id: int) -> int:
         """The messages an account has stored (any state)."""
         row = await self.fetchone(q.MESSAGE_COUNT_SQL, (account_id,))
@@ -434,10 +426,6 @@ class Spool:
 
 
 # -- on the writer's thread ----------------------------------------------------------------
-def _set_meta(conn: SqlConn, key: str, value: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-
-
 def _nothing(conn: SqlConn) -> None:
     return None
 
