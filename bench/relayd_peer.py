@@ -125,11 +125,11 @@ class RelaydRelay(System):
         data.mkdir(parents=True, exist_ok=True)
         self.sock = data / "control.sock"
         self.config_path = self.base / "relayd.toml"
-        self.config_path.write_text(dump_toml(bench_config(self.base, self.dkim)))
+        self.config_path.write_text(dump_toml(self.config()))
         self.cmd = [*relayd_cmd(), "--config", str(self.config_path), "--listen", self.target,
                     "--data-dir", str(data), "--control-socket", str(self.sock),
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-                    "--smarthost", self.sink.addr]
+                    "--smarthost", self.sink.addr, *self.extra_args()]
         self.logpath = self.base / "relayd.log"
         self.log = open(self.logpath, "wb")
         env = dict(os.environ)
@@ -153,6 +153,14 @@ class RelaydRelay(System):
             self.mail_from = f"sender@{DOMAIN}"
         except Exception as e:
             raise RuntimeError(f"{e}\n--- relayd.log tail ---\n{self.log_tail()}") from e
+
+    def config(self) -> dict[str, Any]:
+        """The configuration file's content."""
+        return bench_config(self.base, self.dkim)
+
+    def extra_args(self) -> list[str]:
+        """Command-line flags after the common ones."""
+        return []
 
     def relayctl(self, *args: str) -> Any:
         base = relayctl_cmd()
@@ -243,3 +251,51 @@ class RelaydRelay(System):
 class RelaydDkim(RelaydRelay):
     name = "relayd-dkim"
     dkim = True
+
+
+class RelaydCluster(RelaydRelay):
+    """relayd exactly as ``relayd``, but one node (``bench-a``) of a cluster whose directory
+    is on a throwaway PostgreSQL server of its own, durable (bench/pgcluster.py).
+
+    The server's processes count in the measured tree (CPU, RSS, PSS): they are what
+    cluster mode adds."""
+
+    name = "relayd-cluster"
+    node_name = "bench-a"
+
+    def start(self) -> None:
+        from bench.pgcluster import durable_server
+
+        self.pg = durable_server()
+        try:
+            self.dsn = self.pg.create_database()
+            super().start()
+        except BaseException:
+            self.pg.stop()
+            raise
+
+    def config(self) -> dict[str, Any]:
+        from bench.pgcluster import cluster_settings
+
+        cfg = super().config()
+        cfg.setdefault("cluster", {}).update(cluster_settings(self.base))
+        return cfg
+
+    def extra_args(self) -> list[str]:
+        from bench.pgcluster import node_flags
+
+        return node_flags(self.dsn, self.node_name)
+
+    def roots(self) -> list[int]:
+        from bench.pgcluster import postmaster_pid
+
+        pid = postmaster_pid(self.pg)
+        return super().roots() + ([pid] if pid is not None else [])
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "proc"):
+                super().stop()
+        finally:
+            if hasattr(self, "pg"):
+                self.pg.stop()

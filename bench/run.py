@@ -108,12 +108,17 @@ SYSTEMS: dict[str, type[System]] = {
     "smtp-sink": SinkCeiling,
 }
 try:
-    from bench.relayd_peer import RelaydDkim, RelaydRelay, relayd_available
+    from bench.relayd_peer import RelaydCluster, RelaydDkim, RelaydRelay, relayd_available
 
     if relayd_available():
-        SYSTEMS = {"relayd": RelaydRelay, "relayd-dkim": RelaydDkim, **SYSTEMS}
+        SYSTEMS = {"relayd": RelaydRelay, "relayd-dkim": RelaydDkim,
+                   "relayd-cluster": RelaydCluster, **SYSTEMS}
 except ImportError:  # pragma: no cover - relayd_peer is part of bench/
     relayd_available = None  # type: ignore[assignment]
+
+#: Systems measured only when named in --systems (they need more than the standard set:
+#: relayd-cluster starts a PostgreSQL server of its own).
+OPT_IN = ("relayd-cluster",)
 
 
 @dataclass
@@ -345,7 +350,8 @@ def pick_median(runs: list[Result]) -> Result:
 
 
 def note_round_ratios(by_system: dict[str, list[Result]], medians: dict[str, Result]) -> None:
-    """With repeated rounds: relayd's end-to-end rate over Postfix's, round by round.
+    """With repeated rounds: relayd's end-to-end rate over Postfix's (and relayd-cluster's
+    rates over relayd's), round by round.
 
     Each ratio compares two runs a minute apart; their median is steadier than
     the ratio of two medians picked from different minutes.
@@ -355,6 +361,7 @@ def note_round_ratios(by_system: dict[str, list[Result]], medians: dict[str, Res
         medians["relayd-dkim"].dkim_costs = sorted(
             c for c in (_dkim_cost(a, b) for a, b in zip(ours, signed, strict=True))
             if c is not None)
+    _note_cluster_rounds(ours, by_system.get("relayd-cluster"), medians)
     peer = by_system.get("postfix")
     if not ours or not peer or len(ours) < 2 or len(ours) != len(peer):
         return
@@ -365,6 +372,22 @@ def note_round_ratios(by_system: dict[str, list[Result]], medians: dict[str, Res
             "end to end relayd/postfix round by round: "
             + ", ".join(f"{x:.2f}" for x in ratios)
             + f" (median {ratios[(len(ratios) - 1) // 2]:.2f})")
+
+
+def _note_cluster_rounds(ours: list[Result] | None, cluster: list[Result] | None,
+                         medians: dict[str, Result]) -> None:
+    """With repeated rounds: relayd-cluster's rates over relayd's, round by round."""
+    if not ours or not cluster or len(ours) < 2 or len(ours) != len(cluster):
+        return
+    for label, attr in (("accepted", "accepted_per_s"), ("end to end", "e2e_per_s")):
+        got = sorted(getattr(c, attr) / getattr(o, attr)
+                     for o, c in zip(ours, cluster, strict=True)
+                     if getattr(o, attr) and getattr(c, attr) and not o.error and not c.error)
+        if got:
+            medians["relayd-cluster"].problems.append(
+                f"{label} relayd-cluster/relayd round by round: "
+                + ", ".join(f"{x:.3f}" for x in got)
+                + f" (median {got[(len(got) - 1) // 2]:.3f})")
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -527,6 +550,33 @@ def auth_cache_ratio(results: list[Result]) -> str:
             f"**{warm.accepted_per_s / cold.accepted_per_s:.0f}x**")
 
 
+def cluster_cost(results: list[Result]) -> str:
+    """Per scenario with relayd and relayd-cluster: throughput and CPU of cluster mode
+    against SQLite (PostgreSQL's processes count in relayd-cluster's CPU)."""
+    by = {(r.scenario, r.system): r for r in results}
+    lines = ["| scenario | accepted msg/s sqlite / cluster | change | end-to-end msg/s "
+             "sqlite / cluster | change | CPU us/msg sqlite / cluster |",
+             "|---|---|---|---|---|---|"]
+    for s in dict.fromkeys(r.scenario for r in results):
+        lite, clu = by.get((s, "relayd")), by.get((s, "relayd-cluster"))
+        if lite is None or clu is None or lite.error or clu.error:
+            continue
+
+        def pair(x: float | None, y: float | None) -> tuple[str, str]:
+            if not x or not y:
+                return "-", "-"
+            return f"{x:.0f} / {y:.0f}", f"{(y / x - 1) * 100:+.1f} %"
+
+        acc, acc_change = pair(lite.accepted_per_s, clu.accepted_per_s)
+        e2e, e2e_change = pair(lite.e2e_per_s, clu.e2e_per_s)
+        cpu = "-"
+        if lite.cpu_s and clu.cpu_s and lite.accepted and clu.accepted:
+            cpu = (f"{lite.cpu_s / lite.accepted * 1e6:.0f} / "
+                   f"{clu.cpu_s / clu.accepted * 1e6:.0f}")
+        lines.append(f"| {s} | {acc} | {acc_change} | {e2e} | {e2e_change} | {cpu} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -561,6 +611,11 @@ def record(results: list[Result], a: argparse.Namespace, argv: list[str], starte
         lines += ["DKIM cost: CPU per message with DKIM minus without, over the bare RSA-2048 "
                   "signature timed around the same two runs (target: at most 1.2; scenarios "
                   f"with messages up to {DKIM_COST_MAX_SIZE // 1024} KiB):", "", cost, ""]
+    cost = cluster_cost(results)
+    if cost:
+        lines += ["Cluster mode on the hot path: relayd-cluster (one node, directory on a durable "
+                  "PostgreSQL) against relayd on SQLite, same run (target: at most 5 % slower):",
+                  "", cost, ""]
     auth = auth_cache_ratio(results)
     if auth:
         lines += [auth, ""]
@@ -583,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
     ap.add_argument("--systems", default=None,
                     help="comma list; default: every available one of " + ",".join(
-                        ["relayd", "relayd-dkim", "postfix", "stock-aiosmtpd", "smtp-sink"]))
+                        ["relayd", "relayd-dkim", "postfix", "stock-aiosmtpd", "smtp-sink"])
+                    + "; relayd-cluster only when named")
     ap.add_argument("--messages", type=int, default=20000, help="messages in S1-S3 (S4 derives)")
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--s3-per-conn", type=int, default=1, help="S3: messages per AUTH'd connection")
@@ -613,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         a.warmup = 20
         a.e2e_timeout = min(a.e2e_timeout, 60)
         a.stall = min(a.stall, 20)
-    names = a.systems.split(",") if a.systems else list(SYSTEMS)
+    names = a.systems.split(",") if a.systems else [n for n in SYSTEMS if n not in OPT_IN]
     if not a.systems and not os.path.exists("/usr/sbin/postfix"):
         names = [n for n in names if n != "postfix"]
     for n in names:

@@ -1,9 +1,9 @@
 """A throwaway PostgreSQL server for tests: its own cluster in a temporary directory.
 
 ``PgServer.start()`` runs ``initdb`` (trust authentication, superuser ``postgres``) and
-``pg_ctl start`` on a free TCP port of 127.0.0.1, with durability off (``fsync``,
-``synchronous_commit``, ``full_page_writes``): a crash of the test machine loses nothing
-a test cares about. ``stop()`` stops it (fast mode) and removes the directory;
+``pg_ctl start`` on a free TCP port of 127.0.0.1, by default with durability off
+(``fsync``, ``synchronous_commit``, ``full_page_writes``): a crash of the test machine
+loses nothing a test cares about (the benchmarks pass ``DURABLE_SETTINGS``). ``stop()`` stops it (fast mode) and removes the directory;
 ``restart()`` stops and starts it on the same port and data, as an operator restarting
 PostgreSQL under load would. ``create_database()`` gives each test its own database.
 
@@ -38,6 +38,8 @@ PROGRAM_TIMEOUT = 60.0
 #: Server settings: loopback only, no durability (tests), room for three nodes' pools.
 SETTINGS = ("listen_addresses=127.0.0.1", "fsync=off", "synchronous_commit=off",
             "full_page_writes=off", "max_connections=200")
+#: The same with PostgreSQL's durable defaults (the benchmarks: commits pay for fsync).
+DURABLE_SETTINGS = ("listen_addresses=127.0.0.1", "max_connections=200")
 #: Tries at start when another process took the free port first.
 PORT_TRIES = 3
 
@@ -69,8 +71,10 @@ def _environment() -> dict[str, str]:
 class PgServer:
     """One PostgreSQL cluster of a test session; ``start()`` before use, ``stop()`` after."""
 
-    def __init__(self, bindir: Path | None = None) -> None:
+    def __init__(self, bindir: Path | None = None,
+                 settings: tuple[str, ...] = SETTINGS) -> None:
         self.bindir = bindir if bindir is not None else postgres_bindir()
+        self.settings = settings
         self.root: Path | None = None
         self.port = 0
         self.running = False
@@ -168,7 +172,7 @@ class PgServer:
         """``pg_ctl start`` on ``self.port``, waiting until the server accepts connections."""
         assert self.root is not None
         options = ["-p", str(self.port), "-k", str(self.root)]
-        for setting in SETTINGS:
+        for setting in self.settings:
             options += ["-c", setting]
         self._check("pg_ctl", "-D", str(self.data), "-l", str(self.log),
                     "-o", shlex.join(options), "-w", "-t", str(START_TIMEOUT), "start",
