@@ -3,9 +3,10 @@
 ``PgServer.start()`` runs ``initdb`` (trust authentication, superuser ``postgres``) and
 ``pg_ctl start`` on a free TCP port of 127.0.0.1, by default with durability off
 (``fsync``, ``synchronous_commit``, ``full_page_writes``): a crash of the test machine
-loses nothing a test cares about (the benchmarks pass ``DURABLE_SETTINGS``). ``stop()`` stops it (fast mode) and removes the directory;
-``restart()`` stops and starts it on the same port and data, as an operator restarting
-PostgreSQL under load would. ``create_database()`` gives each test its own database.
+loses nothing a test cares about (the benchmarks pass ``DURABLE_SETTINGS``).
+``stop()`` stops it (fast mode) and removes the directory; ``restart()`` stops and
+starts it on the same port and data, as an operator restarting PostgreSQL under load
+would. ``create_database()`` gives each test its own database.
 
 The programs come from Debian's postgresql package (``tests.tools.postgres_bindir``; a
 missing server fails the test naming ``make debs``). PostgreSQL refuses to run as root:
