@@ -113,13 +113,14 @@ class Node:
 
 
 @contextmanager
-def cluster(base: Path, nodes: int) -> Iterator[list[Node]]:
-    """A durable PostgreSQL and ``nodes`` relayd nodes on it, all ready; stopped after.
+def cluster(base: Path, nodes: int, durable: bool = True) -> Iterator[tuple[str, list[Node]]]:
+    """A PostgreSQL server (durable unless told) and ``nodes`` relayd nodes on it, all
+    ready: the DSN and the nodes; everything stopped after.
 
     Node a starts first (it creates the schema), the others together."""
     names = string.ascii_lowercase[:nodes]
     with ExitStack() as stack:
-        pg = durable_server()
+        pg = durable_server(durable)
         stack.callback(pg.stop)
         dsn = pg.create_database()
         members = [Node(name, f"127.0.0.{i}", base / name)
@@ -132,7 +133,7 @@ def cluster(base: Path, nodes: int) -> Iterator[list[Node]]:
             node.launch(dsn, base)
         for node in members[1:]:
             node.wait_ready()
-        yield members
+        yield dsn, members
 
 
 def control_call(sock: Path, method: str, path: str, kind: type[Any],
@@ -199,7 +200,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def measure(nodes: int, rounds: int, base: Path) -> dict[str, Any]:
     """The whole run: cluster up, account made, rounds timed; the summary."""
     t_start = time.monotonic()
-    with cluster(base, nodes) as members:
+    with cluster(base, nodes) as (_, members):
         names = [n.name for n in members]
         sock = members[0].sock
         user = make_account(sock)
@@ -290,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     text = record_text(summary, argv, started, loadavg)
     print(text)
     if not a.no_record:
-        with open(a.results, "a") as f:
-            f.write(text + "\n")
+        path = Path(a.results)
+        before = path.read_text() if path.exists() else ""
+        with open(path, "a") as f:
+            f.write(("" if before.endswith("\n\n") or not before else "\n") + text + "\n")
     print(json.dumps(summary))
     return 0
 

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from tests.pgserver import PgServer
 
 
-def durable_server() -> PgServer:
-    """A started PostgreSQL server of its own, durable; ``stop()`` removes it."""
-    from tests.pgserver import DURABLE_SETTINGS, PgServer
+def durable_server(durable: bool = True) -> PgServer:
+    """A started PostgreSQL server of its own, durable (unless ``durable`` is false: the
+    test suite's settings, for comparison only); ``stop()`` removes it."""
+    from tests.pgserver import DURABLE_SETTINGS, SETTINGS, PgServer
 
-    server = PgServer(settings=DURABLE_SETTINGS)
+    server = PgServer(settings=DURABLE_SETTINGS if durable else SETTINGS)
     server.start()
     return server
 
