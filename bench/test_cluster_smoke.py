@@ -4,6 +4,7 @@
   acknowledgements, and writes a record that says what it measured;
 - the ``relayd-cluster`` system starts (its own PostgreSQL), relays one message, and
   stops everything it started.
+- ``bench.invalidation_phases`` splits a call at the right announcements.
 
 PostgreSQL (scripts/install-debs.sh) and smtp-sink are needed; missing, the tests fail.
 
@@ -81,3 +82,18 @@ def test_cluster_system_relays_a_message_and_stops_its_server(base: Path) -> Non
     while procstat.tree_pids([postmaster]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert procstat.tree_pids([postmaster]) == []
+
+
+def test_phases_split_a_call_at_the_announcements() -> None:
+    """invalidation_phases: write up to the change's announcement, apply up to node a's and
+    the slowest other node's acknowledgement, tail after the last; None if one is missing."""
+    from bench.invalidation_phases import Watcher, phases
+
+    watch = Watcher("postgresql://unused@127.0.0.1:1/x")  # never started
+    watch.control[7] = 10.010
+    watch.acks.update({("a", 7): 10.025, ("b", 7): 10.030, ("c", 7): 10.040})
+    got = phases(watch, 7, ["a", "b", "c"], 10.000, 10.043)
+    assert got == pytest.approx({"write": 0.010, "apply a": 0.015, "apply others": 0.030,
+                                 "tail": 0.003, "total": 0.043})
+    del watch.acks[("c", 7)]
+    assert phases(watch, 7, ["a", "b", "c"], 10.000, 10.043) is None
