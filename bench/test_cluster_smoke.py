@@ -4,7 +4,8 @@
   acknowledgements, and writes a record that says what it measured;
 - the ``relayd-cluster`` system starts (its own PostgreSQL), relays one message, and
   stops everything it started.
-- ``bench.invalidation_phases`` splits a call at the right announcements.
+- ``bench.invalidation_phases`` splits a call at the right announcements, and the
+  record's cluster table and round ratios compute what they say.
 
 PostgreSQL (scripts/install-debs.sh) and smtp-sink are needed; missing, the tests fail.
 
@@ -97,3 +98,24 @@ def test_phases_split_a_call_at_the_announcements() -> None:
                                  "tail": 0.003, "total": 0.043})
     del watch.acks[("c", 7)]
     assert phases(watch, 7, ["a", "b", "c"], 10.000, 10.043) is None
+
+
+def test_cluster_cost_table_and_round_ratios() -> None:
+    """The record's cluster table (relayd-cluster against relayd, same run) and, with
+    repeated rounds, the ratios round by round."""
+    from bench.run import Result, cluster_cost, note_round_ratios, pick_median
+
+    def run(system: str, accepted_per_s: float, cpu_s: float) -> Result:
+        return Result("S1", system, "x", accepted=1000, accepted_per_s=accepted_per_s,
+                      e2e_per_s=1900.0, cpu_s=cpu_s)
+
+    lite, clu = run("relayd", 2000.0, 0.5), run("relayd-cluster", 1900.0, 0.55)
+    row = cluster_cost([lite, clu]).splitlines()[-1]
+    assert row == "| S1 | 2000 / 1900 | -5.0 % | 1900 / 1900 | +0.0 % | 500 / 550 |"
+    assert cluster_cost([lite]) == ""
+    by = {"relayd": [lite, run("relayd", 1000.0, 0.5)],
+          "relayd-cluster": [clu, run("relayd-cluster", 1100.0, 0.5)]}
+    medians = {n: pick_median(runs) for n, runs in by.items()}
+    note_round_ratios(by, medians)
+    assert ("accepted relayd-cluster/relayd round by round: 0.950, 1.100 (median 0.950)"
+            in medians["relayd-cluster"].problems)
