@@ -383,6 +383,12 @@ _NO_USER = (404, "no such user (`code` is `not_found`)")
 _NODE = (("name", "the node name, as `node list` shows it"),)
 _NOT_CLUSTERED = (409, "this relayd is a single node, not in a cluster (`code` is"
                   " `not_clustered`)")
+#: Cluster mode: a change the database could not store, or stored but not yet applied
+#: by every live node.
+_CLUSTER = (503, "cluster mode: the cluster database cannot be used (`code` is"
+            " `cluster_unavailable`: nothing changed), or a live node has not applied the change"
+            " in time (`not_acknowledged`: the change is stored and takes effect there when it"
+            " does)")
 _NO_THROTTLE = (503, "this process runs no SMTP AUTH throttle (`code` is `unavailable`)")
 
 #: Every operation the control socket serves, in the order the document lists them.
@@ -392,18 +398,18 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/domains", "domain_add",
           "Create a sending domain with a new DKIM key (its DNS records to publish)",
           DomainInfo, 201, body=DomainAdd,
-          errors=(_BAD, (409, "the domain exists (`code` is `exists`)"), _TOO_LARGE)),
+          errors=(_CLUSTER, _BAD, (409, "the domain exists (`code` is `exists`)"), _TOO_LARGE)),
     Route("GET", "/v1/domains", "domain_list", "All live domains", DomainList),
     Route("GET", "/v1/domains/{name}", "domain_show", "One domain with its DNS records",
           DomainInfo, params=_DOMAIN, errors=(_NO_DOMAIN,)),
     Route("POST", "/v1/domains/{name}/delete", "domain_delete",
           "Delete a domain (irreversible): its accounts are disabled for good, its key"
           " destroyed", DomainDeleted, body=Confirm, params=_DOMAIN,
-          errors=(_BAD, _NO_DOMAIN, _TOO_LARGE)),
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
     Route("POST", "/v1/users", "user_add",
           "Create an account: a generated username and password (shown once)",
           Credentials, 201, body=UserAdd,
-          errors=(_BAD, _NO_DOMAIN,
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN,
                   (409, "the plan's account slots are all in use (`code` is `plan_limit`)"),
                   _TOO_LARGE)),
     Route("GET", "/v1/users", "user_list", "Accounts (not deleted), filtered and sorted",
@@ -412,25 +418,27 @@ ROUTES: tuple[Route, ...] = (
           errors=(_NO_USER,)),
     Route("POST", "/v1/users/{name}/disable", "user_disable",
           "Disable an account, effective before this returns; its mail is held",
-          UserInfo, params=_USER, errors=(_NO_USER,)),
+          UserInfo, params=_USER, errors=(_CLUSTER, _NO_USER,)),
     Route("POST", "/v1/users/{name}/enable", "user_enable", "Enable an account",
           UserInfo, params=_USER,
-          errors=(_NO_USER, (409, "the account's domain was deleted: it can never be enabled"
-                                  " (`code` is `domain_deleted`)"))),
+          errors=(_CLUSTER, _NO_USER,
+                  (409, "the account's domain was deleted: it can never be enabled"
+                        " (`code` is `domain_deleted`)"))),
     Route("POST", "/v1/users/{name}/reset-password", "user_reset",
           "A new password (shown once); the old one fails at once", Credentials,
-          params=_USER, errors=(_NO_USER,)),
+          params=_USER, errors=(_CLUSTER, _NO_USER,)),
     Route("POST", "/v1/users/{name}/delete", "user_delete",
           "Delete an account (irreversible)", UserDeleted, body=UserDelete, params=_USER,
-          errors=(_BAD, _NO_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER,
                   (409, "the account still has queued mail and `purge_queue` is false"
-                        " (`code` is `queue_not_empty`)"), _TOO_LARGE)),
+                        " (`code` is `queue_not_empty`; in cluster mode, on any node), or a"
+                        " node that may hold some is gone (`node_unreachable`)"), _TOO_LARGE)),
     Route("POST", "/v1/users/{name}/limits", "user_limits", "Set sending limits",
-          UserInfo, body=UserLimits, params=_USER, errors=(_BAD, _NO_USER, _TOO_LARGE)),
+          UserInfo, body=UserLimits, params=_USER, errors=(_CLUSTER, _BAD, _NO_USER, _TOO_LARGE)),
     Route("POST", "/v1/users/{name}/networks", "user_networks",
           "Bind or unbind a source network, effective at once", UserInfo,
           body=NetworkChange, params=_USER,
-          errors=(_BAD, (404, "no such user, or (remove) no such binding (`code` is"
+          errors=(_CLUSTER, _BAD, (404, "no such user, or (remove) no such binding (`code` is"
                               " `not_found`)"), _TOO_LARGE)),
     Route("GET", "/v1/dormant", "dormant", "Accounts not used for a while, oldest first",
           UserList, query=DormantQuery, errors=(_BAD_QUERY,)),

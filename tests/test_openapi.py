@@ -123,7 +123,7 @@ def test_error_statuses_answer_the_error_schema() -> None:
             assert ("requestBody" in op) == (route.body is not None)
     assert set(doc["paths"]["/v1/throttle"]["get"]["responses"]) == {"200", "500", "503"}
     assert set(doc["paths"]["/v1/domains"]["post"]["responses"]) == \
-        {"201", "400", "409", "413", "500"}
+        {"201", "400", "409", "413", "500", "503"}  # 503: cluster mode
 
 
 async def test_documented_error_answers_conform(relay: RelayHandle) -> None:
