@@ -60,7 +60,7 @@ async def test_disable_through_a_ends_a_session_on_b(relay_factory: RelayFactory
     assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
     assert (await raw.cmd("RCPT TO:<r@dest.test>")).startswith("250 ")
     assert (await raw.cmd("DATA")).startswith("354 ")
-    await raw.send(message("late").replace(b"\r\n", b"\r\n"))
+    await raw.send(message("late"))
     info = await a.ctl.ok("POST", f"/v1/users/{user}/disable")
     assert info["status"] == "disabled"
     assert sorted(info["propagation"]["acknowledged"]) == ["a", "b", "c"]
@@ -77,13 +77,18 @@ async def test_disable_through_a_ends_a_session_on_b(relay_factory: RelayFactory
 @pytest.mark.parametrize("change", ["reset-password", "delete", "domain-delete"])
 async def test_rights_taken_away_everywhere(pg_dsn: str, relay_factory: RelayFactory,
                                             tmp_path: Path, change: str) -> None:
-    """Reset-password, delete and domain delete through node c: an authenticated session
-    on node a can send no more, and the old credentials fail on every node."""
+    """Reset-password, delete and domain delete through node c: a session on node a,
+    authenticated and in the middle of its DATA, gets no 250 when the DATA ends after the
+    call returned, and the old credentials fail on every node."""
     a, b, c = await three_nodes(relay_factory, pg_dsn, tmp_path)
     await c.ctl.add_domain("example.com")
     user, password = await c.ctl.add_user("example.com")
     raw, answer = await _login(a, user, password)
     assert answer.startswith("235 ")
+    assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
+    assert (await raw.cmd("RCPT TO:<r@dest.test>")).startswith("250 ")
+    assert (await raw.cmd("DATA")).startswith("354 ")
+    await raw.send(message("in flight"))
     if change == "reset-password":
         out = await c.ctl.ok("POST", f"/v1/users/{user}/reset-password")
         assert out["password"] != password
@@ -93,6 +98,8 @@ async def test_rights_taken_away_everywhere(pg_dsn: str, relay_factory: RelayFac
         out = await c.ctl.ok("POST", "/v1/domains/example.com/delete",
                              {"confirm": "example.com"})
     assert sorted(out["propagation"]["acknowledged"]) == ["a", "b", "c"]
+    await raw.send(b".\r\n")  # the DATA ends after the call returned: no 250
+    assert (await raw.reply()).startswith("530 ")
     assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("530 ")
     raw.close()
     for node in (a, b, c):

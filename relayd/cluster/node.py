@@ -91,6 +91,7 @@ class ClusterNode:
         self._listener: Listener | None = None
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
+        self._acks: dict[str, int] = {}  # node -> highest applied version announced
         self._follow_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_contact = time.monotonic()
@@ -118,7 +119,8 @@ class ClusterNode:
         change after this node's applied version)."""
         self._apply = apply
         self._resync = resync
-        self.applied = self.latest = loaded
+        self.applied = loaded
+        self.latest = max(self.latest, loaded)  # notifications may have come already
         await self._catch_up()
         self._opened()
         loop = asyncio.get_running_loop()
@@ -149,7 +151,10 @@ class ClusterNode:
             with contextlib.suppress(ValueError):
                 self.latest = max(self.latest, int(payload))
             self._wake.set()
-        else:
+        else:  # "NODE VERSION": that node has applied VERSION
+            node, _, version = payload.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                self._acks[node] = max(self._acks.get(node, 0), int(version))
             self._acked.set()
 
     def _listener_lost(self) -> None:
@@ -218,6 +223,8 @@ class ClusterNode:
                     await self._apply(change)
                     self.applied = change.version
                 self.latest = max(self.latest, self.applied)
+                if self.applied >= self.latest:
+                    break  # all that was announced (a later one wakes this again)
             if self.applied != start:
                 await self.store.applied(self.applied)
 
@@ -252,22 +259,34 @@ class ClusterNode:
     # -- acknowledgements -------------------------------------------------------------
     async def acknowledge(self, version: int | None = None) -> Acks:
         """Wait until every live node has applied ``version`` (default: the last one this
-        node wrote). NotAcknowledged if a live node has not after ``2 x gone_seconds``."""
+        node wrote). NotAcknowledged if a live node has not after ``2 x gone_seconds``.
+
+        The node list is read once, then each node's acknowledgement arrives as a
+        notification; the list is read again every quarter second (a node may have
+        been declared gone meanwhile)."""
         want = self.store.written if version is None else version
         began = time.monotonic()
         deadline = began + 2 * self.timing.gone
         while True:
             self._acked.clear()
             rows = await self.store.nodes(self.timing.gone)
-            waiting = [r.name for r in rows if r.live and r.applied_version < want]
-            if not waiting:
-                self._on_ack(time.monotonic() - began)
-                return Acks(want, [r.name for r in rows if r.applied_version >= want
-                                   and r.live], [r.name for r in rows if not r.live])
-            if time.monotonic() > deadline:
-                raise NotAcknowledged(want, waiting)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._acked.wait(), 0.05)
+            live = [r.name for r in rows if r.live]
+            gone = [r.name for r in rows if not r.live]
+            seen = {r.name: max(r.applied_version, self._acks.get(r.name, 0)) for r in rows}
+            reread = time.monotonic() + 0.25
+            while True:
+                waiting = [n for n in live if max(seen[n], self._acks.get(n, 0)) < want]
+                if not waiting:
+                    self._on_ack(time.monotonic() - began)
+                    return Acks(want, live, gone)
+                now = time.monotonic()
+                if now > deadline:
+                    raise NotAcknowledged(want, waiting)
+                if now > reread:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._acked.wait(), reread - now)
+                self._acked.clear()
 
     async def queued_everywhere(self, account_id: int) -> tuple[dict[str, int], list[str]]:
         """Every live node's count of the account's stored messages, and the nodes gone."""

@@ -154,6 +154,11 @@ _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed
 _ACCOUNT_COLUMNS = ("SELECT id, username, domain_id, password_hash, status, disabled_reason,"
                     " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
                     " FROM accounts")
+_ONE_ACCOUNT = (
+    "SELECT id, username, domain_id, password_hash, status, disabled_reason, created_at,"
+    " last_connection, total_sent, per_minute, per_hour, per_day, array(SELECT cidr FROM"
+    " account_networks n WHERE n.account_id = accounts.id ORDER BY cidr) FROM accounts"
+    " WHERE id=$1")
 _LIVE = "heartbeat > now() - make_interval(secs => $1)"
 
 
@@ -262,13 +267,9 @@ class PgDirectory:
                 for r in await self._db.fetch(_ACCOUNT_COLUMNS + " ORDER BY id")]
 
     async def account(self, account_id: int) -> AccountRecord | None:
-        """One account with its networks."""
-        row = await self._db.fetchrow(_ACCOUNT_COLUMNS + " WHERE id=$1", account_id)
-        if row is None:
-            return None
-        nets = await self._db.fetch(
-            "SELECT cidr FROM account_networks WHERE account_id=$1 ORDER BY cidr", account_id)
-        return _account(row, [n[0] for n in nets])
+        """One account with its networks (one round trip)."""
+        row = await self._db.fetchrow(_ONE_ACCOUNT, account_id)
+        return None if row is None else _account(row, list(row[12]))
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
@@ -458,8 +459,10 @@ class PgDirectory:
 
     async def heartbeat(self, applied: int, queue_depth: int, fenced: bool,
                         within: float) -> bool:
-        """Record this node alive (database clock); False if its row was forgotten."""
-        row = await self._db.fetchval(
+        """Record this node alive (database clock); False if its row was forgotten.
+        (Not waiting for the disk: a heartbeat lost in a crash of the database is
+        rewritten a heartbeat later.)"""
+        row = await self._db.fetchval_light(
             "UPDATE nodes SET heartbeat=now(), applied_version=GREATEST(applied_version, $2),"
             " queue_depth=$3, fenced=$4 WHERE name=$1 RETURNING 1",
             self.node, applied, queue_depth, fenced, within=within)
@@ -471,12 +474,13 @@ class PgDirectory:
                                " WHERE name=$1", self.node, within=2.0)
 
     async def applied(self, version: int) -> None:
-        """Record this node's applied version and wake the callers waiting for it."""
-        async def record(tx: Tx) -> None:
-            await tx.execute("UPDATE nodes SET applied_version=GREATEST(applied_version, $2)"
-                             " WHERE name=$1", self.node, version)
-            await tx.execute("SELECT pg_notify($1, $2)", ACK_CHANNEL, f"{self.node} {version}")
-        await self._db.transaction(record)
+        """Record this node's applied version and wake the callers waiting for it: one
+        statement, not waiting for the disk (lost in a crash of the database, the node
+        only looks behind until its next heartbeat writes it again)."""
+        await self._db.execute_light(
+            "WITH done AS (UPDATE nodes SET applied_version=GREATEST(applied_version, $2)"
+            " WHERE name=$1 RETURNING 1) SELECT pg_notify($3, $4) FROM done",
+            self.node, version, ACK_CHANNEL, f"{self.node} {version}")
 
     async def nodes(self, gone_seconds: float) -> list[NodeRow]:
         rows = await self._db.fetch(
