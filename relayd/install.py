@@ -14,9 +14,9 @@ repository, real files in the wheel), so an installed wheel carries them:
 ``/etc/relayd/relayd.toml``             the example configuration; an existing
                                         one is never replaced
 ``PREFIX/share/relayd/``                Grafana dashboard, Prometheus alert rules,
-                                        fail2ban filter and jail
+                                        fail2ban filter and jail, HAProxy example
 ``PREFIX/share/doc/relayd/``            README.md, OPERATIONS.md (the unit's
-                                        ``Documentation=``), SEMANTICS.md
+                                        ``Documentation=``), SEMANTICS.md, CLUSTER.md
 ====================================  =============================================
 
 ``PREFIX`` is ``/usr`` unless ``--prefix`` says otherwise (``/usr/local``
@@ -86,6 +86,8 @@ def plan(prefix: str = "/usr", unit_dir: str = "/etc/systemd/system") -> list[St
         Step(resource="README.md", dest=f"{p}/share/doc/relayd/README.md", mode=0o644),
         Step(resource="OPERATIONS.md", dest=f"{p}/share/doc/relayd/OPERATIONS.md", mode=0o644),
         Step(resource="SEMANTICS.md", dest=f"{p}/share/doc/relayd/SEMANTICS.md", mode=0o644),
+        Step(resource="CLUSTER.md", dest=f"{p}/share/doc/relayd/CLUSTER.md", mode=0o644),
+        Step(resource="haproxy.cfg", dest=f"{p}/share/relayd/haproxy.cfg", mode=0o644),
         Step(resource="relayd.service", dest=f"{unit_dir.rstrip('/')}/relayd.service",
              mode=0o644),
     ]

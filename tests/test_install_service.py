@@ -36,6 +36,8 @@ FILES = {
     "usr/share/doc/relayd/README.md": "README.md",
     "usr/share/doc/relayd/OPERATIONS.md": "docs/OPERATIONS.md",
     "usr/share/doc/relayd/SEMANTICS.md": "docs/SEMANTICS.md",
+    "usr/share/doc/relayd/CLUSTER.md": "docs/CLUSTER.md",
+    "usr/share/relayd/haproxy.cfg": "config/haproxy.cfg",
 }
 
 

@@ -45,6 +45,8 @@ PACKAGE_DATA = {
     "relayd/data/README.md": "README.md",
     "relayd/data/OPERATIONS.md": "docs/OPERATIONS.md",
     "relayd/data/SEMANTICS.md": "docs/SEMANTICS.md",
+    "relayd/data/CLUSTER.md": "docs/CLUSTER.md",
+    "relayd/data/haproxy.cfg": "config/haproxy.cfg",
     "relayd/data/fail2ban-filter.conf": "config/fail2ban/filter.d/relayd.conf",
     "relayd/data/fail2ban-jail.conf": "config/fail2ban/jail.d/relayd.conf",
 }
