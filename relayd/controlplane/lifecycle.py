@@ -100,6 +100,9 @@ class Lifecycle:
                 result = await op(*args, **kwargs)
                 if cluster is None:
                     return result
+                # this node's messages whose commit was queued before the change answer
+                # first (on a single node the change's own spool write orders them)
+                await self.shared.spool.barrier()
                 acks = await cluster.acknowledge()
             except PgError as exc:
                 raise LifecycleError(f"the cluster database cannot be used: {exc}",
