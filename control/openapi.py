@@ -102,6 +102,19 @@ def _operation(route: schemas.Route) -> dict[str, Any]:
     return op
 
 
+def _null_last(node: Any) -> Any:
+    """Every ``anyOf`` with its ``null`` branch last: msgspec versions order the branches
+    of an optional field differently, and the document must not depend on the version."""
+    if isinstance(node, dict):
+        out = {k: _null_last(v) for k, v in node.items()}
+        if isinstance(out.get("anyOf"), list):
+            out["anyOf"] = sorted(out["anyOf"], key=lambda b: b == {"type": "null"})
+        return out
+    if isinstance(node, list):
+        return [_null_last(v) for v in node]
+    return node
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the control API, as a JSON-able dict."""
     types: list[type[msgspec.Struct]] = [schemas.Error]
@@ -140,7 +153,7 @@ def document() -> dict[str, Any]:
                      "description": "the control socket (HTTP over AF_UNIX; the host is"
                                     " not used)"}],
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": _null_last(components)},
     }
 
 
