@@ -106,7 +106,9 @@ class Cli:
 
     # -- domains --------------------------------------------------------------------
     def _domain_text(self, d: schemas.DomainInfo) -> str:
-        lines = [f"domain {d.name} (selector {d.selector}, {d.accounts} account(s))"]
+        lines = [f"domain {d.name} (selector {d.selector}, {d.accounts} account(s))",
+                 "  header From check: " + ("on" if d.check_header_from else
+                                            "off (any header From is accepted)")]
         if d.dns_records:
             lines.append("publish these DNS records:")
             for r in d.dns_records:
@@ -129,6 +131,13 @@ class Cli:
             self.out(lst, _table(rows, ["DOMAIN", "SELECTOR", "ACCOUNTS", "CREATED"]))
         elif a.action == "show":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
+            self.out(d, self._domain_text(d))
+        elif a.action == "set":
+            if a.check_header_from is None:
+                raise UsageError("nothing to set: give --check-header-from on|off")
+            d = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/settings",
+                                 schemas.DomainInfo, schemas.DomainSettings(
+                                     check_header_from=a.check_header_from == "on"))
             self.out(d, self._domain_text(d))
         elif a.action == "delete":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
@@ -383,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_parser("add").add_argument("name")
     d.add_parser("list")
     d.add_parser("show").add_argument("name")
+    ds = d.add_parser("set")
+    ds.add_argument("name")
+    ds.add_argument("--check-header-from", choices=["on", "off"],
+                    help="refuse mail whose header From or Sender is outside the domain"
+                    " (on by default; off for a relay that sends for several brands)")
     dd = d.add_parser("delete")
     dd.add_argument("name")
     dd.add_argument("--confirm", help="the domain name again (irreversible operation)")

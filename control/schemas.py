@@ -103,7 +103,15 @@ class DomainInfo(_S):
     created_at: float
     deleted: bool = False
     accounts: int = 0
+    #: Mail must have a header From (and Sender) in the domain or a subdomain.
+    check_header_from: bool = True
     dns_records: list[DnsRecord] = msgspec.field(default_factory=list)
+
+
+class DomainSettings(_S):
+    """Change a domain's settings (a field left out is left as it is)."""
+
+    check_header_from: bool | None = None
 
 
 class DomainList(_S):
@@ -402,6 +410,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/domains", "domain_list", "All live domains", DomainList),
     Route("GET", "/v1/domains/{name}", "domain_show", "One domain with its DNS records",
           DomainInfo, params=_DOMAIN, errors=(_NO_DOMAIN,)),
+    Route("POST", "/v1/domains/{name}/settings", "domain_set",
+          "Change a domain's settings: whether the header From (and Sender) of its mail"
+          " is checked against it", DomainInfo, body=DomainSettings, params=_DOMAIN,
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
     Route("POST", "/v1/domains/{name}/delete", "domain_delete",
           "Delete a domain (irreversible): its accounts are disabled for good, its key"
           " destroyed", DomainDeleted, body=Confirm, params=_DOMAIN,

@@ -34,7 +34,8 @@ class Domains:
     async def load(self) -> None:
         """Fill the directory's domains from the database (at start)."""
         for rec in await self.s.store.domains():
-            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted)
+            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted,
+                         check_header_from=rec.check_header_from)
             dom.signers = self.signers_of(rec)
             self.s.directory.put_domain(dom)
 
@@ -140,6 +141,7 @@ class Domains:
                        if a.domain is dom and a.status != DELETED)
         return schemas.DomainInfo(
             name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
+            check_header_from=dom.check_header_from,
             dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
                                           rec.ed25519_selector, rec.ed25519_key))
 
@@ -150,8 +152,40 @@ class Domains:
             n = sum(1 for a in self.s.directory.accounts_by_id.values()
                     if a.domain.id == r.id and a.status != DELETED)
             out.append(schemas.DomainInfo(name=r.name, selector=r.selector,
-                                          created_at=r.created_at, accounts=n))
+                                          created_at=r.created_at, accounts=n,
+                                          check_header_from=r.check_header_from))
         return schemas.DomainList(domains=out)
+
+    async def domain_set(self, name: str, settings: schemas.DomainSettings
+                         ) -> schemas.DomainInfo:
+        """Change a domain's settings: whether the header From is checked (SEMANTICS §2).
+
+        Switching the check on takes a right away (memory first, undone if the write
+        fails); switching it off gives one (memory after the write).
+        """
+        name = name.strip().lower().rstrip(".")
+        async with self.s.lock:
+            dom = self.s.directory.active_domain(name)
+            if dom is None:
+                raise not_found("domain", name)
+            on = settings.check_header_from
+            if on is not None and on != dom.check_header_from:
+                was = dom.check_header_from
+
+                def set_on(_: object = None) -> None:
+                    dom.check_header_from = on
+
+                def undo() -> None:
+                    dom.check_header_from = was
+
+                if on:
+                    set_on()
+                    await agree(self.s.store.set_check_header_from(dom.id, True), undo=undo)
+                else:
+                    await agree(self.s.store.set_check_header_from(dom.id, False),
+                                apply=set_on)
+                self.s.log("domain_changed", domain=name, check_header_from=on)
+        return await self.domain_info(name)
 
     async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
         """Delete a domain: irreversible; disables its accounts for good and destroys its key.

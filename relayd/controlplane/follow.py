@@ -7,7 +7,8 @@ network, a deletion) ends every session's authentication of the account and drop
 its cached credentials before the node records the change as applied — so when the
 control call that made it returns (after every live node applied it), no node
 accepts the old credentials or one more message of the account. What gives a right
-(a new account or domain, enable, a new network, new limits) is applied as read.
+(a new account or domain, enable, a new network, new limits) is applied as read, as is
+a domain's header From check (on or off: no session state depends on it).
 A deleted account's messages in this node's spool are purged here (each node's spool
 is its own). A queue probe is answered with this node's count of the account's
 stored messages.
@@ -58,10 +59,13 @@ class Follower:
         directory = self.s.directory
         dom = directory.domains_by_id.get(rec.id)
         if dom is None:
-            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted)
+            dom = Domain(rec.id, rec.name, rec.selector, deleted=rec.deleted,
+                         check_header_from=rec.check_header_from)
             dom.signers = self._signers(rec)
             directory.put_domain(dom)
-        elif rec.deleted and not dom.deleted:
+            return
+        dom.check_header_from = rec.check_header_from
+        if rec.deleted and not dom.deleted:
             dom.deleted = True
             dom.signers = []
             directory.put_domain(dom)

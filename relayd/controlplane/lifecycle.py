@@ -68,6 +68,7 @@ class Lifecycle:
         self.nodes = n = Nodes(self.shared)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
+        self.domain_set = d.domain_set
         self.user_add, self.user_show, self.user_list = a.user_add, a.user_show, a.user_list
         self.user_dormant, self.user_disable = a.user_dormant, a.user_disable
         self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
@@ -82,6 +83,7 @@ class Lifecycle:
         # Cluster mode: a change returns once every live node has applied it.
         self.domain_add = self._acknowledged(self.domain_add)
         self.domain_delete = self._acknowledged(self.domain_delete)
+        self.domain_set = self._acknowledged(self.domain_set)
         self.user_add = self._acknowledged(self.user_add)
         self.user_disable = self._acknowledged(self.user_disable)
         self.user_enable = self._acknowledged(self.user_enable)

@@ -244,6 +244,11 @@ class ControlServer:
         """One domain."""
         return _json(await self.lc.domain_info(request.match_info["name"]))
 
+    async def domain_set(self, request: web.Request) -> web.Response:
+        """Change a domain's settings."""
+        body = await _body(request, schemas.DomainSettings)
+        return _json(await self.lc.domain_set(request.match_info["name"], body))
+
     async def domain_delete(self, request: web.Request) -> web.Response:
         """Delete a domain (irreversible)."""
         body = await _body(request, schemas.Confirm)

@@ -41,12 +41,13 @@ DELETED = "deleted"
 
 @dataclass(eq=False)
 class Domain:
-    """A sending domain and its current DKIM signer(s)."""
+    """A sending domain, its current DKIM signer(s), and whether the header From is checked."""
 
     id: int
     name: str
     selector: str
     deleted: bool = False
+    check_header_from: bool = True
     signers: list[Any] = field(default_factory=list)
 
 

@@ -1,7 +1,8 @@
 """Pure decisions of an SMTP session: who may authenticate, send, and how much.
 
 Owns: the rules of SEMANTICS.md §3 and §6 that do not need I/O — may this
-session AUTH on this transport, may this account use this sender, may it add
+session AUTH on this transport, may this account use this sender (envelope, and
+header From / Sender through relayd.smtp.headerfrom), may it add
 another recipient (an address literal only when allowed), is this size
 acceptable, may this AUTH be checked now after failed attempts (per client
 address and username, then per address: ``AuthThrottle``). Every function
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from relayd.directory.accounts import Account
-from relayd.smtp import replies
+from relayd.smtp import headerfrom, replies
 from relayd.smtp.address import in_domain, is_address_literal
 from relayd.smtp.replies import Reply
 
@@ -87,11 +88,24 @@ def session_account_valid(account: Account | None, epoch: int) -> bool:
     return account is not None and account.usable and account.epoch == epoch
 
 
-def sender_allowed(account: Account, sender_domain: str) -> Reply | None:
-    """Refuse a MAIL FROM outside the account's domain (or its subdomains)."""
-    if sender_domain and in_domain(sender_domain, account.domain.name):
+def sender_allowed(account: Account, sender_domain: str, *, null: bool = False) -> Reply | None:
+    """Refuse a MAIL FROM outside the account's domain (or its subdomains).
+
+    ``null``: the null reverse-path ``<>`` (an application's own bounce or
+    auto-reply), accepted; its header From is checked at the end of DATA.
+    """
+    if null or (sender_domain and in_domain(sender_domain, account.domain.name)):
         return None
     return replies.SENDER_NOT_ALLOWED
+
+
+def header_from_allowed(account: Account, data: bytes | bytearray,
+                        start: int = 0) -> Reply | None:
+    """Refuse a message whose header From or Sender is outside the account's domain, or
+    that has no From (unless the domain's check is switched off)."""
+    if not account.domain.check_header_from:
+        return None
+    return headerfrom.check(data, account.domain.name, start)
 
 
 def declared_size_ok(declared: int | None, maximum: int) -> Reply | None:

@@ -93,6 +93,11 @@ SIZE_EXCEEDED = Reply("552 5.3.4 Message size exceeds fixed maximum", "size")
 TOO_MANY_RECIPIENTS = Reply("452 4.5.3 Too many recipients", "too_many_recipients")
 QUEUE_FULL = Reply("452 4.3.1 Insufficient system storage", "queue_full")
 LOW_DISK = Reply("452 4.3.1 Insufficient system storage", "low_disk")
+# The header From (or Sender) is checked at the end of DATA (relayd.smtp.headerfrom).
+HEADER_FROM_NOT_ALLOWED = Reply(
+    "550 5.7.1 From header address not allowed for this account", "header_from_not_allowed"
+)
+NO_HEADER_FROM = Reply("550 5.6.0 Message has no From header", "no_header_from")
 BAD_LINE_ENDING = Reply(
     "550 5.5.2 Bare CR, bare LF or NUL in message data not allowed", "bad_line_ending"
 )

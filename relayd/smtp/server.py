@@ -573,6 +573,11 @@ async def _accept(conn: RelaySMTP, msg: MessageReceived) -> None:
     if ctx.fenced():  # cut off from the cluster: a disable may be waiting for this node
         session.reject(replies.FENCED_MAIL)
         return
+    refusal = policy.header_from_allowed(account, msg.data, 2)  # after the session's CRLF
+    if refusal is not None:
+        session.reject(refusal, "header From" if refusal is replies.NO_HEADER_FROM
+                       else "header From or Sender")
+        return
     msg_id = ctx.spool.ids.next()
     ext_id = format_id(msg_id)
     now = ctx.clock()

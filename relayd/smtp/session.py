@@ -366,7 +366,7 @@ class Envelope:
                 return replies.PARAM_UNKNOWN, ""
         refusal = policy.declared_size_ok(size, ctx.max_message_size)
         if refusal is None:
-            refusal = policy.sender_allowed(account, path.domain)
+            refusal = policy.sender_allowed(account, path.domain, null=not path.address)
         if refusal is None:
             refusal = policy.queue_room(ctx.scheduler.queued_count(account.id),
                                         ctx.max_queued_per_account, ctx.free_disk(),

@@ -43,6 +43,7 @@ class DomainRecord:
     ed25519_key: bytes | None
     created_at: float
     deleted: bool = False
+    check_header_from: bool = True
 
 
 @dataclass(slots=True)
@@ -139,6 +140,8 @@ class DirectoryStore(Protocol):
         """Store a domain; its id. DomainExists if a live one has the name."""
     async def delete_domain(self, domain_id: int, now: float) -> None:
         """Mark deleted, destroy its keys, disable its accounts (reason domain_deleted)."""
+    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+        """Switch the header From check of a domain on or off."""
     async def add_account(self, new: NewAccount, check: BindingCheck,
                           slots: int | None = None) -> int:
         """Store an active account with its networks (``check`` first); its id. With
@@ -162,12 +165,12 @@ class DirectoryStore(Protocol):
 
 
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
-                   " created_at, deleted_at FROM domains")
+                   " created_at, deleted_at, check_header_from FROM domains")
 
 
 def _domain(r: Sequence[object]) -> DomainRecord:
     return DomainRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],  # type: ignore[arg-type]
-                        deleted=r[7] is not None)
+                        deleted=r[7] is not None, check_header_from=bool(r[8]))
 
 
 class SqliteDirectory:
@@ -232,6 +235,11 @@ class SqliteDirectory:
     async def delete_domain(self, domain_id: int, now: float) -> None:
         await self._spool._transact(functools.partial(_delete_domain, domain_id=domain_id,
                                                       now=now))
+
+    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+        await self._spool._transact(functools.partial(
+            _execute, sql="UPDATE domains SET check_header_from=? WHERE id=?",
+            params=(int(on), domain_id)))
 
     async def add_account(self, new: NewAccount, check: BindingCheck,
                           slots: int | None = None) -> int:

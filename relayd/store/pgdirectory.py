@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS domains (
     created_at double precision NOT NULL, deleted_at double precision);
 CREATE UNIQUE INDEX IF NOT EXISTS domains_live_name ON domains(name)
     WHERE deleted_at IS NULL;
+ALTER TABLE domains ADD COLUMN IF NOT EXISTS check_header_from boolean NOT NULL DEFAULT true;
 CREATE TABLE IF NOT EXISTS accounts (
     id bigserial PRIMARY KEY, username text NOT NULL UNIQUE,
     domain_id bigint NOT NULL REFERENCES domains(id), password_hash text,
@@ -150,7 +151,7 @@ class SchemaTooNew(Exception):
 
 
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
-                   " created_at, deleted_at FROM domains")
+                   " created_at, deleted_at, check_header_from FROM domains")
 _ACCOUNT_COLUMNS = ("SELECT id, username, domain_id, password_hash, status, disabled_reason,"
                     " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
                     " FROM accounts")
@@ -254,7 +255,7 @@ class PgDirectory:
         key = self._unseal(bytes(r[3])) if r[3] is not None else None
         ed_key = self._unseal(bytes(r[5])) if r[5] is not None else None
         return DomainRecord(int(r[0]), r[1], r[2], key, r[4], ed_key, float(r[6]),
-                            deleted=r[7] is not None)
+                            deleted=r[7] is not None, check_header_from=bool(r[8]))
 
     async def domains(self) -> list[DomainRecord]:
         return [self._domain(r) for r in await self._db.fetch(_DOMAIN_COLUMNS + " ORDER BY id")]
@@ -312,6 +313,13 @@ class PgDirectory:
                 " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
             return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
         await self._write(delete)
+
+    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+        async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute("UPDATE domains SET check_header_from=$2 WHERE id=$1",
+                             domain_id, on)
+            return None, [("domain", domain_id)]
+        await self._write(update)
 
     async def add_account(self, new: NewAccount, check: BindingCheck,
                           slots: int | None = None) -> int:

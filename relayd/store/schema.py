@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -112,6 +112,11 @@ MIGRATIONS: dict[int, str] = {
     DROP INDEX delivery_log_user_ts;
     DROP INDEX delivery_log_ts;
     DROP TABLE delivery_log;
+    """,
+    # Per domain: is the header From (and Sender) checked against it (on for every
+    # domain, old ones included).
+    6: """
+    ALTER TABLE domains ADD COLUMN check_header_from INTEGER NOT NULL DEFAULT 1;
     """,
 }
 
