@@ -68,7 +68,9 @@ async def test_nul_byte_in_data_is_refused(relay: RelayHandle, sink: Sink,
 
 async def test_empty_message_sent_after_354(relay: RelayHandle, sink: Sink,
                                             account: tuple[str, str]) -> None:
-    """A lone "." as the first line of data, sent after the 354, ends an empty message."""
+    """A lone "." as the first line of data, sent after the 354, ends an empty message
+    (accepted where the header From check is off: an empty message has no From)."""
+    await relay.ctl.ok("POST", "/v1/domains/example.com/settings", {"check_header_from": False})
     raw = await _in_transaction(relay, account)
     reply = await raw.cmd(".")
     assert reply.startswith("250 2.0.0 Ok: queued as ")
@@ -85,7 +87,7 @@ async def test_data_line_over_1000_octets_is_refused(relay: RelayHandle, sink: S
     assert await raw.cmd("RCPT TO:<legit@dest.test>") == "250 2.1.5 Ok"
     assert (await raw.cmd("DATA")).startswith("354 ")
     # 998 octets + CRLF, dot-stuffed (the transparency dot does not count).
-    body = b"Subject: legit\r\n\r\n." + b"." * 997 + b"y\r\n.\r\n"
+    body = b"From: app@example.com\r\nSubject: legit\r\n\r\n." + b"." * 997 + b"y\r\n.\r\n"
     assert (await raw.cmd(body[:-2])).startswith("250 2.0.0 Ok: queued as ")
     [got] = await sink.wait_for(1)
     assert got.data.endswith(b"\r\n\r\n" + b"." * 997 + b"y\r\n")

@@ -122,7 +122,7 @@ async def _spool_with_mail(tmp: Path, messages: int = 20) -> Path:
     client = await relay.sender("example.com")
     for n in range(messages):
         await client.sendmail("app@example.com", [f"r{n}@dest.test"],
-                              f"Subject: {n}\r\n\r\nhello\r\n".encode())
+                              f"From: app@example.com\r\nSubject: {n}\r\n\r\nhello\r\n".encode())
     await client.quit()
     assert await relay.terminate() == 0
     db = relay.data / "relayd.sqlite3"

@@ -23,7 +23,7 @@ async def send(relay: RelayHandle, user: str, pw: str, n: int,
     """Submit ``n`` messages on one authenticated connection."""
     c = await relay.client(user, pw)
     for i in range(n):
-        await c.sendmail(sender, [f"r{i}@dest.test"], message(f"m{i}"))
+        await c.sendmail(sender, [f"r{i}@dest.test"], message(f"m{i}", sender=sender))
     await c.quit()
 
 

@@ -40,7 +40,8 @@ async def test_most_specific_network_wins(relay_factory: RelayFactory) -> None:
     db.close()
     relay = await relay_factory()
     client = await relay.client()
-    _, reply = await client.sendmail("a@narrow.example", ["r@dest.test"], message())
+    _, reply = await client.sendmail("a@narrow.example", ["r@dest.test"],
+                                     message(sender="a@narrow.example"))
     assert reply.startswith("2.0.0")
     with pytest.raises(aiosmtplib.SMTPSenderRefused) as info:
         await client.sendmail("a@wide.example", ["r@dest.test"], message())

@@ -90,7 +90,7 @@ async def test_status_follows_the_queue_without_repeating_itself(
     rp = await _started(tmp_path, notify, procs)
     client = await rp.sender()  # the smarthost is a closed port: the message stays queued
     await client.sendmail("app@example.com", ["rcpt@example.org"],
-                          b"Subject: t\r\n\r\nbody\r\n")
+                          b"From: app@example.com\r\nSubject: t\r\n\r\nbody\r\n")
     await client.quit()
     await notify.wait_for("queue 1", timeout=3 * 5.0 + 5)
     await asyncio.sleep(5.5)  # one more status period, nothing changed
