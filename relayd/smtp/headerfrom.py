@@ -31,9 +31,19 @@ from relayd.smtp.replies import Reply
 
 __all__ = ["FieldError", "check", "field_domains", "header_fields"]
 
-# A From or Sender field and its continuation lines, at the start of a line.
-_FIELD = re.compile(rb"^(from|sender)[ \t]*+:([^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+)",
-                    re.IGNORECASE | re.MULTILINE)
+# A From or Sender field and its continuation lines, after a line end. The literal
+# CRLF first (no IGNORECASE) lets the engine skip ahead to each line start.
+_NAME_VALUE = (rb"([Ff][Rr][Oo][Mm]|[Ss][Ee][Nn][Dd][Ee][Rr])[ \t]*+:"
+               rb"([^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+)")
+_FIELD = re.compile(rb"\r\n" + _NAME_VALUE)
+_FIRST_FIELD = re.compile(_NAME_VALUE)
+# The common values, whose meaning needs no tokenizer: ``local@domain`` or
+# ``[phrase] <local@domain>`` with a phrase of atoms or one simple quoted string.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_SIMPLE = re.compile(
+    rf'[ \t]*+(?:(?:[{_ATEXT} \t.]*+|"[^"\\]*+"[ \t]*+)<)?'
+    rf"[{_ATEXT}]++(?:\.[{_ATEXT}]++)*+@((?:[A-Za-z0-9\-]++\.)*+[A-Za-z0-9\-]++)"
+    r"(>)?[ \t]*+")
 # One token of an address list: white space, a quoted string, a domain literal,
 # a special, an atom (dots, encoded words and UTF-8 included), or a comment start.
 _TOKEN = re.compile(r'[ \t\r\n]++|"(?:[^"\\]++|\\.)*+"|\[(?:[^\[\]\\]++|\\.)*+\]'
@@ -55,10 +65,18 @@ def header_fields(data: bytes | bytearray, start: int = 0) -> list[tuple[str, st
     if data.startswith(b"\r\n", start):
         return []  # an empty line first: no header section
     end = data.find(b"\r\n\r\n", start)
-    # ``start`` is 0 or just after a CRLF, so "^" matches there (no copy of the section)
-    return [(m.group(1).decode("ascii").lower(),
-             m.group(2).replace(b"\r\n", b"").decode("utf-8", "replace"))
-            for m in _FIELD.finditer(data, start, len(data) if end < 0 else end)]
+    if end < 0:
+        end = len(data)
+    found = []
+    if start >= 2 and data.startswith(b"\r\n", start - 2):
+        first = None
+        start -= 2  # the CRLF before the first line (no copy of the section)
+    else:
+        first = _FIRST_FIELD.match(data, start, end)
+    for m in ([first] if first else []) + list(_FIELD.finditer(data, start, end)):
+        found.append((m.group(1).decode("ascii").lower(),
+                      m.group(2).replace(b"\r\n", b"").decode("utf-8", "replace")))
+    return found
 
 
 def _tokens(value: str) -> list[str]:
@@ -133,6 +151,9 @@ def _mailbox(toks: list[str]) -> str:
 def field_domains(value: str) -> list[str]:
     """The domain of every mailbox in an address list (groups opened up); FieldError if
     it is not one."""
+    m = _SIMPLE.fullmatch(value)
+    if m is not None and (m.group(2) is None) == ("<" not in value):
+        return [m.group(1).lower()]
     toks = _tokens(value)
     domains: list[str] = []
     unit: list[str] = []
