@@ -209,7 +209,8 @@ async def test_smtputf8_addresses_arrive_end_to_end(relay: RelayHandle, sink: Si
     assert await raw.cmd("MAIL FROM:<jos\u00e9@example.com> SMTPUTF8") == "250 2.1.0 Ok"
     assert await raw.cmd("RCPT TO:<\u00fc\u00f1\u00ee@d\u00e9st.test>") == "250 2.1.5 Ok"
     assert (await raw.cmd("DATA")).startswith("354 ")
-    body = "Subject: caf\u00e9\r\n\r\nCr\u00e8me br\u00fbl\u00e9e.\r\n.".encode()
+    body = ("From: Jos\u00e9 <jos\u00e9@example.com>\r\nSubject: caf\u00e9\r\n\r\n"
+            "Cr\u00e8me br\u00fbl\u00e9e.\r\n.").encode()
     assert (await raw.cmd(body)).startswith("250 2.0.0 Ok: queued as ")
     [got] = await sink.wait_for(1)
     assert got.mail_from == "jos\u00e9@example.com"

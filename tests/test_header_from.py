@@ -182,3 +182,26 @@ async def test_schema_5_database_migrates_with_the_check_on(tmp_path: Path) -> N
         await spool.close()
     assert again is not None and again.check_header_from is False
     assert version[0] == 6
+
+
+@pytest.mark.parametrize("value", [
+    "app@example.com", " App <app@example.com> ", '"Doe, John" <j@Sub.Example.com>',
+    "J. R. Doe <jr@example.com>", "=?utf-8?q?J=C3=B6rg?= <jorg@example.com>",
+    "<app@example.com>", "a@b.c, d@e.f", "app@example.com>", "App app@example.com>",
+])
+def test_fast_path_agrees_with_the_tokenizer(value: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-regex path for the usual shapes gives what the full grammar gives."""
+    import re
+
+    from relayd.smtp import headerfrom
+    try:
+        fast: list[str] | str = field_domains(value)
+    except FieldError:
+        fast = "error"
+    monkeypatch.setattr(headerfrom, "_SIMPLE", re.compile(r"(?!)"))
+    try:
+        full: list[str] | str = field_domains(value)
+    except FieldError:
+        full = "error"
+    assert fast == full
