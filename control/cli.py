@@ -250,7 +250,7 @@ class Cli:
         if a.action == "list":
             lst = c.call("GET", "/v1/queue", schemas.QueueList,
                          query={"user": a.user, "state": a.state})
-            rows = [[i.id, i.username, i.state, f"{int(i.age_seconds)}s", str(i.attempts),
+            rows = [[i.id, i.username, _state(i), f"{int(i.age_seconds)}s", str(i.attempts),
                      _when(i.next_attempt or i.reset_at), (i.last_error or "")[:60]]
                     for i in lst.items]
             self.out(lst, _table(rows, ["ID", "USER", "STATE", "AGE", "ATTEMPTS",
@@ -267,6 +267,15 @@ class Cli:
             r = c.call("POST", "/v1/queue/retry", schemas.QueueChanged,
                        schemas.QueueRetry(user=a.user))
             self.out(r, f"{r.count} deferred recipient(s) due now")
+        elif a.action in ("hold", "release"):
+            item = c.call("POST", f"/v1/queue/{_message_id(a.id)}/{a.action}",
+                          schemas.QueueItem)
+            self.out(item, f"{item.id} ({item.username}): {_state(item)}"
+                     + ("; its account is disabled: `user enable` releases it"
+                        if item.held_by == "account" else ""))
+        elif a.action == "delete":
+            r = c.call("POST", f"/v1/queue/{_message_id(a.id)}/delete", schemas.QueueChanged)
+            self.out(r, f"deleted {a.id.upper()}: its recipients are logged as purged")
 
     def log(self) -> None:
         """relayctl log."""
@@ -274,10 +283,12 @@ class Cli:
         since = None
         if a.since:
             since = _parse_since(a.since)
+        message = _message_id(a.message) if a.message else None
         lst = self.client.call("GET", "/v1/log", schemas.LogList,
                                query={"user": a.user, "status": a.status, "since": since,
-                                      "limit": a.limit})
-        rows = [[_when(e.ts), e.message_id, e.username, e.recipient, e.outcome,
+                                      "limit": a.limit, "message": message})
+        rows = [[_when(e.ts), e.message_id, e.username, e.recipient,
+                 e.outcome + (" (bounce)" if e.kind == "bounce" else ""),
                  str(e.code or ""), e.next_hop, e.text[:50]] for e in lst.entries]
         self.out(lst, _table(rows, ["TIME", "MESSAGE", "USER", "RECIPIENT", "OUTCOME",
                                     "CODE", "NEXT HOP", "REPLY"]))
@@ -334,6 +345,20 @@ def _printable(text: str) -> str:
 
 class UsageError(Exception):
     """Bad command-line usage."""
+
+
+def _state(item: schemas.QueueItem) -> str:
+    """A queued message's state, with who held it (``held (operator)``)."""
+    return f"{item.state} ({item.held_by})" if item.held_by else item.state
+
+
+def _message_id(text: str) -> str:
+    """A message id as ``queue list`` shows it (16 hex digits), else a usage error."""
+    try:
+        return msgspec.convert(text, schemas.MessageId).upper()
+    except msgspec.ValidationError:
+        raise UsageError(f"{text!r} is not a message id (16 hex digits, as `queue list`"
+                         " shows it)") from None
 
 
 def _parse_since(text: str) -> float:
@@ -442,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--user", required=True)
     qp.add_argument("--state", choices=["queued", "waiting_limit", "held", "deferred"])
     q.add_parser("retry").add_argument("--user")
+    q.add_parser("hold", help="hold one message (any account) until released"
+                 ).add_argument("id", metavar="ID")
+    q.add_parser("release", help="release a held message: attempted again at once"
+                 ).add_argument("id", metavar="ID")
+    q.add_parser("delete", help="delete one message for good (logged as purged)"
+                 ).add_argument("id", metavar="ID")
 
     th = sub.add_parser("throttle", help="failed-AUTH throttle").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -458,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lg = sub.add_parser("log", help="delivery log")
     lg.add_argument("--user")
-    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed"])
+    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed", "purged"])
+    lg.add_argument("--message", metavar="ID",
+                    help="one message's history, oldest first (also after it left the queue)")
     lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")
     lg.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
     return p

@@ -240,13 +240,22 @@ class QueueListQuery(_S):
     state: QueueState | None = None
 
 
+#: The outcomes ``log --status`` filters on (``queued``: not attempted yet; ``purged``:
+#: removed by the operator before it was final).
+LogStatus = Literal["queued", "deferred", "delivered", "failed", "purged"]
+#: A message id as ``queue list`` shows it.
+MessageId = Annotated[str, msgspec.Meta(pattern="^[0-9A-Fa-f]{16}$")]
+
+
 class LogQuery(_S):
-    """Query of ``GET /v1/log`` (``since``: epoch seconds)."""
+    """Query of ``GET /v1/log`` (``since``: epoch seconds; ``message``: one message's
+    history, oldest first, also after it left the queue)."""
 
     user: str | None = None
-    status: Literal["queued", "deferred", "delivered", "failed"] | None = None
+    status: LogStatus | None = None
     since: EpochSeconds | None = None
     limit: LogLimit = 100
+    message: MessageId | None = None
 
 
 class QueueItem(_S):
@@ -263,6 +272,9 @@ class QueueItem(_S):
     reset_at: float | None = None
     last_error: str | None = None
     size: int = 0
+    #: State ``held``: who held it, ``operator`` (``queue hold``, until ``queue release``)
+    #: or ``account`` (its account is disabled, until ``user enable``); else None.
+    held_by: str | None = None
 
 
 class QueueList(_S):
@@ -301,7 +313,8 @@ class LogEntry(_S):
     next_hop: str
     code: int | None
     text: str
-    outcome: str
+    outcome: str  # queued, delivered, deferred, failed, or purged (removed by the operator)
+    kind: str = "message"  # or ``bounce``: a DSN relayd generated (not in total sent)
 
 
 class LogList(_S):
@@ -388,6 +401,9 @@ _BAD_QUERY = (400, "bad query: an unknown or repeated parameter, a mistyped or o
 _TOO_LARGE = (413, "the body is larger than 1 MiB (`code` is `too_large`)")
 _NO_DOMAIN = (404, "no such domain (`code` is `not_found`)")
 _NO_USER = (404, "no such user (`code` is `not_found`)")
+_BAD_ID = (400, "not a message id (`code` is `bad_request`)")
+_NO_MESSAGE = (404, "no such queued message, on this node in cluster mode (`code` is"
+               " `not_found`)")
 _NODE = (("name", "the node name, as `node list` shows it"),)
 _NOT_CLUSTERED = (409, "this relayd is a single node, not in a cluster (`code` is"
                   " `not_clustered`)")
@@ -457,14 +473,22 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/queue", "queue_list", "Queued messages (send and retry queues)",
           QueueList, query=QueueListQuery, errors=(_BAD_QUERY, _NO_USER)),
     Route("GET", "/v1/queue/{id}", "queue_show", "One queued message", QueueItem,
-          params=_MESSAGE,
-          errors=((400, "not a message id (`code` is `bad_request`)"),
-                  (404, "no such queued message (`code` is `not_found`)"))),
+          params=_MESSAGE, errors=(_BAD_ID, _NO_MESSAGE)),
     Route("POST", "/v1/queue/purge", "queue_purge", "Remove an account's queued messages",
           QueueChanged, body=QueuePurge, errors=(_BAD, _NO_USER, _TOO_LARGE)),
+    Route("POST", "/v1/queue/{id}/hold", "queue_hold",
+          "Hold one message (any account): not attempted until released; kept across"
+          " restarts", QueueItem, params=_MESSAGE, errors=(_BAD_ID, _NO_MESSAGE)),
+    Route("POST", "/v1/queue/{id}/release", "queue_release",
+          "Release a held message: attempted again at once", QueueItem, params=_MESSAGE,
+          errors=(_BAD_ID, _NO_MESSAGE)),
+    Route("POST", "/v1/queue/{id}/delete", "queue_delete",
+          "Delete one message (any account) for good; its recipients are logged `purged`",
+          QueueChanged, params=_MESSAGE, errors=(_BAD_ID, _NO_MESSAGE)),
     Route("POST", "/v1/queue/retry", "queue_retry", "Make deferred mail due now",
           QueueChanged, body=QueueRetry, errors=(_BAD, _NO_USER, _TOO_LARGE)),
-    Route("GET", "/v1/log", "delivery_log", "Delivery attempts, newest first", LogList,
+    Route("GET", "/v1/log", "delivery_log",
+          "Delivery attempts, newest first (one message's: oldest first)", LogList,
           query=LogQuery, errors=(_BAD_QUERY,)),
     Route("GET", "/v1/throttle", "throttle_list",
           "What the failed-AUTH throttle counts or refuses now", ThrottleList,

@@ -212,6 +212,7 @@ class Relay:
                            on_batch=self.observer.batch, move_log=self.dlog.move_from_spool)
         await self.spool.open()
         self.spool.on_results = self.dlog.append
+        self.spool.on_purged = self.observer.purged
         undo.push_async_callback(_quietly, self.spool.abandon)
 
     async def _start_delivery(self, undo: contextlib.AsyncExitStack) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from relayd.store.deliverylog import DeliveryLog
 from relayd.store.records import AttemptResult
-from relayd.store.schema import MIGRATIONS
+from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
 from relayd.store.spool import Spool, SpoolError
 from tests.conftest import RelayFactory, RelayHandle, Sink
 from tests.test_queue_support import eventually, log_entries, submit
@@ -162,7 +162,7 @@ async def test_upgrade_moves_the_old_table_in_batches_then_drops_it(tmp_path: Pa
     await spool.close()
     try:
         assert moved == [120_000]
-        assert _rows(spool_path, "PRAGMA user_version")[0][0] == 6
+        assert _rows(spool_path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
         assert "delivery_log" not in _tables(spool_path)
         got = _rows(tmp_path / "log.db", "SELECT id, ts, message_id, recipient, outcome FROM"
                     " delivery_log WHERE id IN (1, 60000, 120000) ORDER BY id")

@@ -42,6 +42,7 @@ from relayd.store.directory import (
     PlanFull,
     QueueNotEmpty,
 )
+from relayd.store.records import ACCOUNT_DELETED
 
 
 def _queue_not_empty(username: str, queued: int) -> LifecycleError:
@@ -308,7 +309,7 @@ class Accounts:
             except QueueNotEmpty as exc:
                 raise _queue_not_empty(username, exc.count) from None
             if self.s.cluster is not None:  # this node's spool; each node purges its own
-                purged_ids = await self.s.spool.purge(acct.id)
+                purged_ids = await self.s.spool.purge(acct.id, reason=ACCOUNT_DELETED)
             # Everything the account had queued is gone from the database: forget it
             # (until now the scheduler held it, as for any account that is not usable;
             # a retry already handed to a worker finds its message purged and stops).

@@ -30,6 +30,7 @@ from relayd.controlplane.changes import Shared
 from relayd.directory.accounts import ACTIVE, DELETED, Account, Domain
 from relayd.store.directory import AccountRecord, DomainRecord
 from relayd.store.pgdirectory import Change, PgDirectory
+from relayd.store.records import ACCOUNT_DELETED
 
 
 class Follower:
@@ -130,7 +131,7 @@ class Follower:
 
     async def _purge(self, acct: Account) -> None:
         """A deleted account's mail in this node's spool: gone, like the account."""
-        purged = await self.s.spool.purge(acct.id)
+        purged = await self.s.spool.purge(acct.id, reason=ACCOUNT_DELETED)
         dropped = self.s.scheduler.drop_account(acct.id)
         self.s.scheduler.forget(acct.id, dropped + purged)
         if purged:

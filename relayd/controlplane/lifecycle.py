@@ -78,6 +78,8 @@ class Lifecycle:
                                                         self.shared)
         self.queue_list, self.queue_show = q.queue_list, q.queue_show
         self.queue_purge, self.queue_retry = q.queue_purge, q.queue_retry
+        self.queue_hold, self.queue_release = q.queue_hold, q.queue_release
+        self.queue_delete = q.queue_delete
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
         self.node_list, self.node_forget = n.node_list, n.node_forget
         # Cluster mode: a change returns once every live node has applied it.

@@ -320,10 +320,23 @@ class ControlServer:
         body = await _body(request, schemas.QueueRetry)
         return _json(await self.lc.queue_retry(body.user))
 
+    async def queue_hold(self, request: web.Request) -> web.Response:
+        """Hold one message until released."""
+        return _json(await self.lc.queue_hold(request.match_info["id"]))
+
+    async def queue_release(self, request: web.Request) -> web.Response:
+        """Release a held message."""
+        return _json(await self.lc.queue_release(request.match_info["id"]))
+
+    async def queue_delete(self, request: web.Request) -> web.Response:
+        """Delete one message for good."""
+        return _json(await self.lc.queue_delete(request.match_info["id"]))
+
     async def delivery_log(self, request: web.Request) -> web.Response:
         """Delivery attempts."""
         q = _query(request, schemas.LogQuery)
-        return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit))
+        return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit,
+                                                q.message))
 
     async def node_list(self, request: web.Request) -> web.Response:
         """The nodes of the cluster (409 on a single node)."""

@@ -227,6 +227,11 @@ class Observer:
         self.m.queue_reconciled_total.inc(count)
         self.log.warning("queue_reconciled", count=count)
 
+    def purged(self, count: int) -> None:
+        """Recipients an operator removed before they were final (``queue purge``,
+        ``queue delete``, ``user delete --purge-queue``)."""
+        self._delivery["purged"].inc(count)
+
     def attempt(self, result: AttemptResult, seconds: float) -> None:
         """One recipient's attempt finished."""
         self._delivery[result.outcome].inc()

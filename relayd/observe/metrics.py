@@ -65,8 +65,9 @@ NAMESPACE = "relayd"
 
 #: Values of the ``state`` label of ``relayd_queue_messages`` (SEMANTICS.md §4.1, §5).
 QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
-#: Values of the ``outcome`` label of ``relayd_delivery_attempts_total`` (SEMANTICS.md §5).
-DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed")
+#: Values of the ``outcome`` label of ``relayd_delivery_attempts_total`` (SEMANTICS.md §5;
+#: ``purged``: a recipient the operator removed before it was final, not an attempt).
+DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged")
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
 #: SSD; the buckets resolve 0.5 ms to 1 s.
@@ -265,7 +266,8 @@ class Metrics:
         # --- delivery (relayd.delivery.client) ---------------------------------------
         self.delivery_attempts_total = Counter(
             "delivery_attempts",
-            "Delivery attempts per recipient, by outcome.",
+            "Delivery attempts per recipient, by outcome (purged: removed by the operator,"
+            " not attempted).",
             ["outcome"],
             namespace=ns,
             registry=r,

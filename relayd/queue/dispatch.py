@@ -102,19 +102,22 @@ class Ledger:
     ``live``: per account, the messages not yet final (``queued_count``).
     ``owned``: never-attempted messages, from the send queue to the commit of
     their results; ``retrying``: retries from their dispatch to that commit;
+    ``held``: messages the operator held (``queue hold``), never attempted while held;
     ``unleased``: retries whose result commit failed (their lease is released
     at the next reconciliation). ``at_sender``: transmissions handed to the
     sender, unanswered; ``recording``: answered attempts whose results are not
     committed yet; ``running``: attempts from their start to that commit.
     """
 
-    __slots__ = ("at_sender", "live", "owned", "recording", "retrying", "running", "unleased")
+    __slots__ = ("at_sender", "held", "live", "owned", "recording", "retrying", "running",
+                 "unleased")
 
     def __init__(self) -> None:
         self.live: dict[int, set[int]] = {}
         self.owned: set[int] = set()
         self.retrying: set[int] = set()
         self.unleased: set[int] = set()
+        self.held: set[int] = set()
         self.at_sender = 0
         self.recording = 0
         self.running = 0
@@ -134,6 +137,8 @@ class Ledger:
         if live is not None:
             for mid in message_ids:
                 live.discard(mid)
+        if self.held:
+            self.held.difference_update(message_ids)
 
     def disown(self, message_id: int) -> None:
         """Memory no longer holds this message (results committed, or it is gone)."""
@@ -277,9 +282,9 @@ class Dispatcher:
         if self._hold(msg, handed):
             return False  # disabled after dispatch, before the attempt
         data = self.queue.take_data(msg)
-        if not self.ledger.is_live(msg):
+        if not self.ledger.is_live(msg) or msg.id in self.ledger.held:
             self.ledger.disown(msg.id)
-            return False  # purged after it was dispatched
+            return False  # purged or held after it was dispatched
         if data is not None:
             return await self._attempt_with(msg, data, handed)
         # Data loaded for attempts stays within a byte budget (one message always
@@ -305,6 +310,9 @@ class Dispatcher:
         # progress, never one waiting there, so a disable while this waited still holds.
         await self._room.wait_until(self.may_start)
         if self._hold(msg, handed):
+            return False
+        if msg.id in self.ledger.held:  # held by the operator while this waited
+            self.ledger.disown(msg.id)
             return False
         self._handed_over()
         started = time.perf_counter()
@@ -407,7 +415,7 @@ class Dispatcher:
         for r in results:
             if r.outcome != "deferred":
                 msg.rcpts.pop(r.idx, None)
-        if delivered:
+        if delivered and not msg.is_bounce:  # a DSN relayd generated is not sent mail
             acct = self.directory.accounts_by_id.get(msg.account_id)
             if acct is not None:
                 acct.total_sent += delivered
@@ -473,7 +481,7 @@ class Dispatcher:
         return AttemptResult(
             message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
-            next_attempt=next_at, account_id=msg.account_id,
+            next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
         )
 
     async def stop(self, grace: float) -> None:

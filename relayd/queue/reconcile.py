@@ -104,7 +104,7 @@ class Reconciler:
             self.probe = False
         if release:
             self.on_released()
-        unknown = [m for m in ids if not led.holds(m)]
+        unknown = [m for m in ids if not led.holds(m) and m not in led.held]
         if not unknown or self.stopping:
             return 0
         found = 0

@@ -7,7 +7,9 @@ the dispatcher (relayd.queue.dispatch), straight to a delivery agent when it
 can, else to a delivery worker. Recipients that failed temporarily live only
 in the database (the retry queue), found by the ``recipients_due`` index: the
 retry loop sleeps until the earliest ``next_attempt`` and costs nothing while
-nothing is due; due ones are leased and go to the workers.
+nothing is due; due ones are leased and go to the workers. A message the
+operator held (``queue hold``, stored in the spool) is in neither loop until
+``queue release``.
 
 Reconciliation (relayd.queue.reconcile): the database is the truth, memory
 only mirrors it. A message committed at acceptance reaches ``enqueue_new``
@@ -52,7 +54,7 @@ from relayd.queue.reconcile import Reconciler
 from relayd.queue.sendqueue import DATA_CACHE_MAX_MESSAGE as DATA_CACHE_MAX_MESSAGE
 from relayd.queue.sendqueue import QMsg, SendQueue, effective_limits
 from relayd.store.deliverylog import DeliveryLog
-from relayd.store.records import AttemptResult, NewMessage
+from relayd.store.records import AttemptResult, NewMessage, StoredMessage
 from relayd.store.spool import Spool
 
 RETRY_LEASE_SECONDS = 900.0
@@ -206,6 +208,58 @@ class Scheduler:
         """Remove message ids from the live count (after a purge in the database)."""
         self.ledger.forget(account_id, message_ids)
 
+    # -- one message: queue hold / release / delete (SEMANTICS §5) ----------------------
+    def hold_message(self, message_id: int, account_id: int) -> Callable[[], None]:
+        """Memory's part of ``queue hold``, before the write: the message leaves the send
+        queue and no attempt of it starts while it is held (one already at the next hop
+        finishes). Returns what undoes it (the write failed)."""
+        led = self.ledger
+        was_held = message_id in led.held
+        led.held.add(message_id)
+        msg = self.queue.remove(message_id, account_id)
+        if msg is not None:
+            led.owned.discard(message_id)
+
+        def undo() -> None:
+            if not was_held:
+                led.held.discard(message_id)
+            if msg is not None:
+                led.owned.add(message_id)
+                self.queue.push_front(msg)
+                self._wake.set()
+        return undo
+
+    def release_message(self, message_id: int, queued: list[StoredMessage]) -> None:
+        """Memory's part of ``queue release``, after the write: the message's recipients
+        never attempted (``queued``, read after it) go back to the send queue; its
+        deferred ones are due (the write made them so)."""
+        led = self.ledger
+        led.held.discard(message_id)
+        for sm in queued:
+            if led.holds(sm.id) or not sm.recipients:
+                continue
+            rcpts = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients}
+            # as the reconciliation does: results update and check the rows
+            led.live.setdefault(sm.account_id, set()).add(sm.id)
+            led.owned.add(sm.id)
+            self.queue.push(QMsg(sm.id, sm.account_id, sm.username, sm.domain, sm.sender,
+                                 sm.received_at, rcpts, sm.is_bounce, retry=True,
+                                 size=sm.size))
+        self._wake.set()
+        self._wake_retry.set()
+
+    def delete_message(self, message_id: int, account_id: int) -> None:
+        """Memory's part of ``queue delete``, before the write: the message leaves the
+        send queue and the live count; a retry of it handed to a worker stops (one
+        already at the next hop finishes)."""
+        self.queue.remove(message_id, account_id)
+        self.ledger.forget(account_id, [message_id])
+        self.ledger.owned.discard(message_id)
+
+    def retrying(self, message_id: int) -> bool:
+        """True while a retry of the message runs (its results set its recipients)."""
+        return message_id in self.ledger.retrying
+
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:
         """Load pending mail from the spool and start the loops."""
@@ -215,6 +269,9 @@ class Scheduler:
         requeue_as_retry: list[int] = []
         for sm in stored:
             self.ledger.live.setdefault(sm.account_id, set()).add(sm.id)
+            if sm.held is not None:  # held by the operator: not attempted until released
+                self.ledger.held.add(sm.id)
+                continue
             queued = {r.idx: (r.rcpt, r.attempts) for r in sm.recipients if r.status == "queued"}
             deferred = [r for r in sm.recipients if r.status == "deferred"]
             if queued and not deferred:

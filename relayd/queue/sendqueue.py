@@ -17,8 +17,8 @@ one (``wanted``) and ``set_window`` gives it. In cluster mode (``quota`` set), a
 account also needs a unit of quota leased from the cluster for each first attempt
 (relayd.queue.quota); without one its mail waits and ``take`` asks for a lease.
 
-Cost: ``push`` and ``take`` are O(1) per account visited; ``view`` and
-``drop`` are O(messages) (control path).
+Cost: ``push`` and ``take`` are O(1) per account visited; ``view``,
+``remove`` and ``drop`` are O(messages) (control path).
 Untrusted input: none (messages were checked at acceptance).
 Settings read: none; the caller passes limits and budgets.
 See also: relayd.queue.scheduler (the loop around ``take``), relayd.queue.dispatch.
@@ -232,6 +232,23 @@ class SendQueue:
         out.extend((m, *self.state(m.account_id, usable(m.account_id), now))
                    for m in self._handed.values())
         return out
+
+    def remove(self, message_id: int, account_id: int) -> QMsg | None:
+        """Take one message out of the send queue (``queue hold``, ``queue delete``),
+        a handed one included; None if it is not there. O(messages of the account)."""
+        msg = self._handed.pop(message_id, None)
+        if msg is None:
+            aq = self._queues.get(account_id)
+            found = [m for m in aq.pending if m.id == message_id] if aq else []
+            if not found or aq is None:
+                return None
+            msg = found[0]
+            aq.pending.remove(msg)
+            if not aq.pending:
+                while account_id in self._rr:
+                    self._rr.remove(account_id)
+        self.take_data(msg)
+        return msg
 
     def drop(self, account_id: int) -> list[int]:
         """Forget an account's send queue (purge), handed messages included; return

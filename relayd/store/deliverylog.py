@@ -1,7 +1,8 @@
 """The delivery log: one row per recipient attempt, in a database file of its own.
 
 Owns: ``relayd-log.sqlite3`` beside the spool (WAL, ``synchronous=NORMAL``,
-incremental auto-vacuum), its schema, its writer, its queries (``relayctl
+incremental auto-vacuum), its schema (version 2: the ``kind`` of each row, ``message``
+or ``bounce``, and an index by message id), its writer, its queries (``relayctl
 log``, the seed of the sending-limit windows), its bounds (age and size) and
 the upgrade that moves the rows of the spool's old ``delivery_log`` table here.
 
@@ -31,7 +32,7 @@ from relayd.store.records import AttemptResult
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE delivery_log (
@@ -49,10 +50,17 @@ CREATE TABLE delivery_log (
 CREATE INDEX delivery_log_user_ts ON delivery_log(username, ts);
 CREATE INDEX delivery_log_ts ON delivery_log(ts)
 """
+#: Version 2: the kind of message (``message``, or ``bounce``: a DSN relayd generated)
+#: and the index of ``relayctl log --message ID``.
+_STEP_2 = """
+ALTER TABLE delivery_log ADD COLUMN kind TEXT NOT NULL DEFAULT 'message';
+CREATE INDEX delivery_log_message ON delivery_log(message_id)
+"""
 
-_COLUMNS = "ts, message_id, username, domain, recipient, next_hop, code, text, outcome"
-_ROW = "(?,?,?,?,?,?,?,?,?)"
-#: Rows per multi-row insert: 64 rows of 9 columns stay within 999 parameters.
+_OLD_COLUMNS = "ts, message_id, username, domain, recipient, next_hop, code, text, outcome"
+_COLUMNS = _OLD_COLUMNS + ", kind"
+_ROW = "(?,?,?,?,?,?,?,?,?,?)"
+#: Rows per multi-row insert: 64 rows of 10 columns stay within 999 parameters.
 _CHUNK = 64
 #: Free pages given back to the file system after each prune batch, at most.
 _VACUUM_PAGES = 1000
@@ -119,7 +127,7 @@ class DeliveryLog:
         """Rows for ``results`` (committed in the spool): written at the writer's next turn."""
         self._pending.extend(
             (r.ts, r.message_id, r.username, r.domain, r.recipient, r.next_hop, r.code,
-             r.text, r.outcome) for r in results)
+             r.text, r.outcome, "bounce" if r.is_bounce else "message") for r in results)
         self._wake.set()
 
     async def flush(self) -> None:
@@ -141,30 +149,34 @@ class DeliveryLog:
 
     # -- reads --------------------------------------------------------------------
     async def entries(self, user: str | None, status: str | None, since: float | None,
-                      limit: int) -> list[Row]:
+                      limit: int, message_id: int | None = None) -> list[Row]:
         """Attempts, newest first: ``(ts, message_id, username, domain, recipient,
-        next_hop, code, text, outcome)``, filtered by account, outcome and time."""
+        next_hop, code, text, outcome, kind)``, filtered by account, outcome, time and
+        message; those of one message (``message_id``) oldest first, its history."""
         await self.flush()
         where = ""
         params: list[Any] = []
-        for clause, value in (("username=?", user), ("outcome=?", status), ("ts>=?", since)):
+        for clause, value in (("username=?", user), ("outcome=?", status), ("ts>=?", since),
+                              ("message_id=?", message_id)):
             if value is not None and value != "":
                 where += f" AND {clause}"  # literals of this module, never input
                 params.append(value)
+        order = "ASC" if message_id is not None else "DESC"
         sql = (f"SELECT {_COLUMNS} FROM delivery_log WHERE 1=1{where}"  # noqa: S608
-               " ORDER BY ts DESC, id DESC LIMIT ?")
+               f" ORDER BY ts {order}, id {order} LIMIT ?")
         return await self._run(_fetchall, sql, [*params, limit])
 
     async def first_attempts(self, username: str, minute: float, hour: float,
                              day: float) -> tuple[int, int, int]:
         """Messages of ``username`` first attempted since each of the three times
-        (``minute >= hour >= day``): what a sending-limit window starts from."""
+        (``minute >= hour >= day``): what a sending-limit window starts from (a
+        recipient removed by the operator, ``purged``, was not attempted)."""
         await self.flush()
         rows = await self._run(
             _fetchall,
             "SELECT COALESCE(SUM(t >= ?), 0), COALESCE(SUM(t >= ?), 0), COUNT(*) FROM"
             " (SELECT MIN(ts) AS t FROM delivery_log WHERE username=? AND ts >= ?"
-            " GROUP BY message_id)", (minute, hour, username, day))
+            " AND outcome != 'purged' GROUP BY message_id)", (minute, hour, username, day))
         row = rows[0] if rows else (0, 0, 0)
         return int(row[0]), int(row[1]), int(row[2])
 
@@ -221,12 +233,13 @@ def _open(conn: SqlConn, path: str) -> None:
     if version > SCHEMA_VERSION:
         raise ValueError(f"delivery log {path} has schema version {version}, newer than"
                          f" this relayd's ({SCHEMA_VERSION})")
-    if version == 0:
-        conn.execute("BEGIN IMMEDIATE")
-        for stmt in _SCHEMA.split(";"):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
+    for target, script in ((1, _SCHEMA), (2, _STEP_2)):
+        if version < target:
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in script.split(";"):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
 
 
 def _checkpoint(conn: SqlConn) -> None:
@@ -293,8 +306,8 @@ def _move_batch(conn: SqlConn, spool_path: str, limit: int) -> int:
         conn.execute("BEGIN IMMEDIATE")
         try:
             n = conn.execute(
-                f"INSERT OR IGNORE INTO main.delivery_log(id, {_COLUMNS}) SELECT id,"  # noqa: S608
-                f" {_COLUMNS} FROM old.delivery_log WHERE id > (SELECT COALESCE(MAX(id), 0)"
+                f"INSERT OR IGNORE INTO main.delivery_log(id, {_OLD_COLUMNS}) SELECT id,"  # noqa: S608
+                f" {_OLD_COLUMNS} FROM old.delivery_log WHERE id > (SELECT COALESCE(MAX(id), 0)"
                 " FROM main.delivery_log) ORDER BY id LIMIT ?", (limit,)).rowcount
             conn.execute("COMMIT")
         except BaseException:

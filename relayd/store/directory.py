@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from relayd.store import messages as q
 from relayd.store.db import IntegrityError, SqlConn
+from relayd.store.records import ACCOUNT_DELETED
 
 if TYPE_CHECKING:
     from relayd.store.spool import Spool
@@ -276,9 +277,12 @@ class SqliteDirectory:
             params=(account_id, cidr)))
 
     async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
-        return await self._spool._transact(
+        purged: list[q.PurgedRow] = []
+        ids = await self._spool._transact(
             functools.partial(_delete_account, account_id=account_id, now=now,
-                              purge_queue=purge_queue), deletes_messages=True)
+                              purge_queue=purge_queue, purged=purged), deletes_messages=True)
+        self._spool.log_purged(purged, ACCOUNT_DELETED)
+        return ids
 
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         rows = list(changed)
@@ -336,13 +340,14 @@ def _add_account(conn: SqlConn, new: NewAccount, check: BindingCheck,
     return acct_id
 
 
-def _delete_account(conn: SqlConn, account_id: int, now: float, purge_queue: bool) -> list[int]:
+def _delete_account(conn: SqlConn, account_id: int, now: float, purge_queue: bool,
+                    purged: list[q.PurgedRow]) -> list[int]:
     if not purge_queue:
         # a message committed after the caller's check: still refused
         count = q.count_of_account(conn, account_id)
         if count:
             raise QueueNotEmpty(count)
-    ids = q.purge_account(conn, account_id, None)
+    ids = q.purge_account(conn, account_id, None, purged)
     conn.execute(
         "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
         " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"

@@ -1,8 +1,9 @@
 """The records the message store takes and gives: typed, no SQL, no connection.
 
 Owns: message id allocation (:class:`IdAllocator`), an accepted message
-(:class:`NewMessage`), one delivery attempt's result (:class:`AttemptResult`)
-and a stored message with its pending recipients (:class:`StoredMessage`,
+(:class:`NewMessage`), one delivery attempt's result (:class:`AttemptResult`; also a
+recipient the operator removed: outcome ``purged``, with the texts saying what removed
+it) and a stored message with its pending recipients (:class:`StoredMessage`,
 :class:`PendingRecipient`, :class:`DeferredMessage`).
 
 Message ids are 64-bit integers made from the clock in microseconds and a
@@ -16,6 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+#: The reply text of a ``purged`` delivery-log row: what removed the recipient.
+ACCOUNT_DELETED = "purged: account deleted (user delete --purge-queue)"
+QUEUE_PURGE = "purged: relayctl queue purge"
+QUEUE_DELETE = "purged: relayctl queue delete"
 
 
 class IdAllocator:
@@ -63,10 +69,11 @@ class AttemptResult:
     next_hop: str
     code: int | None
     text: str
-    outcome: str  # delivered | deferred | failed
+    outcome: str  # delivered | deferred | failed | purged (removed by the operator)
     ts: float
     next_attempt: float | None = None
     account_id: int | None = None
+    is_bounce: bool = False  # a DSN relayd generated: logged as kind ``bounce``, not sent
 
 
 @dataclass(slots=True)
@@ -95,6 +102,7 @@ class StoredMessage:
     size: int
     is_bounce: bool
     recipients: list[PendingRecipient] = field(default_factory=list)
+    held: str | None = None  # who held it (``queue hold``: 'operator'), None: not held
 
 
 @dataclass(slots=True)
@@ -110,3 +118,4 @@ class DeferredMessage:
     recipients: list[str]
     last_error: str | None
     size: int
+    held: str | None = None

@@ -4,7 +4,8 @@ Owns: :data:`MIGRATIONS` (one SQL script per schema version) and
 :data:`SCHEMA_VERSION`; :func:`pending` says which steps a database needs (and
 refuses one newer than this relayd), :func:`apply` runs one step in its own
 transaction. Step 5 drops the old delivery log table, whose rows the spool
-has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog).
+has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
+step 6 adds the operator's hold of one message (``messages.held``).
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -117,6 +118,12 @@ MIGRATIONS: dict[int, str] = {
     # domain, old ones included).
     6: """
     ALTER TABLE domains ADD COLUMN check_header_from INTEGER NOT NULL DEFAULT 1;
+    """,
+    # ``relayctl queue hold ID``: a message the operator held is not attempted (first
+    # attempt or retry) until ``queue release``; NULL: not held, else who held it
+    # ('operator'). A held message stays held across restarts.
+    7: """
+    ALTER TABLE messages ADD COLUMN held TEXT;
     """,
 }
 

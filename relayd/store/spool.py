@@ -3,7 +3,8 @@
 Owns: :class:`Spool`, the facade the rest of relayd uses for messages — open
 (checks, migrations, id seeding), close, *group commit* and the named queue
 methods (start-up loading, retries and their leases, reconciliation, counts,
-purges). Every write — accepted messages, delivery results, lifecycle
+purges, whose removed recipients are logged ``purged``, the operator's hold,
+release and delete of one message). Every write — accepted messages, delivery results, lifecycle
 changes — goes through one writer task that takes all the operations waiting
 at that moment, applies them in one transaction on the writer's thread and
 commits once. A session's ``accept`` returns only after the commit that
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -92,8 +94,11 @@ class Spool:
         self.bodies = Bodies(os.path.splitext(path)[0] + ".bodies")
         #: Called on the loop after a group commit failed (the scheduler reconciles).
         self.on_commit_failed: Callable[[], None] | None = None
-        #: Called on the loop with the delivery results of each commit (the delivery log).
+        #: Called on the loop with the delivery results of each commit (the delivery log),
+        #: and with the ``purged`` rows of recipients an operator removed.
         self.on_results: Callable[[list[AttemptResult]], None] | None = None
+        #: Called on the loop with how many recipients a purge removed (a metric).
+        self.on_purged: Callable[[int], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -366,13 +371,16 @@ class Spool:
         return q.grouped(await self.fetchall(q.DUE_SQL, (now, limit)), "deferred")
 
     async def queued_entries(self, user: str | None, since: float | None,
-                             limit: int) -> list[tuple[Any, ...]]:
+                             limit: int, message_id: int | None = None) -> list[tuple[Any, ...]]:
         """Recipients never attempted yet, newest message first, as delivery-log rows
-        ``(received_at, message_id, username, domain, recipient, '', None, '', 'queued')``:
-        those of account ``user`` and received since ``since``, when given."""
-        by_user, by_time = bool(user), since is not None
-        params = [v for v, given in ((user, by_user), (since, by_time)) if given]
-        rows = await self.fetchall(q.queued_entries_sql(by_user, by_time), [*params, limit])
+        ``(received_at, message_id, username, domain, recipient, '', None, '', 'queued',
+        kind)``: those of account ``user``, received since ``since`` and of one message,
+        when given."""
+        by_user, by_time, by_id = bool(user), since is not None, message_id is not None
+        params = [v for v, given in ((user, by_user), (since, by_time), (message_id, by_id))
+                  if given]
+        rows = await self.fetchall(q.queued_entries_sql(by_user, by_time, by_id),
+                                   [*params, limit])
         return [tuple(r) for r in rows]
 
     async def orphan_messages(self) -> list[int]:
@@ -407,17 +415,74 @@ class Spool:
         return await self._transact(functools.partial(q.reconcile, release=release, now=now,
                                                       probe=probe))
 
-    async def purge(self, account_id: int, status: str | None = None) -> list[int]:
+    async def purge(self, account_id: int, status: str | None = None, *,
+                    reason: str = "purged") -> list[int]:
         """Delete an account's messages (all, or those with a recipient in ``status``);
-        the ids deleted."""
-        return await self._transact(functools.partial(q.purge_account, account_id=account_id,
-                                                      status=status), deletes_messages=True)
-
-    async def purge_messages(self, message_ids: Sequence[int]) -> list[int]:
-        """Delete these messages (with their recipients); the ids given."""
-        ids = list(message_ids)
-        await self._transact(functools.partial(q.purge_ids, ids=ids), deletes_messages=True)
+        the ids deleted. Their pending recipients are logged ``purged`` (``reason``)."""
+        purged: list[q.PurgedRow] = []
+        ids = await self._transact(functools.partial(
+            q.purge_account, account_id=account_id, status=status, purged=purged),
+            deletes_messages=True)
+        self.log_purged(purged, reason)
         return ids
+
+    async def purge_messages(self, message_ids: Sequence[int], *,
+                             reason: str = "purged") -> list[int]:
+        """Delete these messages (with their recipients); the ids given. Their pending
+        recipients are logged ``purged`` (``reason``)."""
+        ids = list(message_ids)
+        purged: list[q.PurgedRow] = []
+        await self._transact(functools.partial(q.purge_ids, ids=ids, purged=purged),
+                             deletes_messages=True)
+        self.log_purged(purged, reason)
+        return ids
+
+    async def delete_message(self, message_id: int, *, reason: str) -> bool:
+        """Delete one message for good (``queue delete``); False if there is none. Its
+        pending recipients are logged ``purged`` (``reason``)."""
+        purged: list[q.PurgedRow] = []
+        n = await self._transact(functools.partial(q.purge_ids, ids=[message_id],
+                                                   purged=purged), deletes_messages=True)
+        self.log_purged(purged, reason)
+        return bool(n)
+
+    def log_purged(self, rows: Sequence[q.PurgedRow], reason: str) -> None:
+        """Recipients removed before they were final (committed): a ``purged`` row each in
+        the delivery log (``on_results``), counted by ``on_purged``."""
+        if not rows:
+            return
+        now = time.time()
+        results = [AttemptResult(message_id=m, idx=i, recipient=rcpt, username=user,
+                                 domain=dom, next_hop="-", code=None, text=reason,
+                                 outcome="purged", ts=now, account_id=acct,
+                                 is_bounce=bool(bounce))
+                   for m, i, rcpt, acct, user, dom, bounce in rows]
+        if self.on_results is not None:
+            self.on_results(results)
+        if self.on_purged is not None:
+            self.on_purged(len(results))
+
+    async def held_ids(self, account_id: int) -> list[int]:
+        """The ids of an account's messages the operator held."""
+        return [r[0] for r in await self.fetchall(q.HELD_OF_ACCOUNT_SQL, (account_id,))]
+
+    async def message_owner(self, message_id: int) -> tuple[int, str | None] | None:
+        """``(account id, held)`` of a stored message (who held it, or None); None if
+        there is no such message."""
+        row = await self.fetchone(q.OWNER_SQL, (message_id,))
+        return (int(row[0]), row[1]) if row else None
+
+    async def hold(self, message_id: int, by: str = "operator") -> tuple[int, str | None] | None:
+        """Hold a message: neither attempted nor retried until :meth:`release` (stored:
+        it survives a restart); ``(account id, held before)``, None if no such message."""
+        return await self._transact(functools.partial(q.hold, message_id=message_id, by=by))
+
+    async def release(self, message_id: int, now: float,
+                      retrying: bool = False) -> tuple[int, str | None] | None:
+        """Release a held message (its deferred recipients due ``now`` unless ``retrying``);
+        ``(account id, held before)``, None if no such message."""
+        return await self._transact(functools.partial(q.release, message_id=message_id,
+                                                      now=now, retrying=retrying))
 
     async def retry_now(self, now: float, account_id: int | None = None) -> int:
         """Deferred recipients (all, or one account's) due ``now``; how many."""
@@ -601,10 +666,11 @@ def _apply_records(conn: SqlConn,
 
 
 def _count_sent(conn: SqlConn, results: Sequence[AttemptResult]) -> None:
-    """The delivered ``results`` counted per account (their log rows: on_results)."""
+    """The delivered ``results`` counted per account, bounces not (their log rows:
+    on_results)."""
     sent: dict[int, int] = {}
-    for r in results:
-        if r.outcome == "delivered" and r.account_id is not None:
+    for r in results:  # a DSN relayd generated is not mail the account sent
+        if r.outcome == "delivered" and r.account_id is not None and not r.is_bounce:
             sent[r.account_id] = sent.get(r.account_id, 0) + 1
     if sent:
         conn.executemany(
