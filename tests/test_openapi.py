@@ -95,12 +95,14 @@ def test_query_parameters_carry_types_and_bounds() -> None:
     """The query Structs' fields are the query parameters, with their bounds and choices."""
     doc = openapi.document()
     log = {p["name"]: p for p in doc["paths"]["/v1/log"]["get"]["parameters"]}
-    assert set(log) == {"user", "status", "since", "limit"}
+    assert set(log) == {"user", "status", "since", "limit", "message"}
     assert log["limit"]["schema"] == {"type": "integer", "minimum": 1,
                                       "maximum": schemas.LOG_LIMIT_MAX, "default": 100}
     assert log["since"]["schema"] == {"type": "number", "minimum": 0.0,
                                       "maximum": schemas.EPOCH_MAX}
-    assert log["status"]["schema"] == {"enum": ["deferred", "delivered", "failed", "queued"]}
+    assert log["status"]["schema"] == {"enum": ["deferred", "delivered", "failed", "purged",
+                                                "queued"]}
+    assert log["message"]["schema"]["pattern"] == "^[0-9A-Fa-f]{16}$"
     assert not any(p["required"] for p in log.values())
     dormant = {p["name"]: p["schema"] for p in doc["paths"]["/v1/dormant"]["get"]["parameters"]}
     assert dormant["days"]["maximum"] == schemas.DAYS_MAX

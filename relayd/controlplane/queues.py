@@ -188,10 +188,10 @@ class Queues:
         if status in (None, "queued") and mid is not None:
             rows = await self.s.dlog.entries(user, None, since, limit, mid) \
                 if status is None else []
-            rows += await self.s.spool.queued_entries(user, since, limit - len(rows), mid) \
-                if len(rows) < limit else []
+            rows += await self.s.spool.queued_entries(user, since, limit - len(rows), mid,
+                                                      kinds=True) if len(rows) < limit else []
         elif status == "queued":
-            rows = await self.s.spool.queued_entries(user, since, limit)
+            rows = await self.s.spool.queued_entries(user, since, limit, kinds=True)
         else:
             rows = await self.s.dlog.entries(user, status, since, limit, mid)
         return schemas.LogList(entries=[

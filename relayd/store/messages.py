@@ -76,16 +76,17 @@ QUEUED_OF_ACCOUNT_SQL = ("SELECT r.message_id, r.idx, r.rcpt, r.attempts, m.acco
 
 
 # -- rows into records -----------------------------------------------------------------
-def queued_entries_sql(by_user: bool, since: bool, by_message: bool = False) -> str:
+def queued_entries_sql(by_user: bool, since: bool, by_message: bool = False,
+                       kinds: bool = False) -> str:
     """``relayctl log --status queued``: each recipient never attempted yet as a row
-    shaped like a delivery-log entry, newest first; bound values: the username (if
-    ``by_user``), the earliest reception time (if ``since``), the message id (if
-    ``by_message``), the limit."""
+    shaped like a delivery-log entry, newest first (with its kind, if ``kinds``); bound
+    values: the username (if ``by_user``), the earliest reception time (if ``since``),
+    the message id (if ``by_message``), the limit."""
     where = (" AND m.username=?" if by_user else "") + (" AND m.received_at>=?" if since else "")
     where += " AND m.id=?" if by_message else ""
+    kind = ", CASE WHEN m.is_bounce THEN 'bounce' ELSE 'message' END" if kinds else ""
     return ("SELECT m.received_at, m.id, m.username, m.domain, r.rcpt, '', NULL, '',"  # noqa: S608
-            " 'queued', CASE WHEN m.is_bounce THEN 'bounce' ELSE 'message' END"
-            " FROM recipients r JOIN messages m ON m.id=r.message_id"
+            f" 'queued'{kind} FROM recipients r JOIN messages m ON m.id=r.message_id"
             f" WHERE r.status='queued'{where} ORDER BY m.received_at DESC LIMIT ?")
 
 

@@ -370,16 +370,17 @@ class Spool:
         grouped by message in the order first seen."""
         return q.grouped(await self.fetchall(q.DUE_SQL, (now, limit)), "deferred")
 
-    async def queued_entries(self, user: str | None, since: float | None,
-                             limit: int, message_id: int | None = None) -> list[tuple[Any, ...]]:
+    async def queued_entries(self, user: str | None, since: float | None, limit: int,
+                             message_id: int | None = None,
+                             kinds: bool = False) -> list[tuple[Any, ...]]:
         """Recipients never attempted yet, newest message first, as delivery-log rows
-        ``(received_at, message_id, username, domain, recipient, '', None, '', 'queued',
-        kind)``: those of account ``user``, received since ``since`` and of one message,
-        when given."""
+        ``(received_at, message_id, username, domain, recipient, '', None, '', 'queued')``
+        (plus the kind, ``message`` or ``bounce``, with ``kinds``): those of account
+        ``user``, received since ``since`` and of one message, when given."""
         by_user, by_time, by_id = bool(user), since is not None, message_id is not None
         params = [v for v, given in ((user, by_user), (since, by_time), (message_id, by_id))
                   if given]
-        rows = await self.fetchall(q.queued_entries_sql(by_user, by_time, by_id),
+        rows = await self.fetchall(q.queued_entries_sql(by_user, by_time, by_id, kinds),
                                    [*params, limit])
         return [tuple(r) for r in rows]
 
