@@ -13,7 +13,7 @@ from relayd.directory.accounts import Account, Domain
 from relayd.smtp import policy, replies
 from relayd.smtp.headerfrom import FieldError, check, field_domains, header_fields
 from relayd.store.directory import SqliteDirectory
-from relayd.store.schema import MIGRATIONS
+from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
 from relayd.store.spool import Spool
 
 NOT_ALLOWED = replies.HEADER_FROM_NOT_ALLOWED
@@ -181,7 +181,7 @@ async def test_schema_5_database_migrates_with_the_check_on(tmp_path: Path) -> N
     finally:
         await spool.close()
     assert again is not None and again.check_header_from is False
-    assert version[0] == 6
+    assert version[0] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("value", [
