@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from relayd.store import removal
 from relayd.store.bodies import BLOB_STREAM_MIN, EXTERNAL_MIN
 from relayd.store.deliverylog import DeliveryLog
 from relayd.store.records import AttemptResult, NewMessage
@@ -161,7 +162,7 @@ async def test_large_data_lives_in_a_file_until_its_row_is_gone(tmp_path: Path) 
                                   complete=True) == [delivered.id]
         assert not (bodies / str(delivered.id)).exists()
 
-        assert await spool.purge_messages([purged.id]) == [purged.id]
+        assert await removal.purge_messages(spool, [purged.id]) == [purged.id]
         assert sorted(p.name for p in bodies.iterdir()) == [str(kept.id)]
     finally:
         await spool.close()
@@ -205,7 +206,7 @@ async def test_complete_records_of_one_commit_report_only_the_rows_they_removed(
         await asyncio.gather(*(spool.accept(m) for m in msgs))
         gone = msgs[33]
 
-        await spool.purge_messages([gone.id])
+        await removal.purge_messages(spool, [gone.id])
         removed = await asyncio.gather(*(
             spool.record([_result(m, 0), _result(m, 1)], [m.id], complete=True)
             for m in msgs))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.store import removal
 from relayd.store.directory import (
     DirectoryStore,
     DomainExists,
@@ -178,7 +179,7 @@ async def test_retry_queue_methods(spool: Spool) -> None:
     assert (d.id, d.attempts, d.next_attempt, sorted(d.recipients), d.last_error) == (
         m1.id, 1, 7.0, ["r0@dest.test", "r1@dest.test"], "later")
     assert await spool.deferred_messages(2) == []
-    assert await spool.purge(1, "deferred") == [m1.id]
+    assert await removal.purge(spool, 1, "deferred") == [m1.id]
     assert await spool.deferred_count() == 0 and await spool.message_count(2) == 1
 
 
@@ -191,7 +192,7 @@ async def test_queued_mail_is_deferred_and_purged_by_id(spool: Spool, tmp_path: 
     await spool.defer_queued([a.id], 3.0)
     assert await spool.next_retry_at() == 3.0
     assert sorted(await spool.reconcile_ids([], 4.0, probe=True)) == sorted([b.id, c.id])
-    assert await spool.purge_messages([b.id]) == [b.id]
+    assert await removal.purge_messages(spool, [b.id]) == [b.id]
     assert [m.id for m in await spool.queued_messages()] == [c.id]
     assert await spool.load_data(b.id) is None and await spool.load_data(c.id) == b"x\r\n"
     with sqlite3.connect(tmp_path / "spool.db") as db:

@@ -35,6 +35,7 @@ from relayd.directory.accounts import (
     overlapping,
     parse_binding,
 )
+from relayd.store import removal
 from relayd.store.directory import (
     AccountRecord,
     NetworkBinding,
@@ -309,7 +310,7 @@ class Accounts:
             except QueueNotEmpty as exc:
                 raise _queue_not_empty(username, exc.count) from None
             if self.s.cluster is not None:  # this node's spool; each node purges its own
-                purged_ids = await self.s.spool.purge(acct.id, reason=ACCOUNT_DELETED)
+                purged_ids = await removal.purge(self.s.spool, acct.id, reason=ACCOUNT_DELETED)
             # Everything the account had queued is gone from the database: forget it
             # (until now the scheduler held it, as for any account that is not usable;
             # a retry already handed to a worker finds its message purged and stops).

@@ -28,6 +28,7 @@ from typing import Any
 from relayd.controlplane.accounts import account_from
 from relayd.controlplane.changes import Shared
 from relayd.directory.accounts import ACTIVE, DELETED, Account, Domain
+from relayd.store import removal
 from relayd.store.directory import AccountRecord, DomainRecord
 from relayd.store.pgdirectory import Change, PgDirectory
 from relayd.store.records import ACCOUNT_DELETED
@@ -131,7 +132,7 @@ class Follower:
 
     async def _purge(self, acct: Account) -> None:
         """A deleted account's mail in this node's spool: gone, like the account."""
-        purged = await self.s.spool.purge(acct.id, reason=ACCOUNT_DELETED)
+        purged = await removal.purge(self.s.spool, acct.id, reason=ACCOUNT_DELETED)
         dropped = self.s.scheduler.drop_account(acct.id)
         self.s.scheduler.forget(acct.id, dropped + purged)
         if purged:

@@ -19,6 +19,7 @@ from typing import Any
 from control import schemas
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.ids import format_id, parse_id
+from relayd.store import removal
 from relayd.store.records import QUEUE_DELETE, QUEUE_PURGE
 
 _LOG_STATUSES = ("queued", "deferred", "delivered", "failed", "purged")
@@ -99,11 +100,11 @@ class Queues:
         released; stored, so it survives a restart. Holding a held message changes
         nothing. The message as ``queue show`` shows it."""
         mid = _message_id(ext_id)
-        owner = await self.s.spool.message_owner(mid)
+        owner = await removal.message_owner(self.s.spool, mid)
         if owner is None:
             raise not_found("queued message", ext_id)
         undo = self.s.scheduler.hold_message(mid, owner[0])  # takes a right away: first
-        if await agree(self.s.spool.hold(mid), undo=undo) is None:
+        if await agree(removal.hold(self.s.spool, mid), undo=undo) is None:
             undo()  # gone meanwhile (delivered or deleted)
             raise not_found("queued message", ext_id)
         self.s.log("queue_held", message_id=format_id(mid))
@@ -115,7 +116,7 @@ class Queues:
         account's mail stays held until ``user enable``."""
         mid = _message_id(ext_id)
         retrying = self.s.scheduler.retrying(mid)
-        owner = await self.s.spool.release(mid, self.s.clock(), retrying)
+        owner = await removal.release(self.s.spool, mid, self.s.clock(), retrying)
         if owner is None:
             raise not_found("queued message", ext_id)
         queued = await self.s.spool.queued_messages([mid])
@@ -129,11 +130,11 @@ class Queues:
         """Delete one message (any account) for good; its recipients not yet final are
         logged ``purged``. One already at the next hop finishes its attempt."""
         mid = _message_id(ext_id)
-        owner = await self.s.spool.message_owner(mid)
+        owner = await removal.message_owner(self.s.spool, mid)
         if owner is None:
             raise not_found("queued message", ext_id)
         self.s.scheduler.delete_message(mid, owner[0])
-        if not await self.s.spool.delete_message(mid, reason=QUEUE_DELETE):
+        if not await removal.delete_message(self.s.spool, mid, reason=QUEUE_DELETE):
             raise not_found("queued message", ext_id)
         self.s.log("queue_deleted", message_id=format_id(mid))
         return schemas.QueueChanged(count=1)
@@ -154,10 +155,11 @@ class Queues:
         if state != "deferred":
             dropped = self.s.scheduler.drop_account(acct.id, state)
         if state == "held":  # those the operator held, too
-            dropped += [m for m in await self.s.spool.held_ids(acct.id) if m not in dropped]
-        write = self.s.spool.purge(acct.id, state, reason=QUEUE_PURGE) \
+            held = await removal.held_ids(self.s.spool, acct.id)
+            dropped += [m for m in held if m not in dropped]
+        write = removal.purge(self.s.spool, acct.id, state, reason=QUEUE_PURGE) \
             if state is None or state == "deferred" \
-            else self.s.spool.purge_messages(dropped, reason=QUEUE_PURGE)
+            else removal.purge_messages(self.s.spool, dropped, reason=QUEUE_PURGE)
         # forget exactly what left the database (deferred mail included)
         ids = await agree(write, apply=lambda ids: self.s.scheduler.forget(acct.id, dropped + ids))
         n = len(ids)

@@ -70,7 +70,14 @@ __all__ = [
 
 
 class Scheduler:
-    """The send queue, the retry queue and the dispatcher, with the loops that drive them."""
+    """The send queue, the retry queue and the dispatcher, with the loops that drive them.
+
+    Size: the one object the app and the control plane talk to about queued mail: the
+    loops are short, and every operator operation (limits, enable, purge, hold, release,
+    delete one message) has its in-memory half here as a short method over the send
+    queue (relayd.queue.sendqueue) and the ledger (relayd.queue.dispatch), which hold
+    the logic.
+    """
 
     def __init__(self, spool: Spool, directory: Directory, sender: Sender, *,
                  log: DeliveryLog, policy: backoff.BackoffPolicy, default_limits: Limits,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from relayd.store import messages as q
+from relayd.store import removal
 from relayd.store.db import IntegrityError, SqlConn
 from relayd.store.records import ACCOUNT_DELETED
 
@@ -281,7 +282,7 @@ class SqliteDirectory:
         ids = await self._spool._transact(
             functools.partial(_delete_account, account_id=account_id, now=now,
                               purge_queue=purge_queue, purged=purged), deletes_messages=True)
-        self._spool.log_purged(purged, ACCOUNT_DELETED)
+        removal.log_purged(self._spool, purged, ACCOUNT_DELETED)
         return ids
 
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -415,75 +414,6 @@ class Spool:
         """
         return await self._transact(functools.partial(q.reconcile, release=release, now=now,
                                                       probe=probe))
-
-    async def purge(self, account_id: int, status: str | None = None, *,
-                    reason: str = "purged") -> list[int]:
-        """Delete an account's messages (all, or those with a recipient in ``status``);
-        the ids deleted. Their pending recipients are logged ``purged`` (``reason``)."""
-        purged: list[q.PurgedRow] = []
-        ids = await self._transact(functools.partial(
-            q.purge_account, account_id=account_id, status=status, purged=purged),
-            deletes_messages=True)
-        self.log_purged(purged, reason)
-        return ids
-
-    async def purge_messages(self, message_ids: Sequence[int], *,
-                             reason: str = "purged") -> list[int]:
-        """Delete these messages (with their recipients); the ids given. Their pending
-        recipients are logged ``purged`` (``reason``)."""
-        ids = list(message_ids)
-        purged: list[q.PurgedRow] = []
-        await self._transact(functools.partial(q.purge_ids, ids=ids, purged=purged),
-                             deletes_messages=True)
-        self.log_purged(purged, reason)
-        return ids
-
-    async def delete_message(self, message_id: int, *, reason: str) -> bool:
-        """Delete one message for good (``queue delete``); False if there is none. Its
-        pending recipients are logged ``purged`` (``reason``)."""
-        purged: list[q.PurgedRow] = []
-        n = await self._transact(functools.partial(q.purge_ids, ids=[message_id],
-                                                   purged=purged), deletes_messages=True)
-        self.log_purged(purged, reason)
-        return bool(n)
-
-    def log_purged(self, rows: Sequence[q.PurgedRow], reason: str) -> None:
-        """Recipients removed before they were final (committed): a ``purged`` row each in
-        the delivery log (``on_results``), counted by ``on_purged``."""
-        if not rows:
-            return
-        now = time.time()
-        results = [AttemptResult(message_id=m, idx=i, recipient=rcpt, username=user,
-                                 domain=dom, next_hop="-", code=None, text=reason,
-                                 outcome="purged", ts=now, account_id=acct,
-                                 is_bounce=bool(bounce))
-                   for m, i, rcpt, acct, user, dom, bounce in rows]
-        if self.on_results is not None:
-            self.on_results(results)
-        if self.on_purged is not None:
-            self.on_purged(len(results))
-
-    async def held_ids(self, account_id: int) -> list[int]:
-        """The ids of an account's messages the operator held."""
-        return [r[0] for r in await self.fetchall(q.HELD_OF_ACCOUNT_SQL, (account_id,))]
-
-    async def message_owner(self, message_id: int) -> tuple[int, str | None] | None:
-        """``(account id, held)`` of a stored message (who held it, or None); None if
-        there is no such message."""
-        row = await self.fetchone(q.OWNER_SQL, (message_id,))
-        return (int(row[0]), row[1]) if row else None
-
-    async def hold(self, message_id: int, by: str = "operator") -> tuple[int, str | None] | None:
-        """Hold a message: neither attempted nor retried until :meth:`release` (stored:
-        it survives a restart); ``(account id, held before)``, None if no such message."""
-        return await self._transact(functools.partial(q.hold, message_id=message_id, by=by))
-
-    async def release(self, message_id: int, now: float,
-                      retrying: bool = False) -> tuple[int, str | None] | None:
-        """Release a held message (its deferred recipients due ``now`` unless ``retrying``);
-        ``(account id, held before)``, None if no such message."""
-        return await self._transact(functools.partial(q.release, message_id=message_id,
-                                                      now=now, retrying=retrying))
 
     async def retry_now(self, now: float, account_id: int | None = None) -> int:
         """Deferred recipients (all, or one account's) due ``now``; how many."""
