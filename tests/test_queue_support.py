@@ -52,7 +52,8 @@ async def submit(relay: RelayHandle, account: tuple[str, str], rcpts: list[str],
     ids = []
     try:
         for i in range(count):
-            errors, reply = await client.sendmail(sender, rcpts, message(f"{subject}{i}"))
+            errors, reply = await client.sendmail(sender, rcpts,
+                                                  message(f"{subject}{i}", sender=sender))
             assert errors == {}, errors
             ids.append(reply.rsplit(" ", 1)[1])
     finally:
