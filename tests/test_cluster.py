@@ -25,6 +25,17 @@ async def _login(node: RelayHandle, user: str, password: str) -> tuple[Raw, str]
     return raw, await raw.login(user, password)
 
 
+async def _inside_data(node: RelayHandle, user: str, password: str) -> Raw:
+    """A session on ``node``, authenticated, with its message sent but for the final dot."""
+    raw, answer = await _login(node, user, password)
+    assert answer.startswith("235 ")
+    assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
+    assert (await raw.cmd("RCPT TO:<r@dest.test>")).startswith("250 ")
+    assert (await raw.cmd("DATA")).startswith("354 ")
+    await raw.send(message("in flight"))
+    return raw
+
+
 async def test_one_directory_for_every_node(pg_dsn: str, relay_factory: RelayFactory,
                                             tmp_path: Path, sink: Sink) -> None:
     """A domain and an account made through one node are there on every node when the
@@ -55,12 +66,7 @@ async def test_disable_through_a_ends_a_session_on_b(relay_factory: RelayFactory
     a, b, c = await three_nodes(relay_factory, pg_dsn, tmp_path)
     await a.ctl.add_domain("example.com")
     user, password = await a.ctl.add_user("example.com")
-    raw, answer = await _login(b, user, password)
-    assert answer.startswith("235 ")
-    assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
-    assert (await raw.cmd("RCPT TO:<r@dest.test>")).startswith("250 ")
-    assert (await raw.cmd("DATA")).startswith("354 ")
-    await raw.send(message("late"))
+    raw = await _inside_data(b, user, password)
     info = await a.ctl.ok("POST", f"/v1/users/{user}/disable")
     assert info["status"] == "disabled"
     assert sorted(info["propagation"]["acknowledged"]) == ["a", "b", "c"]
@@ -83,12 +89,7 @@ async def test_rights_taken_away_everywhere(pg_dsn: str, relay_factory: RelayFac
     a, b, c = await three_nodes(relay_factory, pg_dsn, tmp_path)
     await c.ctl.add_domain("example.com")
     user, password = await c.ctl.add_user("example.com")
-    raw, answer = await _login(a, user, password)
-    assert answer.startswith("235 ")
-    assert (await raw.cmd("MAIL FROM:<app@example.com>")).startswith("250 ")
-    assert (await raw.cmd("RCPT TO:<r@dest.test>")).startswith("250 ")
-    assert (await raw.cmd("DATA")).startswith("354 ")
-    await raw.send(message("in flight"))
+    raw = await _inside_data(a, user, password)
     if change == "reset-password":
         out = await c.ctl.ok("POST", f"/v1/users/{user}/reset-password")
         assert out["password"] != password
