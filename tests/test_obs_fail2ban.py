@@ -111,8 +111,9 @@ async def _scenario(tmp: Path) -> Run:
         # 127.0.0.1: success lines (auth_ok at debug, smtp_accepted) and a syntax error.
         c = await Raw.open("127.0.0.1", rp.port, source="127.0.0.1")
         assert (await c.login(user, password)).startswith("235 ")
-        assert (await c.transaction("app@example.com", ["a@dest.test"],
-                                    b"Subject: t\r\n\r\nhi\r\n")).startswith("250 ")
+        assert (await c.transaction(
+            "app@example.com", ["a@dest.test"],
+            b"From: app@example.com\r\nSubject: t\r\n\r\nhi\r\n")).startswith("250 ")
         assert (await c.cmd("MAIL FROM:<bad")).startswith("501 ")
         await c.quit()
         await sink.wait_for(1, timeout=20)

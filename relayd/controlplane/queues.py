@@ -26,11 +26,16 @@ _LOG_STATUSES = ("queued", "deferred", "delivered", "failed", "purged")
 
 
 def _message_id(ext_id: str) -> int:
-    """A message id as ``queue list`` shows it (16 hex digits), else a 400."""
+    """A message id as ``queue list`` shows it (16 hex digits, below 8000000000000000:
+    ids are signed 64-bit integers in the spool), else a 400."""
     try:
-        return parse_id(ext_id.upper())
+        mid = parse_id(ext_id.upper())
     except ValueError:
-        raise LifecycleError("message id must be 16 hex digits", "bad_request") from None
+        mid = -1
+    if not 0 <= mid < 1 << 63:
+        raise LifecycleError("message id must be 16 hex digits, below 8000000000000000",
+                             "bad_request")
+    return mid
 
 
 class Queues:
