@@ -459,6 +459,8 @@ def test_domain_of_without_domain() -> None:
         ("EXAMPLE.com", "example.COM"),
         ("mail.example.com", "example.com"),
         ("a.b.example.com", "Example.Com"),
+        ("b\u00fccher.example", "xn--bcher-kva.example"),  # U-labels in A-label form
+        ("mail.B\u00dcCHER.example", "xn--bcher-kva.example"),
     ],
 )
 def test_in_domain_matches(address_domain: str, account_domain: str) -> None:

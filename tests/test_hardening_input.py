@@ -219,6 +219,26 @@ async def test_smtputf8_addresses_arrive_end_to_end(relay: RelayHandle, sink: Si
     raw.close()
 
 
+async def test_utf8_sender_of_an_idn_account_domain(relay: RelayHandle, sink: Sink) -> None:
+    """An account of ``xn--bcher-kva.example`` may send as ``app@bücher.example`` (the
+    U-label form of its domain) in the envelope and in the header From; a look-alike
+    ``bucher.example`` is still refused."""
+    await relay.ctl.add_domain("xn--bcher-kva.example")
+    user, password = await relay.ctl.add_user("xn--bcher-kva.example")
+    raw = await Raw.open(relay.host, relay.port)
+    assert (await raw.login(user, password)).startswith("235 ")
+    assert await raw.cmd("MAIL FROM:<app@bucher.example>") == \
+        "553 5.7.1 Sender address not allowed for this account"
+    assert await raw.cmd("MAIL FROM:<app@b\u00fccher.example> SMTPUTF8") == "250 2.1.0 Ok"
+    assert await raw.cmd("RCPT TO:<r@dest.test>") == "250 2.1.5 Ok"
+    assert (await raw.cmd("DATA")).startswith("354 ")
+    body = "From: <app@b\u00fccher.example>\r\nSubject: idn\r\n\r\nhi\r\n.".encode()
+    assert (await raw.cmd(body)).startswith("250 2.0.0 Ok: queued as ")
+    [got] = await sink.wait_for(1)
+    assert got.mail_from == "app@b\u00fccher.example"
+    raw.close()
+
+
 @pytest.mark.parametrize(("command", "reply"), [
     ("MAIL FROM:<app@>", "501 5.1.7 Bad sender address syntax"),
     ("MAIL FROM:<app@example..com>", "501 5.1.7 Bad sender address syntax"),

@@ -92,6 +92,7 @@ __all__ = [
     "IPAddress",
     "Path",
     "PathError",
+    "ascii_domain",
     "domain_of",
     "in_domain",
     "is_address_literal",
@@ -206,12 +207,23 @@ def domain_of(address: str) -> str:
     return domain.lower() if at else ""
 
 
+def ascii_domain(domain: str) -> str:
+    """``domain`` in lower case with its U-labels in A-label form (``bücher`` ->
+    ``xn--bcher-kva``), as account domains are stored."""
+    if domain.isascii():
+        return domain.lower()
+    return ".".join(lab.lower() if lab.isascii()
+                    else "xn--" + lab.lower().encode("punycode").decode("ascii")
+                    for lab in domain.split("."))
+
+
 def in_domain(address_domain: str, account_domain: str) -> bool:
-    """Whether address_domain is account_domain or one of its subdomains (any case)."""
+    """Whether address_domain is account_domain or one of its subdomains (any case; a
+    domain written with U-labels is compared in its A-label form)."""
     if not account_domain:
         return False
-    a = address_domain.lower()
-    b = account_domain.lower()
+    a = ascii_domain(address_domain)
+    b = ascii_domain(account_domain)
     return a == b or a.endswith("." + b)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 
 from relayd.smtp import replies
-from relayd.smtp.address import in_domain
+from relayd.smtp.address import ascii_domain, in_domain
 from relayd.smtp.replies import Reply
 
 __all__ = ["FieldError", "check", "field_domains", "header_fields"]
@@ -127,10 +127,7 @@ def _domain(addr: list[str]) -> str:
     domain = rest[0]
     if domain.startswith('"'):
         raise FieldError("quoted domain")
-    if not domain.isascii():
-        domain = ".".join(lab if lab.isascii() else "xn--" + lab.lower().encode("punycode")
-                          .decode("ascii") for lab in domain.split("."))
-    return domain.lower()
+    return ascii_domain(domain)
 
 
 def _mailbox(toks: list[str]) -> str:
