@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from relayd.store.pg import Database, Listener, PgError, Unavailable
+from relayd.store.pg import Database, Listener, PgError
 from relayd.store.pgdirectory import ACK_CHANNEL, CONTROL_CHANNEL, Change, NodeRow, PgDirectory
 
 Apply = Callable[[Change], Awaitable[None]]
@@ -315,4 +315,4 @@ async def open_database(dsn: str, password: str | None, connect_timeout: float,
     return db
 
 
-__all__ = ["Acks", "ClusterNode", "NotAcknowledged", "Timing", "Unavailable", "open_database"]
+__all__ = ["Acks", "ClusterNode", "NotAcknowledged", "Timing", "open_database"]
