@@ -58,6 +58,17 @@ def _ago(ts: float | None) -> str:
     return f"{int(delta)}s ago"
 
 
+def _duration(seconds: float) -> str:
+    """A duration as people read it: ``45s``, ``3m 05s``, ``2h 04m``, ``3d 07h``."""
+    n = max(0, int(seconds))
+    if n < 60:
+        return f"{n}s"
+    for big, small, bs, ss in ((86400, 3600, "d", "h"), (3600, 60, "h", "m"), (60, 1, "m", "s")):
+        if n >= big:
+            return f"{n // big}{bs} {(n % big) // small:02d}{ss}"
+    return f"{n}s"  # not reached
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -148,14 +159,14 @@ class Cli:
                 " good and its DKIM key is destroyed.\nType the domain name to confirm: ")
             r = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/delete",
                                  schemas.DomainDeleted, schemas.Confirm(confirm=confirm))
-            self.out(r, f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
-                        f" {r.messages_held} message(s) held")
+            self.out(r, domain_deleted_text(r))
 
     def _prompt(self, text: str) -> str:
         if not sys.stdin.isatty():
             raise UsageError("--confirm NAME is required when not on a terminal")
-        try:
-            return input(text)  # exactly as typed: the server takes the exact name only
+        try:  # the prompt on stderr: with --json, stdout is the answer only
+            print(text, end="", file=sys.stderr, flush=True)
+            return input()  # exactly as typed: the server takes the exact name only
         except EOFError:
             raise UsageError("no confirmation given") from None
 
@@ -234,6 +245,10 @@ class Cli:
         if u.last_connection is not None and time.time() - u.last_connection < RECENT_SECONDS:
             print("warning: this account connected within the last 24 hours; an application"
                   " may still use these credentials", file=sys.stderr)
+        if not a.confirm:  # refused now (queued mail) rather than after the name is typed
+            self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/delete",
+                             schemas.UserDeleted, schemas.UserDelete(
+                                 confirm=a.name, purge_queue=a.purge_queue, dry_run=True))
         confirm = a.confirm or self._prompt(
             "Deleting is irreversible. Type the username to confirm: ")
         r = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/delete",
@@ -250,15 +265,14 @@ class Cli:
         if a.action == "list":
             lst = c.call("GET", "/v1/queue", schemas.QueueList,
                          query={"user": a.user, "state": a.state})
-            rows = [[i.id, i.username, _state(i), f"{int(i.age_seconds)}s", str(i.attempts),
+            rows = [[i.id, i.username, _state(i), _duration(i.age_seconds), str(i.attempts),
                      _when(i.next_attempt or i.reset_at), (i.last_error or "")[:60]]
                     for i in lst.items]
             self.out(lst, _table(rows, ["ID", "USER", "STATE", "AGE", "ATTEMPTS",
                                         "NEXT/RESET", "LAST ERROR"]))
         elif a.action == "show":
             item = c.call("GET", f"/v1/queue/{Client.seg(a.id)}", schemas.QueueItem)
-            self.out(item, "\n".join(f"{k}: {v}" for k, v in msgspec.structs.asdict(item)
-                                     .items()))
+            self.out(item, queue_item_text(item))
         elif a.action == "purge":
             r = c.call("POST", "/v1/queue/purge", schemas.QueueChanged,
                        schemas.QueuePurge(user=a.user, state=a.state))
@@ -292,6 +306,9 @@ class Cli:
                  str(e.code or ""), e.next_hop, e.text[:50]] for e in lst.entries]
         self.out(lst, _table(rows, ["TIME", "MESSAGE", "USER", "RECIPIENT", "OUTCOME",
                                     "CODE", "NEXT HOP", "REPLY"]))
+        if lst.more:  # on stderr: --json output stays one JSON document
+            print(f"-- {len(lst.entries)} entries shown, the limit; more match:"
+                  " --limit N (up to 10000) or --since to see them", file=sys.stderr)
 
     # -- cluster nodes --------------------------------------------------------------
     def node(self) -> None:
@@ -319,6 +336,48 @@ class Cli:
                                  schemas.ThrottleClear(address=a.address))
             self.out(r, f"cleared {r.count} throttle entr{'y' if r.count == 1 else 'ies'}"
                         + (f" of {a.address}" if a.address else ""))
+
+
+def domain_deleted_text(r: schemas.DomainDeleted) -> str:
+    """What a domain delete did, queue by queue (the answering node's spool)."""
+    def count(c: schemas.MailCount) -> str:
+        return f"{c.messages} message(s), {c.recipients} recipient(s)"
+
+    return "\n".join([
+        f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
+        f" {r.messages_held} message(s) held",
+        f"  held:     {count(r.held)}: not sent; `queue purge --user NAME` removes them",
+        f"  retrying: {count(r.retrying)}: retries go on as scheduled",
+        f"  purged:   {count(r.purged)}"])
+
+
+def queue_item_text(item: schemas.QueueItem) -> str:
+    """``queue show`` as text: times as local times, ages and waits as durations."""
+    now = time.time()
+
+    def at(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        wait = ts - now
+        return f"{_when(ts)} ({'in ' + _duration(wait) if wait > 0 else 'now'})"
+
+    lines = [f"message {item.id}",
+             f"  user:         {_printable(item.username)}",
+             f"  sender:       {_printable(item.sender) if item.sender else '<>'}",
+             f"  state:        {_state(item)}",
+             f"  received:     {_when(now - item.age_seconds)}"
+             f" ({_duration(item.age_seconds)} ago)",
+             f"  attempts:     {item.attempts}"]
+    if item.next_attempt is not None:
+        lines.append(f"  next attempt: {at(item.next_attempt)}")
+    if item.reset_at is not None:
+        lines.append(f"  limit resets: {at(item.reset_at)}")
+    if item.last_error:
+        lines.append(f"  last error:   {_printable(item.last_error)}")
+    lines.append(f"  size:         {item.size} bytes")
+    lines.append(f"  recipients:   {len(item.recipients)}")
+    lines += [f"    {_printable(r)}" for r in item.recipients]
+    return "\n".join(lines)
 
 
 def propagation_text(p: schemas.Propagation) -> str:
@@ -505,11 +564,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(cli, args.cmd)()
         return 0
     except UsageError as exc:
-        print(f"relayctl: {exc}" if not str(exc).startswith("relayctl") else str(exc),
-              file=sys.stderr)
+        text = _printable(str(exc))
+        print(text if text.startswith("relayctl") else f"relayctl: {text}", file=sys.stderr)
         return EXIT_USAGE
-    except ControlError as exc:
-        print(f"relayctl: {exc}", file=sys.stderr)
+    except ControlError as exc:  # one line, whatever the answer held (a name with a newline)
+        print(f"relayctl: {_printable(str(exc))}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED
     except KeyboardInterrupt:
         print("relayctl: interrupted", file=sys.stderr)

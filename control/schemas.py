@@ -134,12 +134,24 @@ class Propagation(_S):
     gone: list[str] = msgspec.field(default_factory=list)  # declared gone, not waited for
 
 
+class MailCount(_S):
+    """Messages and their recipients (not yet delivered) in one queue."""
+
+    messages: int
+    recipients: int
+
+
 class DomainDeleted(_S, omit_defaults=True):
-    """Result of ``domain delete``."""
+    """Result of ``domain delete``: what it did to each queue of the answering node
+    (its accounts' mail: ``held`` until purged, ``retrying`` on its schedule, ``purged``:
+    removed by the delete, none today, SEMANTICS §4.1)."""
 
     name: str
     accounts_disabled: int
-    messages_held: int
+    messages_held: int  # = held.messages
+    held: MailCount
+    retrying: MailCount
+    purged: MailCount
     propagation: Propagation | None = None  # cluster mode only
 
 
@@ -193,13 +205,17 @@ class UserDelete(_S):
 
     confirm: str
     purge_queue: bool = False
+    #: Check only: refused as the delete would be (queued mail, per node in cluster
+    #: mode), else answered with ``dry_run`` true; nothing changes, ``confirm`` unchecked.
+    dry_run: bool = False
 
 
 class UserDeleted(_S, omit_defaults=True):
-    """Result of ``user delete``."""
+    """Result of ``user delete`` (with ``dry_run``: what it would purge)."""
 
     username: str
     purged: int
+    dry_run: bool = False
     propagation: Propagation | None = None  # cluster mode only
 
 
@@ -321,6 +337,7 @@ class LogList(_S):
     """Delivery log entries, newest first."""
 
     entries: list[LogEntry]
+    more: bool = False  # the limit stopped the list: more entries match
 
 
 class ThrottleEntry(_S):

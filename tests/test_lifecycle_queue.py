@@ -15,6 +15,8 @@ from relayd.queue.scheduler import DATA_CACHE_MAX_MESSAGE
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.test_queue_support import install_clock, queued, until
 
+ZERO = {"messages": 0, "recipients": 0}  # an empty queue in a domain delete's answer
+
 
 async def send(relay: RelayHandle, user: str, pw: str, n: int, tag: str = "m",
                sender: str = "app@example.com") -> list[str]:
@@ -83,7 +85,8 @@ async def test_held_mail_shows_in_user_views(relay: RelayHandle, sink: Sink) -> 
     assert (info["status"], info["queued"]) == ("disabled", 2)
     r = await relay.ctl.ok("POST", "/v1/domains/example.com/delete",
                            {"confirm": "example.com"})
-    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 2}
+    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 2,
+                 "held": {"messages": 2, "recipients": 2}, "retrying": ZERO, "purged": ZERO}
 
 
 async def test_deferred_mail_of_disabled_account_keeps_retrying(
@@ -285,7 +288,8 @@ async def test_domain_delete_counts_only_held_mail(relay: RelayHandle, sink: Sin
     await until(states(relay, user), ["deferred"])
     r = await relay.ctl.ok("POST", "/v1/domains/example.com/delete",
                            {"confirm": "example.com"})
-    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 0}
+    assert r == {"name": "example.com", "accounts_disabled": 1, "messages_held": 0,
+                 "held": ZERO, "retrying": {"messages": 1, "recipients": 1}, "purged": ZERO}
     await relay.ctl.ok("POST", "/v1/queue/retry", {})
     [got] = await sink.wait_for(1)
     assert got.rcpt_tos == ["m0@dest.test"]

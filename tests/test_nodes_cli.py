@@ -57,7 +57,8 @@ async def test_single_node_answers_carry_no_propagation(relay: RelayHandle) -> N
     assert answers["disable"]["last_connection"] is None  # a None without default stays
     assert set(answers["reset"]) == {"username", "password"}
     assert set(answers["delete"]) == {"username", "purged"}
-    assert set(answers["domain"]) == {"name", "accounts_disabled", "messages_held"}
+    assert set(answers["domain"]) == {"name", "accounts_disabled", "messages_held", "held",
+                                      "retrying", "purged"}
 
 
 async def test_single_node_relayctl_prints_nothing_about_propagation(

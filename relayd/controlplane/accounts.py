@@ -323,6 +323,17 @@ class Accounts:
         self.s.log("user_deleted", username=username, purged=purged)
         return schemas.UserDeleted(username=username, purged=purged)
 
+    async def user_delete_check(self, username: str, purge_queue: bool) -> schemas.UserDeleted:
+        """A delete's dry run (``relayctl`` asks it before prompting for the name): refused
+        as the delete would be while the account has queued mail (per node in cluster
+        mode), else what the delete would purge. Changes nothing."""
+        acct = self.s.account(username)
+        counts = await self._queued_everywhere(acct, purge_queue)
+        would = await self.s.spool.message_count(acct.id) if counts is None \
+            else sum(counts.values())
+        return schemas.UserDeleted(username=username, purged=would if purge_queue else 0,
+                                   dry_run=True)
+
     async def _queued_everywhere(self, acct: Account,
                                  purge_queue: bool) -> dict[str, int] | None:
         """Refuse a delete without ``purge_queue`` while the account has stored mail: in

@@ -225,7 +225,26 @@ class Domains:
             await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
             self.s.directory.put_domain(dom)
             self.s.directory.rebuild_networks()
-        ids = {a.id for a in accts}  # held = not yet attempted (retries go on, §4.1)
-        held = sum(1 for m, _, _ in self.s.scheduler.send_queue_view() if m.account_id in ids)
-        self.s.log("domain_deleted", domain=name, accounts_disabled=len(accts))
-        return schemas.DomainDeleted(name=name, accounts_disabled=len(accts), messages_held=held)
+        held, retrying = await self._queues_of({a.id for a in accts})
+        self.s.log("domain_deleted", domain=name, accounts_disabled=len(accts),
+                   messages_held=held.messages, messages_retrying=retrying.messages)
+        return schemas.DomainDeleted(
+            name=name, accounts_disabled=len(accts), messages_held=held.messages, held=held,
+            retrying=retrying, purged=schemas.MailCount(messages=0, recipients=0))
+
+    async def _queues_of(self, ids: set[int]) -> tuple[schemas.MailCount, schemas.MailCount]:
+        """The mail of accounts ``ids`` on this node (each node has its own spool): held
+        (not yet attempted, or held by the operator) and retrying (deferred: a disabled
+        account's retries go on, SEMANTICS §4.1), as messages and recipients."""
+        held: dict[int, int] = {m.id: len(m.rcpts) for m, _, _ in
+                                self.s.scheduler.send_queue_view() if m.account_id in ids}
+        retrying: dict[int, int] = {}
+        for acct_id in sorted(ids):
+            for sm in await self.s.spool.queued_messages(account_id=acct_id):
+                if sm.held is not None:  # held by the operator: out of the send queue
+                    held[sm.id] = held.get(sm.id, 0) + len(sm.recipients)
+            for d in await self.s.spool.deferred_messages(acct_id):
+                into = retrying if d.held is None else held
+                into[d.id] = into.get(d.id, 0) + len(d.recipients)
+        return (schemas.MailCount(messages=len(held), recipients=sum(held.values())),
+                schemas.MailCount(messages=len(retrying), recipients=sum(retrying.values())))

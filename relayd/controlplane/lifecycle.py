@@ -73,6 +73,7 @@ class Lifecycle:
         self.user_dormant, self.user_disable = a.user_dormant, a.user_disable
         self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
+        self.user_delete_check = a.user_delete_check
         self.user_networks, self.info = a.user_networks, a.info
         self.flush_last_connections = functools.partial(stats.flush_last_connections,
                                                         self.shared)

@@ -191,6 +191,7 @@ class Queues:
             raise LifecycleError("status must be " + ", ".join(_LOG_STATUSES[:-1])
                                  + f" or {_LOG_STATUSES[-1]}", "bad_request")
         mid = _message_id(message) if message is not None else None
+        shown, limit = limit, limit + 1  # one more: says whether the limit stopped the list
         rows: list[Any] = []
         if status in (None, "queued") and mid is not None:
             rows = await self.s.dlog.entries(user, None, since, limit, mid) \
@@ -204,7 +205,8 @@ class Queues:
         return schemas.LogList(entries=[
             schemas.LogEntry(ts=r[0], message_id=format_id(r[1]), username=r[2], domain=r[3],
                              recipient=r[4], next_hop=r[5], code=r[6], text=r[7],
-                             outcome=r[8], kind=r[9]) for r in rows])
+                             outcome=r[8], kind=r[9]) for r in rows[:shown]],
+            more=len(rows) > shown)
 
     async def prune_delivery_log(self) -> int:
         """Delete delivery-log entries older than the retention period, then the oldest

@@ -283,6 +283,9 @@ class ControlServer:
     async def user_delete(self, request: web.Request) -> web.Response:
         """Delete an account (irreversible)."""
         body = await _body(request, schemas.UserDelete)
+        if body.dry_run:
+            return _json(await self.lc.user_delete_check(request.match_info["name"],
+                                                         body.purge_queue))
         return _json(await self.lc.user_delete(request.match_info["name"], body.confirm,
                                                body.purge_queue))
 
