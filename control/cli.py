@@ -5,9 +5,10 @@ Owns: argument parsing, the confirmation dialogue of irreversible operations
 when it is recent), and the two output forms: readable tables, or ``--json``
 (the response Struct as JSON, for scripts). In cluster mode, an answer that
 says which nodes applied the change (``propagation``) adds one line on stderr
-(stdout stays the same as on a single node). Every failure is one line on
-stderr and a non-zero exit: 1 for a refused operation, 2 for bad usage,
-3 when relayd cannot be reached. Never a traceback.
+(stdout stays the same as on a single node); with ``--json`` stdout holds the
+answer alone (notes, warnings and prompts go to stderr). Every failure is one
+line on stderr (control characters escaped) and a non-zero exit: 1 for a refused
+operation, 2 for bad usage, 3 when relayd cannot be reached. Never a traceback.
 
 Socket: ``--socket PATH``, else ``$RELAYD_SOCKET``, else ``./var/control.sock`` (the
 development default), else ``/run/relayd/control.sock`` (the installed service).
