@@ -272,7 +272,7 @@ class Cli:
             self.out(lst, _table(rows, ["ID", "USER", "STATE", "AGE", "ATTEMPTS",
                                         "NEXT/RESET", "LAST ERROR"]))
         elif a.action == "show":
-            item = c.call("GET", f"/v1/queue/{Client.seg(a.id)}", schemas.QueueItem)
+            item = c.call("GET", f"/v1/queue/{_message_id(a.id)}", schemas.QueueItem)
             self.out(item, queue_item_text(item))
         elif a.action == "purge":
             r = c.call("POST", "/v1/queue/purge", schemas.QueueChanged,
@@ -574,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relayctl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (``relayctl log | head``): no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ async def test_errors_are_one_line_with_their_exit_code(
             == "relayctl: no such user: a\\nb"
         _one_line(*await relayctl(sock, *json_flag, "queue", "show", "0000000000000001"), 1)
         _one_line(*await relayctl(sock, *json_flag, "queue", "hold", "xyz"), 2)
+        assert "not a message id" in _one_line(
+            *await relayctl(sock, *json_flag, "queue", "show", "xyz"), 2)
         _one_line(*await relayctl(sock, *json_flag, "log", "--limit", "0"), 2)
         _one_line(*await relayctl(sock, *json_flag, "user", "limits", "x", "--per-day", "-1"),
                   2)
@@ -278,3 +280,20 @@ async def test_json_prompt_goes_to_stderr(relay: RelayHandle,
         os.close(master)
     assert proc.returncode == 0, err
     assert json.loads(out) == {"username": user, "purged": 0}
+
+
+async def test_closed_stdout_is_no_traceback(relay: RelayHandle,
+                                             account: tuple[str, str]) -> None:
+    """stdout closed before relayctl writes (``relayctl ... | head`` done early): exit 141
+    like a shell pipeline, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "control.cli", "--socket", relay.ctl.path, "user", "list",
+            stdin=asyncio.subprocess.DEVNULL, stdout=write_end,
+            stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (141, "")
