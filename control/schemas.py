@@ -473,7 +473,8 @@ ROUTES: tuple[Route, ...] = (
           "A new password (shown once); the old one fails at once", Credentials,
           params=_USER, errors=(_CLUSTER, _NO_USER,)),
     Route("POST", "/v1/users/{name}/delete", "user_delete",
-          "Delete an account (irreversible)", UserDeleted, body=UserDelete, params=_USER,
+          "Delete an account (irreversible); with `dry_run`, only check whether it would"
+          " be refused", UserDeleted, body=UserDelete, params=_USER,
           errors=(_CLUSTER, _BAD, _NO_USER,
                   (409, "the account still has queued mail and `purge_queue` is false"
                         " (`code` is `queue_not_empty`; in cluster mode, on any node), or a"
