@@ -122,7 +122,7 @@ class Cli:
         a = self.args
         if a.action == "add":
             d = self.client.call("POST", "/v1/domains", schemas.DomainInfo,
-                                 schemas.DomainAdd(name=a.name))
+                                 schemas.DomainAdd(name=a.name, reason=a.reason))
             self.out(d, self._domain_text(d))
         elif a.action == "list":
             lst = self.client.call("GET", "/v1/domains", schemas.DomainList)
@@ -137,7 +137,8 @@ class Cli:
                 raise UsageError("nothing to set: give --check-header-from on|off")
             d = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/settings",
                                  schemas.DomainInfo, schemas.DomainSettings(
-                                     check_header_from=a.check_header_from == "on"))
+                                     check_header_from=a.check_header_from == "on",
+                                     reason=a.reason))
             self.out(d, self._domain_text(d))
         elif a.action == "delete":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
@@ -147,7 +148,8 @@ class Cli:
                 f"Deleting domain {d.name} is irreversible: its accounts are disabled for"
                 " good and its DKIM key is destroyed.\nType the domain name to confirm: ")
             r = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/delete",
-                                 schemas.DomainDeleted, schemas.Confirm(confirm=confirm))
+                                 schemas.DomainDeleted,
+                                 schemas.Confirm(confirm=confirm, reason=a.reason))
             self.out(r, f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
                         f" {r.messages_held} message(s) held")
 
@@ -167,8 +169,9 @@ class Cli:
                                                     ("per_hour", lim.per_hour),
                                                     ("per_day", lim.per_day))
                            if v is not None) or "workspace default"
-        return "\n".join([
+        lines = [
             f"user {u.username}",
+            f"  label:           {_printable(u.label) if u.label else '-'}",
             f"  domain:          {u.domain}",
             f"  status:          {status}",
             f"  created:         {_when(u.created_at)}",
@@ -177,13 +180,21 @@ class Cli:
             f"  queued:          {u.queued}",
             f"  networks:        {', '.join(u.networks) or '-'}",
             f"  limits:          {limits}",
-        ])
+        ]
+        if u.audit:
+            lines.append("  recent changes (newest first):")
+            lines += [f"    {_when(e.at)}  {_who(e)}  {_action(e)}"
+                      + (f"  reason: {_printable(e.reason)}" if e.reason else "")
+                      for e in u.audit]
+        return "\n".join(lines)
 
     def _users_table(self, lst: schemas.UserList) -> str:
         rows = [[u.username, u.domain,
                  u.status + (f"({u.disabled_reason})" if u.disabled_reason else ""),
-                 _ago(u.last_connection), str(u.total_sent), str(u.queued)] for u in lst.users]
-        return _table(rows, ["USER", "DOMAIN", "STATUS", "LAST CONNECTION", "SENT", "QUEUED"])
+                 _ago(u.last_connection), str(u.total_sent), str(u.queued),
+                 _printable(u.label)[:40] if u.label else "-"] for u in lst.users]
+        return _table(rows, ["USER", "DOMAIN", "STATUS", "LAST CONNECTION", "SENT", "QUEUED",
+                             "LABEL"])
 
     def user(self) -> None:
         """relayctl user ..."""
@@ -191,7 +202,8 @@ class Cli:
         c = self.client
         if a.action == "add":
             cred = c.call("POST", "/v1/users", schemas.Credentials,
-                          schemas.UserAdd(domain=a.domain, allow_networks=a.allow_network or []))
+                          schemas.UserAdd(domain=a.domain, allow_networks=a.allow_network or [],
+                                          label=a.label, reason=a.reason))
             self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
                            "(the password is shown only this once)")
         elif a.action == "list":
@@ -202,28 +214,39 @@ class Cli:
             u = c.call("GET", f"/v1/users/{Client.seg(a.name)}", schemas.UserInfo)
             self.out(u, self._user_text(u))
         elif a.action in ("disable", "enable"):
-            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/{a.action}", schemas.UserInfo)
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/{a.action}", schemas.UserInfo,
+                       schemas.ChangeReason(reason=a.reason))
             self.out(u, f"{u.username}: {u.status}")
         elif a.action == "reset-password":
             cred = c.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
-                          schemas.Credentials)
+                          schemas.Credentials, schemas.ChangeReason(reason=a.reason))
             self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
                            "(the old password no longer works; this one is shown only once)")
         elif a.action == "delete":
             self._user_delete()
         elif a.action == "limits":
             body = schemas.UserLimits(per_minute=a.per_minute, per_hour=a.per_hour,
-                                      per_day=a.per_day)
+                                      per_day=a.per_day, reason=a.reason)
             u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/limits", schemas.UserInfo, body)
             self.out(u, self._user_text(u))
         elif a.action == "networks":
             u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/networks", schemas.UserInfo,
-                       schemas.NetworkChange(action=a.net_action, cidr=a.cidr))
+                       schemas.NetworkChange(action=a.net_action, cidr=a.cidr, reason=a.reason))
             self.out(u, f"{u.username}: networks {', '.join(u.networks) or '-'}")
+        elif a.action == "label":
+            self._user_label()
         elif a.action == "dormant":
             lst = c.call("GET", "/v1/dormant", schemas.UserList,
                          query={"days": a.days, "max_sent": a.max_sent})
             self.out(lst, self._users_table(lst))
+
+    def _user_label(self) -> None:
+        a = self.args
+        if (a.text is None) == (not a.clear):
+            raise UsageError("user label: give the label TEXT, or --clear")
+        u = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/label", schemas.UserInfo,
+                             schemas.UserLabel(label=a.text or "", reason=a.reason))
+        self.out(u, f"{u.username}: label {_printable(u.label) if u.label else '(none)'}")
 
     def _user_delete(self) -> None:
         a = self.args
@@ -238,7 +261,8 @@ class Cli:
             "Deleting is irreversible. Type the username to confirm: ")
         r = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/delete",
                              schemas.UserDeleted,
-                             schemas.UserDelete(confirm=confirm, purge_queue=a.purge_queue))
+                             schemas.UserDelete(confirm=confirm, purge_queue=a.purge_queue,
+                                                reason=a.reason))
         self.out(r, f"deleted {r.username}" + (f"; purged {r.purged} queued message(s)"
                                                 if r.purged else ""))
 
@@ -293,6 +317,21 @@ class Cli:
         self.out(lst, _table(rows, ["TIME", "MESSAGE", "USER", "RECIPIENT", "OUTCOME",
                                     "CODE", "NEXT HOP", "REPLY"]))
 
+    def audit(self) -> None:
+        """relayctl audit: who changed which account or domain, newest first."""
+        a = self.args
+        since = _parse_since(a.since) if a.since else None
+        lst = self.client.call("GET", "/v1/audit", schemas.AuditList,
+                               query={"user": a.user, "domain": a.domain, "since": since,
+                                      "limit": a.limit})
+        rows = [[_when(e.at), _who(e), e.node or "-", e.kind, _printable(e.name),
+                 _action(e), _printable(e.reason) or "-"] for e in lst.entries]
+        self.out(lst, _table(rows, ["TIME", "WHO", "NODE", "KIND", "NAME", "ACTION",
+                                    "REASON"]))
+        if len(lst.entries) >= a.limit:
+            print(f"(stopped at the limit of {a.limit} entries; older ones exist: raise"
+                  " --limit or narrow with --since, --user or --domain)", file=sys.stderr)
+
     # -- cluster nodes --------------------------------------------------------------
     def node(self) -> None:
         """relayctl node list | forget NAME."""
@@ -343,6 +382,27 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or '""'
 
 
+def _who(e: schemas.AuditItem) -> str:
+    """Who made a change: ``uid 1000 (alice)``, or ``-`` when not through the socket."""
+    if e.uid is None:
+        return "-"
+    return f"uid {e.uid}" + (f" ({_printable(e.operator)})" if e.operator else "")
+
+
+def _action(e: schemas.AuditItem) -> str:
+    """An entry's action and its details, on one line (``limits_changed per_day=None→100``)."""
+    d = dict(e.details)
+    old, new = d.pop("old", None), d.pop("new", None)
+    parts = [e.action]
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts += [f"{k}={old.get(k)}→{new.get(k)}" for k in sorted(set(old) | set(new))
+                  if old.get(k) != new.get(k)]
+    elif old is not None or new is not None:
+        parts.append(f"{_printable(str(old or ''))}→{_printable(str(new or ''))}")
+    parts += [f"{k}={_printable(str(v))}" for k, v in sorted(d.items())]
+    return " ".join(parts)
+
+
 class UsageError(Exception):
     """Bad command-line usage."""
 
@@ -381,6 +441,22 @@ def _parse_since(text: str) -> float:
             from None
 
 
+def _text(kind: Any) -> Any:
+    """An argparse ``type`` for free text bounded like the API's field (reason, label)."""
+    def convert(text: str) -> Any:
+        try:
+            return msgspec.convert(text, kind)
+        except msgspec.ValidationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", type=_text(schemas.Reason), default="",
+                        help="why (kept in the audit trail; at most"
+                        f" {schemas.REASON_MAX} characters)")
+
+
 def _checked(kind: Any, what: str) -> Any:
     """An argparse ``type`` that applies the API's bound for the field (control.schemas)."""
     base = int if what == "an integer" else float
@@ -414,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("domain", help="sending domains").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
-    d.add_parser("add").add_argument("name")
+    da = d.add_parser("add")
+    da.add_argument("name")
+    _reason(da)
     d.add_parser("list")
     d.add_parser("show").add_argument("name")
     ds = d.add_parser("set")
@@ -422,9 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--check-header-from", choices=["on", "off"],
                     help="refuse mail whose header From or Sender is outside the domain"
                     " (on by default; off for a relay that sends for several brands)")
+    _reason(ds)
     dd = d.add_parser("delete")
     dd.add_argument("name")
     dd.add_argument("--confirm", help="the domain name again (irreversible operation)")
+    _reason(dd)
 
     u = sub.add_parser("user", help="SMTP accounts").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -432,19 +512,32 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--domain", required=True)
     ua.add_argument("--allow-network", action="append", metavar="CIDR",
                     help="attribute unauthenticated sessions from this network (repeatable)")
+    ua.add_argument("--label", type=_text(schemas.Label), default="",
+                    help="free text: which application uses the account")
+    _reason(ua)
     ul = u.add_parser("list")
     ul.add_argument("--domain")
     ul.add_argument("--status", choices=["active", "disabled"])
     ul.add_argument("--sort", choices=["name", "last-used", "sent"], default="name")
-    for action in ("show", "disable", "enable", "reset-password"):
-        u.add_parser(action).add_argument("name")
+    u.add_parser("show").add_argument("name")
+    for action in ("disable", "enable", "reset-password"):
+        ux = u.add_parser(action)
+        ux.add_argument("name")
+        _reason(ux)
     ud = u.add_parser("delete")
     ud.add_argument("name")
     ud.add_argument("--confirm", help="the username again (irreversible operation)")
     ud.add_argument("--purge-queue", action="store_true",
                     help="also delete the account's queued mail")
+    _reason(ud)
+    lbl = u.add_parser("label", help="set (or --clear) the account's label")
+    lbl.add_argument("name")
+    lbl.add_argument("text", nargs="?", type=_text(schemas.Label), metavar="TEXT")
+    lbl.add_argument("--clear", action="store_true", help="remove the label")
+    _reason(lbl)
     lim = u.add_parser("limits")
     lim.add_argument("name")
+    _reason(lim)
     count = _checked(schemas.Count, "an integer")
     lim.add_argument("--per-minute", type=count)
     lim.add_argument("--per-hour", type=count)
@@ -453,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("net_action", choices=["add", "remove"])
     net.add_argument("name")
     net.add_argument("cidr")
+    _reason(net)
     dor = u.add_parser("dormant")
     dor.add_argument("--days", type=_checked(schemas.Days, "a number"), default=90.0)
     dor.add_argument("--max-sent", type=count)
@@ -494,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one message's history, oldest first (also after it left the queue)")
     lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")
     lg.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
+
+    au = sub.add_parser("audit", help="audit trail: who changed accounts and domains")
+    au.add_argument("--user", help="one account's entries (also after it was deleted)")
+    au.add_argument("--domain", help="a domain's entries and its accounts'")
+    au.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")
+    au.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
     return p
 
 

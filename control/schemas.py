@@ -16,7 +16,7 @@ This module imports msgspec only: the CLI stays light and fast to start.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -37,6 +37,14 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=SQLITE_INT_MAX)]
 LogLimit = Annotated[int, msgspec.Meta(ge=1, le=LOG_LIMIT_MAX)]
 EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=EPOCH_MAX)]
 Days = Annotated[float, msgspec.Meta(ge=0.0, le=DAYS_MAX)]
+#: Longest ``reason`` an operator may give with a change (the audit trail keeps it).
+REASON_MAX = 500
+#: Longest account ``label``.
+LABEL_MAX = 200
+#: Why the operator made a change (free text, one line; the audit trail keeps it).
+Reason = Annotated[str, msgspec.Meta(max_length=REASON_MAX)]
+#: An account's label: which application uses it (free text, one line; "" is none).
+Label = Annotated[str, msgspec.Meta(max_length=LABEL_MAX)]
 #: The states of a queued message (``queue`` and ``queue purge`` filter on them).
 QueueState = Literal["queued", "waiting_limit", "held", "deferred"]
 
@@ -84,6 +92,7 @@ class DomainAdd(_S):
     """Create a sending domain."""
 
     name: str
+    reason: Reason = ""
 
 
 class DnsRecord(_S):
@@ -112,6 +121,7 @@ class DomainSettings(_S):
     """Change a domain's settings (a field left out is left as it is)."""
 
     check_header_from: bool | None = None
+    reason: Reason = ""
 
 
 class DomainList(_S):
@@ -124,6 +134,13 @@ class Confirm(_S):
     """An irreversible operation needs the name typed again."""
 
     confirm: str
+    reason: Reason = ""
+
+
+class ChangeReason(_S):
+    """The optional reason of a change without other fields (kept in the audit trail)."""
+
+    reason: Reason = ""
 
 
 class Propagation(_S):
@@ -148,6 +165,8 @@ class UserAdd(_S):
 
     domain: str
     allow_networks: list[str] = msgspec.field(default_factory=list)
+    label: Label = ""
+    reason: Reason = ""
 
 
 class Credentials(_S, omit_defaults=True):
@@ -180,6 +199,9 @@ class UserInfo(_S, omit_defaults=True):
     networks: list[str]
     limits: Limits
     propagation: Propagation | None = None  # cluster mode only (changes taking rights away)
+    label: str = ""  # the operator's free text; omitted when none
+    #: ``user show`` only: the account's last audit entries, newest first.
+    audit: list[AuditItem] = msgspec.field(default_factory=list)
 
 
 class UserList(_S):
@@ -193,6 +215,7 @@ class UserDelete(_S):
 
     confirm: str
     purge_queue: bool = False
+    reason: Reason = ""
 
 
 class UserDeleted(_S, omit_defaults=True):
@@ -209,6 +232,7 @@ class UserLimits(_S):
     per_minute: Count | None = None
     per_hour: Count | None = None
     per_day: Count | None = None
+    reason: Reason = ""
 
 
 class NetworkChange(_S):
@@ -216,6 +240,44 @@ class NetworkChange(_S):
 
     action: Literal["add", "remove"]
     cidr: str
+    reason: Reason = ""
+
+
+class UserLabel(_S):
+    """Set an account's label ("" clears it)."""
+
+    label: Label
+    reason: Reason = ""
+
+
+class AuditItem(_S):
+    """One entry of the audit trail: what an operator changed, when, who, why."""
+
+    at: float
+    kind: Literal["account", "domain"]
+    name: str  # the username or domain name
+    domain: str  # an account's domain; a domain's own name
+    action: str
+    uid: int | None  # the control socket peer's uid; None: not through the socket
+    operator: str | None  # that uid's user name on the answering node, if it has one
+    node: str | None  # cluster mode: the node that made the change
+    reason: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)  # never a secret
+
+
+class AuditQuery(_S):
+    """Query of ``GET /v1/audit`` (``since``: epoch seconds)."""
+
+    user: str | None = None
+    domain: str | None = None
+    since: EpochSeconds | None = None
+    limit: LogLimit = 100
+
+
+class AuditList(_S):
+    """Audit trail entries, newest first."""
+
+    entries: list[AuditItem]
 
 
 class UserListQuery(_S):
@@ -446,15 +508,15 @@ ROUTES: tuple[Route, ...] = (
           errors=(_NO_USER,)),
     Route("POST", "/v1/users/{name}/disable", "user_disable",
           "Disable an account, effective before this returns; its mail is held",
-          UserInfo, params=_USER, errors=(_CLUSTER, _NO_USER,)),
+          UserInfo, body=ChangeReason, params=_USER, errors=(_CLUSTER, _BAD, _NO_USER,)),
     Route("POST", "/v1/users/{name}/enable", "user_enable", "Enable an account",
-          UserInfo, params=_USER,
-          errors=(_CLUSTER, _NO_USER,
+          UserInfo, body=ChangeReason, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER,
                   (409, "the account's domain was deleted: it can never be enabled"
                         " (`code` is `domain_deleted`)"))),
     Route("POST", "/v1/users/{name}/reset-password", "user_reset",
           "A new password (shown once); the old one fails at once", Credentials,
-          params=_USER, errors=(_CLUSTER, _NO_USER,)),
+          body=ChangeReason, params=_USER, errors=(_CLUSTER, _BAD, _NO_USER,)),
     Route("POST", "/v1/users/{name}/delete", "user_delete",
           "Delete an account (irreversible)", UserDeleted, body=UserDelete, params=_USER,
           errors=(_CLUSTER, _BAD, _NO_USER,
@@ -468,6 +530,13 @@ ROUTES: tuple[Route, ...] = (
           body=NetworkChange, params=_USER,
           errors=(_CLUSTER, _BAD, (404, "no such user, or (remove) no such binding (`code` is"
                               " `not_found`)"), _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/label", "user_label",
+          "Set or clear an account's label (free text: which application uses it)",
+          UserInfo, body=UserLabel, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER, _TOO_LARGE)),
+    Route("GET", "/v1/audit", "audit_list",
+          "The audit trail of accounts and domains, newest first (deleted ones included)",
+          AuditList, query=AuditQuery, errors=(_BAD_QUERY,)),
     Route("GET", "/v1/dormant", "dormant", "Accounts not used for a while, oldest first",
           UserList, query=DormantQuery, errors=(_BAD_QUERY,)),
     Route("GET", "/v1/queue", "queue_list", "Queued messages (send and retry queues)",

@@ -3,7 +3,9 @@
 Owns: the domain operations of SEMANTICS.md §2 (a new DKIM key and a never-used
 selector per domain; delete disables the domain's accounts for good and destroys its
 key), the DNS records shown for a domain, and filling the directory's domains (with
-their signers) from the database at start.
+their signers) from the database at start. Every change is written with its audit
+entries (relayd.controlplane.audit); a domain delete also records each account it
+disables.
 
 Untrusted input: domain names and confirmations from the control socket, already
 decoded by control.schemas. Settings read: [dkim], [dns], [server].hostname.
@@ -16,6 +18,7 @@ import asyncio
 import re
 
 from control import schemas
+from relayd.controlplane import audit
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.directory.accounts import DELETED, DISABLED, Domain
 from relayd.dkim import signature as dkim
@@ -80,9 +83,10 @@ class Domains:
         ))
         return recs
 
-    async def domain_add(self, name: str) -> schemas.DomainInfo:
+    async def domain_add(self, name: str, reason: str = "") -> schemas.DomainInfo:
         """Create a sending domain with a new DKIM key and a never-used selector."""
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(reason, "reason")
         if not _DOMAIN_RE.match(name):
             raise LifecycleError(f"not a valid domain name: {name!r}", "invalid_domain")
         if self.s.directory.active_domain(name) is not None:
@@ -117,7 +121,9 @@ class Domains:
 
             try:
                 await agree(self.s.store.add_domain(NewDomain(
-                    name, selector, algorithm, pem, ed_selector, ed_pem, now)), apply=put)
+                    name, selector, algorithm, pem, ed_selector, ed_pem, now),
+                    audit=audit.domain_entry(self.s, name, "added", reason, selector=selector)),
+                    apply=put)
             except DomainExists:
                 raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
                     from None
@@ -164,6 +170,7 @@ class Domains:
         fails); switching it off gives one (memory after the write).
         """
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(settings.reason, "reason")
         async with self.s.lock:
             dom = self.s.directory.active_domain(name)
             if dom is None:
@@ -178,22 +185,28 @@ class Domains:
                 def undo() -> None:
                     dom.check_header_from = was
 
+                entry = audit.domain_entry(self.s, name, "settings_changed", reason,
+                                           old={"check_header_from": was},
+                                           new={"check_header_from": on})
                 if on:
                     set_on()
-                    await agree(self.s.store.set_check_header_from(dom.id, True), undo=undo)
+                    await agree(self.s.store.set_check_header_from(dom.id, True, audit=entry),
+                                undo=undo)
                 else:
-                    await agree(self.s.store.set_check_header_from(dom.id, False),
+                    await agree(self.s.store.set_check_header_from(dom.id, False, audit=entry),
                                 apply=set_on)
                 self.s.log("domain_changed", domain=name, check_header_from=on)
         return await self.domain_info(name)
 
-    async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
+    async def domain_delete(self, name: str, confirm: str,
+                            reason: str = "") -> schemas.DomainDeleted:
         """Delete a domain: irreversible; disables its accounts for good and destroys its key.
 
         ``confirm`` must be the name exactly as ``domain list`` shows it (no case
         folding, spaces or trailing dot).
         """
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(reason, "reason")
         async with self.s.lock:
             dom = self.s.directory.active_domain(name)
             if dom is None:
@@ -222,7 +235,12 @@ class Domains:
                 for a, status, reason in saved:
                     a.status, a.disabled_reason = status, reason
 
-            await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
+            entries = audit.domain_entry(self.s, name, "deleted", reason,
+                                         accounts_disabled=len(accts))
+            for a in accts:
+                entries += audit.account_entry(self.s, a, "disabled", reason,
+                                               why="domain_deleted")
+            await agree(self.s.store.delete_domain(dom.id, now, audit=entries), undo=undo)
             self.s.directory.put_domain(dom)
             self.s.directory.rebuild_networks()
         ids = {a.id for a in accts}  # held = not yet attempted (retries go on, §4.1)

@@ -7,8 +7,8 @@ network, a deletion) ends every session's authentication of the account and drop
 its cached credentials before the node records the change as applied — so when the
 control call that made it returns (after every live node applied it), no node
 accepts the old credentials or one more message of the account. What gives a right
-(a new account or domain, enable, a new network, new limits) is applied as read, as is
-a domain's header From check (on or off: no session state depends on it).
+(a new account or domain, enable, a new network, new limits) is applied as read, as are
+an account's label and a domain's header From check (on or off: no session state depends on it).
 A deleted account's messages in this node's spool are purged here (each node's spool
 is its own). A queue probe is answered with this node's count of the account's
 stored messages.
@@ -98,6 +98,7 @@ class Follower:
         acct.password_hash = hash_now
         acct.networks = list(rec.networks)
         acct.per_minute, acct.per_hour, acct.per_day = rec.per_minute, rec.per_hour, rec.per_day
+        acct.label = rec.label
         if takes_away:
             acct.invalidate()
             self.s.cache.invalidate(acct.id)

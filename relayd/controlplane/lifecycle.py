@@ -1,10 +1,11 @@
 """The control operations as one object: the facade the control server and the app call.
 
 Owns: building the parts on one shared state — relayd.controlplane.domains
-(sending domains and their DKIM keys), .accounts (SMTP accounts, last-connection
-writes), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster) —
-loading the directory at start, and a reload's new settings. Every operation is one
-method of a part; this class only hands each one out under its old name.
+(sending domains and their DKIM keys), .accounts (SMTP accounts, their labels,
+last-connection writes), .audit (the audit trail), .queues (queued mail, the delivery
+log), .nodes (the nodes of a cluster) — loading the directory at start, and a reload's
+new settings. Every operation is one method of a part; this class only hands each one
+out under its old name.
 
 Ordering rule (DESIGN.md §3.6, relayd.controlplane.changes.agree): an operation that
 *takes away* the right to send (disable, delete, reset-password, domain delete)
@@ -28,8 +29,8 @@ from typing import Any, ParamSpec, TypeVar
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
-from relayd.controlplane import stats
-from relayd.controlplane.accounts import Accounts
+from relayd.controlplane import audit, stats
+from relayd.controlplane.accounts import AccountLabels, Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
 from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
@@ -74,6 +75,8 @@ class Lifecycle:
         self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
         self.user_networks, self.info = a.user_networks, a.info
+        self.user_label = AccountLabels(self.shared, a.info).user_label
+        self.audit_list = functools.partial(audit.audit_list, self.shared)
         self.flush_last_connections = functools.partial(stats.flush_last_connections,
                                                         self.shared)
         self.queue_list, self.queue_show = q.queue_list, q.queue_show
@@ -93,6 +96,7 @@ class Lifecycle:
         self.user_delete = self._acknowledged(self.user_delete)
         self.user_limits = self._acknowledged(self.user_limits)
         self.user_networks = self._acknowledged(self.user_networks)
+        self.user_label = self._acknowledged(self.user_label)
 
     def _acknowledged(self, op: Callable[P, Awaitable[R]]
                       ) -> Callable[P, Coroutine[Any, Any, R]]:

@@ -6,7 +6,8 @@ relayd.controlplane.lifecycle operation (``/v1/throttle``: to the SMTP server's 
 throttle, relayd.smtp.policy.AuthThrottle), decoding request bodies strictly into
 control.schemas Structs, encoding responses, mapping errors to HTTP status
 codes with an ``Error`` body, and recording the uid of the socket peer
-(SO_PEERCRED) with every operation it logs. The control socket is created
+(SO_PEERCRED) with every operation it logs and, for the audit trail, in
+relayd.controlplane.audit.OPERATOR_UID while the request runs. The control socket is created
 with mode 0660 (umask set around the bind), so it is never world-accessible.
 The Prometheus endpoint is a second, TCP site of the same library; it also serves
 ``GET /health`` for a load balancer (200 ``ok`` or 503 with the reason, plain text,
@@ -41,6 +42,7 @@ from aiohttp import web
 
 from control import schemas
 from control.openapi import dump as openapi_document
+from relayd.controlplane.audit import OPERATOR_UID
 from relayd.controlplane.lifecycle import Lifecycle, LifecycleError
 from relayd.observe.logs import bind_context, unbind_context
 from relayd.observe.metrics import Registry, render
@@ -190,6 +192,7 @@ class ControlServer:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         uid = _peer_uid(request)
         bind_context(peer_uid=uid)
+        operator = OPERATOR_UID.set(uid)
         try:
             allowed = self._plain.get(request.path)
             if allowed is not None and request.method not in allowed:
@@ -215,6 +218,7 @@ class ControlServer:
             return _error("internal error (see the relayd log)", "internal", 500)
         finally:
             unbind_context("peer_uid")
+            OPERATOR_UID.reset(operator)
 
     # -- handlers --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -234,7 +238,7 @@ class ControlServer:
     async def domain_add(self, request: web.Request) -> web.Response:
         """Create a sending domain."""
         body = await _body(request, schemas.DomainAdd)
-        return _json(await self.lc.domain_add(body.name), 201)
+        return _json(await self.lc.domain_add(body.name, body.reason), 201)
 
     async def domain_list(self, request: web.Request) -> web.Response:
         """All live domains."""
@@ -252,12 +256,14 @@ class ControlServer:
     async def domain_delete(self, request: web.Request) -> web.Response:
         """Delete a domain (irreversible)."""
         body = await _body(request, schemas.Confirm)
-        return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm))
+        return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm,
+                                                 body.reason))
 
     async def user_add(self, request: web.Request) -> web.Response:
         """Create an account."""
         body = await _body(request, schemas.UserAdd)
-        return _json(await self.lc.user_add(body.domain, body.allow_networks), 201)
+        return _json(await self.lc.user_add(body.domain, body.allow_networks, body.label,
+                                            body.reason), 201)
 
     async def user_list(self, request: web.Request) -> web.Response:
         """List accounts."""
@@ -270,21 +276,25 @@ class ControlServer:
 
     async def user_disable(self, request: web.Request) -> web.Response:
         """Disable an account, effective before this returns."""
-        return _json(await self.lc.user_disable(request.match_info["name"]))
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_disable(request.match_info["name"], body.reason))
 
     async def user_enable(self, request: web.Request) -> web.Response:
         """Enable an account."""
-        return _json(await self.lc.user_enable(request.match_info["name"]))
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_enable(request.match_info["name"], body.reason))
 
     async def user_reset(self, request: web.Request) -> web.Response:
         """Reset an account's password."""
-        return _json(await self.lc.user_reset_password(request.match_info["name"]))
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_reset_password(request.match_info["name"],
+                                                       body.reason))
 
     async def user_delete(self, request: web.Request) -> web.Response:
         """Delete an account (irreversible)."""
         body = await _body(request, schemas.UserDelete)
         return _json(await self.lc.user_delete(request.match_info["name"], body.confirm,
-                                               body.purge_queue))
+                                               body.purge_queue, body.reason))
 
     async def user_limits(self, request: web.Request) -> web.Response:
         """Set sending limits."""
@@ -295,6 +305,16 @@ class ControlServer:
         """Bind or unbind a network."""
         body = await _body(request, schemas.NetworkChange)
         return _json(await self.lc.user_networks(request.match_info["name"], body))
+
+    async def user_label(self, request: web.Request) -> web.Response:
+        """Set or clear an account's label."""
+        body = await _body(request, schemas.UserLabel)
+        return _json(await self.lc.user_label(request.match_info["name"], body))
+
+    async def audit_list(self, request: web.Request) -> web.Response:
+        """The audit trail."""
+        q = _query(request, schemas.AuditQuery)
+        return _json(await self.lc.audit_list(q.user, q.domain, q.since, q.limit))
 
     async def dormant(self, request: web.Request) -> web.Response:
         """Accounts not used for a while."""

@@ -69,6 +69,7 @@ class Account:
     per_minute: int | None = None
     per_hour: int | None = None
     per_day: int | None = None
+    label: str = ""  # the operator's free text (which application uses it)
 
     @property
     def usable(self) -> bool:

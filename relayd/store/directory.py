@@ -1,5 +1,5 @@
 """The directory tables (domains, accounts, networks, DKIM keys, limits, last connection,
-totals) behind an interface.
+totals, labels, the audit trail) behind an interface.
 
 Owns: :class:`DirectoryStore`, the protocol the control plane uses to read and
 change the directory (async methods, typed records in and out, no SQL, no
@@ -10,6 +10,11 @@ nodes) can sit beside it. A check that must hold in the transaction that
 writes (no overlapping network bindings) is passed in as a function of the
 stored bindings and runs inside that transaction; whatever it raises aborts
 the write and reaches the caller.
+
+Every write takes ``audit``: the audit trail's entries of the change
+(:class:`AuditEntry`), written in the same transaction as the change itself, so a
+change never lands without them. Entries are kept by name (no reference to the
+row), so an account's or domain's trail outlives it.
 
 Deleting an account also purges its messages (``purge_queue``): on SQLite
 both live in one database, so one transaction does both.
@@ -22,7 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from relayd.store import messages as q
 from relayd.store import removal
@@ -31,6 +36,8 @@ from relayd.store.records import ACCOUNT_DELETED
 
 if TYPE_CHECKING:
     from relayd.store.spool import Spool
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -78,6 +85,7 @@ class AccountRecord:
     per_hour: int | None
     per_day: int | None
     networks: list[str] = field(default_factory=list)
+    label: str = ""
 
 
 @dataclass(slots=True)
@@ -89,6 +97,29 @@ class NewAccount:
     password_hash: str
     created_at: float
     networks: list[str]
+    label: str = ""
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    """One entry of the audit trail: ``action`` done to the account or domain (``kind``)
+    named ``subject`` at ``at``, by the operator ``uid`` (None: not through the control
+    socket), with the operator's ``reason`` and ``details`` (a JSON object, never a
+    secret). ``node``: the node that made the change (cluster mode; the store fills it)."""
+
+    at: float
+    kind: str
+    subject: str
+    action: str
+    uid: int | None = None
+    reason: str = ""
+    details: str = ""
+    domain: str = ""
+    node: str = ""
+
+
+#: No entry: a write the audit trail does not record.
+NO_AUDIT: tuple[AuditEntry, ...] = ()
 
 
 @dataclass(slots=True)
@@ -138,30 +169,46 @@ class DirectoryStore(Protocol):
         """The domains not deleted, by name."""
     async def selectors_used(self, selectors: Sequence[str]) -> bool:
         """True if any of ``selectors`` was ever given to a domain (deleted ones included)."""
-    async def add_domain(self, new: NewDomain) -> int:
+    async def add_domain(self, new: NewDomain, audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         """Store a domain; its id. DomainExists if a live one has the name."""
-    async def delete_domain(self, domain_id: int, now: float) -> None:
+    async def delete_domain(self, domain_id: int, now: float,
+                            audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Mark deleted, destroy its keys, disable its accounts (reason domain_deleted)."""
-    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+    async def set_check_header_from(self, domain_id: int, on: bool,
+                                    audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Switch the header From check of a domain on or off."""
     async def add_account(self, new: NewAccount, check: BindingCheck,
-                          slots: int | None = None) -> int:
+                          slots: int | None = None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         """Store an active account with its networks (``check`` first); its id. With
         ``slots``, PlanFull if that many accounts that are not deleted exist already."""
-    async def set_status(self, account_id: int, status: str, reason: str) -> None:
+    async def set_status(self, account_id: int, status: str, reason: str,
+                         audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Set an account's status and disabled reason."""
-    async def set_password(self, account_id: int, password_hash: str) -> None:
+    async def set_password(self, account_id: int, password_hash: str,
+                           audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Set an account's password hash."""
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
-                         per_day: int | None) -> None:
+                         per_day: int | None, audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Set an account's sending limits (None: the default)."""
-    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+    async def set_label(self, account_id: int, label: str,
+                        audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        """Set an account's label (the operator's free text; empty: none)."""
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Bind a network to an account (``check`` first)."""
-    async def remove_network(self, account_id: int, cidr: str) -> None:
+    async def remove_network(self, account_id: int, cidr: str,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """Unbind a network from an account."""
-    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> list[int]:
         """Delete an account for good (hash, stats, limits, networks gone) and its messages;
         the ids of the messages purged. Without ``purge_queue``, QueueNotEmpty if it has any."""
+    async def audit_entries(self, *, account: str | None = None, domain: str | None = None,
+                            since: float | None = None, limit: int = 100
+                            ) -> list[AuditEntry]:
+        """The audit trail, newest first: of one account (by name, deleted ones too), of one
+        domain (its own entries and its accounts'), since a time; at most ``limit``."""
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         """Store ``(last connection, account id)`` pairs."""
 
@@ -205,11 +252,11 @@ class SqliteDirectory:
         for row in await self._spool.fetchall("SELECT account_id, cidr FROM account_networks"):
             nets.setdefault(row[0], []).append(row[1])
         return [AccountRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                              r[11], networks=nets.get(r[0], [])) for r in
+                              r[11], networks=nets.get(r[0], []), label=r[12]) for r in
                 await self._spool.fetchall(
                     "SELECT id, username, domain_id, password_hash, status, disabled_reason,"
-                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
-                    " FROM accounts")]
+                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
+                    " label FROM accounts")]
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._spool.fetchone(_DOMAIN_COLUMNS + " WHERE id=?", (domain_id,))
@@ -226,64 +273,88 @@ class SqliteDirectory:
             f" OR ed25519_selector IN ({marks})", [*selectors, *selectors])
         return bool(row and row[0])
 
-    async def add_domain(self, new: NewDomain) -> int:
+    async def add_domain(self, new: NewDomain, audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         try:
-            return await self._spool._transact(functools.partial(_add_domain, new=new))
+            return await self._spool._transact(_audited(
+                functools.partial(_add_domain, new=new), audit))
         except IntegrityError as exc:
             if "domains.name" in str(exc) or "domains_live_name" in str(exc):
                 raise DomainExists(new.name) from None
             raise
 
-    async def delete_domain(self, domain_id: int, now: float) -> None:
-        await self._spool._transact(functools.partial(_delete_domain, domain_id=domain_id,
-                                                      now=now))
+    async def delete_domain(self, domain_id: int, now: float,
+                            audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._spool._transact(_audited(functools.partial(
+            _delete_domain, domain_id=domain_id, now=now), audit))
 
-    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
-        await self._spool._transact(functools.partial(
+    async def set_check_header_from(self, domain_id: int, on: bool,
+                                    audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._spool._transact(_audited(functools.partial(
             _execute, sql="UPDATE domains SET check_header_from=? WHERE id=?",
-            params=(int(on), domain_id)))
+            params=(int(on), domain_id)), audit))
 
     async def add_account(self, new: NewAccount, check: BindingCheck,
-                          slots: int | None = None) -> int:
-        return await self._spool._transact(functools.partial(_add_account, new=new,
-                                                             check=check, slots=slots))
+                          slots: int | None = None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
+        return await self._spool._transact(_audited(functools.partial(
+            _add_account, new=new, check=check, slots=slots), audit))
 
-    async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        await self._update(account_id, "status=?, disabled_reason=?", status, reason)
+    async def set_status(self, account_id: int, status: str, reason: str,
+                         audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, "status=?, disabled_reason=?", status, reason,
+                           audit=audit)
 
-    async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self._update(account_id, "password_hash=?", password_hash)
+    async def set_password(self, account_id: int, password_hash: str,
+                           audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, "password_hash=?", password_hash, audit=audit)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
-                         per_day: int | None) -> None:
+                         per_day: int | None, audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "per_minute=?, per_hour=?, per_day=?",
-                           per_minute, per_hour, per_day)
+                           per_minute, per_hour, per_day, audit=audit)
 
-    async def _update(self, account_id: int, columns: str, *values: object) -> None:
+    async def set_label(self, account_id: int, label: str,
+                        audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, "label=?", label, audit=audit)
+
+    async def _update(self, account_id: int, columns: str, *values: object,
+                      audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         """``UPDATE accounts SET columns`` (literals of this module, values bound)."""
         sql = f"UPDATE accounts SET {columns} WHERE id=?"  # noqa: S608 - columns are literals
-        await self._spool._transact(functools.partial(_execute, sql=sql,
-                                                      params=(*values, account_id)))
+        await self._spool._transact(_audited(functools.partial(
+            _execute, sql=sql, params=(*values, account_id)), audit))
 
-    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         def add(conn: SqlConn) -> None:
             check(_bindings(conn, account_id))
             conn.execute("INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
                          (account_id, cidr))
-        await self._spool._transact(add)
+        await self._spool._transact(_audited(add, audit))
 
-    async def remove_network(self, account_id: int, cidr: str) -> None:
-        await self._spool._transact(functools.partial(
+    async def remove_network(self, account_id: int, cidr: str,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._spool._transact(_audited(functools.partial(
             _execute, sql="DELETE FROM account_networks WHERE account_id=? AND cidr=?",
-            params=(account_id, cidr)))
+            params=(account_id, cidr)), audit))
 
-    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> list[int]:
         purged: list[q.PurgedRow] = []
-        ids = await self._spool._transact(
+        ids = await self._spool._transact(_audited(
             functools.partial(_delete_account, account_id=account_id, now=now,
-                              purge_queue=purge_queue, purged=purged), deletes_messages=True)
+                              purge_queue=purge_queue, purged=purged), audit),
+            deletes_messages=True)
         removal.log_purged(self._spool, purged, ACCOUNT_DELETED)
         return ids
+
+    async def audit_entries(self, *, account: str | None = None, domain: str | None = None,
+                            since: float | None = None, limit: int = 100
+                            ) -> list[AuditEntry]:
+        where, params = audit_filter(account, domain, since, "?")
+        rows = await self._spool.fetchall(
+            AUDIT_COLUMNS + where + " ORDER BY at DESC, id DESC LIMIT ?", (*params, limit))
+        return [audit_entry(r) for r in rows]
 
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         rows = list(changed)
@@ -291,6 +362,66 @@ class SqliteDirectory:
         def save(conn: SqlConn) -> None:
             conn.executemany("UPDATE accounts SET last_connection=? WHERE id=?", rows)
         await self._spool._transact(save)
+
+
+# -- the audit trail, shared with relayd.store.pgdirectory ---------------------------------
+AUDIT_COLUMNS = ("SELECT at, kind, subject, action, uid, reason, details, domain, node"
+                 " FROM audit")
+_AUDIT_INSERT = ("INSERT INTO audit(at, kind, subject, action, uid, reason, details, domain,"
+                 " node) VALUES ({})")
+
+
+def audit_rows(audit: Sequence[AuditEntry], node: str) -> list[tuple[object, ...]]:
+    """The rows of ``audit`` for ``audit_insert``, made by ``node``."""
+    return [(e.at, e.kind, e.subject, e.action, e.uid, e.reason, e.details, e.domain, node)
+            for e in audit]
+
+
+def audit_insert(marks: Sequence[str]) -> str:
+    """The INSERT of one audit row, with the driver's placeholders ``marks`` (9)."""
+    return _AUDIT_INSERT.format(",".join(marks))
+
+
+def audit_filter(account: str | None, domain: str | None, since: float | None,
+                 mark: str) -> tuple[str, list[object]]:
+    """The WHERE clause (or "") and its values of an audit query; ``mark``: "?" (SQLite)
+    or "$" (PostgreSQL, numbered from 1)."""
+    clauses: list[str] = []
+    params: list[object] = []
+
+    def p(value: object) -> str:
+        params.append(value)
+        return "?" if mark == "?" else f"${len(params)}"
+
+    if account is not None:
+        clauses.append(f"(kind = 'account' AND subject = {p(account)})")
+    if domain is not None:
+        clauses.append(f"((kind = 'domain' AND subject = {p(domain)}) OR"
+                       f" (kind = 'account' AND domain = {p(domain)}))")
+    if since is not None:
+        clauses.append(f"at >= {p(since)}")
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def audit_entry(r: Sequence[object]) -> AuditEntry:
+    """An entry from a row of ``AUDIT_COLUMNS``."""
+    return AuditEntry(float(r[0]), str(r[1]), str(r[2]), str(r[3]),  # type: ignore[arg-type]
+                      None if r[4] is None else int(r[4]),  # type: ignore[call-overload]
+                      str(r[5]), str(r[6]), str(r[7]), str(r[8]))
+
+
+def _audited(work: Callable[[SqlConn], T], audit: Sequence[AuditEntry]
+             ) -> Callable[[SqlConn], T]:
+    """``work`` and then, in its transaction, the audit entries of the change."""
+    if not audit:
+        return work
+    rows = audit_rows(audit, "")
+
+    def run(conn: SqlConn) -> T:
+        result = work(conn)
+        conn.executemany(audit_insert("?" * 9), rows)
+        return result
+    return run
 
 
 # -- on the writer's thread, inside a group transaction ------------------------------------
@@ -332,9 +463,9 @@ def _add_account(conn: SqlConn, new: NewAccount, check: BindingCheck,
             raise PlanFull(used)
     check(_bindings(conn, None))
     cur = conn.execute(
-        "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
-        " VALUES (?,?,?,'active',?)", (new.username, new.domain_id, new.password_hash,
-                                       new.created_at))
+        "INSERT INTO accounts(username, domain_id, password_hash, status, created_at, label)"
+        " VALUES (?,?,?,'active',?,?)", (new.username, new.domain_id, new.password_hash,
+                                         new.created_at, new.label))
     acct_id = int(cur.lastrowid or 0)
     conn.executemany("INSERT INTO account_networks(account_id, cidr) VALUES (?,?)",
                      [(acct_id, n) for n in new.networks])

@@ -11,7 +11,10 @@ Every control write is one transaction that first takes the next control-plane v
 (``UPDATE control_version ... RETURNING``: the row lock orders every write of the
 cluster, so the checks a write makes — plan slots, network overlaps, unique names —
 see every write before it), then changes the rows, appends one change-log row per
-changed domain or account, and ``NOTIFY relayd_control`` with the version only. A
+changed domain or account, and ``NOTIFY relayd_control`` with the version only. The
+audit trail's entries of a change (``audit``, shared by every node: ``relayctl audit`` on
+any node lists them all, with the node that made each) are written in that same
+transaction. A
 node applies the log in order by reading each changed row again (so applying a change
 twice, or a newer row state, is harmless) and then records its applied version and
 ``NOTIFY relayd_ack``.
@@ -35,7 +38,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from relayd.store.directory import (
+    AUDIT_COLUMNS,
+    NO_AUDIT,
     AccountRecord,
+    AuditEntry,
     BindingCheck,
     DomainExists,
     DomainRecord,
@@ -43,6 +49,10 @@ from relayd.store.directory import (
     NewAccount,
     NewDomain,
     PlanFull,
+    audit_entry,
+    audit_filter,
+    audit_insert,
+    audit_rows,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
 
@@ -90,6 +100,15 @@ CREATE TABLE IF NOT EXISTS queue_probes (
 CREATE TABLE IF NOT EXISTS quota (
     account_id bigint NOT NULL, period int NOT NULL, window_start bigint NOT NULL,
     granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
+CREATE TABLE IF NOT EXISTS audit (
+    id bigserial PRIMARY KEY, at double precision NOT NULL, kind text NOT NULL,
+    subject text NOT NULL, domain text NOT NULL DEFAULT '', action text NOT NULL, uid bigint,
+    node text NOT NULL DEFAULT '', reason text NOT NULL DEFAULT '',
+    details text NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS audit_subject ON audit(kind, subject, at);
+CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain, at);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS label text NOT NULL DEFAULT '';
 """
 
 
@@ -153,9 +172,10 @@ class SchemaTooNew(Exception):
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
                    " created_at, deleted_at, check_header_from FROM domains")
 _ACCOUNT_FIELDS = ("id, username, domain_id, password_hash, status, disabled_reason,"
-                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day")
+                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
+                   " label")
 _ACCOUNT_COLUMNS = "SELECT " + _ACCOUNT_FIELDS + " FROM accounts"  # noqa: S608 - literals
-#: One account and, as a 13th column, its networks (one round trip).
+#: One account and, as a 14th column, its networks (one round trip).
 _ONE_ACCOUNT = ("SELECT " + _ACCOUNT_FIELDS  # noqa: S608 - literals
                 + ", array(SELECT cidr FROM account_networks n WHERE n.account_id = accounts.id"
                 " ORDER BY cidr) FROM accounts WHERE id=$1")
@@ -232,13 +252,18 @@ class PgDirectory:
             await tx.execute("DELETE FROM queue_probes WHERE version < $1", floor)
         await self._db.transaction(prune)
 
-    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]]) -> T:
-        """Run ``work`` as one control write: next version first, the log and NOTIFY last."""
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]],
+                     audit: Sequence[AuditEntry] = NO_AUDIT) -> T:
+        """Run ``work`` as one control write: next version first, then ``work`` and its
+        audit entries, the log and NOTIFY last."""
         async def run(tx: Tx) -> tuple[T, int]:
             version = int(await tx.fetchval(
                 "UPDATE control_version SET version = version + 1 WHERE id = 1"
                 " RETURNING version"))
             result, changed = await work(tx)
+            if audit:
+                await tx.executemany(audit_insert([f"${i}" for i in range(1, 10)]),
+                                     audit_rows(audit, self.node))
             await tx.executemany(
                 "INSERT INTO changes(version, kind, entity_id, node) VALUES ($1,$2,$3,$4)"
                 " ON CONFLICT DO NOTHING", [(version, k, i, self.node) for k, i in changed])
@@ -269,7 +294,7 @@ class PgDirectory:
     async def account(self, account_id: int) -> AccountRecord | None:
         """One account with its networks (one round trip)."""
         row = await self._db.fetchrow(_ONE_ACCOUNT, account_id)
-        return None if row is None else _account(row, list(row[12]))
+        return None if row is None else _account(row, list(row[13]))
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
@@ -285,7 +310,7 @@ class PgDirectory:
             " OR ed25519_selector = ANY($1::text[])", list(selectors))
         return bool(n)
 
-    async def add_domain(self, new: NewDomain) -> int:
+    async def add_domain(self, new: NewDomain, audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
             domain_id = int(await tx.fetchval(
                 "INSERT INTO domains(name, selector, algorithm, private_key, ed25519_selector,"
@@ -294,7 +319,7 @@ class PgDirectory:
                 new.ed25519_selector, self._sealed(new.ed25519_key), new.created_at))
             return domain_id, [("domain", domain_id)]
         try:
-            return await self._write(add)
+            return await self._write(add, audit)
         except UniqueViolation as exc:
             if exc.constraint == "domains_live_name":
                 raise DomainExists(new.name) from None
@@ -303,7 +328,8 @@ class PgDirectory:
     def _sealed(self, key: bytes | None) -> bytes | None:
         return self._seal(key) if key is not None else None
 
-    async def delete_domain(self, domain_id: int, now: float) -> None:
+    async def delete_domain(self, domain_id: int, now: float,
+                            audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def delete(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
@@ -311,17 +337,19 @@ class PgDirectory:
                 "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
                 " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
             return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
-        await self._write(delete)
+        await self._write(delete, audit)
 
-    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+    async def set_check_header_from(self, domain_id: int, on: bool,
+                                    audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET check_header_from=$2 WHERE id=$1",
                              domain_id, on)
             return None, [("domain", domain_id)]
-        await self._write(update)
+        await self._write(update, audit)
 
     async def add_account(self, new: NewAccount, check: BindingCheck,
-                          slots: int | None = None) -> int:
+                          slots: int | None = None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
             if slots is not None:
                 used = int(await tx.fetchval(
@@ -330,46 +358,67 @@ class PgDirectory:
                     raise PlanFull(used)
             check(await _bindings(tx, None))
             acct_id = int(await tx.fetchval(
-                "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
-                " VALUES ($1,$2,$3,'active',$4) RETURNING id", new.username, new.domain_id,
-                new.password_hash, new.created_at))
+                "INSERT INTO accounts(username, domain_id, password_hash, status, created_at,"
+                " label) VALUES ($1,$2,$3,'active',$4,$5) RETURNING id", new.username,
+                new.domain_id, new.password_hash, new.created_at, new.label))
             await tx.executemany("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
                                  [(acct_id, n) for n in new.networks])
             return acct_id, [("account", acct_id)]
-        return await self._write(add)
+        return await self._write(add, audit)
 
-    async def _update(self, account_id: int, sql: str, *values: Any) -> None:
+    async def _update(self, account_id: int, sql: str, *values: Any,
+                      audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute(sql, account_id, *values)
             return None, [("account", account_id)]
-        await self._write(update)
+        await self._write(update, audit)
 
-    async def set_status(self, account_id: int, status: str, reason: str) -> None:
+    async def set_status(self, account_id: int, status: str, reason: str,
+                         audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3"
-                           " WHERE id=$1", status, reason)
+                           " WHERE id=$1", status, reason, audit=audit)
 
-    async def set_password(self, account_id: int, password_hash: str) -> None:
+    async def set_password(self, account_id: int, password_hash: str,
+                           audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "UPDATE accounts SET password_hash=$2 WHERE id=$1",
-                           password_hash)
+                           password_hash, audit=audit)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
-                         per_day: int | None) -> None:
+                         per_day: int | None, audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "UPDATE accounts SET per_minute=$2, per_hour=$3,"
-                           " per_day=$4 WHERE id=$1", per_minute, per_hour, per_day)
+                           " per_day=$4 WHERE id=$1", per_minute, per_hour, per_day,
+                           audit=audit)
 
-    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+    async def set_label(self, account_id: int, label: str,
+                        audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, "UPDATE accounts SET label=$2 WHERE id=$1", label,
+                           audit=audit)
+
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             check(await _bindings(tx, account_id))
             await tx.execute("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
                              account_id, cidr)
             return None, [("account", account_id)]
-        await self._write(add)
+        await self._write(add, audit)
 
-    async def remove_network(self, account_id: int, cidr: str) -> None:
+    async def remove_network(self, account_id: int, cidr: str,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "DELETE FROM account_networks WHERE account_id=$1"
-                           " AND cidr=$2", cidr)
+                           " AND cidr=$2", cidr, audit=audit)
 
-    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+    async def audit_entries(self, *, account: str | None = None, domain: str | None = None,
+                            since: float | None = None, limit: int = 100
+                            ) -> list[AuditEntry]:
+        where, params = audit_filter(account, domain, since, "$")
+        rows = await self._db.fetch(
+            AUDIT_COLUMNS + where
+            + f" ORDER BY at DESC, id DESC LIMIT ${len(params) + 1}", *params, limit)
+        return [audit_entry(r) for r in rows]
+
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> list[int]:
         """Delete the account cluster-wide; each node purges its own spool when it applies
         the change (the caller has asked every node for its count first)."""
         async def delete(tx: Tx) -> tuple[list[int], list[tuple[str, int]]]:
@@ -379,7 +428,7 @@ class PgDirectory:
                 " per_day=NULL WHERE id=$1", account_id, now)
             await tx.execute("DELETE FROM account_networks WHERE account_id=$1", account_id)
             return [], [("account", account_id)]
-        return await self._write(delete)
+        return await self._write(delete, audit)
 
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         """Merge: a node's time replaces the stored one only if it is later."""
@@ -515,7 +564,7 @@ class PgDirectory:
 def _account(r: Any, networks: list[str]) -> AccountRecord:
     return AccountRecord(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], float(r[6]),
                          None if r[7] is None else float(r[7]), int(r[8]), r[9], r[10], r[11],
-                         networks=networks)
+                         networks=networks, label=r[12])
 
 
 async def _bindings(tx: Tx, exclude_account: int | None) -> list[NetworkBinding]:

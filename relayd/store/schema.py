@@ -5,7 +5,8 @@ Owns: :data:`MIGRATIONS` (one SQL script per schema version) and
 refuses one newer than this relayd), :func:`apply` runs one step in its own
 transaction. Step 5 drops the old delivery log table, whose rows the spool
 has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
-step 6 adds the operator's hold of one message (``messages.held``).
+step 7 adds the operator's hold of one message (``messages.held``); step 9 the audit
+trail (``audit``) and the account's ``label``.
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 9
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -124,6 +125,27 @@ MIGRATIONS: dict[int, str] = {
     # ('operator'). A held message stays held across restarts.
     7: """
     ALTER TABLE messages ADD COLUMN held TEXT;
+    """,
+    8: "",  # (a step another change of issue 16 takes; nothing here)
+    # The audit trail of accounts and domains (who changed what, when; kept after the
+    # account or domain is deleted: no foreign key, by name) and the account's label.
+    9: """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        domain TEXT NOT NULL DEFAULT '',
+        action TEXT NOT NULL,
+        uid INTEGER,
+        node TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        details TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_subject ON audit(kind, subject, at);
+    CREATE INDEX audit_domain ON audit(domain, at);
+    CREATE INDEX audit_at ON audit(at);
+    ALTER TABLE accounts ADD COLUMN label TEXT NOT NULL DEFAULT '';
     """,
 }
 
