@@ -33,6 +33,8 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 RECENT_SECONDS = 24 * 3600
+#: How many audit entries ``user show`` prints.
+SHOW_AUDIT = 5
 
 
 #: Where relayctl looks without --socket or $RELAYD_SOCKET: the development
@@ -162,7 +164,8 @@ class Cli:
             raise UsageError("no confirmation given") from None
 
     # -- users ----------------------------------------------------------------------
-    def _user_text(self, u: schemas.UserInfo) -> str:
+    def _user_text(self, u: schemas.UserInfo,
+                   trail: list[schemas.AuditItem] | None = None) -> str:
         status = u.status + (f" ({u.disabled_reason})" if u.disabled_reason else "")
         lim = u.limits
         limits = ", ".join(f"{k}={v}" for k, v in (("per_minute", lim.per_minute),
@@ -181,11 +184,11 @@ class Cli:
             f"  networks:        {', '.join(u.networks) or '-'}",
             f"  limits:          {limits}",
         ]
-        if u.audit:
-            lines.append("  recent changes (newest first):")
+        if trail:
+            lines.append("  recent changes (newest first; `relayctl audit --user NAME`):")
             lines += [f"    {_when(e.at)}  {_who(e)}  {_action(e)}"
                       + (f"  reason: {_printable(e.reason)}" if e.reason else "")
-                      for e in u.audit]
+                      for e in trail]
         return "\n".join(lines)
 
     def _users_table(self, lst: schemas.UserList) -> str:
@@ -212,7 +215,9 @@ class Cli:
             self.out(lst, self._users_table(lst))
         elif a.action == "show":
             u = c.call("GET", f"/v1/users/{Client.seg(a.name)}", schemas.UserInfo)
-            self.out(u, self._user_text(u))
+            trail = [] if a.json else c.call("GET", "/v1/audit", schemas.AuditList, query={
+                "user": u.username, "limit": SHOW_AUDIT}).entries
+            self.out(u, self._user_text(u, trail))
         elif a.action in ("disable", "enable"):
             u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/{a.action}", schemas.UserInfo,
                        schemas.ChangeReason(reason=a.reason))

@@ -200,8 +200,6 @@ class UserInfo(_S, omit_defaults=True):
     limits: Limits
     propagation: Propagation | None = None  # cluster mode only (changes taking rights away)
     label: str = ""  # the operator's free text; omitted when none
-    #: ``user show`` only: the account's last audit entries, newest first.
-    audit: list[AuditItem] = msgspec.field(default_factory=list)
 
 
 class UserList(_S):

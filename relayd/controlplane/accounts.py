@@ -195,11 +195,9 @@ class Accounts:
         return schemas.Credentials(username=username, password=password)
 
     async def user_show(self, username: str) -> schemas.UserInfo:
-        """One account, with its last audit entries."""
+        """One account."""
         await refresh_stats(self.s)
-        info = self.info(self.s.account(username))
-        info.audit = await audit.recent(self.s, username)
-        return info
+        return self.info(self.s.account(username))
 
     async def user_list(self, domain: str | None = None, status: str | None = None,
                         sort: str = "name") -> schemas.UserList:

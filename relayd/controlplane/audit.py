@@ -6,7 +6,7 @@ the one way an operation makes the entries of its change (``account_entry``,
 ``domain_entry``: pass the result as ``audit=`` to the store's write, which stores
 them in the same transaction as the change), the check of an operator's free text
 (``checked_text``: reasons and labels are one line), and reading the trail
-(``user show``'s last entries, ``relayctl audit``).
+(``relayctl audit``; ``user show`` asks it for the account's last entries).
 
 An entry never holds a secret: details are what changed (old and new limits, a
 network, a label), never a password or hash. The trail is kept by name, so it outlives
@@ -35,8 +35,6 @@ from relayd.store.directory import AuditEntry
 #: or not a Unix socket).
 OPERATOR_UID: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "relayd_operator_uid", default=None)
-#: How many entries ``user show`` prints.
-RECENT = 5
 
 
 def checked_text(value: str, field: str) -> str:
@@ -87,11 +85,6 @@ def item(e: AuditEntry) -> schemas.AuditItem:
         domain=e.domain, action=e.action, uid=e.uid,
         operator=None if e.uid is None else user_name(e.uid), node=e.node or None,
         reason=e.reason, details=json.loads(e.details) if e.details else {})
-
-
-async def recent(s: Shared, username: str) -> list[schemas.AuditItem]:
-    """An account's last entries, newest first."""
-    return items(await s.store.audit_entries(account=username, limit=RECENT))
 
 
 def items(entries: Sequence[AuditEntry]) -> list[schemas.AuditItem]:

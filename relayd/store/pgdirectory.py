@@ -187,6 +187,11 @@ class PgDirectory:
 
     ``written`` is the highest control-plane version this process has committed: a
     caller that must wait until every node applied its change waits for it.
+
+    Size: one short method per DirectoryStore operation (each a transaction of the one
+    ``_write`` discipline, with its audit entries), the change log, the node registry,
+    queue probes and quota leases: the cluster's whole database surface in one place,
+    as the SQLite side keeps its own in relayd.store.directory.
     """
 
     def __init__(self, db: Database, node: str, *, seal: Callable[[bytes], bytes],
