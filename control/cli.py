@@ -330,7 +330,7 @@ class Cli:
                                query={"user": a.user, "domain": a.domain, "since": since,
                                       "limit": a.limit})
         rows = [[_when(e.at), _who(e), e.node or "-", e.kind, _printable(e.name),
-                 _action(e), _printable(e.reason) or "-"] for e in lst.entries]
+                 _action(e), _printable(e.reason) if e.reason else "-"] for e in lst.entries]
         self.out(lst, _table(rows, ["TIME", "WHO", "NODE", "KIND", "NAME", "ACTION",
                                     "REASON"]))
         if len(lst.entries) >= a.limit:
@@ -394,17 +394,28 @@ def _who(e: schemas.AuditItem) -> str:
     return f"uid {e.uid}" + (f" ({_printable(e.operator)})" if e.operator else "")
 
 
+def _detail(value: Any) -> str:
+    """One value of an audit entry's details as text (None: the default; "": none)."""
+    if value is None:
+        return "default"
+    if isinstance(value, list):
+        return ",".join(_printable(str(v)) for v in value) or "(none)"
+    return _printable(str(value)) if value != "" else "(none)"
+
+
 def _action(e: schemas.AuditItem) -> str:
-    """An entry's action and its details, on one line (``limits_changed per_day=None→100``)."""
+    """An entry's action and its details, on one line (``limits_changed
+    per_day=default->100``)."""
     d = dict(e.details)
-    old, new = d.pop("old", None), d.pop("new", None)
     parts = [e.action]
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts += [f"{k}={old.get(k)}→{new.get(k)}" for k in sorted(set(old) | set(new))
-                  if old.get(k) != new.get(k)]
-    elif old is not None or new is not None:
-        parts.append(f"{_printable(str(old or ''))}→{_printable(str(new or ''))}")
-    parts += [f"{k}={_printable(str(v))}" for k, v in sorted(d.items())]
+    if "old" in d and "new" in d:
+        old, new = d.pop("old"), d.pop("new")
+        if isinstance(old, dict) and isinstance(new, dict):
+            parts += [f"{k}={_detail(old.get(k))}->{_detail(new.get(k))}"
+                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            parts.append(f"{_detail(old)}->{_detail(new)}")
+    parts += [f"{k}={_detail(v)}" for k, v in sorted(d.items()) if v not in ("", [], None)]
     return " ".join(parts)
 
 

@@ -89,7 +89,7 @@ async def test_every_account_change_has_its_entry(relay: RelayHandle) -> None:
     assert rc == 0, err
     first = out.splitlines()[1]  # newest first, after the header
     assert f"uid {UID} ({name})" in first and "label_changed" in first and "renamed" in first
-    assert "per_day=None→100" in out
+    assert "per_day=default->100" in out
 
 
 async def test_user_show_prints_the_last_entries(relay: RelayHandle) -> None:
