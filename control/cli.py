@@ -64,6 +64,19 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _until(ts: float | None) -> str:
+    """How long until ``ts``: ``in 23h``, ``in 5m``, ``in 30s`` (``expired`` once past)."""
+    if ts is None:
+        return "-"
+    delta = ts - time.time()
+    if delta <= 0:
+        return "expired"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"in {int(delta // size)}{unit}"
+    return f"in {int(delta)}s"
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     if not rows:
         return "(none)"
@@ -177,6 +190,9 @@ class Cli:
             f"  queued:          {u.queued}",
             f"  networks:        {', '.join(u.networks) or '-'}",
             f"  limits:          {limits}",
+            *([f"  old password:    works until {_when(u.old_password_expires)}"
+               f" ({_until(u.old_password_expires)}; end it now: relayctl user"
+               f" expire-old-password {u.username})"] if u.old_password_expires else []),
         ])
 
     def _users_table(self, lst: schemas.UserList) -> str:
@@ -205,10 +221,11 @@ class Cli:
             u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/{a.action}", schemas.UserInfo)
             self.out(u, f"{u.username}: {u.status}")
         elif a.action == "reset-password":
-            cred = c.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
-                          schemas.Credentials)
-            self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
-                           "(the old password no longer works; this one is shown only once)")
+            self._reset_password()
+        elif a.action == "expire-old-password":
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/expire-old-password",
+                       schemas.UserInfo)
+            self.out(u, f"{u.username}: only the current password works now")
         elif a.action == "delete":
             self._user_delete()
         elif a.action == "limits":
@@ -224,6 +241,18 @@ class Cli:
             lst = c.call("GET", "/v1/dormant", schemas.UserList,
                          query={"days": a.days, "max_sent": a.max_sent})
             self.out(lst, self._users_table(lst))
+
+    def _reset_password(self) -> None:
+        a = self.args
+        cred = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
+                                schemas.Credentials,
+                                schemas.PasswordReset(keep_old_seconds=a.keep_old))
+        old = ("the old password no longer works" if cred.old_password_expires is None else
+               f"the old password keeps working until {_when(cred.old_password_expires)}"
+               f" ({_until(cred.old_password_expires)}), then stops by itself")
+        note = f"\nnote: {cred.note}" if cred.note else ""
+        self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
+                       f"({old}; this one is shown only once){note}")
 
     def _user_delete(self) -> None:
         a = self.args
@@ -381,6 +410,19 @@ def _parse_since(text: str) -> float:
             from None
 
 
+def _keep_old(text: str) -> float:
+    """``--keep-old``: 30s, 90m, 24h, 7d (units as ``--since``), more than 0, at most 30 days."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if not (text and text[-1] in units and text[:-1].isascii() and text[:-1].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (30s, 90m, 24h, 7d)")
+    seconds = float(int(text[:-1]) * units[text[-1]])
+    try:
+        return msgspec.convert(seconds, schemas.KeepOld)
+    except msgspec.ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text}: must be more than 0 and at most 30d") from None
+
+
 def _checked(kind: Any, what: str) -> Any:
     """An argparse ``type`` that applies the API's bound for the field (control.schemas)."""
     base = int if what == "an integer" else float
@@ -436,8 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     ul.add_argument("--domain")
     ul.add_argument("--status", choices=["active", "disabled"])
     ul.add_argument("--sort", choices=["name", "last-used", "sent"], default="name")
-    for action in ("show", "disable", "enable", "reset-password"):
+    for action in ("show", "disable", "enable", "expire-old-password"):
         u.add_parser(action).add_argument("name")
+    urp = u.add_parser("reset-password")
+    urp.add_argument("name")
+    urp.add_argument("--keep-old", type=_keep_old, metavar="DURATION",
+                     help="the old password keeps working this long (30s, 90m, 24h, 7d;"
+                     " at most 30d), then stops by itself")
     ud = u.add_parser("delete")
     ud.add_argument("name")
     ud.add_argument("--confirm", help="the username again (irreversible operation)")

@@ -30,6 +30,8 @@ LOG_LIMIT_MAX = 10_000
 EPOCH_MAX = 253_402_300_799.0
 #: Longest ``dormant`` threshold, in days (about 270 years).
 DAYS_MAX = 100_000.0
+#: Longest grace ``reset-password --keep-old`` gives the old password: 30 days.
+KEEP_OLD_MAX = 30 * 86400.0
 
 # Bounded numbers: out of range (negative, too large for the database, NaN,
 # infinite) is a 400 naming the field, never a silent clamp or a 500.
@@ -37,6 +39,8 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=SQLITE_INT_MAX)]
 LogLimit = Annotated[int, msgspec.Meta(ge=1, le=LOG_LIMIT_MAX)]
 EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=EPOCH_MAX)]
 Days = Annotated[float, msgspec.Meta(ge=0.0, le=DAYS_MAX)]
+#: How long a reset keeps the old password working (seconds, > 0, at most 30 days).
+KeepOld = Annotated[float, msgspec.Meta(gt=0.0, le=KEEP_OLD_MAX)]
 #: The states of a queued message (``queue`` and ``queue purge`` filter on them).
 QueueState = Literal["queued", "waiting_limit", "held", "deferred"]
 
@@ -156,6 +160,17 @@ class Credentials(_S, omit_defaults=True):
     username: str
     password: str
     propagation: Propagation | None = None  # cluster mode only (reset-password)
+    #: reset-password --keep-old: when the previous password stops working (POSIX seconds).
+    old_password_expires: float | None = None
+    #: reset-password on a disabled account: it stays disabled (and how to enable it).
+    note: str | None = None
+
+
+class PasswordReset(_S):
+    """Reset an account's password; ``keep_old_seconds``: the previous one keeps working
+    that long (then stops by itself), else it fails at once."""
+
+    keep_old_seconds: KeepOld | None = None
 
 
 class Limits(_S):
@@ -180,6 +195,8 @@ class UserInfo(_S, omit_defaults=True):
     networks: list[str]
     limits: Limits
     propagation: Propagation | None = None  # cluster mode only (changes taking rights away)
+    #: A previous password kept by reset-password --keep-old: when it stops working.
+    old_password_expires: float | None = None
 
 
 class UserList(_S):
@@ -453,8 +470,15 @@ ROUTES: tuple[Route, ...] = (
                   (409, "the account's domain was deleted: it can never be enabled"
                         " (`code` is `domain_deleted`)"))),
     Route("POST", "/v1/users/{name}/reset-password", "user_reset",
-          "A new password (shown once); the old one fails at once", Credentials,
-          params=_USER, errors=(_CLUSTER, _NO_USER,)),
+          "A new password (shown once); the old one fails at once, or with"
+          " `keep_old_seconds` keeps working that long (at most 30 days)", Credentials,
+          body=PasswordReset, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER,
+                  (409, "`keep_old_seconds` on a disabled account (`code` is"
+                        " `account_disabled`)"), _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/expire-old-password", "user_expire_old",
+          "End the grace of a password kept by reset-password: it fails before this"
+          " returns", UserInfo, params=_USER, errors=(_CLUSTER, _NO_USER)),
     Route("POST", "/v1/users/{name}/delete", "user_delete",
           "Delete an account (irreversible)", UserDeleted, body=UserDelete, params=_USER,
           errors=(_CLUSTER, _BAD, _NO_USER,

@@ -204,7 +204,8 @@ class Domains:
                     " as `domain list` shows it", "confirm_mismatch")
             accts = [a for a in self.s.directory.accounts_by_id.values()
                      if a.domain is dom and a.status != DELETED]
-            saved = [(a, a.status, a.disabled_reason) for a in accts]
+            saved = [(a, a.status, a.disabled_reason, a.old_password_hash,
+                      a.old_password_expires) for a in accts]
             signers = dom.signers
             # Memory first: from here on no session of these accounts can send.
             dom.deleted = True
@@ -212,6 +213,7 @@ class Domains:
             for a in accts:
                 a.status = DISABLED
                 a.disabled_reason = "domain_deleted"
+                a.end_old_password()
                 a.invalidate()
                 self.s.cache.invalidate(a.id)
             now = self.s.clock()
@@ -219,8 +221,9 @@ class Domains:
             def undo() -> None:
                 dom.deleted = False
                 dom.signers = signers
-                for a, status, reason in saved:
+                for a, status, reason, old, expires in saved:
                     a.status, a.disabled_reason = status, reason
+                    a.old_password_hash, a.old_password_expires = old, expires
 
             await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
             self.s.directory.put_domain(dom)

@@ -3,11 +3,13 @@
 Owns: turning one row of the cluster's change log into this node's state, by reading
 the changed domain or account again and comparing it with memory. Whatever takes a
 right away (a status that is no longer active, a new password hash, a removed
-network, a deletion) ends every session's authentication of the account and drops
-its cached credentials before the node records the change as applied — so when the
+network, a deletion, the end of a kept old password) ends every session's
+authentication of the account and drops its cached credentials before the node
+records the change as applied — so when the
 control call that made it returns (after every live node applied it), no node
 accepts the old credentials or one more message of the account. What gives a right
-(a new account or domain, enable, a new network, new limits) is applied as read, as is
+(a new account or domain, enable, a new network, new limits, a reset that keeps the
+old password: its cache entry moves to the old slot) is applied as read, as is
 a domain's header From check (on or off: no session state depends on it).
 A deleted account's messages in this node's spool are purged here (each node's spool
 is its own). A queue probe is answered with this node's count of the account's
@@ -87,15 +89,17 @@ class Follower:
                 await self._purge(acct)
             return
         was_usable, was_deleted = acct.usable, acct.status == DELETED
-        hash_now = rec.password_hash or ""
+        hash_now, old_now = rec.password_hash or "", rec.old_password_hash or ""
+        rotated = hash_now != acct.password_hash and old_now == acct.password_hash
         takes_away = (
-            (was_usable and rec.status != ACTIVE) or hash_now != acct.password_hash
+            (was_usable and rec.status != ACTIVE) or not self._kept_passwords(acct, rec)
             or not set(acct.networks) <= set(rec.networks))
         nets_changed = set(acct.networks) != set(rec.networks)
         limits_changed = (acct.per_minute, acct.per_hour, acct.per_day) != (
             rec.per_minute, rec.per_hour, rec.per_day)
         acct.status, acct.disabled_reason = rec.status, rec.disabled_reason
         acct.password_hash = hash_now
+        acct.old_password_hash, acct.old_password_expires = old_now, rec.old_password_expires
         acct.networks = list(rec.networks)
         acct.per_minute, acct.per_hour, acct.per_day = rec.per_minute, rec.per_hour, rec.per_day
         if takes_away:
@@ -104,6 +108,8 @@ class Follower:
             # a message whose commit is queued already was checked before this change:
             # its 250 goes before this node says it applied the change
             await self.s.spool.barrier()
+        elif rotated:  # reset --keep-old: the current password's cache entry is the old one's
+            self.s.cache.rotate(acct.id)
         if nets_changed or (rec.status == DELETED) != was_deleted:
             directory.rebuild_networks()
         if rec.status == DELETED and not was_deleted:
@@ -114,6 +120,16 @@ class Follower:
             self.s.scheduler.set_limits(acct)
         if acct.usable and not was_usable:
             self.s.scheduler.wake()
+
+    def _kept_passwords(self, acct: Account, rec: AccountRecord) -> bool:
+        """True if every password that authenticates ``acct`` now (its current one, and
+        its kept old one before its expiry on this node's clock) still does in ``rec``."""
+        now = self.s.clock()
+        before = {acct.password_hash,
+                  acct.old_password_hash if acct.old_password_valid(now) else ""}
+        old_valid = rec.old_password_expires is not None and now < rec.old_password_expires
+        after = {rec.password_hash or "", (rec.old_password_hash or "") if old_valid else ""}
+        return before - {""} <= after
 
     async def resync(self) -> None:
         """Apply every domain and account as stored now (the log did not reach back far

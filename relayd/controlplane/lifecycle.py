@@ -2,7 +2,8 @@
 
 Owns: building the parts on one shared state — relayd.controlplane.domains
 (sending domains and their DKIM keys), .accounts (SMTP accounts, last-connection
-writes), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster) —
+writes), .passwords (reset-password, a kept old password), .queues (queued mail,
+the delivery log), .nodes (the nodes of a cluster) —
 loading the directory at start, and a reload's new settings. Every operation is one
 method of a part; this class only hands each one out under its old name.
 
@@ -33,6 +34,7 @@ from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
 from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
+from relayd.controlplane.passwords import Passwords
 from relayd.controlplane.queues import Queues
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
@@ -66,12 +68,14 @@ class Lifecycle:
         self.accounts = a = Accounts(self.shared)
         self.queues = q = Queues(self.shared)
         self.nodes = n = Nodes(self.shared)
+        self.passwords = pw = Passwords(self.shared, a.info)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
         self.domain_set = d.domain_set
         self.user_add, self.user_show, self.user_list = a.user_add, a.user_show, a.user_list
         self.user_dormant, self.user_disable = a.user_dormant, a.user_disable
-        self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
+        self.user_enable, self.user_reset_password = a.user_enable, pw.user_reset_password
+        self.user_expire_old_password = pw.user_expire_old_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
         self.user_networks, self.info = a.user_networks, a.info
         self.flush_last_connections = functools.partial(stats.flush_last_connections,
@@ -90,6 +94,7 @@ class Lifecycle:
         self.user_disable = self._acknowledged(self.user_disable)
         self.user_enable = self._acknowledged(self.user_enable)
         self.user_reset_password = self._acknowledged(self.user_reset_password)
+        self.user_expire_old_password = self._acknowledged(self.user_expire_old_password)
         self.user_delete = self._acknowledged(self.user_delete)
         self.user_limits = self._acknowledged(self.user_limits)
         self.user_networks = self._acknowledged(self.user_networks)

@@ -277,8 +277,14 @@ class ControlServer:
         return _json(await self.lc.user_enable(request.match_info["name"]))
 
     async def user_reset(self, request: web.Request) -> web.Response:
-        """Reset an account's password."""
-        return _json(await self.lc.user_reset_password(request.match_info["name"]))
+        """Reset an account's password (optionally keeping the old one for a while)."""
+        body = await _body(request, schemas.PasswordReset)
+        return _json(await self.lc.user_reset_password(request.match_info["name"],
+                                                       body.keep_old_seconds))
+
+    async def user_expire_old(self, request: web.Request) -> web.Response:
+        """End a kept old password's grace now."""
+        return _json(await self.lc.user_expire_old_password(request.match_info["name"]))
 
     async def user_delete(self, request: web.Request) -> web.Response:
         """Delete an account (irreversible)."""

@@ -78,6 +78,10 @@ class AccountRecord:
     per_hour: int | None
     per_day: int | None
     networks: list[str] = field(default_factory=list)
+    #: The previous password's hash kept by ``reset-password --keep-old``, until
+    #: ``old_password_expires`` (POSIX seconds); None when there is none.
+    old_password_hash: str | None = None
+    old_password_expires: float | None = None
 
 
 @dataclass(slots=True)
@@ -149,9 +153,12 @@ class DirectoryStore(Protocol):
         """Store an active account with its networks (``check`` first); its id. With
         ``slots``, PlanFull if that many accounts that are not deleted exist already."""
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        """Set an account's status and disabled reason."""
+        """Set an account's status and disabled reason (a kept old password ends)."""
     async def set_password(self, account_id: int, password_hash: str) -> None:
-        """Set an account's password hash."""
+        """Set an account's password hash (a kept old password ends with it)."""
+    async def set_passwords(self, account_id: int, password_hash: str,
+                            old_hash: str | None, old_expires: float | None) -> None:
+        """Set an account's password hash and its kept old one (None: none)."""
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None) -> None:
         """Set an account's sending limits (None: the default)."""
@@ -205,11 +212,12 @@ class SqliteDirectory:
         for row in await self._spool.fetchall("SELECT account_id, cidr FROM account_networks"):
             nets.setdefault(row[0], []).append(row[1])
         return [AccountRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                              r[11], networks=nets.get(r[0], [])) for r in
+                              r[11], networks=nets.get(r[0], []), old_password_hash=r[12],
+                              old_password_expires=r[13]) for r in
                 await self._spool.fetchall(
                     "SELECT id, username, domain_id, password_hash, status, disabled_reason,"
-                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day"
-                    " FROM accounts")]
+                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
+                    " old_password_hash, old_password_expires FROM accounts")]
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._spool.fetchone(_DOMAIN_COLUMNS + " WHERE id=?", (domain_id,))
@@ -249,10 +257,16 @@ class SqliteDirectory:
                                                              check=check, slots=slots))
 
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        await self._update(account_id, "status=?, disabled_reason=?", status, reason)
+        await self._update(account_id, "status=?, disabled_reason=?, old_password_hash=NULL,"
+                           " old_password_expires=NULL", status, reason)
 
     async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self._update(account_id, "password_hash=?", password_hash)
+        await self.set_passwords(account_id, password_hash, None, None)
+
+    async def set_passwords(self, account_id: int, password_hash: str,
+                            old_hash: str | None, old_expires: float | None) -> None:
+        await self._update(account_id, "password_hash=?, old_password_hash=?,"
+                           " old_password_expires=?", password_hash, old_hash, old_expires)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None) -> None:
@@ -319,7 +333,8 @@ def _add_domain(conn: SqlConn, new: NewDomain) -> int:
 def _delete_domain(conn: SqlConn, domain_id: int, now: float) -> None:
     conn.execute("UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
                  " WHERE id=?", (now, domain_id))
-    conn.execute("UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+    conn.execute("UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
+                 " old_password_hash=NULL, old_password_expires=NULL"
                  " WHERE domain_id=? AND status != 'deleted'", (domain_id,))
 
 
@@ -351,6 +366,7 @@ def _delete_account(conn: SqlConn, account_id: int, now: float, purge_queue: boo
     ids = q.purge_account(conn, account_id, None, purged)
     conn.execute(
         "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=?,"
+        " old_password_hash=NULL, old_password_expires=NULL,"
         " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
         " per_day=NULL WHERE id=?", (now, account_id))
     conn.execute("DELETE FROM account_networks WHERE account_id=?", (account_id,))

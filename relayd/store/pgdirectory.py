@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS queue_probes (
 CREATE TABLE IF NOT EXISTS quota (
     account_id bigint NOT NULL, period int NOT NULL, window_start bigint NOT NULL,
     granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_hash text;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_expires double precision;
 """
 
 
@@ -153,9 +155,10 @@ class SchemaTooNew(Exception):
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
                    " created_at, deleted_at, check_header_from FROM domains")
 _ACCOUNT_FIELDS = ("id, username, domain_id, password_hash, status, disabled_reason,"
-                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day")
+                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
+                   " old_password_hash, old_password_expires")
 _ACCOUNT_COLUMNS = "SELECT " + _ACCOUNT_FIELDS + " FROM accounts"  # noqa: S608 - literals
-#: One account and, as a 13th column, its networks (one round trip).
+#: One account and, as a 15th column, its networks (one round trip).
 _ONE_ACCOUNT = ("SELECT " + _ACCOUNT_FIELDS  # noqa: S608 - literals
                 + ", array(SELECT cidr FROM account_networks n WHERE n.account_id = accounts.id"
                 " ORDER BY cidr) FROM accounts WHERE id=$1")
@@ -269,7 +272,7 @@ class PgDirectory:
     async def account(self, account_id: int) -> AccountRecord | None:
         """One account with its networks (one round trip)."""
         row = await self._db.fetchrow(_ONE_ACCOUNT, account_id)
-        return None if row is None else _account(row, list(row[12]))
+        return None if row is None else _account(row, list(row[14]))
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
@@ -308,7 +311,8 @@ class PgDirectory:
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
             ids = await tx.fetch(
-                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
+                " old_password_hash=NULL, old_password_expires=NULL"
                 " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
             return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
         await self._write(delete)
@@ -345,12 +349,18 @@ class PgDirectory:
         await self._write(update)
 
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3"
-                           " WHERE id=$1", status, reason)
+        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3,"
+                           " old_password_hash=NULL, old_password_expires=NULL WHERE id=$1",
+                           status, reason)
 
     async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self._update(account_id, "UPDATE accounts SET password_hash=$2 WHERE id=$1",
-                           password_hash)
+        await self.set_passwords(account_id, password_hash, None, None)
+
+    async def set_passwords(self, account_id: int, password_hash: str,
+                            old_hash: str | None, old_expires: float | None) -> None:
+        await self._update(account_id, "UPDATE accounts SET password_hash=$2,"
+                           " old_password_hash=$3, old_password_expires=$4 WHERE id=$1",
+                           password_hash, old_hash, old_expires)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None) -> None:
@@ -375,6 +385,7 @@ class PgDirectory:
         async def delete(tx: Tx) -> tuple[list[int], list[tuple[str, int]]]:
             await tx.execute(
                 "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=$2,"
+                " old_password_hash=NULL, old_password_expires=NULL,"
                 " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
                 " per_day=NULL WHERE id=$1", account_id, now)
             await tx.execute("DELETE FROM account_networks WHERE account_id=$1", account_id)
@@ -515,7 +526,8 @@ class PgDirectory:
 def _account(r: Any, networks: list[str]) -> AccountRecord:
     return AccountRecord(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], float(r[6]),
                          None if r[7] is None else float(r[7]), int(r[8]), r[9], r[10], r[11],
-                         networks=networks)
+                         networks=networks, old_password_hash=r[12],
+                         old_password_expires=None if r[13] is None else float(r[13]))
 
 
 async def _bindings(tx: Tx, exclude_account: int | None) -> list[NetworkBinding]:

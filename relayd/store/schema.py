@@ -5,7 +5,8 @@ Owns: :data:`MIGRATIONS` (one SQL script per schema version) and
 refuses one newer than this relayd), :func:`apply` runs one step in its own
 transaction. Step 5 drops the old delivery log table, whose rows the spool
 has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
-step 6 adds the operator's hold of one message (``messages.held``).
+step 6 adds the operator's hold of one message (``messages.held``); step 8 the
+password kept by ``reset-password --keep-old`` (``accounts.old_password_*``).
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -124,6 +125,12 @@ MIGRATIONS: dict[int, str] = {
     # ('operator'). A held message stays held across restarts.
     7: """
     ALTER TABLE messages ADD COLUMN held TEXT;
+    """,
+    # ``reset-password --keep-old``: the previous password's hash keeps working until
+    # its expiry (POSIX seconds); NULL: no old password kept.
+    8: """
+    ALTER TABLE accounts ADD COLUMN old_password_hash TEXT;
+    ALTER TABLE accounts ADD COLUMN old_password_expires REAL;
     """,
 }
 
