@@ -81,8 +81,9 @@ class Passwords:
             await agree(self.s.store.set_passwords(
                 acct.id, hashed, acct.old_password_hash or None, acct.old_password_expires),
                 undo=undo)
-        self.s.log("user_password_reset", username=username, keep_old_seconds=keep_old,
-                   old_password_expires=acct.old_password_expires)
+        kept = {} if keep_old is None else {"keep_old_seconds": keep_old,
+                                            "old_password_expires": acct.old_password_expires}
+        self.s.log("user_password_reset", username=username, **kept)
         return schemas.Credentials(username=username, password=password,
                                    old_password_expires=acct.old_password_expires,
                                    note=_still_disabled(acct))
