@@ -78,7 +78,7 @@ class Passwords:
                 acct.password_hash, acct.old_password_hash, acct.old_password_expires = saved
                 self.s.cache.invalidate(acct.id)
 
-            await agree(self.s.store.set_passwords(
+            await agree(self.s.store.set_password(
                 acct.id, hashed, acct.old_password_hash or None, acct.old_password_expires),
                 undo=undo)
         kept = {} if keep_old is None else {"keep_old_seconds": keep_old,
@@ -102,7 +102,7 @@ class Passwords:
                 def undo() -> None:
                     acct.old_password_hash, acct.old_password_expires = saved
 
-                await agree(self.s.store.set_passwords(acct.id, acct.password_hash, None,
+                await agree(self.s.store.set_password(acct.id, acct.password_hash, None,
                                                        None), undo=undo)
                 self.s.log("user_old_password_expired", username=username)
         return self._info(acct)

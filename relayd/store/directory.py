@@ -154,11 +154,10 @@ class DirectoryStore(Protocol):
         ``slots``, PlanFull if that many accounts that are not deleted exist already."""
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
         """Set an account's status and disabled reason (a kept old password ends)."""
-    async def set_password(self, account_id: int, password_hash: str) -> None:
-        """Set an account's password hash (a kept old password ends with it)."""
-    async def set_passwords(self, account_id: int, password_hash: str,
-                            old_hash: str | None, old_expires: float | None) -> None:
-        """Set an account's password hash and its kept old one (None: none)."""
+    async def set_password(self, account_id: int, password_hash: str,
+                           old_hash: str | None = None, old_expires: float | None = None) -> None:
+        """Set an account's password hash and the old one it keeps until ``old_expires``
+        (None, the default: none; a kept old password ends)."""
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None) -> None:
         """Set an account's sending limits (None: the default)."""
@@ -260,11 +259,8 @@ class SqliteDirectory:
         await self._update(account_id, "status=?, disabled_reason=?, old_password_hash=NULL,"
                            " old_password_expires=NULL", status, reason)
 
-    async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self.set_passwords(account_id, password_hash, None, None)
-
-    async def set_passwords(self, account_id: int, password_hash: str,
-                            old_hash: str | None, old_expires: float | None) -> None:
+    async def set_password(self, account_id: int, password_hash: str,
+                           old_hash: str | None = None, old_expires: float | None = None) -> None:
         await self._update(account_id, "password_hash=?, old_password_hash=?,"
                            " old_password_expires=?", password_hash, old_hash, old_expires)
 

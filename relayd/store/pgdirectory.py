@@ -163,6 +163,12 @@ _ONE_ACCOUNT = ("SELECT " + _ACCOUNT_FIELDS  # noqa: S608 - literals
                 + ", array(SELECT cidr FROM account_networks n WHERE n.account_id = accounts.id"
                 " ORDER BY cidr) FROM accounts WHERE id=$1")
 _LIVE = "heartbeat > now() - make_interval(secs => $1)"
+#: A status change ends a kept old password (an enable never brings it back).
+_SET_STATUS = ("UPDATE accounts SET status=$2, disabled_reason=$3, old_password_hash=NULL,"
+               " old_password_expires=NULL WHERE id=$1")
+#: The password hash and the old one kept until its expiry (NULL, NULL: none).
+_SET_HASHES = ("UPDATE accounts SET password_hash=$2, old_password_hash=$3,"
+                 " old_password_expires=$4 WHERE id=$1")
 
 
 class PgDirectory:
@@ -349,18 +355,11 @@ class PgDirectory:
         await self._write(update)
 
     async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3,"
-                           " old_password_hash=NULL, old_password_expires=NULL WHERE id=$1",
-                           status, reason)
+        await self._update(account_id, _SET_STATUS, status, reason)
 
-    async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self.set_passwords(account_id, password_hash, None, None)
-
-    async def set_passwords(self, account_id: int, password_hash: str,
-                            old_hash: str | None, old_expires: float | None) -> None:
-        await self._update(account_id, "UPDATE accounts SET password_hash=$2,"
-                           " old_password_hash=$3, old_password_expires=$4 WHERE id=$1",
-                           password_hash, old_hash, old_expires)
+    async def set_password(self, account_id: int, password_hash: str,
+                           old_hash: str | None = None, old_expires: float | None = None) -> None:
+        await self._update(account_id, _SET_HASHES, password_hash, old_hash, old_expires)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None) -> None:
