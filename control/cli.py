@@ -121,7 +121,10 @@ class Cli:
     def _domain_text(self, d: schemas.DomainInfo) -> str:
         lines = [f"domain {d.name} (selector {d.selector}, {d.accounts} account(s))",
                  "  header From check: " + ("on" if d.check_header_from else
-                                            "off (any header From is accepted)")]
+                                            "off (any header From is accepted)"),
+                 "  webhook: " + (d.webhook_url or "none")]
+        if d.webhook_secret:
+            lines.append(f"  webhook signing secret (shown once, keep it): {d.webhook_secret}")
         if d.dns_records:
             lines.append("publish these DNS records:")
             for r in d.dns_records:
@@ -146,11 +149,16 @@ class Cli:
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
             self.out(d, self._domain_text(d))
         elif a.action == "set":
-            if a.check_header_from is None:
-                raise UsageError("nothing to set: give --check-header-from on|off")
+            if a.check_header_from is None and a.webhook is None \
+                    and not a.rotate_webhook_secret:
+                raise UsageError("nothing to set: give --check-header-from on|off,"
+                                 " --webhook URL|off or --rotate-webhook-secret")
             d = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/settings",
                                  schemas.DomainInfo, schemas.DomainSettings(
-                                     check_header_from=a.check_header_from == "on"))
+                                     check_header_from=None if a.check_header_from is None
+                                     else a.check_header_from == "on",
+                                     webhook=a.webhook,
+                                     rotate_webhook_secret=a.rotate_webhook_secret))
             self.out(d, self._domain_text(d))
         elif a.action == "delete":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
@@ -464,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--check-header-from", choices=["on", "off"],
                     help="refuse mail whose header From or Sender is outside the domain"
                     " (on by default; off for a relay that sends for several brands)")
+    ds.add_argument("--webhook", metavar="URL|off",
+                    help="POST a signed JSON event to this http(s) URL for each recipient"
+                    " delivered, failed or bounced; off removes it (a new signing secret is"
+                    " printed once when it is first set)")
+    ds.add_argument("--rotate-webhook-secret", action="store_true",
+                    help="make a new signing secret (printed once; the old one stops at once)")
     dd = d.add_parser("delete")
     dd.add_argument("name")
     dd.add_argument("--confirm", help="the domain name again (irreversible operation)")

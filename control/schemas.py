@@ -110,12 +110,21 @@ class DomainInfo(_S):
     #: Mail must have a header From (and Sender) in the domain or a subdomain.
     check_header_from: bool = True
     dns_records: list[DnsRecord] = msgspec.field(default_factory=list)
+    #: Where delivery events are posted (None: no webhook).
+    webhook_url: str | None = None
+    #: The webhook's signing secret: only in the answer of the ``domain set`` that made
+    #: it (shown once; relayd never shows it again).
+    webhook_secret: str | None = None
 
 
 class DomainSettings(_S):
     """Change a domain's settings (a field left out is left as it is)."""
 
     check_header_from: bool | None = None
+    #: Post delivery events to this http(s) URL; "" (or "off") removes the webhook.
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    #: Make a new signing secret for the webhook (the old one stops at once).
+    rotate_webhook_secret: bool = False
 
 
 class DomainList(_S):
@@ -445,7 +454,8 @@ ROUTES: tuple[Route, ...] = (
           DomainInfo, params=_DOMAIN, errors=(_NO_DOMAIN,)),
     Route("POST", "/v1/domains/{name}/settings", "domain_set",
           "Change a domain's settings: whether the header From (and Sender) of its mail"
-          " is checked against it", DomainInfo, body=DomainSettings, params=_DOMAIN,
+          " is checked against it; its webhook for delivery events (a new secret is"
+          " in the answer, once)", DomainInfo, body=DomainSettings, params=_DOMAIN,
           errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
     Route("POST", "/v1/domains/{name}/delete", "domain_delete",
           "Delete a domain (irreversible): its accounts are disabled for good, its key"

@@ -279,6 +279,17 @@ class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     reconcile_seconds: Seconds = 60.0
 
 
+class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Delivery events posted to each domain's webhook (``domain set --webhook``)."""
+
+    # Events stored at most in this node's spool; past it the oldest are dropped
+    # (relayd_webhook_events_dropped_total).
+    max_events: PositiveInt = 100_000
+    timeout_seconds: Seconds = 10.0        # one POST, from connect to the answer
+    retry_first_seconds: Seconds = 10.0    # after a first failed post; doubles each time
+    retry_max_seconds: Seconds = 3600.0    # longest wait between two posts of one event
+
+
 #: A node's name: what `relayctl node list` shows and `node forget` takes.
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _DSN_SCHEMES = ("postgresql://", "postgres://")
@@ -447,6 +458,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
     def ignored_settings(self) -> list[str]:
         """The removed settings this configuration still sets ("section.key"), ignored."""

@@ -16,6 +16,7 @@ import asyncio
 import re
 
 from control import schemas
+from relayd.controlplane import hooks
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.directory.accounts import DELETED, DISABLED, Domain
 from relayd.dkim import signature as dkim
@@ -141,7 +142,7 @@ class Domains:
                        if a.domain is dom and a.status != DELETED)
         return schemas.DomainInfo(
             name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
-            check_header_from=dom.check_header_from,
+            check_header_from=dom.check_header_from, webhook_url=dom.webhook_url,
             dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
                                           rec.ed25519_selector, rec.ed25519_key))
 
@@ -185,7 +186,13 @@ class Domains:
                     await agree(self.s.store.set_check_header_from(dom.id, False),
                                 apply=set_on)
                 self.s.log("domain_changed", domain=name, check_header_from=on)
-        return await self.domain_info(name)
+            secret = None
+            if settings.webhook is not None or settings.rotate_webhook_secret:
+                secret = await hooks.set_webhook(self.s, dom, settings.webhook,
+                                                 settings.rotate_webhook_secret)
+        info = await self.domain_info(name)
+        info.webhook_secret = secret
+        return info
 
     async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
         """Delete a domain: irreversible; disables its accounts for good and destroys its key.
@@ -228,6 +235,8 @@ class Domains:
             await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
             self.s.directory.put_domain(dom)
             self.s.directory.rebuild_networks()
+            if dom.webhook_url is not None:
+                await hooks.forget(self.s, dom)
         ids = {a.id for a in accts}  # held = not yet attempted (retries go on, §4.1)
         held = sum(1 for m, _, _ in self.s.scheduler.send_queue_view() if m.account_id in ids)
         self.s.log("domain_deleted", domain=name, accounts_disabled=len(accts))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from relayd.controlplane import hooks
 from relayd.controlplane.accounts import account_from
 from relayd.controlplane.changes import Shared
 from relayd.directory.accounts import ACTIVE, DELETED, Account, Domain
@@ -51,6 +52,7 @@ class Follower:
             dom = await self.store.domain(change.entity_id)
             if dom is not None:
                 self.domain(dom)
+                await self._webhook(dom.id)
         elif change.kind == "account":
             acct = await self.store.account(change.entity_id)
             if acct is not None:
@@ -73,6 +75,12 @@ class Follower:
             dom.deleted = True
             dom.signers = []
             directory.put_domain(dom)
+
+    async def _webhook(self, domain_id: int) -> None:
+        """A domain's webhook as stored now (set, changed, rotated, removed)."""
+        dom = self.s.directory.domains_by_id.get(domain_id)
+        if dom is not None:
+            await hooks.apply(self.s, dom, await self.store.webhook(domain_id))
 
     async def account(self, rec: AccountRecord) -> None:
         directory = self.s.directory
@@ -136,6 +144,7 @@ class Follower:
         enough): the same comparison as for one change, for all of them."""
         for dom in await self.store.domains():
             self.domain(dom)
+            await self._webhook(dom.id)
         for acct in await self.store.accounts():
             await self.account(acct)
 

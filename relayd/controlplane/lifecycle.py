@@ -29,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
-from relayd.controlplane import stats
+from relayd.controlplane import hooks, stats
 from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
 from relayd.controlplane.domains import Domains
@@ -130,6 +130,7 @@ class Lifecycle:
     async def load(self) -> None:
         """Fill the directory from the database (at start): domains, then accounts."""
         await self.domains.load()
+        await hooks.load(self.shared)
         await self.accounts.load()
 
     def reconfigure(self, cfg: Config) -> None:

@@ -10,7 +10,8 @@ codes with an ``Error`` body, and recording the uid of the socket peer
 with mode 0660 (umask set around the bind), so it is never world-accessible.
 The Prometheus endpoint is a second, TCP site of the same library; it also serves
 ``GET /health`` for a load balancer (200 ``ok`` or 503 with the reason, plain text,
-never cached), from the ``health`` function the app passes.
+never cached), from the ``health`` function the app passes. The client side of the
+library is here too: :class:`WebhookClient`, the POSTs of relayd.webhooks.poster.
 
 Untrusted input: request paths, query strings and bodies (from local users
 allowed on the socket; still validated: malformed JSON or UTF-8, unknown or
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -455,3 +457,33 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(f"another relayd is already listening on {path}")
+
+
+class WebhookClient:
+    """The client side of the same library: the webhook poster's POSTs (one session, its
+    connections reused), each with its own total timeout; TLS verified by default."""
+
+    def __init__(self, timeout: float, user_agent: str) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"User-Agent": user_agent, "Content-Type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+        """POST ``body``; ``(status, "")``, or ``(None, why)`` when no answer came (refused,
+        timed out, TLS or protocol error). The answer's body is not read beyond 1 KiB."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        try:
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                await resp.content.read(1024)
+                return resp.status, ""
+        except TimeoutError:
+            return None, "timed out"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:300]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -52,6 +52,8 @@ class Domain:
     deleted: bool = False
     check_header_from: bool = True
     signers: list[Any] = field(default_factory=list)
+    webhook_url: str | None = None  # where delivery events are posted (None: nowhere)
+    webhook_secret: str | None = field(default=None, repr=False)  # the key that signs them
 
 
 @dataclass(eq=False)

@@ -301,6 +301,21 @@ class Metrics:
             "A control change committed to every live node having applied it.",
             namespace=ns, registry=r, buckets=ACK_BUCKETS)
 
+        # --- webhooks (relayd.webhooks.poster) -------------------------------------
+        self.webhook_posts_total = Counter(
+            "webhook_posts_total", "Posts of delivery events to webhooks, by result (ok: a"
+            " 2xx answer; failed: another status, a timeout or no connection).", ["result"],
+            namespace=ns, registry=r)
+        self.webhook_post_ok = self.webhook_posts_total.labels(result="ok")
+        self.webhook_post_failed = self.webhook_posts_total.labels(result="failed")
+        self.webhook_events_dropped_total = Counter(
+            "webhook_events_dropped_total", "Delivery events deleted without being posted:"
+            " past [webhooks] max_events (the oldest), or their domain's webhook removed.",
+            namespace=ns, registry=r)
+        self.webhook_backlog = Gauge(
+            "webhook_backlog", "Delivery events stored in this node's spool, waiting to be"
+            " posted.", namespace=ns, registry=r)
+
         # --- build ------------------------------------------------------------
         self.build_info = Gauge(
             "build_info", "relayd build; the value is always 1.", ["version"],

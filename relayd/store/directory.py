@@ -28,6 +28,7 @@ from relayd.store import messages as q
 from relayd.store import removal
 from relayd.store.db import IntegrityError, SqlConn
 from relayd.store.records import ACCOUNT_DELETED
+from relayd.store.webhooks import WebhookRecord
 
 if TYPE_CHECKING:
     from relayd.store.spool import Spool
@@ -170,6 +171,12 @@ class DirectoryStore(Protocol):
         the ids of the messages purged. Without ``purge_queue``, QueueNotEmpty if it has any."""
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         """Store ``(last connection, account id)`` pairs."""
+    async def webhooks(self) -> list[WebhookRecord]:
+        """Every domain's webhook (live domains: a deleted one's is removed with it)."""
+    async def webhook(self, domain_id: int) -> WebhookRecord | None:
+        """One domain's webhook, if it has one."""
+    async def set_webhook(self, domain_id: int, url: str | None, secret: str | None) -> None:
+        """Set (``url`` and ``secret``) or remove (``url`` None) a domain's webhook."""
 
 
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
@@ -302,6 +309,25 @@ class SqliteDirectory:
             conn.executemany("UPDATE accounts SET last_connection=? WHERE id=?", rows)
         await self._spool._transact(save)
 
+    async def webhooks(self) -> list[WebhookRecord]:
+        return [WebhookRecord(int(r[0]), r[1], r[2]) for r in await self._spool.fetchall(
+            "SELECT domain_id, url, secret FROM domain_webhooks")]
+
+    async def webhook(self, domain_id: int) -> WebhookRecord | None:
+        r = await self._spool.fetchone(
+            "SELECT domain_id, url, secret FROM domain_webhooks WHERE domain_id=?", (domain_id,))
+        return None if r is None else WebhookRecord(int(r[0]), r[1], r[2])
+
+    async def set_webhook(self, domain_id: int, url: str | None, secret: str | None) -> None:
+        if url is None or secret is None:
+            await self._spool._transact(functools.partial(
+                _execute, sql="DELETE FROM domain_webhooks WHERE domain_id=?",
+                params=(domain_id,)))
+        else:
+            await self._spool._transact(functools.partial(
+                _execute, sql="INSERT OR REPLACE INTO domain_webhooks(domain_id, url, secret)"
+                " VALUES (?,?,?)", params=(domain_id, url, secret)))
+
 
 # -- on the writer's thread, inside a group transaction ------------------------------------
 def _execute(conn: SqlConn, sql: str, params: tuple[object, ...]) -> None:
@@ -329,6 +355,7 @@ def _add_domain(conn: SqlConn, new: NewDomain) -> int:
 def _delete_domain(conn: SqlConn, domain_id: int, now: float) -> None:
     conn.execute("UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
                  " WHERE id=?", (now, domain_id))
+    conn.execute("DELETE FROM domain_webhooks WHERE domain_id=?", (domain_id,))
     conn.execute("UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
                  " old_password_hash=NULL, old_password_expires=NULL"
                  " WHERE domain_id=? AND status != 'deleted'", (domain_id,))

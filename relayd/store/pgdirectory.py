@@ -45,6 +45,7 @@ from relayd.store.directory import (
     PlanFull,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
+from relayd.store.webhooks import WebhookRecord
 
 T = TypeVar("T")
 
@@ -92,6 +93,9 @@ CREATE TABLE IF NOT EXISTS quota (
     granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_hash text;
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_expires double precision;
+CREATE TABLE IF NOT EXISTS domain_webhooks (
+    domain_id bigint PRIMARY KEY REFERENCES domains(id), url text NOT NULL,
+    secret bytea NOT NULL);
 """
 
 
@@ -171,7 +175,44 @@ _SET_HASHES = ("UPDATE accounts SET password_hash=$2, old_password_hash=$3,"
                  " old_password_expires=$4 WHERE id=$1")
 
 
-class PgDirectory:
+class _Webhooks:
+    """PgDirectory's webhooks (a part of its own, by size): the secret sealed like a DKIM
+    key, a change logged as the domain's."""
+
+    _db: Database
+    _seal: Callable[[bytes], bytes]
+    _unseal: Callable[[bytes], bytes]
+
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]]
+                     ) -> T:
+        raise NotImplementedError
+
+    def _webhook(self, r: Any) -> WebhookRecord:
+        return WebhookRecord(int(r[0]), r[1], self._unseal(bytes(r[2])).decode("utf-8"))
+
+    async def webhooks(self) -> list[WebhookRecord]:
+        return [self._webhook(r) for r in await self._db.fetch(
+            "SELECT domain_id, url, secret FROM domain_webhooks")]
+
+    async def webhook(self, domain_id: int) -> WebhookRecord | None:
+        r = await self._db.fetchrow(
+            "SELECT domain_id, url, secret FROM domain_webhooks WHERE domain_id=$1", domain_id)
+        return None if r is None else self._webhook(r)
+
+    async def set_webhook(self, domain_id: int, url: str | None, secret: str | None) -> None:
+        async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            if url is None or secret is None:
+                await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
+            else:
+                await tx.execute(
+                    "INSERT INTO domain_webhooks(domain_id, url, secret) VALUES ($1,$2,$3)"
+                    " ON CONFLICT (domain_id) DO UPDATE SET url=EXCLUDED.url,"
+                    " secret=EXCLUDED.secret", domain_id, url, self._seal(secret.encode()))
+            return None, [("domain", domain_id)]
+        await self._write(update)
+
+
+class PgDirectory(_Webhooks):
     """The directory and the cluster tables in one PostgreSQL database.
 
     ``written`` is the highest control-plane version this process has committed: a
@@ -316,6 +357,7 @@ class PgDirectory:
         async def delete(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
+            await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
             ids = await tx.fetch(
                 "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
                 " old_password_hash=NULL, old_password_expires=NULL"

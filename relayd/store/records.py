@@ -74,6 +74,7 @@ class AttemptResult:
     next_attempt: float | None = None
     account_id: int | None = None
     is_bounce: bool = False  # a DSN relayd generated: logged as kind ``bounce``, not sent
+    attempts: int = 0  # this attempt's number (1: the first); 0: not an attempt (purged)
 
 
 @dataclass(slots=True)

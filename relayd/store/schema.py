@@ -6,7 +6,8 @@ refuses one newer than this relayd), :func:`apply` runs one step in its own
 transaction. Step 5 drops the old delivery log table, whose rows the spool
 has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
 step 6 adds the operator's hold of one message (``messages.held``); step 8 the
-password kept by ``reset-password --keep-old`` (``accounts.old_password_*``).
+password kept by ``reset-password --keep-old`` (``accounts.old_password_*``); step 9
+the webhooks of domains and the events waiting to be posted.
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -131,6 +132,27 @@ MIGRATIONS: dict[int, str] = {
     8: """
     ALTER TABLE accounts ADD COLUMN old_password_hash TEXT;
     ALTER TABLE accounts ADD COLUMN old_password_expires REAL;
+    """,
+    # Delivery events for applications (relayd.store.hookevents): a domain's webhook
+    # (single node: the directory is here; a cluster keeps it in PostgreSQL) and the
+    # events waiting to be posted, written with the outcome they report. Every node
+    # keeps its own events, in its own spool.
+    9: """
+    CREATE TABLE domain_webhooks (
+        domain_id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE webhook_events (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT
+    );
+    CREATE INDEX webhook_events_due ON webhook_events(next_attempt);
+    CREATE INDEX webhook_events_domain ON webhook_events(domain);
     """,
 }
 
