@@ -211,8 +211,9 @@ class Relay:
         self.webhook_client = WebhookClient(self.cfg.webhooks.timeout_seconds,
                                             f"relayd/{VERSION} (webhook)")
         self.poster = Poster(WebhookQueue(self.spool), self.spool.hooks, self.directory,
-                             self.webhook_client, self.cfg.webhooks, self.metrics)
-        self._tasks.append(loop.create_task(self.poster.run(self.log.error)))
+                             self.webhook_client, self.cfg.webhooks, self.metrics,
+                             log=self.log.warning)
+        self._tasks.append(loop.create_task(self.poster.run()))
 
     async def _open_storage(self, undo: contextlib.AsyncExitStack) -> None:
         """The delivery log, then the spool (whose migration may move old log rows)."""

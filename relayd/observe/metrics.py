@@ -109,6 +109,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_cluster_heartbeat_age_seconds",
     "relayd_cluster_versions_behind",
     "relayd_cluster_ack_duration_seconds",
+    "relayd_webhook_posts_total",
+    "relayd_webhook_events_dropped_total",
+    "relayd_webhook_backlog",
     "relayd_build_info",
 )
 

@@ -43,7 +43,7 @@ def event_outcome(r: AttemptResult) -> str | None:
 
 
 def event_body(r: AttemptResult, outcome: str) -> bytes:
-    """The JSON an application receives for one recipient's outcome (SEMANTICS §8). Pure."""
+    """The JSON an application receives for one recipient's outcome (SEMANTICS §5). Pure."""
     reply = f"{r.code} {r.text}" if r.code is not None else r.text
     return json.dumps({
         "id": f"{format_id(r.message_id)}.{r.idx}", "message_id": format_id(r.message_id),

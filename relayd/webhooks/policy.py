@@ -3,7 +3,7 @@
 Owns: :func:`check_url` (http or https, a host, no credentials or fragment, at most
 2048 characters), :func:`new_secret`, :func:`signature_header` — the value of
 ``X-Relayd-Signature``, ``t=UNIX,v1=HEX`` where HEX is HMAC-SHA256 with the domain's
-secret (its UTF-8 bytes) over ``f"{t}.{body}"`` (SEMANTICS §8: how an application
+secret (its UTF-8 bytes) over ``f"{t}.{body}"`` (SEMANTICS §5: how an application
 verifies it and refuses replays) — and :func:`retry_delay` (doubling from the
 first delay up to the longest, with jitter drawn from the ``rng`` passed in).
 

@@ -46,6 +46,7 @@ class Poster:
 
     def __init__(self, queue: WebhookQueue, sink: EventSink, directory: Directory,
                  client: Client, cfg: WebhooksConfig, metrics: Metrics, *,
+                 log: Callable[..., None] = lambda event, **kw: None,
                  clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.queue = queue
@@ -55,18 +56,19 @@ class Poster:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
+        self.log = log
         self.rng = rng or random.Random()
         self._dropped_seen = 0
         self._stored = True  # events may be stored (checked at start)
 
-    async def run(self, log: Callable[..., None]) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 wait = await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the spool unwritable, a bug: try again later
-                log("webhook_round_failed", error=f"{type(exc).__name__}: {exc}")
+                self.log("webhook_round_failed", error=f"{type(exc).__name__}: {exc}")
                 wait = 5.0
             await asyncio.sleep(wait)
 
@@ -120,6 +122,8 @@ class Poster:
             at = self.clock() + retry_delay(ev.attempts + 1, cfg.retry_first_seconds,
                                             cfg.retry_max_seconds, self.rng)
             failed.extend((e.id, at, error) for e in events[n:])  # the rest wait with it
+            self.log("webhook_post_failed", domain=name, error=error, failures=ev.attempts + 1,
+                     waiting=len(events) - n, retry_in=round(at - self.clock(), 1))
             return
 
     def _count_dropped(self) -> None:
