@@ -327,3 +327,22 @@ def test_pure_rules() -> None:
     delays = [retry_delay(n, 10.0, 100.0, rng) for n in range(1, 8)]
     assert 8.0 <= delays[0] <= 10.0 and all(d <= 100.0 for d in delays)
     assert delays[3] > delays[1] and delays[-1] >= 80.0
+
+
+async def test_domain_delete_drops_its_events(relay: RelayHandle, sink: Sink,
+                                              hook: Hook) -> None:
+    """Deleting a domain ends its webhook: its stored events are dropped and counted."""
+    await relay.ctl.add_domain("example.com")
+    user, password = await relay.ctl.add_user("example.com")
+    hook.status = 500
+    await _set_hook(relay, hook.url)
+    await _send(relay, user, password, ["a@dest.test", "b@dest.test"])
+    await hook.wait_for(1)
+    assert len(await _stored(relay)) == 2
+    await relay.ctl.ok("POST", "/v1/domains/example.com/delete", {"confirm": "example.com"})
+    assert await _stored(relay) == []
+    assert relay.relay.spool.hooks.domains == frozenset()
+
+    async def counted() -> bool:
+        return await _metric(relay, "relayd_webhook_events_dropped_total") == 2
+    await _until(counted)
