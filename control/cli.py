@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                     " (on by default; off for a relay that sends for several brands)")
     ds.add_argument("--webhook", metavar="URL|off",
                     help="POST a signed JSON event to this http(s) URL for each recipient"
-                    " delivered, failed or bounced; off removes it (a new signing secret is"
+                    " delivered, failed, bounced or purged; off removes it (a new secret is"
                     " printed once when it is first set)")
     ds.add_argument("--rotate-webhook-secret", action="store_true",
                     help="make a new signing secret (printed once; the old one stops at once)")

@@ -346,3 +346,25 @@ async def test_domain_delete_drops_its_events(relay: RelayHandle, sink: Sink,
     async def counted() -> bool:
         return await _metric(relay, "relayd_webhook_events_dropped_total") == 2
     await _until(counted)
+
+
+async def test_purged_recipient_event(relay: RelayHandle, sink: Sink, hook: Hook) -> None:
+    """A deferred recipient removed by `queue purge` gives a `purged` event (reply: what
+    removed it), written in the purge's own transaction."""
+    await relay.ctl.add_domain("example.com")
+    user, password = await relay.ctl.add_user("example.com")
+    secret = await _set_hook(relay, hook.url)
+    sink.rcpt_script["later@dest.test"] = "451 4.3.0 try again later"
+    await _send(relay, user, password, ["later@dest.test"])
+
+    async def deferred() -> bool:
+        q = await relay.ctl.ok("GET", "/v1/queue", state="deferred")
+        return bool(q["items"])
+    await _until(deferred)
+    assert hook.posts == []  # a deferral is no event
+    await relay.ctl.ok("POST", "/v1/queue/purge", {"user": user})
+    [event] = await hook.wait_for(1)
+    assert event["outcome"] == "purged" and event["recipient"] == "later@dest.test"
+    assert "queue purge" in event["reply"] and event["attempts"] == 0
+    headers, body = hook.posts[0]
+    assert verify(secret, headers[SIGNATURE_HEADER], body, time.time())

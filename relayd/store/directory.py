@@ -296,9 +296,9 @@ class SqliteDirectory:
 
     async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
         purged: list[q.PurgedRow] = []
-        ids = await self._spool._transact(
-            functools.partial(_delete_account, account_id=account_id, now=now,
-                              purge_queue=purge_queue, purged=purged), deletes_messages=True)
+        ids = await self._spool._transact(removal.with_events(self._spool, functools.partial(
+            _delete_account, account_id=account_id, now=now, purge_queue=purge_queue,
+            purged=purged), purged, ACCOUNT_DELETED), deletes_messages=True)
         removal.log_purged(self._spool, purged, ACCOUNT_DELETED)
         return ids
 

@@ -1,9 +1,10 @@
 """Delivery events for webhooks, written in the transaction that records the outcome.
 
 Owns: :class:`EventSink`, the part of the spool's writer that turns the final
-delivery results of domains with a webhook into rows of ``webhook_events`` (the
-JSON body each is posted with, built once here), in the same group transaction
-as the results themselves: no second commit, no second fsync. The bound on the
+delivery results of domains with a webhook (and the recipients an operator purged:
+relayd.store.removal.with_events) into rows of ``webhook_events`` (the JSON body each
+is posted with, built once here), in the same group transaction as the results
+themselves: no second commit, no second fsync. The bound on the
 stored events: past ``cap``, the oldest are deleted in that same transaction and
 counted in ``dropped`` (the poster turns that into a metric).
 
@@ -23,20 +24,22 @@ import json
 from collections.abc import Sequence
 
 from relayd.ids import format_id
-from relayd.store.db import SqlConn, insert_rows
+from relayd.store.db import DbError, SqlConn, insert_rows
 from relayd.store.records import AttemptResult
 
 #: Event outcomes: a delivery result's outcome to what the event says (a result that
 #: is not final, or a purge, has no event).
-DELIVERED, FAILED, BOUNCED = "delivered", "failed", "bounced"
+DELIVERED, FAILED, BOUNCED, PURGED = "delivered", "failed", "bounced", "purged"
 
 
 def event_outcome(r: AttemptResult) -> str | None:
     """``delivered``; ``failed`` (a permanent 5xx reply, or a route refused for good);
     ``bounced`` (relayd gave up: the queue lifetime ran out, a DSN went to the sender);
-    None for anything else (deferred, purged). Pure."""
+    ``purged`` (removed by the operator before it was final); None for a deferral. Pure."""
     if r.outcome == "delivered":
         return DELIVERED
+    if r.outcome == "purged":
+        return PURGED
     if r.outcome == "failed":
         return FAILED if r.code is not None and 500 <= r.code < 600 else BOUNCED
     return None
@@ -81,6 +84,16 @@ class EventSink:
         insert_rows(conn, "INSERT INTO webhook_events(domain, body, next_attempt)",
                     "(?,?,?)", rows)
         self._bound(conn, len(rows))
+
+    def store_apart(self, conn: SqlConn, results: Sequence[AttemptResult]) -> None:
+        """``store`` in a savepoint of its own: if it fails, the transaction goes on
+        without the events (the outcomes they report are never lost for them)."""
+        conn.execute("SAVEPOINT hooks")
+        try:
+            self.store(conn, results)
+        except DbError:
+            conn.execute("ROLLBACK TO hooks")
+        conn.execute("RELEASE hooks")
 
     def _bound(self, conn: SqlConn, added: int) -> None:
         if self._approx is None:

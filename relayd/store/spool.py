@@ -541,14 +541,9 @@ def _apply_plain(conn: SqlConn, msgs: list[NewMessage], records: list[tuple[int,
             conn.execute("RELEASE ops")
             for (n, _payload), removed in zip(records, done, strict=True):
                 results[n] = removed
-        if hooks.domains:  # a failure here never costs the results their commit
-            conn.execute("SAVEPOINT hooks")
-            try:
-                hooks.store(conn, [r for n, payload in records if n not in errors
-                                   for r in payload[0]])
-            except DbError:
-                conn.execute("ROLLBACK TO hooks")
-            conn.execute("RELEASE hooks")
+        if hooks.domains:
+            hooks.store_apart(conn, [r for n, payload in records if n not in errors
+                                     for r in payload[0]])
         if bodies.ids:
             bodies.deleted([m for n, _p in records for m in results.get(n) or ()])
     if commit:
