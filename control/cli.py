@@ -131,7 +131,7 @@ class Cli:
                 lines.append(f"  {r.name}. IN {r.type} \"{r.value}\"" if r.type == "TXT"
                              else f"  {r.name}. IN {r.type} {r.value}.")
                 lines.append(f"      ({r.purpose})")
-        return "\n".join(lines)
+        return "\n".join(lines + _selectors_text(d.dkim_selectors))
 
     def domain(self) -> None:
         """relayctl domain ..."""
@@ -160,6 +160,8 @@ class Cli:
                                      webhook=a.webhook,
                                      rotate_webhook_secret=a.rotate_webhook_secret))
             self.out(d, self._domain_text(d))
+        elif a.action == "rotate-key":
+            self._rotate_key()
         elif a.action == "delete":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
             print(f"domain {d.name} (selector {d.selector}): {d.accounts} account(s) will be"
@@ -171,6 +173,30 @@ class Cli:
                                  schemas.DomainDeleted, schemas.Confirm(confirm=confirm))
             self.out(r, f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
                         f" {r.messages_held} message(s) held")
+
+    def _rotate_key(self) -> None:
+        """relayctl domain rotate-key NAME [--activate | --cancel]."""
+        a = self.args
+        path = f"/v1/domains/{Client.seg(a.name)}/rotate-key"
+        path += "/activate" if a.activate else "/cancel" if a.cancel else ""
+        r = self.client.call("POST", path, schemas.KeyRotation)
+        names = ", ".join(k.selector for k in r.selectors)
+        if r.action == "created":
+            lines = [f"new DKIM key for {r.name}, pending (selector {names}); mail is still"
+                     " signed with the active key", "publish these DNS records:"]
+            lines += [x for k in r.selectors for x in _records_text(k.dns_records)]
+            lines.append(f"then, once they resolve: relayctl domain rotate-key {r.name}"
+                         " --activate")
+        elif r.action == "activated":
+            lines = [f"{r.name} signs with selector {names} from now on"]
+            if r.retired:
+                lines.append(f"retired: {', '.join(k.selector for k in r.retired)} (remove its"
+                             " DNS record in a few days, once the mail signed with it has"
+                             " been delivered and verified)")
+        else:
+            lines = [f"dropped the pending key of {r.name} (selector {names}); its DNS record,"
+                     " if published, can go"]
+        self.out(r, "\n".join(lines))
 
     def _prompt(self, text: str) -> str:
         if not sys.stdin.isatty():
@@ -358,6 +384,36 @@ class Cli:
                         + (f" of {a.address}" if a.address else ""))
 
 
+def _records_text(records: list[schemas.DnsRecord]) -> list[str]:
+    lines = []
+    for r in records:
+        lines.append(f"  {r.name}. IN {r.type} \"{r.value}\"" if r.type == "TXT"
+                     else f"  {r.name}. IN {r.type} {r.value}.")
+        lines.append(f"      ({r.purpose})")
+    return lines
+
+
+def _selectors_text(selectors: list[schemas.DkimSelector]) -> list[str]:
+    """``domain show``: the DKIM selectors, a pending key's records, the retired ones."""
+    if not selectors:
+        return []
+    lines = ["DKIM selectors:"]
+    for k in selectors:
+        when = {"pending": f", made {_when(k.since)}",
+                "retired": f", retired {_when(k.since)}"}.get(k.state, "")
+        lines.append(f"  {k.selector}  {k.state}" + (f" ({k.algorithm})" if k.algorithm
+                                                     else "") + when)
+    pending = [k for k in selectors if k.state == "pending"]
+    if pending:
+        lines.append("pending key: publish these DNS records, then run"
+                     " `domain rotate-key --activate`:")
+        lines += [x for k in pending for x in _records_text(k.dns_records)]
+    if any(k.state == "retired" for k in selectors):
+        lines.append("a retired selector's DNS record can go a few days after it was retired"
+                     " (once the mail signed with it has been verified)")
+    return lines
+
+
 def propagation_text(p: schemas.Propagation) -> str:
     """The one stderr line saying which nodes applied a change (cluster mode)."""
     text = f"acknowledged by {len(p.acknowledged)} node(s): {', '.join(p.acknowledged) or '-'}"
@@ -478,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
                     " printed once when it is first set)")
     ds.add_argument("--rotate-webhook-secret", action="store_true",
                     help="make a new signing secret (printed once; the old one stops at once)")
+    dr = d.add_parser("rotate-key", help="a new DKIM key, pending until --activate")
+    dr.add_argument("name")
+    drx = dr.add_mutually_exclusive_group()
+    drx.add_argument("--activate", action="store_true",
+                     help="sign with the pending key from now on (publish its records first);"
+                     " the old selector is retired")
+    drx.add_argument("--cancel", action="store_true", help="drop the pending key")
     dd = d.add_parser("delete")
     dd.add_argument("name")
     dd.add_argument("--confirm", help="the domain name again (irreversible operation)")

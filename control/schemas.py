@@ -99,6 +99,18 @@ class DnsRecord(_S):
     purpose: str
 
 
+class DkimSelector(_S, omit_defaults=True):
+    """A DKIM selector of a domain: ``active`` (signing now), ``pending`` (made by
+    rotate-key: publish its records, then activate it) or ``retired`` (no longer signing
+    since ``since``: its record can go once mail signed with it has been verified)."""
+
+    selector: str
+    state: str
+    algorithm: str = ""  # rsa or ed25519 (a retired selector's key is gone)
+    since: float | None = None  # pending: made at; retired: retired at
+    dns_records: list[DnsRecord] = msgspec.field(default_factory=list)
+
+
 class DomainInfo(_S):
     """A sending domain."""
 
@@ -115,6 +127,8 @@ class DomainInfo(_S):
     #: The webhook's signing secret: only in the answer of the ``domain set`` that made
     #: it (shown once; relayd never shows it again).
     webhook_secret: str | None = None
+    #: ``domain show``: its active, pending and retired DKIM selectors.
+    dkim_selectors: list[DkimSelector] = msgspec.field(default_factory=list)
 
 
 class DomainSettings(_S):
@@ -402,6 +416,18 @@ class NodeForgotten(_S):
     name: str
 
 
+class KeyRotation(_S, omit_defaults=True):
+    """Result of ``domain rotate-key``: ``created`` (the pending key(s) with the DNS
+    records to publish), ``activated`` (the new active key(s); ``retired``: the selectors
+    no longer used) or ``cancelled`` (the pending key(s) dropped)."""
+
+    name: str
+    action: str
+    selectors: list[DkimSelector]
+    retired: list[DkimSelector] = msgspec.field(default_factory=list)
+    propagation: Propagation | None = None  # cluster mode only
+
+
 class Route(NamedTuple):
     """One operation of the control API: what the router serves and the document describes."""
 
@@ -426,6 +452,7 @@ _BAD_QUERY = (400, "bad query: an unknown or repeated parameter, a mistyped or o
               " value (`code` is `invalid_request`)")
 _TOO_LARGE = (413, "the body is larger than 1 MiB (`code` is `too_large`)")
 _NO_DOMAIN = (404, "no such domain (`code` is `not_found`)")
+_NO_PENDING_KEY = (409, "the domain has no pending key (`code` is `no_pending_key`)")
 _NO_USER = (404, "no such user (`code` is `not_found`)")
 _BAD_ID = (400, "not a message id (`code` is `bad_request`)")
 _NO_MESSAGE = (404, "no such queued message, on this node in cluster mode (`code` is"
@@ -461,6 +488,19 @@ ROUTES: tuple[Route, ...] = (
           "Delete a domain (irreversible): its accounts are disabled for good, its key"
           " destroyed", DomainDeleted, body=Confirm, params=_DOMAIN,
           errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
+    Route("POST", "/v1/domains/{name}/rotate-key", "domain_rotate_key",
+          "Make a new DKIM key (each algorithm the domain signs with) with a never-used"
+          " selector, pending: its DNS records to publish; the active key keeps signing",
+          KeyRotation, 201, params=_DOMAIN,
+          errors=(_CLUSTER, _NO_DOMAIN, (409, "a rotation is pending already: activate or"
+                                          " cancel it first (`code` is `key_pending`)"))),
+    Route("POST", "/v1/domains/{name}/rotate-key/activate", "domain_activate_key",
+          "The pending DKIM key signs from now on, on every node; the old selector is"
+          " retired", KeyRotation, params=_DOMAIN,
+          errors=(_CLUSTER, _NO_DOMAIN, _NO_PENDING_KEY)),
+    Route("POST", "/v1/domains/{name}/rotate-key/cancel", "domain_cancel_key",
+          "Drop the pending DKIM key (its selector is never drawn again)", KeyRotation,
+          params=_DOMAIN, errors=(_CLUSTER, _NO_DOMAIN, _NO_PENDING_KEY)),
     Route("POST", "/v1/users", "user_add",
           "Create an account: a generated username and password (shown once)",
           Credentials, 201, body=UserAdd,

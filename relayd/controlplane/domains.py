@@ -20,7 +20,7 @@ from relayd.controlplane import hooks
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.directory.accounts import DELETED, DISABLED, Domain
 from relayd.dkim import signature as dkim
-from relayd.store.directory import DomainExists, DomainRecord, NewDomain
+from relayd.store.directory import DkimKey, DomainExists, DomainRecord, NewDomain
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -80,6 +80,30 @@ class Domains:
             purpose="spf (hint: merge with an existing SPF record; include every relay host)",
         ))
         return recs
+
+    def _dkim_records(self, name: str, selector: str, pem: bytes) -> list[schemas.DnsRecord]:
+        return [r for r in self._dns_records(name, selector, pem, None, None)
+                if r.purpose.startswith("dkim")]
+
+    def selector_info(self, name: str, key: DkimKey) -> schemas.DkimSelector:
+        """A pending (with its DNS records), retired or cancelled selector of ``name``."""
+        pem = bytes(key.private_key) if key.private_key else None
+        return schemas.DkimSelector(
+            selector=key.selector, state=key.state, since=key.at,
+            algorithm=dkim.key_algorithm(pem) if pem else "",
+            dns_records=self._dkim_records(name, key.selector, pem) if pem else [])
+
+    async def dkim_selectors(self, rec: DomainRecord) -> list[schemas.DkimSelector]:
+        """A live domain's active, pending and retired selectors (rotate-key)."""
+        out = [schemas.DkimSelector(selector=sel, state="active",
+                                    algorithm=dkim.key_algorithm(bytes(key)),
+                                    dns_records=self._dkim_records(rec.name, sel, bytes(key)))
+               for sel, key in ((rec.selector, rec.private_key),
+                                (rec.ed25519_selector, rec.ed25519_key)) if sel and key]
+        keys = await self.s.store.dkim_keys(rec.id)
+        out += [self.selector_info(rec.name, k) for k in keys if k.state == "pending"]
+        out += [self.selector_info(rec.name, k) for k in reversed(keys) if k.state == "retired"]
+        return out
 
     async def domain_add(self, name: str) -> schemas.DomainInfo:
         """Create a sending domain with a new DKIM key and a never-used selector."""
@@ -144,7 +168,8 @@ class Domains:
             name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
             check_header_from=dom.check_header_from, webhook_url=dom.webhook_url,
             dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
-                                          rec.ed25519_selector, rec.ed25519_key))
+                                          rec.ed25519_selector, rec.ed25519_key),
+            dkim_selectors=await self.dkim_selectors(rec))
 
     async def domain_list(self) -> schemas.DomainList:
         """All live domains."""

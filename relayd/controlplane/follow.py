@@ -10,7 +10,8 @@ control call that made it returns (after every live node applied it), no node
 accepts the old credentials or one more message of the account. What gives a right
 (a new account or domain, enable, a new network, new limits, a reset that keeps the
 old password: its cache entry moves to the old slot) is applied as read, as is
-a domain's header From check (on or off: no session state depends on it).
+a domain's header From check (on or off: no session state depends on it), and a
+domain's new active DKIM key (rotate-key --activate: its signers swapped).
 A deleted account's messages in this node's spool are purged here (each node's spool
 is its own). A queue probe is answered with this node's count of the account's
 stored messages.
@@ -71,6 +72,9 @@ class Follower:
             directory.put_domain(dom)
             return
         dom.check_header_from = rec.check_header_from
+        if not rec.deleted and rec.selector != dom.selector:  # a key rotation activated
+            dom.selector = rec.selector
+            dom.signers = self._signers(rec)
         if rec.deleted and not dom.deleted:
             dom.deleted = True
             dom.signers = []

@@ -32,6 +32,7 @@ from relayd.config import Config
 from relayd.controlplane import hooks, stats
 from relayd.controlplane.accounts import Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
+from relayd.controlplane.dkimkeys import DkimKeys
 from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
 from relayd.controlplane.passwords import Passwords
@@ -86,6 +87,10 @@ class Lifecycle:
         self.queue_delete = q.queue_delete
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
         self.node_list, self.node_forget = n.node_list, n.node_forget
+        self.dkim_keys = k = DkimKeys(self.shared, d)
+        self.domain_rotate_key = self._acknowledged(k.rotate)
+        self.domain_activate_key = self._acknowledged(k.activate)
+        self.domain_cancel_key = self._acknowledged(k.cancel)
         # Cluster mode: a change returns once every live node has applied it.
         self.domain_add = self._acknowledged(self.domain_add)
         self.domain_delete = self._acknowledged(self.domain_delete)

@@ -256,6 +256,18 @@ class ControlServer:
         body = await _body(request, schemas.Confirm)
         return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm))
 
+    async def domain_rotate_key(self, request: web.Request) -> web.Response:
+        """A new pending DKIM key."""
+        return _json(await self.lc.domain_rotate_key(request.match_info["name"]), 201)
+
+    async def domain_activate_key(self, request: web.Request) -> web.Response:
+        """The pending DKIM key signs from now on."""
+        return _json(await self.lc.domain_activate_key(request.match_info["name"]))
+
+    async def domain_cancel_key(self, request: web.Request) -> web.Response:
+        """Drop the pending DKIM key."""
+        return _json(await self.lc.domain_cancel_key(request.match_info["name"]))
+
     async def user_add(self, request: web.Request) -> web.Response:
         """Create an account."""
         body = await _body(request, schemas.UserAdd)

@@ -110,6 +110,36 @@ class NetworkBinding:
 BindingCheck = Callable[[list[NetworkBinding]], None]
 
 
+@dataclass(slots=True)
+class DkimKey:
+    """A DKIM selector of a domain besides its active ones (table ``dkim_selectors``).
+
+    ``slot`` is the active key it replaces: ``main`` (the domain's ``selector``) or
+    ``ed25519`` (its dual-signing key). ``state``: ``pending`` (made by rotate-key, not
+    yet signing; has its key), ``retired`` (replaced by an activation) or ``cancelled``
+    (a pending key dropped); ``at``: when it got that state. Its selector is never drawn
+    again.
+    """
+
+    selector: str
+    slot: str
+    state: str
+    private_key: bytes | None
+    at: float
+
+
+class KeyPending(Exception):
+    """The domain has a pending key already (``selectors``)."""
+
+    def __init__(self, selectors: list[str]) -> None:
+        super().__init__(", ".join(selectors))
+        self.selectors = selectors
+
+
+class NoPendingKey(Exception):
+    """The domain has no pending key to activate or cancel."""
+
+
 class DomainExists(Exception):
     """A live domain of that name is stored already."""
 
@@ -147,6 +177,16 @@ class DirectoryStore(Protocol):
         """Store a domain; its id. DomainExists if a live one has the name."""
     async def delete_domain(self, domain_id: int, now: float) -> None:
         """Mark deleted, destroy its keys, disable its accounts (reason domain_deleted)."""
+    async def dkim_keys(self, domain_id: int) -> list[DkimKey]:
+        """The domain's pending, retired and cancelled selectors, oldest first."""
+    async def add_pending_keys(self, domain_id: int, keys: Sequence[DkimKey]) -> None:
+        """Store a rotation's new key(s); KeyPending if the domain has one already."""
+    async def activate_keys(self, domain_id: int, now: float) -> list[DkimKey]:
+        """The pending key(s) become the active ones, the active ones retired (returned).
+        NoPendingKey if there is none."""
+    async def cancel_keys(self, domain_id: int, now: float) -> list[DkimKey]:
+        """Drop the pending key(s) (their selectors kept as cancelled; returned).
+        NoPendingKey if there is none."""
     async def set_check_header_from(self, domain_id: int, on: bool) -> None:
         """Switch the header From check of a domain on or off."""
     async def add_account(self, new: NewAccount, check: BindingCheck,
@@ -238,7 +278,29 @@ class SqliteDirectory:
         row = await self._spool.fetchone(
             f"SELECT COUNT(*) FROM domains WHERE selector IN ({marks})"  # noqa: S608 - marks only
             f" OR ed25519_selector IN ({marks})", [*selectors, *selectors])
+        if row and row[0]:
+            return True
+        row = await self._spool.fetchone(
+            f"SELECT COUNT(*) FROM dkim_selectors WHERE selector IN ({marks})",  # noqa: S608
+            list(selectors))
         return bool(row and row[0])
+
+    async def dkim_keys(self, domain_id: int) -> list[DkimKey]:
+        return [DkimKey(*r) for r in await self._spool.fetchall(
+            "SELECT selector, slot, state, private_key, at FROM dkim_selectors"
+            " WHERE domain_id=? ORDER BY at, selector", (domain_id,))]
+
+    async def add_pending_keys(self, domain_id: int, keys: Sequence[DkimKey]) -> None:
+        await self._spool._transact(functools.partial(_add_pending_keys, domain_id=domain_id,
+                                                      keys=list(keys)))
+
+    async def activate_keys(self, domain_id: int, now: float) -> list[DkimKey]:
+        return await self._spool._transact(functools.partial(_activate_keys,
+                                                             domain_id=domain_id, now=now))
+
+    async def cancel_keys(self, domain_id: int, now: float) -> list[DkimKey]:
+        return await self._spool._transact(functools.partial(_cancel_keys,
+                                                             domain_id=domain_id, now=now))
 
     async def add_domain(self, new: NewDomain) -> int:
         try:
@@ -356,6 +418,7 @@ def _delete_domain(conn: SqlConn, domain_id: int, now: float) -> None:
     conn.execute("UPDATE domains SET deleted_at=?, private_key=NULL, ed25519_key=NULL"
                  " WHERE id=?", (now, domain_id))
     conn.execute("DELETE FROM domain_webhooks WHERE domain_id=?", (domain_id,))
+    _cancel_keys(conn, domain_id, now, missing_ok=True)
     conn.execute("UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
                  " old_password_hash=NULL, old_password_expires=NULL"
                  " WHERE domain_id=? AND status != 'deleted'", (domain_id,))
@@ -394,3 +457,56 @@ def _delete_account(conn: SqlConn, account_id: int, now: float, purge_queue: boo
         " per_day=NULL WHERE id=?", (now, account_id))
     conn.execute("DELETE FROM account_networks WHERE account_id=?", (account_id,))
     return ids
+
+
+def _pending(conn: SqlConn, domain_id: int) -> list[DkimKey]:
+    return [DkimKey(*r) for r in conn.execute(
+        "SELECT selector, slot, state, private_key, at FROM dkim_selectors"
+        " WHERE domain_id=? AND state='pending' ORDER BY slot", (domain_id,)).fetchall()]
+
+
+def _add_pending_keys(conn: SqlConn, domain_id: int, keys: list[DkimKey]) -> None:
+    pending = _pending(conn, domain_id)
+    if pending:
+        raise KeyPending([k.selector for k in pending])
+    conn.executemany(
+        "INSERT INTO dkim_selectors(selector, domain_id, slot, state, private_key, at)"
+        " VALUES (?,?,?,'pending',?,?)",
+        [(k.selector, domain_id, k.slot, k.private_key, k.at) for k in keys])
+
+
+def _activate_keys(conn: SqlConn, domain_id: int, now: float) -> list[DkimKey]:
+    pending = _pending(conn, domain_id)
+    if not pending:
+        raise NoPendingKey()
+    row = conn.execute("SELECT selector, ed25519_selector FROM domains WHERE id=?",
+                       (domain_id,)).fetchone()
+    active = {"main": row[0], "ed25519": row[1]}
+    retired = []
+    for key in pending:
+        old = active.get(key.slot)
+        if old:
+            retired.append(DkimKey(old, key.slot, "retired", None, now))
+        if key.slot == "main":
+            conn.execute("UPDATE domains SET selector=?, private_key=? WHERE id=?",
+                         (key.selector, key.private_key, domain_id))
+        else:
+            conn.execute("UPDATE domains SET ed25519_selector=?, ed25519_key=? WHERE id=?",
+                         (key.selector, key.private_key, domain_id))
+    conn.execute("DELETE FROM dkim_selectors WHERE domain_id=? AND state='pending'",
+                 (domain_id,))
+    conn.executemany(
+        "INSERT INTO dkim_selectors(selector, domain_id, slot, state, private_key, at)"
+        " VALUES (?,?,?,'retired',NULL,?)",
+        [(k.selector, domain_id, k.slot, now) for k in retired])
+    return retired
+
+
+def _cancel_keys(conn: SqlConn, domain_id: int, now: float,
+                 missing_ok: bool = False) -> list[DkimKey]:
+    pending = _pending(conn, domain_id)
+    if not pending and not missing_ok:
+        raise NoPendingKey()
+    conn.execute("UPDATE dkim_selectors SET state='cancelled', private_key=NULL, at=?"
+                 " WHERE domain_id=? AND state='pending'", (now, domain_id))
+    return [DkimKey(k.selector, k.slot, "cancelled", None, now) for k in pending]

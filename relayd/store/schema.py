@@ -7,7 +7,8 @@ transaction. Step 5 drops the old delivery log table, whose rows the spool
 has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
 step 6 adds the operator's hold of one message (``messages.held``); step 8 the
 password kept by ``reset-password --keep-old`` (``accounts.old_password_*``); step 9
-the webhooks of domains and the events waiting to be posted.
+the webhooks of domains and the events waiting to be posted; step 10 the DKIM
+selectors of a key rotation (pending, retired, cancelled).
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -153,6 +154,20 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX webhook_events_due ON webhook_events(next_attempt);
     CREATE INDEX webhook_events_domain ON webhook_events(domain);
+    """,
+    # DKIM key rotation: a domain's pending key(s) (``relayctl domain rotate-key``) and the
+    # selectors it no longer uses (retired by --activate, or dropped by --cancel: never
+    # drawn again). The active keys stay in ``domains``.
+    10: """
+    CREATE TABLE dkim_selectors (
+        selector TEXT PRIMARY KEY,
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        slot TEXT NOT NULL,
+        state TEXT NOT NULL,
+        private_key BLOB,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX dkim_selectors_domain ON dkim_selectors(domain_id);
     """,
 }
 
