@@ -240,3 +240,46 @@ async def test_relayctl_rotate_key(relay: RelayHandle) -> None:
     rc, out, err = await relayctl(relay, "domain", "rotate-key", "example.com", "--activate",
                                   "--cancel")
     assert rc == 2
+
+
+async def test_schema_7_spool_gains_the_selector_table(tmp_path: Path) -> None:
+    """An older spool (schema 7) opens at the current schema; its domain can rotate,
+    activate (the active selector retired, never drawn again) and cancel."""
+    import sqlite3
+
+    from relayd.store.directory import DkimKey, KeyPending, NoPendingKey, SqliteDirectory
+    from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
+    from relayd.store.spool import Spool
+
+    path = tmp_path / "spool.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("".join(MIGRATIONS[v] for v in range(1, 8)) + "PRAGMA user_version=7;")
+    conn.execute("INSERT INTO domains(name, selector, algorithm, private_key, created_at)"
+                 " VALUES ('example.com', 's1', 'rsa', x'01', 1.0)")
+    conn.commit()
+    conn.close()
+    spool = Spool(str(path))
+    await spool.open()
+    try:
+        store = SqliteDirectory(spool)
+        [dom] = await store.domains()
+        with pytest.raises(NoPendingKey):
+            await store.activate_keys(dom.id, 2.0)
+        await store.add_pending_keys(dom.id, [DkimKey("s2", "main", "pending", b"k2", 2.0)])
+        with pytest.raises(KeyPending):
+            await store.add_pending_keys(dom.id, [DkimKey("s3", "main", "pending", b"k3", 3)])
+        assert not await store.selectors_used(["s3"])
+        retired = await store.activate_keys(dom.id, 4.0)
+        assert [(k.selector, k.state, k.at) for k in retired] == [("s1", "retired", 4.0)]
+        rec = await store.domain(dom.id)
+        assert rec is not None and (rec.selector, rec.private_key) == ("s2", b"k2")
+        assert await store.selectors_used(["s1"]) and await store.selectors_used(["s2"])
+        await store.add_pending_keys(dom.id, [DkimKey("s4", "main", "pending", b"k4", 5.0)])
+        [dropped] = await store.cancel_keys(dom.id, 6.0)
+        assert dropped.selector == "s4" and await store.selectors_used(["s4"])
+        states = {k.selector: (k.state, k.private_key) for k in await store.dkim_keys(dom.id)}
+        assert states == {"s1": ("retired", None), "s4": ("cancelled", None)}
+        version = await spool.fetchone("PRAGMA user_version")
+    finally:
+        await spool.close()
+    assert version[0] == SCHEMA_VERSION
