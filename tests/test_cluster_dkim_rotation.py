@@ -92,3 +92,22 @@ async def test_cancel_and_pending_conflict_across_nodes(
     assert [s["s"] for s in signatures(data)] == [second["selector"]]
     assert verifies(data, published(second["dns_records"]), 0)
     assert not verifies(data, published(dom["dns_records"]), 0)
+
+
+async def test_domain_delete_destroys_a_pending_key(pg_dsn: str, relay_factory: RelayFactory,
+                                                    tmp_path: Path) -> None:
+    """A domain deleted with a rotation pending: the pending key is destroyed in the
+    cluster database (its selector kept, cancelled, never drawn again)."""
+    import asyncpg  # the tests' own connection, as an operator's psql would be
+
+    a = await start_node(relay_factory, pg_dsn, "a", tmp_path, "127.0.0.1")
+    await a.ctl.add_domain("example.com")
+    [pending] = (await a.ctl.ok("POST", ROTATE))["selectors"]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        sql = "SELECT state, private_key IS NULL FROM dkim_selectors WHERE selector=$1"
+        assert tuple(await conn.fetchrow(sql, pending["selector"])) == ("pending", False)
+        await a.ctl.ok("POST", "/v1/domains/example.com/delete", {"confirm": "example.com"})
+        assert tuple(await conn.fetchrow(sql, pending["selector"])) == ("cancelled", True)
+    finally:
+        await conn.close()

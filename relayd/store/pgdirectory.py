@@ -37,18 +37,16 @@ from typing import Any, TypeVar
 from relayd.store.directory import (
     AccountRecord,
     BindingCheck,
-    DkimKey,
     DomainExists,
     DomainRecord,
-    KeyPending,
     NetworkBinding,
     NewAccount,
     NewDomain,
-    NoPendingKey,
     PlanFull,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
 from relayd.store.webhooks import WebhookRecord
+from relayd.store.pgdkim import PgDkimKeys
 
 T = TypeVar("T")
 
@@ -219,7 +217,7 @@ class _Webhooks:
         await self._write(update)
 
 
-class PgDirectory(_Webhooks):
+class PgDirectory(_Webhooks, PgDkimKeys):
     """The directory and the cluster tables in one PostgreSQL database.
 
     ``written`` is the highest control-plane version this process has committed: a
@@ -340,74 +338,7 @@ class PgDirectory(_Webhooks):
         n = await self._db.fetchval(
             "SELECT count(*) FROM domains WHERE selector = ANY($1::text[])"
             " OR ed25519_selector = ANY($1::text[])", list(selectors))
-        if n:
-            return True
-        return bool(await self._db.fetchval(
-            "SELECT count(*) FROM dkim_selectors WHERE selector = ANY($1::text[])",
-            list(selectors)))
-
-    # -- DKIM key rotation (the pending keys sealed like the active ones) ----------------
-    def _dkim_key(self, r: Any) -> DkimKey:
-        key = self._unseal(bytes(r[3])) if r[3] is not None else None
-        return DkimKey(r[0], r[1], r[2], key, float(r[4]))
-
-    async def _pending(self, tx: Tx, domain_id: int) -> list[DkimKey]:
-        return [self._dkim_key(r) for r in await tx.fetch(
-            "SELECT selector, slot, state, private_key, at FROM dkim_selectors"
-            " WHERE domain_id=$1 AND state='pending' ORDER BY slot FOR UPDATE", domain_id)]
-
-    async def dkim_keys(self, domain_id: int) -> list[DkimKey]:
-        return [self._dkim_key(r) for r in await self._db.fetch(
-            "SELECT selector, slot, state, private_key, at FROM dkim_selectors"
-            " WHERE domain_id=$1 ORDER BY at, selector", domain_id)]
-
-    async def add_pending_keys(self, domain_id: int, keys: Sequence[DkimKey]) -> None:
-        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
-            pending = await self._pending(tx, domain_id)
-            if pending:
-                raise KeyPending([k.selector for k in pending])
-            await tx.executemany(
-                "INSERT INTO dkim_selectors(selector, domain_id, slot, state, private_key, at)"
-                " VALUES ($1,$2,$3,'pending',$4,$5)",
-                [(k.selector, domain_id, k.slot, self._sealed(k.private_key), k.at)
-                 for k in keys])
-            return None, [("domain", domain_id)]
-        await self._write(add)
-
-    async def activate_keys(self, domain_id: int, now: float) -> list[DkimKey]:
-        async def activate(tx: Tx) -> tuple[list[DkimKey], list[tuple[str, int]]]:
-            pending = await self._pending(tx, domain_id)
-            if not pending:
-                raise NoPendingKey()
-            row = await tx.fetchrow("SELECT selector, ed25519_selector FROM domains"
-                                    " WHERE id=$1 FOR UPDATE", domain_id)
-            active = {"main": row[0], "ed25519": row[1]}
-            retired = [DkimKey(active[k.slot], k.slot, "retired", None, now)
-                       for k in pending if active.get(k.slot)]
-            for k in pending:
-                column = "selector=$2, private_key=$3" if k.slot == "main" else \
-                    "ed25519_selector=$2, ed25519_key=$3"
-                await tx.execute(f"UPDATE domains SET {column} WHERE id=$1",  # noqa: S608
-                                 domain_id, k.selector, self._sealed(k.private_key))
-            await tx.execute("DELETE FROM dkim_selectors WHERE domain_id=$1"
-                             " AND state='pending'", domain_id)
-            await tx.executemany(
-                "INSERT INTO dkim_selectors(selector, domain_id, slot, state, private_key, at)"
-                " VALUES ($1,$2,$3,'retired',NULL,$4)",
-                [(k.selector, domain_id, k.slot, now) for k in retired])
-            return retired, [("domain", domain_id)]
-        return await self._write(activate)
-
-    async def cancel_keys(self, domain_id: int, now: float) -> list[DkimKey]:
-        async def cancel(tx: Tx) -> tuple[list[DkimKey], list[tuple[str, int]]]:
-            pending = await self._pending(tx, domain_id)
-            if not pending:
-                raise NoPendingKey()
-            await tx.execute("UPDATE dkim_selectors SET state='cancelled', private_key=NULL,"
-                             " at=$2 WHERE domain_id=$1 AND state='pending'", domain_id, now)
-            return ([DkimKey(k.selector, k.slot, "cancelled", None, now) for k in pending],
-                    [("domain", domain_id)])
-        return await self._write(cancel)
+        return bool(n) or await self._selectors_kept(selectors)
 
     async def add_domain(self, new: NewDomain) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
@@ -432,8 +363,7 @@ class PgDirectory(_Webhooks):
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
             await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
-            await tx.execute("UPDATE dkim_selectors SET state='cancelled', private_key=NULL,"
-                             " at=$1 WHERE domain_id=$2 AND state='pending'", now, domain_id)
+            await self._cancel_pending(tx, domain_id, now)
             ids = await tx.fetch(
                 "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
                 " old_password_hash=NULL, old_password_expires=NULL"
