@@ -45,8 +45,8 @@ from relayd.store.directory import (
     PlanFull,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
-from relayd.store.webhooks import WebhookRecord
 from relayd.store.pgdkim import PgDkimKeys
+from relayd.store.webhooks import WebhookRecord
 
 T = TypeVar("T")
 
