@@ -368,6 +368,30 @@ class Cli:
                                  schemas.NodeForgotten)
             self.out(r, f"forgot node {r.name}: changes no longer wait for it")
 
+    # -- suppression lists ----------------------------------------------------------
+    def suppression(self) -> None:
+        """relayctl suppression list DOMAIN [--limit N] | remove DOMAIN ADDRESS | add."""
+        a = self.args
+        path = f"/v1/domains/{Client.seg(a.domain)}/suppressions"
+        if a.action == "list":
+            lst = self.client.call("GET", path, schemas.SuppressionList,
+                                   query={"limit": a.limit})
+            rows = [[_printable(e.address), _when(e.since), _when(e.expires),
+                     _printable(e.reason)[:60]] for e in lst.entries]
+            text = _table(rows, ["ADDRESS", "SINCE", "EXPIRES", "REASON"])
+            if lst.total > len(lst.entries):
+                text += (f"\n(showing {len(lst.entries)} of {lst.total};"
+                         f" --limit {min(lst.total, schemas.LOG_LIMIT_MAX)} for more)")
+            self.out(lst, text)
+        elif a.action == "remove":
+            r = self.client.call("POST", path + "/remove", schemas.SuppressionChanged,
+                                 schemas.SuppressionRemove(address=a.address))
+            self.out(r, f"{a.address} is no longer suppressed for {r.domain}")
+        elif a.action == "add":
+            r = self.client.call("POST", path, schemas.SuppressionChanged,
+                                 schemas.SuppressionAdd(addresses=a.addresses, reason=a.reason))
+            self.out(r, f"suppressed {r.count} address(es) for {r.domain}")
+
     # -- failed-AUTH throttle -------------------------------------------------------
     def throttle(self) -> None:
         """relayctl throttle list | clear [ADDRESS]."""
@@ -611,9 +635,23 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_parser("forget", help="forget a gone node: changes no longer wait for it"
                   ).add_argument("name", metavar="NAME")
 
+    sp = sub.add_parser("suppression", help="recipients a domain does not send to again"
+                        ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    spl = sp.add_parser("list", help="a domain's suppressed recipients, newest first")
+    spl.add_argument("domain", metavar="DOMAIN")
+    spl.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
+    spr = sp.add_parser("remove", help="send to a suppressed recipient again")
+    spr.add_argument("domain", metavar="DOMAIN")
+    spr.add_argument("address", metavar="ADDRESS")
+    spa = sp.add_parser("add", help="suppress recipients (an import)")
+    spa.add_argument("domain", metavar="DOMAIN")
+    spa.add_argument("addresses", metavar="ADDRESS", nargs="+")
+    spa.add_argument("--reason", default="added by the operator")
+
     lg = sub.add_parser("log", help="delivery log")
     lg.add_argument("--user")
-    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed", "purged"])
+    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed", "purged",
+                                         "suppressed"])
     lg.add_argument("--message", metavar="ID",
                     help="one message's history, oldest first (also after it left the queue)")
     lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")

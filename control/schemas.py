@@ -282,7 +282,7 @@ class QueueListQuery(_S):
 
 #: The outcomes ``log --status`` filters on (``queued``: not attempted yet; ``purged``:
 #: removed by the operator before it was final).
-LogStatus = Literal["queued", "deferred", "delivered", "failed", "purged"]
+LogStatus = Literal["queued", "deferred", "delivered", "failed", "purged", "suppressed"]
 #: A message id as ``queue list`` shows it.
 MessageId = Annotated[str, msgspec.Meta(pattern="^[0-9A-Fa-f]{16}$")]
 
@@ -353,7 +353,8 @@ class LogEntry(_S):
     next_hop: str
     code: int | None
     text: str
-    outcome: str  # queued, delivered, deferred, failed, or purged (removed by the operator)
+    outcome: str  # queued, delivered, deferred, failed, purged (removed by the operator),
+    # or suppressed (not sent: on the domain's suppression list)
     kind: str = "message"  # or ``bounce``: a DSN relayd generated (not in total sent)
 
 
@@ -425,6 +426,47 @@ class KeyRotation(_S, omit_defaults=True):
     action: str
     selectors: list[DkimSelector]
     retired: list[DkimSelector] = msgspec.field(default_factory=list)
+class SuppressionEntry(_S):
+    """A recipient the domain does not send to: the reply that added it, since when, until."""
+
+    address: str
+    reason: str
+    since: float
+    expires: float
+
+
+class SuppressionList(_S):
+    """A domain's suppression list, newest first (``total``: entries, ``limit`` aside)."""
+
+    domain: str
+    total: int
+    entries: list[SuppressionEntry]
+
+
+class SuppressionQuery(_S):
+    """Query of ``GET /v1/domains/{name}/suppressions``."""
+
+    limit: LogLimit = 100
+
+
+class SuppressionAdd(_S):
+    """Recipients an operator suppresses (imported from another provider, say)."""
+
+    addresses: Annotated[list[str], msgspec.Meta(min_length=1, max_length=10_000)]
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = "added by the operator"
+
+
+class SuppressionRemove(_S):
+    """The recipient to send to again."""
+
+    address: str
+
+
+class SuppressionChanged(_S):
+    """Result of a suppression add or remove: how many entries it added or removed."""
+
+    domain: str
+    count: int
     propagation: Propagation | None = None  # cluster mode only
 
 
@@ -579,6 +621,17 @@ ROUTES: tuple[Route, ...] = (
           errors=((404, "no such node (`code` is `not_found`)"),
                   (409, "the node is live: only a gone node can be forgotten (`code` is"
                         " `node_live`)"), _NOT_CLUSTERED)),
+    Route("GET", "/v1/domains/{name}/suppressions", "suppression_list",
+          "The domain's suppressed recipients, newest first", SuppressionList,
+          query=SuppressionQuery, params=_DOMAIN, errors=(_BAD_QUERY, _NO_DOMAIN)),
+    Route("POST", "/v1/domains/{name}/suppressions", "suppression_add",
+          "Suppress recipients for the domain (an operator's import)", SuppressionChanged,
+          body=SuppressionAdd, params=_DOMAIN, errors=(_BAD, _NO_DOMAIN, _TOO_LARGE, _CLUSTER)),
+    Route("POST", "/v1/domains/{name}/suppressions/remove", "suppression_remove",
+          "Send to a suppressed recipient again", SuppressionChanged, body=SuppressionRemove,
+          params=_DOMAIN,
+          errors=(_BAD, (404, "no such domain, or the address is not suppressed (`code` is"
+                              " `not_found`)"), _TOO_LARGE, _CLUSTER)),
     Route("GET", "/v1/openapi.json", "openapi",
           "This API as an OpenAPI 3.1 document (docs/openapi.json)", None),
 )

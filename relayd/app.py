@@ -622,6 +622,7 @@ class Relay:
         if getattr(self, "webhook_client", None) is not None:
             await self._stop_step("webhooks", self.webhook_client.close)
         await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
+        await self._stop_step("suppressions", self.lifecycle.suppressions.stop)
         if self.quota_leaser is not None:
             await self._stop_step("quota", self.quota_leaser.stop)
         if self.cluster is not None:  # after the sessions and the last writes to it

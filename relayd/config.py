@@ -193,6 +193,9 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     retry_jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     max_queue_lifetime_seconds: Seconds = 432_000.0
     bounces: bool = True
+    # Days a recipient that failed permanently as not existing stays suppressed for its
+    # sending domain (0: no suppression list).
+    suppression_days: Annotated[float, msgspec.Meta(ge=0, le=36_500)] = 30.0
     helo_name: str = ""
     dns_nameservers: tuple[str, ...] = ()
     mx_port: Port = 25  # the SMTP port of MX hosts (tests point it at a sink)

@@ -14,7 +14,8 @@ a domain's header From check (on or off: no session state depends on it), and a
 domain's new active DKIM key (rotate-key --activate: its signers swapped).
 A deleted account's messages in this node's spool are purged here (each node's spool
 is its own). A queue probe is answered with this node's count of the account's
-stored messages.
+stored messages. A change of a domain's suppression list (an entry added or removed on
+any node) replaces this node's list of that domain with the stored one.
 
 Applying is idempotent: the node that made a change has already changed its memory,
 and applying it again, or a newer state of the row, changes nothing.
@@ -32,6 +33,7 @@ from relayd.controlplane import hooks
 from relayd.controlplane.accounts import account_from
 from relayd.controlplane.changes import Shared
 from relayd.directory.accounts import ACTIVE, DELETED, Account, Domain
+from relayd.directory.suppression import Entry
 from relayd.store import removal
 from relayd.store.directory import AccountRecord, DomainRecord
 from relayd.store.pgdirectory import Change, PgDirectory
@@ -58,6 +60,8 @@ class Follower:
             acct = await self.store.account(change.entity_id)
             if acct is not None:
                 await self.account(acct)
+        elif change.kind == "suppression":
+            await self.suppressions(change.entity_id)
         elif change.kind == "probe":
             count = await self.s.spool.message_count(change.entity_id)
             await self.store.answer_probe(change.version, change.entity_id, count)
@@ -142,6 +146,11 @@ class Follower:
         old_valid = rec.old_password_expires is not None and now < rec.old_password_expires
         after = {rec.password_hash or "", (rec.old_password_hash or "") if old_valid else ""}
         return before - {""} <= after
+    async def suppressions(self, domain_id: int) -> None:
+        """A domain's suppression list as stored now (added to or removed from anywhere)."""
+        mem = self.s.directory.suppressions
+        recs = await self.store.suppressions(domain_id, self.s.clock() - mem.ttl)
+        mem.replace(domain_id, [Entry(r.address, r.reason, r.since) for r in recs])
 
     async def resync(self) -> None:
         """Apply every domain and account as stored now (the log did not reach back far
@@ -151,6 +160,8 @@ class Follower:
             await self._webhook(dom.id)
         for acct in await self.store.accounts():
             await self.account(acct)
+        for domain_id in list(self.s.directory.domains_by_id):
+            await self.suppressions(domain_id)
 
     async def purge_deleted(self) -> None:
         """At start, before the scheduler: the mail this node holds for accounts deleted

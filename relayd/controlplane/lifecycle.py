@@ -3,7 +3,8 @@
 Owns: building the parts on one shared state — relayd.controlplane.domains
 (sending domains and their DKIM keys), .accounts (SMTP accounts, last-connection
 writes), .passwords (reset-password, a kept old password), .queues (queued mail,
-the delivery log), .nodes (the nodes of a cluster) —
+the delivery log), .nodes (the nodes of a cluster), .suppressions (the
+suppression lists) —
 loading the directory at start, and a reload's new settings. Every operation is one
 method of a part; this class only hands each one out under its old name.
 
@@ -37,6 +38,7 @@ from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
 from relayd.controlplane.passwords import Passwords
 from relayd.controlplane.queues import Queues
+from relayd.controlplane.suppressions import Suppressions
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
@@ -70,6 +72,10 @@ class Lifecycle:
         self.queues = q = Queues(self.shared)
         self.nodes = n = Nodes(self.shared)
         self.passwords = pw = Passwords(self.shared, a.info)
+        self.suppressions = sp = Suppressions(self.shared)
+        self.suppression_list = sp.suppression_list
+        self.suppression_add = self._acknowledged(sp.suppression_add)
+        self.suppression_remove = self._acknowledged(sp.suppression_remove)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
         self.domain_set = d.domain_set
@@ -137,6 +143,7 @@ class Lifecycle:
         await self.domains.load()
         await hooks.load(self.shared)
         await self.accounts.load()
+        await self.suppressions.load()
 
     def reconfigure(self, cfg: Config) -> None:
         """A reload: operations from now on read the new settings (limits, retention...)."""

@@ -358,6 +358,22 @@ class ControlServer:
         return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit,
                                                 q.message))
 
+    async def suppression_list(self, request: web.Request) -> web.Response:
+        """A domain's suppressed recipients."""
+        q = _query(request, schemas.SuppressionQuery)
+        return _json(await self.lc.suppression_list(request.match_info["name"], q.limit))
+
+    async def suppression_add(self, request: web.Request) -> web.Response:
+        """Suppress recipients for a domain."""
+        body = await _body(request, schemas.SuppressionAdd)
+        return _json(await self.lc.suppression_add(request.match_info["name"], body))
+
+    async def suppression_remove(self, request: web.Request) -> web.Response:
+        """Send to a suppressed recipient again."""
+        body = await _body(request, schemas.SuppressionRemove)
+        return _json(await self.lc.suppression_remove(request.match_info["name"],
+                                                      body.address))
+
     async def node_list(self, request: web.Request) -> web.Response:
         """The nodes of the cluster (409 on a single node)."""
         return _json(await self.lc.node_list())

@@ -34,6 +34,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from relayd.directory.suppression import Suppressions
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -184,6 +186,8 @@ class Directory:
         self.domains_by_id: dict[int, Domain] = {}
         self._networks: list[tuple[IPNetwork, Account]] = []
         self._ip_cache: dict[str, Account | None] = {}
+        #: Per domain, the recipients not sent to again (relayd.directory.suppression).
+        self.suppressions = Suppressions()
 
     # -- lookups (hot path) ---------------------------------------------------
     def account(self, username: str) -> Account | None:

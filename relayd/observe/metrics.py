@@ -66,8 +66,10 @@ NAMESPACE = "relayd"
 #: Values of the ``state`` label of ``relayd_queue_messages`` (SEMANTICS.md §4.1, §5).
 QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
 #: Values of the ``outcome`` label of ``relayd_delivery_attempts_total`` (SEMANTICS.md §5;
-#: ``purged``: a recipient the operator removed before it was final, not an attempt).
-DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged")
+#: ``purged``: a recipient the operator removed before it was final, not an attempt;
+#: ``suppressed``: on its domain's suppression list, failed without a connection).
+DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged",
+                                      "suppressed")
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
 #: SSD; the buckets resolve 0.5 ms to 1 s.
@@ -270,7 +272,7 @@ class Metrics:
         self.delivery_attempts_total = Counter(
             "delivery_attempts",
             "Delivery attempts per recipient, by outcome (purged: removed by the operator,"
-            " not attempted).",
+            " not attempted; suppressed: on the domain's suppression list, not sent).",
             ["outcome"],
             namespace=ns,
             registry=r,

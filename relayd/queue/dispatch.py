@@ -44,11 +44,13 @@ from typing import Any, Protocol
 from relayd.delivery.client import BodyFile, Hop, RcptReply
 from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Directory
+from relayd.directory.suppression import Entry, failure_text, suppresses
 from relayd.queue import backoff
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.store.spool import AttemptResult, Spool
 
 RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
+_FAILED = ("failed", "suppressed")  # outcomes the sender gets a DSN for
 
 
 class Sender(Protocol):
@@ -216,6 +218,8 @@ class Dispatcher:
         data = msg.data
         if route_now is None or submit is None or data is None or not msg.rcpts:
             return False
+        if self._suppressing(msg) is not None:
+            return False  # the worker fails its suppressed recipients
         hop: Hop | None = None
         for rcpt, _att in msg.rcpts.values():
             hops = route_now(rcpt.rpartition("@")[2].lower())
@@ -331,9 +335,16 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Route the recipients, group them by next hop, send; append one result each."""
+        """Route the recipients, group them by next hop, send; append one result each
+        (a suppressed recipient fails at once, without a connection)."""
         by_domain: dict[str, list[int]] = {}
+        domain_id = self._suppressing(msg)
         for idx, (rcpt, _att) in msg.rcpts.items():
+            if domain_id is not None:
+                entry = self.directory.suppressions.find(domain_id, rcpt, self.clock())
+                if entry is not None:
+                    results.append(self._suppressed(msg, idx, entry))
+                    continue
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
         groups: dict[tuple[Hop, ...], list[int]] = {}
         for domain, idxs in by_domain.items():
@@ -384,7 +395,9 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             for r in results:
                 self.events.attempt(r, elapsed)
-        if self.on_failed is not None and any(r.outcome == "failed" for r in results):
+        if not msg.is_bounce:
+            self._learn(msg, results)
+        if self.on_failed is not None and any(r.outcome in _FAILED for r in results):
             task = asyncio.get_running_loop().create_task(self._bounce(msg, data, results))
             self._tails.add(task)
             task.add_done_callback(self._tails.discard)
@@ -400,7 +413,7 @@ class Dispatcher:
                 # (a BodyFile is not loaded here: on_failed loads the data from the spool)
                 msg.data = data if isinstance(data, bytes) else None
                 try:
-                    await on_failed(msg, [r for r in results if r.outcome == "failed"])
+                    await on_failed(msg, [r for r in results if r.outcome in _FAILED])
                 except Exception:  # noqa: S110 - a bounce that cannot be queued is logged there
                     pass
                 finally:
@@ -460,6 +473,33 @@ class Dispatcher:
         if msg.retry:
             self.ledger.unleased.add(msg.id)
         self.on_lost()
+
+    # -- the suppression list (relayd.directory.suppression) ---------------------------------
+    def _suppressing(self, msg: QMsg) -> int | None:
+        """The id of the message's domain if it has suppressed recipients, else None."""
+        acct = self.directory.accounts_by_id.get(msg.account_id)
+        if acct is None or not self.directory.suppressions.has_any(acct.domain.id):
+            return None
+        return acct.domain.id
+
+    def _learn(self, msg: QMsg, results: list[AttemptResult]) -> None:
+        """Suppress the recipients a next hop refused for good as not existing."""
+        acct = None
+        for r in results:
+            if r.outcome == "failed" and r.next_hop != "-" and suppresses(r.code, r.text):
+                acct = acct or self.directory.accounts_by_id.get(msg.account_id)
+                if acct is not None:
+                    assert r.code is not None
+                    self.directory.suppressions.learn(acct.domain.id, r.recipient, r.code,
+                                                      r.text, r.ts)
+
+    def _suppressed(self, msg: QMsg, idx: int, entry: Entry) -> AttemptResult:
+        """The result of a suppressed recipient: final, no next hop, no reply code."""
+        return AttemptResult(
+            message_id=msg.id, idx=idx, recipient=msg.rcpts[idx][0], username=msg.username,
+            domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
+            outcome="suppressed", ts=self.clock(), next_attempt=None,
+            account_id=msg.account_id, is_bounce=msg.is_bounce)
 
     def _internal_error(self, msg: QMsg, exc: Exception, idxs: list[int]) -> list[AttemptResult]:
         now = self.clock()

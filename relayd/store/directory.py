@@ -105,6 +105,16 @@ class NetworkBinding:
     domain: str
 
 
+@dataclass(slots=True)
+class SuppressionRecord:
+    """A suppressed recipient of a domain as stored (``address``: domain part lower-cased)."""
+
+    domain_id: int
+    address: str
+    reason: str
+    since: float
+
+
 #: Runs inside the transaction that binds networks, given every binding of the other
 #: accounts that are not deleted; raises to refuse the write.
 BindingCheck = Callable[[list[NetworkBinding]], None]
@@ -217,6 +227,13 @@ class DirectoryStore(Protocol):
         """One domain's webhook, if it has one."""
     async def set_webhook(self, domain_id: int, url: str | None, secret: str | None) -> None:
         """Set (``url`` and ``secret``) or remove (``url`` None) a domain's webhook."""
+    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
+        """The suppressed recipients added after ``after`` (of one domain, or of all)."""
+    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
+                               expired: float) -> None:
+        """Store (or renew) entries of a domain; drop its entries older than ``expired``."""
+    async def remove_suppression(self, domain_id: int, address: str) -> bool:
+        """Drop one entry; True if it was stored."""
 
 
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
@@ -389,6 +406,32 @@ class SqliteDirectory:
             await self._spool._transact(functools.partial(
                 _execute, sql="INSERT OR REPLACE INTO domain_webhooks(domain_id, url, secret)"
                 " VALUES (?,?,?)", params=(domain_id, url, secret)))
+
+
+    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
+        sql = "SELECT domain_id, address, reason, since FROM suppressions WHERE since > ?"
+        params: tuple[object, ...] = (after,)
+        if domain_id is not None:
+            sql, params = sql + " AND domain_id = ?", (after, domain_id)
+        return [SuppressionRecord(int(r[0]), r[1], r[2], float(r[3]))
+                for r in await self._spool.fetchall(sql, params)]
+
+    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
+                               expired: float) -> None:
+        rows = [(domain_id, r.address, r.reason, r.since) for r in recs]
+
+        def add(conn: SqlConn) -> None:
+            conn.execute("DELETE FROM suppressions WHERE domain_id=? AND since <= ?",
+                         (domain_id, expired))
+            conn.executemany("INSERT OR REPLACE INTO suppressions(domain_id, address, reason,"
+                             " since) VALUES (?,?,?,?)", rows)
+        await self._spool._transact(add)
+
+    async def remove_suppression(self, domain_id: int, address: str) -> bool:
+        def remove(conn: SqlConn) -> bool:
+            return bool(conn.execute("DELETE FROM suppressions WHERE domain_id=? AND address=?",
+                                     (domain_id, address)).rowcount)
+        return bool(await self._spool._transact(remove))
 
 
 # -- on the writer's thread, inside a group transaction ------------------------------------

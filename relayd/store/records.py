@@ -69,7 +69,8 @@ class AttemptResult:
     next_hop: str
     code: int | None
     text: str
-    outcome: str  # delivered | deferred | failed | purged (removed by the operator)
+    outcome: str  # delivered | deferred | failed | purged (removed by the operator) |
+    # suppressed (not sent: on the domain's suppression list)
     ts: float
     next_attempt: float | None = None
     account_id: int | None = None

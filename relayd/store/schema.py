@@ -8,7 +8,8 @@ has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog
 step 6 adds the operator's hold of one message (``messages.held``); step 8 the
 password kept by ``reset-password --keep-old`` (``accounts.old_password_*``); step 9
 the webhooks of domains and the events waiting to be posted; step 10 the DKIM
-selectors of a key rotation (pending, retired, cancelled).
+selectors of a key rotation (pending, retired, cancelled); step 11 the suppression
+list.
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -168,6 +169,18 @@ MIGRATIONS: dict[int, str] = {
         at REAL NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX dkim_selectors_domain ON dkim_selectors(domain_id);
+    """,
+    # (8-11: steps of other changes; none here.)
+    # The suppression list: per domain, recipients a next hop refused for good as not
+    # existing (``address``: domain part lower-cased), the reply and its time (``since``).
+    11: """
+    CREATE TABLE suppressions (
+        domain_id INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        since REAL NOT NULL,
+        PRIMARY KEY (domain_id, address)
+    ) WITHOUT ROWID;
     """,
 }
 
