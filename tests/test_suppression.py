@@ -227,3 +227,51 @@ async def test_operator_add_and_bad_input(relay_factory: RelayFactory, sink: Sin
     assert asked.count["x@dest.test"] == 0
     status, body = await relay.ctl.call("POST", LIST, {"addresses": ["no at sign"]})
     assert (status, body["code"]) == (400, "invalid_address")
+
+
+async def test_a_reply_after_rcpt_does_not_suppress(relay_factory: RelayFactory,
+                                                    sink: Sink) -> None:
+    """A ``550 5.1.1`` to the end of DATA (so not to the recipient's RCPT: about the message
+    or the sender) fails the recipient without suppressing it."""
+    sink.rcpt_script = asked = Asked({})
+    sink.script.append("550 5.1.1 No such user")
+    relay = await relay_factory()
+    account = await setup(relay)
+    e = await outcome(relay, await send(relay, account, GONE))
+    assert (e["outcome"], e["code"]) == ("failed", 550)
+    e = await outcome(relay, await send(relay, account, GONE))
+    assert e["outcome"] == "delivered" and asked.count[GONE] == 2
+    assert await listed(relay) == []
+
+
+@pytest.mark.parametrize(("code", "text", "expected"), [
+    (550, "5.1.1 No such user", True),
+    (550, "5.1.10 Null MX", True),
+    (551, "5.1.6 Moved", True),
+    (550, "5.2.1 Mailbox disabled", True),
+    (550, "No such user here", True),
+    (553, "mailbox name not allowed", True),
+    (551, "User not local", True),
+    (550, "5.7.1 Rejected by policy", False),
+    (554, "5.7.1 Spam", False),
+    (552, "5.2.2 Mailbox full", False),
+    (552, "5.3.4 Too big", False),
+    (550, "5.4.4 Unable to route", False),
+    (554, "Transaction failed", False),
+    (450, "4.1.1 Try later", False),
+    (None, "connection refused", False),
+])
+def test_which_replies_suppress(code: int | None, text: str, expected: bool) -> None:
+    from relayd.directory.suppression import suppresses
+    assert suppresses(code, text) is expected
+
+
+def test_addresses_compare_by_domain_case_only() -> None:
+    from relayd.directory.suppression import Suppressions
+    mem = Suppressions(ttl=100.0)
+    mem.learn(1, "Bob@Dest.Test", 550, "5.1.1 No such user", now=1000.0)
+    assert mem.find(1, "Bob@dest.test", 1001.0) is not None
+    assert mem.find(1, "bob@dest.test", 1001.0) is None  # the local part as stored
+    assert mem.find(2, "Bob@dest.test", 1001.0) is None  # another domain
+    assert mem.find(1, "Bob@dest.test", 1100.0) is None  # expired
+    assert mem.remove(1, "Bob@DEST.test") and not mem.has_any(1)

@@ -5,8 +5,9 @@ attempt (a dict lookup per recipient, no I/O; nothing at all while the domain ha
 entry), what a permanent failure adds (``suppresses``: the pure rule of which replies
 mean "no such address") and the text a suppressed recipient fails with.
 
-Which failures suppress: a permanent reply of the next hop about the address itself —
-an enhanced status 5.1.x (bad mailbox, bad domain, moved: 5.1.1, 5.1.2, 5.1.6, 5.1.10...)
+Which failures suppress: a permanent reply of the next hop to the recipient's own RCPT
+(never a reply to MAIL, DATA or the end of DATA: those are about the sender or the
+message) — an enhanced status 5.1.x (bad mailbox, bad domain, moved: 5.1.1, 5.1.2, 5.1.6, 5.1.10...)
 or 5.2.1 (mailbox disabled), or a 550, 551 or 553 without an enhanced status. Not: a
 policy or reputation rejection (5.7.x), a full mailbox or size (5.2.2, 5.2.3, 5.3.4), any
 other 5.x.x, and never a failure relayd made itself (DNS, a refused route, the queue

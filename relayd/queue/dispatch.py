@@ -236,8 +236,8 @@ class Dispatcher:
         def done(replies: list[RcptReply]) -> None:
             now = self.clock()
             try:
-                results = [self._result(msg, i, chosen.name, rep.code, rep.text, now)
-                           for i, rep in zip(idxs, replies, strict=True)]
+                results = [self._result(msg, i, chosen.name, rep.code, rep.text, now,
+                                        rep.at_rcpt) for i, rep in zip(idxs, replies, strict=True)]
             except Exception as exc:  # a bug must not strand the message: defer it
                 results = self._internal_error(msg, exc, idxs)
             self._answered(msg, data, results, started)
@@ -371,7 +371,8 @@ class Dispatcher:
                     if rep.code is None and n < len(chain) - 1:
                         retry_next.append(i)  # connection trouble: try the next MX
                     else:
-                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now))
+                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
+                                                    rep.at_rcpt))
                 pending = retry_next
                 if not pending:
                     break
@@ -483,10 +484,11 @@ class Dispatcher:
         return acct.domain.id
 
     def _learn(self, msg: QMsg, results: list[AttemptResult]) -> None:
-        """Suppress the recipients a next hop refused for good as not existing."""
+        """Suppress the recipients a next hop refused for good, at their RCPT, as not
+        existing (a reply to MAIL or DATA is about the message or the sender)."""
         acct = None
         for r in results:
-            if r.outcome == "failed" and r.next_hop != "-" and suppresses(r.code, r.text):
+            if r.outcome == "failed" and r.at_rcpt and suppresses(r.code, r.text):
                 acct = acct or self.directory.accounts_by_id.get(msg.account_id)
                 if acct is not None:
                     assert r.code is not None
@@ -507,7 +509,7 @@ class Dispatcher:
                 for i in idxs]
 
     def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
-                now: float) -> AttemptResult:
+                now: float, at_rcpt: bool = False) -> AttemptResult:
         """One recipient's result, classified; a deferral gets its next attempt."""
         rcpt, attempts = msg.rcpts[idx]
         outcome = "deferred" if code is None else backoff.classify(code)
@@ -523,6 +525,7 @@ class Dispatcher:
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
             attempts=attempts + 1,
+            at_rcpt=at_rcpt,
         )
 
     async def stop(self, grace: float) -> None:

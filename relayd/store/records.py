@@ -76,6 +76,7 @@ class AttemptResult:
     account_id: int | None = None
     is_bounce: bool = False  # a DSN relayd generated: logged as kind ``bounce``, not sent
     attempts: int = 0  # this attempt's number (1: the first); 0: not an attempt (purged)
+    at_rcpt: bool = False  # the next hop's reply to this recipient's own RCPT (not stored)
 
 
 @dataclass(slots=True)
