@@ -38,7 +38,7 @@ from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
 from relayd.controlplane.passwords import Passwords
 from relayd.controlplane.queues import Queues
-from relayd.controlplane.suppressions import Suppressions
+from relayd.controlplane.suppressions import SuppressionLists
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
@@ -72,7 +72,7 @@ class Lifecycle:
         self.queues = q = Queues(self.shared)
         self.nodes = n = Nodes(self.shared)
         self.passwords = pw = Passwords(self.shared, a.info)
-        self.suppressions = sp = Suppressions(self.shared)
+        self.suppressions = sp = SuppressionLists(self.shared)
         self.suppression_list = sp.suppression_list
         self.suppression_add = self._acknowledged(sp.suppression_add)
         self.suppression_remove = self._acknowledged(sp.suppression_remove)

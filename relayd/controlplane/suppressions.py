@@ -39,7 +39,7 @@ def _valid(address: str) -> str:
     return key(a)
 
 
-class Suppressions:
+class SuppressionLists:
     """The operator's operations on suppression lists, and their storage."""
 
     def __init__(self, shared: Shared) -> None:
