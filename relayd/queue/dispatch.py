@@ -16,6 +16,10 @@ attempt and may send a second DSN, but never loses one), then the results go
 to the spool's group commit (``_record``) and the message is forgotten once
 its last recipient is final (at-least-once).
 
+Suppression. A recipient on its domain's suppression list fails at dispatch, without
+a connection (``suppressed``; the fast way leaves a message with any to a worker), and a
+permanent "no such address" reply to a recipient's RCPT puts it there (``learn``).
+
 Room. No more transmissions at the sender than ``workers`` (a job handed over
 is a transmission in progress: SEMANTICS §4.1), and about ``record_limit``
 answered attempts waiting for the commit of their results: an attempt starts
@@ -218,7 +222,7 @@ class Dispatcher:
         data = msg.data
         if route_now is None or submit is None or data is None or not msg.rcpts:
             return False
-        if self._suppressing(msg) is not None:
+        if suppressing(self.directory, msg) is not None:
             return False  # the worker fails its suppressed recipients
         hop: Hop | None = None
         for rcpt, _att in msg.rcpts.values():
@@ -338,12 +342,12 @@ class Dispatcher:
         """Route the recipients, group them by next hop, send; append one result each
         (a suppressed recipient fails at once, without a connection)."""
         by_domain: dict[str, list[int]] = {}
-        domain_id = self._suppressing(msg)
+        domain_id = suppressing(self.directory, msg)
         for idx, (rcpt, _att) in msg.rcpts.items():
             if domain_id is not None:
                 entry = self.directory.suppressions.find(domain_id, rcpt, self.clock())
                 if entry is not None:
-                    results.append(self._suppressed(msg, idx, entry))
+                    results.append(suppressed(msg, idx, entry, self.clock()))
                     continue
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
         groups: dict[tuple[Hop, ...], list[int]] = {}
@@ -397,7 +401,7 @@ class Dispatcher:
             for r in results:
                 self.events.attempt(r, elapsed)
         if not msg.is_bounce:
-            self._learn(msg, results)
+            learn(self.directory, msg, results)
         if self.on_failed is not None and any(r.outcome in _FAILED for r in results):
             task = asyncio.get_running_loop().create_task(self._bounce(msg, data, results))
             self._tails.add(task)
@@ -475,34 +479,6 @@ class Dispatcher:
             self.ledger.unleased.add(msg.id)
         self.on_lost()
 
-    # -- the suppression list (relayd.directory.suppression) ---------------------------------
-    def _suppressing(self, msg: QMsg) -> int | None:
-        """The id of the message's domain if it has suppressed recipients, else None."""
-        acct = self.directory.accounts_by_id.get(msg.account_id)
-        if acct is None or not self.directory.suppressions.has_any(acct.domain.id):
-            return None
-        return acct.domain.id
-
-    def _learn(self, msg: QMsg, results: list[AttemptResult]) -> None:
-        """Suppress the recipients a next hop refused for good, at their RCPT, as not
-        existing (a reply to MAIL or DATA is about the message or the sender)."""
-        acct = None
-        for r in results:
-            if r.outcome == "failed" and r.at_rcpt and suppresses(r.code, r.text):
-                acct = acct or self.directory.accounts_by_id.get(msg.account_id)
-                if acct is not None:
-                    assert r.code is not None
-                    self.directory.suppressions.learn(acct.domain.id, r.recipient, r.code,
-                                                      r.text, r.ts)
-
-    def _suppressed(self, msg: QMsg, idx: int, entry: Entry) -> AttemptResult:
-        """The result of a suppressed recipient: final, no next hop, no reply code."""
-        return AttemptResult(
-            message_id=msg.id, idx=idx, recipient=msg.rcpts[idx][0], username=msg.username,
-            domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
-            outcome="suppressed", ts=self.clock(), next_attempt=None,
-            account_id=msg.account_id, is_bounce=msg.is_bounce)
-
     def _internal_error(self, msg: QMsg, exc: Exception, idxs: list[int]) -> list[AttemptResult]:
         now = self.clock()
         return [self._result(msg, i, "-", None, f"internal error: {type(exc).__name__}", now)
@@ -538,3 +514,33 @@ class Dispatcher:
         for t in self._tails:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
+
+
+# -- the suppression list (relayd.directory.suppression) -----------------------------------
+def suppressing(directory: Directory, msg: QMsg) -> int | None:
+    """The id of the message's domain if it has suppressed recipients, else None."""
+    acct = directory.accounts_by_id.get(msg.account_id)
+    if acct is None or not directory.suppressions.has_any(acct.domain.id):
+        return None
+    return acct.domain.id
+
+
+def learn(directory: Directory, msg: QMsg, results: list[AttemptResult]) -> None:
+    """Suppress the recipients a next hop refused for good, at their RCPT, as not
+    existing (a reply to MAIL or DATA is about the message or the sender)."""
+    acct = None
+    for r in results:
+        if r.outcome == "failed" and r.at_rcpt and r.code is not None \
+                and suppresses(r.code, r.text):
+            acct = acct or directory.accounts_by_id.get(msg.account_id)
+            if acct is not None:
+                directory.suppressions.learn(acct.domain.id, r.recipient, r.code, r.text, r.ts)
+
+
+def suppressed(msg: QMsg, idx: int, entry: Entry, now: float) -> AttemptResult:
+    """The result of a suppressed recipient: final, no next hop, no reply code."""
+    return AttemptResult(
+        message_id=msg.id, idx=idx, recipient=msg.rcpts[idx][0], username=msg.username,
+        domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
+        outcome="suppressed", ts=now, next_attempt=None, account_id=msg.account_id,
+        is_bounce=msg.is_bounce)
