@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from relayd.delivery.client import BodyFile, Hop, RcptReply
 from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Directory
-from relayd.directory.suppression import Entry, failure_text, suppresses
+from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.store.spool import AttemptResult, Spool
@@ -220,10 +220,9 @@ class Dispatcher:
         route_now = getattr(self.sender, "route_now", None)
         submit = getattr(self.sender, "submit", None)
         data = msg.data
-        if route_now is None or submit is None or data is None or not msg.rcpts:
+        if route_now is None or submit is None or data is None or not msg.rcpts \
+                or suppressing(self.directory, msg) is not None:  # (a worker fails those)
             return False
-        if suppressing(self.directory, msg) is not None:
-            return False  # the worker fails its suppressed recipients
         hop: Hop | None = None
         for rcpt, _att in msg.rcpts.values():
             hops = route_now(rcpt.rpartition("@")[2].lower())
@@ -339,16 +338,12 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Route the recipients, group them by next hop, send; append one result each
-        (a suppressed recipient fails at once, without a connection)."""
+        """Fail the suppressed recipients; route the others, group them by next hop, send."""
         by_domain: dict[str, list[int]] = {}
-        domain_id = suppressing(self.directory, msg)
+        results.extend(suppressed(self.directory, msg, self.clock()))
         for idx, (rcpt, _att) in msg.rcpts.items():
-            if domain_id is not None:
-                entry = self.directory.suppressions.find(domain_id, rcpt, self.clock())
-                if entry is not None:
-                    results.append(suppressed(msg, idx, entry, self.clock()))
-                    continue
+            if results and any(r.idx == idx for r in results):
+                continue
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
         groups: dict[tuple[Hop, ...], list[int]] = {}
         for domain, idxs in by_domain.items():
@@ -400,8 +395,7 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             for r in results:
                 self.events.attempt(r, elapsed)
-        if not msg.is_bounce:
-            learn(self.directory, msg, results)
+        learn(self.directory, msg, results)
         if self.on_failed is not None and any(r.outcome in _FAILED for r in results):
             task = asyncio.get_running_loop().create_task(self._bounce(msg, data, results))
             self._tails.add(task)
@@ -501,8 +495,7 @@ class Dispatcher:
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
             attempts=attempts + 1,
-            at_rcpt=at_rcpt,
-        )
+            at_rcpt=at_rcpt)
 
     async def stop(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running attempts; then cancel the DSN tails."""
@@ -527,7 +520,10 @@ def suppressing(directory: Directory, msg: QMsg) -> int | None:
 
 def learn(directory: Directory, msg: QMsg, results: list[AttemptResult]) -> None:
     """Suppress the recipients a next hop refused for good, at their RCPT, as not
-    existing (a reply to MAIL or DATA is about the message or the sender)."""
+    existing (a reply to MAIL or DATA is about the message or the sender; a DSN's
+    failures suppress nothing)."""
+    if msg.is_bounce:
+        return
     acct = None
     for r in results:
         if r.outcome == "failed" and r.at_rcpt and r.code is not None \
@@ -537,10 +533,18 @@ def learn(directory: Directory, msg: QMsg, results: list[AttemptResult]) -> None
                 directory.suppressions.learn(acct.domain.id, r.recipient, r.code, r.text, r.ts)
 
 
-def suppressed(msg: QMsg, idx: int, entry: Entry, now: float) -> AttemptResult:
-    """The result of a suppressed recipient: final, no next hop, no reply code."""
-    return AttemptResult(
-        message_id=msg.id, idx=idx, recipient=msg.rcpts[idx][0], username=msg.username,
-        domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
-        outcome="suppressed", ts=now, next_attempt=None, account_id=msg.account_id,
-        is_bounce=msg.is_bounce)
+def suppressed(directory: Directory, msg: QMsg, now: float) -> list[AttemptResult]:
+    """The results of the message's suppressed recipients: final, no next hop, no code."""
+    domain_id = suppressing(directory, msg)
+    if domain_id is None:
+        return []
+    out = []
+    for idx, (rcpt, _att) in msg.rcpts.items():
+        entry = directory.suppressions.find(domain_id, rcpt, now)
+        if entry is not None:
+            out.append(AttemptResult(
+                message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
+                domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
+                outcome="suppressed", ts=now, next_attempt=None,
+                account_id=msg.account_id, is_bounce=msg.is_bounce))
+    return out

@@ -222,7 +222,41 @@ class _Webhooks:
         await self._write(update)
 
 
-class PgDirectory(_Webhooks, PgDkimKeys):
+class _SuppressionRows:
+    """PgDirectory's suppression lists: a change names the domain, whose list every node
+    then reads again."""
+
+    _db: Database
+    _write: Callable[..., Awaitable[Any]]
+
+    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
+        rows = await self._db.fetch(
+            "SELECT domain_id, address, reason, since FROM suppressions WHERE since > $1"
+            " AND ($2::bigint IS NULL OR domain_id = $2)", after, domain_id)
+        return [SuppressionRecord(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
+                               expired: float) -> None:
+        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute("DELETE FROM suppressions WHERE domain_id=$1 AND since <= $2",
+                             domain_id, expired)
+            await tx.executemany(
+                "INSERT INTO suppressions(domain_id, address, reason, since)"
+                " VALUES ($1,$2,$3,$4) ON CONFLICT (domain_id, address) DO UPDATE SET"
+                " reason=EXCLUDED.reason, since=EXCLUDED.since",
+                [(domain_id, r.address, r.reason, r.since) for r in recs])
+            return None, [("suppression", domain_id)]
+        await self._write(add)
+
+    async def remove_suppression(self, domain_id: int, address: str) -> bool:
+        async def remove(tx: Tx) -> tuple[bool, list[tuple[str, int]]]:
+            gone = await tx.fetchval("DELETE FROM suppressions WHERE domain_id=$1"
+                                     " AND address=$2 RETURNING 1", domain_id, address)
+            return gone is not None, [("suppression", domain_id)]
+        return await self._write(remove)
+
+
+class PgDirectory(_Webhooks, _SuppressionRows, PgDkimKeys):
     """The directory and the cluster tables in one PostgreSQL database.
 
     ``written`` is the highest control-plane version this process has committed: a
@@ -462,33 +496,6 @@ class PgDirectory(_Webhooks, PgDkimKeys):
         rows = await self._db.fetch("SELECT id, total_sent, last_connection FROM accounts"
                                     " WHERE status != 'deleted'")
         return [(int(r[0]), int(r[1]), None if r[2] is None else float(r[2])) for r in rows]
-
-    # -- the suppression list: a change names the domain, whose list nodes read again ------
-    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
-        rows = await self._db.fetch(
-            "SELECT domain_id, address, reason, since FROM suppressions WHERE since > $1"
-            " AND ($2::bigint IS NULL OR domain_id = $2)", after, domain_id)
-        return [SuppressionRecord(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
-
-    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
-                               expired: float) -> None:
-        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
-            await tx.execute("DELETE FROM suppressions WHERE domain_id=$1 AND since <= $2",
-                             domain_id, expired)
-            await tx.executemany(
-                "INSERT INTO suppressions(domain_id, address, reason, since)"
-                " VALUES ($1,$2,$3,$4) ON CONFLICT (domain_id, address) DO UPDATE SET"
-                " reason=EXCLUDED.reason, since=EXCLUDED.since",
-                [(domain_id, r.address, r.reason, r.since) for r in recs])
-            return None, [("suppression", domain_id)]
-        await self._write(add)
-
-    async def remove_suppression(self, domain_id: int, address: str) -> bool:
-        async def remove(tx: Tx) -> tuple[bool, list[tuple[str, int]]]:
-            gone = await tx.fetchval("DELETE FROM suppressions WHERE domain_id=$1"
-                                     " AND address=$2 RETURNING 1", domain_id, address)
-            return gone is not None, [("suppression", domain_id)]
-        return await self._write(remove)
 
     # -- queue probes: how much mail of an account each node holds ----------------------
     async def probe(self, account_id: int) -> int:
