@@ -66,6 +66,19 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _until(ts: float | None) -> str:
+    """How long until ``ts``: ``in 23h``, ``in 5m``, ``in 30s`` (``expired`` once past)."""
+    if ts is None:
+        return "-"
+    delta = ts - time.time()
+    if delta <= 0:
+        return "expired"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"in {int(delta // size)}{unit}"
+    return f"in {int(delta)}s"
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     if not rows:
         return "(none)"
@@ -110,14 +123,17 @@ class Cli:
     def _domain_text(self, d: schemas.DomainInfo) -> str:
         lines = [f"domain {d.name} (selector {d.selector}, {d.accounts} account(s))",
                  "  header From check: " + ("on" if d.check_header_from else
-                                            "off (any header From is accepted)")]
+                                            "off (any header From is accepted)"),
+                 "  webhook: " + (d.webhook_url or "none")]
+        if d.webhook_secret:
+            lines.append(f"  webhook signing secret (shown once, keep it): {d.webhook_secret}")
         if d.dns_records:
             lines.append("publish these DNS records:")
             for r in d.dns_records:
                 lines.append(f"  {r.name}. IN {r.type} \"{r.value}\"" if r.type == "TXT"
                              else f"  {r.name}. IN {r.type} {r.value}.")
                 lines.append(f"      ({r.purpose})")
-        return "\n".join(lines)
+        return "\n".join(lines + _selectors_text(d.dkim_selectors))
 
     def domain(self) -> None:
         """relayctl domain ..."""
@@ -135,13 +151,20 @@ class Cli:
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
             self.out(d, self._domain_text(d))
         elif a.action == "set":
-            if a.check_header_from is None:
-                raise UsageError("nothing to set: give --check-header-from on|off")
+            if a.check_header_from is None and a.webhook is None \
+                    and not a.rotate_webhook_secret:
+                raise UsageError("nothing to set: give --check-header-from on|off,"
+                                 " --webhook URL|off or --rotate-webhook-secret")
             d = self.client.call("POST", f"/v1/domains/{Client.seg(a.name)}/settings",
                                  schemas.DomainInfo, schemas.DomainSettings(
-                                     check_header_from=a.check_header_from == "on",
+                                     check_header_from=None if a.check_header_from is None
+                                     else a.check_header_from == "on",
+                                     webhook=a.webhook,
+                                     rotate_webhook_secret=a.rotate_webhook_secret,
                                      reason=a.reason))
             self.out(d, self._domain_text(d))
+        elif a.action == "rotate-key":
+            self._rotate_key()
         elif a.action == "delete":
             d = self.client.call("GET", f"/v1/domains/{Client.seg(a.name)}", schemas.DomainInfo)
             print(f"domain {d.name} (selector {d.selector}): {d.accounts} account(s) will be"
@@ -154,6 +177,31 @@ class Cli:
                                  schemas.Confirm(confirm=confirm, reason=a.reason))
             self.out(r, f"deleted domain {r.name}: {r.accounts_disabled} account(s) disabled,"
                         f" {r.messages_held} message(s) held")
+
+    def _rotate_key(self) -> None:
+        """relayctl domain rotate-key NAME [--activate | --cancel]."""
+        a = self.args
+        path = f"/v1/domains/{Client.seg(a.name)}/rotate-key"
+        path += "/activate" if a.activate else "/cancel" if a.cancel else ""
+        r = self.client.call("POST", path, schemas.KeyRotation,
+                             schemas.ChangeReason(reason=self.args.reason))
+        names = ", ".join(k.selector for k in r.selectors)
+        if r.action == "created":
+            lines = [f"new DKIM key for {r.name}, pending (selector {names}); mail is still"
+                     " signed with the active key", "publish these DNS records:"]
+            lines += [x for k in r.selectors for x in _records_text(k.dns_records)]
+            lines.append(f"then, once they resolve: relayctl domain rotate-key {r.name}"
+                         " --activate")
+        elif r.action == "activated":
+            lines = [f"{r.name} signs with selector {names} from now on"]
+            if r.retired:
+                lines.append(f"retired: {', '.join(k.selector for k in r.retired)} (remove its"
+                             " DNS record in a few days, once the mail signed with it has"
+                             " been delivered and verified)")
+        else:
+            lines = [f"dropped the pending key of {r.name} (selector {names}); its DNS record,"
+                     " if published, can go"]
+        self.out(r, "\n".join(lines))
 
     def _prompt(self, text: str) -> str:
         if not sys.stdin.isatty():
@@ -183,6 +231,9 @@ class Cli:
             f"  queued:          {u.queued}",
             f"  networks:        {', '.join(u.networks) or '-'}",
             f"  limits:          {limits}",
+            *([f"  old password:    works until {_when(u.old_password_expires)}"
+               f" ({_until(u.old_password_expires)}; end it now: relayctl user"
+               f" expire-old-password {u.username})"] if u.old_password_expires else []),
         ]
         if trail:
             lines.append("  recent changes (newest first; `relayctl audit --user NAME`):")
@@ -223,10 +274,11 @@ class Cli:
                        schemas.ChangeReason(reason=a.reason))
             self.out(u, f"{u.username}: {u.status}")
         elif a.action == "reset-password":
-            cred = c.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
-                          schemas.Credentials, schemas.ChangeReason(reason=a.reason))
-            self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
-                           "(the old password no longer works; this one is shown only once)")
+            self._reset_password()
+        elif a.action == "expire-old-password":
+            u = c.call("POST", f"/v1/users/{Client.seg(a.name)}/expire-old-password",
+                       schemas.UserInfo, schemas.ChangeReason(reason=a.reason))
+            self.out(u, f"{u.username}: only the current password works now")
         elif a.action == "delete":
             self._user_delete()
         elif a.action == "limits":
@@ -252,6 +304,19 @@ class Cli:
         u = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/label", schemas.UserInfo,
                              schemas.UserLabel(label=a.text or "", reason=a.reason))
         self.out(u, f"{u.username}: label {_printable(u.label) if u.label else '(none)'}")
+
+    def _reset_password(self) -> None:
+        a = self.args
+        cred = self.client.call("POST", f"/v1/users/{Client.seg(a.name)}/reset-password",
+                                schemas.Credentials,
+                                schemas.PasswordReset(keep_old_seconds=a.keep_old,
+                                                      reason=a.reason))
+        old = ("the old password no longer works" if cred.old_password_expires is None else
+               f"the old password keeps working until {_when(cred.old_password_expires)}"
+               f" ({_until(cred.old_password_expires)}), then stops by itself")
+        note = f"\nnote: {cred.note}" if cred.note else ""
+        self.out(cred, f"username: {cred.username}\npassword: {cred.password}\n"
+                       f"({old}; this one is shown only once){note}")
 
     def _user_delete(self) -> None:
         a = self.args
@@ -349,6 +414,30 @@ class Cli:
                                  schemas.NodeForgotten)
             self.out(r, f"forgot node {r.name}: changes no longer wait for it")
 
+    # -- suppression lists ----------------------------------------------------------
+    def suppression(self) -> None:
+        """relayctl suppression list DOMAIN [--limit N] | remove DOMAIN ADDRESS | add."""
+        a = self.args
+        path = f"/v1/domains/{Client.seg(a.domain)}/suppressions"
+        if a.action == "list":
+            lst = self.client.call("GET", path, schemas.SuppressionList,
+                                   query={"limit": a.limit})
+            rows = [[_printable(e.address), _when(e.since), _when(e.expires),
+                     _printable(e.reason)[:60]] for e in lst.entries]
+            text = _table(rows, ["ADDRESS", "SINCE", "EXPIRES", "REASON"])
+            if lst.total > len(lst.entries):
+                text += (f"\n(showing {len(lst.entries)} of {lst.total};"
+                         f" --limit {min(lst.total, schemas.LOG_LIMIT_MAX)} for more)")
+            self.out(lst, text)
+        elif a.action == "remove":
+            r = self.client.call("POST", path + "/remove", schemas.SuppressionChanged,
+                                 schemas.SuppressionRemove(address=a.address))
+            self.out(r, f"{a.address} is no longer suppressed for {r.domain}")
+        elif a.action == "add":
+            r = self.client.call("POST", path, schemas.SuppressionChanged,
+                                 schemas.SuppressionAdd(addresses=a.addresses, reason=a.reason))
+            self.out(r, f"suppressed {r.count} address(es) for {r.domain}")
+
     # -- failed-AUTH throttle -------------------------------------------------------
     def throttle(self) -> None:
         """relayctl throttle list | clear [ADDRESS]."""
@@ -363,6 +452,36 @@ class Cli:
                                  schemas.ThrottleClear(address=a.address))
             self.out(r, f"cleared {r.count} throttle entr{'y' if r.count == 1 else 'ies'}"
                         + (f" of {a.address}" if a.address else ""))
+
+
+def _records_text(records: list[schemas.DnsRecord]) -> list[str]:
+    lines = []
+    for r in records:
+        lines.append(f"  {r.name}. IN {r.type} \"{r.value}\"" if r.type == "TXT"
+                     else f"  {r.name}. IN {r.type} {r.value}.")
+        lines.append(f"      ({r.purpose})")
+    return lines
+
+
+def _selectors_text(selectors: list[schemas.DkimSelector]) -> list[str]:
+    """``domain show``: the DKIM selectors, a pending key's records, the retired ones."""
+    if not selectors:
+        return []
+    lines = ["DKIM selectors:"]
+    for k in selectors:
+        when = {"pending": f", made {_when(k.since)}",
+                "retired": f", retired {_when(k.since)}"}.get(k.state, "")
+        lines.append(f"  {k.selector}  {k.state}" + (f" ({k.algorithm})" if k.algorithm
+                                                     else "") + when)
+    pending = [k for k in selectors if k.state == "pending"]
+    if pending:
+        lines.append("pending key: publish these DNS records, then run"
+                     " `domain rotate-key --activate`:")
+        lines += [x for k in pending for x in _records_text(k.dns_records)]
+    if any(k.state == "retired" for k in selectors):
+        lines.append("a retired selector's DNS record can go a few days after it was retired"
+                     " (once the mail signed with it has been verified)")
+    return lines
 
 
 def propagation_text(p: schemas.Propagation) -> str:
@@ -473,6 +592,19 @@ def _reason(parser: argparse.ArgumentParser) -> None:
                         f" {schemas.REASON_MAX} characters)")
 
 
+def _keep_old(text: str) -> float:
+    """``--keep-old``: 30s, 90m, 24h, 7d (units as ``--since``), more than 0, at most 30 days."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if not (text and text[-1] in units and text[:-1].isascii() and text[:-1].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (30s, 90m, 24h, 7d)")
+    seconds = float(int(text[:-1]) * units[text[-1]])
+    try:
+        return msgspec.convert(seconds, schemas.KeepOld)
+    except msgspec.ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text}: must be more than 0 and at most 30d") from None
+
+
 def _checked(kind: Any, what: str) -> Any:
     """An argparse ``type`` that applies the API's bound for the field (control.schemas)."""
     base = int if what == "an integer" else float
@@ -517,6 +649,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse mail whose header From or Sender is outside the domain"
                     " (on by default; off for a relay that sends for several brands)")
     _reason(ds)
+    ds.add_argument("--webhook", metavar="URL|off",
+                    help="POST a signed JSON event to this http(s) URL for each recipient"
+                    " delivered, failed, bounced or purged; off removes it (a new secret is"
+                    " printed once when it is first set)")
+    ds.add_argument("--rotate-webhook-secret", action="store_true",
+                    help="make a new signing secret (printed once; the old one stops at once)")
+    dr = d.add_parser("rotate-key", help="a new DKIM key, pending until --activate")
+    dr.add_argument("name")
+    _reason(dr)
+    drx = dr.add_mutually_exclusive_group()
+    drx.add_argument("--activate", action="store_true",
+                     help="sign with the pending key from now on (publish its records first);"
+                     " the old selector is retired")
+    drx.add_argument("--cancel", action="store_true", help="drop the pending key")
     dd = d.add_parser("delete")
     dd.add_argument("name")
     dd.add_argument("--confirm", help="the domain name again (irreversible operation)")
@@ -536,10 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
     ul.add_argument("--status", choices=["active", "disabled"])
     ul.add_argument("--sort", choices=["name", "last-used", "sent"], default="name")
     u.add_parser("show").add_argument("name")
-    for action in ("disable", "enable", "reset-password"):
+    for action in ("disable", "enable", "expire-old-password"):
         ux = u.add_parser(action)
         ux.add_argument("name")
         _reason(ux)
+    urp = u.add_parser("reset-password")
+    urp.add_argument("name")
+    urp.add_argument("--keep-old", type=_keep_old, metavar="DURATION",
+                     help="the old password keeps working this long (30s, 90m, 24h, 7d;"
+                     " at most 30d), then stops by itself")
+    _reason(urp)
     ud = u.add_parser("delete")
     ud.add_argument("name")
     ud.add_argument("--confirm", help="the username again (irreversible operation)")
@@ -597,9 +749,23 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_parser("forget", help="forget a gone node: changes no longer wait for it"
                   ).add_argument("name", metavar="NAME")
 
+    sp = sub.add_parser("suppression", help="recipients a domain does not send to again"
+                        ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    spl = sp.add_parser("list", help="a domain's suppressed recipients, newest first")
+    spl.add_argument("domain", metavar="DOMAIN")
+    spl.add_argument("--limit", type=_checked(schemas.LogLimit, "an integer"), default=100)
+    spr = sp.add_parser("remove", help="send to a suppressed recipient again")
+    spr.add_argument("domain", metavar="DOMAIN")
+    spr.add_argument("address", metavar="ADDRESS")
+    spa = sp.add_parser("add", help="suppress recipients (an import)")
+    spa.add_argument("domain", metavar="DOMAIN")
+    spa.add_argument("addresses", metavar="ADDRESS", nargs="+")
+    spa.add_argument("--reason", default="added by the operator")
+
     lg = sub.add_parser("log", help="delivery log")
     lg.add_argument("--user")
-    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed", "purged"])
+    lg.add_argument("--status", choices=["queued", "deferred", "delivered", "failed", "purged",
+                                         "suppressed"])
     lg.add_argument("--message", metavar="ID",
                     help="one message's history, oldest first (also after it left the queue)")
     lg.add_argument("--since", help="30m, 2h, 7d, YYYY-MM-DD or epoch seconds")

@@ -1,5 +1,5 @@
-"""SMTP accounts: add, list, show, disable, enable, reset-password, delete, limits,
-networks, label, dormant.
+"""SMTP accounts: add, list, show, disable, enable, delete, limits, networks, label,
+dormant (passwords: relayd.controlplane.passwords).
 
 Owns: the account operations of SEMANTICS.md §3-§4, each returning only when the
 database, the directory, the credential cache and the scheduler agree (so
@@ -63,7 +63,8 @@ def account_from(rec: AccountRecord, domain: Domain) -> Account:
         status=rec.status, disabled_reason=rec.disabled_reason, created_at=rec.created_at,
         last_connection=rec.last_connection, total_sent=rec.total_sent,
         networks=list(rec.networks), per_minute=rec.per_minute, per_hour=rec.per_hour,
-        per_day=rec.per_day, label=rec.label)
+        per_day=rec.per_day, old_password_hash=rec.old_password_hash or "",
+        old_password_expires=rec.old_password_expires, label=rec.label)
 
 
 def _plan_full(used: int, cap: int) -> LifecycleError:
@@ -136,7 +137,10 @@ class Accounts:
             last_connection=acct.last_connection, total_sent=acct.total_sent,
             queued=self.s.scheduler.queued_count(acct.id), networks=list(acct.networks),
             limits=schemas.Limits(per_minute=acct.per_minute, per_hour=acct.per_hour,
-                                  per_day=acct.per_day), label=acct.label)
+                                  per_day=acct.per_day),
+            old_password_expires=(acct.old_password_expires
+                                  if acct.old_password_valid(self.s.clock()) else None),
+            label=acct.label)
 
     def _check_bindings(self, cidrs: list[str], field: str) -> list[str]:
         """The networks to bind, normalised and without repeats; LifecycleError naming
@@ -241,11 +245,14 @@ class Accounts:
             if acct.status == DISABLED:
                 return self.info(acct)
             acct.status, acct.disabled_reason = DISABLED, "manual"
+            kept = (acct.old_password_hash, acct.old_password_expires)
+            acct.end_old_password()  # an enable never brings it back
             acct.invalidate()
             self.s.cache.invalidate(acct.id)
 
             def undo() -> None:
                 acct.status, acct.disabled_reason = ACTIVE, ""
+                acct.old_password_hash, acct.old_password_expires = kept
 
             await agree(self.s.store.set_status(
                 acct.id, DISABLED, "manual",
@@ -275,28 +282,6 @@ class Accounts:
         self.s.log("user_enabled", username=username)
         return self.info(acct)
 
-    async def user_reset_password(self, username: str, reason: str = "") -> schemas.Credentials:
-        """A new password (shown once); the old one fails at once."""
-        entry = audit.checked_text(reason, "reason")
-        acct = self.s.account(username)
-        password = new_password()
-        hashed = await self.s.hasher.hash(password)
-        async with self.s.lock:
-            acct = self.s.account(username)
-            old = acct.password_hash
-            acct.password_hash = hashed
-            acct.invalidate()
-            self.s.cache.invalidate(acct.id)
-
-            def undo() -> None:
-                acct.password_hash = old
-
-            await agree(self.s.store.set_password(
-                acct.id, hashed, audit=audit.account_entry(self.s, acct, "password_reset",
-                                                           entry)), undo=undo)
-        self.s.log("user_password_reset", username=username)
-        return schemas.Credentials(username=username, password=password)
-
     async def user_delete(self, username: str, confirm: str,
                           purge_queue: bool, reason: str = "") -> schemas.UserDeleted:
         """Delete: credentials destroyed for good, slot freed, stats removed, log and audit
@@ -310,8 +295,10 @@ class Accounts:
             acct = self.s.account(username)
             counts = await self._queued_everywhere(acct, purge_queue)
             saved = (acct.status, acct.disabled_reason, acct.password_hash)
+            kept = (acct.old_password_hash, acct.old_password_expires)
             acct.status = DELETED
             acct.password_hash = ""
+            acct.end_old_password()
             acct.invalidate()
             self.s.cache.invalidate(acct.id)
             self.s.directory.rebuild_networks()
@@ -319,6 +306,7 @@ class Accounts:
 
             def undo() -> None:
                 acct.status, acct.disabled_reason, acct.password_hash = saved
+                acct.old_password_hash, acct.old_password_expires = kept
                 self.s.directory.rebuild_networks()
 
             try:

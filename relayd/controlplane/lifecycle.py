@@ -2,8 +2,9 @@
 
 Owns: building the parts on one shared state — relayd.controlplane.domains
 (sending domains and their DKIM keys), .accounts (SMTP accounts, their labels,
-last-connection writes), .audit (the audit trail), .queues (queued mail, the delivery
-log), .nodes (the nodes of a cluster) — loading the directory at start, and a reload's
+last-connection writes), .passwords (reset-password, a kept old password), .audit (the
+audit trail), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster),
+.suppressions (the suppression lists) — loading the directory at start, and a reload's
 new settings. Every operation is one method of a part; this class only hands each one
 out under its old name.
 
@@ -29,12 +30,15 @@ from typing import Any, ParamSpec, TypeVar
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
-from relayd.controlplane import audit, stats
+from relayd.controlplane import audit, hooks, stats
 from relayd.controlplane.accounts import AccountLabels, Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
+from relayd.controlplane.dkimkeys import DkimKeys
 from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
+from relayd.controlplane.passwords import Passwords
 from relayd.controlplane.queues import Queues
+from relayd.controlplane.suppressions import SuppressionLists
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
@@ -67,12 +71,18 @@ class Lifecycle:
         self.accounts = a = Accounts(self.shared)
         self.queues = q = Queues(self.shared)
         self.nodes = n = Nodes(self.shared)
+        self.passwords = pw = Passwords(self.shared, a.info)
+        self.suppressions = sp = SuppressionLists(self.shared)
+        self.suppression_list = sp.suppression_list
+        self.suppression_add = self._acknowledged(sp.suppression_add)
+        self.suppression_remove = self._acknowledged(sp.suppression_remove)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
         self.domain_set = d.domain_set
         self.user_add, self.user_show, self.user_list = a.user_add, a.user_show, a.user_list
         self.user_dormant, self.user_disable = a.user_dormant, a.user_disable
-        self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
+        self.user_enable, self.user_reset_password = a.user_enable, pw.user_reset_password
+        self.user_expire_old_password = pw.user_expire_old_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
         self.user_networks, self.info = a.user_networks, a.info
         self.user_label = AccountLabels(self.shared, a.info).user_label
@@ -85,6 +95,10 @@ class Lifecycle:
         self.queue_delete = q.queue_delete
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
         self.node_list, self.node_forget = n.node_list, n.node_forget
+        self.dkim_keys = k = DkimKeys(self.shared, d)
+        self.domain_rotate_key = self._acknowledged(k.rotate)
+        self.domain_activate_key = self._acknowledged(k.activate)
+        self.domain_cancel_key = self._acknowledged(k.cancel)
         # Cluster mode: a change returns once every live node has applied it.
         self.domain_add = self._acknowledged(self.domain_add)
         self.domain_delete = self._acknowledged(self.domain_delete)
@@ -93,6 +107,7 @@ class Lifecycle:
         self.user_disable = self._acknowledged(self.user_disable)
         self.user_enable = self._acknowledged(self.user_enable)
         self.user_reset_password = self._acknowledged(self.user_reset_password)
+        self.user_expire_old_password = self._acknowledged(self.user_expire_old_password)
         self.user_delete = self._acknowledged(self.user_delete)
         self.user_limits = self._acknowledged(self.user_limits)
         self.user_networks = self._acknowledged(self.user_networks)
@@ -129,7 +144,9 @@ class Lifecycle:
     async def load(self) -> None:
         """Fill the directory from the database (at start): domains, then accounts."""
         await self.domains.load()
+        await hooks.load(self.shared)
         await self.accounts.load()
+        await self.suppressions.load()
 
     def reconfigure(self, cfg: Config) -> None:
         """A reload: operations from now on read the new settings (limits, retention...)."""

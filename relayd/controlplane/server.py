@@ -11,7 +11,8 @@ relayd.controlplane.audit.OPERATOR_UID while the request runs. The control socke
 with mode 0660 (umask set around the bind), so it is never world-accessible.
 The Prometheus endpoint is a second, TCP site of the same library; it also serves
 ``GET /health`` for a load balancer (200 ``ok`` or 503 with the reason, plain text,
-never cached), from the ``health`` function the app passes.
+never cached), from the ``health`` function the app passes. The client side of the
+library is here too: :class:`WebhookClient`, the POSTs of relayd.webhooks.poster.
 
 Untrusted input: request paths, query strings and bodies (from local users
 allowed on the socket; still validated: malformed JSON or UTF-8, unknown or
@@ -37,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -259,6 +261,22 @@ class ControlServer:
         return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm,
                                                  body.reason))
 
+    async def domain_rotate_key(self, request: web.Request) -> web.Response:
+        """A new pending DKIM key."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_rotate_key(request.match_info["name"], body.reason),
+                     201)
+
+    async def domain_activate_key(self, request: web.Request) -> web.Response:
+        """The pending DKIM key signs from now on."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_activate_key(request.match_info["name"], body.reason))
+
+    async def domain_cancel_key(self, request: web.Request) -> web.Response:
+        """Drop the pending DKIM key."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_cancel_key(request.match_info["name"], body.reason))
+
     async def user_add(self, request: web.Request) -> web.Response:
         """Create an account."""
         body = await _body(request, schemas.UserAdd)
@@ -285,10 +303,16 @@ class ControlServer:
         return _json(await self.lc.user_enable(request.match_info["name"], body.reason))
 
     async def user_reset(self, request: web.Request) -> web.Response:
-        """Reset an account's password."""
-        body = await _body(request, schemas.ChangeReason)
+        """Reset an account's password (optionally keeping the old one for a while)."""
+        body = await _body(request, schemas.PasswordReset)
         return _json(await self.lc.user_reset_password(request.match_info["name"],
-                                                       body.reason))
+                                                       body.keep_old_seconds, body.reason))
+
+    async def user_expire_old(self, request: web.Request) -> web.Response:
+        """End a kept old password's grace now."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_expire_old_password(request.match_info["name"],
+                                                            body.reason))
 
     async def user_delete(self, request: web.Request) -> web.Response:
         """Delete an account (irreversible)."""
@@ -357,6 +381,22 @@ class ControlServer:
         q = _query(request, schemas.LogQuery)
         return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit,
                                                 q.message))
+
+    async def suppression_list(self, request: web.Request) -> web.Response:
+        """A domain's suppressed recipients."""
+        q = _query(request, schemas.SuppressionQuery)
+        return _json(await self.lc.suppression_list(request.match_info["name"], q.limit))
+
+    async def suppression_add(self, request: web.Request) -> web.Response:
+        """Suppress recipients for a domain."""
+        body = await _body(request, schemas.SuppressionAdd)
+        return _json(await self.lc.suppression_add(request.match_info["name"], body))
+
+    async def suppression_remove(self, request: web.Request) -> web.Response:
+        """Send to a suppressed recipient again."""
+        body = await _body(request, schemas.SuppressionRemove)
+        return _json(await self.lc.suppression_remove(request.match_info["name"],
+                                                      body.address))
 
     async def node_list(self, request: web.Request) -> web.Response:
         """The nodes of the cluster (409 on a single node)."""
@@ -469,3 +509,33 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(f"another relayd is already listening on {path}")
+
+
+class WebhookClient:
+    """The client side of the same library: the webhook poster's POSTs (one session, its
+    connections reused), each with its own total timeout; TLS verified by default."""
+
+    def __init__(self, timeout: float, user_agent: str) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"User-Agent": user_agent, "Content-Type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+        """POST ``body``; ``(status, "")``, or ``(None, why)`` when no answer came (refused,
+        timed out, TLS or protocol error). The answer's body is not read beyond 1 KiB."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        try:
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                await resp.content.read(1024)
+                return resp.status, ""
+        except TimeoutError:
+            return None, "timed out"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:300]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

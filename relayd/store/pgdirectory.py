@@ -49,12 +49,15 @@ from relayd.store.directory import (
     NewAccount,
     NewDomain,
     PlanFull,
+    SuppressionRecord,
     audit_entry,
     audit_filter,
     audit_insert,
     audit_rows,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
+from relayd.store.pgdkim import PgDkimKeys
+from relayd.store.webhooks import WebhookRecord
 
 T = TypeVar("T")
 
@@ -100,6 +103,18 @@ CREATE TABLE IF NOT EXISTS queue_probes (
 CREATE TABLE IF NOT EXISTS quota (
     account_id bigint NOT NULL, period int NOT NULL, window_start bigint NOT NULL,
     granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_hash text;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_expires double precision;
+CREATE TABLE IF NOT EXISTS domain_webhooks (
+    domain_id bigint PRIMARY KEY REFERENCES domains(id), url text NOT NULL,
+    secret bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS dkim_selectors (
+    selector text PRIMARY KEY, domain_id bigint NOT NULL REFERENCES domains(id),
+    slot text NOT NULL, state text NOT NULL, private_key bytea, at double precision NOT NULL);
+CREATE INDEX IF NOT EXISTS dkim_selectors_domain ON dkim_selectors(domain_id);
+CREATE TABLE IF NOT EXISTS suppressions (
+    domain_id bigint NOT NULL, address text NOT NULL, reason text NOT NULL,
+    since double precision NOT NULL, PRIMARY KEY (domain_id, address));
 CREATE TABLE IF NOT EXISTS audit (
     id bigserial PRIMARY KEY, at double precision NOT NULL, kind text NOT NULL,
     subject text NOT NULL, domain text NOT NULL DEFAULT '', action text NOT NULL, uid bigint,
@@ -114,7 +129,8 @@ ALTER TABLE accounts ADD COLUMN IF NOT EXISTS label text NOT NULL DEFAULT '';
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One row of the change log: ``kind`` (domain, account, probe) and the entity's id."""
+    """One row of the change log: ``kind`` (domain, account, probe, suppression: a domain's
+    suppression list) and the entity's id."""
 
     version: int
     kind: str
@@ -173,16 +189,94 @@ _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed
                    " created_at, deleted_at, check_header_from FROM domains")
 _ACCOUNT_FIELDS = ("id, username, domain_id, password_hash, status, disabled_reason,"
                    " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
-                   " label")
+                   " old_password_hash, old_password_expires, label")
 _ACCOUNT_COLUMNS = "SELECT " + _ACCOUNT_FIELDS + " FROM accounts"  # noqa: S608 - literals
-#: One account and, as a 14th column, its networks (one round trip).
+#: One account and, as a 16th column, its networks (one round trip).
 _ONE_ACCOUNT = ("SELECT " + _ACCOUNT_FIELDS  # noqa: S608 - literals
                 + ", array(SELECT cidr FROM account_networks n WHERE n.account_id = accounts.id"
                 " ORDER BY cidr) FROM accounts WHERE id=$1")
 _LIVE = "heartbeat > now() - make_interval(secs => $1)"
+#: A status change ends a kept old password (an enable never brings it back).
+_SET_STATUS = ("UPDATE accounts SET status=$2, disabled_reason=$3, old_password_hash=NULL,"
+               " old_password_expires=NULL WHERE id=$1")
+#: The password hash and the old one kept until its expiry (NULL, NULL: none).
+_SET_HASHES = ("UPDATE accounts SET password_hash=$2, old_password_hash=$3,"
+                 " old_password_expires=$4 WHERE id=$1")
 
 
-class PgDirectory:
+class _Webhooks:
+    """PgDirectory's webhooks (a part of its own, by size): the secret sealed like a DKIM
+    key, a change logged as the domain's."""
+
+    _db: Database
+    _seal: Callable[[bytes], bytes]
+    _unseal: Callable[[bytes], bytes]
+
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]],
+                     audit: Sequence[AuditEntry] = NO_AUDIT) -> T:
+        raise NotImplementedError
+
+    def _webhook(self, r: Any) -> WebhookRecord:
+        return WebhookRecord(int(r[0]), r[1], self._unseal(bytes(r[2])).decode("utf-8"))
+
+    async def webhooks(self) -> list[WebhookRecord]:
+        return [self._webhook(r) for r in await self._db.fetch(
+            "SELECT domain_id, url, secret FROM domain_webhooks")]
+
+    async def webhook(self, domain_id: int) -> WebhookRecord | None:
+        r = await self._db.fetchrow(
+            "SELECT domain_id, url, secret FROM domain_webhooks WHERE domain_id=$1", domain_id)
+        return None if r is None else self._webhook(r)
+
+    async def set_webhook(self, domain_id: int, url: str | None, secret: str | None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            if url is None or secret is None:
+                await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
+            else:
+                await tx.execute(
+                    "INSERT INTO domain_webhooks(domain_id, url, secret) VALUES ($1,$2,$3)"
+                    " ON CONFLICT (domain_id) DO UPDATE SET url=EXCLUDED.url,"
+                    " secret=EXCLUDED.secret", domain_id, url, self._seal(secret.encode()))
+            return None, [("domain", domain_id)]
+        await self._write(update, audit)
+
+
+class _SuppressionRows:
+    """PgDirectory's suppression lists: a change names the domain, whose list every node
+    then reads again."""
+
+    _db: Database
+    _write: Callable[..., Awaitable[Any]]
+
+    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
+        rows = await self._db.fetch(
+            "SELECT domain_id, address, reason, since FROM suppressions WHERE since > $1"
+            " AND ($2::bigint IS NULL OR domain_id = $2)", after, domain_id)
+        return [SuppressionRecord(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
+                               expired: float) -> None:
+        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute("DELETE FROM suppressions WHERE domain_id=$1 AND since <= $2",
+                             domain_id, expired)
+            await tx.executemany(
+                "INSERT INTO suppressions(domain_id, address, reason, since)"
+                " VALUES ($1,$2,$3,$4) ON CONFLICT (domain_id, address) DO UPDATE SET"
+                " reason=EXCLUDED.reason, since=EXCLUDED.since",
+                [(domain_id, r.address, r.reason, r.since) for r in recs])
+            return None, [("suppression", domain_id)]
+        await self._write(add)
+
+    async def remove_suppression(self, domain_id: int, address: str) -> bool:
+        async def remove(tx: Tx) -> tuple[bool, list[tuple[str, int]]]:
+            gone = await tx.fetchval("DELETE FROM suppressions WHERE domain_id=$1"
+                                     " AND address=$2 RETURNING 1", domain_id, address)
+            return gone is not None, [("suppression", domain_id)]
+        return await self._write(remove)
+
+
+class PgDirectory(_Webhooks, _SuppressionRows, PgDkimKeys):
     """The directory and the cluster tables in one PostgreSQL database.
 
     ``written`` is the highest control-plane version this process has committed: a
@@ -299,7 +393,7 @@ class PgDirectory:
     async def account(self, account_id: int) -> AccountRecord | None:
         """One account with its networks (one round trip)."""
         row = await self._db.fetchrow(_ONE_ACCOUNT, account_id)
-        return None if row is None else _account(row, list(row[13]))
+        return None if row is None else _account(row, list(row[15]))
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
@@ -313,7 +407,7 @@ class PgDirectory:
         n = await self._db.fetchval(
             "SELECT count(*) FROM domains WHERE selector = ANY($1::text[])"
             " OR ed25519_selector = ANY($1::text[])", list(selectors))
-        return bool(n)
+        return bool(n) or await self._selectors_kept(selectors)
 
     async def add_domain(self, new: NewDomain, audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
@@ -338,8 +432,11 @@ class PgDirectory:
         async def delete(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
+            await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
+            await self._cancel_pending(tx, domain_id, now)
             ids = await tx.fetch(
-                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
+                " old_password_hash=NULL, old_password_expires=NULL"
                 " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
             return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
         await self._write(delete, audit)
@@ -380,13 +477,13 @@ class PgDirectory:
 
     async def set_status(self, account_id: int, status: str, reason: str,
                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
-        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3"
-                           " WHERE id=$1", status, reason, audit=audit)
+        await self._update(account_id, _SET_STATUS, status, reason, audit=audit)
 
     async def set_password(self, account_id: int, password_hash: str,
+                           old_hash: str | None = None, old_expires: float | None = None,
                            audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
-        await self._update(account_id, "UPDATE accounts SET password_hash=$2 WHERE id=$1",
-                           password_hash, audit=audit)
+        await self._update(account_id, _SET_HASHES, password_hash, old_hash, old_expires,
+                           audit=audit)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
                          per_day: int | None, audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
@@ -429,6 +526,7 @@ class PgDirectory:
         async def delete(tx: Tx) -> tuple[list[int], list[tuple[str, int]]]:
             await tx.execute(
                 "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=$2,"
+                " old_password_hash=NULL, old_password_expires=NULL,"
                 " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
                 " per_day=NULL WHERE id=$1", account_id, now)
             await tx.execute("DELETE FROM account_networks WHERE account_id=$1", account_id)
@@ -569,7 +667,9 @@ class PgDirectory:
 def _account(r: Any, networks: list[str]) -> AccountRecord:
     return AccountRecord(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], float(r[6]),
                          None if r[7] is None else float(r[7]), int(r[8]), r[9], r[10], r[11],
-                         networks=networks, label=r[12])
+                         networks=networks, old_password_hash=r[12],
+                         old_password_expires=None if r[13] is None else float(r[13]),
+                         label=r[14])
 
 
 async def _bindings(tx: Tx, exclude_account: int | None) -> list[NetworkBinding]:
