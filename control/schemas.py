@@ -487,6 +487,9 @@ class KeyRotation(_S, omit_defaults=True):
     action: str
     selectors: list[DkimSelector]
     retired: list[DkimSelector] = msgspec.field(default_factory=list)
+    propagation: Propagation | None = None  # cluster mode only
+
+
 class SuppressionEntry(_S):
     """A recipient the domain does not send to: the reply that added it, since when, until."""
 

@@ -494,8 +494,7 @@ class Dispatcher:
             message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
-            attempts=attempts + 1,
-            at_rcpt=at_rcpt)
+            attempts=attempts + 1, at_rcpt=at_rcpt)
 
     async def stop(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running attempts; then cancel the DSN tails."""
