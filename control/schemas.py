@@ -16,7 +16,7 @@ This module imports msgspec only: the CLI stays light and fast to start.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -30,6 +30,8 @@ LOG_LIMIT_MAX = 10_000
 EPOCH_MAX = 253_402_300_799.0
 #: Longest ``dormant`` threshold, in days (about 270 years).
 DAYS_MAX = 100_000.0
+#: Longest grace ``reset-password --keep-old`` gives the old password: 30 days.
+KEEP_OLD_MAX = 30 * 86400.0
 
 # Bounded numbers: out of range (negative, too large for the database, NaN,
 # infinite) is a 400 naming the field, never a silent clamp or a 500.
@@ -37,6 +39,16 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=SQLITE_INT_MAX)]
 LogLimit = Annotated[int, msgspec.Meta(ge=1, le=LOG_LIMIT_MAX)]
 EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=EPOCH_MAX)]
 Days = Annotated[float, msgspec.Meta(ge=0.0, le=DAYS_MAX)]
+#: Longest ``reason`` an operator may give with a change (the audit trail keeps it).
+REASON_MAX = 500
+#: Longest account ``label``.
+LABEL_MAX = 200
+#: Why the operator made a change (free text, one line; the audit trail keeps it).
+Reason = Annotated[str, msgspec.Meta(max_length=REASON_MAX)]
+#: An account's label: which application uses it (free text, one line; "" is none).
+Label = Annotated[str, msgspec.Meta(max_length=LABEL_MAX)]
+#: How long a reset keeps the old password working (seconds, > 0, at most 30 days).
+KeepOld = Annotated[float, msgspec.Meta(gt=0.0, le=KEEP_OLD_MAX)]
 #: The states of a queued message (``queue`` and ``queue purge`` filter on them).
 QueueState = Literal["queued", "waiting_limit", "held", "deferred"]
 
@@ -84,6 +96,7 @@ class DomainAdd(_S):
     """Create a sending domain."""
 
     name: str
+    reason: Reason = ""
 
 
 class DnsRecord(_S):
@@ -93,6 +106,18 @@ class DnsRecord(_S):
     name: str
     value: str
     purpose: str
+
+
+class DkimSelector(_S, omit_defaults=True):
+    """A DKIM selector of a domain: ``active`` (signing now), ``pending`` (made by
+    rotate-key: publish its records, then activate it) or ``retired`` (no longer signing
+    since ``since``: its record can go once mail signed with it has been verified)."""
+
+    selector: str
+    state: str
+    algorithm: str = ""  # rsa or ed25519 (a retired selector's key is gone)
+    since: float | None = None  # pending: made at; retired: retired at
+    dns_records: list[DnsRecord] = msgspec.field(default_factory=list)
 
 
 class DomainInfo(_S):
@@ -106,12 +131,24 @@ class DomainInfo(_S):
     #: Mail must have a header From (and Sender) in the domain or a subdomain.
     check_header_from: bool = True
     dns_records: list[DnsRecord] = msgspec.field(default_factory=list)
+    #: Where delivery events are posted (None: no webhook).
+    webhook_url: str | None = None
+    #: The webhook's signing secret: only in the answer of the ``domain set`` that made
+    #: it (shown once; relayd never shows it again).
+    webhook_secret: str | None = None
+    #: ``domain show``: its active, pending and retired DKIM selectors.
+    dkim_selectors: list[DkimSelector] = msgspec.field(default_factory=list)
 
 
 class DomainSettings(_S):
     """Change a domain's settings (a field left out is left as it is)."""
 
     check_header_from: bool | None = None
+    reason: Reason = ""
+    #: Post delivery events to this http(s) URL; "" (or "off") removes the webhook.
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    #: Make a new signing secret for the webhook (the old one stops at once).
+    rotate_webhook_secret: bool = False
 
 
 class DomainList(_S):
@@ -124,6 +161,13 @@ class Confirm(_S):
     """An irreversible operation needs the name typed again."""
 
     confirm: str
+    reason: Reason = ""
+
+
+class ChangeReason(_S):
+    """The optional reason of a change without other fields (kept in the audit trail)."""
+
+    reason: Reason = ""
 
 
 class Propagation(_S):
@@ -160,6 +204,8 @@ class UserAdd(_S):
 
     domain: str
     allow_networks: list[str] = msgspec.field(default_factory=list)
+    label: Label = ""
+    reason: Reason = ""
 
 
 class Credentials(_S, omit_defaults=True):
@@ -168,6 +214,18 @@ class Credentials(_S, omit_defaults=True):
     username: str
     password: str
     propagation: Propagation | None = None  # cluster mode only (reset-password)
+    #: reset-password --keep-old: when the previous password stops working (POSIX seconds).
+    old_password_expires: float | None = None
+    #: reset-password on a disabled account: it stays disabled (and how to enable it).
+    note: str | None = None
+
+
+class PasswordReset(_S):
+    """Reset an account's password; ``keep_old_seconds``: the previous one keeps working
+    that long (then stops by itself), else it fails at once."""
+
+    keep_old_seconds: KeepOld | None = None
+    reason: Reason = ""
 
 
 class Limits(_S):
@@ -192,6 +250,9 @@ class UserInfo(_S, omit_defaults=True):
     networks: list[str]
     limits: Limits
     propagation: Propagation | None = None  # cluster mode only (changes taking rights away)
+    label: str = ""  # the operator's free text; omitted when none
+    #: A previous password kept by reset-password --keep-old: when it stops working.
+    old_password_expires: float | None = None
 
 
 class UserList(_S):
@@ -208,6 +269,7 @@ class UserDelete(_S):
     #: Check only: refused as the delete would be (queued mail, per node in cluster
     #: mode), else answered with ``dry_run`` true; nothing changes, ``confirm`` unchecked.
     dry_run: bool = False
+    reason: Reason = ""
 
 
 class UserDeleted(_S, omit_defaults=True):
@@ -225,6 +287,7 @@ class UserLimits(_S):
     per_minute: Count | None = None
     per_hour: Count | None = None
     per_day: Count | None = None
+    reason: Reason = ""
 
 
 class NetworkChange(_S):
@@ -232,6 +295,44 @@ class NetworkChange(_S):
 
     action: Literal["add", "remove"]
     cidr: str
+    reason: Reason = ""
+
+
+class UserLabel(_S):
+    """Set an account's label ("" clears it)."""
+
+    label: Label
+    reason: Reason = ""
+
+
+class AuditItem(_S):
+    """One entry of the audit trail: what an operator changed, when, who, why."""
+
+    at: float
+    kind: Literal["account", "domain"]
+    name: str  # the username or domain name
+    domain: str  # an account's domain; a domain's own name
+    action: str
+    uid: int | None  # the control socket peer's uid; None: not through the socket
+    operator: str | None  # that uid's user name on the answering node, if it has one
+    node: str | None  # cluster mode: the node that made the change
+    reason: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)  # never a secret
+
+
+class AuditQuery(_S):
+    """Query of ``GET /v1/audit`` (``since``: epoch seconds)."""
+
+    user: str | None = None
+    domain: str | None = None
+    since: EpochSeconds | None = None
+    limit: LogLimit = 100
+
+
+class AuditList(_S):
+    """Audit trail entries, newest first."""
+
+    entries: list[AuditItem]
 
 
 class UserListQuery(_S):
@@ -258,7 +359,7 @@ class QueueListQuery(_S):
 
 #: The outcomes ``log --status`` filters on (``queued``: not attempted yet; ``purged``:
 #: removed by the operator before it was final).
-LogStatus = Literal["queued", "deferred", "delivered", "failed", "purged"]
+LogStatus = Literal["queued", "deferred", "delivered", "failed", "purged", "suppressed"]
 #: A message id as ``queue list`` shows it.
 MessageId = Annotated[str, msgspec.Meta(pattern="^[0-9A-Fa-f]{16}$")]
 
@@ -329,7 +430,8 @@ class LogEntry(_S):
     next_hop: str
     code: int | None
     text: str
-    outcome: str  # queued, delivered, deferred, failed, or purged (removed by the operator)
+    outcome: str  # queued, delivered, deferred, failed, purged (removed by the operator),
+    # or suppressed (not sent: on the domain's suppression list)
     kind: str = "message"  # or ``bounce``: a DSN relayd generated (not in total sent)
 
 
@@ -393,6 +495,62 @@ class NodeForgotten(_S):
     name: str
 
 
+class KeyRotation(_S, omit_defaults=True):
+    """Result of ``domain rotate-key``: ``created`` (the pending key(s) with the DNS
+    records to publish), ``activated`` (the new active key(s); ``retired``: the selectors
+    no longer used) or ``cancelled`` (the pending key(s) dropped)."""
+
+    name: str
+    action: str
+    selectors: list[DkimSelector]
+    retired: list[DkimSelector] = msgspec.field(default_factory=list)
+    propagation: Propagation | None = None  # cluster mode only
+
+
+class SuppressionEntry(_S):
+    """A recipient the domain does not send to: the reply that added it, since when, until."""
+
+    address: str
+    reason: str
+    since: float
+    expires: float
+
+
+class SuppressionList(_S):
+    """A domain's suppression list, newest first (``total``: entries, ``limit`` aside)."""
+
+    domain: str
+    total: int
+    entries: list[SuppressionEntry]
+
+
+class SuppressionQuery(_S):
+    """Query of ``GET /v1/domains/{name}/suppressions``."""
+
+    limit: LogLimit = 100
+
+
+class SuppressionAdd(_S):
+    """Recipients an operator suppresses (imported from another provider, say)."""
+
+    addresses: Annotated[list[str], msgspec.Meta(min_length=1, max_length=10_000)]
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = "added by the operator"
+
+
+class SuppressionRemove(_S):
+    """The recipient to send to again."""
+
+    address: str
+
+
+class SuppressionChanged(_S):
+    """Result of a suppression add or remove: how many entries it added or removed."""
+
+    domain: str
+    count: int
+    propagation: Propagation | None = None  # cluster mode only
+
+
 class Route(NamedTuple):
     """One operation of the control API: what the router serves and the document describes."""
 
@@ -417,6 +575,7 @@ _BAD_QUERY = (400, "bad query: an unknown or repeated parameter, a mistyped or o
               " value (`code` is `invalid_request`)")
 _TOO_LARGE = (413, "the body is larger than 1 MiB (`code` is `too_large`)")
 _NO_DOMAIN = (404, "no such domain (`code` is `not_found`)")
+_NO_PENDING_KEY = (409, "the domain has no pending key (`code` is `no_pending_key`)")
 _NO_USER = (404, "no such user (`code` is `not_found`)")
 _BAD_ID = (400, "not a message id (`code` is `bad_request`)")
 _NO_MESSAGE = (404, "no such queued message, on this node in cluster mode (`code` is"
@@ -445,12 +604,28 @@ ROUTES: tuple[Route, ...] = (
           DomainInfo, params=_DOMAIN, errors=(_NO_DOMAIN,)),
     Route("POST", "/v1/domains/{name}/settings", "domain_set",
           "Change a domain's settings: whether the header From (and Sender) of its mail"
-          " is checked against it", DomainInfo, body=DomainSettings, params=_DOMAIN,
+          " is checked against it; its webhook for delivery events (a new secret is"
+          " in the answer, once)", DomainInfo, body=DomainSettings, params=_DOMAIN,
           errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
     Route("POST", "/v1/domains/{name}/delete", "domain_delete",
           "Delete a domain (irreversible): its accounts are disabled for good, its key"
           " destroyed", DomainDeleted, body=Confirm, params=_DOMAIN,
           errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE)),
+    Route("POST", "/v1/domains/{name}/rotate-key", "domain_rotate_key",
+          "Make a new DKIM key (each algorithm the domain signs with) with a never-used"
+          " selector, pending: its DNS records to publish; the active key keeps signing",
+          KeyRotation, 201, body=ChangeReason, params=_DOMAIN,
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN, _TOO_LARGE,
+                  (409, "a rotation is pending already: activate or cancel it first (`code`"
+                        " is `key_pending`)"))),
+    Route("POST", "/v1/domains/{name}/rotate-key/activate", "domain_activate_key",
+          "The pending DKIM key signs from now on, on every node; the old selector is"
+          " retired", KeyRotation, body=ChangeReason, params=_DOMAIN,
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN, _NO_PENDING_KEY, _TOO_LARGE)),
+    Route("POST", "/v1/domains/{name}/rotate-key/cancel", "domain_cancel_key",
+          "Drop the pending DKIM key (its selector is never drawn again)", KeyRotation,
+          body=ChangeReason, params=_DOMAIN,
+          errors=(_CLUSTER, _BAD, _NO_DOMAIN, _NO_PENDING_KEY, _TOO_LARGE)),
     Route("POST", "/v1/users", "user_add",
           "Create an account: a generated username and password (shown once)",
           Credentials, 201, body=UserAdd,
@@ -463,15 +638,23 @@ ROUTES: tuple[Route, ...] = (
           errors=(_NO_USER,)),
     Route("POST", "/v1/users/{name}/disable", "user_disable",
           "Disable an account, effective before this returns; its mail is held",
-          UserInfo, params=_USER, errors=(_CLUSTER, _NO_USER,)),
+          UserInfo, body=ChangeReason, params=_USER, errors=(_CLUSTER, _BAD, _NO_USER,)),
     Route("POST", "/v1/users/{name}/enable", "user_enable", "Enable an account",
-          UserInfo, params=_USER,
-          errors=(_CLUSTER, _NO_USER,
+          UserInfo, body=ChangeReason, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER,
                   (409, "the account's domain was deleted: it can never be enabled"
                         " (`code` is `domain_deleted`)"))),
     Route("POST", "/v1/users/{name}/reset-password", "user_reset",
-          "A new password (shown once); the old one fails at once", Credentials,
-          params=_USER, errors=(_CLUSTER, _NO_USER,)),
+          "A new password (shown once); the old one fails at once, or with"
+          " `keep_old_seconds` keeps working that long (at most 30 days)", Credentials,
+          body=PasswordReset, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER,
+                  (409, "`keep_old_seconds` on a disabled account (`code` is"
+                        " `account_disabled`)"), _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/expire-old-password", "user_expire_old",
+          "End the grace of a password kept by reset-password: it fails before this"
+          " returns", UserInfo, body=ChangeReason, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER, _TOO_LARGE)),
     Route("POST", "/v1/users/{name}/delete", "user_delete",
           "Delete an account (irreversible); with `dry_run`, only check whether it would"
           " be refused", UserDeleted, body=UserDelete, params=_USER,
@@ -486,6 +669,13 @@ ROUTES: tuple[Route, ...] = (
           body=NetworkChange, params=_USER,
           errors=(_CLUSTER, _BAD, (404, "no such user, or (remove) no such binding (`code` is"
                               " `not_found`)"), _TOO_LARGE)),
+    Route("POST", "/v1/users/{name}/label", "user_label",
+          "Set or clear an account's label (free text: which application uses it)",
+          UserInfo, body=UserLabel, params=_USER,
+          errors=(_CLUSTER, _BAD, _NO_USER, _TOO_LARGE)),
+    Route("GET", "/v1/audit", "audit_list",
+          "The audit trail of accounts and domains, newest first (deleted ones included)",
+          AuditList, query=AuditQuery, errors=(_BAD_QUERY,)),
     Route("GET", "/v1/dormant", "dormant", "Accounts not used for a while, oldest first",
           UserList, query=DormantQuery, errors=(_BAD_QUERY,)),
     Route("GET", "/v1/queue", "queue_list", "Queued messages (send and retry queues)",
@@ -523,6 +713,17 @@ ROUTES: tuple[Route, ...] = (
           errors=((404, "no such node (`code` is `not_found`)"),
                   (409, "the node is live: only a gone node can be forgotten (`code` is"
                         " `node_live`)"), _NOT_CLUSTERED)),
+    Route("GET", "/v1/domains/{name}/suppressions", "suppression_list",
+          "The domain's suppressed recipients, newest first", SuppressionList,
+          query=SuppressionQuery, params=_DOMAIN, errors=(_BAD_QUERY, _NO_DOMAIN)),
+    Route("POST", "/v1/domains/{name}/suppressions", "suppression_add",
+          "Suppress recipients for the domain (an operator's import)", SuppressionChanged,
+          body=SuppressionAdd, params=_DOMAIN, errors=(_BAD, _NO_DOMAIN, _TOO_LARGE, _CLUSTER)),
+    Route("POST", "/v1/domains/{name}/suppressions/remove", "suppression_remove",
+          "Send to a suppressed recipient again", SuppressionChanged, body=SuppressionRemove,
+          params=_DOMAIN,
+          errors=(_BAD, (404, "no such domain, or the address is not suppressed (`code` is"
+                              " `not_found`)"), _TOO_LARGE, _CLUSTER)),
     Route("GET", "/v1/openapi.json", "openapi",
           "This API as an OpenAPI 3.1 document (docs/openapi.json)", None),
 )

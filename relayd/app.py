@@ -53,7 +53,7 @@ from relayd.cluster.quota import QuotaLeaser
 from relayd.config import Config, ConfigError, parse_hostport
 from relayd.controlplane.follow import Follower
 from relayd.controlplane.lifecycle import Lifecycle
-from relayd.controlplane.server import ControlServer
+from relayd.controlplane.server import ControlServer, WebhookClient
 from relayd.delivery.agents import AgentPool
 from relayd.delivery.client import Deliverer, MxLookup, Router, Transport
 from relayd.directory.accounts import Directory
@@ -79,6 +79,8 @@ from relayd.store.directory import SqliteDirectory
 from relayd.store.pg import PgError
 from relayd.store.pgdirectory import PgDirectory, SchemaTooNew
 from relayd.store.spool import DbError, Spool, SpoolError, unusable
+from relayd.store.webhooks import WebhookQueue
+from relayd.webhooks.poster import Poster
 
 VERSION = "0.1.0"
 
@@ -200,8 +202,18 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._log_pruning()))
+        self._start_webhooks(loop)
         self.log.info("relayd_started", version=VERSION,
                       listeners=[f"{x.kind}={x.address}" for x in self.listeners])
+
+    def _start_webhooks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The poster of delivery events (stopped with the other tasks, before the spool)."""
+        self.webhook_client = WebhookClient(self.cfg.webhooks.timeout_seconds,
+                                            f"relayd/{VERSION} (webhook)")
+        self.poster = Poster(WebhookQueue(self.spool), self.spool.hooks, self.directory,
+                             self.webhook_client, self.cfg.webhooks, self.metrics,
+                             log=self.log.warning)
+        self._tasks.append(loop.create_task(self.poster.run()))
 
     async def _open_storage(self, undo: contextlib.AsyncExitStack) -> None:
         """The delivery log, then the spool (whose migration may move old log rows)."""
@@ -210,6 +222,7 @@ class Relay:
         undo.push_async_callback(_quietly, self.dlog.close)
         self.spool = Spool(cfg.database_path, batch_max=cfg.spool.commit_batch_max,
                            on_batch=self.observer.batch, move_log=self.dlog.move_from_spool)
+        self.spool.hooks.cap = cfg.webhooks.max_events
         await self.spool.open()
         self.spool.on_results = self.dlog.append
         self.spool.on_purged = self.observer.purged
@@ -606,7 +619,10 @@ class Relay:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if getattr(self, "webhook_client", None) is not None:
+            await self._stop_step("webhooks", self.webhook_client.close)
         await self._stop_step("last_connections", self.lifecycle.flush_last_connections)
+        await self._stop_step("suppressions", self.lifecycle.suppressions.stop)
         if self.quota_leaser is not None:
             await self._stop_step("quota", self.quota_leaser.stop)
         if self.cluster is not None:  # after the sessions and the last writes to it

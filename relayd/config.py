@@ -193,6 +193,9 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     retry_jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     max_queue_lifetime_seconds: Seconds = 432_000.0
     bounces: bool = True
+    # Days a recipient that failed permanently as not existing stays suppressed for its
+    # sending domain (0: no suppression list).
+    suppression_days: Annotated[float, msgspec.Meta(ge=0, le=36_500)] = 30.0
     helo_name: str = ""
     dns_nameservers: tuple[str, ...] = ()
     mx_port: Port = 25  # the SMTP port of MX hosts (tests point it at a sink)
@@ -277,6 +280,17 @@ class SpoolConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # The scheduler checks its memory against the database this often (and soon
     # after a failed commit); what it finds is counted (relayd_queue_reconciled_total).
     reconcile_seconds: Seconds = 60.0
+
+
+class WebhooksConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Delivery events posted to each domain's webhook (``domain set --webhook``)."""
+
+    # Events stored at most in this node's spool; past it the oldest are dropped
+    # (relayd_webhook_events_dropped_total).
+    max_events: PositiveInt = 100_000
+    timeout_seconds: Seconds = 10.0        # one POST, from connect to the answer
+    retry_first_seconds: Seconds = 10.0    # after a first failed post; doubles each time
+    retry_max_seconds: Seconds = 3600.0    # longest wait between two posts of one event
 
 
 #: A node's name: what `relayctl node list` shows and `node forget` takes.
@@ -447,6 +461,7 @@ class Config(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
     def ignored_settings(self) -> list[str]:
         """The removed settings this configuration still sets ("section.key"), ignored."""

@@ -68,6 +68,9 @@ def test_metric_names_are_the_documented_ones() -> None:
         "relayd_cluster_heartbeat_age_seconds",
         "relayd_cluster_versions_behind",
         "relayd_cluster_ack_duration_seconds",
+        "relayd_webhook_posts_total",
+        "relayd_webhook_events_dropped_total",
+        "relayd_webhook_backlog",
         "relayd_build_info",
     }
     assert len(METRIC_NAMES) == len(set(METRIC_NAMES))

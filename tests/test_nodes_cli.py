@@ -55,7 +55,8 @@ async def test_single_node_answers_carry_no_propagation(relay: RelayHandle) -> N
                                        "created_at", "last_connection", "total_sent",
                                        "queued", "networks", "limits"}
     assert answers["disable"]["last_connection"] is None  # a None without default stays
-    assert set(answers["reset"]) == {"username", "password"}
+    # the account was disabled above: the answer says it stays so (issue 16 item 9)
+    assert set(answers["reset"]) == {"username", "password", "note"}
     assert set(answers["delete"]) == {"username", "purged"}
     assert set(answers["domain"]) == {"name", "accounts_disabled", "messages_held", "held",
                                       "retrying", "purged"}

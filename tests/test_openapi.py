@@ -101,7 +101,7 @@ def test_query_parameters_carry_types_and_bounds() -> None:
     assert log["since"]["schema"] == {"type": "number", "minimum": 0.0,
                                       "maximum": schemas.EPOCH_MAX}
     assert log["status"]["schema"] == {"enum": ["deferred", "delivered", "failed", "purged",
-                                                "queued"]}
+                                                "queued", "suppressed"]}
     assert log["message"]["schema"]["pattern"] == "^[0-9A-Fa-f]{16}$"
     assert not any(p["required"] for p in log.values())
     dormant = {p["name"]: p["schema"] for p in doc["paths"]["/v1/dormant"]["get"]["parameters"]}

@@ -365,6 +365,7 @@ FREE = 'relayd_spool_free_bytes{instance="a"}'
 OPEN_FDS = 'process_open_fds{job="relayd",instance="a"}'
 MAX_FDS = 'process_max_fds{job="relayd",instance="a"}'
 FENCED = 'relayd_cluster_fenced{instance="a"}'
+BACKLOG = 'relayd_webhook_backlog{instance="a"}'
 
 # alert -> (series when it must fire, series when it must stay quiet, eval time)
 SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
@@ -417,6 +418,11 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], str]] = {
         [{"series": FENCED, "values": "0 0 1x10"}],
         [{"series": FENCED, "values": "0 0 1 0x10"}],
         "6m",
+    ),
+    "RelaydWebhookBacklog": (
+        [{"series": BACKLOG, "values": "2000+10x60"}],  # a dead webhook: growing
+        [{"series": BACKLOG, "values": "5000x60"}],  # large but not growing (draining)
+        "50m",
     ),
 }
 

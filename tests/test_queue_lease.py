@@ -53,7 +53,7 @@ async def test_schema_1_spool_migrates_and_keeps_its_mail(tmp_path: Path) -> Non
                                      " AND name='recipients_queued'")
     finally:
         await spool.close()
-    assert SCHEMA_VERSION == 7 and version[0] == 7
+    assert version[0] == SCHEMA_VERSION  # every step ran (the version: relayd.store.schema)
     assert index is not None
     assert external[0] == 0
     assert (rcpt.rcpt, rcpt.status, rcpt.attempts, rcpt.next_attempt) == \

@@ -1,5 +1,5 @@
-"""SMTP accounts: add, list, show, disable, enable, reset-password, delete, limits,
-networks, dormant.
+"""SMTP accounts: add, list, show, disable, enable, delete, limits, networks, label,
+dormant (passwords: relayd.controlplane.passwords).
 
 Owns: the account operations of SEMANTICS.md §3-§4, each returning only when the
 database, the directory, the credential cache and the scheduler agree (so
@@ -7,6 +7,8 @@ database, the directory, the credential cache and the scheduler agree (so
 and no session of the account can start or finish a message); the rules a network
 must pass to be bound (through accounts.parse_binding, and no overlap, checked in the
 write transaction); filling the directory's accounts from the database at start.
+Every change is written with its audit entry (relayd.controlplane.audit), in its
+transaction; a call that changes nothing (disable a disabled account) writes none.
 
 Untrusted input: usernames, CIDRs and numbers from the control socket, already decoded
 by control.schemas. Settings read: [limits].
@@ -20,8 +22,10 @@ import base64
 import ipaddress
 import re
 import secrets
+from collections.abc import Callable
 
 from control import schemas
+from relayd.controlplane import audit
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.controlplane.stats import refresh_stats
 from relayd.directory.accounts import (
@@ -59,7 +63,8 @@ def account_from(rec: AccountRecord, domain: Domain) -> Account:
         status=rec.status, disabled_reason=rec.disabled_reason, created_at=rec.created_at,
         last_connection=rec.last_connection, total_sent=rec.total_sent,
         networks=list(rec.networks), per_minute=rec.per_minute, per_hour=rec.per_hour,
-        per_day=rec.per_day)
+        per_day=rec.per_day, old_password_hash=rec.old_password_hash or "",
+        old_password_expires=rec.old_password_expires, label=rec.label)
 
 
 def _plan_full(used: int, cap: int) -> LifecycleError:
@@ -132,7 +137,10 @@ class Accounts:
             last_connection=acct.last_connection, total_sent=acct.total_sent,
             queued=self.s.scheduler.queued_count(acct.id), networks=list(acct.networks),
             limits=schemas.Limits(per_minute=acct.per_minute, per_hour=acct.per_hour,
-                                  per_day=acct.per_day))
+                                  per_day=acct.per_day),
+            old_password_expires=(acct.old_password_expires
+                                  if acct.old_password_valid(self.s.clock()) else None),
+            label=acct.label)
 
     def _check_bindings(self, cidrs: list[str], field: str) -> list[str]:
         """The networks to bind, normalised and without repeats; LifecycleError naming
@@ -148,12 +156,14 @@ class Accounts:
                 out.append(net)
         return out
 
-    async def user_add(self, domain: str, networks: list[str]) -> schemas.Credentials:
+    async def user_add(self, domain: str, networks: list[str], label: str = "",
+                       reason: str = "") -> schemas.Credentials:
         """Create an account with a generated username and password (shown once)."""
         dom = self.s.directory.active_domain(domain.strip().lower().rstrip("."))
         if dom is None:
             raise not_found("domain", domain)
         nets = self._check_bindings(networks, "allow_networks")
+        label = audit.checked_text(label, "label")
         password = new_password()
         hashed = await self.s.hasher.hash(password)
         now = self.s.clock()
@@ -171,15 +181,17 @@ class Accounts:
 
             def put(acct_id: int) -> None:
                 acct = Account(id=acct_id, username=username, domain=dom, password_hash=hashed,
-                               created_at=now, networks=nets)
+                               created_at=now, networks=nets, label=label)
                 self.s.flushed[acct_id] = None
                 self.s.sent_base[acct_id] = 0
                 self.s.directory.put_account(acct)
 
             try:  # counted again in the write: another node may have added one
                 await agree(self.s.store.add_account(
-                    NewAccount(username, dom.id, hashed, now, nets),
-                    lambda others: refuse_overlap(others, nets, "allow_networks"), cap),
+                    NewAccount(username, dom.id, hashed, now, nets, label),
+                    lambda others: refuse_overlap(others, nets, "allow_networks"), cap,
+                    audit=audit.entry(self.s, "account", username, "created", reason,
+                                      domain=dom.name, networks=nets, label=label)),
                     apply=put)
             except PlanFull as exc:
                 raise _plan_full(exc.used, cap) from None
@@ -225,25 +237,32 @@ class Accounts:
                                   a.created_at))
         return schemas.UserList(users=[self.info(a) for a in accts])
 
-    async def user_disable(self, username: str) -> schemas.UserInfo:
+    async def user_disable(self, username: str, reason: str = "") -> schemas.UserInfo:
         """Disable: every AUTH fails and no session can send, at once; mail is held."""
+        entry = audit.checked_text(reason, "reason")
         async with self.s.lock:
             acct = self.s.account(username)
             if acct.status == DISABLED:
                 return self.info(acct)
             acct.status, acct.disabled_reason = DISABLED, "manual"
+            kept = (acct.old_password_hash, acct.old_password_expires)
+            acct.end_old_password()  # an enable never brings it back
             acct.invalidate()
             self.s.cache.invalidate(acct.id)
 
             def undo() -> None:
                 acct.status, acct.disabled_reason = ACTIVE, ""
+                acct.old_password_hash, acct.old_password_expires = kept
 
-            await agree(self.s.store.set_status(acct.id, DISABLED, "manual"), undo=undo)
+            await agree(self.s.store.set_status(
+                acct.id, DISABLED, "manual",
+                audit=audit.account_entry(self.s, acct, "disabled", entry)), undo=undo)
         self.s.log("user_disabled", username=username)
         return self.info(acct)
 
-    async def user_enable(self, username: str) -> schemas.UserInfo:
+    async def user_enable(self, username: str, reason: str = "") -> schemas.UserInfo:
         """Enable: the same password works again at once; held mail is dispatched."""
+        entry = audit.checked_text(reason, "reason")
         async with self.s.lock:
             acct = self.s.account(username)
             if acct.disabled_reason == "domain_deleted":
@@ -256,33 +275,18 @@ class Accounts:
             def enable(_: None) -> None:
                 acct.status, acct.disabled_reason = ACTIVE, ""
 
-            await agree(self.s.store.set_status(acct.id, ACTIVE, ""), apply=enable)
+            await agree(self.s.store.set_status(
+                acct.id, ACTIVE, "", audit=audit.account_entry(self.s, acct, "enabled", entry)),
+                apply=enable)
         self.s.scheduler.wake()
         self.s.log("user_enabled", username=username)
         return self.info(acct)
 
-    async def user_reset_password(self, username: str) -> schemas.Credentials:
-        """A new password (shown once); the old one fails at once."""
-        acct = self.s.account(username)
-        password = new_password()
-        hashed = await self.s.hasher.hash(password)
-        async with self.s.lock:
-            acct = self.s.account(username)
-            old = acct.password_hash
-            acct.password_hash = hashed
-            acct.invalidate()
-            self.s.cache.invalidate(acct.id)
-
-            def undo() -> None:
-                acct.password_hash = old
-
-            await agree(self.s.store.set_password(acct.id, hashed), undo=undo)
-        self.s.log("user_password_reset", username=username)
-        return schemas.Credentials(username=username, password=password)
-
     async def user_delete(self, username: str, confirm: str,
-                          purge_queue: bool) -> schemas.UserDeleted:
-        """Delete: credentials destroyed for good, slot freed, stats removed, log kept."""
+                          purge_queue: bool, reason: str = "") -> schemas.UserDeleted:
+        """Delete: credentials destroyed for good, slot freed, stats removed, log and audit
+        trail kept."""
+        entry = audit.checked_text(reason, "reason")
         if confirm != username:
             raise LifecycleError(
                 f"confirmation does not match: type the username {username!r} again",
@@ -291,8 +295,10 @@ class Accounts:
             acct = self.s.account(username)
             counts = await self._queued_everywhere(acct, purge_queue)
             saved = (acct.status, acct.disabled_reason, acct.password_hash)
+            kept = (acct.old_password_hash, acct.old_password_expires)
             acct.status = DELETED
             acct.password_hash = ""
+            acct.end_old_password()
             acct.invalidate()
             self.s.cache.invalidate(acct.id)
             self.s.directory.rebuild_networks()
@@ -300,13 +306,15 @@ class Accounts:
 
             def undo() -> None:
                 acct.status, acct.disabled_reason, acct.password_hash = saved
+                acct.old_password_hash, acct.old_password_expires = kept
                 self.s.directory.rebuild_networks()
 
             try:
                 # without purge_queue, a message committed after the check above is
                 # still refused (the store counts again in the transaction)
-                purged_ids = await agree(
-                    self.s.store.delete_account(acct.id, now, purge_queue), undo=undo)
+                purged_ids = await agree(self.s.store.delete_account(
+                    acct.id, now, purge_queue, audit=audit.account_entry(
+                        self.s, acct, "deleted", entry, purge_queue=purge_queue)), undo=undo)
             except QueueNotEmpty as exc:
                 raise _queue_not_empty(username, exc.count) from None
             if self.s.cluster is not None:  # this node's spool; each node purges its own
@@ -366,15 +374,22 @@ class Accounts:
         for v in (limits.per_minute, limits.per_hour, limits.per_day):
             if v is not None and v < 0:
                 raise LifecycleError("limits must be >= 0", "bad_request")
+        reason = audit.checked_text(limits.reason, "reason")
         async with self.s.lock:
             acct = self.s.account(username)
+            old = {"per_minute": acct.per_minute, "per_hour": acct.per_hour,
+                   "per_day": acct.per_day}
+            new = {"per_minute": limits.per_minute, "per_hour": limits.per_hour,
+                   "per_day": limits.per_day}
 
             def set_limits(_: None) -> None:
                 acct.per_minute, acct.per_hour, acct.per_day = (
                     limits.per_minute, limits.per_hour, limits.per_day)
 
-            await agree(self.s.store.set_limits(acct.id, limits.per_minute, limits.per_hour,
-                                                limits.per_day), apply=set_limits)
+            await agree(self.s.store.set_limits(
+                acct.id, limits.per_minute, limits.per_hour, limits.per_day,
+                audit=audit.account_entry(self.s, acct, "limits_changed", reason, old=old,
+                                          new=new)), apply=set_limits)
         self.s.scheduler.set_limits(acct)
         self.s.log("user_limits", username=username, per_minute=limits.per_minute,
                   per_hour=limits.per_hour, per_day=limits.per_day)
@@ -388,6 +403,7 @@ class Accounts:
         account's (checked in the transaction that stores it); one to unbind is
         taken as stored, whatever rules applied when it was bound.
         """
+        reason = audit.checked_text(change.reason, "reason")
         if change.action == "add":
             (cidr,) = self._check_bindings([change.cidr], "cidr")
         else:  # what is stored, whatever rules applied when it was bound
@@ -398,6 +414,8 @@ class Accounts:
                                      "invalid_network") from None
         async with self.s.lock:
             acct = self.s.account(username)
+            entry = audit.account_entry(self.s, acct, "networks_changed", reason,
+                                        change=change.action, cidr=cidr)
             if change.action == "add":
                 if cidr in acct.networks:
                     return self.info(acct)
@@ -406,8 +424,8 @@ class Accounts:
                     acct.networks = [*acct.networks, cidr]
 
                 await agree(self.s.store.add_network(
-                    acct.id, cidr, lambda others: refuse_overlap(others, [cidr], "cidr")),
-                    apply=bind)
+                    acct.id, cidr, lambda others: refuse_overlap(others, [cidr], "cidr"),
+                    audit=entry), apply=bind)
             else:
                 if cidr not in acct.networks:
                     raise not_found("network binding", cidr)
@@ -417,7 +435,34 @@ class Accounts:
                 def unbind_undone() -> None:
                     acct.networks = [*acct.networks, cidr]
 
-                await agree(self.s.store.remove_network(acct.id, cidr), undo=unbind_undone)
+                await agree(self.s.store.remove_network(acct.id, cidr, audit=entry),
+                            undo=unbind_undone)
             self.s.directory.rebuild_networks()
         self.s.log("user_networks", username=username, action=change.action, cidr=cidr)
+        return self.info(acct)
+
+
+class AccountLabels:
+    """The operator's label of an account (free text: which application uses it)."""
+
+    def __init__(self, shared: Shared, info: Callable[[Account], schemas.UserInfo]) -> None:
+        self.s = shared
+        self.info = info
+
+    async def user_label(self, username: str, change: schemas.UserLabel) -> schemas.UserInfo:
+        """Set (or, with "", clear) an account's label; audited like every change."""
+        label = audit.checked_text(change.label, "label")
+        reason = audit.checked_text(change.reason, "reason")
+        async with self.s.lock:
+            acct = self.s.account(username)
+            if label == acct.label:
+                return self.info(acct)
+            old = acct.label
+
+            def set_label(_: None) -> None:
+                acct.label = label
+
+            await agree(self.s.store.set_label(acct.id, label, audit=audit.account_entry(
+                self.s, acct, "label_changed", reason, old=old, new=label)), apply=set_label)
+        self.s.log("user_label", username=username, label=label)
         return self.info(acct)

@@ -3,7 +3,9 @@
 Owns: the domain operations of SEMANTICS.md §2 (a new DKIM key and a never-used
 selector per domain; delete disables the domain's accounts for good and destroys its
 key), the DNS records shown for a domain, and filling the directory's domains (with
-their signers) from the database at start.
+their signers) from the database at start. Every change is written with its audit
+entries (relayd.controlplane.audit); a domain delete also records each account it
+disables.
 
 Untrusted input: domain names and confirmations from the control socket, already
 decoded by control.schemas. Settings read: [dkim], [dns], [server].hostname.
@@ -16,10 +18,11 @@ import asyncio
 import re
 
 from control import schemas
+from relayd.controlplane import audit, hooks
 from relayd.controlplane.changes import LifecycleError, Shared, agree, not_found
 from relayd.directory.accounts import DELETED, DISABLED, Domain
 from relayd.dkim import signature as dkim
-from relayd.store.directory import DomainExists, DomainRecord, NewDomain
+from relayd.store.directory import DkimKey, DomainExists, DomainRecord, NewDomain
 
 _SELECTOR_TRIES = 8
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -80,9 +83,34 @@ class Domains:
         ))
         return recs
 
-    async def domain_add(self, name: str) -> schemas.DomainInfo:
+    def _dkim_records(self, name: str, selector: str, pem: bytes) -> list[schemas.DnsRecord]:
+        return [r for r in self._dns_records(name, selector, pem, None, None)
+                if r.purpose.startswith("dkim")]
+
+    def selector_info(self, name: str, key: DkimKey) -> schemas.DkimSelector:
+        """A pending (with its DNS records), retired or cancelled selector of ``name``."""
+        pem = bytes(key.private_key) if key.private_key else None
+        return schemas.DkimSelector(
+            selector=key.selector, state=key.state, since=key.at,
+            algorithm=dkim.key_algorithm(pem) if pem else "",
+            dns_records=self._dkim_records(name, key.selector, pem) if pem else [])
+
+    async def dkim_selectors(self, rec: DomainRecord) -> list[schemas.DkimSelector]:
+        """A live domain's active, pending and retired selectors (rotate-key)."""
+        out = [schemas.DkimSelector(selector=sel, state="active",
+                                    algorithm=dkim.key_algorithm(bytes(key)),
+                                    dns_records=self._dkim_records(rec.name, sel, bytes(key)))
+               for sel, key in ((rec.selector, rec.private_key),
+                                (rec.ed25519_selector, rec.ed25519_key)) if sel and key]
+        keys = await self.s.store.dkim_keys(rec.id)
+        out += [self.selector_info(rec.name, k) for k in keys if k.state == "pending"]
+        out += [self.selector_info(rec.name, k) for k in reversed(keys) if k.state == "retired"]
+        return out
+
+    async def domain_add(self, name: str, reason: str = "") -> schemas.DomainInfo:
         """Create a sending domain with a new DKIM key and a never-used selector."""
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(reason, "reason")
         if not _DOMAIN_RE.match(name):
             raise LifecycleError(f"not a valid domain name: {name!r}", "invalid_domain")
         if self.s.directory.active_domain(name) is not None:
@@ -117,7 +145,9 @@ class Domains:
 
             try:
                 await agree(self.s.store.add_domain(NewDomain(
-                    name, selector, algorithm, pem, ed_selector, ed_pem, now)), apply=put)
+                    name, selector, algorithm, pem, ed_selector, ed_pem, now),
+                    audit=audit.domain_entry(self.s, name, "added", reason, selector=selector)),
+                    apply=put)
             except DomainExists:
                 raise LifecycleError(f"domain already exists: {name}", "exists", 409) \
                     from None
@@ -141,9 +171,10 @@ class Domains:
                        if a.domain is dom and a.status != DELETED)
         return schemas.DomainInfo(
             name=dom.name, selector=dom.selector, created_at=rec.created_at, accounts=accounts,
-            check_header_from=dom.check_header_from,
+            check_header_from=dom.check_header_from, webhook_url=dom.webhook_url,
             dns_records=self._dns_records(dom.name, dom.selector, rec.private_key,
-                                          rec.ed25519_selector, rec.ed25519_key))
+                                          rec.ed25519_selector, rec.ed25519_key),
+            dkim_selectors=await self.dkim_selectors(rec))
 
     async def domain_list(self) -> schemas.DomainList:
         """All live domains."""
@@ -164,6 +195,7 @@ class Domains:
         fails); switching it off gives one (memory after the write).
         """
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(settings.reason, "reason")
         async with self.s.lock:
             dom = self.s.directory.active_domain(name)
             if dom is None:
@@ -178,22 +210,34 @@ class Domains:
                 def undo() -> None:
                     dom.check_header_from = was
 
+                entry = audit.domain_entry(self.s, name, "settings_changed", reason,
+                                           old={"check_header_from": was},
+                                           new={"check_header_from": on})
                 if on:
                     set_on()
-                    await agree(self.s.store.set_check_header_from(dom.id, True), undo=undo)
+                    await agree(self.s.store.set_check_header_from(dom.id, True, audit=entry),
+                                undo=undo)
                 else:
-                    await agree(self.s.store.set_check_header_from(dom.id, False),
+                    await agree(self.s.store.set_check_header_from(dom.id, False, audit=entry),
                                 apply=set_on)
                 self.s.log("domain_changed", domain=name, check_header_from=on)
-        return await self.domain_info(name)
+            secret = None
+            if settings.webhook is not None or settings.rotate_webhook_secret:
+                secret = await hooks.set_webhook(self.s, dom, settings.webhook,
+                                                 settings.rotate_webhook_secret, reason)
+        info = await self.domain_info(name)
+        info.webhook_secret = secret
+        return info
 
-    async def domain_delete(self, name: str, confirm: str) -> schemas.DomainDeleted:
+    async def domain_delete(self, name: str, confirm: str,
+                            reason: str = "") -> schemas.DomainDeleted:
         """Delete a domain: irreversible; disables its accounts for good and destroys its key.
 
         ``confirm`` must be the name exactly as ``domain list`` shows it (no case
         folding, spaces or trailing dot).
         """
         name = name.strip().lower().rstrip(".")
+        reason = audit.checked_text(reason, "reason")
         async with self.s.lock:
             dom = self.s.directory.active_domain(name)
             if dom is None:
@@ -204,7 +248,8 @@ class Domains:
                     " as `domain list` shows it", "confirm_mismatch")
             accts = [a for a in self.s.directory.accounts_by_id.values()
                      if a.domain is dom and a.status != DELETED]
-            saved = [(a, a.status, a.disabled_reason) for a in accts]
+            saved = [(a, a.status, a.disabled_reason, a.old_password_hash,
+                      a.old_password_expires) for a in accts]
             signers = dom.signers
             # Memory first: from here on no session of these accounts can send.
             dom.deleted = True
@@ -212,6 +257,7 @@ class Domains:
             for a in accts:
                 a.status = DISABLED
                 a.disabled_reason = "domain_deleted"
+                a.end_old_password()
                 a.invalidate()
                 self.s.cache.invalidate(a.id)
             now = self.s.clock()
@@ -219,12 +265,20 @@ class Domains:
             def undo() -> None:
                 dom.deleted = False
                 dom.signers = signers
-                for a, status, reason in saved:
+                for a, status, reason, old, expires in saved:
                     a.status, a.disabled_reason = status, reason
+                    a.old_password_hash, a.old_password_expires = old, expires
 
-            await agree(self.s.store.delete_domain(dom.id, now), undo=undo)
+            entries = audit.domain_entry(self.s, name, "deleted", reason,
+                                         accounts_disabled=len(accts))
+            for a in accts:
+                entries += audit.account_entry(self.s, a, "disabled", reason,
+                                               why="domain_deleted")
+            await agree(self.s.store.delete_domain(dom.id, now, audit=entries), undo=undo)
             self.s.directory.put_domain(dom)
             self.s.directory.rebuild_networks()
+            if dom.webhook_url is not None:
+                await hooks.forget(self.s, dom)
         held, retrying = await self._queues_of({a.id for a in accts})
         self.s.log("domain_deleted", domain=name, accounts_disabled=len(accts),
                    messages_held=held.messages, messages_retrying=retrying.messages)

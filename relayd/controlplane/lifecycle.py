@@ -1,10 +1,12 @@
 """The control operations as one object: the facade the control server and the app call.
 
 Owns: building the parts on one shared state — relayd.controlplane.domains
-(sending domains and their DKIM keys), .accounts (SMTP accounts, last-connection
-writes), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster) —
-loading the directory at start, and a reload's new settings. Every operation is one
-method of a part; this class only hands each one out under its old name.
+(sending domains and their DKIM keys), .accounts (SMTP accounts, their labels,
+last-connection writes), .passwords (reset-password, a kept old password), .audit (the
+audit trail), .queues (queued mail, the delivery log), .nodes (the nodes of a cluster),
+.suppressions (the suppression lists) — loading the directory at start, and a reload's
+new settings. Every operation is one method of a part; this class only hands each one
+out under its old name.
 
 Ordering rule (DESIGN.md §3.6, relayd.controlplane.changes.agree): an operation that
 *takes away* the right to send (disable, delete, reset-password, domain delete)
@@ -28,12 +30,15 @@ from typing import Any, ParamSpec, TypeVar
 from control import schemas
 from relayd.cluster.node import NotAcknowledged
 from relayd.config import Config
-from relayd.controlplane import stats
-from relayd.controlplane.accounts import Accounts
+from relayd.controlplane import audit, hooks, stats
+from relayd.controlplane.accounts import AccountLabels, Accounts
 from relayd.controlplane.changes import LifecycleError, Shared
+from relayd.controlplane.dkimkeys import DkimKeys
 from relayd.controlplane.domains import Domains
 from relayd.controlplane.nodes import Nodes
+from relayd.controlplane.passwords import Passwords
 from relayd.controlplane.queues import Queues
+from relayd.controlplane.suppressions import SuppressionLists
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
@@ -66,15 +71,23 @@ class Lifecycle:
         self.accounts = a = Accounts(self.shared)
         self.queues = q = Queues(self.shared)
         self.nodes = n = Nodes(self.shared)
+        self.passwords = pw = Passwords(self.shared, a.info)
+        self.suppressions = sp = SuppressionLists(self.shared)
+        self.suppression_list = sp.suppression_list
+        self.suppression_add = self._acknowledged(sp.suppression_add)
+        self.suppression_remove = self._acknowledged(sp.suppression_remove)
         self.domain_add, self.domain_info = d.domain_add, d.domain_info
         self.domain_list, self.domain_delete = d.domain_list, d.domain_delete
         self.domain_set = d.domain_set
         self.user_add, self.user_show, self.user_list = a.user_add, a.user_show, a.user_list
         self.user_dormant, self.user_disable = a.user_dormant, a.user_disable
-        self.user_enable, self.user_reset_password = a.user_enable, a.user_reset_password
+        self.user_enable, self.user_reset_password = a.user_enable, pw.user_reset_password
+        self.user_expire_old_password = pw.user_expire_old_password
         self.user_delete, self.user_limits = a.user_delete, a.user_limits
         self.user_delete_check = a.user_delete_check
         self.user_networks, self.info = a.user_networks, a.info
+        self.user_label = AccountLabels(self.shared, a.info).user_label
+        self.audit_list = functools.partial(audit.audit_list, self.shared)
         self.flush_last_connections = functools.partial(stats.flush_last_connections,
                                                         self.shared)
         self.queue_list, self.queue_show = q.queue_list, q.queue_show
@@ -83,6 +96,10 @@ class Lifecycle:
         self.queue_delete = q.queue_delete
         self.delivery_log, self.prune_delivery_log = q.delivery_log, q.prune_delivery_log
         self.node_list, self.node_forget = n.node_list, n.node_forget
+        self.dkim_keys = k = DkimKeys(self.shared, d)
+        self.domain_rotate_key = self._acknowledged(k.rotate)
+        self.domain_activate_key = self._acknowledged(k.activate)
+        self.domain_cancel_key = self._acknowledged(k.cancel)
         # Cluster mode: a change returns once every live node has applied it.
         self.domain_add = self._acknowledged(self.domain_add)
         self.domain_delete = self._acknowledged(self.domain_delete)
@@ -91,9 +108,11 @@ class Lifecycle:
         self.user_disable = self._acknowledged(self.user_disable)
         self.user_enable = self._acknowledged(self.user_enable)
         self.user_reset_password = self._acknowledged(self.user_reset_password)
+        self.user_expire_old_password = self._acknowledged(self.user_expire_old_password)
         self.user_delete = self._acknowledged(self.user_delete)
         self.user_limits = self._acknowledged(self.user_limits)
         self.user_networks = self._acknowledged(self.user_networks)
+        self.user_label = self._acknowledged(self.user_label)
 
     def _acknowledged(self, op: Callable[P, Awaitable[R]]
                       ) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -126,7 +145,9 @@ class Lifecycle:
     async def load(self) -> None:
         """Fill the directory from the database (at start): domains, then accounts."""
         await self.domains.load()
+        await hooks.load(self.shared)
         await self.accounts.load()
+        await self.suppressions.load()
 
     def reconfigure(self, cfg: Config) -> None:
         """A reload: operations from now on read the new settings (limits, retention...)."""

@@ -22,7 +22,7 @@ from relayd.ids import format_id, parse_id
 from relayd.store import removal
 from relayd.store.records import QUEUE_DELETE, QUEUE_PURGE
 
-_LOG_STATUSES = ("queued", "deferred", "delivered", "failed", "purged")
+_LOG_STATUSES = ("queued", "deferred", "delivered", "failed", "purged", "suppressed")
 
 
 def _message_id(ext_id: str) -> int:

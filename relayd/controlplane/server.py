@@ -6,11 +6,13 @@ relayd.controlplane.lifecycle operation (``/v1/throttle``: to the SMTP server's 
 throttle, relayd.smtp.policy.AuthThrottle), decoding request bodies strictly into
 control.schemas Structs, encoding responses, mapping errors to HTTP status
 codes with an ``Error`` body, and recording the uid of the socket peer
-(SO_PEERCRED) with every operation it logs. The control socket is created
+(SO_PEERCRED) with every operation it logs and, for the audit trail, in
+relayd.controlplane.audit.OPERATOR_UID while the request runs. The control socket is created
 with mode 0660 (umask set around the bind), so it is never world-accessible.
 The Prometheus endpoint is a second, TCP site of the same library; it also serves
 ``GET /health`` for a load balancer (200 ``ok`` or 503 with the reason, plain text,
-never cached), from the ``health`` function the app passes.
+never cached), from the ``health`` function the app passes. The client side of the
+library is here too: :class:`WebhookClient`, the POSTs of relayd.webhooks.poster.
 
 Untrusted input: request paths, query strings and bodies (from local users
 allowed on the socket; still validated: malformed JSON or UTF-8, unknown or
@@ -36,11 +38,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
 from control import schemas
 from control.openapi import dump as openapi_document
+from relayd.controlplane.audit import OPERATOR_UID
 from relayd.controlplane.lifecycle import Lifecycle, LifecycleError
 from relayd.observe.logs import bind_context, unbind_context
 from relayd.observe.metrics import Registry, render
@@ -190,6 +194,7 @@ class ControlServer:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         uid = _peer_uid(request)
         bind_context(peer_uid=uid)
+        operator = OPERATOR_UID.set(uid)
         try:
             allowed = self._plain.get(request.path)
             if allowed is not None and request.method not in allowed:
@@ -215,6 +220,7 @@ class ControlServer:
             return _error("internal error (see the relayd log)", "internal", 500)
         finally:
             unbind_context("peer_uid")
+            OPERATOR_UID.reset(operator)
 
     # -- handlers --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -234,7 +240,7 @@ class ControlServer:
     async def domain_add(self, request: web.Request) -> web.Response:
         """Create a sending domain."""
         body = await _body(request, schemas.DomainAdd)
-        return _json(await self.lc.domain_add(body.name), 201)
+        return _json(await self.lc.domain_add(body.name, body.reason), 201)
 
     async def domain_list(self, request: web.Request) -> web.Response:
         """All live domains."""
@@ -252,12 +258,30 @@ class ControlServer:
     async def domain_delete(self, request: web.Request) -> web.Response:
         """Delete a domain (irreversible)."""
         body = await _body(request, schemas.Confirm)
-        return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm))
+        return _json(await self.lc.domain_delete(request.match_info["name"], body.confirm,
+                                                 body.reason))
+
+    async def domain_rotate_key(self, request: web.Request) -> web.Response:
+        """A new pending DKIM key."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_rotate_key(request.match_info["name"], body.reason),
+                     201)
+
+    async def domain_activate_key(self, request: web.Request) -> web.Response:
+        """The pending DKIM key signs from now on."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_activate_key(request.match_info["name"], body.reason))
+
+    async def domain_cancel_key(self, request: web.Request) -> web.Response:
+        """Drop the pending DKIM key."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.domain_cancel_key(request.match_info["name"], body.reason))
 
     async def user_add(self, request: web.Request) -> web.Response:
         """Create an account."""
         body = await _body(request, schemas.UserAdd)
-        return _json(await self.lc.user_add(body.domain, body.allow_networks), 201)
+        return _json(await self.lc.user_add(body.domain, body.allow_networks, body.label,
+                                            body.reason), 201)
 
     async def user_list(self, request: web.Request) -> web.Response:
         """List accounts."""
@@ -270,15 +294,25 @@ class ControlServer:
 
     async def user_disable(self, request: web.Request) -> web.Response:
         """Disable an account, effective before this returns."""
-        return _json(await self.lc.user_disable(request.match_info["name"]))
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_disable(request.match_info["name"], body.reason))
 
     async def user_enable(self, request: web.Request) -> web.Response:
         """Enable an account."""
-        return _json(await self.lc.user_enable(request.match_info["name"]))
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_enable(request.match_info["name"], body.reason))
 
     async def user_reset(self, request: web.Request) -> web.Response:
-        """Reset an account's password."""
-        return _json(await self.lc.user_reset_password(request.match_info["name"]))
+        """Reset an account's password (optionally keeping the old one for a while)."""
+        body = await _body(request, schemas.PasswordReset)
+        return _json(await self.lc.user_reset_password(request.match_info["name"],
+                                                       body.keep_old_seconds, body.reason))
+
+    async def user_expire_old(self, request: web.Request) -> web.Response:
+        """End a kept old password's grace now."""
+        body = await _body(request, schemas.ChangeReason)
+        return _json(await self.lc.user_expire_old_password(request.match_info["name"],
+                                                            body.reason))
 
     async def user_delete(self, request: web.Request) -> web.Response:
         """Delete an account (irreversible)."""
@@ -287,7 +321,7 @@ class ControlServer:
             return _json(await self.lc.user_delete_check(request.match_info["name"],
                                                          body.purge_queue))
         return _json(await self.lc.user_delete(request.match_info["name"], body.confirm,
-                                               body.purge_queue))
+                                               body.purge_queue, body.reason))
 
     async def user_limits(self, request: web.Request) -> web.Response:
         """Set sending limits."""
@@ -298,6 +332,16 @@ class ControlServer:
         """Bind or unbind a network."""
         body = await _body(request, schemas.NetworkChange)
         return _json(await self.lc.user_networks(request.match_info["name"], body))
+
+    async def user_label(self, request: web.Request) -> web.Response:
+        """Set or clear an account's label."""
+        body = await _body(request, schemas.UserLabel)
+        return _json(await self.lc.user_label(request.match_info["name"], body))
+
+    async def audit_list(self, request: web.Request) -> web.Response:
+        """The audit trail."""
+        q = _query(request, schemas.AuditQuery)
+        return _json(await self.lc.audit_list(q.user, q.domain, q.since, q.limit))
 
     async def dormant(self, request: web.Request) -> web.Response:
         """Accounts not used for a while."""
@@ -340,6 +384,22 @@ class ControlServer:
         q = _query(request, schemas.LogQuery)
         return _json(await self.lc.delivery_log(q.user, q.status, q.since, q.limit,
                                                 q.message))
+
+    async def suppression_list(self, request: web.Request) -> web.Response:
+        """A domain's suppressed recipients."""
+        q = _query(request, schemas.SuppressionQuery)
+        return _json(await self.lc.suppression_list(request.match_info["name"], q.limit))
+
+    async def suppression_add(self, request: web.Request) -> web.Response:
+        """Suppress recipients for a domain."""
+        body = await _body(request, schemas.SuppressionAdd)
+        return _json(await self.lc.suppression_add(request.match_info["name"], body))
+
+    async def suppression_remove(self, request: web.Request) -> web.Response:
+        """Send to a suppressed recipient again."""
+        body = await _body(request, schemas.SuppressionRemove)
+        return _json(await self.lc.suppression_remove(request.match_info["name"],
+                                                      body.address))
 
     async def node_list(self, request: web.Request) -> web.Response:
         """The nodes of the cluster (409 on a single node)."""
@@ -452,3 +512,33 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(f"another relayd is already listening on {path}")
+
+
+class WebhookClient:
+    """The client side of the same library: the webhook poster's POSTs (one session, its
+    connections reused), each with its own total timeout; TLS verified by default."""
+
+    def __init__(self, timeout: float, user_agent: str) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"User-Agent": user_agent, "Content-Type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+        """POST ``body``; ``(status, "")``, or ``(None, why)`` when no answer came (refused,
+        timed out, TLS or protocol error). The answer's body is not read beyond 1 KiB."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        try:
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                await resp.content.read(1024)
+                return resp.status, ""
+        except TimeoutError:
+            return None, "timed out"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:300]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -197,7 +197,8 @@ class _Agent:
         self.opened = res.opened
         entry = self.pending.pop(res.id, None)
         if entry is not None:
-            entry[0]([RcptReply(c, t) for c, t in res.replies])
+            at = set(res.at_rcpt)
+            entry[0]([RcptReply(c, t, i in at) for i, (c, t) in enumerate(res.replies)])
 
 
 class AgentPool:

@@ -85,10 +85,12 @@ class Hop:
 
 @dataclass(slots=True)
 class RcptReply:
-    """The answer for one recipient: code None means no answer (connection trouble)."""
+    """The answer for one recipient: code None means no answer (connection trouble);
+    ``at_rcpt``: the reply to its own RCPT (not to MAIL, DATA or the end of DATA)."""
 
     code: int | None
     text: str
+    at_rcpt: bool = False
 
 
 class _Conn:
@@ -271,7 +273,7 @@ class Pool:
             if code in (250, 251):
                 accepted.append(i)
             else:
-                out[i] = RcptReply(code, _clean(text))
+                out[i] = RcptReply(code, _clean(text), at_rcpt=True)
         if not accepted:
             await client.rset()
             return [r or RcptReply(None, "no reply") for r in out], client.is_connected
@@ -334,7 +336,7 @@ class Pool:
             elif code in (250, 251):
                 accepted.append(i)  # its result is the reply to the end of DATA
             else:
-                out[i] = RcptReply(code, _clean(text))
+                out[i] = RcptReply(code, _clean(text), at_rcpt=True)
         go = await client.reply()
         if go[0] == 354 and not accepted:
             client.write(b".\r\n")  # DATA taken though no recipient was: end it empty

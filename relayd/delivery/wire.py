@@ -56,11 +56,13 @@ class Close(msgspec.Struct, array_like=True, tag=3):
 
 
 class Result(msgspec.Struct, array_like=True, tag=4):
-    """The replies to one job, one (code, text) per recipient, in order."""
+    """The replies to one job, one (code, text) per recipient, in order (``at_rcpt``: the
+    positions whose reply was to their own RCPT)."""
 
     id: int
     replies: list[tuple[int | None, str]]
     opened: int  # connections the child opened since it started
+    at_rcpt: list[int] = []
 
 
 class SignKey(msgspec.Struct, array_like=True, tag=5):

@@ -11,7 +11,10 @@ no I/O; it is safe to call on the event loop for every command.
 The *epoch* of an account is how sessions notice invalidation: a session keeps
 the epoch it authenticated under, and any disable, delete or password reset
 bumps it, so every session of that account stops being authenticated at that
-instant, without the directory knowing the sessions.
+instant, without the directory knowing the sessions. (A reset that keeps the old
+password for a grace period takes no password away: it bumps the epoch only if an
+older kept password, still valid, ends with it. A kept password's expiry refuses
+new AUTHs; a session authenticated before it keeps its authentication.)
 
 Binding rules (pure, used by relayd.controlplane.accounts): a network bound to an account
 is written without host bits, is no broader than the configured prefix
@@ -31,6 +34,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from relayd.directory.suppression import Suppressions
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -49,6 +54,8 @@ class Domain:
     deleted: bool = False
     check_header_from: bool = True
     signers: list[Any] = field(default_factory=list)
+    webhook_url: str | None = None  # where delivery events are posted (None: nowhere)
+    webhook_secret: str | None = field(default=None, repr=False)  # the key that signs them
 
 
 @dataclass(eq=False)
@@ -69,11 +76,25 @@ class Account:
     per_minute: int | None = None
     per_hour: int | None = None
     per_day: int | None = None
+    label: str = ""  # the operator's free text (which application uses it)
+    #: The previous password's hash, kept by ``reset-password --keep-old`` until
+    #: ``old_password_expires`` (POSIX seconds, compared with this node's clock).
+    old_password_hash: str = ""
+    old_password_expires: float | None = None
 
     @property
     def usable(self) -> bool:
         """True when the account may authenticate and submit mail."""
         return self.status == ACTIVE
+
+    def old_password_valid(self, now: float) -> bool:
+        """True while a kept old password still authenticates (before its expiry)."""
+        return (bool(self.old_password_hash) and self.old_password_expires is not None
+                and now < self.old_password_expires)
+
+    def end_old_password(self) -> None:
+        """Forget the kept old password (its grace ends now)."""
+        self.old_password_hash, self.old_password_expires = "", None
 
     def invalidate(self) -> None:
         """End the authentication of every session of this account, now."""
@@ -166,6 +187,8 @@ class Directory:
         self.domains_by_id: dict[int, Domain] = {}
         self._networks: list[tuple[IPNetwork, Account]] = []
         self._ip_cache: dict[str, Account | None] = {}
+        #: Per domain, the recipients not sent to again (relayd.directory.suppression).
+        self.suppressions = Suppressions()
 
     # -- lookups (hot path) ---------------------------------------------------
     def account(self, username: str) -> Account | None:

@@ -13,6 +13,16 @@ relayd.controlplane.accounts calls it (and bumps the account's epoch) before a d
 delete or password reset returns, so no entry outlives the credentials it was
 made from.
 
+A password kept by ``reset-password --keep-old`` (``Account.old_password_hash``) has
+a cache slot of its own, so an application still on the old password and one on
+the new one both hit. Each entry also names the hash it verified against: it hits
+only while that is still the account's current hash (or, for the old slot, its kept
+old hash *and* the injected clock is before the old one's expiry), so no entry can
+accept a password the account no longer has, and an expired old password misses
+and fails. The old hash costs a second argon2 verification only when the current
+one fails and the old one is unexpired (so a wrong password for an account inside a
+grace period costs two).
+
 Timing: every failure costs one argon2 verification, whether the user is
 unknown (a dummy hash is verified), the password is wrong (even when a cached
 digest exists), or the account is disabled: the reply and the time are the
@@ -32,6 +42,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,10 +110,14 @@ class CredentialCache:
     """Checks AUTH credentials, with a cache of recent successful verifications."""
 
     def __init__(self, hasher: Hasher, on_hit: Callable[[], None] | None = None,
-                 on_miss: Callable[[], None] | None = None) -> None:
+                 on_miss: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.hasher = hasher
+        self.clock = clock  # POSIX seconds: when a kept old password expires
         self._key = secrets.token_bytes(32)
-        self._entries: dict[int, bytes] = {}
+        # account id -> (the hash the password verified against, the password's digest)
+        self._entries: dict[int, tuple[str, bytes]] = {}
+        self._old: dict[int, tuple[str, bytes]] = {}
         self._on_hit = on_hit
         self._on_miss = on_miss
 
@@ -138,8 +153,7 @@ class CredentialCache:
             await self.hasher.verify(None, password)
             return AuthOutcome(False, "account_deleted", False)
         digest = self._digest(account, password)
-        cached = self._entries.get(account.id)
-        if cached is not None and account.usable and hmac.compare_digest(cached, digest):
+        if account.usable and self._hit(account, digest):
             if self._on_hit is not None:
                 self._on_hit()
             return AuthOutcome(True, "success", True)
@@ -147,7 +161,11 @@ class CredentialCache:
             self._on_miss()
         epoch = account.epoch
         encoded = account.password_hash
+        old = account.old_password_hash if account.old_password_valid(self.clock()) else ""
         ok = await self.hasher.verify(encoded, password)
+        if not ok and old:  # only when the current one fails and the old one is unexpired
+            ok = await self.hasher.verify(old, password)
+            encoded = old
         if not ok:
             return AuthOutcome(False, "bad_password", False)
         if not account.usable:
@@ -156,15 +174,42 @@ class CredentialCache:
                 else "account_disabled"
             )
             return AuthOutcome(False, reason, False)
-        if account.epoch != epoch or account.password_hash != encoded:
+        if account.epoch != epoch:
             # Invalidated while argon2 ran: the password it checked is stale.
             return AuthOutcome(False, "bad_password", False)
-        self._entries[account.id] = digest
+        if encoded == account.password_hash:
+            self._entries[account.id] = (encoded, digest)
+        elif encoded == account.old_password_hash and account.old_password_valid(self.clock()):
+            self._old[account.id] = (encoded, digest)  # kept old (or rotated while argon2 ran)
+        else:  # changed, ended or expired while argon2 ran
+            return AuthOutcome(False, "bad_password", False)
         return AuthOutcome(True, "success", False)
 
+    def _hit(self, account: Account, digest: bytes) -> bool:
+        """True if ``digest`` is cached for a password the account has now."""
+        entry = self._entries.get(account.id)
+        if (entry is not None and entry[0] == account.password_hash
+                and hmac.compare_digest(entry[1], digest)):
+            return True
+        entry = self._old.get(account.id)
+        return (entry is not None and entry[0] == account.old_password_hash
+                and account.old_password_valid(self.clock())
+                and hmac.compare_digest(entry[1], digest))
+
     def invalidate(self, account_id: int) -> None:
-        """Forget the cached verification of one account (cheap, no I/O)."""
+        """Forget the cached verifications of one account (cheap, no I/O)."""
         self._entries.pop(account_id, None)
+        self._old.pop(account_id, None)
+
+    def rotate(self, account_id: int) -> None:
+        """The account's current password became its kept old one
+        (``reset-password --keep-old``): its cached verification moves to the old slot,
+        and the previous old one's is forgotten."""
+        entry = self._entries.pop(account_id, None)
+        if entry is None:
+            self._old.pop(account_id, None)
+        else:
+            self._old[account_id] = entry
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._old)

@@ -73,6 +73,7 @@ __all__ = [
     "dns_txt_strings",
     "dns_txt_value",
     "generate_private_key",
+    "key_algorithm",
     "new_selector",
     "open_key",
     "prepare",
@@ -169,6 +170,11 @@ def _load(private_pem: bytes) -> tuple[str, rsa.RSAPrivateKey | ed25519.Ed25519P
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "ed25519", key
     raise ValueError(f"unsupported DKIM key type {type(key).__name__}")
+
+
+def key_algorithm(private_pem: bytes) -> str:
+    """``"rsa"`` or ``"ed25519"``: the algorithm of a PEM private key (ValueError: neither)."""
+    return _load(private_pem)[0]
 
 
 def public_key_b64(private_pem: bytes) -> str:

@@ -66,8 +66,10 @@ NAMESPACE = "relayd"
 #: Values of the ``state`` label of ``relayd_queue_messages`` (SEMANTICS.md §4.1, §5).
 QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
 #: Values of the ``outcome`` label of ``relayd_delivery_attempts_total`` (SEMANTICS.md §5;
-#: ``purged``: a recipient the operator removed before it was final, not an attempt).
-DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged")
+#: ``purged``: a recipient the operator removed before it was final, not an attempt;
+#: ``suppressed``: on its domain's suppression list, failed without a connection).
+DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged",
+                                      "suppressed")
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
 #: SSD; the buckets resolve 0.5 ms to 1 s.
@@ -109,6 +111,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_cluster_heartbeat_age_seconds",
     "relayd_cluster_versions_behind",
     "relayd_cluster_ack_duration_seconds",
+    "relayd_webhook_posts_total",
+    "relayd_webhook_events_dropped_total",
+    "relayd_webhook_backlog",
     "relayd_build_info",
 )
 
@@ -267,7 +272,7 @@ class Metrics:
         self.delivery_attempts_total = Counter(
             "delivery_attempts",
             "Delivery attempts per recipient, by outcome (purged: removed by the operator,"
-            " not attempted).",
+            " not attempted; suppressed: on the domain's suppression list, not sent).",
             ["outcome"],
             namespace=ns,
             registry=r,
@@ -300,6 +305,21 @@ class Metrics:
             "cluster_ack_duration_seconds",
             "A control change committed to every live node having applied it.",
             namespace=ns, registry=r, buckets=ACK_BUCKETS)
+
+        # --- webhooks (relayd.webhooks.poster) -------------------------------------
+        self.webhook_posts_total = Counter(
+            "webhook_posts_total", "Posts of delivery events to webhooks, by result (ok: a"
+            " 2xx answer; failed: another status, a timeout or no connection).", ["result"],
+            namespace=ns, registry=r)
+        self.webhook_post_ok = self.webhook_posts_total.labels(result="ok")
+        self.webhook_post_failed = self.webhook_posts_total.labels(result="failed")
+        self.webhook_events_dropped_total = Counter(
+            "webhook_events_dropped_total", "Delivery events deleted without being posted:"
+            " past [webhooks] max_events (the oldest), or their domain's webhook removed.",
+            namespace=ns, registry=r)
+        self.webhook_backlog = Gauge(
+            "webhook_backlog", "Delivery events stored in this node's spool, waiting to be"
+            " posted.", namespace=ns, registry=r)
 
         # --- build ------------------------------------------------------------
         self.build_info = Gauge(

@@ -16,6 +16,10 @@ attempt and may send a second DSN, but never loses one), then the results go
 to the spool's group commit (``_record``) and the message is forgotten once
 its last recipient is final (at-least-once).
 
+Suppression. A recipient on its domain's suppression list fails at dispatch, without
+a connection (``suppressed``; the fast way leaves a message with any to a worker), and a
+permanent "no such address" reply to a recipient's RCPT puts it there (``learn``).
+
 Room. No more transmissions at the sender than ``workers`` (a job handed over
 is a transmission in progress: SEMANTICS §4.1), and about ``record_limit``
 answered attempts waiting for the commit of their results: an attempt starts
@@ -44,11 +48,13 @@ from typing import Any, Protocol
 from relayd.delivery.client import BodyFile, Hop, RcptReply
 from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Directory
+from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.store.spool import AttemptResult, Spool
 
 RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
+_FAILED = ("failed", "suppressed")  # outcomes the sender gets a DSN for
 
 
 class Sender(Protocol):
@@ -214,7 +220,8 @@ class Dispatcher:
         route_now = getattr(self.sender, "route_now", None)
         submit = getattr(self.sender, "submit", None)
         data = msg.data
-        if route_now is None or submit is None or data is None or not msg.rcpts:
+        if route_now is None or submit is None or data is None or not msg.rcpts \
+                or suppressing(self.directory, msg) is not None:  # (a worker fails those)
             return False
         hop: Hop | None = None
         for rcpt, _att in msg.rcpts.values():
@@ -232,8 +239,8 @@ class Dispatcher:
         def done(replies: list[RcptReply]) -> None:
             now = self.clock()
             try:
-                results = [self._result(msg, i, chosen.name, rep.code, rep.text, now)
-                           for i, rep in zip(idxs, replies, strict=True)]
+                results = [self._result(msg, i, chosen.name, rep.code, rep.text, now,
+                                        rep.at_rcpt) for i, rep in zip(idxs, replies, strict=True)]
             except Exception as exc:  # a bug must not strand the message: defer it
                 results = self._internal_error(msg, exc, idxs)
             self._answered(msg, data, results, started)
@@ -331,9 +338,12 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Route the recipients, group them by next hop, send; append one result each."""
+        """Fail the suppressed recipients; route the others, group them by next hop, send."""
         by_domain: dict[str, list[int]] = {}
+        results.extend(suppressed(self.directory, msg, self.clock()))
         for idx, (rcpt, _att) in msg.rcpts.items():
+            if results and any(r.idx == idx for r in results):
+                continue
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
         groups: dict[tuple[Hop, ...], list[int]] = {}
         for domain, idxs in by_domain.items():
@@ -360,7 +370,8 @@ class Dispatcher:
                     if rep.code is None and n < len(chain) - 1:
                         retry_next.append(i)  # connection trouble: try the next MX
                     else:
-                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now))
+                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
+                                                    rep.at_rcpt))
                 pending = retry_next
                 if not pending:
                     break
@@ -384,7 +395,8 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             for r in results:
                 self.events.attempt(r, elapsed)
-        if self.on_failed is not None and any(r.outcome == "failed" for r in results):
+        learn(self.directory, msg, results)
+        if self.on_failed is not None and any(r.outcome in _FAILED for r in results):
             task = asyncio.get_running_loop().create_task(self._bounce(msg, data, results))
             self._tails.add(task)
             task.add_done_callback(self._tails.discard)
@@ -400,7 +412,7 @@ class Dispatcher:
                 # (a BodyFile is not loaded here: on_failed loads the data from the spool)
                 msg.data = data if isinstance(data, bytes) else None
                 try:
-                    await on_failed(msg, [r for r in results if r.outcome == "failed"])
+                    await on_failed(msg, [r for r in results if r.outcome in _FAILED])
                 except Exception:  # noqa: S110 - a bounce that cannot be queued is logged there
                     pass
                 finally:
@@ -467,7 +479,7 @@ class Dispatcher:
                 for i in idxs]
 
     def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
-                now: float) -> AttemptResult:
+                now: float, at_rcpt: bool = False) -> AttemptResult:
         """One recipient's result, classified; a deferral gets its next attempt."""
         rcpt, attempts = msg.rcpts[idx]
         outcome = "deferred" if code is None else backoff.classify(code)
@@ -482,7 +494,7 @@ class Dispatcher:
             message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
-        )
+            attempts=attempts + 1, at_rcpt=at_rcpt)
 
     async def stop(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running attempts; then cancel the DSN tails."""
@@ -494,3 +506,44 @@ class Dispatcher:
         for t in self._tails:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
+
+
+# -- the suppression list (relayd.directory.suppression) -----------------------------------
+def suppressing(directory: Directory, msg: QMsg) -> int | None:
+    """The id of the message's domain if it has suppressed recipients, else None."""
+    acct = directory.accounts_by_id.get(msg.account_id)
+    if acct is None or not directory.suppressions.has_any(acct.domain.id):
+        return None
+    return acct.domain.id
+
+
+def learn(directory: Directory, msg: QMsg, results: list[AttemptResult]) -> None:
+    """Suppress the recipients a next hop refused for good, at their RCPT, as not
+    existing (a reply to MAIL or DATA is about the message or the sender; a DSN's
+    failures suppress nothing)."""
+    if msg.is_bounce:
+        return
+    acct = None
+    for r in results:
+        if r.outcome == "failed" and r.at_rcpt and r.code is not None \
+                and suppresses(r.code, r.text):
+            acct = acct or directory.accounts_by_id.get(msg.account_id)
+            if acct is not None:
+                directory.suppressions.learn(acct.domain.id, r.recipient, r.code, r.text, r.ts)
+
+
+def suppressed(directory: Directory, msg: QMsg, now: float) -> list[AttemptResult]:
+    """The results of the message's suppressed recipients: final, no next hop, no code."""
+    domain_id = suppressing(directory, msg)
+    if domain_id is None:
+        return []
+    out = []
+    for idx, (rcpt, _att) in msg.rcpts.items():
+        entry = directory.suppressions.find(domain_id, rcpt, now)
+        if entry is not None:
+            out.append(AttemptResult(
+                message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
+                domain=msg.domain, next_hop="-", code=None, text=failure_text(entry),
+                outcome="suppressed", ts=now, next_attempt=None,
+                account_id=msg.account_id, is_bounce=msg.is_bounce))
+    return out

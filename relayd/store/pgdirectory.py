@@ -11,7 +11,10 @@ Every control write is one transaction that first takes the next control-plane v
 (``UPDATE control_version ... RETURNING``: the row lock orders every write of the
 cluster, so the checks a write makes — plan slots, network overlaps, unique names —
 see every write before it), then changes the rows, appends one change-log row per
-changed domain or account, and ``NOTIFY relayd_control`` with the version only. A
+changed domain or account, and ``NOTIFY relayd_control`` with the version only. The
+audit trail's entries of a change (``audit``, shared by every node: ``relayctl audit`` on
+any node lists them all, with the node that made each) are written in that same
+transaction. A
 node applies the log in order by reading each changed row again (so applying a change
 twice, or a newer row state, is harmless) and then records its applied version and
 ``NOTIFY relayd_ack``.
@@ -35,7 +38,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from relayd.store.directory import (
+    AUDIT_COLUMNS,
+    NO_AUDIT,
     AccountRecord,
+    AuditEntry,
     BindingCheck,
     DomainExists,
     DomainRecord,
@@ -43,8 +49,15 @@ from relayd.store.directory import (
     NewAccount,
     NewDomain,
     PlanFull,
+    SuppressionRecord,
+    audit_entry,
+    audit_filter,
+    audit_insert,
+    audit_rows,
 )
 from relayd.store.pg import Database, Tx, UniqueViolation
+from relayd.store.pgdkim import PgDkimKeys
+from relayd.store.webhooks import WebhookRecord
 
 T = TypeVar("T")
 
@@ -90,12 +103,34 @@ CREATE TABLE IF NOT EXISTS queue_probes (
 CREATE TABLE IF NOT EXISTS quota (
     account_id bigint NOT NULL, period int NOT NULL, window_start bigint NOT NULL,
     granted bigint NOT NULL, PRIMARY KEY (account_id, period, window_start));
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_hash text;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS old_password_expires double precision;
+CREATE TABLE IF NOT EXISTS domain_webhooks (
+    domain_id bigint PRIMARY KEY REFERENCES domains(id), url text NOT NULL,
+    secret bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS dkim_selectors (
+    selector text PRIMARY KEY, domain_id bigint NOT NULL REFERENCES domains(id),
+    slot text NOT NULL, state text NOT NULL, private_key bytea, at double precision NOT NULL);
+CREATE INDEX IF NOT EXISTS dkim_selectors_domain ON dkim_selectors(domain_id);
+CREATE TABLE IF NOT EXISTS suppressions (
+    domain_id bigint NOT NULL, address text NOT NULL, reason text NOT NULL,
+    since double precision NOT NULL, PRIMARY KEY (domain_id, address));
+CREATE TABLE IF NOT EXISTS audit (
+    id bigserial PRIMARY KEY, at double precision NOT NULL, kind text NOT NULL,
+    subject text NOT NULL, domain text NOT NULL DEFAULT '', action text NOT NULL, uid bigint,
+    node text NOT NULL DEFAULT '', reason text NOT NULL DEFAULT '',
+    details text NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS audit_subject ON audit(kind, subject, at);
+CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain, at);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS label text NOT NULL DEFAULT '';
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One row of the change log: ``kind`` (domain, account, probe) and the entity's id."""
+    """One row of the change log: ``kind`` (domain, account, probe, suppression: a domain's
+    suppression list) and the entity's id."""
 
     version: int
     kind: str
@@ -153,20 +188,104 @@ class SchemaTooNew(Exception):
 _DOMAIN_COLUMNS = ("SELECT id, name, selector, private_key, ed25519_selector, ed25519_key,"
                    " created_at, deleted_at, check_header_from FROM domains")
 _ACCOUNT_FIELDS = ("id, username, domain_id, password_hash, status, disabled_reason,"
-                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day")
+                   " created_at, last_connection, total_sent, per_minute, per_hour, per_day,"
+                   " old_password_hash, old_password_expires, label")
 _ACCOUNT_COLUMNS = "SELECT " + _ACCOUNT_FIELDS + " FROM accounts"  # noqa: S608 - literals
-#: One account and, as a 13th column, its networks (one round trip).
+#: One account and, as a 16th column, its networks (one round trip).
 _ONE_ACCOUNT = ("SELECT " + _ACCOUNT_FIELDS  # noqa: S608 - literals
                 + ", array(SELECT cidr FROM account_networks n WHERE n.account_id = accounts.id"
                 " ORDER BY cidr) FROM accounts WHERE id=$1")
 _LIVE = "heartbeat > now() - make_interval(secs => $1)"
+#: A status change ends a kept old password (an enable never brings it back).
+_SET_STATUS = ("UPDATE accounts SET status=$2, disabled_reason=$3, old_password_hash=NULL,"
+               " old_password_expires=NULL WHERE id=$1")
+#: The password hash and the old one kept until its expiry (NULL, NULL: none).
+_SET_HASHES = ("UPDATE accounts SET password_hash=$2, old_password_hash=$3,"
+                 " old_password_expires=$4 WHERE id=$1")
 
 
-class PgDirectory:
+class _Webhooks:
+    """PgDirectory's webhooks (a part of its own, by size): the secret sealed like a DKIM
+    key, a change logged as the domain's."""
+
+    _db: Database
+    _seal: Callable[[bytes], bytes]
+    _unseal: Callable[[bytes], bytes]
+
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]],
+                     audit: Sequence[AuditEntry] = NO_AUDIT) -> T:
+        raise NotImplementedError
+
+    def _webhook(self, r: Any) -> WebhookRecord:
+        return WebhookRecord(int(r[0]), r[1], self._unseal(bytes(r[2])).decode("utf-8"))
+
+    async def webhooks(self) -> list[WebhookRecord]:
+        return [self._webhook(r) for r in await self._db.fetch(
+            "SELECT domain_id, url, secret FROM domain_webhooks")]
+
+    async def webhook(self, domain_id: int) -> WebhookRecord | None:
+        r = await self._db.fetchrow(
+            "SELECT domain_id, url, secret FROM domain_webhooks WHERE domain_id=$1", domain_id)
+        return None if r is None else self._webhook(r)
+
+    async def set_webhook(self, domain_id: int, url: str | None, secret: str | None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            if url is None or secret is None:
+                await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
+            else:
+                await tx.execute(
+                    "INSERT INTO domain_webhooks(domain_id, url, secret) VALUES ($1,$2,$3)"
+                    " ON CONFLICT (domain_id) DO UPDATE SET url=EXCLUDED.url,"
+                    " secret=EXCLUDED.secret", domain_id, url, self._seal(secret.encode()))
+            return None, [("domain", domain_id)]
+        await self._write(update, audit)
+
+
+class _SuppressionRows:
+    """PgDirectory's suppression lists: a change names the domain, whose list every node
+    then reads again."""
+
+    _db: Database
+    _write: Callable[..., Awaitable[Any]]
+
+    async def suppressions(self, domain_id: int | None, after: float) -> list[SuppressionRecord]:
+        rows = await self._db.fetch(
+            "SELECT domain_id, address, reason, since FROM suppressions WHERE since > $1"
+            " AND ($2::bigint IS NULL OR domain_id = $2)", after, domain_id)
+        return [SuppressionRecord(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+    async def add_suppressions(self, domain_id: int, recs: Sequence[SuppressionRecord],
+                               expired: float) -> None:
+        async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
+            await tx.execute("DELETE FROM suppressions WHERE domain_id=$1 AND since <= $2",
+                             domain_id, expired)
+            await tx.executemany(
+                "INSERT INTO suppressions(domain_id, address, reason, since)"
+                " VALUES ($1,$2,$3,$4) ON CONFLICT (domain_id, address) DO UPDATE SET"
+                " reason=EXCLUDED.reason, since=EXCLUDED.since",
+                [(domain_id, r.address, r.reason, r.since) for r in recs])
+            return None, [("suppression", domain_id)]
+        await self._write(add)
+
+    async def remove_suppression(self, domain_id: int, address: str) -> bool:
+        async def remove(tx: Tx) -> tuple[bool, list[tuple[str, int]]]:
+            gone = await tx.fetchval("DELETE FROM suppressions WHERE domain_id=$1"
+                                     " AND address=$2 RETURNING 1", domain_id, address)
+            return gone is not None, [("suppression", domain_id)]
+        return await self._write(remove)
+
+
+class PgDirectory(_Webhooks, _SuppressionRows, PgDkimKeys):
     """The directory and the cluster tables in one PostgreSQL database.
 
     ``written`` is the highest control-plane version this process has committed: a
     caller that must wait until every node applied its change waits for it.
+
+    Size: one short method per DirectoryStore operation (each a transaction of the one
+    ``_write`` discipline, with its audit entries), the change log, the node registry,
+    queue probes and quota leases: the cluster's whole database surface in one place,
+    as the SQLite side keeps its own in relayd.store.directory.
     """
 
     def __init__(self, db: Database, node: str, *, seal: Callable[[bytes], bytes],
@@ -232,13 +351,18 @@ class PgDirectory:
             await tx.execute("DELETE FROM queue_probes WHERE version < $1", floor)
         await self._db.transaction(prune)
 
-    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]]) -> T:
-        """Run ``work`` as one control write: next version first, the log and NOTIFY last."""
+    async def _write(self, work: Callable[[Tx], Awaitable[tuple[T, list[tuple[str, int]]]]],
+                     audit: Sequence[AuditEntry] = NO_AUDIT) -> T:
+        """Run ``work`` as one control write: next version first, then ``work`` and its
+        audit entries, the log and NOTIFY last."""
         async def run(tx: Tx) -> tuple[T, int]:
             version = int(await tx.fetchval(
                 "UPDATE control_version SET version = version + 1 WHERE id = 1"
                 " RETURNING version"))
             result, changed = await work(tx)
+            if audit:
+                await tx.executemany(audit_insert([f"${i}" for i in range(1, 10)]),
+                                     audit_rows(audit, self.node))
             await tx.executemany(
                 "INSERT INTO changes(version, kind, entity_id, node) VALUES ($1,$2,$3,$4)"
                 " ON CONFLICT DO NOTHING", [(version, k, i, self.node) for k, i in changed])
@@ -269,7 +393,7 @@ class PgDirectory:
     async def account(self, account_id: int) -> AccountRecord | None:
         """One account with its networks (one round trip)."""
         row = await self._db.fetchrow(_ONE_ACCOUNT, account_id)
-        return None if row is None else _account(row, list(row[12]))
+        return None if row is None else _account(row, list(row[15]))
 
     async def domain(self, domain_id: int) -> DomainRecord | None:
         row = await self._db.fetchrow(_DOMAIN_COLUMNS + " WHERE id=$1", domain_id)
@@ -283,9 +407,9 @@ class PgDirectory:
         n = await self._db.fetchval(
             "SELECT count(*) FROM domains WHERE selector = ANY($1::text[])"
             " OR ed25519_selector = ANY($1::text[])", list(selectors))
-        return bool(n)
+        return bool(n) or await self._selectors_kept(selectors)
 
-    async def add_domain(self, new: NewDomain) -> int:
+    async def add_domain(self, new: NewDomain, audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
             domain_id = int(await tx.fetchval(
                 "INSERT INTO domains(name, selector, algorithm, private_key, ed25519_selector,"
@@ -294,7 +418,7 @@ class PgDirectory:
                 new.ed25519_selector, self._sealed(new.ed25519_key), new.created_at))
             return domain_id, [("domain", domain_id)]
         try:
-            return await self._write(add)
+            return await self._write(add, audit)
         except UniqueViolation as exc:
             if exc.constraint == "domains_live_name":
                 raise DomainExists(new.name) from None
@@ -303,25 +427,31 @@ class PgDirectory:
     def _sealed(self, key: bytes | None) -> bytes | None:
         return self._seal(key) if key is not None else None
 
-    async def delete_domain(self, domain_id: int, now: float) -> None:
+    async def delete_domain(self, domain_id: int, now: float,
+                            audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def delete(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET deleted_at=$1, private_key=NULL,"
                              " ed25519_key=NULL WHERE id=$2", now, domain_id)
+            await tx.execute("DELETE FROM domain_webhooks WHERE domain_id=$1", domain_id)
+            await self._cancel_pending(tx, domain_id, now)
             ids = await tx.fetch(
-                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted'"
+                "UPDATE accounts SET status='disabled', disabled_reason='domain_deleted',"
+                " old_password_hash=NULL, old_password_expires=NULL"
                 " WHERE domain_id=$1 AND status != 'deleted' RETURNING id", domain_id)
             return None, [("domain", domain_id), *(("account", int(r[0])) for r in ids)]
-        await self._write(delete)
+        await self._write(delete, audit)
 
-    async def set_check_header_from(self, domain_id: int, on: bool) -> None:
+    async def set_check_header_from(self, domain_id: int, on: bool,
+                                    audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute("UPDATE domains SET check_header_from=$2 WHERE id=$1",
                              domain_id, on)
             return None, [("domain", domain_id)]
-        await self._write(update)
+        await self._write(update, audit)
 
     async def add_account(self, new: NewAccount, check: BindingCheck,
-                          slots: int | None = None) -> int:
+                          slots: int | None = None,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> int:
         async def add(tx: Tx) -> tuple[int, list[tuple[str, int]]]:
             if slots is not None:
                 used = int(await tx.fetchval(
@@ -330,56 +460,78 @@ class PgDirectory:
                     raise PlanFull(used)
             check(await _bindings(tx, None))
             acct_id = int(await tx.fetchval(
-                "INSERT INTO accounts(username, domain_id, password_hash, status, created_at)"
-                " VALUES ($1,$2,$3,'active',$4) RETURNING id", new.username, new.domain_id,
-                new.password_hash, new.created_at))
+                "INSERT INTO accounts(username, domain_id, password_hash, status, created_at,"
+                " label) VALUES ($1,$2,$3,'active',$4,$5) RETURNING id", new.username,
+                new.domain_id, new.password_hash, new.created_at, new.label))
             await tx.executemany("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
                                  [(acct_id, n) for n in new.networks])
             return acct_id, [("account", acct_id)]
-        return await self._write(add)
+        return await self._write(add, audit)
 
-    async def _update(self, account_id: int, sql: str, *values: Any) -> None:
+    async def _update(self, account_id: int, sql: str, *values: Any,
+                      audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def update(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             await tx.execute(sql, account_id, *values)
             return None, [("account", account_id)]
-        await self._write(update)
+        await self._write(update, audit)
 
-    async def set_status(self, account_id: int, status: str, reason: str) -> None:
-        await self._update(account_id, "UPDATE accounts SET status=$2, disabled_reason=$3"
-                           " WHERE id=$1", status, reason)
+    async def set_status(self, account_id: int, status: str, reason: str,
+                         audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, _SET_STATUS, status, reason, audit=audit)
 
-    async def set_password(self, account_id: int, password_hash: str) -> None:
-        await self._update(account_id, "UPDATE accounts SET password_hash=$2 WHERE id=$1",
-                           password_hash)
+    async def set_password(self, account_id: int, password_hash: str,
+                           old_hash: str | None = None, old_expires: float | None = None,
+                           audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, _SET_HASHES, password_hash, old_hash, old_expires,
+                           audit=audit)
 
     async def set_limits(self, account_id: int, per_minute: int | None, per_hour: int | None,
-                         per_day: int | None) -> None:
+                         per_day: int | None, audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "UPDATE accounts SET per_minute=$2, per_hour=$3,"
-                           " per_day=$4 WHERE id=$1", per_minute, per_hour, per_day)
+                           " per_day=$4 WHERE id=$1", per_minute, per_hour, per_day,
+                           audit=audit)
 
-    async def add_network(self, account_id: int, cidr: str, check: BindingCheck) -> None:
+    async def set_label(self, account_id: int, label: str,
+                        audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
+        await self._update(account_id, "UPDATE accounts SET label=$2 WHERE id=$1", label,
+                           audit=audit)
+
+    async def add_network(self, account_id: int, cidr: str, check: BindingCheck,
+                          audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         async def add(tx: Tx) -> tuple[None, list[tuple[str, int]]]:
             check(await _bindings(tx, account_id))
             await tx.execute("INSERT INTO account_networks(account_id, cidr) VALUES ($1,$2)",
                              account_id, cidr)
             return None, [("account", account_id)]
-        await self._write(add)
+        await self._write(add, audit)
 
-    async def remove_network(self, account_id: int, cidr: str) -> None:
+    async def remove_network(self, account_id: int, cidr: str,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> None:
         await self._update(account_id, "DELETE FROM account_networks WHERE account_id=$1"
-                           " AND cidr=$2", cidr)
+                           " AND cidr=$2", cidr, audit=audit)
 
-    async def delete_account(self, account_id: int, now: float, purge_queue: bool) -> list[int]:
+    async def audit_entries(self, *, account: str | None = None, domain: str | None = None,
+                            since: float | None = None, limit: int = 100
+                            ) -> list[AuditEntry]:
+        where, params = audit_filter(account, domain, since, "$")
+        rows = await self._db.fetch(
+            AUDIT_COLUMNS + where
+            + f" ORDER BY at DESC, id DESC LIMIT ${len(params) + 1}", *params, limit)
+        return [audit_entry(r) for r in rows]
+
+    async def delete_account(self, account_id: int, now: float, purge_queue: bool,
+                             audit: Sequence[AuditEntry] = NO_AUDIT) -> list[int]:
         """Delete the account cluster-wide; each node purges its own spool when it applies
         the change (the caller has asked every node for its count first)."""
         async def delete(tx: Tx) -> tuple[list[int], list[tuple[str, int]]]:
             await tx.execute(
                 "UPDATE accounts SET status='deleted', password_hash=NULL, deleted_at=$2,"
+                " old_password_hash=NULL, old_password_expires=NULL,"
                 " total_sent=0, last_connection=NULL, per_minute=NULL, per_hour=NULL,"
                 " per_day=NULL WHERE id=$1", account_id, now)
             await tx.execute("DELETE FROM account_networks WHERE account_id=$1", account_id)
             return [], [("account", account_id)]
-        return await self._write(delete)
+        return await self._write(delete, audit)
 
     async def save_last_connections(self, changed: Sequence[tuple[float | None, int]]) -> None:
         """Merge: a node's time replaces the stored one only if it is later."""
@@ -515,7 +667,9 @@ class PgDirectory:
 def _account(r: Any, networks: list[str]) -> AccountRecord:
     return AccountRecord(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], float(r[6]),
                          None if r[7] is None else float(r[7]), int(r[8]), r[9], r[10], r[11],
-                         networks=networks)
+                         networks=networks, old_password_hash=r[12],
+                         old_password_expires=None if r[13] is None else float(r[13]),
+                         label=r[14])
 
 
 async def _bindings(tx: Tx, exclude_account: int | None) -> list[NetworkBinding]:

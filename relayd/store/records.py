@@ -69,11 +69,14 @@ class AttemptResult:
     next_hop: str
     code: int | None
     text: str
-    outcome: str  # delivered | deferred | failed | purged (removed by the operator)
+    outcome: str  # delivered | deferred | failed | purged (removed by the operator) |
+    # suppressed (not sent: on the domain's suppression list)
     ts: float
     next_attempt: float | None = None
     account_id: int | None = None
     is_bounce: bool = False  # a DSN relayd generated: logged as kind ``bounce``, not sent
+    attempts: int = 0  # this attempt's number (1: the first); 0: not an attempt (purged)
+    at_rcpt: bool = False  # the next hop's reply to this recipient's own RCPT (not stored)
 
 
 @dataclass(slots=True)

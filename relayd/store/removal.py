@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from relayd.store import messages as q
+from relayd.store.db import SqlConn
 from relayd.store.records import AttemptResult
 from relayd.store.spool import Spool
+
+T = TypeVar("T")
 
 
 async def purge(spool: Spool, account_id: int, status: str | None = None, *,
@@ -25,9 +29,9 @@ async def purge(spool: Spool, account_id: int, status: str | None = None, *,
     """Delete an account's messages (all, or those with a recipient in ``status``);
     the ids deleted. Their pending recipients are logged ``purged`` (``reason``)."""
     purged: list[q.PurgedRow] = []
-    ids = await spool._transact(functools.partial(
-        q.purge_account, account_id=account_id, status=status, purged=purged),
-        deletes_messages=True)
+    ids = await spool._transact(with_events(spool, functools.partial(
+        q.purge_account, account_id=account_id, status=status, purged=purged), purged,
+        reason), deletes_messages=True)
     log_purged(spool, purged, reason)
     return ids
 
@@ -38,8 +42,8 @@ async def purge_messages(spool: Spool, message_ids: Sequence[int], *,
     recipients are logged ``purged`` (``reason``)."""
     ids = list(message_ids)
     purged: list[q.PurgedRow] = []
-    await spool._transact(functools.partial(q.purge_ids, ids=ids, purged=purged),
-                         deletes_messages=True)
+    await spool._transact(with_events(spool, functools.partial(
+        q.purge_ids, ids=ids, purged=purged), purged, reason), deletes_messages=True)
     log_purged(spool, purged, reason)
     return ids
 
@@ -48,8 +52,8 @@ async def delete_message(spool: Spool, message_id: int, *, reason: str) -> bool:
     """Delete one message for good (``queue delete``); False if there is none. Its
     pending recipients are logged ``purged`` (``reason``)."""
     purged: list[q.PurgedRow] = []
-    n = await spool._transact(functools.partial(q.purge_ids, ids=[message_id],
-                                               purged=purged), deletes_messages=True)
+    n = await spool._transact(with_events(spool, functools.partial(
+        q.purge_ids, ids=[message_id], purged=purged), purged, reason), deletes_messages=True)
     log_purged(spool, purged, reason)
     return bool(n)
 
@@ -59,16 +63,31 @@ def log_purged(spool: Spool, rows: Sequence[q.PurgedRow], reason: str) -> None:
     the delivery log (``on_results``), counted by ``on_purged``."""
     if not rows:
         return
-    now = time.time()
-    results = [AttemptResult(message_id=m, idx=i, recipient=rcpt, username=user,
-                             domain=dom, next_hop="-", code=None, text=reason,
-                             outcome="purged", ts=now, account_id=acct,
-                             is_bounce=bool(bounce))
-               for m, i, rcpt, acct, user, dom, bounce in rows]
+    results = _purged_results(rows, reason, time.time())
     if spool.on_results is not None:
         spool.on_results(results)
     if spool.on_purged is not None:
         spool.on_purged(len(results))
+
+
+def _purged_results(rows: Sequence[q.PurgedRow], reason: str,
+                    now: float) -> list[AttemptResult]:
+    return [AttemptResult(message_id=m, idx=i, recipient=rcpt, username=user, domain=dom,
+                          next_hop="-", code=None, text=reason, outcome="purged", ts=now,
+                          account_id=acct, is_bounce=bool(bounce))
+            for m, i, rcpt, acct, user, dom, bounce in rows]
+
+
+def with_events(spool: Spool, fn: Callable[[SqlConn], T], purged: list[q.PurgedRow],
+                reason: str) -> Callable[[SqlConn], T]:
+    """``fn`` (a purge filling ``purged``), then, in the same transaction, a ``purged``
+    webhook event for each removed recipient of a domain with a webhook."""
+    def run(conn: SqlConn) -> T:
+        result = fn(conn)
+        if purged and spool.hooks.domains:
+            spool.hooks.store_apart(conn, _purged_results(purged, reason, time.time()))
+        return result
+    return run
 
 
 async def held_ids(spool: Spool, account_id: int) -> list[int]:

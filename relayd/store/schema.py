@@ -5,7 +5,11 @@ Owns: :data:`MIGRATIONS` (one SQL script per schema version) and
 refuses one newer than this relayd), :func:`apply` runs one step in its own
 transaction. Step 5 drops the old delivery log table, whose rows the spool
 has moved to the log file first (:func:`holds_old_log`, relayd.store.deliverylog);
-step 6 adds the operator's hold of one message (``messages.held``).
+step 7 adds the operator's hold of one message (``messages.held``); step 8 the
+password kept by ``reset-password --keep-old`` (``accounts.old_password_*``); step 9
+the webhooks of domains and the events waiting to be posted; step 10 the DKIM
+selectors of a key rotation (pending, retired, cancelled); step 11 the suppression
+list; step 12 the audit trail (``audit``) and the account's ``label``.
 See also: relayd.store.spool (opens the database and runs the steps).
 """
 
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from relayd.store.db import SpoolError, SqlConn
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 12
 #: The step that drops the old delivery_log table (its rows are moved out first).
 LOG_MOVED = 5
 
@@ -124,6 +128,78 @@ MIGRATIONS: dict[int, str] = {
     # ('operator'). A held message stays held across restarts.
     7: """
     ALTER TABLE messages ADD COLUMN held TEXT;
+    """,
+    # ``reset-password --keep-old``: the previous password's hash keeps working until
+    # its expiry (POSIX seconds); NULL: no old password kept.
+    8: """
+    ALTER TABLE accounts ADD COLUMN old_password_hash TEXT;
+    ALTER TABLE accounts ADD COLUMN old_password_expires REAL;
+    """,
+    # Delivery events for applications (relayd.store.hookevents): a domain's webhook
+    # (single node: the directory is here; a cluster keeps it in PostgreSQL) and the
+    # events waiting to be posted, written with the outcome they report. Every node
+    # keeps its own events, in its own spool.
+    9: """
+    CREATE TABLE domain_webhooks (
+        domain_id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE webhook_events (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT
+    );
+    CREATE INDEX webhook_events_due ON webhook_events(next_attempt);
+    CREATE INDEX webhook_events_domain ON webhook_events(domain);
+    """,
+    # DKIM key rotation: a domain's pending key(s) (``relayctl domain rotate-key``) and the
+    # selectors it no longer uses (retired by --activate, or dropped by --cancel: never
+    # drawn again). The active keys stay in ``domains``.
+    10: """
+    CREATE TABLE dkim_selectors (
+        selector TEXT PRIMARY KEY,
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        slot TEXT NOT NULL,
+        state TEXT NOT NULL,
+        private_key BLOB,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX dkim_selectors_domain ON dkim_selectors(domain_id);
+    """,
+    # The suppression list: per domain, recipients a next hop refused for good as not
+    # existing (``address``: domain part lower-cased), the reply and its time (``since``).
+    11: """
+    CREATE TABLE suppressions (
+        domain_id INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        since REAL NOT NULL,
+        PRIMARY KEY (domain_id, address)
+    ) WITHOUT ROWID;
+    """,
+    # The audit trail of accounts and domains (who changed what, when; kept after the
+    # account or domain is deleted: no foreign key, by name) and the account's label.
+    12: """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        domain TEXT NOT NULL DEFAULT '',
+        action TEXT NOT NULL,
+        uid INTEGER,
+        node TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        details TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_subject ON audit(kind, subject, at);
+    CREATE INDEX audit_domain ON audit(domain, at);
+    CREATE INDEX audit_at ON audit(at);
+    ALTER TABLE accounts ADD COLUMN label TEXT NOT NULL DEFAULT '';
     """,
 }
 

@@ -53,6 +53,7 @@ from relayd.store.db import (
     insert_rows,
     unusable,
 )
+from relayd.store.hookevents import EventSink
 from relayd.store.records import (
     AttemptResult,
     DeferredMessage,
@@ -98,6 +99,8 @@ class Spool:
         self.on_results: Callable[[list[AttemptResult]], None] | None = None
         #: Called on the loop with how many recipients a purge removed (a metric).
         self.on_purged: Callable[[int], None] | None = None
+        #: Webhook events written with the results they report (relayd.store.hookevents).
+        self.hooks = EventSink()
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
@@ -258,7 +261,8 @@ class Spool:
         settle = functools.partial(self._settle, batch, results, errors)
         try:
             await db.run(_apply_batch, db.raw, asyncio.get_running_loop(), settle,
-                         [(op.kind, op.payload) for op in batch], results, errors, self.bodies)
+                         [(op.kind, op.payload) for op in batch], results, errors, self.bodies,
+                         self.hooks)
         except Exception as exc:
             for op in batch:
                 if not op.future.done():
@@ -454,7 +458,7 @@ def _save_id_floor(conn: SqlConn, floor: int) -> None:
 
 def _apply_batch(conn: SqlConn, loop: asyncio.AbstractEventLoop, settle: Callable[[], None],
                  ops: list[tuple[str, Any]], results: dict[int, Any],
-                 errors: dict[int, BaseException], bodies: Bodies) -> None:
+                 errors: dict[int, BaseException], bodies: Bodies, hooks: EventSink) -> None:
     """BEGIN, every op in order, COMMIT; then ``settle`` on the loop.
 
     Accepted messages and delivery results gather until a callback (``call``,
@@ -473,7 +477,8 @@ def _apply_batch(conn: SqlConn, loop: asyncio.AbstractEventLoop, settle: Callabl
                 records.append((n, payload))
             else:
                 purged = purged or kind == "purge"
-                _apply_plain(conn, accepts, records, results, errors, not begun, False, bodies)
+                _apply_plain(conn, accepts, records, results, errors, not begun, False, bodies,
+                             hooks)
                 begun, accepts, records = True, [], []
                 conn.execute("SAVEPOINT op")
                 try:
@@ -483,7 +488,7 @@ def _apply_batch(conn: SqlConn, loop: asyncio.AbstractEventLoop, settle: Callabl
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     errors[n] = exc
-        _apply_plain(conn, accepts, records, results, errors, not begun, True, bodies)
+        _apply_plain(conn, accepts, records, results, errors, not begun, True, bodies, hooks)
         if purged and bodies.ids:  # a purge deleted rows: their files go too
             bodies.reconcile(conn)
     except Exception:
@@ -498,9 +503,9 @@ def _apply_batch(conn: SqlConn, loop: asyncio.AbstractEventLoop, settle: Callabl
 
 def _apply_plain(conn: SqlConn, msgs: list[NewMessage], records: list[tuple[int, Any]],
                  results: dict[int, Any], errors: dict[int, BaseException], begin: bool,
-                 commit: bool, bodies: Bodies) -> None:
-    """BEGIN (if ``begin``), insert accepted messages, store delivery results, COMMIT (if
-    ``commit``)."""
+                 commit: bool, bodies: Bodies, hooks: EventSink) -> None:
+    """BEGIN (if ``begin``), insert accepted messages, store delivery results and their
+    webhook events (only if a domain has a webhook), COMMIT (if ``commit``)."""
     if begin:
         conn.execute("BEGIN IMMEDIATE")
     if msgs:
@@ -536,6 +541,9 @@ def _apply_plain(conn: SqlConn, msgs: list[NewMessage], records: list[tuple[int,
             conn.execute("RELEASE ops")
             for (n, _payload), removed in zip(records, done, strict=True):
                 results[n] = removed
+        if hooks.domains:
+            hooks.store_apart(conn, [r for n, payload in records if n not in errors
+                                     for r in payload[0]])
         if bodies.ids:
             bodies.deleted([m for n, _p in records for m in results.get(n) or ()])
     if commit:
