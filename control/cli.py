@@ -711,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     _reason(ds)
     ds.add_argument("--webhook", metavar="URL|off",
                     help="POST a signed JSON event to this http(s) URL for each recipient"
-                    " delivered, failed, bounced or purged; off removes it (a new secret is"
-                    " printed once when it is first set)")
+                    " delivered, failed, bounced, purged or suppressed; off removes it (a new"
+                    " secret is printed once when it is first set)")
     ds.add_argument("--rotate-webhook-secret", action="store_true",
                     help="make a new signing secret (printed once; the old one stops at once)")
     dr = d.add_parser("rotate-key", help="a new DKIM key, pending until --activate")

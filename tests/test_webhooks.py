@@ -368,3 +368,19 @@ async def test_purged_recipient_event(relay: RelayHandle, sink: Sink, hook: Hook
     assert "queue purge" in event["reply"] and event["attempts"] == 0
     headers, body = hook.posts[0]
     assert verify(secret, headers[SIGNATURE_HEADER], body, time.time())
+
+
+async def test_suppressed_recipient_event(relay: RelayHandle, sink: Sink, hook: Hook) -> None:
+    """A recipient on the domain's suppression list is not sent: its event says
+    `suppressed`, with the reason it was listed, and the sink never saw it."""
+    await relay.ctl.add_domain("example.com")
+    user, password = await relay.ctl.add_user("example.com")
+    await _set_hook(relay, hook.url)
+    await relay.ctl.ok("POST", "/v1/domains/example.com/suppressions",
+                       {"addresses": ["gone@dest.test"], "reason": "imported list"})
+    await _send(relay, user, password, ["gone@dest.test", "ok@dest.test"])
+    events = {e["recipient"]: e for e in await hook.wait_for(2)}
+    assert events["gone@dest.test"]["outcome"] == "suppressed"
+    assert "imported list" in events["gone@dest.test"]["reply"]
+    assert events["ok@dest.test"]["outcome"] == "delivered"
+    assert all("gone@dest.test" not in m.rcpt_tos for m in sink.messages)

@@ -30,16 +30,18 @@ from relayd.store.records import AttemptResult
 #: Event outcomes: a delivery result's outcome to what the event says (a result that
 #: is not final, or a purge, has no event).
 DELIVERED, FAILED, BOUNCED, PURGED = "delivered", "failed", "bounced", "purged"
+SUPPRESSED = "suppressed"
 
 
 def event_outcome(r: AttemptResult) -> str | None:
     """``delivered``; ``failed`` (a permanent 5xx reply, or a route refused for good);
     ``bounced`` (relayd gave up: the queue lifetime ran out, a DSN went to the sender);
-    ``purged`` (removed by the operator before it was final); None for a deferral. Pure."""
+    ``purged`` (removed by the operator before it was final); ``suppressed`` (not sent:
+    on the domain's suppression list); None for a deferral. Pure."""
     if r.outcome == "delivered":
         return DELIVERED
-    if r.outcome == "purged":
-        return PURGED
+    if r.outcome in (PURGED, SUPPRESSED):
+        return r.outcome
     if r.outcome == "failed":
         return FAILED if r.code is not None and 500 <= r.code < 600 else BOUNCED
     return None
