@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,3 +299,16 @@ def message(subject: str = "test", body: str = "Hello.\r\n", sender: str = "app@
 def decode(obj: Any, kind: type[Any]) -> Any:
     """Decode a JSON-able object into a control schema type (checks the contract)."""
     return msgspec.convert(obj, type=kind)
+
+
+def spool_at_schema(path: Path, version: int, *statements: str) -> None:
+    """A spool database as an older relayd left it: the migrations up to ``version``
+    (its ``user_version``), then ``statements`` (its rows)."""
+    from relayd.store.schema import MIGRATIONS
+    conn = sqlite3.connect(path)
+    conn.executescript("".join(MIGRATIONS[v] for v in range(1, version + 1))
+                       + f"PRAGMA user_version={version};")
+    for stmt in statements:
+        conn.execute(stmt)
+    conn.commit()
+    conn.close()

@@ -4,27 +4,22 @@ selector for a message submitted after the call returns; cancel reaches every no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import dkim
 import pytest
 
 from tests.cluster_support import start_node
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
-from tests.test_dkim import _NACL
-from tests.test_dkim_e2e import published, signatures, verifies
+from tests.test_dkim_e2e import (
+    _nacl_for_dkimpy,  # noqa: F401 - autouse: Ed25519 in dkimpy
+    published,
+    signatures,
+    verifies,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 ROTATE = "/v1/domains/example.com/rotate-key"
-
-
-@pytest.fixture(autouse=True)
-def _nacl_for_dkimpy() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dkim, "nacl", _NACL, raising=False)
-        yield
 
 
 async def send_one(node: RelayHandle, sink: Sink, user: str, pw: str, subject: str) -> bytes:

@@ -8,27 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dkim
 import pytest
 
 from control import schemas
-from tests.conftest import RelayFactory, RelayHandle, Sink, decode, message
-from tests.test_dkim import _NACL
-from tests.test_dkim_e2e import published, signatures, verifies
+from tests.conftest import RelayFactory, RelayHandle, Sink, decode, message, spool_at_schema
+from tests.test_dkim_e2e import (
+    _nacl_for_dkimpy,  # noqa: F401 - autouse: Ed25519 in dkimpy
+    published,
+    signatures,
+    verifies,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 ROTATE = "/v1/domains/example.com/rotate-key"
-
-
-@pytest.fixture(autouse=True)
-def _nacl_for_dkimpy() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dkim, "nacl", _NACL, raising=False)
-        yield
 
 
 async def send_one(relay: RelayHandle, sink: Sink, user: str, pw: str,
@@ -245,19 +240,13 @@ async def test_relayctl_rotate_key(relay: RelayHandle) -> None:
 async def test_schema_7_spool_gains_the_selector_table(tmp_path: Path) -> None:
     """An older spool (schema 7) opens at the current schema; its domain can rotate,
     activate (the active selector retired, never drawn again) and cancel."""
-    import sqlite3
-
     from relayd.store.directory import DkimKey, KeyPending, NoPendingKey, SqliteDirectory
-    from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
+    from relayd.store.schema import SCHEMA_VERSION
     from relayd.store.spool import Spool
 
     path = tmp_path / "spool.db"
-    conn = sqlite3.connect(path)
-    conn.executescript("".join(MIGRATIONS[v] for v in range(1, 8)) + "PRAGMA user_version=7;")
-    conn.execute("INSERT INTO domains(name, selector, algorithm, private_key, created_at)"
-                 " VALUES ('example.com', 's1', 'rsa', x'01', 1.0)")
-    conn.commit()
-    conn.close()
+    spool_at_schema(path, 7, "INSERT INTO domains(name, selector, algorithm, private_key,"
+                    " created_at) VALUES ('example.com', 's1', 'rsa', x'01', 1.0)")
     spool = Spool(str(path))
     await spool.open()
     try:

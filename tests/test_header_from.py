@@ -3,7 +3,6 @@ mailboxes a header section names, and which messages an account of example.com m
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from relayd.directory.accounts import Account, Domain
 from relayd.smtp import policy, replies
 from relayd.smtp.headerfrom import FieldError, check, field_domains, header_fields
 from relayd.store.directory import SqliteDirectory
-from relayd.store.schema import MIGRATIONS, SCHEMA_VERSION
+from relayd.store.schema import SCHEMA_VERSION
 from relayd.store.spool import Spool
+from tests.conftest import spool_at_schema
 
 NOT_ALLOWED = replies.HEADER_FROM_NOT_ALLOWED
 NO_FROM = replies.NO_HEADER_FROM
@@ -163,12 +163,8 @@ async def test_schema_5_database_migrates_with_the_check_on(tmp_path: Path) -> N
     """An old spool (schema 5) opens at schema 6; its domains have the check on, and the
     switch is stored."""
     path = tmp_path / "spool.db"
-    conn = sqlite3.connect(path)
-    conn.executescript("".join(MIGRATIONS[v] for v in range(1, 6)) + "PRAGMA user_version=5;")
-    conn.execute("INSERT INTO domains(name, selector, algorithm, created_at)"
-                 " VALUES ('example.com', 's1', 'rsa', 1.0)")
-    conn.commit()
-    conn.close()
+    spool_at_schema(path, 5, "INSERT INTO domains(name, selector, algorithm, created_at)"
+                    " VALUES ('example.com', 's1', 'rsa', 1.0)")
     spool = Spool(str(path))
     await spool.open()
     try:
