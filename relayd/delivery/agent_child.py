@@ -95,7 +95,7 @@ class DeliverSide(_Child):
 
     async def _run(self, job: Job, data: bytes) -> None:
         assert self.pools is not None
-        hop = Hop(job.host, job.port, job.tls, job.username, job.password)
+        hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.per_connection)
         at_rcpt: list[int] = []
         try:
             body: bytes | BodyFile = BodyFile(job.path, job.size) if job.path else data

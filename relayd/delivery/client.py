@@ -76,6 +76,7 @@ class Hop:
     tls: str = "none"  # none | starttls | tls | opportunistic
     username: str = ""
     password: str = field(default="", repr=False)
+    messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
 
     @property
     def name(self) -> str:
@@ -201,7 +202,10 @@ class Pool:
                 return [RcptReply(None, text) for _ in rcpts]
             conn.sent += 1
             conn.last_used = time.monotonic()
-            if clean and conn.sent < self.cfg.messages_per_connection:
+            cap = self.cfg.messages_per_connection
+            if self.hop.messages_per_connection:
+                cap = min(cap, self.hop.messages_per_connection)
+            if clean and conn.sent < cap:
                 self._park(conn)
             else:
                 await conn.client.quit()

@@ -51,6 +51,7 @@ from relayd.directory.accounts import Directory
 from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
 from relayd.queue.sendqueue import QMsg, SendQueue
+from relayd.queue.shaped import Shaping
 from relayd.store.spool import AttemptResult, Spool
 
 RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
@@ -179,6 +180,7 @@ class Dispatcher:
         self.on_lost = on_lost
         self.on_recorded = on_recorded
         self.on_room: Callable[[], None] | None = None  # set by whoever waits in may_start
+        self.shaping: Shaping | None = None  # MX mode: per-destination shaping (app sets it)
         self.ledger = Ledger()
         self.record_limit = max(64, workers * RECORDS_PER_WORKER)
         self.load_budget = load_budget
@@ -345,7 +347,7 @@ class Dispatcher:
             if results and any(r.idx == idx for r in results):
                 continue
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
-        groups: dict[tuple[Hop, ...], list[int]] = {}
+        groups: dict[tuple[tuple[Hop, ...], str], list[int]] = {}
         for domain, idxs in by_domain.items():
             try:
                 hops = await self.sender.route(domain)
@@ -358,23 +360,43 @@ class Dispatcher:
                 now = self.clock()
                 results.extend(self._result(msg, i, "-", code, text, now) for i in idxs)
                 continue
-            groups.setdefault(tuple(hops), []).extend(idxs)
-        for chain, idxs in groups.items():
-            pending = idxs
-            for n, h in enumerate(chain):
-                rcpts = [msg.rcpts[i][0] for i in pending]
-                replies = await self.sender.send(h, msg.sender, rcpts, data)
-                now = self.clock()
-                retry_next: list[int] = []
-                for i, rep in zip(pending, replies, strict=True):
-                    if rep.code is None and n < len(chain) - 1:
-                        retry_next.append(i)  # connection trouble: try the next MX
-                    else:
-                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
-                                                    rep.at_rcpt))
-                pending = retry_next
-                if not pending:
-                    break
+            dest = self._destination(domain, hops)
+            groups.setdefault((tuple(hops), dest), []).extend(idxs)
+        for (chain, dest), idxs in groups.items():
+            if dest and self.shaping is not None:
+                await self.shaping.send(msg, dest, chain, idxs, data, results,
+                                        self._send_chain, self._result)
+            else:
+                await self._send_chain(msg, chain, idxs, data, results)
+
+    def _destination(self, domain: str, hops: list[Hop]) -> str:
+        """The shaping destination of MX-routed mail ("": not shaped: no shaping, or a
+        static route or the smarthost)."""
+        if self.shaping is None:
+            return ""
+        route_now = getattr(self.sender, "route_now", None)
+        if route_now is not None and route_now(domain) is not None:
+            return ""
+        return self.shaping.destination(domain, hops)
+
+    async def _send_chain(self, msg: QMsg, chain: tuple[Hop, ...], idxs: list[int],
+                          data: bytes | BodyFile, results: list[AttemptResult]) -> None:
+        """Send to the hops of one chain in turn (the next one on connection trouble)."""
+        pending = idxs
+        for n, h in enumerate(chain):
+            rcpts = [msg.rcpts[i][0] for i in pending]
+            replies = await self.sender.send(h, msg.sender, rcpts, data)
+            now = self.clock()
+            retry_next: list[int] = []
+            for i, rep in zip(pending, replies, strict=True):
+                if rep.code is None and n < len(chain) - 1:
+                    retry_next.append(i)  # connection trouble: try the next MX
+                else:
+                    results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
+                                                rep.at_rcpt))
+            pending = retry_next
+            if not pending:
+                break
 
     # -- every attempt ends here -----------------------------------------------------------
     def _unanswered(self) -> None:
