@@ -35,7 +35,7 @@ def test_destination_by_domain_then_mx_suffix_else_the_domain() -> None:
 def test_per_second_spreads_messages() -> None:
     s = shaper()
     _n, lim = s.destination("gmail.com", "mx.google.com")
-    starts = []
+    starts: list[float] = []
     now = 100.0
     while len(starts) < 6:
         wait = s.acquire("google", lim, now)

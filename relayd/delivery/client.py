@@ -77,6 +77,7 @@ class Hop:
     username: str = ""
     password: str = field(default="", repr=False)
     messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
+    mx: str = field(default="", compare=False)  # the MX host name it came from, if any
 
     @property
     def name(self) -> str:
@@ -513,6 +514,9 @@ class Deliverer:
         if hops is not None:
             return hops
         assert self.mx is not None
+        resolve = getattr(self.mx, "resolve", None)  # relayd.delivery.mx: with MX names
+        if resolve is not None:
+            return [Hop(h.host, h.port, "opportunistic", mx=h.mx) for h in await resolve(domain)]
         return [Hop(h, p, "opportunistic") for h, p in await self.mx.hops(domain)]
 
     def route_now(self, domain: str) -> list[Hop] | None:

@@ -65,7 +65,8 @@ class Shaping:
 
     def destination(self, domain: str, hops: list[Hop]) -> str:
         """The destination of a recipient domain routed to ``hops`` (its state made)."""
-        name, limits = self.shaper.destination(domain, hops[0].host if hops else "")
+        name, limits = self.shaper.destination(domain, (hops[0].mx or hops[0].host)
+                                               if hops else "")
         self.shaper.state(name, limits)
         return name
 
