@@ -440,7 +440,7 @@ class Relay:
             return []
         now = time.time()
         return [schemas.DestinationBackoff(
-            destination=st.name, seconds_left=round(st.backoff_until - now, 1),
+            destination=st.name, seconds_left=round(max(0.0, st.backoff_until - now), 1),
             level=st.backoff_level, throttled=st.throttled, reply=st.reason)
             for st in self.shaping.backoffs()]
 

@@ -87,7 +87,7 @@ class Shaping:
             self._event(dest, "deferred")
             now = self.clock()
             text = f"4.7.0 destination {dest} at its shaping limit (relayd)"
-            results.extend(_later(result(msg, i, "-", None, text, now), now + wait)
+            results.extend(_later(result(msg, i, "-", None, text, now), now + wait, exact=True)
                            for i in idxs)
             return
         if st.limits.messages_per_connection:
@@ -169,8 +169,9 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _later(r: AttemptResult, at: float) -> AttemptResult:
-    """A deferred result's next attempt no earlier than ``at``."""
-    if r.outcome == "deferred" and r.next_attempt is not None and r.next_attempt < at:
+def _later(r: AttemptResult, at: float, exact: bool = False) -> AttemptResult:
+    """A deferred result's next attempt no earlier than ``at`` (``exact``: at ``at``, even
+    if the retry schedule would wait longer: the destination only asked for patience)."""
+    if r.outcome == "deferred" and r.next_attempt is not None and (exact or r.next_attempt < at):
         r.next_attempt = at
     return r
