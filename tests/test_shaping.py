@@ -38,7 +38,7 @@ ZONE = {
 }
 
 SHAPING = {
-    "backoff_initial_seconds": 3.0,
+    "backoff_initial_seconds": 4.0,
     "destination": [
         {"name": "slow", "domains": ["slow.test"], "messages_per_second": 2},
         {"name": "capped", "domains": ["capped.test"], "connections": 2},
@@ -216,7 +216,7 @@ async def test_throttling_reply_backs_the_destination_off(
     assert entries[0]["outcome"] == "deferred" and "backed off" in entries[0]["text"]
     assert a.sessions == sessions and not a.arrivals  # no new connection while backed off
 
-    await delivered(a, 2, timeout=15.0)  # after the back-off (3 s)
+    await delivered(a, 2, timeout=15.0)  # after the back-off (4 s)
     assert sorted(a.rcpts) == ["r1@throttle.test", "r2@throttle.test"]
     st = await relay.ctl.ok("GET", "/v1/status")
     assert st["backoffs"] == []

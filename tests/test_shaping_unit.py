@@ -4,11 +4,17 @@ driven by an injected clock (plain numbers)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, cast
+
 import msgspec
 import pytest
 
 from relayd.config import ConfigError, ShapingConfig, ShapingDestination, loads
+from relayd.delivery.client import Hop
+from relayd.queue.shaped import SendChain, Shaping
 from relayd.queue.shaping import Shaper, throttling
+from relayd.store.records import AttemptResult
 
 GOOGLE = ShapingDestination(name="google", mx_suffixes=("google.com",), connections=2,
                             messages_per_second=2.0)
@@ -149,3 +155,69 @@ messages_per_connection = 50
     assert sh.destination[0].messages_per_second is None  # the default row's
     with pytest.raises(ConfigError):
         loads('[[delivery.shaping.destination]]\nname = "x"\n')  # matches nothing
+
+
+# -- the dispatcher's side (relayd.queue.shaped): waiting, deferring, backing off ---------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _result(msg: object, idx: int, hop: str, code: int | None, text: str,
+            now: float) -> AttemptResult:
+    outcome = "deferred" if code is None or 400 <= code < 500 else "delivered"
+    return AttemptResult(message_id=1, idx=idx, recipient="r@x.test", username="u",
+                         domain="example.com", next_hop=hop, code=code, text=text,
+                         outcome=outcome, ts=now,
+                         next_attempt=now + 300 if outcome == "deferred" else None)
+
+
+async def test_shaped_waits_then_defers_beyond_the_waiters_and_backs_off() -> None:
+    clock = _Clock()
+    cfg = ShapingConfig(backoff_initial_seconds=30.0, destination=(
+        ShapingDestination(name="one", domains=("one.test",), connections=1),))
+    sh = Shaping(cfg, clock, workers=4)  # one waiter per destination
+    hop = Hop("127.0.0.2", 25, mx="mx.one.test")
+    dest = sh.destination("one.test", [hop])
+    gate = asyncio.Event()
+    reply = [(250, "ok")]
+    order: list[str] = []
+
+    def chain(name: str) -> SendChain:
+        async def send(msg: Any, hops: tuple[Hop, ...], idxs: list[int], data: Any,
+                       results: list[AttemptResult]) -> None:
+            order.append(name)
+            await gate.wait()
+            results.extend(_result(msg, i, hops[0].name, *reply[0], clock()) for i in idxs)
+        return send
+
+    async def attempt(name: str) -> list[AttemptResult]:
+        out: list[AttemptResult] = []
+        await sh.send(cast(Any, None), dest, (hop,), [0], b"", out, chain(name), _result)
+        return out
+
+    first = asyncio.ensure_future(attempt("first"))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(attempt("second"))  # waits for the connection
+    await asyncio.sleep(0.01)
+    [third] = await attempt("third")  # beyond the waiters: deferred, back soon
+    assert order == ["first"]
+    assert third.outcome == "deferred" and "shaping limit" in third.text
+    assert third.next_attempt == clock.now + 5.0  # not the retry schedule's 300 s
+    reply[0] = (421, "4.7.0 Try again later")
+    gate.set()
+    [r1], [r2] = await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    assert r1.next_attempt == r2.next_attempt == clock.now + 300  # later than the back-off
+    [b] = sh.backoffs()
+    assert (b.name, b.backoff_until, b.throttled) == ("one", clock.now + 30.0, 2)
+    # Backed off: deferred without a transmission, back at the end of the back-off.
+    clock.now += 10
+    [r3] = await attempt("fourth")
+    assert order == ["first", "second"]
+    assert "backed off" in r3.text and r3.next_attempt == clock.now + 300
+    sh.configure(ShapingConfig(backoff_initial_seconds=30.0))
+    assert sh.label("one") == "other" and sh.backoffs()  # a reload keeps back-offs

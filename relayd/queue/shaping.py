@@ -185,14 +185,17 @@ class Shaper:
         return False
 
     def throttle(self, st: State, text: str, now: float) -> bool:
-        """Back the destination off after a throttling reply (exponential, bounded)."""
+        """Back the destination off after a throttling reply (exponential, bounded; replies
+        to transmissions that overlapped one already backed off do not double it)."""
         cfg = self.cfg
+        st.throttled += 1
+        st.reason = text[:200]
+        if st.backoff_until > now:
+            return True
         seconds = min(cfg.backoff_max_seconds,
                       cfg.backoff_initial_seconds * (2 ** min(st.backoff_level, 30)))
         st.backoff_level += 1
-        st.throttled += 1
-        st.backoff_until = max(st.backoff_until, now + seconds)
-        st.reason = text[:200]
+        st.backoff_until = now + seconds
         return True
 
     def backoffs(self, now: float) -> list[State]:
