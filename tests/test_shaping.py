@@ -58,7 +58,7 @@ class CountingSink:
     active: int = 0
     most_active: int = 0
     sessions: int = 0
-    per_session: dict[int, int] = field(default_factory=dict)
+    per_session: dict[Any, int] = field(default_factory=dict)  # by client (address, port)
     arrivals: list[float] = field(default_factory=list)
     rcpts: list[str] = field(default_factory=list)
     script: list[str] = field(default_factory=list)  # replies to end of DATA, in order
@@ -70,7 +70,7 @@ class CountingSink:
             await asyncio.sleep(self.delay)
         if self.script:
             return self.script.pop(0)
-        self.per_session[id(session)] = self.per_session.get(id(session), 0) + 1
+        self.per_session[session.peer] = self.per_session.get(session.peer, 0) + 1
         self.arrivals.append(time.monotonic())
         self.rcpts.extend(envelope.rcpt_tos)
         return "250 2.0.0 OK queued"
@@ -224,3 +224,26 @@ async def test_throttling_reply_backs_the_destination_off(
 
 async def _logged(relay: RelayHandle, rcpt: str) -> list[dict[str, Any]]:
     return [e for e in await log_entries(relay) if e["recipient"] == rcpt]
+
+
+async def test_reload_applies_shaping(
+        relay: RelayHandle, sinks: tuple[CountingSink, CountingSink], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reload that sets messages_per_connection = 1 for reuse.test, three messages
+    take three sessions (two per session before)."""
+    a = sinks[0]
+    account = await relay.ctl.add_user("example.com")
+    await submit(relay, account, ["r@reuse.test"], count=2)
+    await delivered(a, 2)
+    assert a.sessions == 1
+    path = tmp_path / "reloaded.toml"
+    path.write_text('[delivery]\nretry_first_seconds = 0.5\n\n'
+                    '[[delivery.shaping.destination]]\nname = "reuse"\n'
+                    'domains = ["reuse.test"]\nconnections = 1\nmessages_per_connection = 1\n')
+    monkeypatch.setenv("RELAYD_CONFIG_PATH", str(path))
+    await relay.relay.reload()
+    assert relay.relay.shaping is not None
+    assert relay.relay.shaping.shaper.cfg.destination[0].messages_per_connection == 1
+    await submit(relay, account, ["r@reuse.test"], count=3)
+    await delivered(a, 5)
+    assert a.sessions >= 4 and sorted(a.per_session.values()) == [1, 1, 1, 2], a.per_session
