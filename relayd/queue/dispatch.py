@@ -20,6 +20,10 @@ Suppression. A recipient on its domain's suppression list fails at dispatch, wit
 a connection (``suppressed``; the fast way leaves a message with any to a worker), and a
 permanent "no such address" reply to a recipient's RCPT puts it there (``learn``).
 
+Shaping (MX mode). A worker sends each group of recipients routed by MX through
+``shaping`` (relayd.queue.shaped): it may wait for the destination's limits, or defer
+the group without a connection while the destination is backed off.
+
 Room. No more transmissions at the sender than ``workers`` (a job handed over
 is a transmission in progress: SEMANTICS §4.1), and about ``record_limit``
 answered attempts waiting for the commit of their results: an attempt starts
