@@ -47,6 +47,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from relayd.delivery.client import BodyFile, Hop, RcptReply
@@ -364,43 +365,14 @@ class Dispatcher:
                 now = self.clock()
                 results.extend(self._result(msg, i, "-", code, text, now) for i in idxs)
                 continue
-            dest = self._destination(domain, hops)
+            dest = shaping_destination(self, domain, hops)
             groups.setdefault((tuple(hops), dest), []).extend(idxs)
         for (chain, dest), idxs in groups.items():
             if dest and self.shaping is not None:
                 await self.shaping.send(msg, dest, chain, idxs, data, results,
-                                        self._send_chain, self._result)
+                                        partial(send_chain, self), self._result)
             else:
-                await self._send_chain(msg, chain, idxs, data, results)
-
-    def _destination(self, domain: str, hops: list[Hop]) -> str:
-        """The shaping destination of MX-routed mail ("": not shaped: no shaping, or a
-        static route or the smarthost)."""
-        if self.shaping is None:
-            return ""
-        route_now = getattr(self.sender, "route_now", None)
-        if route_now is not None and route_now(domain) is not None:
-            return ""
-        return self.shaping.destination(domain, hops)
-
-    async def _send_chain(self, msg: QMsg, chain: tuple[Hop, ...], idxs: list[int],
-                          data: bytes | BodyFile, results: list[AttemptResult]) -> None:
-        """Send to the hops of one chain in turn (the next one on connection trouble)."""
-        pending = idxs
-        for n, h in enumerate(chain):
-            rcpts = [msg.rcpts[i][0] for i in pending]
-            replies = await self.sender.send(h, msg.sender, rcpts, data)
-            now = self.clock()
-            retry_next: list[int] = []
-            for i, rep in zip(pending, replies, strict=True):
-                if rep.code is None and n < len(chain) - 1:
-                    retry_next.append(i)  # connection trouble: try the next MX
-                else:
-                    results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
-                                                rep.at_rcpt))
-            pending = retry_next
-            if not pending:
-                break
+                await send_chain(self, msg, chain, idxs, data, results)
 
     # -- every attempt ends here -----------------------------------------------------------
     def _unanswered(self) -> None:
@@ -532,6 +504,38 @@ class Dispatcher:
         for t in self._tails:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
+
+
+# -- one group of recipients: its shaping destination, its chain of next hops ----------
+def shaping_destination(d: Dispatcher, domain: str, hops: list[Hop]) -> str:
+    """The shaping destination of MX-routed mail ("": not shaped: no shaping, or a
+    static route or the smarthost)."""
+    if d.shaping is None:
+        return ""
+    route_now = getattr(d.sender, "route_now", None)
+    if route_now is not None and route_now(domain) is not None:
+        return ""
+    return d.shaping.destination(domain, hops)
+
+
+async def send_chain(d: Dispatcher, msg: QMsg, chain: tuple[Hop, ...], idxs: list[int],
+                     data: bytes | BodyFile, results: list[AttemptResult]) -> None:
+    """Send to the hops of one chain in turn (the next one on connection trouble)."""
+    pending = idxs
+    for n, h in enumerate(chain):
+        rcpts = [msg.rcpts[i][0] for i in pending]
+        replies = await d.sender.send(h, msg.sender, rcpts, data)
+        now = d.clock()
+        retry_next: list[int] = []
+        for i, rep in zip(pending, replies, strict=True):
+            if rep.code is None and n < len(chain) - 1:
+                retry_next.append(i)  # connection trouble: try the next MX
+            else:
+                results.append(d._result(msg, i, h.name, rep.code, rep.text, now,
+                                         rep.at_rcpt))
+        pending = retry_next
+        if not pending:
+            break
 
 
 # -- the suppression list (relayd.directory.suppression) -----------------------------------
