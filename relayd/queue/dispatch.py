@@ -188,6 +188,8 @@ class Dispatcher:
         self._room = Room()  # workers waiting for room at the sender, for results, for data
         self._recording: set[asyncio.Future[Any]] = set()
         self._tails: set[asyncio.Task[None]] = set()
+        # per message: the commits of groups that ended before its attempt, and their idxs
+        self._parts: dict[int, tuple[list[asyncio.Future[Any]], set[int]]] = {}
 
     # -- room ---------------------------------------------------------------------------
     def may_start(self) -> bool:
@@ -270,6 +272,7 @@ class Dispatcher:
             self._lost(msg)
         finally:
             if not recording:
+                self._parts.pop(msg.id, None)
                 self._busy(-1)
 
     def _hold(self, msg: QMsg, handed: bool) -> bool:
@@ -338,17 +341,53 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Fail the suppressed recipients; route the others, group them by next hop, send."""
-        by_domain: dict[str, list[int]] = {}
+        """Fail the suppressed recipients; route the others, group them, send each group.
+
+        Destinations are independent (SEMANTICS §5.3): recipients whose route needs no
+        lookup (static route, smarthost) are grouped by next hop, one transaction per
+        hop; every domain that needs an MX lookup is a group of its own. One group is
+        awaited here; several run concurrently (``_concurrently``), so a slow lookup or
+        a slow MX for one destination never holds another.
+        """
         results.extend(suppressed(self.directory, msg, self.clock()))
-        for idx, (rcpt, _att) in msg.rcpts.items():
-            if results and any(r.idx == idx for r in results):
-                continue
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
-        groups: dict[tuple[Hop, ...], list[int]] = {}
-        for domain, idxs in by_domain.items():
+        done = {r.idx for r in results}
+        groups = destination_groups(msg, done, getattr(self.sender, "route_now", None))
+        if len(groups) == 1:
+            await self._group(msg, data, groups[0], results)
+        elif groups:
+            await self._concurrently(msg, data, groups, results)
+
+    async def _concurrently(self, msg: QMsg, data: bytes | BodyFile, groups: list[Group],
+                            results: list[AttemptResult]) -> None:
+        """Run the groups at once; a group's results go to the group commit as it ends
+        while others still run (``_commit_part``), unless one failed: failures wait for
+        the one DSN of the attempt, which comes before their commit."""
+        tasks = {asyncio.ensure_future(self._group(msg, data, g, [])): g for g in groups}
+        pending = set(tasks)
+        try:
+            while pending:
+                finished, pending = await asyncio.wait(
+                    pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    try:
+                        part = task.result()
+                    except Exception as exc:  # a bug in one group defers only its own
+                        part = self._internal_error(msg, exc, tasks[task].idxs)
+                    results.extend(part)
+                    if pending and not any(r.outcome in _FAILED for r in part):
+                        self._commit_part(msg, part)
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _group(self, msg: QMsg, data: bytes | BodyFile, group: Group,
+                     results: list[AttemptResult]) -> list[AttemptResult]:
+        """Route the group (unless it came routed), then try its hops in order: a
+        recipient without an answer (connection trouble) goes to the next one."""
+        chain = group.chain
+        if chain is None:
             try:
-                hops = await self.sender.route(domain)
+                chain = tuple(await self.sender.route(group.domain))
             except RouteError as exc:
                 if exc.permanent:
                     code: int | None = exc.code
@@ -356,25 +395,35 @@ class Dispatcher:
                 else:
                     code, text = None, str(exc)
                 now = self.clock()
-                results.extend(self._result(msg, i, "-", code, text, now) for i in idxs)
-                continue
-            groups.setdefault(tuple(hops), []).extend(idxs)
-        for chain, idxs in groups.items():
-            pending = idxs
-            for n, h in enumerate(chain):
-                rcpts = [msg.rcpts[i][0] for i in pending]
-                replies = await self.sender.send(h, msg.sender, rcpts, data)
-                now = self.clock()
-                retry_next: list[int] = []
-                for i, rep in zip(pending, replies, strict=True):
-                    if rep.code is None and n < len(chain) - 1:
-                        retry_next.append(i)  # connection trouble: try the next MX
-                    else:
-                        results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
-                                                    rep.at_rcpt))
-                pending = retry_next
-                if not pending:
-                    break
+                results.extend(self._result(msg, i, "-", code, text, now) for i in group.idxs)
+                return results
+        pending = group.idxs
+        for n, h in enumerate(chain):
+            rcpts = [msg.rcpts[i][0] for i in pending]
+            replies = await self.sender.send(h, msg.sender, rcpts, data)
+            now = self.clock()
+            retry_next: list[int] = []
+            for i, rep in zip(pending, replies, strict=True):
+                if rep.code is None and n < len(chain) - 1:
+                    retry_next.append(i)  # connection trouble: try the next MX
+                else:
+                    results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
+                                                rep.at_rcpt))
+            pending = retry_next
+            if not pending:
+                break
+        return results
+
+    def _commit_part(self, msg: QMsg, part: list[AttemptResult]) -> None:
+        """Queue one finished group's results (none failed) while the attempt goes on;
+        the attempt's own commit (``_record``) then leaves them out."""
+        try:
+            fut = self.spool.record(part, [], False)
+        except Exception:  # not queued (spool closed): the attempt's own commit fails too
+            return
+        parts = self._parts.setdefault(msg.id, ([], set()))
+        parts[0].append(fut)
+        parts[1].update(r.idx for r in part)
 
     # -- every attempt ends here -----------------------------------------------------------
     def _unanswered(self) -> None:
@@ -432,11 +481,16 @@ class Dispatcher:
             if acct is not None:
                 acct.total_sent += delivered
         # A first attempt that ended every recipient: the spool may delete the
-        # message without updating and re-checking its recipients' rows.
-        complete = not deferred and not msg.retry
+        # message without updating and re-checking its recipients' rows (not when a
+        # group's results were committed already: the spool checks them).
+        parts = self._parts.get(msg.id)
+        complete = not deferred and not msg.retry and parts is None
+        if parts is not None:
+            results = [r for r in results if r.idx not in parts[1]]
         try:
             fut = self.spool.record(results, [] if deferred else [msg.id], complete)
         except Exception:  # not queued (spool closed): repeated after a restart
+            self._parts.pop(msg.id, None)
             self._ended()
             self.ledger.disown(msg.id)
             return
@@ -457,7 +511,8 @@ class Dispatcher:
         """
         self._recording.discard(fut)
         self._ended()
-        if fut.cancelled() or fut.exception() is not None:
+        parts = self._parts.pop(msg.id, ([], set()))[0]
+        if any(failed(f) for f in (fut, *parts)):  # (parts were queued first: done)
             self._lost(msg)
             return
         self.ledger.disown(msg.id)
@@ -487,7 +542,7 @@ class Dispatcher:
         if outcome == "deferred":
             if backoff.expired(self.policy, msg.received_at, now):
                 outcome = "failed"
-                text = f"4.4.7 {text} (gave up: queue lifetime exceeded)"
+                text = f"4.4.7 {text} {backoff.GAVE_UP}"
             else:
                 next_at = backoff.next_attempt(self.policy, attempts + 1, now, self.rng)
         return AttemptResult(
@@ -506,6 +561,42 @@ class Dispatcher:
         for t in self._tails:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
+
+
+# -- destinations ---------------------------------------------------------------------
+class Group:
+    """Recipients of one message sent together: a domain to route (``chain`` None),
+    or a next-hop chain known without a lookup."""
+
+    __slots__ = ("chain", "domain", "idxs")
+
+    def __init__(self, domain: str, chain: tuple[Hop, ...] | None) -> None:
+        self.domain = domain
+        self.chain = chain
+        self.idxs: list[int] = []
+
+
+def destination_groups(msg: QMsg, skip: set[int],
+                       route_now: Callable[[str], list[Hop] | None] | None) -> list[Group]:
+    """The message's recipients (but ``skip``) by destination: one group per next-hop
+    chain known without a lookup, one per domain that needs one; first-seen order."""
+    by_key: dict[object, Group] = {}
+    for idx, (rcpt, _att) in msg.rcpts.items():
+        if idx in skip:
+            continue
+        domain = rcpt.rpartition("@")[2].lower()
+        hops = route_now(domain) if route_now is not None else None
+        key: object = ("hops", tuple(hops)) if hops is not None else ("domain", domain)
+        group = by_key.get(key)
+        if group is None:
+            group = by_key[key] = Group(domain, tuple(hops) if hops is not None else None)
+        group.idxs.append(idx)
+    return list(by_key.values())
+
+
+def failed(fut: asyncio.Future[Any]) -> bool:
+    """A commit that did not happen (cancelled or raised) or has not happened yet."""
+    return not fut.done() or fut.cancelled() or fut.exception() is not None
 
 
 # -- the suppression list (relayd.directory.suppression) -----------------------------------
