@@ -343,11 +343,11 @@ class Dispatcher:
                         results: list[AttemptResult]) -> None:
         """Fail the suppressed recipients; route the others, group them, send each group.
 
-        Destinations are independent (SEMANTICS §5.3): recipients whose route needs no
+        Destinations are independent: recipients whose route needs no
         lookup (static route, smarthost) are grouped by next hop, one transaction per
         hop; every domain that needs an MX lookup is a group of its own. One group is
         awaited here; several run concurrently (``_concurrently``), so a slow lookup or
-        a slow MX for one destination never holds another.
+        a slow MX for one destination never holds another (SEMANTICS §5).
         """
         results.extend(suppressed(self.directory, msg, self.clock()))
         done = {r.idx for r in results}
@@ -368,7 +368,7 @@ class Dispatcher:
             while pending:
                 finished, pending = await asyncio.wait(
                     pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
+                for task in [t for t in tasks if t in finished]:  # in group order
                     try:
                         part = task.result()
                     except Exception as exc:  # a bug in one group defers only its own
@@ -379,6 +379,8 @@ class Dispatcher:
         finally:
             for task in pending:
                 task.cancel()
+        # relayd's own verdicts (no next hop) first, as when every route came first
+        results.sort(key=lambda r: r.next_hop != "-")
 
     async def _group(self, msg: QMsg, data: bytes | BodyFile, group: Group,
                      results: list[AttemptResult]) -> list[AttemptResult]:
