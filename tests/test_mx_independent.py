@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 
+from tests import test_delivery_routing as routing
 from tests.conftest import Sink
 from tests.dnsserver import DnsServer
-from tests.test_delivery_routing import ZONE, MxRelay, mx_relay  # noqa: F401 - fixture
+from tests.test_delivery_routing import ZONE, MxRelay
 from tests.test_queue_support import eventually, message_log, submit
+
+mx_relay = routing.mx_relay  # the routing tests' relay in MX mode (uses ``dns`` below)
 
 SLOW_ZONE = {
     **ZONE,
