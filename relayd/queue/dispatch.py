@@ -583,15 +583,20 @@ def destination_groups(msg: QMsg, skip: set[int],
     """The message's recipients (but ``skip``) by destination: one group per next-hop
     chain known without a lookup, one per domain that needs one; first-seen order."""
     by_key: dict[object, Group] = {}
+    by_domain: dict[str, Group] = {}
     for idx, (rcpt, _att) in msg.rcpts.items():
         if idx in skip:
             continue
         domain = rcpt.rpartition("@")[2].lower()
-        hops = route_now(domain) if route_now is not None else None
-        key: object = ("hops", tuple(hops)) if hops is not None else ("domain", domain)
-        group = by_key.get(key)
+        group = by_domain.get(domain)
         if group is None:
-            group = by_key[key] = Group(domain, tuple(hops) if hops is not None else None)
+            hops = route_now(domain) if route_now is not None else None
+            chain = tuple(hops) if hops is not None else None
+            key = chain if chain is not None else domain
+            group = by_key.get(key)
+            if group is None:
+                group = by_key[key] = Group(domain, chain)
+            by_domain[domain] = group
         group.idxs.append(idx)
     return list(by_key.values())
 
