@@ -9,10 +9,12 @@ Two ways to transmit, one bookkeeping. A message whose data is in memory and
 whose recipients all route to one hop without a lookup goes to a delivery
 agent with a callback (``start_fast``: no task, no future); everything else
 (MX lookups, data to load from the spool, no agent running) is run by a
-worker (``run``), which routes the recipients, groups them by next hop and
-sends through ``Sender.send``. Both end in ``_answered``: metrics, the DSN
-for failed recipients (before the commit: a crash in between repeats the
-attempt and may send a second DSN, but never loses one), then the results go
+worker (``run``), which groups the recipients by destination and sends each
+group through ``Sender.send``, several at once (relayd.queue.destinations; a
+group's results are committed as it ends while others run: ``_commit_part``).
+Both end in ``_answered``: metrics, the DSN for failed recipients (before the
+commit: a crash in between repeats the attempt and may send a second DSN, but
+never loses one), then the results go
 to the spool's group commit (``_record``) and the message is forgotten once
 its last recipient is final (at-least-once).
 
@@ -40,16 +42,17 @@ relayd.queue.backoff, relayd.store.spool (``record``), relayd.delivery.client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from relayd.delivery.client import BodyFile, Hop, RcptReply
-from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Directory
 from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
+from relayd.queue.destinations import destination_groups, send_group, send_groups
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.store.spool import AttemptResult, Spool
 
@@ -341,84 +344,27 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Fail the suppressed recipients; route the others, group them, send each group.
-
-        Destinations are independent: recipients whose route needs no
-        lookup (static route, smarthost) are grouped by next hop, one transaction per
-        hop; every domain that needs an MX lookup is a group of its own. One group is
-        awaited here; several run concurrently (``_concurrently``), so a slow lookup or
-        a slow MX for one destination never holds another (SEMANTICS §5).
-        """
+        """Fail the suppressed recipients; group the others by destination and send each
+        group (relayd.queue.destinations): one is awaited here, several run at once."""
         results.extend(suppressed(self.directory, msg, self.clock()))
         done = {r.idx for r in results}
         groups = destination_groups(msg, done, getattr(self.sender, "route_now", None))
+        result = functools.partial(self._result, msg)
         if len(groups) == 1:
-            await self._group(msg, data, groups[0], results)
+            results.extend(await send_group(self.sender, msg, data, groups[0], self.clock,
+                                            result))
         elif groups:
-            await self._concurrently(msg, data, groups, results)
-
-    async def _concurrently(self, msg: QMsg, data: bytes | BodyFile, groups: list[Group],
-                            results: list[AttemptResult]) -> None:
-        """Run the groups at once; a group's results go to the group commit as it ends
-        while others still run (``_commit_part``), unless one failed: failures wait for
-        the one DSN of the attempt, which comes before their commit."""
-        tasks = {asyncio.ensure_future(self._group(msg, data, g, [])): g for g in groups}
-        pending = set(tasks)
-        try:
-            while pending:
-                finished, pending = await asyncio.wait(
-                    pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in [t for t in tasks if t in finished]:  # in group order
-                    try:
-                        part = task.result()
-                    except Exception as exc:  # a bug in one group defers only its own
-                        part = self._internal_error(msg, exc, tasks[task].idxs)
-                    results.extend(part)
-                    if pending and not any(r.outcome in _FAILED for r in part):
-                        self._commit_part(msg, part)
-        finally:
-            for task in pending:
-                task.cancel()
-        # relayd's own verdicts (no next hop) first, as when every route came first
-        results.sort(key=lambda r: r.next_hop != "-")
-
-    async def _group(self, msg: QMsg, data: bytes | BodyFile, group: Group,
-                     results: list[AttemptResult]) -> list[AttemptResult]:
-        """Route the group (unless it came routed), then try its hops in order: a
-        recipient without an answer (connection trouble) goes to the next one."""
-        chain = group.chain
-        if chain is None:
-            try:
-                chain = tuple(await self.sender.route(group.domain))
-            except RouteError as exc:
-                if exc.permanent:
-                    code: int | None = exc.code
-                    text = f"{exc.status} {exc}"
-                else:
-                    code, text = None, str(exc)
-                now = self.clock()
-                results.extend(self._result(msg, i, "-", code, text, now) for i in group.idxs)
-                return results
-        pending = group.idxs
-        for n, h in enumerate(chain):
-            rcpts = [msg.rcpts[i][0] for i in pending]
-            replies = await self.sender.send(h, msg.sender, rcpts, data)
-            now = self.clock()
-            retry_next: list[int] = []
-            for i, rep in zip(pending, replies, strict=True):
-                if rep.code is None and n < len(chain) - 1:
-                    retry_next.append(i)  # connection trouble: try the next MX
-                else:
-                    results.append(self._result(msg, i, h.name, rep.code, rep.text, now,
-                                                rep.at_rcpt))
-            pending = retry_next
-            if not pending:
-                break
-        return results
+            results.extend(await send_groups(
+                groups, lambda g: send_group(self.sender, msg, data, g, self.clock, result),
+                lambda g, exc: self._internal_error(msg, exc, g.idxs),
+                functools.partial(self._commit_part, msg)))
 
     def _commit_part(self, msg: QMsg, part: list[AttemptResult]) -> None:
-        """Queue one finished group's results (none failed) while the attempt goes on;
-        the attempt's own commit (``_record``) then leaves them out."""
+        """Queue one finished group's results while the attempt goes on, unless one
+        failed (failures wait for the attempt's one DSN, which comes before their
+        commit); the attempt's own commit (``_record``) then leaves them out."""
+        if any(r.outcome in _FAILED for r in part):
+            return
         try:
             fut = self.spool.record(part, [], False)
         except Exception:  # not queued (spool closed): the attempt's own commit fails too
@@ -563,42 +509,6 @@ class Dispatcher:
         for t in self._tails:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
-
-
-# -- destinations ---------------------------------------------------------------------
-class Group:
-    """Recipients of one message sent together: a domain to route (``chain`` None),
-    or a next-hop chain known without a lookup."""
-
-    __slots__ = ("chain", "domain", "idxs")
-
-    def __init__(self, domain: str, chain: tuple[Hop, ...] | None) -> None:
-        self.domain = domain
-        self.chain = chain
-        self.idxs: list[int] = []
-
-
-def destination_groups(msg: QMsg, skip: set[int],
-                       route_now: Callable[[str], list[Hop] | None] | None) -> list[Group]:
-    """The message's recipients (but ``skip``) by destination: one group per next-hop
-    chain known without a lookup, one per domain that needs one; first-seen order."""
-    by_key: dict[object, Group] = {}
-    by_domain: dict[str, Group] = {}
-    for idx, (rcpt, _att) in msg.rcpts.items():
-        if idx in skip:
-            continue
-        domain = rcpt.rpartition("@")[2].lower()
-        group = by_domain.get(domain)
-        if group is None:
-            hops = route_now(domain) if route_now is not None else None
-            chain = tuple(hops) if hops is not None else None
-            key = chain if chain is not None else domain
-            group = by_key.get(key)
-            if group is None:
-                group = by_key[key] = Group(domain, chain)
-            by_domain[domain] = group
-        group.idxs.append(idx)
-    return list(by_key.values())
 
 
 def failed(fut: asyncio.Future[Any]) -> bool:
