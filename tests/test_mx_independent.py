@@ -1,7 +1,8 @@
 """Independent destinations (issue 17 item 5): the recipients of one message to different
 domains are routed, sent, committed and retried each on their own, so a slow DNS answer
 or a slow MX for one never delays another. Over loopback: the tests' DNS server, a sink
-for the fast domain, a silent name server entry or a silent MX for the slow one."""
+for the fast domain, a silent name server entry or a silent MX for the slow one; and the
+dispatcher built directly (tests/test_dispatch_unit.py's rig) for the per-group commit."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ from typing import Any
 
 import pytest
 
+from relayd.delivery.client import Hop
+from relayd.delivery.routing import NullMxRouteError
 from tests import test_delivery_routing as routing
+from tests import test_dispatch_unit as dispatch_unit
 from tests.conftest import Sink
 from tests.dnsserver import DnsServer
+from tests.fake_sender import FakeSender
 from tests.test_delivery_routing import ZONE, MxRelay
+from tests.test_dispatch_unit import Rig
 from tests.test_queue_support import eventually, message_log, submit
 
 mx_relay = routing.mx_relay  # the routing tests' relay in MX mode (uses ``dns`` below)
+rig, spool, dlog = dispatch_unit.rig, dispatch_unit.spool, dispatch_unit.dlog  # its fixtures
 
 SLOW_ZONE = {
     **ZONE,
@@ -131,3 +138,76 @@ async def test_each_recipient_is_retried_on_its_own(mx_relay: MxRelay, sink: Sin
     await eventually(all_final)
     await asyncio.sleep(0.3)
     assert len(sink.messages) == 2  # the first domain's recipient was not sent again
+
+
+# -- the dispatcher built directly (tests/test_dispatch_unit.py's rig) ----------------------
+class GatedSender(FakeSender):
+    """A FakeSender whose route for ``gated`` domains waits until the test opens the gate."""
+
+    def __init__(self, gated: set[str]) -> None:
+        super().__init__()
+        self.gated = gated
+        self.gate = asyncio.Event()
+
+    async def route(self, domain: str) -> list[Hop]:
+        if domain in self.gated:
+            await self.gate.wait()
+        return await super().route(domain)
+
+
+def gated_rig(rig: Rig, gated: set[str]) -> GatedSender:
+    sender = GatedSender(gated)
+    rig.sender = sender
+    rig.dispatcher.sender = sender
+    return sender
+
+
+async def _spool_rows(rig: Rig) -> dict[str, str]:
+    return {r.rcpt: r.status for m in await rig.spool.pending_messages() for r in m.recipients}
+
+
+async def test_a_destination_that_ends_first_is_committed_while_another_waits(rig: Rig) -> None:
+    """The fast domain's result reaches the spool while the slow domain's route is still
+    pending; the attempt's own commit then ends the message."""
+    sender = gated_rig(rig, {"slow.test"})
+    q = await rig.commit(["a@slow.test", "b@fast.test"])
+    task = asyncio.ensure_future(rig.dispatcher.run(q))
+    await eventually(lambda: _fast_committed(rig))
+    assert not task.done() and [s.rcpts for s in sender.sent] == [["b@fast.test"]]
+    sender.gate.set()
+    await task
+    await rig.settled()
+    assert sorted(await rig.log()) == [("a@slow.test", "delivered"), ("b@fast.test", "delivered")]
+    assert await rig.spool.pending_messages() == []
+    led = rig.dispatcher.ledger
+    assert not led.holds(q.id) and not led.is_live(q) and rig.lost == 0
+    assert (led.at_sender, led.recording, led.running) == (0, 0, 0)
+    assert rig.account.total_sent == 2 and not rig.dispatcher._parts
+
+
+async def _fast_committed(rig: Rig) -> bool:
+    return ("b@fast.test", "delivered") in await rig.log()
+
+
+async def test_a_failed_destination_waits_for_the_one_dsn(rig: Rig) -> None:
+    """A destination whose recipient failed is not committed on its own: the attempt's
+    one DSN names every failure, and comes before their commit."""
+    sender = gated_rig(rig, {"slow.test"})
+    sender.no_route["null.test"] = NullMxRouteError()
+    sender.replies["c@fast.test"] = (550, "5.1.1 no such user")
+    q = await rig.commit(["a@slow.test", "b@null.test", "c@fast.test", "d@fast.test"])
+    task = asyncio.ensure_future(rig.dispatcher.run(q))
+    await eventually(lambda: _sent_to(sender, "c@fast.test"))
+    await asyncio.sleep(0.05)
+    assert await rig.log() == []  # nothing failed is committed before the DSN
+    sender.gate.set()
+    await task
+    await rig.settled()
+    assert rig.bounced == [(q.id, ["b@null.test", "c@fast.test"], True)]
+    assert sorted(await rig.log()) == [("a@slow.test", "delivered"), ("b@null.test", "failed"),
+                                       ("c@fast.test", "failed"), ("d@fast.test", "delivered")]
+    assert await rig.spool.pending_messages() == [] and rig.lost == 0
+
+
+async def _sent_to(sender: FakeSender, rcpt: str) -> bool:
+    return any(rcpt in s.rcpts for s in sender.sent)
