@@ -71,7 +71,7 @@ QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
 #: ``suppressed``: on its domain's suppression list, failed without a connection).
 DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged",
                                       "suppressed")
-#: Values of the ``tls`` label of ``relayd_delivery_tls_total`` (relayd.delivery.tlslevels).
+#: Values of the ``outcome`` label of ``relayd_delivery_tls_total`` (relayd.delivery.tlslevels).
 DELIVERY_TLS_OUTCOMES: tuple[str, ...] = TLS_OUTCOMES
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
@@ -106,6 +106,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_queue_reconciled_total",
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
+    "relayd_delivery_tls_total",
     "relayd_accept_duration_seconds",
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
@@ -289,12 +290,12 @@ class Metrics:
             "Delivery attempts per recipient to MX hosts, by what TLS achieved (plaintext,"
             " fallback: plaintext after a failed handshake at level may, encrypted, verified,"
             " refused: level encrypt/verify not met, deferred).",
-            ["tls"],
+            ["outcome"],
             namespace=ns,
             registry=r,
         )
         self.delivery_tls: dict[str, Counter] = {
-            tls: self.delivery_tls_total.labels(tls=tls) for tls in DELIVERY_TLS_OUTCOMES
+            tls: self.delivery_tls_total.labels(outcome=tls) for tls in DELIVERY_TLS_OUTCOMES
         }
         self.delivery_duration_seconds = Histogram(
             "delivery_duration_seconds",
