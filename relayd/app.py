@@ -102,6 +102,14 @@ def _mx_resolver(cfg: Config) -> MxLookup:
     return MxResolver.from_config(cfg.delivery)
 
 
+def _check_ca_file(path: str) -> None:
+    """``[delivery] tls_ca_file`` loads as a trust store, else ConfigError (exit 2)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"delivery.tls_ca_file: {path}: cannot load: {exc}") from None
+
+
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
     if not cfg.smtp.tls_cert_file:
         return None
@@ -232,6 +240,8 @@ class Relay:
         """The delivery agents (and, with DKIM on, the signing child) behind the Deliverer."""
         cfg = self.cfg
         helo = cfg.delivery.helo_name or cfg.server.hostname
+        if cfg.delivery.tls_ca_file:  # the agents load it per TLS level: fail at start
+            await asyncio.to_thread(_check_ca_file, cfg.delivery.tls_ca_file)
         mx = _mx_resolver(cfg) if cfg.delivery.mode == "mx" else None
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)

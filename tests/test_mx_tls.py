@@ -313,3 +313,19 @@ def test_a_policy_domain_must_be_lower_case(tmp_path: Path) -> None:
     assert msgspec.to_builtins(cfg.delivery)["tls_policy"] == {"example.com": "verify"}
     with pytest.raises(ConfigError, match="tls_level"):
         loads('[delivery]\ntls_level = "dane"\n')
+
+
+async def test_a_trust_store_that_does_not_load_stops_the_start(tmp_path: Path) -> None:
+    """``tls_ca_file`` is loaded at start: a missing or bad file is a configuration error
+    (relayd exits with the configuration exit code), not mail deferred for days."""
+    from relayd.config import ConfigError
+
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate\n")
+    for path in (tmp_path / "missing.pem", bad):
+        cfg = make_config(tmp_path / path.stem, "127.0.0.1:9")
+        cfg = msgspec.structs.replace(cfg, delivery=msgspec.structs.replace(
+            cfg.delivery, tls_ca_file=str(path)))
+        relay = Relay(cfg)
+        with pytest.raises(ConfigError, match=r"delivery\.tls_ca_file"):
+            await relay.start()
