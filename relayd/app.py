@@ -543,6 +543,8 @@ class Relay:
                 raise ConfigError("no configuration file to reload")
             new = config_mod.with_overrides(config_mod.load(path), **_OVERRIDES)
             tls = _tls_context(new) if new.smtp.tls_cert_file else self._tls
+            if new.delivery.tls_ca_file:
+                await asyncio.to_thread(_check_ca_file, new.delivery.tls_ca_file)
             router = Router(new.delivery)
             retry = backoff.policy_from(new.delivery)
             plaintext = policy.PlaintextAuthPolicy(new.smtp.plaintext_auth_networks)
@@ -690,6 +692,7 @@ RELOADABLE: frozenset[str] = frozenset({
     "delivery.max_queue_lifetime_seconds", "delivery.connect_timeout_seconds",
     "delivery.command_timeout_seconds", "delivery.idle_connection_seconds",
     "delivery.messages_per_connection", "delivery.tls_verify", "delivery.bounces",
+    "delivery.tls_level", "delivery.tls_policy", "delivery.tls_ca_file",
     "spool.last_connection_flush_seconds", "spool.delivery_log_retention_days",
     "spool.delivery_log_max_bytes",
 })

@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from relayd.app import Relay
 from relayd.delivery import tlslevels
-from tests.conftest import Ctl, RelayHandle, Sink, _SinkHandler, make_config
+from tests.conftest import Ctl, RelayHandle, Sink, _SinkHandler, make_config, message
 from tests.dnsserver import DnsServer
 from tests.test_queue_support import eventually, log_entries, submit
 
@@ -329,3 +329,49 @@ async def test_a_trust_store_that_does_not_load_stops_the_start(tmp_path: Path) 
         relay = Relay(cfg)
         with pytest.raises(ConfigError, match=r"delivery\.tls_ca_file"):
             await relay.start()
+
+
+async def test_a_reload_applies_the_levels_and_the_policy_table(
+        tmp_path: Path, mx_sinks: MxSinks, dns: DnsServer, ca: trustme.CA) -> None:
+    """relayd as a process: at may, the untrusted MX gets the mail; after SIGHUP with
+    self.test at verify (and the test CA as trust store), the next message is deferred
+    there and the valid MX's is verified."""
+    import signal
+
+    from tests.procs import BASE_TOML, RelayProcess
+    from tests.test_ops_support import log_lines, wait_log
+
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    mx = (f'mode = "mx"\ndns_nameservers = ["{dns.host}:{dns.port}"]\n'
+          f'mx_port = {mx_sinks.port}\nmx_allowed_networks = ["127.0.0.0/8"]\n')
+
+    def toml(extra: str) -> str:
+        return BASE_TOML.replace("[delivery]\n", "[delivery]\n" + mx) + extra
+
+    rp = RelayProcess(tmp_path, None)
+    rp.config.write_text(toml(""))
+    await rp.start()
+    try:
+        client = await rp.sender("example.com")
+        await client.sendmail("app@example.com", ["r@self.test"], message("m1"))
+        [first] = await wait_log(rp, "delivery_attempt")
+        assert (first["outcome"], first["tls"]) == ("delivered", "encrypted")
+        rp.config.write_text(toml('[delivery.tls_policy]\n"self.test" = "verify"\n'
+                                  '"valid.test" = "verify"\n').replace(
+            "[delivery]\n", f'[delivery]\ntls_ca_file = "{ca_file}"\n'))
+        assert rp.proc is not None
+        rp.proc.send_signal(signal.SIGHUP)
+        [reloaded] = await wait_log(rp, "reloaded")
+        assert {"delivery.tls_policy", "delivery.tls_ca_file"} <= set(reloaded["changed"])
+        await client.sendmail("app@example.com", ["r@self.test"], message("m2"))
+        await client.sendmail("app@example.com", ["r@valid.test"], message("m3"))
+        await wait_log(rp, "delivery_attempt", 3)
+        got = {(x["rcpt"], x["outcome"], x["tls"]) for x in log_lines(rp.log)
+               if x.get("event") == "delivery_attempt"}
+        assert ("r@self.test", "deferred", "refused") in got
+        assert ("r@valid.test", "delivered", "verified") in got
+        assert len(mx_sinks.sinks["untrusted"].messages) == 1
+        await client.quit()
+    finally:
+        await rp.terminate()

@@ -47,6 +47,7 @@ from relayd.delivery.connection import (
     SMTPServerDisconnected,
     SMTPStartTLSFailed,
     SMTPTLSRequired,
+    forget_level_contexts,
 )
 
 
@@ -470,8 +471,9 @@ class Pools:
     @cfg.setter
     def cfg(self, cfg: DeliveryConfig) -> None:
         # A reload: the pools' next connections use the new settings (a pool
-        # lives as long as its hop: it must not keep the old).
+        # lives as long as its hop: it must not keep the old), the trust store re-read.
         self._cfg = cfg
+        forget_level_contexts()
         for pool in self._pools.values():
             pool.cfg = cfg
 

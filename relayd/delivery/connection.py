@@ -109,6 +109,11 @@ def level_context(verify: bool, ca_file: str) -> ssl.SSLContext:
     return ctx
 
 
+def forget_level_contexts() -> None:
+    """A reload: the next connections load the trust store (``tls_ca_file``) again."""
+    _LEVEL_CONTEXTS.clear()
+
+
 async def _tls_context(verify: bool) -> ssl.SSLContext:
     """``tls_context`` in a thread: loading the system's CA certificates reads files."""
     return await asyncio.to_thread(tls_context, verify)
