@@ -306,7 +306,9 @@ class Connection:
                 raise SMTPTLSRequired(tlslevels.no_starttls_text(level, name))
             return
         verify = tlslevels.verifies(level)
-        ctx = await asyncio.to_thread(level_context, verify, ca_file)
+        ctx = _LEVEL_CONTEXTS.get((verify, ca_file if verify else ""))
+        if ctx is None:  # the first connection at this level: the trust store is read
+            ctx = await asyncio.to_thread(level_context, verify, ca_file)
         try:
             await self._starttls(ctx, helo, name)
         except (SMTPException, TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
