@@ -217,6 +217,10 @@ class MxResolver:
         ``MxLookup``); raises a RouteError when there are none."""
         return [(h.host, h.port) for h in await self.resolve(domain)]
 
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
+        """``hops`` with each address's MX host name (for TLS: SNI and verification)."""
+        return [(h.host, h.port, h.mx or h.host) for h in await self.resolve(domain)]
+
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
         domain = domain.strip()

@@ -31,7 +31,7 @@ from relayd.queue.sendqueue import QMsg
 from relayd.store.spool import AttemptResult
 
 #: (recipient index, next hop, reply code, text, time, at RCPT) -> a classified result
-Result = Callable[[int, str, "int | None", str, float, bool], AttemptResult]
+Result = Callable[[int, str, "int | None", str, float, bool, str], AttemptResult]
 
 
 class Transmitter(Protocol):
@@ -94,7 +94,7 @@ async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, gro
             else:
                 code, text = None, str(exc)
             now = clock()
-            return [result(i, "-", code, text, now, False) for i in group.idxs]
+            return [result(i, "-", code, text, now, False, "") for i in group.idxs]
     pending = group.idxs
     for n, h in enumerate(chain):
         rcpts = [msg.rcpts[i][0] for i in pending]
@@ -105,7 +105,8 @@ async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, gro
             if rep.code is None and n < len(chain) - 1:
                 retry_next.append(i)  # connection trouble: try the next MX
             else:
-                results.append(result(i, h.name, rep.code, rep.text, now, rep.at_rcpt))
+                results.append(result(i, h.name, rep.code, rep.text, now, rep.at_rcpt,
+                                      rep.tls))
         pending = retry_next
         if not pending:
             break

@@ -482,7 +482,7 @@ class Dispatcher:
                 for i in idxs]
 
     def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
-                now: float, at_rcpt: bool = False) -> AttemptResult:
+                now: float, at_rcpt: bool = False, tls: str = "") -> AttemptResult:
         """One recipient's result, classified; a deferral gets its next attempt."""
         rcpt, attempts = msg.rcpts[idx]
         outcome = "deferred" if code is None else backoff.classify(code)
@@ -497,7 +497,7 @@ class Dispatcher:
             message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
-            attempts=attempts + 1, at_rcpt=at_rcpt)
+            attempts=attempts + 1, at_rcpt=at_rcpt, tls=tls)
 
     async def stop(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running attempts; then cancel the DSN tails."""
