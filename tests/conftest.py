@@ -249,6 +249,20 @@ async def procs() -> AsyncIterator[list[RelayProcess]]:
             await rp.kill()
 
 
+async def start_relay(cfg: Any, started: list[Relay],
+                      transport: InProcessTransport | None = None) -> RelayHandle:
+    """Start relayd in this process on ``cfg`` (appended to ``started``, for the fixture
+    that stops them) and its handle."""
+    relay = Relay(cfg, transport=transport)
+    await relay.start()
+    started.append(relay)
+    smtp = next(x for x in relay.listeners if x.kind == "smtp").address
+    host, _, port = smtp.rpartition(":")
+    return RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
+                       Path(cfg.server.data_dir),
+                       f"http://{relay.control.metrics_address}/metrics")
+
+
 @pytest.fixture
 async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactory]:
     """Start relays (``await relay_factory({"smtp": {...}})``); all stopped at the end."""
@@ -260,14 +274,7 @@ async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactor
         # in_process: the transactions run in this process (tests/delivery_fake.py).
         transport = InProcessTransport(cfg.delivery, cfg.delivery.helo_name
                                        or cfg.server.hostname) if in_process else None
-        relay = Relay(cfg, transport=transport)
-        await relay.start()
-        started.append(relay)
-        smtp = next(x for x in relay.listeners if x.kind == "smtp").address
-        host, _, port = smtp.rpartition(":")
-        return RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
-                           Path(cfg.server.data_dir),
-                           f"http://{relay.control.metrics_address}/metrics")
+        return await start_relay(cfg, started, transport)
 
     yield start
     for r in started:

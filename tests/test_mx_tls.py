@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from relayd.app import Relay
 from relayd.delivery import tlslevels
-from tests.conftest import Ctl, RelayHandle, Sink, _SinkHandler, make_config, message
+from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config, message, start_relay
 from tests.dnsserver import DnsServer
 from tests.test_queue_support import eventually, log_entries, submit
 
@@ -146,13 +146,7 @@ async def tls_relay(tmp_path: Path, mx_sinks: MxSinks, dns: DnsServer,
                   **delivery}
         cfg = msgspec.structs.replace(
             cfg, delivery=msgspec.convert(fields, type=type(cfg.delivery)))
-        relay = Relay(cfg)
-        await relay.start()
-        started.append(relay)
-        smtp = next(x for x in relay.listeners if x.kind == "smtp").address
-        host, _, port = smtp.rpartition(":")
-        handle = RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
-                             Path(cfg.server.data_dir), "")
+        handle = await start_relay(cfg, started)
         await handle.ctl.add_domain("example.com")
         return handle
 
