@@ -283,6 +283,19 @@ async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactor
                 await r.stop()
 
 
+#: Many failed AUTHs from 127.0.0.1 are expected in credential tests: no throttling.
+NO_THROTTLE: dict[str, Any] = {"smtp": {"auth_failures_before_delay": 1000,
+                                        "auth_failures_before_disconnect": 1000}}
+
+
+@pytest.fixture
+async def lrelay(relay_factory: RelayFactory) -> RelayHandle:
+    """A relay without AUTH throttling, with domain example.com."""
+    r = await relay_factory(NO_THROTTLE)
+    await r.ctl.add_domain("example.com")
+    return r
+
+
 @pytest.fixture
 async def relay(relay_factory: RelayFactory) -> RelayHandle:
     """One running relay delivering to ``sink``."""
