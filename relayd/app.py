@@ -103,6 +103,14 @@ def _mx_resolver(cfg: Config) -> MxLookup:
     return MxResolver.from_config(cfg.delivery)
 
 
+def _check_ca_file(path: str) -> None:
+    """``[delivery] tls_ca_file`` loads as a trust store, else ConfigError (exit 2)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"delivery.tls_ca_file: {path}: cannot load: {exc}") from None
+
+
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
     if not cfg.smtp.tls_cert_file:
         return None
@@ -234,6 +242,8 @@ class Relay:
         """The delivery agents (and, with DKIM on, the signing child) behind the Deliverer."""
         cfg = self.cfg
         helo = cfg.delivery.helo_name or cfg.server.hostname
+        if cfg.delivery.tls_ca_file:  # the agents load it per TLS level: fail at start
+            await asyncio.to_thread(_check_ca_file, cfg.delivery.tls_ca_file)
         mx = _mx_resolver(cfg) if cfg.delivery.mode == "mx" else None
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
@@ -554,6 +564,8 @@ class Relay:
                 raise ConfigError("no configuration file to reload")
             new = config_mod.with_overrides(config_mod.load(path), **_OVERRIDES)
             tls = _tls_context(new) if new.smtp.tls_cert_file else self._tls
+            if new.delivery.tls_ca_file:
+                await asyncio.to_thread(_check_ca_file, new.delivery.tls_ca_file)
             router = Router(new.delivery)
             retry = backoff.policy_from(new.delivery)
             plaintext = policy.PlaintextAuthPolicy(new.smtp.plaintext_auth_networks)
@@ -703,6 +715,7 @@ RELOADABLE: frozenset[str] = frozenset({
     "delivery.max_queue_lifetime_seconds", "delivery.connect_timeout_seconds",
     "delivery.command_timeout_seconds", "delivery.idle_connection_seconds",
     "delivery.messages_per_connection", "delivery.tls_verify", "delivery.bounces",
+    "delivery.tls_level", "delivery.tls_policy", "delivery.tls_ca_file",
     "delivery.shaping",
     "spool.last_connection_flush_seconds", "spool.delivery_log_retention_days",
     "spool.delivery_log_max_bytes",

@@ -44,6 +44,8 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+#: Outbound TLS security levels (relayd.delivery.tlslevels says what each means).
+TlsLevelName = Literal["none", "may", "encrypt", "verify"]
 
 
 #: The configuration file of an installed relayd (``relayd install-service`` puts it there).
@@ -214,7 +216,14 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     smarthost_tls: Literal["none", "starttls", "tls"] = "none"
     smarthost_username: str = ""
     smarthost_password: str = ""
+    # The smarthost only: verify its certificate and name (smarthost_tls starttls/tls).
+    # MX hosts follow tls_level / tls_policy (relayd.delivery.tlslevels).
     tls_verify: bool = True
+    # Outbound TLS security level towards MX hosts (Postfix's smtp_tls_security_level):
+    # none | may | encrypt | verify; per recipient domain in [delivery.tls_policy].
+    tls_level: TlsLevelName = "may"
+    tls_policy: dict[str, TlsLevelName] = msgspec.field(default_factory=dict)
+    tls_ca_file: str = ""  # PEM trust store for level verify ("" = the system's)
     connections_per_host: PositiveInt = 20
     agent_processes: PositiveInt = 1  # outbound SMTP runs in this many child processes
     messages_per_connection: PositiveInt = 1000
@@ -246,6 +255,10 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
                 ipaddress.ip_network(net)
             except ValueError as exc:
                 raise ValueError(f"mx_allowed_networks: bad network {net!r}: {exc}") from None
+        for domain in self.tls_policy:
+            if domain != domain.lower().strip(".") or not domain:
+                raise ValueError(f"tls_policy: {domain!r}: write the domain in lower case,"
+                                 " without a leading or trailing dot")
         for domain, target in self.routes.items():
             try:
                 parse_hostport(target, default_port=25)

@@ -249,6 +249,20 @@ async def procs() -> AsyncIterator[list[RelayProcess]]:
             await rp.kill()
 
 
+async def start_relay(cfg: Any, started: list[Relay],
+                      transport: InProcessTransport | None = None) -> RelayHandle:
+    """Start relayd in this process on ``cfg`` (appended to ``started``, for the fixture
+    that stops them) and its handle."""
+    relay = Relay(cfg, transport=transport)
+    await relay.start()
+    started.append(relay)
+    smtp = next(x for x in relay.listeners if x.kind == "smtp").address
+    host, _, port = smtp.rpartition(":")
+    return RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
+                       Path(cfg.server.data_dir),
+                       f"http://{relay.control.metrics_address}/metrics")
+
+
 @pytest.fixture
 async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactory]:
     """Start relays (``await relay_factory({"smtp": {...}})``); all stopped at the end."""
@@ -260,20 +274,26 @@ async def relay_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[RelayFactor
         # in_process: the transactions run in this process (tests/delivery_fake.py).
         transport = InProcessTransport(cfg.delivery, cfg.delivery.helo_name
                                        or cfg.server.hostname) if in_process else None
-        relay = Relay(cfg, transport=transport)
-        await relay.start()
-        started.append(relay)
-        smtp = next(x for x in relay.listeners if x.kind == "smtp").address
-        host, _, port = smtp.rpartition(":")
-        return RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
-                           Path(cfg.server.data_dir),
-                           f"http://{relay.control.metrics_address}/metrics")
+        return await start_relay(cfg, started, transport)
 
     yield start
     for r in started:
         with contextlib.suppress(Exception):
             if r.spool._w is not None:
                 await r.stop()
+
+
+#: Many failed AUTHs from 127.0.0.1 are expected in credential tests: no throttling.
+NO_THROTTLE: dict[str, Any] = {"smtp": {"auth_failures_before_delay": 1000,
+                                        "auth_failures_before_disconnect": 1000}}
+
+
+@pytest.fixture
+async def lrelay(relay_factory: RelayFactory) -> RelayHandle:
+    """A relay without AUTH throttling, with domain example.com."""
+    r = await relay_factory(NO_THROTTLE)
+    await r.ctl.add_domain("example.com")
+    return r
 
 
 @pytest.fixture

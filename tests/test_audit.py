@@ -253,3 +253,32 @@ async def test_a_change_never_lands_without_its_entry(relay: RelayHandle) -> Non
     client = await relay.client(user, password)  # the old credentials still work
     await client.quit()
     assert [e["action"] for e in await trail(sock, "--user", user)] == ["created"]
+
+
+async def test_rotation_webhook_and_key_changes_have_their_entries(relay: RelayHandle) -> None:
+    """The changes issue 16 added beside the trail are audited too, with their reasons:
+    reset --keep-old (its grace), expire-old-password, a webhook set and removed (never its
+    secret), a DKIM key created, activated and cancelled."""
+    sock = relay.ctl.path
+    await ok(sock, "domain", "add", "example.com")
+    user, _ = await new_user(sock)
+    await ok(sock, "user", "reset-password", user, "--keep-old", "1h", "--reason", "rollout")
+    await ok(sock, "user", "expire-old-password", user, "--reason", "rollout done")
+    entries = await trail(sock, "--user", user)
+    assert [(e["action"], e["reason"]) for e in entries[:2]] == [
+        ("old_password_expired", "rollout done"), ("password_reset", "rollout")]
+    assert entries[1]["details"] == {"keep_old_seconds": 3600.0}
+
+    hook = json.loads(await ok(sock, "--json", "domain", "set", "example.com", "--webhook",
+                               "http://127.0.0.1:9/events", "--reason", "app events"))
+    await ok(sock, "domain", "set", "example.com", "--webhook", "off")
+    await ok(sock, "domain", "rotate-key", "example.com", "--reason", "yearly")
+    await ok(sock, "domain", "rotate-key", "example.com", "--activate")
+    await ok(sock, "domain", "rotate-key", "example.com", "--reason", "again")
+    await ok(sock, "domain", "rotate-key", "example.com", "--cancel", "--reason", "oops")
+    mine = [e for e in await trail(sock, "--domain", "example.com") if e["kind"] == "domain"]
+    assert [(e["action"], e["reason"]) for e in mine[:6]] == [
+        ("key_cancelled", "oops"), ("key_created", "again"), ("key_activated", ""),
+        ("key_created", "yearly"), ("webhook_removed", ""), ("webhook_set", "app events")]
+    assert mine[5]["details"]["url"] == "http://127.0.0.1:9/events"
+    assert hook["webhook_secret"] not in json.dumps(mine)

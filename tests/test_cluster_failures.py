@@ -265,6 +265,11 @@ async def test_postgres_restart_under_load(pg_dsn: str, relay_factory: RelayFact
     assert await load == [100, 100]
     await sink.wait_for(200, timeout=30)
     assert len({m.rcpt_tos[0] for m in sink.messages}) == 200
+
+    async def live() -> list[str]:  # both heartbeats resumed (under load it takes a while)
+        nodes = (await b.ctl.ok("GET", "/v1/nodes"))["nodes"]
+        return sorted(n["name"] for n in nodes if n["state"] == "live")
+    await _until(live, ["a", "b"], within=30.0)
     info = await b.ctl.ok("POST", f"/v1/users/{other}/disable")
     assert sorted(info["propagation"]["acknowledged"]) == ["a", "b"]
     for node in (a, b):

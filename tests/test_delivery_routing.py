@@ -11,7 +11,14 @@ import msgspec
 import pytest
 
 from relayd.app import Relay
-from tests.conftest import Ctl, RelayFactory, RelayHandle, Sink, make_config, start_sink
+from tests.conftest import (
+    RelayFactory,
+    RelayHandle,
+    Sink,
+    make_config,
+    start_relay,
+    start_sink,
+)
 from tests.dnsserver import DnsServer
 from tests.test_queue_support import eventually, log_entries, message_log, submit
 
@@ -49,13 +56,7 @@ async def mx_relay(tmp_path: Path, sink: Sink, dns: DnsServer) -> AsyncIterator[
             cfg.delivery, mode="mx", dns_nameservers=(f"{dns.host}:{dns.port}",),
             mx_port=sink.port, mx_allowed_networks=("127.0.0.0/8",))  # the zone's MX hosts
         cfg = msgspec.structs.replace(cfg, delivery=delivery)
-        relay = Relay(cfg)
-        await relay.start()
-        started.append(relay)
-        smtp = next(x for x in relay.listeners if x.kind == "smtp").address
-        host, _, port = smtp.rpartition(":")
-        handle = RelayHandle(relay, host, int(port), Ctl(cfg.control_socket),
-                             Path(cfg.server.data_dir), "")
+        handle = await start_relay(cfg, started)
         await handle.ctl.add_domain("example.com")
         return handle
 

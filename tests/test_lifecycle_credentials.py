@@ -4,25 +4,11 @@ accounts; plan slots count active and disabled accounts, not deleted ones."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import aiosmtplib
 import pytest
 
 from tests.conftest import RelayFactory, RelayHandle, Sink, message
 from tests.test_queue_support import queued, until
-
-# Several failed AUTHs per test from 127.0.0.1 are expected: no throttling delays here.
-NO_THROTTLE: dict[str, Any] = {"smtp": {"auth_failures_before_delay": 1000,
-                                        "auth_failures_before_disconnect": 1000}}
-
-
-@pytest.fixture
-async def lrelay(relay_factory: RelayFactory) -> RelayHandle:
-    """A relay without AUTH throttling, with domain example.com."""
-    r = await relay_factory(NO_THROTTLE)
-    await r.ctl.add_domain("example.com")
-    return r
 
 
 async def auth_reply(relay: RelayHandle, user: str, password: str) -> str:

@@ -60,6 +60,7 @@ def test_metric_names_are_the_documented_ones() -> None:
         "relayd_queue_reconciled_total",
         "relayd_delivery_attempts_total",
         "relayd_delivery_duration_seconds",
+        "relayd_delivery_tls_total",  # what TLS achieved towards MX hosts (issue 17)
         "relayd_accept_duration_seconds",
         "relayd_spool_commit_batch_size",
         "relayd_spool_free_bytes",

@@ -69,6 +69,9 @@ NOT_OBSERVED = {
     "smtp.tls_key_file": "tests/test_signals.py (renewed certificate)",
     "smtp.max_recipients": "tests/test_signals.py",
     "limits.max_queued_per_account": "tests/test_signals.py",
+    "delivery.tls_level": "tests/test_mx_tls.py (MX sinks with STARTTLS, reload)",
+    "delivery.tls_policy": "tests/test_mx_tls.py (MX sinks with STARTTLS, reload)",
+    "delivery.tls_ca_file": "tests/test_mx_tls.py (MX sinks with STARTTLS, reload)",
     "spool.delivery_log_retention_days": "the prune runs every 10 minutes",
     "spool.delivery_log_max_bytes": "read by the same prune as delivery_log_retention_days",
     "spool.last_connection_flush_seconds": "the control API answers from memory: only a "

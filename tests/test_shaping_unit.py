@@ -5,14 +5,13 @@ driven by an injected clock (plain numbers)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
 
 import msgspec
 import pytest
 
 from relayd.config import ConfigError, ShapingConfig, ShapingDestination, loads
 from relayd.delivery.client import Hop
-from relayd.queue.shaped import SendChain, Shaping
+from relayd.queue.shaped import RunChain, Shaping
 from relayd.queue.shaping import Shaper, throttling
 from relayd.store.records import AttemptResult
 
@@ -186,18 +185,16 @@ async def test_shaped_waits_then_defers_beyond_the_waiters_and_backs_off() -> No
     reply = [(250, "ok")]
     order: list[str] = []
 
-    def chain(name: str) -> SendChain:
-        async def send(msg: Any, hops: tuple[Hop, ...], idxs: list[int], data: Any,
-                       results: list[AttemptResult]) -> None:
+    def chain(name: str) -> RunChain:
+        async def send(hops: tuple[Hop, ...]) -> list[AttemptResult]:
             order.append(name)
             await gate.wait()
-            results.extend(_result(msg, i, hops[0].name, *reply[0], clock()) for i in idxs)
+            return [_result(None, 0, hops[0].name, *reply[0], clock())]
         return send
 
     async def attempt(name: str) -> list[AttemptResult]:
-        out: list[AttemptResult] = []
-        await sh.send(cast(Any, None), dest, (hop,), [0], b"", out, chain(name), _result)
-        return out
+        return await sh.send(dest, (hop,), [0], chain(name),
+                             lambda i, text, now: _result(None, i, "-", None, text, now))
 
     first = asyncio.ensure_future(attempt("first"))
     await asyncio.sleep(0.01)

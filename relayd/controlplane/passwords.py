@@ -48,10 +48,8 @@ class Passwords:
     async def user_reset_password(self, username: str, keep_old: float | None = None,
                                   reason: str = "") -> schemas.Credentials:
         """A new password (shown once). Without ``keep_old`` the old one fails at once;
-        with it (seconds), the old one keeps working until then, and stops by itself."""
-        if keep_old is not None and not 0 < keep_old <= schemas.KEEP_OLD_MAX:
-            raise LifecycleError(f"keep_old_seconds: must be > 0 and at most"
-                                 f" {schemas.KEEP_OLD_MAX:g} (30 days)", "bad_request")
+        with it (seconds; bounded by control.schemas.KeepOld when the request is decoded),
+        the old one keeps working until then, and stops by itself."""
         reason = audit.checked_text(reason, "reason")
         self.s.account(username)
         password = new_password()

@@ -95,16 +95,19 @@ class DeliverSide(_Child):
 
     async def _run(self, job: Job, data: bytes) -> None:
         assert self.pools is not None
-        hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.per_connection)
+        hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.mx,
+                  job.per_connection)
         at_rcpt: list[int] = []
+        tls = ""
         try:
             body: bytes | BodyFile = BodyFile(job.path, job.size) if job.path else data
             got = await self.pools.send(hop, job.sender, job.rcpts, body)
             replies = [(r.code, r.text) for r in got]
             at_rcpt = [i for i, r in enumerate(got) if r.at_rcpt]
+            tls = got[0].tls if got else ""
         except Exception as exc:  # a bug must not leave the job unanswered
             replies = [(None, f"delivery agent error: {type(exc).__name__}")] * len(job.rcpts)
-        self.send(Result(job.id, replies, self.pools.connections_opened, at_rcpt))
+        self.send(Result(job.id, replies, self.pools.connections_opened, at_rcpt, tls))
 
     async def finish(self) -> None:
         for task in list(self.jobs):

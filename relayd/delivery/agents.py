@@ -198,7 +198,7 @@ class _Agent:
         entry = self.pending.pop(res.id, None)
         if entry is not None:
             at = set(res.at_rcpt)
-            entry[0]([RcptReply(c, t, i in at) for i, (c, t) in enumerate(res.replies)])
+            entry[0]([RcptReply(c, t, i in at, res.tls) for i, (c, t) in enumerate(res.replies)])
 
 
 class AgentPool:
@@ -301,10 +301,11 @@ class AgentPool:
         agent.pending[job_id] = (done, len(rcpts))
         if isinstance(data, bytes):
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                          sender, list(rcpts), len(data), "", hop.messages_per_connection), data)
+                          sender, list(rcpts), len(data), mx=hop.mx,
+                          per_connection=hop.messages_per_connection), data)
         else:  # a BodyFile: the child reads it
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                          sender, list(rcpts), data.size, data.path,
+                          sender, list(rcpts), data.size, data.path, hop.mx,
                           hop.messages_per_connection))
         return job_id
 

@@ -40,10 +40,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relayd.config import DeliveryConfig, parse_hostport
+from relayd.delivery import tlslevels
 from relayd.delivery.connection import (
     Connection,
     SMTPException,
     SMTPServerDisconnected,
+    SMTPStartTLSFailed,
+    SMTPTLSRequired,
+    forget_level_contexts,
 )
 
 
@@ -73,11 +77,11 @@ class Hop:
 
     host: str
     port: int
-    tls: str = "none"  # none | starttls | tls | opportunistic
+    tls: str = "none"  # none | starttls | tls | opportunistic, or a TLS level (MX hops)
     username: str = ""
     password: str = field(default="", repr=False)
+    mx: str = ""  # MX hops: the MX host name (SNI, certificate name)
     messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
-    mx: str = field(default="", compare=False)  # the MX host name it came from, if any
 
     @property
     def name(self) -> str:
@@ -88,20 +92,23 @@ class Hop:
 @dataclass(slots=True)
 class RcptReply:
     """The answer for one recipient: code None means no answer (connection trouble);
-    ``at_rcpt``: the reply to its own RCPT (not to MAIL, DATA or the end of DATA)."""
+    ``at_rcpt``: the reply to its own RCPT (not to MAIL, DATA or the end of DATA);
+    ``tls``: for a hop at a TLS level, what the connection achieved."""
 
     code: int | None
     text: str
     at_rcpt: bool = False
+    tls: str = ""  # MX hops: what TLS achieved (relayd.delivery.tlslevels.TLS_OUTCOMES)
 
 
 class _Conn:
-    __slots__ = ("client", "last_used", "sent")
+    __slots__ = ("client", "last_used", "sent", "tls")
 
-    def __init__(self, client: Connection) -> None:
+    def __init__(self, client: Connection, tls: str = "") -> None:
         self.client = client
         self.sent = 0
         self.last_used = time.monotonic()
+        self.tls = tls  # what TLS achieved (hops at a TLS level), "" otherwise
 
 
 def _clean(text: str, limit: int = 400) -> str:
@@ -157,17 +164,30 @@ class Pool:
         self.connections_opened = 0
 
     async def _open(self) -> _Conn:
+        """A new connection; at level may, a failed STARTTLS is retried once in plaintext."""
         hop = self.hop
-        client = await Connection.open(
-            hop.host, hop.port, helo=self.helo, tls=hop.tls,
-            # Opportunistic TLS (MX hosts, static routes) encrypts without
-            # authenticating, as Postfix's "may" level: we connect to an address.
-            verify=self.cfg.tls_verify and hop.tls != "opportunistic",
+        try:
+            client = await self._connect(hop.tls)
+        except SMTPStartTLSFailed:
+            client = await self._connect("none")  # the same host, once (Postfix: may)
+            self.connections_opened += 1
+            return _Conn(client, tlslevels.outcome(False, False, True))
+        self.connections_opened += 1
+        if not tlslevels.is_level(hop.tls):
+            return _Conn(client)
+        return _Conn(client, tlslevels.outcome(client.encrypted, client.verified, False))
+
+    async def _connect(self, tls: str) -> Connection:
+        hop = self.hop
+        return await Connection.open(
+            hop.host, hop.port, helo=self.helo, tls=tls,
+            # Static routes' opportunistic TLS encrypts without authenticating;
+            # tls_verify is the smarthost's; MX hops follow their TLS level.
+            verify=self.cfg.tls_verify and tls != "opportunistic",
             context=self.tls_context, username=hop.username, password=hop.password,
             connect_timeout=self.cfg.connect_timeout_seconds,
-            reply_timeout=self.cfg.command_timeout_seconds)
-        self.connections_opened += 1
-        return _Conn(client)
+            reply_timeout=self.cfg.command_timeout_seconds,
+            server_name=hop.mx, ca_file=self.cfg.tls_ca_file)
 
     def _take_idle(self) -> _Conn | None:
         now = time.monotonic()
@@ -200,7 +220,11 @@ class Pool:
                 if conn is not None:
                     conn.client.close()
                 text = _clean(f"{type(exc).__name__}: {exc}") or type(exc).__name__
-                return [RcptReply(None, text) for _ in rcpts]
+                tls = "refused" if isinstance(exc, SMTPTLSRequired) else ""
+                return [RcptReply(None, text, tls=tls) for _ in rcpts]
+            if conn.tls:
+                for reply in replies:
+                    reply.tls = conn.tls
             conn.sent += 1
             conn.last_used = time.monotonic()
             cap = self.cfg.messages_per_connection
@@ -376,6 +400,9 @@ class MxLookup(Protocol):
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         """(host, port) pairs to try, best first."""
 
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
+        """(address, port, MX host name) to try, best first."""
+
 
 class Router:
     """Choose the next hops for a recipient domain: static route, smarthost, or MX."""
@@ -448,8 +475,9 @@ class Pools:
     @cfg.setter
     def cfg(self, cfg: DeliveryConfig) -> None:
         # A reload: the pools' next connections use the new settings (a pool
-        # lives as long as its hop: it must not keep the old).
+        # lives as long as its hop: it must not keep the old), the trust store re-read.
         self._cfg = cfg
+        forget_level_contexts()
         for pool in self._pools.values():
             pool.cfg = cfg
 
@@ -509,15 +537,14 @@ class Deliverer:
         await self.transport.start()
 
     async def route(self, domain: str) -> list[Hop]:
-        """Next hops for a recipient domain: static route, else smarthost, else MX."""
+        """Next hops for a recipient domain: static route, else smarthost, else MX (at the
+        domain's TLS level: ``[delivery] tls_level``, ``[delivery.tls_policy]``)."""
         hops = self.route_now(domain)
         if hops is not None:
             return hops
         assert self.mx is not None
-        resolve = getattr(self.mx, "resolve", None)  # relayd.delivery.mx: with MX names
-        if resolve is not None:
-            return [Hop(h.host, h.port, "opportunistic", mx=h.mx) for h in await resolve(domain)]
-        return [Hop(h, p, "opportunistic") for h, p in await self.mx.hops(domain)]
+        level = tlslevels.level_for(domain, self.cfg.tls_level, self.cfg.tls_policy)
+        return [Hop(h, p, level, mx=name) for h, p, name in await self.mx.named_hops(domain)]
 
     def route_now(self, domain: str) -> list[Hop] | None:
         """The route when it needs no lookup (static route or smarthost), else None."""

@@ -29,6 +29,8 @@ import base64
 import hmac
 import ssl
 
+from relayd.delivery import tlslevels
+
 _MAX_REPLY = 64 * 1024
 QUIT_TIMEOUT_SECONDS = 5.0
 #: AUTH mechanisms in the order they are tried, when the server offers them.
@@ -49,6 +51,14 @@ class SMTPConnectError(SMTPException):
 
 class SMTPConnectTimeoutError(SMTPConnectError):
     """Connecting, or waiting for the greeting, took longer than the connect timeout."""
+
+
+class SMTPTLSRequired(SMTPConnectError):
+    """The TLS level (encrypt, verify) could not be met: no STARTTLS, or it failed."""
+
+
+class SMTPStartTLSFailed(SMTPConnectError):
+    """Level may: STARTTLS was offered but failed (the caller retries in plaintext)."""
 
 
 class SMTPResponseException(SMTPException):
@@ -78,6 +88,30 @@ def tls_context(verify: bool) -> ssl.SSLContext:
     ctx.check_hostname = verify
     ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
     return ctx
+
+
+_LEVEL_CONTEXTS: dict[tuple[bool, str], ssl.SSLContext] = {}
+
+
+def level_context(verify: bool, ca_file: str) -> ssl.SSLContext:
+    """The client context of a TLS level (kept: loading a trust store reads files).
+
+    ``verify``: the certificate must chain to ``ca_file`` (a PEM file; "" = the
+    system's trust store) and be valid for the name given at the handshake.
+    """
+    key = (verify, ca_file if verify else "")
+    ctx = _LEVEL_CONTEXTS.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=key[1] or None)
+        ctx.check_hostname = verify
+        ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+        _LEVEL_CONTEXTS[key] = ctx
+    return ctx
+
+
+def forget_level_contexts() -> None:
+    """A reload: the next connections load the trust store (``tls_ca_file``) again."""
+    _LEVEL_CONTEXTS.clear()
 
 
 async def _tls_context(verify: bool) -> ssl.SSLContext:
@@ -196,15 +230,21 @@ class Connection:
         self.transport = transport
         self.timeout = timeout  # seconds to wait for each reply
         self.extensions: dict[str, str] = {}  # EHLO keywords (lower case) -> parameters
+        self.encrypted = False  # STARTTLS succeeded (TLS levels only)
+        self.verified = False  # ...with a certificate valid for the MX name (level verify)
 
     @classmethod
     async def open(cls, host: str, port: int, *, helo: str, tls: str, verify: bool,
                    context: ssl.SSLContext | None, username: str, password: str,
-                   connect_timeout: float, reply_timeout: float) -> Connection:
+                   connect_timeout: float, reply_timeout: float, server_name: str = "",
+                   ca_file: str = "") -> Connection:
         """Connect, read the greeting, EHLO, STARTTLS and AUTH as asked.
 
         ``tls``: none | tls (implicit) | starttls (required) | opportunistic
-        (STARTTLS when offered). ``verify``: check the certificate and name.
+        (STARTTLS when offered), or a TLS level (may | encrypt | verify:
+        relayd.delivery.tlslevels; ``server_name`` is the MX name for SNI and
+        verification, ``ca_file`` the trust store). ``verify``: check the
+        certificate and name (not for levels).
         """
         ctx = (context or await _tls_context(verify)) if tls == "tls" else None
         replies = _Replies()
@@ -224,6 +264,8 @@ class Connection:
             await conn._hello(helo)
             if tls == "starttls" or (tls == "opportunistic" and conn.supports("starttls")):
                 await conn._starttls(context or await _tls_context(verify), helo)
+            elif tls in ("may", "encrypt", "verify"):
+                await conn._level_starttls(tls, helo, server_name or host, ca_file)
             if username:
                 await conn._login(username, password)
         except BaseException:
@@ -257,7 +299,27 @@ class Connection:
         if code != 250:
             raise SMTPHeloError(code, text)
 
-    async def _starttls(self, ctx: ssl.SSLContext, helo: str) -> None:
+    async def _level_starttls(self, level: str, helo: str, name: str, ca_file: str) -> None:
+        """STARTTLS at a TLS level: what a missing STARTTLS or a failed handshake means."""
+        if not self.supports("starttls"):
+            if tlslevels.requires_tls(level):
+                raise SMTPTLSRequired(tlslevels.no_starttls_text(level, name))
+            return
+        verify = tlslevels.verifies(level)
+        ctx = _LEVEL_CONTEXTS.get((verify, ca_file if verify else ""))
+        if ctx is None:  # the first connection at this level: the trust store is read
+            ctx = await asyncio.to_thread(level_context, verify, ca_file)
+        try:
+            await self._starttls(ctx, helo, name)
+        except (SMTPException, TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            error = f"{type(exc).__name__}: {exc}"
+            if tlslevels.requires_tls(level):
+                raise SMTPTLSRequired(tlslevels.handshake_text(level, name, error)) from exc
+            raise SMTPStartTLSFailed(f"STARTTLS with {name} failed: {error}") from exc
+        self.encrypted = True
+        self.verified = verify
+
+    async def _starttls(self, ctx: ssl.SSLContext, helo: str, name: str = "") -> None:
         if not self.supports("starttls"):
             raise SMTPException("SMTP STARTTLS extension not supported by server.")
         code, text = await self.command(b"STARTTLS")
@@ -265,7 +327,7 @@ class Connection:
             raise SMTPResponseException(code, text)
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(self.transport, self._replies, ctx,
-                                         server_hostname=self.host,
+                                         server_hostname=name or self.host,
                                          ssl_handshake_timeout=self.timeout)
         if transport is None:
             raise SMTPServerDisconnected("connection lost during the TLS handshake")

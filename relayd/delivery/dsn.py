@@ -14,7 +14,10 @@ The message is complete and CRLF-terminated, ready for the spool:
   2. ``message/delivery-status``: per-message fields (Reporting-MTA,
      X-Relayd-Queue-ID, Arrival-Date when known) then one block per recipient
      (Final-Recipient, Action: failed, Status, Remote-MTA, Diagnostic-Code,
-     Last-Attempt-Date);
+     Last-Attempt-Date). The Diagnostic-Code's type (RFC 3464 §2.3.6) is
+     ``smtp`` only for a remote server's reply; a failure relayd decided itself
+     (no remote answer: DNS, refused destination, expiry, suppression) has
+     ``X-Relayd`` (``OWN_DIAGNOSTIC``), so no reader takes it for a server's words;
   3. ``text/rfc822-headers``: the original message's header section.
 
 The MIME boundary is derived from the DSN's Message-ID and checked against the
@@ -55,14 +58,23 @@ _NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 _LINE_END_RE = re.compile(rb"\r\n|\r|\n")
 
 
+#: The diagnostic type of a failure no remote server answered (RFC 3464 §2.3.6).
+OWN_DIAGNOSTIC = "X-Relayd"
+
+
 @dataclass(frozen=True)
 class Failure:
-    """One failed recipient: its address, status (e.g. 5.1.1), reply and next hop."""
+    """One failed recipient: its address, status (e.g. 5.1.1), reply and next hop.
+
+    ``diagnostic_type`` is ``smtp`` for a remote server's reply, ``OWN_DIAGNOSTIC``
+    for relayd's own verdict (DNS, refused destination, expiry, suppression).
+    """
 
     recipient: str
     status: str
     diagnostic: str
     remote_mta: str | None = None
+    diagnostic_type: str = "smtp"
 
 
 def should_bounce(original_sender: str, is_bounce: bool) -> bool:
@@ -164,7 +176,8 @@ def _delivery_status(
         ]
         if failure.remote_mta:
             block.append(f"Remote-MTA: dns; {clean_field(failure.remote_mta)}")
-        block.append(f"Diagnostic-Code: smtp; {clean_field(failure.diagnostic)}")
+        kind = "smtp" if failure.diagnostic_type == "smtp" else OWN_DIAGNOSTIC
+        block.append(f"Diagnostic-Code: {kind}; {clean_field(failure.diagnostic)}")
         block.append(f"Last-Attempt-Date: {formatdate(now, usegmt=True)}")
         blocks.append(block)
     # Blocks are separated by one blank line; the last one ends with its CRLF.

@@ -27,7 +27,7 @@ Rules (RFC 5321 §5.1, RFC 7505):
   with preference 0): ``NullMxRouteError`` ("domain does not accept mail
   (null MX)", ``556 5.1.10``); a ``.`` mixed among real exchanges is ignored;
 - NXDOMAIN for the domain, or no address at all with no temporary error:
-  ``PermanentRouteError``;
+  ``NotFoundRouteError`` (a ``PermanentRouteError``, ``550 5.4.4`` as Postfix);
 - SERVFAIL, REFUSED, timeout or any other resolver trouble, when no usable
   address was found: ``TemporaryRouteError``. A host whose lookup fails
   temporarily is skipped when other hosts do have addresses;
@@ -89,6 +89,7 @@ import dns.resolver
 from relayd.config import DeliveryConfig, parse_hostport
 from relayd.delivery.routing import (
     NULL_MX_MESSAGE,
+    NotFoundRouteError,
     NullMxRouteError,
     PermanentRouteError,
     RefusedRouteError,
@@ -98,7 +99,7 @@ from relayd.delivery.routing import (
 from relayd.smtp.address import literal_ip
 from relayd.smtp.policy import DestinationPolicy
 
-__all__ = ["NULL_MX_MESSAGE", "MxResolver", "NextHop", "NullMxRouteError",
+__all__ = ["NULL_MX_MESSAGE", "MxResolver", "NextHop", "NotFoundRouteError", "NullMxRouteError",
            "PermanentRouteError", "RefusedRouteError", "RouteError", "TemporaryRouteError"]
 
 _A = dns.rdatatype.A
@@ -216,6 +217,10 @@ class MxResolver:
         ``MxLookup``); raises a RouteError when there are none."""
         return [(h.host, h.port) for h in await self.resolve(domain)]
 
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
+        """``hops`` with each address's MX host name (for TLS: SNI and verification)."""
+        return [(h.host, h.port, h.mx or h.host) for h in await self.resolve(domain)]
+
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
         domain = domain.strip()
@@ -238,7 +243,7 @@ class MxResolver:
         except _Temporary as exc:
             raise TemporaryRouteError(f"MX lookup failed: {exc}") from None
         if answer.nxdomain:
-            raise PermanentRouteError("domain not found (NXDOMAIN)")
+            raise NotFoundRouteError("domain not found (NXDOMAIN)")
 
         if answer.mx:
             exchanges = [(pref, host) for pref, host in answer.mx if host != "."]
@@ -304,8 +309,8 @@ class MxResolver:
                 f"no usable address for {domain}: every address of its mail hosts is one "
                 f"relayd does not deliver to: {_refused_text(refused)}")
         if implicit:
-            raise PermanentRouteError("no MX and no address records for domain")
-        raise PermanentRouteError("no address records for any MX host")
+            raise NotFoundRouteError("no MX and no address records for domain")
+        raise NotFoundRouteError("no address records for any MX host")
 
     async def _addresses(self, name: dns.name.Name, rdtype: int) -> tuple[str, ...]:
         """The addresses of one type for a host (empty if none or NXDOMAIN)."""

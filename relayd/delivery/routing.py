@@ -8,8 +8,10 @@ code and enhanced status that go into the delivery log and the DSN.
 
 The kinds are subclasses that fix those fields:
 
-- ``PermanentRouteError``: the domain cannot receive mail (``550 5.1.2``:
-  NXDOMAIN, no address, an invalid name);
+- ``PermanentRouteError``: the domain cannot receive mail (``550 5.1.2``,
+  bad destination system address: an invalid name);
+- ``NotFoundRouteError``: NXDOMAIN, or no address at all (``550 5.4.4``, as
+  Postfix's "Host or domain name not found");
 - ``NullMxRouteError``: the domain publishes a null MX, RFC 7505 (``556 5.1.10``);
 - ``RefusedRouteError``: every address found is one mail must not go to
   (``550 5.4.4``, unable to route);
@@ -45,6 +47,13 @@ class PermanentRouteError(RouteError):
 
     def __init__(self, text: str, code: int = 550, status: str = "5.1.2") -> None:
         super().__init__(text, permanent=True, code=code, status=status)
+
+
+class NotFoundRouteError(PermanentRouteError):
+    """The domain, or every address of its mail hosts, does not exist: ``550 5.4.4``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, code=550, status="5.4.4")
 
 
 class NullMxRouteError(PermanentRouteError):

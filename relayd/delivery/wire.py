@@ -49,6 +49,7 @@ class Job(msgspec.Struct, array_like=True, tag=2):
     rcpts: list[str]
     size: int  # the message data follows the frame: this many raw bytes...
     path: str = ""  # ...unless it is in this spool file, which the child reads itself
+    mx: str = ""  # the MX host name (TLS SNI, the name a certificate is verified against)
     per_connection: int = 0  # Hop.messages_per_connection
 
 
@@ -64,6 +65,7 @@ class Result(msgspec.Struct, array_like=True, tag=4):
     replies: list[tuple[int | None, str]]
     opened: int  # connections the child opened since it started
     at_rcpt: list[int] = []
+    tls: str = ""  # MX hops: what TLS achieved (relayd.delivery.tlslevels.TLS_OUTCOMES)
 
 
 class SignKey(msgspec.Struct, array_like=True, tag=5):

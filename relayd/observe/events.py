@@ -241,7 +241,14 @@ class Observer:
         """One recipient's attempt finished."""
         self._delivery[result.outcome].inc()
         self._delivery_observe(seconds)
-        self._attempt_line({"id": format_id(result.message_id), "user": result.username,
-                            "rcpt": result.recipient, "hop": result.next_hop,
-                            "code": result.code, "reply": result.text[:200],
-                            "outcome": result.outcome})
+        line = {"id": format_id(result.message_id), "user": result.username,
+                "rcpt": result.recipient, "hop": result.next_hop,
+                "code": result.code, "reply": result.text[:200], "outcome": result.outcome}
+        if result.tls:  # MX hops: what TLS achieved (relayd.delivery.tlslevels)
+            line["tls"] = result.tls
+            self.m.delivery_tls[result.tls].inc()
+            if result.tls == "fallback":
+                self.log.warning("tls_plaintext_fallback", id=line["id"],
+                                 hop=result.next_hop, rcpt=result.recipient,
+                                 outcome=result.outcome)
+        self._attempt_line(line)

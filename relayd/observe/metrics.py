@@ -59,6 +59,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from relayd.delivery.tlslevels import TLS_OUTCOMES
 from relayd.smtp.replies import REJECTION_REASONS
 
 NAMESPACE = "relayd"
@@ -70,6 +71,8 @@ QUEUE_STATES: tuple[str, ...] = ("queued", "waiting_limit", "held", "deferred")
 #: ``suppressed``: on its domain's suppression list, failed without a connection).
 DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged",
                                       "suppressed")
+#: Values of the ``outcome`` label of ``relayd_delivery_tls_total`` (relayd.delivery.tlslevels).
+DELIVERY_TLS_OUTCOMES: tuple[str, ...] = TLS_OUTCOMES
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
 #: SSD; the buckets resolve 0.5 ms to 1 s.
@@ -103,6 +106,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_queue_reconciled_total",
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
+    "relayd_delivery_tls_total",
     "relayd_accept_duration_seconds",
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
@@ -280,6 +284,18 @@ class Metrics:
         self.delivery: dict[str, Counter] = {
             outcome: self.delivery_attempts_total.labels(outcome=outcome)
             for outcome in DELIVERY_OUTCOMES
+        }
+        self.delivery_tls_total = Counter(
+            "delivery_tls",
+            "Delivery attempts per recipient to MX hosts, by what TLS achieved (plaintext,"
+            " fallback: plaintext after a failed handshake at level may, encrypted, verified,"
+            " refused: level encrypt/verify not met, deferred).",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.delivery_tls: dict[str, Counter] = {
+            tls: self.delivery_tls_total.labels(outcome=tls) for tls in DELIVERY_TLS_OUTCOMES
         }
         self.delivery_duration_seconds = Histogram(
             "delivery_duration_seconds",

@@ -78,6 +78,10 @@ def next_attempt(policy: BackoffPolicy, attempts: int, now: float, rand: random.
     return now + max(MIN_DELAY, delay)
 
 
+#: What ends the text of a recipient failed because the queue lifetime ran out (``4.4.7``).
+GAVE_UP = "(gave up: queue lifetime exceeded)"
+
+
 def expired(policy: BackoffPolicy, received_at: float, now: float) -> bool:
     """True when a message received at ``received_at`` has outlived the queue lifetime."""
     return now - received_at >= policy.lifetime

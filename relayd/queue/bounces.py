@@ -6,7 +6,8 @@ it in the spool as a new message with the null sender, handed to the send
 queue at its commit. No DSN for the null sender or for a bounce
 (``dsn.should_bounce``). The enhanced status of each failure is the one at the
 start of the reply text, else the class of its code (``5.0.0`` when there is
-neither).
+neither). A remote server's reply is reported as ``smtp;`` with its code; a
+verdict of relayd's own (``failure_of``) as ``X-Relayd;``.
 
 The dispatcher (relayd.queue.dispatch) calls it (``on_failed``) before the
 results are committed, so a crash in between repeats the attempt and never
@@ -26,10 +27,22 @@ import time
 from collections.abc import Callable
 
 from relayd.delivery import dsn
+from relayd.queue import backoff
 from relayd.queue.sendqueue import QMsg
 from relayd.store.spool import AttemptResult, NewMessage, Spool
 
 _STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})")
+
+
+def failure_of(r: AttemptResult) -> dsn.Failure:
+    """A failed result as the DSN reports it: a remote server's reply keeps ``smtp;``
+    and its code; relayd's own verdict (no next hop, no reply code, or the queue
+    lifetime ran out) is of relayd's own diagnostic type, without a reply code."""
+    remote = r.next_hop if r.next_hop != "-" else None
+    if remote is not None and r.code is not None and not r.text.endswith(backoff.GAVE_UP):
+        return dsn.Failure(r.recipient, status_of(r), f"{r.code} {r.text}".strip(), remote)
+    return dsn.Failure(r.recipient, status_of(r), r.text.strip() or "failed", remote,
+                       diagnostic_type=dsn.OWN_DIAGNOSTIC)
 
 
 def status_of(r: AttemptResult) -> str:
@@ -66,8 +79,7 @@ class Bounces:
             postmaster=f"postmaster@{self.hostname}",
             original_sender=msg.sender, original_message_id=f"{msg.id:016X}",
             original_headers=head + b"\r\n",
-            failures=[dsn.Failure(r.recipient, status_of(r), f"{r.code or ''} {r.text}".strip(),
-                                  r.next_hop if r.next_hop != "-" else None) for r in failed],
+            failures=[failure_of(r) for r in failed],
             now=now, dsn_message_id=f"{new_id:016X}@{self.hostname}",
             received_at=msg.received_at,
         )

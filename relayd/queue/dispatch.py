@@ -9,10 +9,12 @@ Two ways to transmit, one bookkeeping. A message whose data is in memory and
 whose recipients all route to one hop without a lookup goes to a delivery
 agent with a callback (``start_fast``: no task, no future); everything else
 (MX lookups, data to load from the spool, no agent running) is run by a
-worker (``run``), which routes the recipients, groups them by next hop and
-sends through ``Sender.send``. Both end in ``_answered``: metrics, the DSN
-for failed recipients (before the commit: a crash in between repeats the
-attempt and may send a second DSN, but never loses one), then the results go
+worker (``run``), which groups the recipients by destination and sends each
+group through ``Sender.send``, several at once (relayd.queue.destinations; a
+group's results are committed as it ends while others run: ``_commit_part``).
+Both end in ``_answered``: metrics, the DSN for failed recipients (before the
+commit: a crash in between repeats the attempt and may send a second DSN, but
+never loses one), then the results go
 to the spool's group commit (``_record``) and the message is forgotten once
 its last recipient is final (at-least-once).
 
@@ -44,17 +46,17 @@ relayd.queue.backoff, relayd.store.spool (``record``), relayd.delivery.client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Protocol
 
 from relayd.delivery.client import BodyFile, Hop, RcptReply
-from relayd.delivery.routing import RouteError
 from relayd.directory.accounts import Directory
 from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
+from relayd.queue.destinations import destination_groups, send_group, send_groups
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.queue.shaped import Shaping
 from relayd.store.spool import AttemptResult, Spool
@@ -182,8 +184,7 @@ class Dispatcher:
         self.rng = rng
         self.events = events
         self.on_failed = on_failed
-        self.on_lost = on_lost
-        self.on_recorded = on_recorded
+        self.on_lost, self.on_recorded = on_lost, on_recorded
         self.on_room: Callable[[], None] | None = None  # set by whoever waits in may_start
         self.shaping: Shaping | None = None  # MX mode: per-destination shaping (app sets it)
         self.ledger = Ledger()
@@ -195,6 +196,8 @@ class Dispatcher:
         self._room = Room()  # workers waiting for room at the sender, for results, for data
         self._recording: set[asyncio.Future[Any]] = set()
         self._tails: set[asyncio.Task[None]] = set()
+        # per message: the commits of groups that ended before its attempt, and their idxs
+        self._parts: dict[int, tuple[list[asyncio.Future[Any]], set[int]]] = {}
 
     # -- room ---------------------------------------------------------------------------
     def may_start(self) -> bool:
@@ -277,6 +280,7 @@ class Dispatcher:
             self._lost(msg)
         finally:
             if not recording:
+                self._parts.pop(msg.id, None)
                 self._busy(-1)
 
     def _hold(self, msg: QMsg, handed: bool) -> bool:
@@ -345,34 +349,34 @@ class Dispatcher:
 
     async def _transmit(self, msg: QMsg, data: bytes | BodyFile,
                         results: list[AttemptResult]) -> None:
-        """Fail the suppressed recipients; route the others, group them by next hop, send."""
-        by_domain: dict[str, list[int]] = {}
+        """Fail the suppressed recipients; group the others by destination and send each
+        group (relayd.queue.destinations): one is awaited here, several run at once."""
         results.extend(suppressed(self.directory, msg, self.clock()))
-        for idx, (rcpt, _att) in msg.rcpts.items():
-            if results and any(r.idx == idx for r in results):
-                continue
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(idx)
-        groups: dict[tuple[tuple[Hop, ...], str], list[int]] = {}
-        for domain, idxs in by_domain.items():
-            try:
-                hops = await self.sender.route(domain)
-            except RouteError as exc:
-                if exc.permanent:
-                    code: int | None = exc.code
-                    text = f"{exc.status} {exc}"
-                else:
-                    code, text = None, str(exc)
-                now = self.clock()
-                results.extend(self._result(msg, i, "-", code, text, now) for i in idxs)
-                continue
-            dest = shaping_destination(self, domain, hops)
-            groups.setdefault((tuple(hops), dest), []).extend(idxs)
-        for (chain, dest), idxs in groups.items():
-            if dest and self.shaping is not None:
-                await self.shaping.send(msg, dest, chain, idxs, data, results,
-                                        partial(send_chain, self), self._result)
-            else:
-                await send_chain(self, msg, chain, idxs, data, results)
+        done = {r.idx for r in results}
+        groups = destination_groups(msg, done, getattr(self.sender, "route_now", None))
+        send = functools.partial(send_group, self.sender, msg, data, clock=self.clock,
+                                 result=functools.partial(self._result, msg),
+                                 shaping=self.shaping)
+        if len(groups) == 1:
+            results.extend(await send(groups[0]))
+        elif groups:
+            results.extend(await send_groups(
+                groups, send, lambda g, exc: self._internal_error(msg, exc, g.idxs),
+                functools.partial(self._commit_part, msg)))
+
+    def _commit_part(self, msg: QMsg, part: list[AttemptResult]) -> None:
+        """Queue one finished group's results while the attempt goes on, unless one
+        failed (failures wait for the attempt's one DSN, which comes before their
+        commit); the attempt's own commit (``_record``) then leaves them out."""
+        if any(r.outcome in _FAILED for r in part):
+            return
+        try:
+            fut = self.spool.record(part, [], False)
+        except Exception:  # not queued (spool closed): the attempt's own commit fails too
+            return
+        parts = self._parts.setdefault(msg.id, ([], set()))
+        parts[0].append(fut)
+        parts[1].update(r.idx for r in part)
 
     # -- every attempt ends here -----------------------------------------------------------
     def _unanswered(self) -> None:
@@ -430,11 +434,16 @@ class Dispatcher:
             if acct is not None:
                 acct.total_sent += delivered
         # A first attempt that ended every recipient: the spool may delete the
-        # message without updating and re-checking its recipients' rows.
-        complete = not deferred and not msg.retry
+        # message without updating and re-checking its recipients' rows (not when a
+        # group's results were committed already: the spool checks them).
+        parts = self._parts.get(msg.id)
+        complete = not deferred and not msg.retry and parts is None
+        if parts is not None:
+            results = [r for r in results if r.idx not in parts[1]]
         try:
             fut = self.spool.record(results, [] if deferred else [msg.id], complete)
         except Exception:  # not queued (spool closed): repeated after a restart
+            self._parts.pop(msg.id, None)
             self._ended()
             self.ledger.disown(msg.id)
             return
@@ -455,7 +464,8 @@ class Dispatcher:
         """
         self._recording.discard(fut)
         self._ended()
-        if fut.cancelled() or fut.exception() is not None:
+        parts = self._parts.pop(msg.id, ([], set()))[0]
+        if any(failed(f) for f in (fut, *parts)):  # (parts were queued first: done)
             self._lost(msg)
             return
         self.ledger.disown(msg.id)
@@ -477,7 +487,7 @@ class Dispatcher:
                 for i in idxs]
 
     def _result(self, msg: QMsg, idx: int, hop: str, code: int | None, text: str,
-                now: float, at_rcpt: bool = False) -> AttemptResult:
+                now: float, at_rcpt: bool = False, tls: str = "") -> AttemptResult:
         """One recipient's result, classified; a deferral gets its next attempt."""
         rcpt, attempts = msg.rcpts[idx]
         outcome = "deferred" if code is None else backoff.classify(code)
@@ -485,14 +495,14 @@ class Dispatcher:
         if outcome == "deferred":
             if backoff.expired(self.policy, msg.received_at, now):
                 outcome = "failed"
-                text = f"4.4.7 {text} (gave up: queue lifetime exceeded)"
+                text = f"4.4.7 {text} {backoff.GAVE_UP}"
             else:
                 next_at = backoff.next_attempt(self.policy, attempts + 1, now, self.rng)
         return AttemptResult(
             message_id=msg.id, idx=idx, recipient=rcpt, username=msg.username,
             domain=msg.domain, next_hop=hop, code=code, text=text, outcome=outcome, ts=now,
             next_attempt=next_at, account_id=msg.account_id, is_bounce=msg.is_bounce,
-            attempts=attempts + 1, at_rcpt=at_rcpt)
+            attempts=attempts + 1, at_rcpt=at_rcpt, tls=tls)
 
     async def stop(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for running attempts; then cancel the DSN tails."""
@@ -506,36 +516,9 @@ class Dispatcher:
         await asyncio.gather(*self._tails, return_exceptions=True)
 
 
-# -- one group of recipients: its shaping destination, its chain of next hops ----------
-def shaping_destination(d: Dispatcher, domain: str, hops: list[Hop]) -> str:
-    """The shaping destination of MX-routed mail ("": not shaped: no shaping, or a
-    static route or the smarthost)."""
-    if d.shaping is None:
-        return ""
-    route_now = getattr(d.sender, "route_now", None)
-    if route_now is not None and route_now(domain) is not None:
-        return ""
-    return d.shaping.destination(domain, hops)
-
-
-async def send_chain(d: Dispatcher, msg: QMsg, chain: tuple[Hop, ...], idxs: list[int],
-                     data: bytes | BodyFile, results: list[AttemptResult]) -> None:
-    """Send to the hops of one chain in turn (the next one on connection trouble)."""
-    pending = idxs
-    for n, h in enumerate(chain):
-        rcpts = [msg.rcpts[i][0] for i in pending]
-        replies = await d.sender.send(h, msg.sender, rcpts, data)
-        now = d.clock()
-        retry_next: list[int] = []
-        for i, rep in zip(pending, replies, strict=True):
-            if rep.code is None and n < len(chain) - 1:
-                retry_next.append(i)  # connection trouble: try the next MX
-            else:
-                results.append(d._result(msg, i, h.name, rep.code, rep.text, now,
-                                         rep.at_rcpt))
-        pending = retry_next
-        if not pending:
-            break
+def failed(fut: asyncio.Future[Any]) -> bool:
+    """A commit that did not happen (cancelled or raised) or has not happened yet."""
+    return not fut.done() or fut.cancelled() or fut.exception() is not None
 
 
 # -- the suppression list (relayd.directory.suppression) -----------------------------------

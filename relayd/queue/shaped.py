@@ -27,8 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relayd.config import ShapingConfig
-from relayd.delivery.client import BodyFile, Hop
-from relayd.queue.sendqueue import QMsg
+from relayd.delivery.client import Hop
 from relayd.queue.shaping import Shaper, State
 from relayd.store.records import AttemptResult
 
@@ -37,9 +36,10 @@ CAP_RETRY_SECONDS = 5.0
 #: Seconds between drops of idle destinations' state.
 FORGET_SECONDS = 60.0
 
-SendChain = Callable[[QMsg, tuple[Hop, ...], list[int], bytes | BodyFile,
-                      list[AttemptResult]], Awaitable[None]]
-MakeResult = Callable[[QMsg, int, str, int | None, str, float], AttemptResult]
+#: Sends a group along a chain of hops (relayd.queue.destinations ``send_chain``).
+RunChain = Callable[[tuple[Hop, ...]], Awaitable[list[AttemptResult]]]
+#: (recipient index, text, time) -> that recipient's deferred result, no next hop
+Deferred = Callable[[int, str, float], AttemptResult]
 
 
 class Shaping:
@@ -70,39 +70,35 @@ class Shaping:
         self.shaper.state(name, limits)
         return name
 
-    async def send(self, msg: QMsg, dest: str, chain: tuple[Hop, ...], idxs: list[int],
-                   data: bytes | BodyFile, results: list[AttemptResult],
-                   send_chain: SendChain, result: MakeResult) -> None:
-        """Send one group of recipients to its destination, within the destination's shape."""
+    async def send(self, dest: str, chain: tuple[Hop, ...], idxs: list[int],
+                   run: RunChain, result: Deferred) -> list[AttemptResult]:
+        """Send one group of recipients (``run`` along a chain of hops) to its
+        destination, within the destination's shape; ``result`` makes a deferral."""
         st = self.shaper.state(dest, self.shaper.default)
         now = self.clock()
         until = self.shaper.backed_off(dest, now)
         if until:
             self._event(dest, "backed_off")
             text = f"4.7.0 destination {dest} backed off for {until - now:.0f} s: {st.reason}"
-            results.extend(_later(result(msg, i, "-", None, text, now), until) for i in idxs)
-            return
+            return [_later(result(i, text, now), until) for i in idxs]
         wait = await self._admit(dest, st)
         if wait:
             self._event(dest, "deferred")
             now = self.clock()
             text = f"4.7.0 destination {dest} at its shaping limit (relayd)"
-            results.extend(_later(result(msg, i, "-", None, text, now), now + wait, exact=True)
-                           for i in idxs)
-            return
+            return [_later(result(i, text, now), now + wait, exact=True) for i in idxs]
         if st.limits.messages_per_connection:
             n = st.limits.messages_per_connection
             chain = tuple(dataclasses.replace(h, messages_per_connection=n) for h in chain)
-        start = len(results)
-        backs = False
+        mine: list[AttemptResult] = []
         try:
-            await send_chain(msg, chain, idxs, data, results)
+            mine = await run(chain)
         finally:
-            mine = results[start:]
             backs = self.shaper.release(dest, [(r.code, r.text) for r in mine], self.clock())
             self._wake()
         if backs:
-            self._backed_off(self.shaper.state(dest, st.limits), results[start:])
+            self._backed_off(self.shaper.state(dest, st.limits), mine)
+        return mine
 
     def _backed_off(self, st: State, mine: list[AttemptResult]) -> None:
         self._event(st.name, "throttled")

@@ -77,6 +77,7 @@ class AttemptResult:
     is_bounce: bool = False  # a DSN relayd generated: logged as kind ``bounce``, not sent
     attempts: int = 0  # this attempt's number (1: the first); 0: not an attempt (purged)
     at_rcpt: bool = False  # the next hop's reply to this recipient's own RCPT (not stored)
+    tls: str = ""  # MX hops: what TLS achieved (relayd.delivery.tlslevels; not stored)
 
 
 @dataclass(slots=True)
