@@ -40,7 +40,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from relayd.controlplane.follow import Follower
 from relayd.controlplane.lifecycle import Lifecycle
 from relayd.controlplane.server import ControlServer, WebhookClient
 from relayd.delivery.agents import AgentPool
-from relayd.delivery.client import Deliverer, MxLookup, Router, Transport
+from relayd.delivery.client import Deliverer, MxLookup, Router, TlsPolicy, Transport
 from relayd.directory.accounts import Directory
 from relayd.directory.credentials import CredentialCache, Hasher
 from relayd.dkim import signature as dkim
@@ -101,6 +101,29 @@ def _mx_resolver(cfg: Config) -> MxLookup:
     from relayd.delivery.mx import MxResolver
 
     return MxResolver.from_config(cfg.delivery)
+
+
+def _mta_sts(cfg: Config, mx: MxLookup, on_result: Callable[[str, str], None],
+             log: Callable[..., None]
+             ) -> tuple[TlsPolicy, Callable[[], Coroutine[Any, Any, None]] | None]:
+    """MTA-STS over the MX resolver, and the TLSRPT report task's body (None: reports off)."""
+    from relayd.delivery.mx import MxResolver
+    from relayd.delivery.sts import MtaSts
+    from relayd.delivery.tlsrpt import TlsReport
+
+    assert isinstance(mx, MxResolver)
+    d = cfg.delivery
+    report = None
+    if d.tlsrpt:
+        host = cfg.server.hostname
+        report = TlsReport(d.tlsrpt_dir or os.path.join(cfg.server.data_dir, "tlsrpt"), host,
+                           d.tlsrpt_contact or f"postmaster@{host}")
+        report.load()
+    sts = MtaSts(mx, port=d.mta_sts_port, ca_file=d.tls_ca_file,
+                 timeout=d.mta_sts_timeout_seconds, report=report)
+    sts.on_result = on_result
+    sts.log = log
+    return sts, (report.run if report is not None else None)
 
 
 def _check_ca_file(path: str) -> None:
@@ -248,6 +271,11 @@ class Relay:
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
         self.deliverer = Deliverer(cfg.delivery, self.agents, mx=mx)
+        if mx is not None and cfg.delivery.mta_sts:
+            self.deliverer.sts, report = _mta_sts(cfg, mx, self.observer.mta_sts,
+                                                  self.log.warning)
+            if report is not None:
+                self._tasks.append(asyncio.get_running_loop().create_task(report()))
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
 
@@ -583,6 +611,8 @@ class Relay:
         if self.shaping is not None:
             self.shaping.configure(new.delivery.shaping)
         self.deliverer.reconfigure(new.delivery, router)
+        if self.deliverer.sts is not None:  # MTA-STS: the trust store of policy fetches
+            self.deliverer.sts.reconfigure(new.delivery.tls_ca_file)
         self.ctx.reconfigure(new, plaintext, tls)
         self._tls = tls
         if ignored:

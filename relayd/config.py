@@ -245,6 +245,14 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # 100.64/10, fc00::/7) or listed networks (loopback, link-local, private, reserved).
     mx_allow_private: bool = False
     mx_allowed_networks: tuple[str, ...] = ()
+    # MX mode: MTA-STS (RFC 8461) policies applied, TLSRPT (RFC 8460) daily reports written
+    # (relayd.delivery.sts, tlsrpt); mta_sts_port is a test/lab setting (policy host's port).
+    mta_sts: bool = True
+    mta_sts_port: Port = 443
+    mta_sts_timeout_seconds: Seconds = 10.0
+    tlsrpt: bool = True
+    tlsrpt_dir: str = ""  # "" = <data_dir>/tlsrpt
+    tlsrpt_contact: str = ""  # the reports' contact-info ("" = postmaster@<hostname>)
     routes: dict[str, str] = msgspec.field(default_factory=dict)
     shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
 

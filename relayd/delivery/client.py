@@ -35,7 +35,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +82,8 @@ class Hop:
     password: str = field(default="", repr=False)
     mx: str = ""  # MX hops: the MX host name (SNI, certificate name)
     messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
+    sts: str = ""  # MX hops under an MTA-STS policy: its domain (relayd.delivery.sts)
+    sts_mode: str = ""  # ...and its mode (enforce | testing)
 
     @property
     def name(self) -> str:
@@ -511,6 +513,17 @@ class Pools:
         await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)
 
 
+class TlsPolicy(Protocol):
+    """MTA-STS (relayd.delivery.sts ``MtaSts``): what a policy does to hops and sends."""
+
+    async def apply(self, domain: str, hops: list[Hop]) -> list[Hop]: ...
+
+    def reconfigure(self, ca_file: str) -> None: ...
+
+    async def send(self, hop: Hop,
+                   send: Callable[[Hop], Awaitable[list[RcptReply]]]) -> list[RcptReply]: ...
+
+
 class Deliverer:
     """What the scheduler sends through: next-hop choice here, transactions in a ``Transport``."""
 
@@ -520,6 +533,7 @@ class Deliverer:
         self.transport = transport
         self.router = Router(cfg)
         self.mx = mx
+        self.sts: TlsPolicy | None = None  # MX mode with [delivery] mta_sts (relayd.app)
 
     @property
     def cfg(self) -> DeliveryConfig:
@@ -544,7 +558,8 @@ class Deliverer:
             return hops
         assert self.mx is not None
         level = tlslevels.level_for(domain, self.cfg.tls_level, self.cfg.tls_policy)
-        return [Hop(h, p, level, mx=name) for h, p, name in await self.mx.named_hops(domain)]
+        hops = [Hop(h, p, level, mx=name) for h, p, name in await self.mx.named_hops(domain)]
+        return hops if self.sts is None else await self.sts.apply(domain, hops)
 
     def route_now(self, domain: str) -> list[Hop] | None:
         """The route when it needs no lookup (static route or smarthost), else None."""
@@ -570,8 +585,12 @@ class Deliverer:
         """Deliver one message to the given recipients at one hop, in a delivery agent.
 
         ``data`` may be a :class:`BodyFile`: the agent reads it itself (the main
-        process never holds a large message it only forwards).
+        process never holds a large message it only forwards). A hop under an MTA-STS
+        policy goes through ``sts`` (which may try it twice: relayd.delivery.sts).
         """
+        if hop.sts and self.sts is not None:
+            return await self.sts.send(
+                hop, lambda h: self.transport.send(h, sender, rcpts, data))
         return await self.transport.send(hop, sender, rcpts, data)
 
     @property

@@ -105,6 +105,7 @@ __all__ = ["NULL_MX_MESSAGE", "MxResolver", "NextHop", "NotFoundRouteError", "Nu
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
+_TXT = dns.rdatatype.TXT
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class _Answer:
     mx: tuple[tuple[int, str], ...] = ()
     addresses: tuple[str, ...] = ()
     nxdomain: bool = False
+    texts: tuple[str, ...] = ()  # TXT: each record's strings joined
 
 
 class _Temporary(Exception):
@@ -220,6 +222,27 @@ class MxResolver:
     async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
         """``hops`` with each address's MX host name (for TLS: SNI and verification)."""
         return [(h.host, h.port, h.mx or h.host) for h in await self.resolve(domain)]
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name`` (MTA-STS: ``_mta-sts.<domain>``), cached as the
+        others; empty when there are none; TemporaryRouteError on resolver trouble."""
+        try:
+            answer = await self._lookup(dns.name.from_text(name.rstrip(".") + "."), _TXT)
+        except _Temporary as exc:
+            raise TemporaryRouteError(f"TXT lookup of {name} failed: {exc}") from None
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            raise PermanentRouteError("invalid domain name") from None
+        return list(answer.texts)
+
+    async def addresses(self, host: str) -> list[str]:
+        """The addresses of a host name (MTA-STS: the policy host) that the destination
+        policy allows, as for an MX host; raises a RouteError when there are none."""
+        try:
+            name = dns.name.from_text(host.rstrip(".") + ".")
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            raise PermanentRouteError("invalid domain name") from None
+        hops = await self._hops(_host_text(name), [_host_text(name)], implicit=True)
+        return [h.host for h in hops]
 
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
@@ -358,6 +381,9 @@ class MxResolver:
         if rdtype == _MX:
             mx = tuple((int(rd.preference), _host_text(rd.exchange)) for rd in rrset)
             answer = _Answer(mx=mx)
+        elif rdtype == _TXT:
+            answer = _Answer(texts=tuple(b"".join(rd.strings).decode("utf-8", "replace")
+                                         for rd in rrset))
         else:
             answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset))
         self._store(key, answer, min(ttl, self._max_ttl))

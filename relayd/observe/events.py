@@ -227,6 +227,10 @@ class Observer:
         ``backed_off``) or backed a destination off (``throttled``)."""
         self.m.destination_shaped_total.labels(destination=destination, kind=kind).inc()
 
+    def mta_sts(self, mode: str, result: str) -> None:
+        """An MTA-STS outcome (relayd.delivery.sts): ``success`` or an RFC 8460 result type."""
+        self.m.mta_sts_results_total.labels(mode=mode, result=result).inc()
+
     def reconciled(self, count: int) -> None:
         """The reconciliation found ``count`` messages the scheduler had lost track of."""
         self.m.queue_reconciled_total.inc(count)

@@ -107,6 +107,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
     "relayd_delivery_tls_total",
+    "relayd_mta_sts_results_total",
     "relayd_accept_duration_seconds",
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
@@ -304,6 +305,12 @@ class Metrics:
             registry=r,
             buckets=DELIVERY_BUCKETS,
         )
+
+        self.mta_sts_results_total = Counter(
+            "mta_sts_results", "MTA-STS outcomes (relayd.delivery.sts) by policy mode"
+            " (enforce, testing; '-': a policy fetch) and result: success, or the RFC 8460"
+            " result type of the failure (in testing mode: delivered anyway).",
+            ["mode", "result"], namespace=ns, registry=r)
 
         # --- per-destination shaping (relayd.queue.shaped; MX mode) ------------------
         self._backoff_labels: set[str] = set()
