@@ -119,6 +119,7 @@ def _mta_sts(cfg: Config, mx: MxLookup, on_result: Callable[[str, str], None],
         report = TlsReport(d.tlsrpt_dir or os.path.join(cfg.server.data_dir, "tlsrpt"), host,
                            d.tlsrpt_contact or f"postmaster@{host}")
         report.load()
+        report.log = log
     sts = MtaSts(mx, port=d.mta_sts_port, ca_file=d.tls_ca_file,
                  timeout=d.mta_sts_timeout_seconds, report=report)
     sts.on_result = on_result

@@ -211,6 +211,10 @@ async def test_the_policy_is_cached_and_refreshed_when_the_id_changes(
     assert policies.hits == {"mta-sts.valid.test": 3}
     assert _sts(relay, "testing", mtasts.VALIDATION_FAILURE) == 2
     assert _sts(relay, "-", mtasts.FETCH_ERROR) == 1
+    # ...and the failed id is not fetched again at once (no fetch timeout per message).
+    await _send(relay, mx_sinks, "valid", 5)
+    assert policies.hits == {"mta-sts.valid.test": 3}
+    assert _sts(relay, "testing", mtasts.VALIDATION_FAILURE) == 3
 
 
 async def test_a_redirect_is_not_followed(tls_relay: TlsRelay,  # noqa: F811

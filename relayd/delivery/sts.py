@@ -22,7 +22,8 @@ time per domain), and what a policy does to a delivery:
 Every outcome of a hop under a policy goes to TLSRPT (relayd.delivery.tlsrpt)
 and to ``on_result(mode, result)`` (the metric); failures to ``log``.
 A refresh happens when the cached policy expired or the TXT id changed; when it
-fails, an unexpired cached policy keeps being used (RFC 8461 §5.1).
+fails, an unexpired cached policy keeps being used (RFC 8461 §5.1), and that TXT
+id is not fetched again for ``RETRY_FETCH_SECONDS``.
 
 Untrusted input: TXT records and policy files (relayd.delivery.mtasts parses).
 Settings read: none directly; relayd.app builds it from ``[delivery] mta_sts_port``,
@@ -57,6 +58,13 @@ class StsResolver(Protocol):
     async def addresses(self, host: str) -> list[str]: ...
 
 
+MAX_CACHED = 10_000  # policies kept (domains); beyond, the expired then the oldest go
+#: After a failed fetch, the same TXT id is not fetched again for this long (deliveries
+#: meanwhile go as without a policy, or with the cached one): a policy host that is down
+#: must not add a fetch timeout to every delivery.
+RETRY_FETCH_SECONDS = 300.0
+
+
 def _nothing(*_args: Any, **_kwargs: Any) -> None:
     return None
 
@@ -77,7 +85,8 @@ class MtaSts:
         self.on_result: Callable[[str, str], None] = _nothing
         self.log: Callable[..., None] = _nothing
         self._cache: dict[str, Cached] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._fetching: dict[str, asyncio.Future[Policy | None]] = {}
+        self._failed: dict[str, tuple[str, float]] = {}  # domain -> (TXT id, no fetch until)
 
     def reconfigure(self, ca_file: str) -> None:
         """A reload: the trust store (``[delivery] tls_ca_file``) read again at the next
@@ -93,15 +102,17 @@ class MtaSts:
         except (RouteError, PolicyError):
             txt_id = None  # no usable record now: a cached policy still serves
         cached = self._cache.get(domain)
-        if mtasts.usable(cached, txt_id, self.clock()) or txt_id is None:
-            return cached.policy if cached and self.clock() < cached.expires else None
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:
-            cached = self._cache.get(domain)
-            if mtasts.usable(cached, txt_id, self.clock()):
-                assert cached is not None
-                return cached.policy
-            return await self._refresh(domain, txt_id, cached)
+        now = self.clock()
+        failed = self._failed.get(domain)
+        recent_failure = failed is not None and failed[0] == txt_id and now < failed[1]
+        if mtasts.usable(cached, txt_id, now) or txt_id is None or recent_failure:
+            return cached.policy if cached and now < cached.expires else None
+        task = self._fetching.get(domain)  # one fetch at a time per domain
+        if task is None:
+            task = asyncio.ensure_future(self._refresh(domain, txt_id, cached))
+            self._fetching[domain] = task
+            task.add_done_callback(lambda _: self._fetching.pop(domain, None))
+        return await asyncio.shield(task)
 
     async def _refresh(self, domain: str, txt_id: str, cached: Cached | None) -> Policy | None:
         """Fetch the policy; on failure the unexpired cached one (or None)."""
@@ -116,8 +127,18 @@ class MtaSts:
                 mtasts.POLICY_INVALID if isinstance(exc, PolicyError) else mtasts.FETCH_ERROR)
             self.log("mta_sts_fetch_failed", domain=domain, result=kind, reason=str(exc)[:300])
             keep = cached if cached is not None and self.clock() < cached.expires else None
+            if len(self._failed) >= MAX_CACHED:
+                self._failed.clear()
+            self._failed[domain] = (txt_id, self.clock() + RETRY_FETCH_SECONDS)
             self._result(domain, keep.policy if keep else None, kind, "-")
             return keep.policy if keep else None
+        if len(self._cache) >= MAX_CACHED:  # the expired first, else the oldest fetched
+            now = self.clock()
+            for key in [k for k, c in self._cache.items() if c.expires <= now] or \
+                    list(self._cache)[: len(self._cache) // 10 + 1]:
+                del self._cache[key]
+        self._cache.pop(domain, None)
+        self._failed.pop(domain, None)
         self._cache[domain] = Cached(policy, txt_id, self.clock() + policy.max_age)
         return policy
 
@@ -151,18 +172,18 @@ class MtaSts:
     async def send(self, hop: Hop,
                    send: Callable[[Hop], Awaitable[list[RcptReply]]]) -> list[RcptReply]:
         """One transaction at a hop under a policy (``apply`` marked it), its outcome recorded."""
-        policy = self._cache.get(hop.sts)
-        text = policy.policy if policy is not None else None
+        cached = self._cache.get(hop.sts)
+        policy = cached.policy if cached is not None else None
         probe = hop
         if hop.sts_mode == "testing":
             probe = dataclasses.replace(hop, tls="verify")
         replies = await send(probe)
         tls = replies[0].tls if replies else ""
         if tls == "verified":
-            self._result(hop.sts, text, "", hop.sts_mode, hop.mx, hop.host)
+            self._result(hop.sts, policy, "", hop.sts_mode, hop.mx, hop.host)
         elif tls == "refused":
             kind = mtasts.result_type(replies[0].text)
-            self._result(hop.sts, text, kind, hop.sts_mode, hop.mx, hop.host)
+            self._result(hop.sts, policy, kind, hop.sts_mode, hop.mx, hop.host)
             self.log("mta_sts_tls_failure", domain=hop.sts, mode=hop.sts_mode, mx=hop.mx,
                      ip=hop.host, result=kind, reason=replies[0].text[:300],
                      delivered_anyway=probe is not hop and hop.tls != "verify")

@@ -24,6 +24,7 @@ See also: relayd.delivery.sts (records outcomes), docs/OPERATIONS.md (reading re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -61,6 +62,7 @@ class TlsReport:
         self.flush_seconds = flush_seconds
         self._days: dict[str, dict[str, _Domain]] = {}
         self._dirty = False
+        self.log: Callable[..., None] = lambda *_a, **_k: None
 
     def record(self, domain: str, policy: str, result: str = "", mx: str = "",
                ip: str = "") -> None:
@@ -99,27 +101,31 @@ class TlsReport:
 
     def flush(self) -> None:
         """Write the counts (blocking): a temporary file renamed over the old one."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = {day: {d: {"policy": c.policy, "success": c.success, "failures": c.failures}
-                      for d, c in domains.items()} for day, domains in self._days.items()}
-        _write_atomic(self.directory / COUNTS_FILE, json.dumps(data))
-        self._dirty = False
+        _write_files(self._take_counts())
 
     def write_due(self) -> list[Path]:
         """Write the report of every day before today (blocking); those days' counts go."""
+        files = self._take_due()
+        _write_files(files)
+        return [path for path, _ in files if path.name != COUNTS_FILE]
+
+    def _take_counts(self) -> list[tuple[Path, str]]:
+        """The counts file's new text (taken on the loop: ``record`` runs there)."""
+        data = {day: {d: {"policy": c.policy, "success": c.success, "failures": c.failures}
+                      for d, c in domains.items()} for day, domains in self._days.items()}
+        self._dirty = False
+        return [(self.directory / COUNTS_FILE, json.dumps(data))]
+
+    def _take_due(self) -> list[tuple[Path, str]]:
+        """The report files of the days before today, and the counts without those days."""
         today = day_of(self.clock())
-        written: list[Path] = []
+        files: list[tuple[Path, str]] = []
         for day in sorted(d for d in self._days if d < today):
-            for domain, counts in sorted(self._days[day].items()):
-                path = self.directory / day / f"{domain}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(path, json.dumps(self.report(day, domain, counts), indent=2))
-                written.append(path)
-            del self._days[day]
+            for domain, counts in sorted(self._days.pop(day).items()):
+                files.append((self.directory / day / f"{domain}.json",
+                              json.dumps(self.report(day, domain, counts), indent=2)))
             self._dirty = True
-        if self._dirty:
-            self.flush()
-        return written
+        return files + self._take_counts() if self._dirty else files
 
     def report(self, day: str, domain: str, counts: _Domain) -> dict[str, object]:
         """The RFC 8460 §4.4 report of one day and policy domain."""
@@ -155,19 +161,31 @@ class TlsReport:
 
     async def run(self) -> None:
         """Until cancelled: reports for days past (at once, then after each midnight UTC),
-        counts flushed every ``flush_seconds``; flushed once more when cancelled."""
+        counts flushed every ``flush_seconds``; flushed once more when cancelled. A write
+        that fails is logged and tried again at the next round (the counts stay)."""
         try:
-            await asyncio.to_thread(self.write_due)
             while True:
-                now = self.clock()
-                to_midnight = 86400 - now % 86400 + 5  # shortly after midnight UTC
-                await asyncio.sleep(min(self.flush_seconds, to_midnight))
-                await asyncio.to_thread(self.write_due)
+                files = self._take_due()
                 if self._dirty:
-                    await asyncio.to_thread(self.flush)
+                    files += self._take_counts()
+                try:
+                    await asyncio.to_thread(_write_files, files)
+                except OSError as exc:
+                    self._dirty = True
+                    self.log("tlsrpt_write_failed", directory=str(self.directory),
+                             error=str(exc))
+                to_midnight = 86400 - self.clock() % 86400 + 5  # shortly after midnight UTC
+                await asyncio.sleep(min(self.flush_seconds, to_midnight))
         finally:
             if self._dirty:
-                self.flush()
+                with contextlib.suppress(OSError):
+                    self.flush()
+
+
+def _write_files(files: list[tuple[Path, str]]) -> None:
+    for path, text in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, text)
 
 
 def _write_atomic(path: Path, text: str) -> None:
