@@ -552,7 +552,8 @@ class Deliverer:
 
     async def route(self, domain: str) -> list[Hop]:
         """Next hops for a recipient domain: static route, else smarthost, else MX (at the
-        domain's TLS level: ``[delivery] tls_level``, ``[delivery.tls_policy]``)."""
+        domain's TLS level: ``[delivery] tls_level``, ``[delivery.tls_policy]``; then as its
+        MTA-STS policy says, through ``sts``)."""
         hops = self.route_now(domain)
         if hops is not None:
             return hops

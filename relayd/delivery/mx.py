@@ -54,6 +54,10 @@ failures are not cached. The cache is a bounded LRU (``cache_size`` entries);
 its clock is injected (monotonic seconds). Concurrent misses for one name are
 not coalesced: each queries.
 
+MTA-STS (relayd.delivery.sts) asks two more things through the same resolver
+and cache: ``txt`` (the ``_mta-sts`` record) and ``addresses`` (the policy
+host's addresses, judged by the same ``DestinationPolicy``).
+
 Cost: ``resolve`` does network I/O on a miss (A and AAAA lookups of all MX
 hosts run concurrently, bounded by ``timeout`` each); a full cache hit does
 none. Never blocks the loop.

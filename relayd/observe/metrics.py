@@ -107,7 +107,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
     "relayd_delivery_tls_total",
-    "relayd_mta_sts_results_total",
     "relayd_accept_duration_seconds",
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
