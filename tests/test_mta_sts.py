@@ -9,6 +9,7 @@ where the policy forbids, or refuses where it must deliver, if it is broken.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -159,6 +160,16 @@ async def test_enforce_defers_when_no_mx_matches_the_policy(
     assert "MTA-STS policy of valid.test (mode enforce) matches none" in entry["text"]
     assert mx_sinks.sinks["valid"].connections == 0
     assert _sts(relay, "enforce", mtasts.VALIDATION_FAILURE) == 1
+
+
+async def test_enforce_defers_an_mx_without_starttls(
+        tls_relay: TlsRelay, mx_sinks: MxSinks, dns: DnsServer,  # noqa: F811
+        policies: PolicyServer, tmp_path: Path) -> None:
+    """At level may the plaintext MX gets the mail; enforce requires TLS."""
+    publish(dns, policies, "plain.test", "enforce")
+    relay = await _relay(tls_relay, policies, tmp_path)
+    await _deferred(relay, mx_sinks, "plain", "does not offer STARTTLS")
+    assert _sts(relay, "enforce", mtasts.STARTTLS_NOT_SUPPORTED) == 1
 
 
 async def test_a_wildcard_pattern_matches_the_mx(tls_relay: TlsRelay,  # noqa: F811
@@ -355,3 +366,34 @@ def test_report_counts_survive_a_damaged_file(tmp_path: Path) -> None:
     again.load()
     assert again.counts("1970-01-01", "d.test") == (1, 0)
 
+
+
+async def test_a_day_missed_while_stopped_is_reported_at_start(tmp_path: Path) -> None:
+    """Counts of a day before today, loaded at start: ``run`` writes that day's report at
+    once, keeps today's counts, and flushes them when cancelled."""
+    now = [86400.0 * 100 + 3600]
+    report = TlsReport(str(tmp_path), "relay.test", "postmaster@relay.test",
+                       clock=lambda: now[0], flush_seconds=0.05)
+    report.record("d.test", "version: STSv1\nmode: enforce\nmx: mx.d.test\nmax_age: 1\n",
+                  mtasts.HOST_MISMATCH, "mx.d.test", "192.0.2.1")
+    report.flush()
+    yesterday = day_of(now[0])
+    now[0] += 86400
+    later = TlsReport(str(tmp_path), "relay.test", "postmaster@relay.test",
+                      clock=lambda: now[0], flush_seconds=0.05)
+    later.load()
+    task = asyncio.ensure_future(later.run())
+    path = tmp_path / yesterday / "d.test.json"
+
+    async def written() -> bool:
+        return path.exists()
+
+    await eventually(written)
+    later.record("d.test", "")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    got = json.loads(path.read_text())
+    assert got["policies"][0]["failure-details"][0]["result-type"] == "certificate-host-mismatch"
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert list(counts) == [day_of(now[0])]
+    assert counts[day_of(now[0])]["d.test"]["success"] == 1
