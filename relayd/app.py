@@ -275,8 +275,10 @@ class Relay:
         if mx is not None and cfg.delivery.mta_sts:
             self.deliverer.sts, report = _mta_sts(cfg, mx, self.observer.mta_sts,
                                                   self.log.warning)
-            if report is not None:
-                self._tasks.append(asyncio.get_running_loop().create_task(report()))
+            if report is not None:  # the TLSRPT files (stopped with the other tasks)
+                task = asyncio.get_running_loop().create_task(report())
+                self._tasks.append(task)
+                undo.callback(task.cancel)
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
 

@@ -81,7 +81,6 @@ class MtaSts:
         self.timeout = timeout
         self.report = report
         self.clock = clock
-        self.fetches = 0  # policy fetches tried (status, tests)
         self.on_result: Callable[[str, str], None] = _nothing
         self.log: Callable[..., None] = _nothing
         self._cache: dict[str, Cached] = {}
@@ -117,7 +116,6 @@ class MtaSts:
     async def _refresh(self, domain: str, txt_id: str, cached: Cached | None) -> Policy | None:
         """Fetch the policy; on failure the unexpired cached one (or None)."""
         host = f"mta-sts.{domain}"
-        self.fetches += 1
         try:
             addresses = await self.resolver.addresses(host)
             text = await fetch(host, addresses[0], self.port, self.ca_file, self.timeout)
