@@ -85,7 +85,12 @@ class Hop:
 
     @property
     def name(self) -> str:
-        """The hop as shown in logs and the delivery log."""
+        """The hop as shown in logs, the delivery log and DSNs: ``mx.example[IP]:PORT`` when
+        a name is known (as Postfix's ``relay=``), else ``IP:PORT`` (``[IPv6]:PORT``)."""
+        if self.mx and self.mx != self.host:
+            return f"{self.mx}[{self.host}]:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
 

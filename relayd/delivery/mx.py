@@ -54,6 +54,13 @@ failures are not cached. The cache is a bounded LRU (``cache_size`` entries);
 its clock is injected (monotonic seconds). Concurrent misses for one name are
 not coalesced: each queries.
 
+Failures seen: ``on_dns_failure`` (None, or a callable the app wires to the
+metrics) gets the kind of every DNS failure (relayd.delivery.routing
+``DNS_FAILURE_KINDS``): each lookup that failed temporarily (``servfail``,
+``timeout``, ``error``; not cached, so every try counts), and each ``resolve``
+that ends without a route for a DNS reason (``nxdomain``, ``no_address``,
+``null_mx``, ``invalid``; a cached answer counts again, once per attempt).
+
 Cost: ``resolve`` does network I/O on a miss (A and AAAA lookups of all MX
 hosts run concurrently, bounded by ``timeout`` each); a full cache hit does
 none. Never blocks the loop.
@@ -88,6 +95,7 @@ import dns.resolver
 
 from relayd.config import DeliveryConfig, parse_hostport
 from relayd.delivery.routing import (
+    DNS_FAILURE_KINDS,
     NULL_MX_MESSAGE,
     NotFoundRouteError,
     NullMxRouteError,
@@ -195,6 +203,12 @@ class MxResolver:
         self._max_mx_hosts = max_mx_hosts
         self._max_addresses = max_addresses
         self._destinations = destinations if destinations is not None else DestinationPolicy()
+        self.on_dns_failure: Callable[[str], None] | None = None  # (kind): metrics
+
+    def _failed(self, kind: str) -> None:
+        assert kind in DNS_FAILURE_KINDS
+        if self.on_dns_failure is not None:
+            self.on_dns_failure(kind)
 
     @classmethod
     def from_config(cls, cfg: DeliveryConfig) -> MxResolver:
@@ -234,8 +248,10 @@ class MxResolver:
         try:
             name = dns.name.from_text(domain.rstrip(".") + ".")
         except (dns.exception.DNSException, UnicodeError, ValueError):
+            self._failed("invalid")
             raise PermanentRouteError("invalid domain name") from None
         if name == dns.name.root:
+            self._failed("invalid")
             raise PermanentRouteError("invalid domain name")
 
         try:
@@ -243,11 +259,13 @@ class MxResolver:
         except _Temporary as exc:
             raise TemporaryRouteError(f"MX lookup failed: {exc}") from None
         if answer.nxdomain:
+            self._failed("nxdomain")
             raise NotFoundRouteError("domain not found (NXDOMAIN)")
 
         if answer.mx:
             exchanges = [(pref, host) for pref, host in answer.mx if host != "."]
             if not exchanges:
+                self._failed("null_mx")
                 raise NullMxRouteError()
             hosts = self._order(exchanges)[: self._max_mx_hosts]
         else:
@@ -308,6 +326,7 @@ class MxResolver:
             raise RefusedRouteError(
                 f"no usable address for {domain}: every address of its mail hosts is one "
                 f"relayd does not deliver to: {_refused_text(refused)}")
+        self._failed("no_address")
         if implicit:
             raise NotFoundRouteError("no MX and no address records for domain")
         raise NotFoundRouteError("no address records for any MX host")
@@ -339,14 +358,17 @@ class MxResolver:
             self._store(key, answer, ttl)
             return answer
         except dns.resolver.NoNameservers:
+            self._failed("servfail")
             raise _Temporary("no name server answered (SERVFAIL or refused)") from None
         except dns.exception.Timeout:
+            self._failed("timeout")
             raise _Temporary("timed out") from None
         except dns.resolver.YXDOMAIN:
             answer = _Answer(nxdomain=True)
             self._store(key, answer, self._max_negative_ttl)
             return answer
         except dns.exception.DNSException as exc:
+            self._failed("error")
             raise _Temporary(type(exc).__name__) from None
 
         ttl = float(result.chaining_result.minimum_ttl)
