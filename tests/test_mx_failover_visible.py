@@ -156,6 +156,12 @@ async def test_a_configured_destination_is_its_own_label(
     assert counter(relay, "destination_tls", "failing", "plaintext") == 1
     [line] = log.of("mx_hop_failed")
     assert line["reason"] == "refused"
+    # the destination label is bounded: the table's name or "other", never a domain
+    families = ("relayd_destination_attempts", "relayd_destination_tls",
+                "relayd_mx_hop_failures")
+    seen = {s.labels["destination"] for fam in relay.relay.registry.collect()
+            if fam.name in families for s in fam.samples}
+    assert seen == {"failing", "other"}, seen
 
 
 async def test_dns_failures_of_the_relay_are_counted_by_kind(

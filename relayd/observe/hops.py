@@ -24,7 +24,7 @@ every failure.
 Metrics (relayd.observe.metrics): ``relayd_mx_hop_failures_total`` (destination,
 reason), ``relayd_destination_attempts_total`` (destination, outcome),
 ``relayd_destination_tls_total`` (destination, outcome), ``relayd_dns_failures_total``
-(kind). A destination label is bounded: a shaping table entry's name or ``other``.
+(reason). A destination label is bounded: a shaping table entry's name or ``other``.
 
 Cost: MX-mode attempts only (never the smarthost fast way): a dict lookup and an
 increment per recipient result, one budget decision per failed hop.

@@ -22,7 +22,11 @@ to every scrape forever. Per-account numbers (total sent, last connection,
 queued mail) come from the control API and the delivery log instead. Every label
 here takes its values from a fixed tuple in this module or in
 :data:`relayd.smtp.replies.REJECTION_REASONS`, and every value is created at start-up
-at zero, so a dashboard or ``rate()`` sees a series before its first event.
+at zero, so a dashboard or ``rate()`` sees a series before its first event. The one
+exception, ``destination`` (MX mode), is bounded by the configuration: a
+``[[delivery.shaping.destination]]`` name or ``other`` (relayd.queue.shaped
+``Shaping.label``), never a recipient domain outside the table; ``other`` is created
+at start-up.
 
 Process and runtime. The same registry holds prometheus_client's process
 collector (``process_open_fds`` against ``process_max_fds``, which is the soft
@@ -386,15 +390,17 @@ class Metrics:
             " reason (relayd.delivery.hopfailures).",
             ["destination", "reason"], namespace=ns, registry=r)
         self.dns_failures_total = Counter(
-            "dns_failures", "MX-mode DNS failures by kind: lookups that failed (servfail,"
+            "dns_failures", "MX-mode DNS failures by reason: lookups that failed (servfail,"
             " timeout, error) and domains left without a route (nxdomain, no_address,"
-            " null_mx, invalid).", ["kind"], namespace=ns, registry=r)
+            " null_mx, invalid).", ["reason"], namespace=ns, registry=r)
         self.dns_failures: dict[str, Counter] = {
-            kind: self.dns_failures_total.labels(kind=kind) for kind in DNS_FAILURE_KINDS}
+            kind: self.dns_failures_total.labels(reason=kind) for kind in DNS_FAILURE_KINDS}
         for outcome in DESTINATION_OUTCOMES:
             self.destination_attempts_total.labels(destination="other", outcome=outcome)
         for reason in HOP_FAILURE_KINDS:
             self.mx_hop_failures_total.labels(destination="other", reason=reason)
+        for tls in TLS_OUTCOMES:
+            self.destination_tls_total.labels(destination="other", outcome=tls)
 
     def by_destination(self, family: str, destination: str, value: str) -> Counter:
         """The child of a per-destination family (``mx_hop_failures`` by reason,
