@@ -67,15 +67,19 @@ async def relay_at(tmp_path: Path, sink: Sink, dns: DnsServer
 
 
 async def primary(kind: str, port: int) -> asyncio.Server | None:
-    """The primary MX on 127.0.0.2: nothing (refused), a 421 greeting, or silence."""
+    """The primary MX on 127.0.0.2: nothing (refused), a 421 or 554 greeting, a close
+    before the greeting (lost), or silence (timeout)."""
     if kind == "refused":
         return None
+    greeting = {"greeting_4xx": b"421 4.3.2 mx1 busy, try later\r\n",
+                "greeting_5xx": b"554 5.7.1 mx1 says no\r\n"}.get(kind)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if kind == "greeting_4xx":
-            writer.write(b"421 4.3.2 mx1 busy, try later\r\n")
+        if greeting is not None:
+            writer.write(greeting)
             await writer.drain()
-        await reader.read()  # until the relay closes
+        if kind != "lost":
+            await reader.read()  # until the relay closes
         writer.close()
 
     return await asyncio.start_server(serve, "127.0.0.2", port)
@@ -110,7 +114,8 @@ def counter(relay: RelayHandle, family: str, dest: str, value: str) -> float:
     return got
 
 
-@pytest.mark.parametrize("kind", ["refused", "greeting_4xx", "timeout"])
+@pytest.mark.parametrize("kind", ["refused", "greeting_4xx", "greeting_5xx", "lost",
+                                  "timeout"])
 async def test_a_failed_primary_is_logged_and_counted_when_the_secondary_takes_the_mail(
         relay_at: Callable[..., Any], sink: Sink, kind: str) -> None:
     server = await primary(kind, sink.port)
