@@ -277,7 +277,7 @@ class Relay:
             self.shaping.on_event = self.observer.shaped
             self.shaping.log = self.log.warning
             self.scheduler.dispatcher.shaping = self.shaping
-            self.scheduler.dispatcher.watch = self.hops
+            self.shaping.watch = self.hops
         store = await self._open_cluster(undo)
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, delivery_log=self.dlog, log=self.log.info,

@@ -5,8 +5,8 @@ one group's attempt (``send_group``: route it unless it came routed, then its
 next hops in order, a recipient without an answer going on to the next one) and
 running several groups at once (``send_groups``). A group routed by MX goes
 through per-destination shaping when it is on (relayd.queue.shaped: wait, defer,
-back off), and what it saw is reported to a ``Watch`` (MX hops that failed,
-the results by destination: relayd.observe.hops). Recipients whose next hop is
+back off), and what it saw is reported to the shaper's ``Watch`` (MX hops that
+failed, the results by destination: relayd.observe.hops). Recipients whose next hop is
 known without a lookup (static route, smarthost) are grouped by hop, one
 transaction per hop; every domain that needs an MX lookup is a group of its own
 (as Postfix delivers per next-hop domain), so a slow lookup or a slow MX for
@@ -82,8 +82,21 @@ def destination_groups(msg: QMsg, skip: set[int],
     return list(by_key.values())
 
 
+class Watch(Protocol):
+    """What a group routed by MX reports (relayd.observe.hops ``HopWatch``); ``dest``
+    is its destination's metrics label (``Shaper.label``: bounded)."""
+
+    def hop_failed(self, msg_id: int, domain: str, dest: str, hop: Hop, text: str,
+                   rcpts: int) -> None: ...
+
+    def attempted(self, dest: str, results: list[AttemptResult]) -> None: ...
+
+
 class Shaper(Protocol):
-    """Per-destination shaping (relayd.queue.shaped ``Shaping``), as a group uses it."""
+    """Per-destination shaping (relayd.queue.shaped ``Shaping``), as a group uses it;
+    its ``watch`` (None: nothing reported) is told what its groups saw."""
+
+    watch: Watch | None
 
     def destination(self, domain: str, hops: list[Hop]) -> str: ...
 
@@ -95,24 +108,14 @@ class Shaper(Protocol):
                    ) -> list[AttemptResult]: ...
 
 
-class Watch(Protocol):
-    """What a group routed by MX reports (relayd.observe.hops ``HopWatch``); ``dest``
-    is its destination's metrics label (``Shaper.label``: bounded)."""
-
-    def hop_failed(self, msg_id: int, domain: str, dest: str, hop: Hop, text: str,
-                   rcpts: int) -> None: ...
-
-    def attempted(self, dest: str, results: list[AttemptResult]) -> None: ...
-
-
 async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, group: Group,
                      clock: Callable[[], float], result: Result,
-                     shaping: Shaper | None = None,
-                     watch: Watch | None = None) -> list[AttemptResult]:
+                     shaping: Shaper | None = None) -> list[AttemptResult]:
     """Route the group (unless it came routed: never shaped), then send it along its
     chain of hops, within its destination's shape when the route was looked up (the
-    ``watch``, if any, told of its failed hops and its results)."""
+    shaper's ``watch``, if any, told of its failed hops and its results)."""
     chain = group.chain
+    watch = shaping.watch if shaping is not None else None
     if chain is not None:
         return await send_chain(sender, msg, data, chain, group.idxs, clock, result)
     try:

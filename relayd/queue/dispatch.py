@@ -56,7 +56,7 @@ from relayd.delivery.client import BodyFile, Hop, RcptReply
 from relayd.directory.accounts import Directory
 from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
-from relayd.queue.destinations import Watch, destination_groups, send_group, send_groups
+from relayd.queue.destinations import destination_groups, send_group, send_groups
 from relayd.queue.sendqueue import QMsg, SendQueue
 from relayd.queue.shaped import Shaping
 from relayd.store.spool import AttemptResult, Spool
@@ -187,7 +187,6 @@ class Dispatcher:
         self.on_lost, self.on_recorded = on_lost, on_recorded
         self.on_room: Callable[[], None] | None = None  # set by whoever waits in may_start
         self.shaping: Shaping | None = None  # MX mode: per-destination shaping (app sets it)
-        self.watch: Watch | None = None  # MX mode: failed hops, results by destination
         self.ledger = Ledger()
         self.record_limit = max(64, workers * RECORDS_PER_WORKER)
         self.load_budget = load_budget
@@ -357,7 +356,7 @@ class Dispatcher:
         groups = destination_groups(msg, done, getattr(self.sender, "route_now", None))
         send = functools.partial(send_group, self.sender, msg, data, clock=self.clock,
                                  result=functools.partial(self._result, msg),
-                                 shaping=self.shaping, watch=self.watch)
+                                 shaping=self.shaping)
         if len(groups) == 1:
             results.extend(await send(groups[0]))
         elif groups:
