@@ -250,8 +250,10 @@ class MxResolver:
         PROBE_TIMEOUT_SECONDS. Returns "" when on, else why DANE stays off."""
         if not self._configured:
             return "no validating resolver configured ([delivery] dns_nameservers is empty)"
-        self._resolver.use_edns(0, dns.flags.DO, 1232)
         resolver = self._resolver
+        before = (resolver.edns, resolver.ednsflags, resolver.payload)
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        reason = "the resolver does not validate DNSSEC (no AD bit on the probe's answer)"
         try:
             result = await resolver.resolve(
                 dns.name.root, _DNSKEY, raise_on_no_answer=False,
@@ -260,9 +262,11 @@ class MxResolver:
         except dns.resolver.NXDOMAIN as exc:
             flags = exc.response(dns.name.root).flags
         except dns.exception.DNSException as exc:
-            return f"the resolver did not answer the DNSSEC probe ({type(exc).__name__})"
+            flags = 0
+            reason = f"the resolver did not answer the DNSSEC probe ({type(exc).__name__})"
         if not flags & dns.flags.AD:
-            return "the resolver does not validate DNSSEC (no AD bit on the probe's answer)"
+            resolver.use_edns(*before)  # queries as without DANE
+            return reason
         self.dane = True
         return ""
 
