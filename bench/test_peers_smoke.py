@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 
 from bench import haraka as hk
-from bench import opendkim
+from bench import opendkim, procstat
 from bench import postfix as pf
-from bench import procstat
 from bench.run import Result, Scenario, measure, note_round_ratios, pick_median, versus
 from bench.sink import Sink
 from bench.systems import REPO, HarakaRelay, HarakaRelay2, PostfixDkim, System, make_base

@@ -18,7 +18,7 @@ fi
 major=$(node -p 'process.versions.node.split(".")[0]')
 if [ "$major" -lt 20 ]; then
     echo "install-haraka: Haraka 3.3 needs Node.js >= 20; this is $(node --version)" \
-         "(Debian bookworm ships 18: take nodejs 20 from bookworm-backports or NodeSource)" >&2
+         "(Debian bookworm ships 18; Debian trixie and NodeSource ship 20 or later)" >&2
     exit 1
 fi
 mkdir -p "$DIR"
