@@ -129,6 +129,8 @@ class Cli:
         lines.append(f"  in flight: {st.in_flight}; sessions: {st.sessions}")
         lines.append(f"  domains: {st.domains}; accounts: {st.accounts}")
         lines.append(f"  spool: {st.spool_bytes} bytes; free disk: {st.free_disk_bytes} bytes")
+        lines += [f"  backed off: {b.destination} for {b.seconds_left:.0f}s"
+                  f" (level {b.level}): {b.reply}" for b in st.backoffs]
         self.out(st, "\n".join(lines))
 
     # -- domains --------------------------------------------------------------------

@@ -77,6 +77,16 @@ class Listener(_S):
     address: str
 
 
+class DestinationBackoff(_S):
+    """A destination per-destination shaping backed off after a throttling reply."""
+
+    destination: str
+    seconds_left: float
+    level: int  # throttling replies in a row
+    throttled: int  # throttling replies since the start
+    reply: str  # the last one
+
+
 class Status(_S):
     """What ``relayctl status`` shows."""
 
@@ -90,6 +100,8 @@ class Status(_S):
     domains: int
     accounts: int
     sessions: int
+    backoffs: list[DestinationBackoff] = []  # MX mode: destinations backed off now
+
 
 
 class DomainAdd(_S):

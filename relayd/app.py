@@ -70,6 +70,7 @@ from relayd.queue.bounces import Bounces
 from relayd.queue.quota import QuotaLedger
 from relayd.queue.ratelimit import limits_from
 from relayd.queue.scheduler import Scheduler
+from relayd.queue.shaped import Shaping
 from relayd.smtp import policy
 from relayd.smtp.server import RelaySMTP, SmtpContext
 from relayd.store.datadir import prepare_data_dir
@@ -155,6 +156,7 @@ class Relay:
         self._notify = os.environ.get("NOTIFY_SOCKET")
         self._reload_error: str | None = None  # the last reload's failure, until one works
         self.cluster: ClusterNode | None = None  # cluster mode: this node's membership
+        self.shaping: Shaping | None = None  # MX mode: per-destination shaping
         self.quota_leaser: QuotaLeaser | None = None  # cluster mode: sending-limit leases
 
     def free_disk(self) -> int:
@@ -262,6 +264,11 @@ class Relay:
             on_failed=self.bounces if d.bounces else None,
             reconcile_seconds=cfg.spool.reconcile_seconds,
         )
+        if d.mode == "mx":
+            self.shaping = Shaping(d.shaping, time.time, d.connections_per_host)
+            self.shaping.on_event = self.observer.shaped
+            self.shaping.log = self.log.warning
+            self.scheduler.dispatcher.shaping = self.shaping
         store = await self._open_cluster(undo)
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, delivery_log=self.dlog, log=self.log.info,
@@ -434,7 +441,18 @@ class Relay:
             in_flight=self.metrics.in_flight(),
             spool_bytes=size, free_disk_bytes=self.free_disk(),
             domains=len(self.directory.domains_by_name),
-            accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions))
+            accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions),
+            backoffs=self._backoffs())
+
+    def _backoffs(self) -> list[schemas.DestinationBackoff]:
+        """The destinations shaping has backed off now (MX mode)."""
+        if self.shaping is None:
+            return []
+        now = time.time()
+        return [schemas.DestinationBackoff(
+            destination=st.name, seconds_left=round(max(0.0, st.backoff_until - now), 1),
+            level=st.backoff_level, throttled=st.throttled, reply=st.reason)
+            for st in self.shaping.backoffs()]
 
     async def refresh_gauges(self, max_age: float = 1.0) -> None:
         """Set the queue and spool gauges from the current counts.
@@ -454,6 +472,9 @@ class Relay:
                     gauge.set(n)
             self.metrics.spool_free_bytes.set(st.free_disk_bytes)
             self.metrics.spool_size_bytes.set(st.spool_bytes)
+            if self.shaping is not None:
+                self.metrics.set_backoffs([self.shaping.label(b.destination)
+                                           for b in st.backoffs])
             if self.cluster is not None:
                 m, node = self.metrics, self.cluster
                 m.cluster_fenced.set(1 if node.fenced else 0)
@@ -559,6 +580,8 @@ class Relay:
         self.cfg = new
         self.lifecycle.reconfigure(new)
         self.scheduler.reconfigure(new, retry, self.bounces)
+        if self.shaping is not None:
+            self.shaping.configure(new.delivery.shaping)
         self.deliverer.reconfigure(new.delivery, router)
         self.ctx.reconfigure(new, plaintext, tls)
         self._tls = tls
@@ -693,6 +716,7 @@ RELOADABLE: frozenset[str] = frozenset({
     "delivery.command_timeout_seconds", "delivery.idle_connection_seconds",
     "delivery.messages_per_connection", "delivery.tls_verify", "delivery.bounces",
     "delivery.tls_level", "delivery.tls_policy", "delivery.tls_ca_file",
+    "delivery.shaping",
     "spool.last_connection_flush_seconds", "spool.delivery_log_retention_days",
     "spool.delivery_log_max_bytes",
 })

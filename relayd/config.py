@@ -175,6 +175,39 @@ class CredentialsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     hash_threads: PositiveInt = 2
 
 
+class ShapingDestination(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One row of the shaping table: a destination and its limits (None: the default row's)."""
+
+    name: str
+    domains: tuple[str, ...] = ()
+    mx_suffixes: tuple[str, ...] = ()
+    connections: NonNegativeInt | None = None
+    messages_per_connection: NonNegativeInt | None = None
+    messages_per_second: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    messages_per_minute: NonNegativeInt | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not (self.domains or self.mx_suffixes):
+            raise ValueError("shaping.destination: a name and domains or mx_suffixes are needed")
+
+
+class ShapingConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Per-destination shaping in MX mode: the default row, the table, the back-off."""
+
+    connections: NonNegativeInt = 0
+    messages_per_connection: NonNegativeInt = 0
+    messages_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    messages_per_minute: NonNegativeInt = 0
+    backoff_initial_seconds: Seconds = 60.0
+    backoff_max_seconds: Seconds = 3600.0
+    destination: tuple[ShapingDestination, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.destination]
+        if len(set(names)) != len(names):
+            raise ValueError("shaping.destination: names must be unique")
+
+
 class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Where and how accepted mail goes next."""
 
@@ -213,6 +246,7 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     mx_allow_private: bool = False
     mx_allowed_networks: tuple[str, ...] = ()
     routes: dict[str, str] = msgspec.field(default_factory=dict)
+    shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
 
     def __post_init__(self) -> None:
         _check_hostport("smarthost", self.smarthost, 25)

@@ -4,7 +4,9 @@ Owns: answering DNS queries over UDP and TCP on 127.0.0.1 (one ephemeral port
 for both) from a zone the test provides as a dict, counting every query, and
 misbehaving on request: SERVFAIL for chosen names, silence (no reply at all,
 so the client times out) for others, and truncated UDP replies (TC bit) to
-force a retry over TCP.
+force a retry over TCP. As a validating resolver would: with ``secure`` set,
+answers carry the AD bit (DNSSEC validated), except for names in ``insecure``
+(DANE's tests need both).
 
 Zone format: ``{"example.test": {"MX": ["10 mx1.example.test."], "A":
 ["192.0.2.1"]}}``; names may be written with or without the final dot and are
@@ -16,7 +18,8 @@ is followed once within the zone.
 
 Untrusted input: the query wire (malformed queries are ignored).
 Settings: ``ttl`` (positive answers), ``negative_ttl``; the sets ``servfail``,
-``silent`` and ``truncate`` of names; all may change while running.
+``silent``, ``truncate`` and ``insecure`` of names, the flag ``secure``; all may
+change while running.
 See also: tests/test_mx.py (the fixture that starts and stops it),
 relayd.delivery.mx (the client under test).
 """
@@ -54,6 +57,8 @@ class DnsServer:
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
         self.truncate: set[str] = set()
+        self.secure = False  # set the AD bit on answers (but for ``insecure`` names)
+        self.insecure: set[str] = set()
         self.queries: list[tuple[str, str, str]] = []  # (name, type, "udp" | "tcp")
         self.host = "127.0.0.1"
         self.port = 0
@@ -123,6 +128,8 @@ class DnsServer:
 
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        if self.secure and qname not in {_key(n) for n in self.insecure}:
+            response.flags |= dns.flags.AD
         if qname in {_key(n) for n in self.servfail}:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()

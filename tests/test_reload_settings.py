@@ -62,6 +62,7 @@ NOT_OBSERVED = {
     "delivery.smarthost_password": "needs an AUTH-capable sink",
     "delivery.retry_max_seconds": "same BackoffPolicy as retry_first_seconds",
     "delivery.retry_jitter": "same BackoffPolicy as retry_first_seconds",
+    "delivery.shaping": "tests/test_shaping.py (test_reload_applies_shaping: MX mode)",
     "smtp.min_data_rate_bytes_per_second": "[smtp] min_data_rate_grace_seconds (30 s) "
                                            "needs a restart",
     "smtp.tls_cert_file": "tests/test_signals.py (renewed certificate)",

@@ -95,7 +95,8 @@ class DeliverSide(_Child):
 
     async def _run(self, job: Job, data: bytes) -> None:
         assert self.pools is not None
-        hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.mx)
+        hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.mx,
+                  job.per_connection)
         at_rcpt: list[int] = []
         tls = ""
         try:

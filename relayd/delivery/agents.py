@@ -301,10 +301,12 @@ class AgentPool:
         agent.pending[job_id] = (done, len(rcpts))
         if isinstance(data, bytes):
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                          sender, list(rcpts), len(data), mx=hop.mx), data)
+                          sender, list(rcpts), len(data), mx=hop.mx,
+                          per_connection=hop.messages_per_connection), data)
         else:  # a BodyFile: the child reads it
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
-                          sender, list(rcpts), data.size, data.path, hop.mx))
+                          sender, list(rcpts), data.size, data.path, hop.mx,
+                          hop.messages_per_connection))
         return job_id
 
     def sign(self, signers: Sequence[Signer], data: bytes,

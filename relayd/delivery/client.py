@@ -81,6 +81,7 @@ class Hop:
     username: str = ""
     password: str = field(default="", repr=False)
     mx: str = ""  # MX hops: the MX host name (SNI, certificate name)
+    messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
 
     @property
     def name(self) -> str:
@@ -226,7 +227,10 @@ class Pool:
                     reply.tls = conn.tls
             conn.sent += 1
             conn.last_used = time.monotonic()
-            if clean and conn.sent < self.cfg.messages_per_connection:
+            cap = self.cfg.messages_per_connection
+            if self.hop.messages_per_connection:
+                cap = min(cap, self.hop.messages_per_connection)
+            if clean and conn.sent < cap:
                 self._park(conn)
             else:
                 await conn.client.quit()

@@ -222,6 +222,11 @@ class Observer:
         """A transmission started (+1) or ended (-1)."""
         self.m.messages_in_flight.inc(delta)
 
+    def shaped(self, destination: str, kind: str) -> None:
+        """Per-destination shaping held an attempt (``waited``, ``deferred``,
+        ``backed_off``) or backed a destination off (``throttled``)."""
+        self.m.destination_shaped_total.labels(destination=destination, kind=kind).inc()
+
     def reconciled(self, count: int) -> None:
         """The reconciliation found ``count`` messages the scheduler had lost track of."""
         self.m.queue_reconciled_total.inc(count)

@@ -305,6 +305,18 @@ class Metrics:
             buckets=DELIVERY_BUCKETS,
         )
 
+        # --- per-destination shaping (relayd.queue.shaped; MX mode) ------------------
+        self._backoff_labels: set[str] = set()
+        self.destination_backoff = Gauge(
+            "destination_backoff", "Destinations backed off now after a throttling reply"
+            " (a table entry's name; other: destinations of the default row).",
+            ["destination"], namespace=ns, registry=r)
+        self.destination_shaped_total = Counter(
+            "destination_shaped", "Attempts per-destination shaping held (waited: for a"
+            " limit; deferred: beyond it; backed_off: during a back-off) and throttling"
+            " replies that backed a destination off (throttled).",
+            ["destination", "kind"], namespace=ns, registry=r)
+
         # --- cluster mode (relayd.cluster.node; 0 on a single node) ------------------
         self.cluster_fenced = Gauge(
             "cluster_fenced", "1 while this node is fenced: cut off from the cluster database"
@@ -343,6 +355,16 @@ class Metrics:
             namespace=ns, registry=r,
         )
         self.build_info.labels(version=version or _package_version()).set(1)
+
+    def set_backoffs(self, labels: list[str]) -> None:
+        """The ``destination_backoff`` gauge from the destinations backed off now (a label
+        seen before and not backed off now reads 0)."""
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        for label in self._backoff_labels | counts.keys():
+            self.destination_backoff.labels(destination=label).set(counts.get(label, 0))
+        self._backoff_labels |= counts.keys()
 
     def in_flight(self) -> int:
         """Messages being delivered now: the ``relayd_messages_in_flight`` gauge's value.

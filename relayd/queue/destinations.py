@@ -3,7 +3,9 @@
 Owns: grouping a message's recipients by destination (``destination_groups``),
 one group's attempt (``send_group``: route it unless it came routed, then its
 next hops in order, a recipient without an answer going on to the next one) and
-running several groups at once (``send_groups``). Recipients whose next hop is
+running several groups at once (``send_groups``). A group routed by MX goes
+through per-destination shaping when it is on (relayd.queue.shaped: wait, defer,
+back off). Recipients whose next hop is
 known without a lookup (static route, smarthost) are grouped by hop, one
 transaction per hop; every domain that needs an MX lookup is a group of its own
 (as Postfix delivers per next-hop domain), so a slow lookup or a slow MX for
@@ -78,24 +80,51 @@ def destination_groups(msg: QMsg, skip: set[int],
     return list(by_key.values())
 
 
+class Shaper(Protocol):
+    """Per-destination shaping (relayd.queue.shaped ``Shaping``), as a group uses it."""
+
+    def destination(self, domain: str, hops: list[Hop]) -> str: ...
+
+    async def send(self, dest: str, chain: tuple[Hop, ...], idxs: list[int],
+                   run: Callable[[tuple[Hop, ...]], Awaitable[list[AttemptResult]]],
+                   result: Callable[[int, str, float], AttemptResult]
+                   ) -> list[AttemptResult]: ...
+
+
 async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, group: Group,
-                     clock: Callable[[], float], result: Result) -> list[AttemptResult]:
-    """Route the group (unless it came routed), then try its hops in order: a
-    recipient without an answer (connection trouble) goes to the next one."""
-    results: list[AttemptResult] = []
+                     clock: Callable[[], float], result: Result,
+                     shaping: Shaper | None = None) -> list[AttemptResult]:
+    """Route the group (unless it came routed: never shaped), then send it along its
+    chain of hops, within its destination's shape when the route was looked up."""
     chain = group.chain
-    if chain is None:
-        try:
-            chain = tuple(await sender.route(group.domain))
-        except RouteError as exc:
-            if exc.permanent:
-                code: int | None = exc.code
-                text = f"{exc.status} {exc}"
-            else:
-                code, text = None, str(exc)
-            now = clock()
-            return [result(i, "-", code, text, now, False, "") for i in group.idxs]
-    pending = group.idxs
+    if chain is not None:
+        return await send_chain(sender, msg, data, chain, group.idxs, clock, result)
+    try:
+        chain = tuple(await sender.route(group.domain))
+    except RouteError as exc:
+        if exc.permanent:
+            code: int | None = exc.code
+            text = f"{exc.status} {exc}"
+        else:
+            code, text = None, str(exc)
+        now = clock()
+        return [result(i, "-", code, text, now, False, "") for i in group.idxs]
+    if shaping is None:
+        return await send_chain(sender, msg, data, chain, group.idxs, clock, result)
+    dest = shaping.destination(group.domain, list(chain))
+    return await shaping.send(
+        dest, chain, group.idxs,
+        lambda c: send_chain(sender, msg, data, c, group.idxs, clock, result),
+        lambda i, text, now: result(i, "-", None, text, now, False, ""))
+
+
+async def send_chain(sender: Transmitter, msg: QMsg, data: bytes | BodyFile,
+                     chain: tuple[Hop, ...], idxs: list[int], clock: Callable[[], float],
+                     result: Result) -> list[AttemptResult]:
+    """Try the hops of a chain in order: a recipient without an answer (connection
+    trouble) goes to the next one."""
+    results: list[AttemptResult] = []
+    pending = idxs
     for n, h in enumerate(chain):
         rcpts = [msg.rcpts[i][0] for i in pending]
         replies = await sender.send(h, msg.sender, rcpts, data)

@@ -22,6 +22,10 @@ Suppression. A recipient on its domain's suppression list fails at dispatch, wit
 a connection (``suppressed``; the fast way leaves a message with any to a worker), and a
 permanent "no such address" reply to a recipient's RCPT puts it there (``learn``).
 
+Shaping (MX mode). A worker sends each group of recipients routed by MX through
+``shaping`` (relayd.queue.shaped): it may wait for the destination's limits, or defer
+the group without a connection while the destination is backed off.
+
 Room. No more transmissions at the sender than ``workers`` (a job handed over
 is a transmission in progress: SEMANTICS §4.1), and about ``record_limit``
 answered attempts waiting for the commit of their results: an attempt starts
@@ -54,6 +58,7 @@ from relayd.directory.suppression import failure_text, suppresses
 from relayd.queue import backoff
 from relayd.queue.destinations import destination_groups, send_group, send_groups
 from relayd.queue.sendqueue import QMsg, SendQueue
+from relayd.queue.shaped import Shaping
 from relayd.store.spool import AttemptResult, Spool
 
 RECORDS_PER_WORKER = 8  # results waiting for their commit, per delivery worker
@@ -179,9 +184,9 @@ class Dispatcher:
         self.rng = rng
         self.events = events
         self.on_failed = on_failed
-        self.on_lost = on_lost
-        self.on_recorded = on_recorded
+        self.on_lost, self.on_recorded = on_lost, on_recorded
         self.on_room: Callable[[], None] | None = None  # set by whoever waits in may_start
+        self.shaping: Shaping | None = None  # MX mode: per-destination shaping (app sets it)
         self.ledger = Ledger()
         self.record_limit = max(64, workers * RECORDS_PER_WORKER)
         self.load_budget = load_budget
@@ -349,14 +354,14 @@ class Dispatcher:
         results.extend(suppressed(self.directory, msg, self.clock()))
         done = {r.idx for r in results}
         groups = destination_groups(msg, done, getattr(self.sender, "route_now", None))
-        result = functools.partial(self._result, msg)
+        send = functools.partial(send_group, self.sender, msg, data, clock=self.clock,
+                                 result=functools.partial(self._result, msg),
+                                 shaping=self.shaping)
         if len(groups) == 1:
-            results.extend(await send_group(self.sender, msg, data, groups[0], self.clock,
-                                            result))
+            results.extend(await send(groups[0]))
         elif groups:
             results.extend(await send_groups(
-                groups, lambda g: send_group(self.sender, msg, data, g, self.clock, result),
-                lambda g, exc: self._internal_error(msg, exc, g.idxs),
+                groups, send, lambda g, exc: self._internal_error(msg, exc, g.idxs),
                 functools.partial(self._commit_part, msg)))
 
     def _commit_part(self, msg: QMsg, part: list[AttemptResult]) -> None:
