@@ -162,6 +162,7 @@ class Relay:
         self.cluster: ClusterNode | None = None  # cluster mode: this node's membership
         self.shaping: Shaping | None = None  # MX mode: per-destination shaping
         self.hops: HopWatch | None = None  # MX mode: failed hops, metrics by destination
+        self.dane = ""  # [delivery] dane on: "on" or "skipped: why" (relayctl status)
         self.quota_leaser: QuotaLeaser | None = None  # cluster mode: sending-limit leases
 
     def free_disk(self) -> int:
@@ -253,11 +254,26 @@ class Relay:
         if cfg.delivery.mode == "mx":
             self.hops = HopWatch(self.metrics, self.log)
             mx = _mx_resolver(cfg, self.hops.dns_failed)
+            if cfg.delivery.dane == "on":
+                await self._enable_dane(mx)
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
         self.deliverer = Deliverer(cfg.delivery, self.agents, mx=mx)
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
+
+    async def _enable_dane(self, mx: MxLookup) -> None:
+        """``[delivery] dane = "on"``: TLSA lookups if the resolver validates, else a warning
+        (DANE skipped; ``relayctl status`` says why)."""
+        from relayd.delivery.mx import MxResolver
+
+        assert isinstance(mx, MxResolver)
+        reason = await mx.enable_dane()
+        self.dane = "on" if not reason else f"skipped: {reason}"
+        if reason:
+            self.log.warning("dane_skipped", reason=reason)
+        else:
+            self.log.info("dane_enabled")
 
     async def _start_queue(self, undo: contextlib.AsyncExitStack) -> None:
         """The scheduler and the lifecycle operations; the directory and the queue loaded."""
@@ -451,7 +467,7 @@ class Relay:
             spool_bytes=size, free_disk_bytes=self.free_disk(),
             domains=len(self.directory.domains_by_name),
             accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions),
-            backoffs=self._backoffs())
+            backoffs=self._backoffs(), dane=self.dane)
 
     def _backoffs(self) -> list[schemas.DestinationBackoff]:
         """The destinations shaping has backed off now (MX mode)."""

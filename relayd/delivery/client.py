@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relayd.config import DeliveryConfig, parse_hostport
-from relayd.delivery import tlslevels
+from relayd.delivery import dane, tlslevels
 from relayd.delivery.connection import (
     Connection,
+    SMTPDaneFailed,
     SMTPException,
     SMTPServerDisconnected,
     SMTPStartTLSFailed,
@@ -82,6 +83,7 @@ class Hop:
     password: str = field(default="", repr=False)
     mx: str = ""  # MX hops: the MX host name (SNI, certificate name)
     messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
+    tlsa: tuple[dane.Tlsa, ...] = ()  # MX hops: secure TLSA records to check (DANE)
 
     @property
     def name(self) -> str:
@@ -180,7 +182,8 @@ class Pool:
         self.connections_opened += 1
         if not tlslevels.is_level(hop.tls):
             return _Conn(client)
-        return _Conn(client, tlslevels.outcome(client.encrypted, client.verified, False))
+        return _Conn(client, tlslevels.outcome(client.encrypted, client.verified, False,
+                                               client.dane))
 
     async def _connect(self, tls: str) -> Connection:
         hop = self.hop
@@ -192,7 +195,7 @@ class Pool:
             context=self.tls_context, username=hop.username, password=hop.password,
             connect_timeout=self.cfg.connect_timeout_seconds,
             reply_timeout=self.cfg.command_timeout_seconds,
-            server_name=hop.mx, ca_file=self.cfg.tls_ca_file)
+            server_name=hop.mx, ca_file=self.cfg.tls_ca_file, tlsa=hop.tlsa)
 
     def _take_idle(self) -> _Conn | None:
         now = time.monotonic()
@@ -226,6 +229,8 @@ class Pool:
                     conn.client.close()
                 text = _clean(f"{type(exc).__name__}: {exc}") or type(exc).__name__
                 tls = "refused" if isinstance(exc, SMTPTLSRequired) else ""
+                if isinstance(exc, SMTPDaneFailed):
+                    tls = "dane_failed"
                 return [RcptReply(None, text, tls=tls) for _ in rcpts]
             if conn.tls:
                 for reply in replies:
@@ -405,8 +410,8 @@ class MxLookup(Protocol):
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         """(host, port) pairs to try, best first."""
 
-    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
-        """(address, port, MX host name) to try, best first."""
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str, tuple[dane.Tlsa, ...]]]:
+        """(address, port, MX host name, its secure TLSA records) to try, best first."""
 
 
 class Router:
@@ -549,7 +554,11 @@ class Deliverer:
             return hops
         assert self.mx is not None
         level = tlslevels.level_for(domain, self.cfg.tls_level, self.cfg.tls_policy)
-        return [Hop(h, p, level, mx=name) for h, p, name in await self.mx.named_hops(domain)]
+        hops = []
+        for h, p, name, tlsa in await self.mx.named_hops(domain):
+            hop_level, checked = dane.policy(level, tlsa)  # DANE: secure TLSA records
+            hops.append(Hop(h, p, hop_level, mx=name, tlsa=checked))
+        return hops
 
     def route_now(self, domain: str) -> list[Hop] | None:
         """The route when it needs no lookup (static route or smarthost), else None."""

@@ -47,6 +47,16 @@ the zone points at a place mail must not go, and retrying for days would not
 change it. When, besides, a host's lookup failed temporarily, the error is
 temporary (that host may yet have a usable address).
 
+DANE (``[delivery] dane = "on"``, relayd.app calls ``enable_dane`` at start-up):
+only with resolvers named in ``dns_nameservers`` that answer a probe with the
+AD bit; queries then carry the DO bit (EDNS0). When the MX answer (or, for an
+implicit MX, the domain's no-MX answer) and all of a host's address answers
+were validated (AD), the host's TLSA RRset ``_PORT._tcp.HOST`` is looked up
+(PORT: ``smtp_port``) and, when validated, its records ride on the host's
+hops (``NextHop.tlsa``; relayd.delivery.dane judges them). A TLSA lookup that
+fails temporarily drops that host's hops (RFC 7672 §2.1.1: never without the
+records); none left: ``TemporaryRouteError``. Insecure answers: no TLSA.
+
 Cache: answers (positive and negative, per name and type) are kept for their
 TTL (the smallest TTL of the answer and its CNAME chain; for negative answers
 the SOA minimum), capped by ``max_ttl`` / ``max_negative_ttl``. Temporary
@@ -85,10 +95,11 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -113,6 +124,10 @@ __all__ = ["NULL_MX_MESSAGE", "MxResolver", "NextHop", "NotFoundRouteError", "Nu
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
+_TLSA = dns.rdatatype.TLSA
+_DNSKEY = dns.rdatatype.DNSKEY
+#: At most this long for the start-up probe of the validating resolver (DANE).
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -122,15 +137,19 @@ class NextHop:
     host: str
     port: int
     mx: str = ""
+    tlsa: tuple[tuple[int, int, int, bytes], ...] = ()  # secure TLSA records (DANE)
 
 
 @dataclass(frozen=True)
 class _Answer:
-    """A cached lookup result: MX pairs or addresses, or NXDOMAIN."""
+    """A cached lookup result: MX pairs, addresses or TLSA records, or NXDOMAIN; ``secure``:
+    the validating resolver set the AD bit (DANE on only)."""
 
     mx: tuple[tuple[int, str], ...] = ()
     addresses: tuple[str, ...] = ()
     nxdomain: bool = False
+    secure: bool = False
+    tlsa: tuple[tuple[int, int, int, bytes], ...] = ()
 
 
 class _Temporary(Exception):
@@ -203,6 +222,8 @@ class MxResolver:
         self._max_mx_hosts = max_mx_hosts
         self._max_addresses = max_addresses
         self._destinations = destinations if destinations is not None else DestinationPolicy()
+        self._configured = nameservers is not None  # resolvers named in [delivery]
+        self.dane = False  # TLSA lookups (enable_dane: a validating resolver answered)
         self.on_dns_failure: Callable[[str], None] | None = None  # (kind): metrics
 
     def _failed(self, kind: str) -> None:
@@ -231,9 +252,37 @@ class MxResolver:
         ``MxLookup``); raises a RouteError when there are none."""
         return [(h.host, h.port) for h in await self.resolve(domain)]
 
-    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
-        """``hops`` with each address's MX host name (for TLS: SNI and verification)."""
-        return [(h.host, h.port, h.mx or h.host) for h in await self.resolve(domain)]
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str,
+                                                          tuple[tuple[int, int, int, bytes], ...]]]:
+        """``hops`` with each address's MX host name (for TLS: SNI and verification) and
+        its secure TLSA records (DANE; empty when none, or DANE is off)."""
+        return [(h.host, h.port, h.mx or h.host, h.tlsa) for h in await self.resolve(domain)]
+
+    async def enable_dane(self) -> str:
+        """Turn TLSA lookups on if the configured resolver validates DNSSEC: one query
+        (the root's DNSKEY, the DO bit set) must come back with the AD bit within
+        PROBE_TIMEOUT_SECONDS. Returns "" when on, else why DANE stays off."""
+        if not self._configured:
+            return "no validating resolver configured ([delivery] dns_nameservers is empty)"
+        resolver = self._resolver
+        before = (resolver.edns, resolver.ednsflags, resolver.payload)
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        reason = "the resolver does not validate DNSSEC (no AD bit on the probe's answer)"
+        try:
+            result = await resolver.resolve(
+                dns.name.root, _DNSKEY, raise_on_no_answer=False,
+                lifetime=min(resolver.lifetime, PROBE_TIMEOUT_SECONDS))
+            flags = result.response.flags
+        except dns.resolver.NXDOMAIN as exc:
+            flags = exc.response(dns.name.root).flags
+        except dns.exception.DNSException as exc:
+            flags = 0
+            reason = f"the resolver did not answer the DNSSEC probe ({type(exc).__name__})"
+        if not flags & dns.flags.AD:
+            resolver.use_edns(*before)  # queries as without DANE
+            return reason
+        self.dane = True
+        return ""
 
     async def resolve(self, domain: str) -> list[NextHop]:
         """The next hops for ``domain``, best first; raises a RouteError when there are none."""
@@ -270,7 +319,8 @@ class MxResolver:
             hosts = self._order(exchanges)[: self._max_mx_hosts]
         else:
             hosts = [_host_text(name)]
-        return await self._hops(_host_text(name), hosts, implicit=not answer.mx)
+        return await self._hops(_host_text(name), hosts, implicit=not answer.mx,
+                                secure=self.dane and answer.secure)
 
     def _order(self, exchanges: list[tuple[int, str]]) -> list[str]:
         """Host names by preference, equal preferences shuffled, duplicates dropped."""
@@ -284,7 +334,8 @@ class MxResolver:
             ordered.extend(h for h in group if h not in ordered)
         return ordered
 
-    async def _hops(self, domain: str, hosts: list[str], *, implicit: bool) -> list[NextHop]:
+    async def _hops(self, domain: str, hosts: list[str], *, implicit: bool,
+                    secure: bool = False) -> list[NextHop]:
         """Look up every host's addresses concurrently and build the hop list."""
         jobs = [
             self._addresses(dns.name.from_text(host), rdtype)
@@ -296,15 +347,19 @@ class MxResolver:
         seen: set[str] = set()
         temporary: list[str] = []
         refused: list[str] = []
+        insecure: set[str] = set()  # hosts whose address answers were not all validated
         per_host = len(self._families)
         for i, host in enumerate(hosts):
             for result in results[i * per_host : (i + 1) * per_host]:
                 if isinstance(result, _Temporary):
                     temporary.append(f"{host}: {result}")
+                    insecure.add(host)
                     continue
                 if isinstance(result, BaseException):
                     raise result
-                addresses = list(result)
+                if not result.secure:
+                    insecure.add(host)
+                addresses = list(result.addresses)
                 self._rand.shuffle(addresses)
                 for address in addresses:
                     if address in seen:
@@ -315,6 +370,8 @@ class MxResolver:
                         refused.append(f"{address} ({reason}) of {host}")
                     elif len(hops) < self._max_addresses:
                         hops.append(NextHop(address, self._smtp_port, host))
+        if hops and secure:
+            return await self._with_tlsa(hops, set(hosts) - insecure)
         if hops:
             return hops
         if temporary:
@@ -331,10 +388,34 @@ class MxResolver:
             raise NotFoundRouteError("no MX and no address records for domain")
         raise NotFoundRouteError("no address records for any MX host")
 
-    async def _addresses(self, name: dns.name.Name, rdtype: int) -> tuple[str, ...]:
-        """The addresses of one type for a host (empty if none or NXDOMAIN)."""
-        answer = await self._lookup(name, rdtype)
-        return answer.addresses
+    async def _addresses(self, name: dns.name.Name, rdtype: int) -> _Answer:
+        """The answer for the addresses of one type of a host (none if NXDOMAIN)."""
+        return await self._lookup(name, rdtype)
+
+    async def _with_tlsa(self, hops: list[NextHop], secure_hosts: set[str]) -> list[NextHop]:
+        """DANE: the hops with their hosts' secure TLSA records (``_PORT._tcp.HOST``; only
+        for hosts whose addresses were validated). A host whose TLSA lookup fails is
+        dropped, never tried without it (RFC 7672 §2.1.1); none left: TemporaryRouteError."""
+        hosts = sorted({h.mx for h in hops if h.mx in secure_hosts})
+        if not hosts:
+            return hops
+        results = await asyncio.gather(
+            *(self._lookup(dns.name.from_text(f"_{self._smtp_port}._tcp.{host}"), _TLSA)
+              for host in hosts), return_exceptions=True)
+        found: dict[str, tuple[tuple[int, int, int, bytes], ...]] = {}
+        failed: dict[str, str] = {}
+        for host, result in zip(hosts, results, strict=True):
+            if isinstance(result, _Temporary):
+                failed[host] = f"{host}: {result}"
+            elif isinstance(result, BaseException):
+                raise result
+            elif result.secure and result.tlsa:
+                found[host] = result.tlsa
+        kept = [replace(h, tlsa=found.get(h.mx, ())) for h in hops if h.mx not in failed]
+        if not kept:
+            raise TemporaryRouteError("TLSA lookup failed (DANE: not delivered without it): "
+                                      + "; ".join(failed.values()))
+        return kept
 
     async def _lookup(self, name: dns.name.Name, rdtype: int) -> _Answer:
         """One DNS question, from the cache or the network; raises _Temporary."""
@@ -373,15 +454,19 @@ class MxResolver:
 
         ttl = float(result.chaining_result.minimum_ttl)
         rrset = result.rrset
+        secure = bool(result.response.flags & dns.flags.AD)
         if rrset is None:
-            answer = _Answer()
+            answer = _Answer(secure=secure)
             self._store(key, answer, min(ttl, self._max_negative_ttl))
             return answer
         if rdtype == _MX:
             mx = tuple((int(rd.preference), _host_text(rd.exchange)) for rd in rrset)
-            answer = _Answer(mx=mx)
+            answer = _Answer(mx=mx, secure=secure)
+        elif rdtype == _TLSA:
+            answer = _Answer(secure=secure, tlsa=tuple(
+                (int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert)) for rd in rrset))
         else:
-            answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset))
+            answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset), secure=secure)
         self._store(key, answer, min(ttl, self._max_ttl))
         return answer
 

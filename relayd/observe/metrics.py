@@ -302,7 +302,8 @@ class Metrics:
             "delivery_tls",
             "Delivery attempts per recipient to MX hosts, by what TLS achieved (plaintext,"
             " fallback: plaintext after a failed handshake at level may, encrypted, verified,"
-            " refused: level encrypt/verify not met, deferred).",
+            " refused: level encrypt/verify not met, deferred; dane: the certificate matched"
+            " the MX host's secure TLSA records; dane_failed: DANE not met, deferred).",
             ["outcome"],
             namespace=ns,
             registry=r,
