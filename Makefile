@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?= config/relayd.toml
 
-.PHONY: run test test-fast test-min lint bench bench-quick debs clean install
+.PHONY: run test test-fast test-min lint bench bench-quick debs haraka clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ run: $(STAMP)
 debs:
 	sh scripts/install-debs.sh
 
+## haraka: the bench's Haraka peer, npm packages into .cache/haraka (pinned; ~10 s when fresh)
+haraka: debs
+	sh scripts/install-haraka.sh
+
 ## test: set up, then ruff, mypy and the whole pytest suite (slow tests included)
-test: $(STAMP) debs lint
+test: $(STAMP) debs haraka lint
 	PROMTOOL=$(CURDIR)/.cache/prometheus/usr/bin/promtool $(BIN)/pytest -q -p no:cacheprovider tests bench
 
 ## test-fast: the suite without the slow end-to-end and crash tests
@@ -46,11 +50,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check relayd control tests bench
 	$(BIN)/mypy
 
-## bench: the standard benchmark set against Postfix, stock aiosmtpd and smtp-sink
-bench: $(STAMP) debs
+## bench: the standard benchmark set against Postfix (with and without OpenDKIM), Haraka,
+## stock aiosmtpd and smtp-sink
+bench: $(STAMP) debs haraka
 	$(BIN)/python -m bench.run
 
-bench-quick: $(STAMP) debs
+bench-quick: $(STAMP) debs haraka
 	$(BIN)/python -m bench.run --quick
 
 ## install: relayd in its own venv ($(INSTALL_VENV)), then its service files (relayd install-service)

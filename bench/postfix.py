@@ -6,7 +6,10 @@ relayd's spool), ``data/``, ``maillog``.  It listens on 127.0.0.1:PORT only,
 relays everything from 127.0.0.0/8 (or SASL-authenticated) to
 ``relayhost = [127.0.0.1]:SINKPORT``, does no local delivery, no TLS, and keeps
 Postfix's defaults otherwise (in_flow_delay, destination concurrency 20,
-connection cache).  SASL AUTH goes to bench/dovecot_auth_stub.py.
+connection cache).  SASL AUTH goes to bench/dovecot_auth_stub.py.  With ``milter``
+(the postfix-dkim peer: bench/opendkim.py) every message, from smtpd and from
+pickup, passes that milter, and a milter that fails makes Postfix answer 4xx
+(``milter_default_action = tempfail``): no message goes out unsigned.
 
 ``postfix -c DIR start|stop`` run under ``script -qc`` so that fatal errors,
 which Postfix prints only to a terminal, are captured.  The system Postfix
@@ -62,7 +65,8 @@ def _derive_main_cf(dist: str, overrides: dict[str, str]) -> str:
 
 class Postfix:
     def __init__(self, base: Path, sink_port: int, port: int | None = None, maxproc: int = 1100,
-                 sasl_user: str = "bench", sasl_password: str = "bench-secret"):  # noqa: S107
+                 sasl_user: str = "bench", sasl_password: str = "bench-secret",  # noqa: S107
+                 milter: str | None = None):
         self.base = Path(base)
         self.conf = self.base / "conf"
         self.queue = self.base / "queue"
@@ -73,6 +77,7 @@ class Postfix:
         self.sink_port = sink_port
         self.maxproc = maxproc
         self.sasl_user, self.sasl_password = sasl_user, sasl_password
+        self.milter = milter
         self.auth_proc: subprocess.Popen[bytes] | None = None
         self.master_pid: int | None = None
 
@@ -129,6 +134,9 @@ class Postfix:
             "sample_directory": "/usr/share/doc/postfix",
             "readme_directory": "no",
         }
+        if self.milter:
+            overrides.update({"smtpd_milters": self.milter, "non_smtpd_milters": self.milter,
+                              "milter_default_action": "tempfail"})
         with open(MAIN_CF_DIST) as f:
             (self.conf / "main.cf").write_text(_derive_main_cf(f.read(), overrides))
         # master.cf: the services a relay needs, nothing chrooted, smtpd on our port only

@@ -1,7 +1,7 @@
 """Run the benchmark scenarios against relayd and its peers in one go.
 
     python -m bench.run [--scenarios S1,S2,S3,S4,S5] [--messages N] [--quick]
-                        [--systems relayd,relayd-dkim,postfix,stock-aiosmtpd,smtp-sink]
+                        [--systems relayd,relayd-dkim,postfix,postfix-dkim,haraka,...]
 
 Every (scenario, system) pair gets a fresh system and a fresh smtp-sink as next
 hop, a short warm-up, then the measured load.  Results: a table on stdout, the
@@ -16,7 +16,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import os
 import re
 import shlex
 import shutil
@@ -28,9 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
+from bench import haraka, opendkim, procstat
+from bench import postfix as pf
 from bench.sink import Sink
-from bench.systems import REPO, PostfixRelay, SinkCeiling, StockAiosmtpd, System, make_base
+from bench.systems import (
+    REPO,
+    HarakaRelay,
+    HarakaRelay2,
+    PostfixDkim,
+    PostfixRelay,
+    SinkCeiling,
+    StockAiosmtpd,
+    System,
+    make_base,
+)
 
 BENCH = Path(__file__).resolve().parent
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -104,6 +114,9 @@ def scenarios(a: argparse.Namespace) -> list[Scenario]:
 
 SYSTEMS: dict[str, type[System]] = {
     "postfix": PostfixRelay,
+    "postfix-dkim": PostfixDkim,
+    "haraka": HarakaRelay,
+    "haraka-2": HarakaRelay2,
     "stock-aiosmtpd": StockAiosmtpd,
     "smtp-sink": SinkCeiling,
 }
@@ -119,6 +132,15 @@ except ImportError:  # pragma: no cover - relayd_peer is part of bench/
 #: Systems measured only when named in --systems (they need more than the standard set:
 #: relayd-cluster starts a PostgreSQL server of its own).
 OPT_IN = ("relayd-cluster",)
+
+
+def installed(name: str) -> bool:
+    """Whether the software behind a system is on this machine (make bench installs it)."""
+    if name in ("postfix", "postfix-dkim") and not pf.available():
+        return False
+    if name == "postfix-dkim" and not opendkim.available():
+        return False
+    return not (name.startswith("haraka") and not haraka.available())
 
 
 @dataclass
@@ -362,14 +384,26 @@ def note_round_ratios(by_system: dict[str, list[Result]], medians: dict[str, Res
             c for c in (_dkim_cost(a, b) for a, b in zip(ours, signed, strict=True))
             if c is not None)
     _note_cluster_rounds(ours, by_system.get("relayd-cluster"), medians)
-    peer = by_system.get("postfix")
-    if not ours or not peer or len(ours) < 2 or len(ours) != len(peer):
+    for subject, peers, _targets in VERSUS:
+        _note_versus_rounds(subject, peers, by_system, medians)
+
+
+def _note_versus_rounds(subject: str, peers: tuple[str, ...],
+                        by_system: dict[str, list[Result]], medians: dict[str, Result]) -> None:
+    """End to end, ``subject`` over the best of ``peers`` in the same round, round by round."""
+    ours = by_system.get(subject)
+    theirs = [by_system.get(p) or [] for p in peers]
+    if not ours or len(ours) < 2 or any(len(t) != len(ours) for t in theirs):
         return
-    ratios = sorted(a.e2e_per_s / b.e2e_per_s for a, b in zip(ours, peer, strict=True)
-                    if a.e2e_per_s and b.e2e_per_s and not a.error and not b.error)
+    ratios = []
+    for i, a in enumerate(ours):
+        b = _best([t[i] for t in theirs])
+        if a.e2e_per_s and not a.error and b is not None and b.e2e_per_s:
+            ratios.append(a.e2e_per_s / b.e2e_per_s)
     if ratios:
-        medians["relayd"].problems.append(
-            "end to end relayd/postfix round by round: "
+        ratios.sort()
+        medians[subject].problems.append(
+            f"end to end {_versus_label(subject, peers)} round by round: "
             + ", ".join(f"{x:.2f}" for x in ratios)
             + f" (median {ratios[(len(ratios) - 1) // 2]:.2f})")
 
@@ -428,7 +462,49 @@ RATIO_METRICS = [
     ("peak PSS", "peak_pss"),
     ("CPU s/1k", "cpu_per_1k"),
 ]
-PEERS = ["postfix", "stock-aiosmtpd", "smtp-sink"]
+PEERS = ["postfix", "postfix-dkim", "haraka", "haraka-2", "stock-aiosmtpd", "smtp-sink"]
+
+#: The headline comparisons (issue 18): subject, the peers it is measured against (the
+#: best of them per scenario, or per round), and the target by scenario (None: recorded).
+VERSUS: list[tuple[str, tuple[str, ...], dict[str, float | None]]] = [
+    ("relayd", ("postfix",), {"S1": 4.0, "S2": 6.0}),
+    ("relayd", ("haraka", "haraka-2"), {"S1": 3.0, "S2": 3.0}),
+    ("relayd-dkim", ("postfix-dkim",), {"S1": 4.0, "S2": 4.0}),
+    ("relayd", ("smtp-sink",), {"S1": None}),
+]
+
+
+def _best(runs: list[Result | None]) -> Result | None:
+    """The run with the highest end-to-end rate among ``runs`` (errored ones left out)."""
+    ok = [r for r in runs if r is not None and not r.error and r.e2e_per_s]
+    return max(ok, key=lambda r: r.e2e_per_s or 0.0) if ok else None
+
+
+def _versus_label(subject: str, peers: tuple[str, ...]) -> str:
+    if len(peers) == 1:
+        return f"{subject}/{peers[0]}"
+    return f"{subject}/{peers[0]} (best of {', '.join(peers)})"
+
+
+def versus(results: list[Result]) -> str:
+    """End-to-end msg/s of relayd over each peer it is compared with, per scenario, the
+    target beside it; for Haraka the better of its two configurations in that scenario."""
+    by = {(r.scenario, r.system): r for r in results}
+    lines = ["| scenario | ratio (end to end) | relayd msg/s | peer msg/s | ratio | target |",
+             "|---|---|---|---|---|---|"]
+    for s in dict.fromkeys(r.scenario for r in results):
+        for subject, peers, targets in VERSUS:
+            me, other = by.get((s, subject)), _best([by.get((s, p)) for p in peers])
+            if me is None or me.error or not me.e2e_per_s or other is None:
+                continue
+            assert other.e2e_per_s
+            target = targets.get(s, "-")
+            goal = "record" if target is None else (f">= {target:g}x" if target != "-" else "-")
+            peer = other.system if len(peers) > 1 else ""
+            lines.append(f"| {s} | {_versus_label(subject, peers)} | {me.e2e_per_s:.0f} "
+                         f"| {other.e2e_per_s:.0f}{f' ({peer})' if peer else ''} "
+                         f"| {me.e2e_per_s / other.e2e_per_s:.2f} | {goal} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def ratios(results: list[Result], subject: str) -> str:
@@ -608,14 +684,18 @@ def record(results: list[Result], a: argparse.Namespace, argv: list[str], starte
     small = {sc.key for sc in scenarios(a) if sc.size <= DKIM_COST_MAX_SIZE and not sc.cold}
     cost = dkim_cost([r for r in results if r.scenario in small])
     if cost:
-        lines += ["DKIM cost: CPU per message with DKIM minus without, over the bare RSA-2048 "
-                  "signature timed around the same two runs (target: at most 1.2; scenarios "
+        lines += ["DKIM cost, for information: CPU per message with DKIM minus without, over "
+                  "the bare RSA-2048 signature timed around the same two runs (scenarios "
                   f"with messages up to {DKIM_COST_MAX_SIZE // 1024} KiB):", "", cost, ""]
     cost = cluster_cost(results)
     if cost:
         lines += ["Cluster mode on the hot path: relayd-cluster (one node, directory on a durable "
                   "PostgreSQL) against relayd on SQLite, same run (target: at most 5 % slower):",
                   "", cost, ""]
+    vs = versus(results)
+    if vs:
+        lines += ["relayd against the relays users pick (issue 18), end-to-end msg/s, this run:",
+                  "", vs, ""]
     auth = auth_cache_ratio(results)
     if auth:
         lines += [auth, ""]
@@ -638,8 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
     ap.add_argument("--systems", default=None,
                     help="comma list; default: every available one of " + ",".join(
-                        ["relayd", "relayd-dkim", "postfix", "stock-aiosmtpd", "smtp-sink"])
-                    + "; relayd-cluster only when named")
+                        n for n in SYSTEMS if n not in OPT_IN) + "; relayd-cluster only when named")
     ap.add_argument("--messages", type=int, default=20000, help="messages in S1-S3 (S4 derives)")
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--s3-per-conn", type=int, default=1, help="S3: messages per AUTH'd connection")
@@ -670,8 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         a.e2e_timeout = min(a.e2e_timeout, 60)
         a.stall = min(a.stall, 20)
     names = a.systems.split(",") if a.systems else [n for n in SYSTEMS if n not in OPT_IN]
-    if not a.systems and not os.path.exists("/usr/sbin/postfix"):
-        names = [n for n in names if n != "postfix"]
+    if not a.systems:
+        for n in [n for n in names if not installed(n)]:
+            print(f"bench: {n} left out: not installed (make bench installs it)", flush=True)
+            names.remove(n)
     for n in names:
         if n not in SYSTEMS:
             raise SystemExit(f"unknown or unavailable system {n!r}; "

@@ -4,7 +4,9 @@ smtp-sink ``-c`` writes ``sess=N quit=N mesg=N`` followed by CR every time a
 session ends, QUIT is executed or "." is received; the output is unbuffered even
 into a pipe.  A reader thread parses it and timestamps each change of ``mesg``,
 which gives the number of messages received and the time of the first and last
-one (end-to-end throughput) without writing the messages anywhere.
+one (end-to-end throughput) without writing the messages anywhere.  With
+``dump_dir`` (the smoke tests: a handful of messages) smtp-sink also writes each
+message to a file there (``-d``), for ``dumped()`` to read back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from bench.util import free_port, wait_smtp_ready
 
@@ -25,11 +28,12 @@ _COUNTER = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
 
 class Sink:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, backlog: int = 1024,
-                 max_conns: int = 1024):
+                 max_conns: int = 1024, dump_dir: Path | None = None):
         self.host = host
         self.port = port or free_port()
         self.backlog = backlog
         self.max_conns = max_conns
+        self.dump_dir = dump_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.mesg = 0
         self.sess = 0
@@ -46,6 +50,10 @@ class Sink:
         cmd = [SMTP_SINK, "-c", "-m", str(self.max_conns), "-t", "300"]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]  # required when run as root
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            self.dump_dir.chmod(0o777)  # smtp-sink writes as nobody
+            cmd += ["-d", f"{self.dump_dir}/msg."]
         cmd += [f"{self.host}:{self.port}", str(self.backlog)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -86,6 +94,12 @@ class Sink:
                     self.last_ts = now
                     self.mesg = mesg
                 self._cond.notify_all()
+
+    def dumped(self) -> list[bytes]:
+        """The messages smtp-sink wrote to ``dump_dir`` (envelope records, then content)."""
+        if self.dump_dir is None:
+            return []
+        return [p.read_bytes() for p in sorted(self.dump_dir.glob("msg.*"))]
 
     def snapshot(self) -> tuple[int, float | None]:
         with self._cond:

@@ -12,7 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import haraka as hk
 from bench import postfix as pf
+from bench.opendkim import OpenDkim
 from bench.sink import Sink
 from bench.util import free_port, stop_process, wait_smtp_ready
 
@@ -119,6 +121,62 @@ class PostfixRelay(System):
 
     def backlog(self) -> int | None:
         return self.pf.queued()
+
+
+class PostfixDkim(PostfixRelay):
+    """Postfix with OpenDKIM as its signing milter: the peer of relayd-dkim."""
+
+    name = "postfix-dkim"
+
+    def start(self) -> None:
+        self.dkim = OpenDkim(self.base / "opendkim")
+        try:
+            self.dkim.start()
+            self.pf = pf.Postfix(self.base / "postfix", self.sink.port, milter=self.dkim.milter)
+            self.pf.start()
+        except Exception:
+            self.dkim.stop()
+            raise
+        self.port = self.pf.port
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "pf"):
+                self.pf.stop()
+        finally:
+            self.dkim.stop()
+
+    def roots(self) -> list[int]:
+        return self.pf.roots() + self.dkim.roots()
+
+
+class HarakaRelay(System):
+    """Haraka (bench/haraka.py) with ``nodes`` worker processes."""
+
+    name = "haraka"
+    nodes = 1
+    auth_user, auth_password = "bench", "bench-secret"
+
+    def start(self) -> None:
+        self.hk = hk.Haraka(self.base / "haraka", self.sink.port, nodes=self.nodes,
+                            auth_user=self.auth_user or "", auth_password=self.auth_password or "")
+        self.hk.start()
+        self.port = self.hk.port
+
+    def stop(self) -> None:
+        if hasattr(self, "hk"):
+            self.hk.stop()
+
+    def roots(self) -> list[int]:
+        return self.hk.roots()
+
+    def problems(self) -> list[str]:
+        return self.hk.log_problems()
+
+
+class HarakaRelay2(HarakaRelay):
+    name = "haraka-2"
+    nodes = 2
 
 
 def make_base(prefix: str = "relayd-bench-") -> Path:

@@ -131,6 +131,8 @@ class Cli:
         lines.append(f"  spool: {st.spool_bytes} bytes; free disk: {st.free_disk_bytes} bytes")
         lines += [f"  backed off: {b.destination} for {b.seconds_left:.0f}s"
                   f" (level {b.level}): {b.reply}" for b in st.backoffs]
+        if st.dane:
+            lines.append(f"  DANE: {st.dane}")
         self.out(st, "\n".join(lines))
 
     # -- domains --------------------------------------------------------------------

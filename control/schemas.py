@@ -101,6 +101,7 @@ class Status(_S):
     accounts: int
     sessions: int
     backoffs: list[DestinationBackoff] = []  # MX mode: destinations backed off now
+    dane: str = ""  # [delivery] dane on: "on", or "skipped: why" (no validating resolver)
 
 
 

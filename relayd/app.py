@@ -63,6 +63,7 @@ from relayd.dkim.signing import DkimSigning
 from relayd.observe import logs as rlog
 from relayd.observe import sdnotify
 from relayd.observe.events import Observer
+from relayd.observe.hops import HopWatch
 from relayd.observe.logbudget import LogBudget
 from relayd.observe.metrics import Metrics, new_registry
 from relayd.queue import backoff
@@ -96,11 +97,14 @@ EXIT_LISTEN = 4
 EXIT_CLUSTER = 5  # cluster mode: the cluster database cannot be reached or used at start
 
 
-def _mx_resolver(cfg: Config) -> MxLookup:
-    """The MX resolver of ``[delivery]``; dnspython is loaded only in MX mode (~4 MB)."""
+def _mx_resolver(cfg: Config, on_dns_failure: Callable[[str], None]) -> MxLookup:
+    """The MX resolver of ``[delivery]``, its DNS failures counted; dnspython is loaded
+    only in MX mode (~4 MB)."""
     from relayd.delivery.mx import MxResolver
 
-    return MxResolver.from_config(cfg.delivery)
+    resolver = MxResolver.from_config(cfg.delivery)
+    resolver.on_dns_failure = on_dns_failure
+    return resolver
 
 
 def _mta_sts(cfg: Config, mx: MxLookup, on_result: Callable[[str, str], None],
@@ -181,6 +185,8 @@ class Relay:
         self._reload_error: str | None = None  # the last reload's failure, until one works
         self.cluster: ClusterNode | None = None  # cluster mode: this node's membership
         self.shaping: Shaping | None = None  # MX mode: per-destination shaping
+        self.hops: HopWatch | None = None  # MX mode: failed hops, metrics by destination
+        self.dane = ""  # [delivery] dane on: "on" or "skipped: why" (relayctl status)
         self.quota_leaser: QuotaLeaser | None = None  # cluster mode: sending-limit leases
 
     def free_disk(self) -> int:
@@ -268,7 +274,12 @@ class Relay:
         helo = cfg.delivery.helo_name or cfg.server.hostname
         if cfg.delivery.tls_ca_file:  # the agents load it per TLS level: fail at start
             await asyncio.to_thread(_check_ca_file, cfg.delivery.tls_ca_file)
-        mx = _mx_resolver(cfg) if cfg.delivery.mode == "mx" else None
+        mx = None
+        if cfg.delivery.mode == "mx":
+            self.hops = HopWatch(self.metrics, self.log)
+            mx = _mx_resolver(cfg, self.hops.dns_failed)
+            if cfg.delivery.dane == "on":
+                await self._enable_dane(mx)
         self.agents = self._transport or AgentPool(
             cfg.delivery, helo, cfg.delivery.agent_processes, signer=cfg.dkim.enabled)
         self.deliverer = Deliverer(cfg.delivery, self.agents, mx=mx)
@@ -281,6 +292,19 @@ class Relay:
                 undo.callback(task.cancel)
         undo.push_async_callback(_quietly, self.deliverer.close)
         await self.deliverer.start()
+
+    async def _enable_dane(self, mx: MxLookup) -> None:
+        """``[delivery] dane = "on"``: TLSA lookups if the resolver validates, else a warning
+        (DANE skipped; ``relayctl status`` says why)."""
+        from relayd.delivery.mx import MxResolver
+
+        assert isinstance(mx, MxResolver)
+        reason = await mx.enable_dane()
+        self.dane = "on" if not reason else f"skipped: {reason}"
+        if reason:
+            self.log.warning("dane_skipped", reason=reason)
+        else:
+            self.log.info("dane_enabled")
 
     async def _start_queue(self, undo: contextlib.AsyncExitStack) -> None:
         """The scheduler and the lifecycle operations; the directory and the queue loaded."""
@@ -300,6 +324,7 @@ class Relay:
             self.shaping.on_event = self.observer.shaped
             self.shaping.log = self.log.warning
             self.scheduler.dispatcher.shaping = self.shaping
+            self.shaping.watch = self.hops
         store = await self._open_cluster(undo)
         self.lifecycle = Lifecycle(cfg, self.spool, self.directory, self.hasher, self.cache,
                                    self.scheduler, delivery_log=self.dlog, log=self.log.info,
@@ -473,7 +498,7 @@ class Relay:
             spool_bytes=size, free_disk_bytes=self.free_disk(),
             domains=len(self.directory.domains_by_name),
             accounts=self.directory.count_slots(), sessions=len(self.ctx.sessions),
-            backoffs=self._backoffs())
+            backoffs=self._backoffs(), dane=self.dane)
 
     def _backoffs(self) -> list[schemas.DestinationBackoff]:
         """The destinations shaping has backed off now (MX mode)."""
@@ -701,6 +726,8 @@ class Relay:
         if self.signer is not None:
             await self._stop_step("signer", self.signer.close)
         self.observer.report_suppressed(everything=True)
+        if self.hops is not None:
+            self.hops.report_suppressed(everything=True)
         self.log.info("stopped")
 
     async def _stop_sessions(self, grace: float) -> None:

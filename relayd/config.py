@@ -224,6 +224,9 @@ class DeliveryConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     tls_level: TlsLevelName = "may"
     tls_policy: dict[str, TlsLevelName] = msgspec.field(default_factory=dict)
     tls_ca_file: str = ""  # PEM trust store for level verify ("" = the system's)
+    # MX mode: DANE (RFC 7672) through the validating resolvers of dns_nameservers (checked
+    # at start-up: without one, or without the AD bit, a warning and DANE skipped).
+    dane: Literal["off", "on"] = "off"
     connections_per_host: PositiveInt = 20
     agent_processes: PositiveInt = 1  # outbound SMTP runs in this many child processes
     messages_per_connection: PositiveInt = 1000

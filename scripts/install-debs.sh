@@ -8,7 +8,11 @@
 # psql: the tests run throwaway servers of their own; no default cluster is
 # created and no PostgreSQL service is left running or enabled) and haproxy
 # (checks config/haproxy.cfg with `haproxy -c`; the tests start their own
-# haproxy processes; no haproxy service is left running or enabled). The tests
+# haproxy processes; no haproxy service is left running or enabled), opendkim
+# (the bench's postfix-dkim peer runs its own OpenDKIM; no opendkim service is
+# left running or enabled) and, when `node` is missing, nodejs and npm (for
+# scripts/install-haraka.sh: Haraka 3.3 needs Node.js >= 20, Debian bookworm's
+# is 18, so there that script says what to do). The tests
 # fail, not skip, when one of these is missing (tests/tools.py). Quiet and
 # idempotent: with everything present it prints nothing and changes nothing.
 set -e
@@ -51,6 +55,10 @@ pg=""  # tests/pgserver.py: the server programs, found where Debian puts them
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { need="$need postgresql"; pg=1; }
 hap=""  # tests/test_cluster_docs.py: haproxy -c on config/haproxy.cfg
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { need="$need haproxy"; hap=1; }
+dkim=""  # bench/opendkim.py: the postfix-dkim peer's signing milter
+[ -x /usr/sbin/opendkim ] || { need="$need opendkim"; dkim=1; }
+# scripts/install-haraka.sh (the bench's Haraka peer); a NodeSource nodejs brings its own npm
+command -v node >/dev/null 2>&1 || need="$need nodejs npm"
 [ -z "$need" ] && exit 0
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -92,5 +100,16 @@ if [ -n "$hap" ]; then
         $SUDO invoke-rc.d haproxy stop >/dev/null 2>&1 || \
             $SUDO /etc/init.d/haproxy stop >/dev/null 2>&1 || true
         $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true
+    fi
+fi
+if [ -n "$dkim" ]; then
+    # Debian's postinst starts and enables the opendkim service (its /etc/opendkim.conf):
+    # stop it and keep it from starting at boot; the bench runs OpenDKIM itself.
+    if [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now opendkim >/dev/null 2>&1 || true
+    else
+        $SUDO invoke-rc.d opendkim stop >/dev/null 2>&1 || \
+            $SUDO /etc/init.d/opendkim stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d opendkim disable >/dev/null 2>&1 || true
     fi
 fi

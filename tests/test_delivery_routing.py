@@ -75,7 +75,7 @@ async def test_mx_mode_delivers_to_the_mx_host(mx_relay: MxRelay, sink: Sink,
     assert got.rcpt_tos == ["r@dest.test"]
     assert dns.count("dest.test", "MX") == 1 and dns.count("mx1.dest.test", "A") == 1
     [entry] = await eventually(lambda: log_entries(relay))
-    assert entry["next_hop"] == f"127.0.0.1:{sink.port}"
+    assert entry["next_hop"] == f"mx1.dest.test[127.0.0.1]:{sink.port}"
 
 
 async def test_domain_without_mx_uses_its_address(mx_relay: MxRelay, sink: Sink) -> None:

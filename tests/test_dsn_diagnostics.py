@@ -82,7 +82,7 @@ async def test_a_remote_refusal_keeps_its_smtp_diagnostic(mx_relay: MxRelay, sin
     block = await bounce_for(mx_relay, sink, "r@dest.test")
     assert block["Status"] == "5.1.1"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user here"
-    assert block["Remote-MTA"].startswith("dns; 127.0.0.1")
+    assert block["Remote-MTA"].startswith("dns; mx1.dest.test[127.0.0.1]:")
 
 
 async def test_expiry_is_relayds_own_verdict_with_4_4_7(mx_relay: MxRelay, sink: Sink,

@@ -285,7 +285,8 @@ async def test_mx_on_a_listed_network_is_delivered_to(mx_relay: MxRelay, sink: S
     [got] = await sink.wait_for(1)
     assert got.rcpt_tos == ["r@loop.test"]
     [entry] = await eventually(lambda: log_entries(relay))
-    assert (entry["outcome"], entry["next_hop"]) == ("delivered", f"127.0.0.1:{sink.port}")
+    assert (entry["outcome"], entry["next_hop"]) == ("delivered",
+                                                  f"mx.loop.test[127.0.0.1]:{sink.port}")
 
 
 async def test_private_mx_is_tried_with_private_allowed(mx_relay: MxRelay, sink: Sink) -> None:
@@ -295,4 +296,5 @@ async def test_private_mx_is_tried_with_private_allowed(mx_relay: MxRelay, sink:
     account = await relay.ctl.add_user("example.com")
     await submit(relay, account, ["r@internal.test"])
     [entry] = await eventually(lambda: log_entries(relay))
-    assert (entry["outcome"], entry["next_hop"]) == ("deferred", f"10.0.0.1:{sink.port}")
+    assert (entry["outcome"], entry["next_hop"]) == ("deferred",
+                                                  f"mx.internal.test[10.0.0.1]:{sink.port}")

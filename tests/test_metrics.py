@@ -61,6 +61,10 @@ def test_metric_names_are_the_documented_ones() -> None:
         "relayd_delivery_attempts_total",
         "relayd_delivery_duration_seconds",
         "relayd_delivery_tls_total",  # what TLS achieved towards MX hosts (issue 17)
+        "relayd_destination_attempts_total",  # MX mode, by destination (issue 17)
+        "relayd_destination_tls_total",
+        "relayd_mx_hop_failures_total",
+        "relayd_dns_failures_total",
         "relayd_accept_duration_seconds",
         "relayd_spool_commit_batch_size",
         "relayd_spool_free_bytes",
@@ -188,7 +192,9 @@ def test_no_label_can_hold_an_account() -> None:
         for sample in family.samples
         for label in sample.labels
     }
-    assert labels <= {"reason", "result", "state", "outcome", "le", "version"}
+    # destination (MX mode): a [[delivery.shaping.destination]] name or "other", bounded by
+    # the configuration, never a recipient domain (tests/test_mx_failover_visible.py)
+    assert labels <= {"reason", "result", "state", "outcome", "le", "version", "destination"}
 
 
 def test_render_defaults_to_prometheus_text_format(registry: CollectorRegistry) -> None:

@@ -10,7 +10,9 @@ where the policy forbids, or refuses where it must deliver, if it is broken.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import smtplib
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -397,3 +399,39 @@ async def test_a_day_missed_while_stopped_is_reported_at_start(tmp_path: Path) -
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert list(counts) == [day_of(now[0])]
     assert counts[day_of(now[0])]["d.test"]["success"] == 1
+
+
+# --- DANE first -----------------------------------------------------------------------
+
+def _peer_certificate(port: int, address: str, name: str) -> bytes:
+    """The certificate (DER) the MX at ``address`` presents after STARTTLS."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP(address, port, timeout=10) as client:
+        client.starttls(context=ctx)
+        sock = client.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        der = sock.getpeercert(binary_form=True)
+    assert der
+    return der
+
+
+async def test_dane_records_decide_before_an_enforce_policy(
+        tls_relay: TlsRelay, mx_sinks: MxSinks, dns: DnsServer,  # noqa: F811
+        policies: PolicyServer, tmp_path: Path) -> None:
+    """An MX whose certificate no trusted CA issued, and that an enforce policy does not
+    list (which alone defers it), but with a validated TLSA record matching its
+    certificate: DANE decides (RFC 8461 §2), the mail is delivered, MTA-STS counts
+    nothing."""
+    der = await asyncio.to_thread(_peer_certificate, mx_sinks.port, "127.0.0.3",
+                                  "mx.self.test")
+    dns.zone[f"_{mx_sinks.port}._tcp.mx.self.test"] = {
+        "TLSA": [f"3 0 1 {hashlib.sha256(der).hexdigest()}"]}
+    dns.secure = True
+    publish(dns, policies, "self.test", "enforce", mx=("mx.elsewhere.test",))
+    relay = await _relay(tls_relay, policies, tmp_path, dane="on")
+    await _delivered(relay, mx_sinks, "untrusted")
+    assert _tls(relay, "dane") == 1 and _tls(relay, "refused") == 0
+    assert _sts(relay, "enforce", "success") == 0
+    assert _sts(relay, "enforce", "validation-failure") == 0

@@ -96,7 +96,7 @@ class DeliverSide(_Child):
     async def _run(self, job: Job, data: bytes) -> None:
         assert self.pools is not None
         hop = Hop(job.host, job.port, job.tls, job.username, job.password, job.mx,
-                  job.per_connection)
+                  job.per_connection, job.tlsa)
         at_rcpt: list[int] = []
         tls = ""
         try:

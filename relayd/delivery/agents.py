@@ -302,11 +302,11 @@ class AgentPool:
         if isinstance(data, bytes):
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
                           sender, list(rcpts), len(data), mx=hop.mx,
-                          per_connection=hop.messages_per_connection), data)
+                          per_connection=hop.messages_per_connection, tlsa=hop.tlsa), data)
         else:  # a BodyFile: the child reads it
             side.send(Job(job_id, hop.host, hop.port, hop.tls, hop.username, hop.password,
                           sender, list(rcpts), data.size, data.path, hop.mx,
-                          hop.messages_per_connection))
+                          hop.messages_per_connection, hop.tlsa))
         return job_id
 
     def sign(self, signers: Sequence[Signer], data: bytes,

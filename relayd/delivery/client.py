@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relayd.config import DeliveryConfig, parse_hostport
-from relayd.delivery import tlslevels
+from relayd.delivery import dane, tlslevels
 from relayd.delivery.connection import (
     Connection,
+    SMTPDaneFailed,
     SMTPException,
     SMTPServerDisconnected,
     SMTPStartTLSFailed,
@@ -82,12 +83,18 @@ class Hop:
     password: str = field(default="", repr=False)
     mx: str = ""  # MX hops: the MX host name (SNI, certificate name)
     messages_per_connection: int = 0  # per-destination shaping's cap (0: the global setting)
+    tlsa: tuple[dane.Tlsa, ...] = ()  # MX hops: secure TLSA records to check (DANE)
     sts: str = ""  # MX hops under an MTA-STS policy: its domain (relayd.delivery.sts)
     sts_mode: str = ""  # ...and its mode (enforce | testing)
 
     @property
     def name(self) -> str:
-        """The hop as shown in logs and the delivery log."""
+        """The hop as shown in logs, the delivery log and DSNs: ``mx.example[IP]:PORT`` when
+        a name is known (as Postfix's ``relay=``), else ``IP:PORT`` (``[IPv6]:PORT``)."""
+        if self.mx and self.mx != self.host:
+            return f"{self.mx}[{self.host}]:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
 
@@ -177,7 +184,8 @@ class Pool:
         self.connections_opened += 1
         if not tlslevels.is_level(hop.tls):
             return _Conn(client)
-        return _Conn(client, tlslevels.outcome(client.encrypted, client.verified, False))
+        return _Conn(client, tlslevels.outcome(client.encrypted, client.verified, False,
+                                               client.dane))
 
     async def _connect(self, tls: str) -> Connection:
         hop = self.hop
@@ -189,7 +197,7 @@ class Pool:
             context=self.tls_context, username=hop.username, password=hop.password,
             connect_timeout=self.cfg.connect_timeout_seconds,
             reply_timeout=self.cfg.command_timeout_seconds,
-            server_name=hop.mx, ca_file=self.cfg.tls_ca_file)
+            server_name=hop.mx, ca_file=self.cfg.tls_ca_file, tlsa=hop.tlsa)
 
     def _take_idle(self) -> _Conn | None:
         now = time.monotonic()
@@ -223,6 +231,8 @@ class Pool:
                     conn.client.close()
                 text = _clean(f"{type(exc).__name__}: {exc}") or type(exc).__name__
                 tls = "refused" if isinstance(exc, SMTPTLSRequired) else ""
+                if isinstance(exc, SMTPDaneFailed):
+                    tls = "dane_failed"
                 return [RcptReply(None, text, tls=tls) for _ in rcpts]
             if conn.tls:
                 for reply in replies:
@@ -402,8 +412,8 @@ class MxLookup(Protocol):
     async def hops(self, domain: str) -> list[tuple[str, int]]:
         """(host, port) pairs to try, best first."""
 
-    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
-        """(address, port, MX host name) to try, best first."""
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str, tuple[dane.Tlsa, ...]]]:
+        """(address, port, MX host name, its secure TLSA records) to try, best first."""
 
 
 class Router:
@@ -559,7 +569,10 @@ class Deliverer:
             return hops
         assert self.mx is not None
         level = tlslevels.level_for(domain, self.cfg.tls_level, self.cfg.tls_policy)
-        hops = [Hop(h, p, level, mx=name) for h, p, name in await self.mx.named_hops(domain)]
+        hops = []
+        for h, p, name, tlsa in await self.mx.named_hops(domain):
+            hop_level, checked = dane.policy(level, tlsa)  # DANE: secure TLSA records
+            hops.append(Hop(h, p, hop_level, mx=name, tlsa=checked))
         return hops if self.sts is None else await self.sts.apply(domain, hops)
 
     def route_now(self, domain: str) -> list[Hop] | None:

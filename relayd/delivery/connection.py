@@ -28,8 +28,9 @@ import asyncio
 import base64
 import hmac
 import ssl
+from collections.abc import Callable
 
-from relayd.delivery import tlslevels
+from relayd.delivery import dane, tlslevels
 
 _MAX_REPLY = 64 * 1024
 QUIT_TIMEOUT_SECONDS = 5.0
@@ -55,6 +56,10 @@ class SMTPConnectTimeoutError(SMTPConnectError):
 
 class SMTPTLSRequired(SMTPConnectError):
     """The TLS level (encrypt, verify) could not be met: no STARTTLS, or it failed."""
+
+
+class SMTPDaneFailed(SMTPTLSRequired):
+    """Secure TLSA records (DANE): no STARTTLS, a failed handshake, or no record matched."""
 
 
 class SMTPStartTLSFailed(SMTPConnectError):
@@ -232,18 +237,20 @@ class Connection:
         self.extensions: dict[str, str] = {}  # EHLO keywords (lower case) -> parameters
         self.encrypted = False  # STARTTLS succeeded (TLS levels only)
         self.verified = False  # ...with a certificate valid for the MX name (level verify)
+        self.dane = False  # ...with a certificate matching the MX's TLSA records (DANE)
 
     @classmethod
     async def open(cls, host: str, port: int, *, helo: str, tls: str, verify: bool,
                    context: ssl.SSLContext | None, username: str, password: str,
                    connect_timeout: float, reply_timeout: float, server_name: str = "",
-                   ca_file: str = "") -> Connection:
+                   ca_file: str = "", tlsa: tuple[dane.Tlsa, ...] = ()) -> Connection:
         """Connect, read the greeting, EHLO, STARTTLS and AUTH as asked.
 
         ``tls``: none | tls (implicit) | starttls (required) | opportunistic
         (STARTTLS when offered), or a TLS level (may | encrypt | verify:
         relayd.delivery.tlslevels; ``server_name`` is the MX name for SNI and
-        verification, ``ca_file`` the trust store). ``verify``: check the
+        verification, ``ca_file`` the trust store; ``tlsa``: the MX host's
+        checkable secure TLSA records, relayd.delivery.dane). ``verify``: check the
         certificate and name (not for levels).
         """
         ctx = (context or await _tls_context(verify)) if tls == "tls" else None
@@ -264,6 +271,8 @@ class Connection:
             await conn._hello(helo)
             if tls == "starttls" or (tls == "opportunistic" and conn.supports("starttls")):
                 await conn._starttls(context or await _tls_context(verify), helo)
+            elif tls in ("may", "encrypt", "verify") and tlsa:
+                await conn._dane_starttls(helo, server_name or host, tlsa)
             elif tls in ("may", "encrypt", "verify"):
                 await conn._level_starttls(tls, helo, server_name or host, ca_file)
             if username:
@@ -319,7 +328,37 @@ class Connection:
         self.encrypted = True
         self.verified = verify
 
-    async def _starttls(self, ctx: ssl.SSLContext, helo: str, name: str = "") -> None:
+    async def _dane_starttls(self, helo: str, name: str, tlsa: tuple[dane.Tlsa, ...]) -> None:
+        """STARTTLS at a hop with secure TLSA records: required, the certificate checked
+        against them (relayd.delivery.dane) before anything is sent under TLS."""
+        if not self.supports("starttls"):
+            raise SMTPDaneFailed(dane.no_starttls_text(name))
+        try:
+            ctx = dane.context(tlsa)
+            await self._starttls(ctx, helo, name, self._dane_check(name, tlsa))
+        except SMTPDaneFailed:
+            raise
+        except (SMTPException, TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            error = f"{type(exc).__name__}: {exc}"
+            raise SMTPDaneFailed(dane.handshake_text(name, error)) from exc
+        self.encrypted = True
+        self.dane = True
+
+    def _dane_check(self, name: str, tlsa: tuple[dane.Tlsa, ...]) -> Callable[[], None]:
+        """The check run right after the handshake: the leaf against the DANE-EE records
+        (DANE-TA ``2 0 0``: the handshake itself verified the chain and the name)."""
+        def check() -> None:
+            if not dane.checks_leaf(tlsa):
+                return
+            sslobj = self.transport.get_extra_info("ssl_object")
+            leaf = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            if not leaf or not dane.ee_matches(leaf, tlsa):
+                self.close()
+                raise SMTPDaneFailed(dane.mismatch_text(name, tlsa))
+        return check
+
+    async def _starttls(self, ctx: ssl.SSLContext, helo: str, name: str = "",
+                        check: Callable[[], None] | None = None) -> None:
         if not self.supports("starttls"):
             raise SMTPException("SMTP STARTTLS extension not supported by server.")
         code, text = await self.command(b"STARTTLS")
@@ -332,6 +371,8 @@ class Connection:
         if transport is None:
             raise SMTPServerDisconnected("connection lost during the TLS handshake")
         self.transport = transport
+        if check is not None:
+            check()  # DANE: the certificate, before EHLO goes out under TLS
         await self._hello(helo)  # the extensions may differ under TLS (RFC 3207)
 
     async def _login(self, username: str, password: str) -> None:

@@ -47,6 +47,16 @@ the zone points at a place mail must not go, and retrying for days would not
 change it. When, besides, a host's lookup failed temporarily, the error is
 temporary (that host may yet have a usable address).
 
+DANE (``[delivery] dane = "on"``, relayd.app calls ``enable_dane`` at start-up):
+only with resolvers named in ``dns_nameservers`` that answer a probe with the
+AD bit; queries then carry the DO bit (EDNS0). When the MX answer (or, for an
+implicit MX, the domain's no-MX answer) and all of a host's address answers
+were validated (AD), the host's TLSA RRset ``_PORT._tcp.HOST`` is looked up
+(PORT: ``smtp_port``) and, when validated, its records ride on the host's
+hops (``NextHop.tlsa``; relayd.delivery.dane judges them). A TLSA lookup that
+fails temporarily drops that host's hops (RFC 7672 §2.1.1: never without the
+records); none left: ``TemporaryRouteError``. Insecure answers: no TLSA.
+
 Cache: answers (positive and negative, per name and type) are kept for their
 TTL (the smallest TTL of the answer and its CNAME chain; for negative answers
 the SOA minimum), capped by ``max_ttl`` / ``max_negative_ttl``. Temporary
@@ -57,6 +67,13 @@ not coalesced: each queries.
 MTA-STS (relayd.delivery.sts) asks two more things through the same resolver
 and cache: ``txt`` (the ``_mta-sts`` record) and ``addresses`` (the policy
 host's addresses, judged by the same ``DestinationPolicy``).
+
+Failures seen: ``on_dns_failure`` (None, or a callable the app wires to the
+metrics) gets the kind of every DNS failure (relayd.delivery.routing
+``DNS_FAILURE_KINDS``): each lookup that failed temporarily (``servfail``,
+``timeout``, ``error``; not cached, so every try counts), and each ``resolve``
+that ends without a route for a DNS reason (``nxdomain``, ``no_address``,
+``null_mx``, ``invalid``; a cached answer counts again, once per attempt).
 
 Cost: ``resolve`` does network I/O on a miss (A and AAAA lookups of all MX
 hosts run concurrently, bounded by ``timeout`` each); a full cache hit does
@@ -82,16 +99,18 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
 
 from relayd.config import DeliveryConfig, parse_hostport
 from relayd.delivery.routing import (
+    DNS_FAILURE_KINDS,
     NULL_MX_MESSAGE,
     NotFoundRouteError,
     NullMxRouteError,
@@ -110,6 +129,10 @@ _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
 _TXT = dns.rdatatype.TXT
+_TLSA = dns.rdatatype.TLSA
+_DNSKEY = dns.rdatatype.DNSKEY
+#: At most this long for the start-up probe of the validating resolver (DANE).
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -119,16 +142,20 @@ class NextHop:
     host: str
     port: int
     mx: str = ""
+    tlsa: tuple[tuple[int, int, int, bytes], ...] = ()  # secure TLSA records (DANE)
 
 
 @dataclass(frozen=True)
 class _Answer:
-    """A cached lookup result: MX pairs or addresses, or NXDOMAIN."""
+    """A cached lookup result: MX pairs, addresses or TLSA records, or NXDOMAIN; ``secure``:
+    the validating resolver set the AD bit (DANE on only)."""
 
     mx: tuple[tuple[int, str], ...] = ()
     addresses: tuple[str, ...] = ()
     nxdomain: bool = False
     texts: tuple[str, ...] = ()  # TXT: each record's strings joined
+    secure: bool = False
+    tlsa: tuple[tuple[int, int, int, bytes], ...] = ()
 
 
 class _Temporary(Exception):
@@ -201,6 +228,14 @@ class MxResolver:
         self._max_mx_hosts = max_mx_hosts
         self._max_addresses = max_addresses
         self._destinations = destinations if destinations is not None else DestinationPolicy()
+        self._configured = nameservers is not None  # resolvers named in [delivery]
+        self.dane = False  # TLSA lookups (enable_dane: a validating resolver answered)
+        self.on_dns_failure: Callable[[str], None] | None = None  # (kind): metrics
+
+    def _failed(self, kind: str) -> None:
+        assert kind in DNS_FAILURE_KINDS
+        if self.on_dns_failure is not None:
+            self.on_dns_failure(kind)
 
     @classmethod
     def from_config(cls, cfg: DeliveryConfig) -> MxResolver:
@@ -223,9 +258,37 @@ class MxResolver:
         ``MxLookup``); raises a RouteError when there are none."""
         return [(h.host, h.port) for h in await self.resolve(domain)]
 
-    async def named_hops(self, domain: str) -> list[tuple[str, int, str]]:
-        """``hops`` with each address's MX host name (for TLS: SNI and verification)."""
-        return [(h.host, h.port, h.mx or h.host) for h in await self.resolve(domain)]
+    async def named_hops(self, domain: str) -> list[tuple[str, int, str,
+                                                          tuple[tuple[int, int, int, bytes], ...]]]:
+        """``hops`` with each address's MX host name (for TLS: SNI and verification) and
+        its secure TLSA records (DANE; empty when none, or DANE is off)."""
+        return [(h.host, h.port, h.mx or h.host, h.tlsa) for h in await self.resolve(domain)]
+
+    async def enable_dane(self) -> str:
+        """Turn TLSA lookups on if the configured resolver validates DNSSEC: one query
+        (the root's DNSKEY, the DO bit set) must come back with the AD bit within
+        PROBE_TIMEOUT_SECONDS. Returns "" when on, else why DANE stays off."""
+        if not self._configured:
+            return "no validating resolver configured ([delivery] dns_nameservers is empty)"
+        resolver = self._resolver
+        before = (resolver.edns, resolver.ednsflags, resolver.payload)
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        reason = "the resolver does not validate DNSSEC (no AD bit on the probe's answer)"
+        try:
+            result = await resolver.resolve(
+                dns.name.root, _DNSKEY, raise_on_no_answer=False,
+                lifetime=min(resolver.lifetime, PROBE_TIMEOUT_SECONDS))
+            flags = result.response.flags
+        except dns.resolver.NXDOMAIN as exc:
+            flags = exc.response(dns.name.root).flags
+        except dns.exception.DNSException as exc:
+            flags = 0
+            reason = f"the resolver did not answer the DNSSEC probe ({type(exc).__name__})"
+        if not flags & dns.flags.AD:
+            resolver.use_edns(*before)  # queries as without DANE
+            return reason
+        self.dane = True
+        return ""
 
     async def txt(self, name: str) -> list[str]:
         """The TXT records of ``name`` (MTA-STS: ``_mta-sts.<domain>``), cached as the
@@ -261,8 +324,10 @@ class MxResolver:
         try:
             name = dns.name.from_text(domain.rstrip(".") + ".")
         except (dns.exception.DNSException, UnicodeError, ValueError):
+            self._failed("invalid")
             raise PermanentRouteError("invalid domain name") from None
         if name == dns.name.root:
+            self._failed("invalid")
             raise PermanentRouteError("invalid domain name")
 
         try:
@@ -270,16 +335,19 @@ class MxResolver:
         except _Temporary as exc:
             raise TemporaryRouteError(f"MX lookup failed: {exc}") from None
         if answer.nxdomain:
+            self._failed("nxdomain")
             raise NotFoundRouteError("domain not found (NXDOMAIN)")
 
         if answer.mx:
             exchanges = [(pref, host) for pref, host in answer.mx if host != "."]
             if not exchanges:
+                self._failed("null_mx")
                 raise NullMxRouteError()
             hosts = self._order(exchanges)[: self._max_mx_hosts]
         else:
             hosts = [_host_text(name)]
-        return await self._hops(_host_text(name), hosts, implicit=not answer.mx)
+        return await self._hops(_host_text(name), hosts, implicit=not answer.mx,
+                                secure=self.dane and answer.secure)
 
     def _order(self, exchanges: list[tuple[int, str]]) -> list[str]:
         """Host names by preference, equal preferences shuffled, duplicates dropped."""
@@ -293,7 +361,8 @@ class MxResolver:
             ordered.extend(h for h in group if h not in ordered)
         return ordered
 
-    async def _hops(self, domain: str, hosts: list[str], *, implicit: bool) -> list[NextHop]:
+    async def _hops(self, domain: str, hosts: list[str], *, implicit: bool,
+                    secure: bool = False) -> list[NextHop]:
         """Look up every host's addresses concurrently and build the hop list."""
         jobs = [
             self._addresses(dns.name.from_text(host), rdtype)
@@ -305,15 +374,19 @@ class MxResolver:
         seen: set[str] = set()
         temporary: list[str] = []
         refused: list[str] = []
+        insecure: set[str] = set()  # hosts whose address answers were not all validated
         per_host = len(self._families)
         for i, host in enumerate(hosts):
             for result in results[i * per_host : (i + 1) * per_host]:
                 if isinstance(result, _Temporary):
                     temporary.append(f"{host}: {result}")
+                    insecure.add(host)
                     continue
                 if isinstance(result, BaseException):
                     raise result
-                addresses = list(result)
+                if not result.secure:
+                    insecure.add(host)
+                addresses = list(result.addresses)
                 self._rand.shuffle(addresses)
                 for address in addresses:
                     if address in seen:
@@ -324,6 +397,8 @@ class MxResolver:
                         refused.append(f"{address} ({reason}) of {host}")
                     elif len(hops) < self._max_addresses:
                         hops.append(NextHop(address, self._smtp_port, host))
+        if hops and secure:
+            return await self._with_tlsa(hops, set(hosts) - insecure)
         if hops:
             return hops
         if temporary:
@@ -335,14 +410,39 @@ class MxResolver:
             raise RefusedRouteError(
                 f"no usable address for {domain}: every address of its mail hosts is one "
                 f"relayd does not deliver to: {_refused_text(refused)}")
+        self._failed("no_address")
         if implicit:
             raise NotFoundRouteError("no MX and no address records for domain")
         raise NotFoundRouteError("no address records for any MX host")
 
-    async def _addresses(self, name: dns.name.Name, rdtype: int) -> tuple[str, ...]:
-        """The addresses of one type for a host (empty if none or NXDOMAIN)."""
-        answer = await self._lookup(name, rdtype)
-        return answer.addresses
+    async def _addresses(self, name: dns.name.Name, rdtype: int) -> _Answer:
+        """The answer for the addresses of one type of a host (none if NXDOMAIN)."""
+        return await self._lookup(name, rdtype)
+
+    async def _with_tlsa(self, hops: list[NextHop], secure_hosts: set[str]) -> list[NextHop]:
+        """DANE: the hops with their hosts' secure TLSA records (``_PORT._tcp.HOST``; only
+        for hosts whose addresses were validated). A host whose TLSA lookup fails is
+        dropped, never tried without it (RFC 7672 §2.1.1); none left: TemporaryRouteError."""
+        hosts = sorted({h.mx for h in hops if h.mx in secure_hosts})
+        if not hosts:
+            return hops
+        results = await asyncio.gather(
+            *(self._lookup(dns.name.from_text(f"_{self._smtp_port}._tcp.{host}"), _TLSA)
+              for host in hosts), return_exceptions=True)
+        found: dict[str, tuple[tuple[int, int, int, bytes], ...]] = {}
+        failed: dict[str, str] = {}
+        for host, result in zip(hosts, results, strict=True):
+            if isinstance(result, _Temporary):
+                failed[host] = f"{host}: {result}"
+            elif isinstance(result, BaseException):
+                raise result
+            elif result.secure and result.tlsa:
+                found[host] = result.tlsa
+        kept = [replace(h, tlsa=found.get(h.mx, ())) for h in hops if h.mx not in failed]
+        if not kept:
+            raise TemporaryRouteError("TLSA lookup failed (DANE: not delivered without it): "
+                                      + "; ".join(failed.values()))
+        return kept
 
     async def _lookup(self, name: dns.name.Name, rdtype: int) -> _Answer:
         """One DNS question, from the cache or the network; raises _Temporary."""
@@ -366,30 +466,37 @@ class MxResolver:
             self._store(key, answer, ttl)
             return answer
         except dns.resolver.NoNameservers:
+            self._failed("servfail")
             raise _Temporary("no name server answered (SERVFAIL or refused)") from None
         except dns.exception.Timeout:
+            self._failed("timeout")
             raise _Temporary("timed out") from None
         except dns.resolver.YXDOMAIN:
             answer = _Answer(nxdomain=True)
             self._store(key, answer, self._max_negative_ttl)
             return answer
         except dns.exception.DNSException as exc:
+            self._failed("error")
             raise _Temporary(type(exc).__name__) from None
 
         ttl = float(result.chaining_result.minimum_ttl)
         rrset = result.rrset
+        secure = bool(result.response.flags & dns.flags.AD)
         if rrset is None:
-            answer = _Answer()
+            answer = _Answer(secure=secure)
             self._store(key, answer, min(ttl, self._max_negative_ttl))
             return answer
         if rdtype == _MX:
             mx = tuple((int(rd.preference), _host_text(rd.exchange)) for rd in rrset)
-            answer = _Answer(mx=mx)
+            answer = _Answer(mx=mx, secure=secure)
         elif rdtype == _TXT:
             answer = _Answer(texts=tuple(b"".join(rd.strings).decode("utf-8", "replace")
-                                         for rd in rrset))
+                                         for rd in rrset), secure=secure)
+        elif rdtype == _TLSA:
+            answer = _Answer(secure=secure, tlsa=tuple(
+                (int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert)) for rd in rrset))
         else:
-            answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset))
+            answer = _Answer(addresses=tuple(str(rd.address) for rd in rrset), secure=secure)
         self._store(key, answer, min(ttl, self._max_ttl))
         return answer
 

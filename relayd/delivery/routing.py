@@ -23,6 +23,12 @@ See also: relayd.delivery.mx (raises them), relayd.queue.dispatch (handles them)
 
 from __future__ import annotations
 
+#: Kinds of DNS failure relayd.delivery.mx reports (``MxResolver.on_dns_failure``): a
+#: lookup that failed (servfail, timeout, error), or a domain left without a route for a
+#: DNS reason (nxdomain, no_address, null_mx, invalid).
+DNS_FAILURE_KINDS: tuple[str, ...] = ("servfail", "timeout", "error", "nxdomain",
+                                      "no_address", "null_mx", "invalid")
+
 #: The text of a null MX (RFC 7505) failure.
 NULL_MX_MESSAGE = "domain does not accept mail (null MX)"
 

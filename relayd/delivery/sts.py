@@ -19,6 +19,10 @@ time per domain), and what a policy does to a delivery:
 - ``none``, no policy, or no policy could be fetched and none is cached: as
   before (the configured level).
 
+An MX host with usable DANE records (``Hop.tlsa``: validated TLSA,
+relayd.delivery.dane) is left to DANE, as RFC 8461 §2 says: kept whatever the
+policy lists, checked against its records, not counted for MTA-STS.
+
 Every outcome of a hop under a policy goes to TLSRPT (relayd.delivery.tlsrpt)
 and to ``on_result(mode, result)`` (the metric); failures to ``log``.
 A refresh happens when the cached policy expired or the TXT id changed; when it
@@ -149,6 +153,9 @@ class MtaSts:
         domain = domain.lower().rstrip(".")
         out: list[Hop] = []
         for hop in hops:
+            if hop.tlsa:  # DANE before MTA-STS (RFC 8461 §2): its records decide
+                out.append(hop)
+                continue
             name = hop.mx or hop.host
             if policy.matches(name):
                 level = tlslevels.stronger(cast(TlsLevel, hop.tls), "verify") \

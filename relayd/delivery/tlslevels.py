@@ -30,8 +30,11 @@ LEVELS: tuple[TlsLevel, ...] = ("none", "may", "encrypt", "verify")
 #: ``plaintext`` (level none, or may at a host without STARTTLS), ``fallback``
 #: (may: the handshake failed, delivered in plaintext on the retry), ``encrypted``
 #: (TLS, certificate not checked), ``verified`` (TLS, certificate valid for the MX
-#: name), ``refused`` (encrypt/verify could not be met: deferred).
-TLS_OUTCOMES: tuple[str, ...] = ("plaintext", "fallback", "encrypted", "verified", "refused")
+#: name), ``refused`` (encrypt/verify could not be met: deferred), ``dane`` (TLS, the
+#: certificate matched the MX host's secure TLSA records: relayd.delivery.dane),
+#: ``dane_failed`` (secure TLSA records, and no STARTTLS, a failed handshake or no match).
+TLS_OUTCOMES: tuple[str, ...] = ("plaintext", "fallback", "encrypted", "verified", "refused",
+                                 "dane", "dane_failed")
 
 
 def is_level(value: str) -> bool:
@@ -81,10 +84,12 @@ def handshake_text(level: str, host: str, error: str) -> str:
     return f"TLS required (tls level {level}): STARTTLS with {host} failed: {error}"
 
 
-def outcome(encrypted: bool, verified: bool, fallback: bool) -> str:
+def outcome(encrypted: bool, verified: bool, fallback: bool, dane: bool = False) -> str:
     """The outcome recorded for a delivery's connection."""
     if fallback:
         return "fallback"
+    if dane:
+        return "dane"
     if verified:
         return "verified"
     return "encrypted" if encrypted else "plaintext"

@@ -51,6 +51,7 @@ class Job(msgspec.Struct, array_like=True, tag=2):
     path: str = ""  # ...unless it is in this spool file, which the child reads itself
     mx: str = ""  # the MX host name (TLS SNI, the name a certificate is verified against)
     per_connection: int = 0  # Hop.messages_per_connection
+    tlsa: tuple[tuple[int, int, int, bytes], ...] = ()  # Hop.tlsa (DANE; MX hops only)
 
 
 class Close(msgspec.Struct, array_like=True, tag=3):

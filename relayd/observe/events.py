@@ -251,6 +251,9 @@ class Observer:
         if result.tls:  # MX hops: what TLS achieved (relayd.delivery.tlslevels)
             line["tls"] = result.tls
             self.m.delivery_tls[result.tls].inc()
+            if result.tls == "dane_failed":  # the MX host and why are in the reply text
+                self.log.warning("dane_failed", id=line["id"], hop=result.next_hop,
+                                 rcpt=result.recipient, reason=result.text[:200])
             if result.tls == "fallback":
                 self.log.warning("tls_plaintext_fallback", id=line["id"],
                                  hop=result.next_hop, rcpt=result.recipient,

@@ -22,7 +22,11 @@ to every scrape forever. Per-account numbers (total sent, last connection,
 queued mail) come from the control API and the delivery log instead. Every label
 here takes its values from a fixed tuple in this module or in
 :data:`relayd.smtp.replies.REJECTION_REASONS`, and every value is created at start-up
-at zero, so a dashboard or ``rate()`` sees a series before its first event.
+at zero, so a dashboard or ``rate()`` sees a series before its first event. The one
+exception, ``destination`` (MX mode), is bounded by the configuration: a
+``[[delivery.shaping.destination]]`` name or ``other`` (relayd.queue.shaped
+``Shaping.label``), never a recipient domain outside the table; ``other`` is created
+at start-up.
 
 Process and runtime. The same registry holds prometheus_client's process
 collector (``process_open_fds`` against ``process_max_fds``, which is the soft
@@ -59,6 +63,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from relayd.delivery.hopfailures import HOP_FAILURE_KINDS
+from relayd.delivery.routing import DNS_FAILURE_KINDS
 from relayd.delivery.tlslevels import TLS_OUTCOMES
 from relayd.smtp.replies import REJECTION_REASONS
 
@@ -73,6 +79,9 @@ DELIVERY_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed", "purged
                                       "suppressed")
 #: Values of the ``outcome`` label of ``relayd_delivery_tls_total`` (relayd.delivery.tlslevels).
 DELIVERY_TLS_OUTCOMES: tuple[str, ...] = TLS_OUTCOMES
+
+#: Outcomes counted per destination (``relayd_destination_attempts_total``).
+DESTINATION_OUTCOMES: tuple[str, ...] = ("delivered", "deferred", "failed")
 
 #: End of DATA to 250: a group commit with ``synchronous=FULL`` is a few ms on an
 #: SSD; the buckets resolve 0.5 ms to 1 s.
@@ -107,6 +116,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "relayd_delivery_attempts_total",
     "relayd_delivery_duration_seconds",
     "relayd_delivery_tls_total",
+    "relayd_destination_attempts_total",
+    "relayd_destination_tls_total",
+    "relayd_mx_hop_failures_total",
+    "relayd_dns_failures_total",
     "relayd_accept_duration_seconds",
     "relayd_spool_commit_batch_size",
     "relayd_spool_free_bytes",
@@ -289,7 +302,8 @@ class Metrics:
             "delivery_tls",
             "Delivery attempts per recipient to MX hosts, by what TLS achieved (plaintext,"
             " fallback: plaintext after a failed handshake at level may, encrypted, verified,"
-            " refused: level encrypt/verify not met, deferred).",
+            " refused: level encrypt/verify not met, deferred; dane: the certificate matched"
+            " the MX host's secure TLSA records; dane_failed: DANE not met, deferred).",
             ["outcome"],
             namespace=ns,
             registry=r,
@@ -322,6 +336,8 @@ class Metrics:
             " limit; deferred: beyond it; backed_off: during a back-off) and throttling"
             " replies that backed a destination off (throttled).",
             ["destination", "kind"], namespace=ns, registry=r)
+
+        self._destination_metrics(ns, r)
 
         # --- cluster mode (relayd.cluster.node; 0 on a single node) ------------------
         self.cluster_fenced = Gauge(
@@ -361,6 +377,53 @@ class Metrics:
             namespace=ns, registry=r,
         )
         self.build_info.labels(version=version or _package_version()).set(1)
+
+    def _destination_metrics(self, ns: str, r: Registry) -> None:
+        """Attempts, TLS outcomes and failed hops by destination, DNS failures by kind
+        (MX mode). A destination label is a shaping table entry's name or ``other``
+        (relayd.queue.shaped ``Shaping.label``): bounded by the configuration."""
+        self._destination_children: dict[tuple[str, str, str], Counter] = {}
+        self.destination_attempts_total = Counter(
+            "destination_attempts", "Delivery attempts per recipient routed by MX, by"
+            " destination (a shaping table entry's name; other: the rest) and outcome.",
+            ["destination", "outcome"], namespace=ns, registry=r)
+        self.destination_tls_total = Counter(
+            "destination_tls", "Delivery attempts per recipient routed by MX, by destination"
+            " and what TLS achieved (the outcomes of relayd_delivery_tls_total).",
+            ["destination", "outcome"], namespace=ns, registry=r)
+        self.mx_hop_failures_total = Counter(
+            "mx_hop_failures", "MX hops (one address of one MX host) that failed during an"
+            " attempt, before or without the mail going to a later one, by destination and"
+            " reason (relayd.delivery.hopfailures).",
+            ["destination", "reason"], namespace=ns, registry=r)
+        self.dns_failures_total = Counter(
+            "dns_failures", "MX-mode DNS failures by reason: lookups that failed (servfail,"
+            " timeout, error) and domains left without a route (nxdomain, no_address,"
+            " null_mx, invalid).", ["reason"], namespace=ns, registry=r)
+        self.dns_failures: dict[str, Counter] = {
+            kind: self.dns_failures_total.labels(reason=kind) for kind in DNS_FAILURE_KINDS}
+        for outcome in DESTINATION_OUTCOMES:
+            self.destination_attempts_total.labels(destination="other", outcome=outcome)
+        for reason in HOP_FAILURE_KINDS:
+            self.mx_hop_failures_total.labels(destination="other", reason=reason)
+        for tls in TLS_OUTCOMES:
+            self.destination_tls_total.labels(destination="other", outcome=tls)
+
+    def by_destination(self, family: str, destination: str, value: str) -> Counter:
+        """The child of a per-destination family (``mx_hop_failures`` by reason,
+        ``destination_attempts`` / ``destination_tls`` by outcome), bound once."""
+        key = (family, destination, value)
+        child = self._destination_children.get(key)
+        if child is None:
+            if family == "mx_hop_failures":
+                child = self.mx_hop_failures_total.labels(destination=destination, reason=value)
+            elif family == "destination_attempts":
+                child = self.destination_attempts_total.labels(destination=destination,
+                                                               outcome=value)
+            else:
+                child = self.destination_tls_total.labels(destination=destination, outcome=value)
+            self._destination_children[key] = child
+        return child
 
     def set_backoffs(self, labels: list[str]) -> None:
         """The ``destination_backoff`` gauge from the destinations backed off now (a label

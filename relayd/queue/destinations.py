@@ -5,7 +5,8 @@ one group's attempt (``send_group``: route it unless it came routed, then its
 next hops in order, a recipient without an answer going on to the next one) and
 running several groups at once (``send_groups``). A group routed by MX goes
 through per-destination shaping when it is on (relayd.queue.shaped: wait, defer,
-back off). Recipients whose next hop is
+back off), and what it saw is reported to the shaper's ``Watch`` (MX hops that
+failed, the results by destination: relayd.observe.hops). Recipients whose next hop is
 known without a lookup (static route, smarthost) are grouped by hop, one
 transaction per hop; every domain that needs an MX lookup is a group of its own
 (as Postfix delivers per next-hop domain), so a slow lookup or a slow MX for
@@ -24,6 +25,7 @@ See also: relayd.queue.dispatch, relayd.delivery.client (``route``, ``route_now`
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -80,10 +82,25 @@ def destination_groups(msg: QMsg, skip: set[int],
     return list(by_key.values())
 
 
+class Watch(Protocol):
+    """What a group routed by MX reports (relayd.observe.hops ``HopWatch``); ``dest``
+    is its destination's metrics label (``Shaper.label``: bounded)."""
+
+    def hop_failed(self, msg_id: int, domain: str, dest: str, hop: Hop, text: str,
+                   rcpts: int) -> None: ...
+
+    def attempted(self, dest: str, results: list[AttemptResult]) -> None: ...
+
+
 class Shaper(Protocol):
-    """Per-destination shaping (relayd.queue.shaped ``Shaping``), as a group uses it."""
+    """Per-destination shaping (relayd.queue.shaped ``Shaping``), as a group uses it;
+    its ``watch`` (None: nothing reported) is told what its groups saw."""
+
+    watch: Watch | None
 
     def destination(self, domain: str, hops: list[Hop]) -> str: ...
+
+    def label(self, name: str) -> str: ...
 
     async def send(self, dest: str, chain: tuple[Hop, ...], idxs: list[int],
                    run: Callable[[tuple[Hop, ...]], Awaitable[list[AttemptResult]]],
@@ -95,8 +112,10 @@ async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, gro
                      clock: Callable[[], float], result: Result,
                      shaping: Shaper | None = None) -> list[AttemptResult]:
     """Route the group (unless it came routed: never shaped), then send it along its
-    chain of hops, within its destination's shape when the route was looked up."""
+    chain of hops, within its destination's shape when the route was looked up (the
+    shaper's ``watch``, if any, told of its failed hops and its results)."""
     chain = group.chain
+    watch = shaping.watch if shaping is not None else None
     if chain is not None:
         return await send_chain(sender, msg, data, chain, group.idxs, clock, result)
     try:
@@ -108,27 +127,43 @@ async def send_group(sender: Transmitter, msg: QMsg, data: bytes | BodyFile, gro
         else:
             code, text = None, str(exc)
         now = clock()
-        return [result(i, "-", code, text, now, False, "") for i in group.idxs]
+        failed = [result(i, "-", code, text, now, False, "") for i in group.idxs]
+        if watch is not None and shaping is not None:
+            watch.attempted(shaping.label(shaping.destination(group.domain, [])), failed)
+        return failed
     if shaping is None:
         return await send_chain(sender, msg, data, chain, group.idxs, clock, result)
     dest = shaping.destination(group.domain, list(chain))
-    return await shaping.send(
+    label = shaping.label(dest)
+    on_failed = None if watch is None else functools.partial(
+        watch.hop_failed, msg.id, group.domain, label)
+    results = await shaping.send(
         dest, chain, group.idxs,
-        lambda c: send_chain(sender, msg, data, c, group.idxs, clock, result),
+        lambda c: send_chain(sender, msg, data, c, group.idxs, clock, result, on_failed),
         lambda i, text, now: result(i, "-", None, text, now, False, ""))
+    if watch is not None:
+        watch.attempted(label, results)
+    return results
 
 
 async def send_chain(sender: Transmitter, msg: QMsg, data: bytes | BodyFile,
                      chain: tuple[Hop, ...], idxs: list[int], clock: Callable[[], float],
-                     result: Result) -> list[AttemptResult]:
+                     result: Result,
+                     on_failed: Callable[[Hop, str, int], None] | None = None
+                     ) -> list[AttemptResult]:
     """Try the hops of a chain in order: a recipient without an answer (connection
-    trouble) goes to the next one."""
+    trouble) goes to the next one; ``on_failed`` gets each hop that left recipients
+    without an answer (the hop, the first such reply's text, how many)."""
     results: list[AttemptResult] = []
     pending = idxs
     for n, h in enumerate(chain):
         rcpts = [msg.rcpts[i][0] for i in pending]
         replies = await sender.send(h, msg.sender, rcpts, data)
         now = clock()
+        if on_failed is not None:
+            unanswered = [rep.text for rep in replies if rep.code is None]
+            if unanswered:
+                on_failed(h, unanswered[0], len(unanswered))
         retry_next: list[int] = []
         for i, rep in zip(pending, replies, strict=True):
             if rep.code is None and n < len(chain) - 1:

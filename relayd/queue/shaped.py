@@ -28,6 +28,7 @@ from typing import Any
 
 from relayd.config import ShapingConfig
 from relayd.delivery.client import Hop
+from relayd.queue.destinations import Watch
 from relayd.queue.shaping import Shaper, State
 from relayd.store.records import AttemptResult
 
@@ -51,6 +52,7 @@ class Shaping:
         self.max_waiting = max(1, workers // 4)
         self.on_event: Callable[[str, str], None] | None = None  # (destination label, kind)
         self.log: Callable[..., Any] | None = None  # (event, **fields): a back-off starts
+        self.watch: Watch | None = None  # failed MX hops, results by destination (app sets it)
         self._waiting: dict[str, int] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._forgot = 0.0
