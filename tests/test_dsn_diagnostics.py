@@ -82,7 +82,15 @@ async def test_a_remote_refusal_keeps_its_smtp_diagnostic(mx_relay: MxRelay, sin
     block = await bounce_for(mx_relay, sink, "r@dest.test")
     assert block["Status"] == "5.1.1"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user here"
-    assert block["Remote-MTA"].startswith("dns; mx1.dest.test[127.0.0.1]:")
+    assert block["Remote-MTA"] == "dns; mx1.dest.test"  # a host name (RFC 3464), as Postfix
+
+
+def test_remote_mta_is_a_host_name_or_an_address_literal() -> None:
+    assert dsn.remote_mta_name("mx1.example[192.0.2.1]:25") == "mx1.example"
+    assert dsn.remote_mta_name("mx1.example[2001:db8::1]:25") == "mx1.example"
+    assert dsn.remote_mta_name("192.0.2.1:2525") == "[192.0.2.1]"
+    assert dsn.remote_mta_name("[2001:db8::1]:25") == "[2001:db8::1]"
+    assert dsn.remote_mta_name("mx.remote.test") == "mx.remote.test"
 
 
 async def test_expiry_is_relayds_own_verdict_with_4_4_7(mx_relay: MxRelay, sink: Sink,

@@ -153,6 +153,19 @@ def _human_text(reporting_mta: str, postmaster: str, queue_id: str, failures: li
     return "\r\n".join(lines) + "\r\n"
 
 
+def remote_mta_name(hop: str) -> str:
+    """The Remote-MTA of a next hop as logged (``mx.example[IP]:PORT``, ``IP:PORT``,
+    ``[IPv6]:PORT``): the host name RFC 3464's ``dns`` type wants, as Postfix writes
+    it (``mx.example``), else the address as an SMTP address literal (``[IP]``)."""
+    name, bracket, rest = hop.partition("[")
+    if bracket and name:
+        return name
+    if bracket:  # [IPv6]:PORT
+        return "[" + rest.partition("]")[0] + "]"
+    host, colon, port = hop.rpartition(":")
+    return f"[{host}]" if colon and port.isdigit() else hop
+
+
 def _delivery_status(
     reporting_mta: str,
     queue_id: str,
@@ -175,7 +188,7 @@ def _delivery_status(
             f"Status: {clean_status(failure.status)}",
         ]
         if failure.remote_mta:
-            block.append(f"Remote-MTA: dns; {clean_field(failure.remote_mta)}")
+            block.append(f"Remote-MTA: dns; {clean_field(remote_mta_name(failure.remote_mta))}")
         kind = "smtp" if failure.diagnostic_type == "smtp" else OWN_DIAGNOSTIC
         block.append(f"Diagnostic-Code: {kind}; {clean_field(failure.diagnostic)}")
         block.append(f"Last-Attempt-Date: {formatdate(now, usegmt=True)}")
