@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP as AioSMTP
@@ -29,10 +28,15 @@ from cryptography.x509.oid import NameOID
 
 from relayd.app import Relay
 from relayd.delivery import dane
-from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config
-from tests.conftest import start_relay as _start_relay
+from tests.conftest import RelayHandle, Sink, _SinkHandler
 from tests.dnsserver import DnsServer
-from tests.test_queue_support import eventually, log_entries, submit
+from tests.mxsupport import (
+    expect_deferred,
+    expect_delivered,
+    mx_relay_starter,
+    send_one,
+    tls_count,
+)
 
 #: kind -> (MX host name, address)
 HOSTS = {
@@ -171,54 +175,25 @@ DaneRelay = Callable[..., Awaitable[RelayHandle]]
 async def dane_relay(tmp_path: Path, mx_sinks: MxSinks, dns: DnsServer) -> AsyncIterator[DaneRelay]:
     """A relay in MX mode with ``dane = "on"`` and the test DNS server as its resolver."""
     started: list[Relay] = []
-
-    async def start(**delivery: Any) -> RelayHandle:
-        cfg = make_config(tmp_path / f"r{len(started)}", "127.0.0.1:9")
-        fields = {**msgspec.to_builtins(cfg.delivery), "mode": "mx", "dane": "on",
-                  "dns_nameservers": [f"{dns.host}:{dns.port}"], "mx_port": mx_sinks.port,
-                  "mx_allowed_networks": ["127.0.0.0/8"], **delivery}
-        cfg = msgspec.structs.replace(
-            cfg, delivery=msgspec.convert(fields, type=type(cfg.delivery)))
-        handle = await _start_relay(cfg, started)
-        await handle.ctl.add_domain("example.com")
-        return handle
-
-    yield start
+    yield mx_relay_starter(tmp_path, dns, mx_sinks.port, started, dane="on")
     for r in started:
         await r.stop()
 
 
 async def _one(relay: RelayHandle, kind: str) -> dict[str, Any]:
     """Send one message to the domain whose MX is of this kind; its first log entry."""
-    account = await relay.ctl.add_user("example.com")
-    rcpt = f"r@{_domain(kind)}"
-    await submit(relay, account, [rcpt])
-
-    async def entry() -> dict[str, Any] | None:
-        return next((e for e in await log_entries(relay) if e["recipient"] == rcpt), None)
-
-    found: dict[str, Any] = await eventually(entry)
-    return found
+    return await send_one(relay, f"r@{_domain(kind)}")
 
 
-def _tls(relay: RelayHandle, outcome: str) -> float:
-    value: float = relay.relay.metrics.delivery_tls[outcome]._value.get()
-    return value
+_tls = tls_count
 
 
 async def _delivered(relay: RelayHandle, sinks: MxSinks, kind: str) -> dict[str, Any]:
-    entry = await _one(relay, kind)
-    assert entry["outcome"] == "delivered", entry
-    [got] = await sinks.sinks[kind].wait_for(1)
-    assert got.rcpt_tos == [f"r@{_domain(kind)}"]
-    return entry
+    return await expect_delivered(relay, sinks.sinks[kind], f"r@{_domain(kind)}")
 
 
 async def _deferred(relay: RelayHandle, sinks: MxSinks, kind: str, reason: str) -> None:
-    entry = await _one(relay, kind)
-    assert entry["outcome"] == "deferred", entry
-    assert reason in entry["text"], entry
-    assert sinks.sinks[kind].messages == []
+    await expect_deferred(relay, sinks.sinks[kind], f"r@{_domain(kind)}", reason)
 
 
 # --- DANE-EE ----------------------------------------------------------------------------

@@ -23,9 +23,15 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from relayd.app import Relay
 from relayd.delivery import tlslevels
-from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config, message, start_relay
+from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config, message
 from tests.dnsserver import DnsServer
-from tests.test_queue_support import eventually, log_entries, submit
+from tests.mxsupport import (
+    expect_deferred,
+    expect_delivered,
+    mx_relay_starter,
+    send_one,
+    tls_count,
+)
 
 #: MX host name -> (address, kind of server there)
 HOSTS = {
@@ -137,55 +143,25 @@ async def tls_relay(tmp_path: Path, mx_sinks: MxSinks, dns: DnsServer,
     started: list[Relay] = []
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-
-    async def start(**delivery: Any) -> RelayHandle:
-        cfg = make_config(tmp_path / f"r{len(started)}", "127.0.0.1:9")
-        fields = {**msgspec.to_builtins(cfg.delivery), "mode": "mx",
-                  "dns_nameservers": [f"{dns.host}:{dns.port}"], "mx_port": mx_sinks.port,
-                  "mx_allowed_networks": ["127.0.0.0/8"], "tls_ca_file": str(ca_file),
-                  **delivery}
-        cfg = msgspec.structs.replace(
-            cfg, delivery=msgspec.convert(fields, type=type(cfg.delivery)))
-        handle = await start_relay(cfg, started)
-        await handle.ctl.add_domain("example.com")
-        return handle
-
-    yield start
+    yield mx_relay_starter(tmp_path, dns, mx_sinks.port, started, tls_ca_file=str(ca_file))
     for r in started:
         await r.stop()
 
 
 async def _one(relay: RelayHandle, kind: str) -> dict[str, Any]:
     """Send one message to the domain whose MX is of this kind; its first log entry."""
-    account = await relay.ctl.add_user("example.com")
-    rcpt = f"r@{DOMAIN[kind]}"
-    await submit(relay, account, [rcpt])
-
-    async def entry() -> dict[str, Any] | None:
-        return next((e for e in await log_entries(relay) if e["recipient"] == rcpt), None)
-
-    found: dict[str, Any] = await eventually(entry)
-    return found
+    return await send_one(relay, f"r@{DOMAIN[kind]}")
 
 
-def _tls(relay: RelayHandle, outcome: str) -> float:
-    value: float = relay.relay.metrics.delivery_tls[outcome]._value.get()
-    return value
+_tls = tls_count
 
 
 async def _delivered(relay: RelayHandle, sinks: MxSinks, kind: str) -> dict[str, Any]:
-    entry = await _one(relay, kind)
-    assert entry["outcome"] == "delivered", entry
-    [got] = await sinks.sinks[kind].wait_for(1)
-    assert got.rcpt_tos == [f"r@{DOMAIN[kind]}"]
-    return entry
+    return await expect_delivered(relay, sinks.sinks[kind], f"r@{DOMAIN[kind]}")
 
 
 async def _deferred(relay: RelayHandle, sinks: MxSinks, kind: str, reason: str) -> None:
-    entry = await _one(relay, kind)
-    assert entry["outcome"] == "deferred", entry
-    assert reason in entry["text"], entry
-    assert sinks.sinks[kind].messages == []
+    await expect_deferred(relay, sinks.sinks[kind], f"r@{DOMAIN[kind]}", reason)
     assert _tls(relay, "refused") >= 1
 
 
