@@ -1,22 +1,60 @@
 """Helpers shared by the MX-mode TLS tests (tests/test_mx_tls.py, test_dane.py,
-test_mta_sts.py): a relay in MX mode pointed at the tests' DNS server and MX sinks,
-one message to a recipient and its delivery-log entry, and the TLS outcome counters.
+test_mta_sts.py): MX sinks on 127.0.0.x sharing one port, each with its own TLS
+context; a relay in MX mode pointed at the tests' DNS server and those sinks; one
+message to a recipient and its delivery-log entry; the TLS outcome counters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from aiosmtpd.smtp import SMTP as AioSMTP
 
 from relayd.app import Relay
-from tests.conftest import RelayHandle, Sink, make_config, start_relay
+from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config, start_relay
 from tests.dnsserver import DnsServer
 from tests.test_queue_support import eventually, log_entries, submit
 
 MxRelay = Callable[..., Awaitable[RelayHandle]]
+#: (key, address, TLS context or None for no STARTTLS, server class)
+SinkSpec = tuple[str, str, "ssl.SSLContext | None", type[AioSMTP]]
+
+
+async def start_mx_sinks(specs: Iterable[SinkSpec]) -> tuple[dict[str, Sink], int]:
+    """One aiosmtpd sink per spec, all on one port (the first one's, free): (sinks by
+    key, port). OSError when that port is taken at a later address (the caller tries
+    again); the sinks started so far are closed then."""
+    loop = asyncio.get_running_loop()
+    sinks: dict[str, Sink] = {}
+    port = 0
+    try:
+        for key, addr, ctx, cls in specs:
+            sink = Sink(host=addr)
+            handler = _SinkHandler(sink)
+
+            def factory(sink: Sink = sink, handler: _SinkHandler = handler,
+                        ctx: ssl.SSLContext | None = ctx, cls: type[AioSMTP] = cls) -> AioSMTP:
+                sink.connections += 1
+                return cls(handler, hostname=f"sink-{sink.host}", tls_context=ctx)
+
+            sink.server = await loop.create_server(factory, addr, port)
+            sink.port = port = sink.server.sockets[0].getsockname()[1]
+            sinks[key] = sink
+    except OSError:
+        close_sinks(sinks)
+        raise
+    return sinks, port
+
+
+def close_sinks(sinks: dict[str, Sink]) -> None:
+    for sink in sinks.values():
+        if sink.server is not None:
+            sink.server.close()
 
 
 def mx_relay_starter(tmp_path: Path, dns: DnsServer, port: int, started: list[Relay],

@@ -28,13 +28,15 @@ from cryptography.x509.oid import NameOID
 
 from relayd.app import Relay
 from relayd.delivery import dane
-from tests.conftest import RelayHandle, Sink, _SinkHandler
+from tests.conftest import RelayHandle, Sink
 from tests.dnsserver import DnsServer
 from tests.mxsupport import (
+    close_sinks,
     expect_deferred,
     expect_delivered,
     mx_relay_starter,
     send_one,
+    start_mx_sinks,
     tls_count,
 )
 
@@ -104,26 +106,11 @@ class MxSinks:
         return ctx
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for kind, (name, addr) in HOSTS.items():
-            sink = Sink(host=addr)
-            handler = _SinkHandler(sink)
-            ctx = self._ctx(kind, name)
-
-            def factory(sink: Sink = sink, handler: _SinkHandler = handler,
-                        ctx: ssl.SSLContext | None = ctx) -> AioSMTP:
-                sink.connections += 1
-                return AioSMTP(handler, hostname=f"sink-{sink.host}", tls_context=ctx)
-
-            sink.server = await loop.create_server(factory, addr, self.port)
-            sink.port = sink.server.sockets[0].getsockname()[1]
-            self.port = sink.port
-            self.sinks[kind] = sink
+        self.sinks, self.port = await start_mx_sinks(
+            (kind, addr, self._ctx(kind, name), AioSMTP) for kind, (name, addr) in HOSTS.items())
 
     def close(self) -> None:
-        for sink in self.sinks.values():
-            if sink.server is not None:
-                sink.server.close()
+        close_sinks(self.sinks)
 
 
 @pytest.fixture(scope="module")

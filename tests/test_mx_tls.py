@@ -23,13 +23,15 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from relayd.app import Relay
 from relayd.delivery import tlslevels
-from tests.conftest import RelayHandle, Sink, _SinkHandler, make_config, message
+from tests.conftest import RelayHandle, Sink, make_config, message
 from tests.dnsserver import DnsServer
 from tests.mxsupport import (
+    close_sinks,
     expect_deferred,
     expect_delivered,
     mx_relay_starter,
     send_one,
+    start_mx_sinks,
     tls_count,
 )
 
@@ -86,27 +88,12 @@ class MxSinks:
         return ctx
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for name, (addr, kind) in HOSTS.items():
-            sink = Sink(host=addr)
-            handler = _SinkHandler(sink)
-            ctx = self._ctx(kind, name)
-            cls = _BrokenStartTLS if kind == "broken" else AioSMTP
-
-            def factory(sink: Sink = sink, handler: _SinkHandler = handler,
-                        ctx: ssl.SSLContext | None = ctx, cls: type[AioSMTP] = cls) -> AioSMTP:
-                sink.connections += 1
-                return cls(handler, hostname=f"sink-{sink.host}", tls_context=ctx)
-
-            sink.server = await loop.create_server(factory, addr, self.port)
-            sink.port = sink.server.sockets[0].getsockname()[1]
-            self.port = sink.port
-            self.sinks[kind] = sink
+        self.sinks, self.port = await start_mx_sinks(
+            (kind, addr, self._ctx(kind, name), _BrokenStartTLS if kind == "broken" else AioSMTP)
+            for name, (addr, kind) in HOSTS.items())
 
     def close(self) -> None:
-        for sink in self.sinks.values():
-            assert sink.server is not None
-            sink.server.close()
+        close_sinks(self.sinks)
 
 
 @pytest.fixture(scope="module")
