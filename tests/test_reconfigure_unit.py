@@ -166,10 +166,10 @@ def test_mx_resolver_from_config_answers_an_address_literal_without_dns() -> Non
     """from_config wires [delivery] mx_port and the destination policy into the resolver."""
     allowed = DeliveryConfig(mode="mx", mx_port=2600, mx_allowed_networks=("127.0.0.0/8",),
                              dns_nameservers=("127.0.0.1:5353",))
-    assert asyncio.run(MxResolver.from_config(allowed).hops("[127.0.0.1]")) == [
-        ("127.0.0.1", 2600)]
+    assert [h[:2] for h in asyncio.run(MxResolver.from_config(allowed).named_hops(
+        "[127.0.0.1]"))] == [("127.0.0.1", 2600)]
     with pytest.raises(RefusedRouteError) as refused:
-        asyncio.run(MxResolver.from_config(DeliveryConfig(mode="mx")).hops("[127.0.0.1]"))
+        asyncio.run(MxResolver.from_config(DeliveryConfig(mode="mx")).named_hops("[127.0.0.1]"))
     assert (refused.value.code, refused.value.status) == (550, "5.4.4")
 
 

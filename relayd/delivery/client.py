@@ -409,9 +409,6 @@ class Pool:
 class MxLookup(Protocol):
     """MX resolution (relayd.delivery.mx); raises relayd.delivery.routing.RouteError."""
 
-    async def hops(self, domain: str) -> list[tuple[str, int]]:
-        """(host, port) pairs to try, best first."""
-
     async def named_hops(self, domain: str) -> list[tuple[str, int, str, tuple[dane.Tlsa, ...]]]:
         """(address, port, MX host name, its secure TLSA records) to try, best first."""
 

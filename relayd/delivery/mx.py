@@ -253,15 +253,11 @@ class MxResolver:
         return cls(nameservers=nameservers, port=port, smtp_port=cfg.mx_port,
                    destinations=destinations)
 
-    async def hops(self, domain: str) -> list[tuple[str, int]]:
-        """(address, port) pairs for ``domain``, best first (relayd.delivery.client's
-        ``MxLookup``); raises a RouteError when there are none."""
-        return [(h.host, h.port) for h in await self.resolve(domain)]
-
     async def named_hops(self, domain: str) -> list[tuple[str, int, str,
                                                           tuple[tuple[int, int, int, bytes], ...]]]:
-        """``hops`` with each address's MX host name (for TLS: SNI and verification) and
-        its secure TLSA records (DANE; empty when none, or DANE is off)."""
+        """(address, port, MX host name, secure TLSA records) for ``domain``, best first
+        (relayd.delivery.client's ``MxLookup``; the name for TLS: SNI and verification; the
+        records for DANE, empty when none or DANE is off); a RouteError when none."""
         return [(h.host, h.port, h.mx or h.host, h.tlsa) for h in await self.resolve(domain)]
 
     async def enable_dane(self) -> str:
