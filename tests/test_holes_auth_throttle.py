@@ -129,6 +129,46 @@ async def test_parallel_first_logins_share_one_verification(
         c.close()
 
 
+async def test_cached_logins_of_one_account_neither_wait_nor_count(
+        relay_factory: RelayFactory) -> None:
+    """Once the password is cached, 30 concurrent logins of the account are answered from the
+    cache: every one a hit, no verification, nothing left in the throttle."""
+    relay = await _relay(relay_factory, {"auth_failures_before_disconnect": 3}, SLOW_ARGON2)
+    user, password = await relay.ctl.add_user()
+    assert await _auth(relay, "127.0.0.36", user, password) == OK  # argon2 once: cached
+    conns = await asyncio.gather(*(_ehlo(relay, "127.0.0.36") for _ in range(30)))
+    before = relay.relay.hasher.verifications
+    hits = value(await scrape(relay.metrics_url), "relayd_credential_cache_hits_total")
+    got = await asyncio.gather(*(c.cmd(f"AUTH PLAIN {plain(user, password)}", timeout=30)
+                                 for c in conns))
+    assert got == [OK] * 30
+    assert relay.relay.hasher.verifications == before
+    assert value(await scrape(relay.metrics_url),
+                 "relayd_credential_cache_hits_total") == hits + 30
+    assert (await relay.ctl.ok("GET", "/v1/throttle"))["entries"] == []
+    for c in conns:
+        c.close()
+
+
+async def test_a_cached_password_does_not_pass_a_lockout(relay_factory: RelayFactory) -> None:
+    """The cache answers no login that the throttle would refuse: a username locked from an
+    address (and an address locked as a whole) gets 421 for its right, cached password too,
+    so a lockout is no oracle for guesses; another address still logs in from the cache."""
+    relay = await _relay(relay_factory, {"auth_failures_before_disconnect": 3,
+                                         "auth_max_usernames_per_address": 3})
+    user, password = await relay.ctl.add_user()
+    assert await _auth(relay, "127.0.0.37", user, password) == OK  # now cached
+    raw = await _ehlo(relay, "127.0.0.37")
+    for i in range(3):
+        assert await raw.cmd(f"AUTH PLAIN {plain(user, f'guess{i}')}") == INVALID
+    assert await raw.reply() == CLOSING
+    assert await _auth(relay, "127.0.0.37", user, password) == CLOSING
+    assert await _auth(relay, "127.0.0.38", user, password) == OK
+    for i in range(3):  # three unknown usernames from one address lock the address
+        assert await _auth(relay, "127.0.0.39", f"nobody{i}", "x") == INVALID
+    assert (await _auth(relay, "127.0.0.39", user, password)).startswith("421 ")
+
+
 async def test_plain_then_login_with_the_same_wrong_password_counts_once(
         relay_factory: RelayFactory) -> None:
     """smtplib's login() with a wrong password (PLAIN, then LOGIN) is one failure, not two."""
@@ -291,6 +331,23 @@ def test_policy_a_running_success_lets_the_waiting_attempt_go() -> None:
     assert t.finish(first, 0.1, ok=True, reason="success") == (0.0, None)
     assert t.begin("10.0.0.1", "u", b"good", 0.2).attempt is not None
     assert t.entries(0.2) == []
+
+
+def test_policy_locked_and_succeeded_change_nothing_else() -> None:
+    """``locked`` says what ``begin`` would refuse as locked, counting nothing; ``succeeded``
+    forgets the pair's failures as a successful check does."""
+    t = _throttle()
+    assert not t.locked("10.0.0.1", "u", 0.0)
+    _fail(t, "10.0.0.1", "u", b"a", 0.0)
+    assert not t.locked("10.0.0.1", "u", 0.0)
+    t.succeeded("10.0.0.1", "u")
+    assert t.entries(0.0) == []
+    for i, secret in enumerate((b"a", b"b", b"c")):
+        _fail(t, "10.0.0.1", "u", secret, float(i))
+    assert t.locked("10.0.0.1", "u", 3.0) and not t.locked("10.0.0.1", "v", 3.0)
+    assert not t.locked("10.0.0.2", "u", 3.0)
+    assert t.begin("10.0.0.1", "u", b"right", 3.0).refusal == replies.AUTH_RATE_LIMITED
+    assert not t.locked("10.0.0.1", "u", 200.0)  # the lockout is over
 
 
 def test_policy_the_same_secret_again_is_a_repeat_not_a_failure() -> None:

@@ -144,6 +144,17 @@ class CredentialCache:
             h.update(part)
         return h.digest()
 
+    def hit(self, account: Account | None, password: bytes) -> bool:
+        """True (and counted as a hit) if ``password`` is a cached verification of a usable
+        ``account``: a success decided without argon2 and without awaiting anything."""
+        if account is None or account.status == DELETED or not account.usable:
+            return False
+        if not self._hit(account, self._digest(account, password)):
+            return False
+        if self._on_hit is not None:
+            self._on_hit()
+        return True
+
     async def check(self, account: Account | None, password: bytes) -> AuthOutcome:
         """Decide whether ``password`` authenticates ``account`` (None = unknown user)."""
         if account is None:

@@ -320,7 +320,9 @@ class AuthThrottle:
     told to wait for them, so N parallel connections get at most
     ``max_failures`` verifications per username (``max_usernames`` new
     usernames per address) before the 421s. A correct password waits at most
-    the time of the checks before it, and is never refused for them.
+    the time of the checks before it, and is never refused for them. A password
+    the credential cache answers is no attempt at all: the server asks only
+    :meth:`locked` (a lock refuses it too) and tells :meth:`succeeded`.
 
     The same secret failing again for the same username from the same
     address within ``AUTH_REPEAT_WINDOW`` (a ``fingerprint``: a keyed digest
@@ -403,6 +405,39 @@ class AuthThrottle:
         u.in_flight += 1
         u.pending.append(fingerprint)
         return Admission(attempt=AuthAttempt(key, ukey, fingerprint, exempt, a, u))
+
+    def locked(self, peer_ip: str, username: str, now: float) -> bool:
+        """Whether :meth:`begin` would refuse ``username`` from ``peer_ip`` as locked now
+        (the address as a whole, or that pair). Nothing is counted or changed."""
+        key = _address_key(peer_ip)
+        a = self._addrs.get(key)
+        if a is None:
+            return False
+        if a.locked_until > now and not self._exempt.contains(key):
+            return True
+        u = a.users.get(_user_key(username))
+        if u is None or self._expired(u, now):
+            return False
+        return u.locked_until > now or u.failures >= self.max_failures
+
+    def succeeded(self, peer_ip: str, username: str) -> None:
+        """A login decided without a check (a credential-cache hit, see relayd.smtp.server):
+        that username's failures from that address are forgotten, as after a successful
+        check. Nothing is counted: a cached verification is not a guess."""
+        key = _address_key(peer_ip)
+        a = self._addrs.get(key)
+        if a is None:
+            return
+        ukey = _user_key(username)
+        u = a.users.get(ukey)
+        if u is None:
+            return
+        u.failures = 0
+        u.recent.clear()
+        if not u.counts() and not u.locked_until:
+            self._drop_user(a, ukey)
+        if not a.users and not a.locked_until:
+            del self._addrs[key]
 
     def finish(self, attempt: AuthAttempt, now: float, *, ok: bool,
                reason: str) -> tuple[float, Reply | None]:

@@ -3,8 +3,9 @@
 Owns: the per-connection ``asyncio.Protocol`` (``RelaySMTP``) that feeds the
 bytes it receives to a ``Session`` (the protocol state machine), writes the
 replies it gives, and answers its events: the credential check of an AUTH
-(argon2 in a thread pool through relayd.directory.credentials, each check
-admitted and counted from its start by relayd.smtp.policy.AuthThrottle), the
+(a credential-cache hit at once, unless the throttle has the client locked;
+otherwise argon2 in a thread pool through relayd.directory.credentials, each
+check admitted and counted from its start by relayd.smtp.policy.AuthThrottle), the
 acceptance of a message (Received header, DKIM signing, the durable commit,
 then ``250``) and the STARTTLS upgrade (``loop.start_tls``). Also: the greeting
 and the connection limits, the idle timeout, flow control in both directions,
@@ -483,6 +484,15 @@ async def _authenticate(conn: RelaySMTP, req: AuthRequest) -> None:
         session.reject(replies.FENCED_AUTH)
         return
     throttle = ctx.throttle
+    account = ctx.directory.account(username) if username else None
+    if account is not None and not throttle.locked(st.peer_ip, username, ctx.clock()) \
+            and ctx.credentials.hit(account, password):
+        # A cached verification of a usable account is not a guess: no throttle turn (which
+        # would make concurrent logins of one account wait for each other), no await.
+        throttle.succeeded(st.peer_ip, username)
+        ctx.events.auth_result(st, username, "success", True)
+        session.authenticated(account)
+        return
     while True:  # the throttle counts the check from its start (policy.AuthThrottle)
         account = ctx.directory.account(username) if username else None
         admission = throttle.begin(
