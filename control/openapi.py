@@ -15,6 +15,7 @@ See also: control.schemas (the table and the types), relayd.controlplane.server.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -115,6 +116,18 @@ def _null_last(node: Any) -> Any:
     return node
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Every ``description`` (a struct's docstring) dedented with ``inspect.cleandoc``:
+    msgspec 0.23 keeps the docstring's indentation where 0.22 removed it, and the
+    document must not depend on the version."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+                else _clean_descriptions(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the control API, as a JSON-able dict."""
     types: list[type[msgspec.Struct]] = [schemas.Error]
@@ -153,7 +166,7 @@ def document() -> dict[str, Any]:
                      "description": "the control socket (HTTP over AF_UNIX; the host is"
                                     " not used)"}],
         "paths": paths,
-        "components": {"schemas": _null_last(components)},
+        "components": {"schemas": _clean_descriptions(_null_last(components))},
     }
 
 
