@@ -29,7 +29,6 @@ import asyncio
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
 
 from relayd.delivery.client import BodyFile, Hop, Pools
 from relayd.delivery.wire import (
@@ -45,9 +44,7 @@ from relayd.delivery.wire import (
     ToAgent,
     ToSigner,
 )
-
-if TYPE_CHECKING:
-    from relayd.dkim import signature as dkim
+from relayd.dkim import signature as dkim
 
 #: Signatures made back to back before the child's loop turns again. Large
 #: enough that a normal burst (one per waiting SMTP session of the parent) is
@@ -126,12 +123,6 @@ class SignSide(_Child):
 
     def __init__(self) -> None:
         super().__init__(ToSigner)
-        # Imported here, not at the top: only this role signs, and the library
-        # behind it (cryptography) costs each delivery agent ~9 MiB of RSS.
-        from relayd.dkim.signature import Signer, sign_many
-
-        self._new_signer = Signer
-        self._sign_many = sign_many
         self.signers: dict[int, dkim.Signer] = {}  # key id -> signer (SignKey frames)
         self._to_sign: list[tuple[Sign, bytes]] = []  # Sign frames not signed yet
 
@@ -153,7 +144,7 @@ class SignSide(_Child):
     def _add_key(self, key: SignKey) -> None:
         """Load a key (it comes just before its first use); a bad one fails its Sign jobs."""
         try:
-            self.signers[key.key_id] = self._new_signer(key.domain, key.selector, key.pem)
+            self.signers[key.key_id] = dkim.Signer(key.domain, key.selector, key.pem)
         except Exception:  # noqa: S110 - its Sign jobs then fail (KeyError): the session says 451
             pass
 
@@ -174,7 +165,7 @@ class SignSide(_Child):
                 answers.append((job.id, ""))
             except KeyError as exc:  # a key that did not load: the session says 451
                 answers.append((job.id, f"unknown DKIM key {exc}"))
-        results = iter(self._sign_many(jobs, crlf_only=True))
+        results = iter(dkim.sign_many(jobs, crlf_only=True))
         for job_id, error in answers:  # answered, never left hanging
             if not error:
                 out = next(results)
