@@ -163,11 +163,9 @@ class CredentialCache:
         if account.status == DELETED:
             await self.hasher.verify(None, password)
             return AuthOutcome(False, "account_deleted", False)
-        digest = self._digest(account, password)
-        if account.usable and self._hit(account, digest):
-            if self._on_hit is not None:
-                self._on_hit()
+        if self.hit(account, password):
             return AuthOutcome(True, "success", True)
+        digest = self._digest(account, password)
         if self._on_miss is not None:
             self._on_miss()
         epoch = account.epoch

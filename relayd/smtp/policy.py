@@ -430,14 +430,8 @@ class AuthThrottle:
             return
         ukey = _user_key(username)
         u = a.users.get(ukey)
-        if u is None:
-            return
-        u.failures = 0
-        u.recent.clear()
-        if not u.counts() and not u.locked_until:
-            self._drop_user(a, ukey)
-        if not a.users and not a.locked_until:
-            del self._addrs[key]
+        if u is not None:
+            self._forgive(key, a, ukey, u)
 
     def finish(self, attempt: AuthAttempt, now: float, *, ok: bool,
                reason: str) -> tuple[float, Reply | None]:
@@ -454,9 +448,7 @@ class AuthThrottle:
         if attempt.fingerprint in u.pending:
             u.pending.remove(attempt.fingerprint)
         if ok:
-            u.failures = 0
-            u.recent.clear()
-            self._drop_if_idle(attempt)
+            self._forgive(attempt.address, a, attempt.username, u)
             return 0.0, None
         u.failures += 1
         u.last = now
@@ -483,7 +475,7 @@ class AuthThrottle:
         u.in_flight -= 1
         if attempt.fingerprint in u.pending:
             u.pending.remove(attempt.fingerprint)
-        self._drop_if_idle(attempt)
+        self._drop_if_idle(attempt.address, attempt._addr, attempt.username, u)
 
     # -- the operator's view -------------------------------------------------------
     def entries(self, now: float) -> list[ThrottleEntry]:
@@ -554,14 +546,19 @@ class AuthThrottle:
         if a.users.pop(ukey, None) is not None:
             self._users -= 1
 
-    def _drop_if_idle(self, attempt: AuthAttempt) -> None:
-        a, u = attempt._addr, attempt._user
+    def _forgive(self, key: str, a: _Address, ukey: str, u: _User) -> None:
+        """A success: the pair's failures are forgotten (and the pair, once idle)."""
+        u.failures = 0
+        u.recent.clear()
+        self._drop_if_idle(key, a, ukey, u)
+
+    def _drop_if_idle(self, key: str, a: _Address, ukey: str, u: _User) -> None:
         if u.counts() or u.locked_until:
             return
-        if a.users.get(attempt.username) is u:
-            self._drop_user(a, attempt.username)
-        if not a.users and not a.locked_until and self._addrs.get(attempt.address) is a:
-            del self._addrs[attempt.address]
+        if a.users.get(ukey) is u:
+            self._drop_user(a, ukey)
+        if not a.users and not a.locked_until and self._addrs.get(key) is a:
+            del self._addrs[key]
 
     def _expire_address(self, key: str, a: _Address, now: float) -> None:
         if a.locked_until and a.locked_until <= now:
